@@ -1,0 +1,1 @@
+"""Pallas kernels for k2jax: INT4 (grouped) matmul, MLA decode attention, and their backend dispatch."""
