@@ -1,0 +1,317 @@
+"""The Kimi K2 forward pass: MLA attention over a latent cache, sigmoid-routed MoE, in functional Flax NNX.
+
+Modules only declare parameters (shape, dtype, logical axes); the forward pass is plain functions of them,
+read top to bottom. Layers [0, first_k_dense_replace) form one stacked dense module, the rest one stacked
+MoE module; each stack is iterated with `lax.scan`, so compile time does not grow with depth.
+Shape suffixes: B batch, T new tokens, S cache length, H heads, D head dim, R kv_lora_rank, P rope dim,
+C cache lanes, E experts, K top-k, M hidden, F intermediate, V vocab, L layers, N rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k2jax.config import K2Config
+from pallas_kernels import dispatch, int4_layout
+
+Array = jax.Array
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any,
+           stack: int | None, fill: float | None = None) -> nnx.Param:
+    """A parameter with logical axis names; `stack` prepends a 'layers' axis; `fill` makes it constant."""
+    if stack is not None:
+        shape, axes = (stack, *shape), ("layers", *axes)
+    if fill is not None:
+        value = jnp.full(shape, fill, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class MLA(nnx.Module):
+    """Multi-head latent attention weights; heads are an explicit axis so they can be sharded."""
+
+    def __init__(self, cfg: K2Config, rngs: nnx.Rngs, dtype: Any, stack: int | None = None):
+        M, H, R, P = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is not None:
+            Q = cfg.q_lora_rank
+            self.q_a = _param(rngs, (M, Q), ("embed", "q_lora"), dtype, stack)
+            self.q_a_norm = _param(rngs, (Q,), ("q_lora",), dtype, stack, fill=1.0)
+            self.q_b = _param(rngs, (Q, H, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"), dtype, stack)
+        else:
+            self.q_proj = _param(rngs, (M, H, cfg.qk_head_dim), ("embed", "heads", "head_dim"), dtype, stack)
+        self.kv_a = _param(rngs, (M, R + P), ("embed", "kv_lora"), dtype, stack)
+        self.kv_a_norm = _param(rngs, (R,), ("kv_lora",), dtype, stack, fill=1.0)
+        kv_b_dim = cfg.qk_nope_head_dim + cfg.v_head_dim
+        self.kv_b = _param(rngs, (R, H, kv_b_dim), ("kv_lora", "heads", "head_dim"), dtype, stack)
+        self.o_proj = _param(rngs, (H, cfg.v_head_dim, M), ("heads", "head_dim", "embed"), dtype, stack)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: the dense layers' MLP and the MoE layers' shared expert."""
+
+    def __init__(self, hidden: int, inter: int, rngs: nnx.Rngs, dtype: Any, stack: int | None = None):
+        self.gate = _param(rngs, (hidden, inter), ("embed", "mlp"), dtype, stack)
+        self.up = _param(rngs, (hidden, inter), ("embed", "mlp"), dtype, stack)
+        self.down = _param(rngs, (inter, hidden), ("mlp", "embed"), dtype, stack)
+
+
+class ExpertProj(nnx.Module):
+    """One projection of all routed experts, [E, K_in, N_out]: dense, or INT4 (packed + group-32 scales)."""
+
+    def __init__(self, n_exp: int, k_in: int, n_out: int, int4: bool, rngs: nnx.Rngs, dtype: Any,
+                 stack: int | None = None):
+        axes = ("experts", "expert_in", "expert_out")
+        if int4:
+            packed, scale = int4_layout.quantize(_param(rngs, (n_exp, k_in, n_out), axes, jnp.float32, stack)[...])
+            self.packed = nnx.Param(packed, axes=(("layers",) if stack else ()) + axes)
+            self.scale = nnx.Param(scale.astype(dtype), axes=(("layers",) if stack else ()) + axes)
+        else:
+            self.weight = _param(rngs, (n_exp, k_in, n_out), axes, dtype, stack)
+
+
+class MoE(nnx.Module):
+    """Sigmoid router with score-correction bias, routed experts, and the shared expert."""
+
+    def __init__(self, cfg: K2Config, rngs: nnx.Rngs, dtype: Any, stack: int | None = None):
+        M, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+        int4 = cfg.quant is not None
+        self.router = _param(rngs, (M, E), ("embed", None), dtype, stack)
+        self.router_bias = _param(rngs, (E,), (None,), jnp.float32, stack, fill=0.0)
+        self.gate = ExpertProj(E, M, F, int4, rngs, dtype, stack)
+        self.up = ExpertProj(E, M, F, int4, rngs, dtype, stack)
+        self.down = ExpertProj(E, F, M, int4, rngs, dtype, stack)
+        self.shared = MLP(M, F * cfg.n_shared_experts, rngs, dtype, stack) if cfg.n_shared_experts else None
+
+
+class Block(nnx.Module):
+    """One decoder layer (stacked over layers): attention, then a dense MLP or the MoE."""
+
+    def __init__(self, cfg: K2Config, moe: bool, rngs: nnx.Rngs, dtype: Any, stack: int):
+        M = cfg.hidden_size
+        self.attn_norm = _param(rngs, (M,), ("embed",), dtype, stack, fill=1.0)
+        self.attn = MLA(cfg, rngs, dtype, stack)
+        self.mlp_norm = _param(rngs, (M,), ("embed",), dtype, stack, fill=1.0)
+        self.mlp = MoE(cfg, rngs, dtype, stack) if moe else MLP(M, cfg.intermediate_size, rngs, dtype, stack)
+
+
+class K2Model(nnx.Module):
+    """All parameters of a Kimi K2 model."""
+
+    def __init__(self, cfg: K2Config, rngs: nnx.Rngs, dtype: Any = jnp.bfloat16):
+        n_dense, n_moe = cfg.first_k_dense_replace, cfg.num_moe_layers
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, None)
+        self.dense_layers = Block(cfg, False, rngs, dtype, n_dense) if n_dense else None
+        self.moe_layers = Block(cfg, True, rngs, dtype, n_moe) if n_moe else None
+        self.final_norm = _param(rngs, (cfg.hidden_size,), ("embed",), dtype, None, fill=1.0)
+        self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype, None)
+
+
+def init_cache(cfg: K2Config, batch: int, length: int, dtype: Any = jnp.bfloat16) -> dict[str, Array]:
+    """The latent KV cache: per layer stack, [L, B, S, C] with c_kv | roped k_pe | zero padding per token."""
+    shapes = {"dense": cfg.first_k_dense_replace, "moe": cfg.num_moe_layers}
+    return {name: jnp.zeros((n, batch, length, cfg.cache_lanes), dtype) for name, n in shapes.items() if n}
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """RMSNorm computed in float32, scaled in the input dtype (as HF DeepseekV3RMSNorm)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: K2Config) -> Array:
+    """Inverse rotary frequencies over the rope dim, with YaRN's ramp between interpolation and extrapolation."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    pos_freqs = base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    if cfg.rope_type != "yarn":
+        return 1.0 / pos_freqs
+
+    def correction_dim(rotations: float) -> float:
+        return dim * jnp.log(cfg.original_max_position_embeddings / (rotations * 2 * jnp.pi)) / (2 * jnp.log(base))
+
+    low, high = correction_dim(cfg.beta_fast), correction_dim(cfg.beta_slow)
+    if cfg.rope_truncate:
+        low, high = jnp.floor(low), jnp.ceil(high)
+    low, high = jnp.maximum(low, 0), jnp.minimum(high, dim - 1)
+    high = jnp.where(low == high, high + 0.001, high)
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return (1.0 / (cfg.rope_factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolation
+
+
+def rope_cos_sin(cfg: K2Config, pos_BT: Array) -> tuple[Array, Array]:
+    """cos and sin [B, T, P/2] for absolute positions, times the YaRN attention factor."""
+    from k2jax.config import yarn_mscale
+
+    if cfg.rope_type != "yarn":
+        factor = 1.0
+    elif cfg.rope_attention_factor is not None:
+        factor = cfg.rope_attention_factor
+    elif cfg.mscale and cfg.mscale_all_dim:
+        factor = yarn_mscale(cfg.rope_factor, cfg.mscale) / yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
+    else:
+        factor = yarn_mscale(cfg.rope_factor)
+    angles = pos_BT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate interleaved pairs (2i, 2i+1); the output holds the rotated evens then odds (as HF does).
+
+    q and k get the same permutation, so their dot products are those of the interleaved rotation.
+    """
+    if x.ndim == 4:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x[..., 0::2].astype(jnp.float32), x[..., 1::2].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _mm(x: Array, w: Array, spec: str) -> Array:
+    """einsum in the activations' dtype (weights cast at use), accumulating in float32."""
+    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def mla(p: MLA, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer: Array,
+        cfg: K2Config) -> tuple[Array, Array | None]:
+    """Multi-head latent attention; writes this chunk's latents into layer `layer` of the cache, attends over it.
+
+    With no cache the chunk attends to itself (a full causal prefill). One new token per row takes the
+    absorbed path (queries projected into the latent space, the cache never expanded); longer chunks expand
+    keys and values per head from the latents.
+    """
+    eps, R, Dn = cfg.rms_norm_eps, cfg.kv_lora_rank, cfg.qk_nope_head_dim
+    if cfg.q_lora_rank is not None:
+        q_BTHD = _mm(rms_norm(_mm(x_BTM, p.q_a[...], "btm,mq->btq"), p.q_a_norm[...], eps), p.q_b[...],
+                     "btq,qhd->bthd")
+    else:
+        q_BTHD = _mm(x_BTM, p.q_proj[...], "btm,mhd->bthd")
+    cos, sin = rope_cos_sin(cfg, pos_BT)
+    q_nope_BTHD, q_pe_BTHP = q_BTHD[..., :Dn], apply_rope(q_BTHD[..., Dn:], cos, sin)
+    kv_BTX = _mm(x_BTM, p.kv_a[...], "btm,mx->btx")
+    ckv_BTR = rms_norm(kv_BTX[..., :R], p.kv_a_norm[...], eps)
+    kpe_BTP = apply_rope(kv_BTX[..., R:], cos, sin)
+    new_BTC = jnp.concatenate([ckv_BTR, kpe_BTP], axis=-1)
+
+    if cache_LBSC is None:
+        kv_BSC, key_pos_BS = new_BTC, pos_BT
+    else:
+        new_BTC = jnp.pad(new_BTC, ((0, 0), (0, 0), (0, cache_LBSC.shape[-1] - new_BTC.shape[-1])))
+        rows_B1 = jnp.arange(pos_BT.shape[0])[:, None]
+        cache_LBSC = cache_LBSC.at[layer, rows_B1, pos_BT].set(new_BTC.astype(cache_LBSC.dtype), mode="drop")
+        kv_BSC = cache_LBSC[layer].astype(x_BTM.dtype)
+        key_pos_BS = jnp.broadcast_to(jnp.arange(kv_BSC.shape[1]), kv_BSC.shape[:2])
+    ckv_BSR, kpe_BSP = kv_BSC[..., :R], kv_BSC[..., R:R + cfg.qk_rope_head_dim]
+    visible_BTS = key_pos_BS[:, None, :] <= pos_BT[:, :, None]
+    w_uk_RHD, w_uv_RHD = p.kv_b[...][..., :Dn], p.kv_b[...][..., Dn:]
+
+    if cache_LBSC is not None and x_BTM.shape[1] == 1:
+        q_lat_BHR = _mm(q_nope_BTHD[:, 0], w_uk_RHD, "bhd,rhd->bhr")
+        o_lat_BHR = dispatch.mla_decode(q_lat_BHR, q_pe_BTHP[:, 0], kv_BSC, pos_BT[:, 0] + 1,
+                                        sm_scale=cfg.softmax_scale)
+        o_BTHD = _mm(o_lat_BHR.astype(x_BTM.dtype), w_uv_RHD, "bhr,rhd->bhd")[:, None]
+    else:
+        k_nope_BSHD = _mm(ckv_BSR, w_uk_RHD, "bsr,rhd->bshd")
+        v_BSHD = _mm(ckv_BSR, w_uv_RHD, "bsr,rhd->bshd")
+        scores_BHTS = (jnp.einsum("bthd,bshd->bhts", q_nope_BTHD, k_nope_BSHD, preferred_element_type=jnp.float32)
+                       + jnp.einsum("bthp,bsp->bhts", q_pe_BTHP, kpe_BSP, preferred_element_type=jnp.float32))
+        scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS * cfg.softmax_scale, -jnp.inf)
+        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(x_BTM.dtype)
+        o_BTHD = jnp.einsum("bhts,bshd->bthd", probs_BHTS, v_BSHD)
+    return _mm(o_BTHD, p.o_proj[...], "bthd,hdm->btm"), cache_LBSC
+
+
+def mlp(p: MLP, x_NM: Array) -> Array:
+    """down(silu(gate x) * up x)."""
+    return _mm(jax.nn.silu(_mm(x_NM, p.gate[...], "...m,mf->...f")) * _mm(x_NM, p.up[...], "...m,mf->...f"),
+               p.down[...], "...f,fm->...m")
+
+
+def route(p: MoE, x_NM: Array, cfg: K2Config) -> tuple[Array, Array]:
+    """noaux_tc sigmoid routing in float32: biased choice (group-limited), unbiased normalised weights."""
+    scores_NE = jax.nn.sigmoid(x_NM.astype(jnp.float32) @ p.router[...].astype(jnp.float32))
+    choice_NE = scores_NE + p.router_bias[...]
+    if cfg.n_group > 1:
+        N, E, G = choice_NE.shape[0], cfg.n_routed_experts, cfg.n_group
+        grouped_NGX = choice_NE.reshape(N, G, E // G)
+        group_score_NG = jax.lax.top_k(grouped_NGX, 2)[0].sum(-1)
+        keep_NG = jax.nn.one_hot(jax.lax.top_k(group_score_NG, cfg.topk_group)[1], G).sum(1) > 0
+        choice_NE = jnp.where(keep_NG[:, :, None], grouped_NGX, -jnp.inf).reshape(N, E)
+    idx_NK = jax.lax.top_k(choice_NE, cfg.num_experts_per_tok)[1]
+    w_NK = jnp.take_along_axis(scores_NE, idx_NK, axis=-1)
+    if cfg.norm_topk_prob:
+        w_NK = w_NK / (w_NK.sum(-1, keepdims=True) + 1e-20)
+    return w_NK * cfg.routed_scaling_factor, idx_NK
+
+
+def expert_matmul(p: ExpertProj, x_NK: Array, group_sizes_E: Array) -> Array:
+    """Rows sorted by expert times each row's expert matrix: a ragged (grouped) matmul, dense or INT4."""
+    if hasattr(p, "packed"):
+        return dispatch.grouped_int4_matmul(x_NK, p.packed[...], p.scale[...], group_sizes_E)
+    return jax.lax.ragged_dot(x_NK, p.weight[...].astype(x_NK.dtype), group_sizes_E,
+                              preferred_element_type=jnp.float32).astype(x_NK.dtype)
+
+
+def moe(p: MoE, x_BTM: Array, cfg: K2Config) -> Array:
+    """Routed experts (rows sorted by expert, grouped matmuls) weighted and summed, plus the shared expert."""
+    B, T, M = x_BTM.shape
+    K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    x_NM = x_BTM.reshape(B * T, M)
+    w_NK, idx_NK = route(p, x_NM, cfg)
+    order = jnp.argsort(idx_NK.reshape(-1))
+    xs_XM = x_NM[order // K]
+    group_sizes_E = jnp.bincount(idx_NK.reshape(-1), length=E).astype(jnp.int32)
+    h_XF = jax.nn.silu(expert_matmul(p.gate, xs_XM, group_sizes_E)) * expert_matmul(p.up, xs_XM, group_sizes_E)
+    ys_XM = expert_matmul(p.down, h_XF, group_sizes_E)
+    y_NKM = jnp.zeros_like(ys_XM).at[order].set(ys_XM).reshape(B * T, K, M)
+    y_NM = jnp.einsum("nkm,nk->nm", y_NKM.astype(jnp.float32), w_NK).astype(x_BTM.dtype)
+    if p.shared is not None:
+        y_NM = y_NM + mlp(p.shared, x_NM)
+    return y_NM.reshape(B, T, M)
+
+
+def block(p: Block, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer: Array,
+          cfg: K2Config) -> tuple[Array, Array | None]:
+    """Pre-norm residual layer: x + attn(norm x), then + mlp_or_moe(norm x)."""
+    h_BTM, cache_LBSC = mla(p.attn, rms_norm(x_BTM, p.attn_norm[...], cfg.rms_norm_eps), pos_BT, cache_LBSC, layer,
+                            cfg)
+    x_BTM = x_BTM + h_BTM
+    h_BTM = rms_norm(x_BTM, p.mlp_norm[...], cfg.rms_norm_eps)
+    h_BTM = moe(p.mlp, h_BTM, cfg) if isinstance(p.mlp, MoE) else mlp(p.mlp, h_BTM)
+    return x_BTM + h_BTM, cache_LBSC
+
+
+def run_stack(layers: Block, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None,
+              cfg: K2Config) -> tuple[Array, Array | None]:
+    """Scan one stacked module over its layers; the cache rides in the carry and is updated in place."""
+    graphdef, state = nnx.split(layers)
+
+    def step(carry, layer):
+        x_BTM, cache_LBSC = carry
+        state_l, i = layer
+        x_BTM, cache_LBSC = block(nnx.merge(graphdef, state_l), x_BTM, pos_BT, cache_LBSC, i, cfg)
+        return (x_BTM, cache_LBSC), None
+
+    n_layers = jax.tree.leaves(state)[0].shape[0]
+    (x_BTM, cache_LBSC), _ = jax.lax.scan(step, (x_BTM, cache_LBSC), (state, jnp.arange(n_layers)))
+    return x_BTM, cache_LBSC
+
+
+def forward(model: K2Model, tokens_BT: Array, pos_BT: Array, cache: dict[str, Array] | None, cfg: K2Config,
+            dtype: Any) -> tuple[Array, dict[str, Array] | None]:
+    """Logits [B, T, V] (float32) for tokens at absolute positions pos_BT; returns the updated cache."""
+    x_BTM = model.embed[...][tokens_BT].astype(dtype)
+    new_cache = {}
+    for name, layers in (("dense", model.dense_layers), ("moe", model.moe_layers)):
+        if layers is not None:
+            x_BTM, new_cache[name] = run_stack(layers, x_BTM, pos_BT, None if cache is None else cache[name], cfg)
+    x_BTM = rms_norm(x_BTM, model.final_norm[...], cfg.rms_norm_eps)
+    logits_BTV = jnp.einsum("btm,mv->btv", x_BTM, model.lm_head[...].astype(dtype),
+                            preferred_element_type=jnp.float32)
+    return logits_BTV, (None if cache is None else new_cache)

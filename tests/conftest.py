@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random DeepseekV3 models built and saved by HF transformers (the reference)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+TINY_HF = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+    v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+    first_k_dense_replace=1, routed_scaling_factor=2.5, max_position_embeddings=512, rms_norm_eps=1e-6,
+    rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 1,
+                  "beta_slow": 1, "mscale": 1, "mscale_all_dim": 1},
+    bos_token_id=0, eos_token_id=1, pad_token_id=2,
+)
+
+
+def build_hf_model(seed: int = 0, **overrides: Any):
+    """A random HF DeepseekV3ForCausalLM (float32, eval mode) with weights large enough to route sharply."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**TINY_HF, **overrides})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+        for layer in model.model.layers[model.config.first_k_dense_replace:]:
+            bias = layer.mlp.gate.e_score_correction_bias
+            bias.copy_(0.1 * torch.randn_like(bias))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Any, Path]]:
+    """Factory: (hf_model, saved_dir) for a tiny config with overrides; cached per set of overrides."""
+    cache: dict[str, tuple[Any, Path]] = {}
+
+    def make(seed: int = 0, **overrides: Any) -> tuple[Any, Path]:
+        key = repr((seed, sorted(overrides.items())))
+        if key not in cache:
+            model = build_hf_model(seed, **overrides)
+            path = tmp_path_factory.mktemp("hf")
+            model.save_pretrained(path)
+            cache[key] = (model, path)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """Fresh random inputs every run; the seed is printed by pytest on failure via the test id."""
+    return np.random.default_rng()

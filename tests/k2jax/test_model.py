@@ -1,0 +1,98 @@
+"""The model against HF transformers' DeepseekV3ForCausalLM (PyTorch, CPU, float32)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import k2jax
+from k2jax.engine import step
+from k2jax.loading import abstract_model
+from k2jax.model import init_cache
+
+# float32 on both sides; differences come from summation order only (~1e-6 relative observed).
+RTOL = 1e-4
+
+CONFIGS = {
+    "q_lora_yarn_beta1": {},
+    "group_limited_n4_k2": dict(n_group=4, topk_group=2, n_routed_experts=16, num_experts_per_tok=4),
+    "yarn_beta32_no_q_lora": dict(
+        q_lora_rank=None,
+        rope_scaling={"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 1, "mscale_all_dim": 1},
+    ),
+    "rope_parameters_no_mscale_two_dense": dict(first_k_dense_replace=2, num_hidden_layers=4,
+                                                rope_scaling={"type": "yarn", "factor": 2.0,
+                                                              "original_max_position_embeddings": 64}),
+}
+
+
+def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_prefill_logits_match_transformers(hf_checkpoint, rng, name):
+    hf, path = hf_checkpoint(**CONFIGS[name])
+    model = k2jax.load(path)
+    ids = rng.integers(0, model.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    assert rel_err(model.logits(ids), ref) <= RTOL
+
+
+@pytest.mark.parametrize("name", ["q_lora_yarn_beta1", "group_limited_n4_k2"])
+def test_absorbed_decode_matches_full_prefill(hf_checkpoint, rng, name):
+    _, path = hf_checkpoint(**CONFIGS[name])
+    model = k2jax.load(path)
+    B, T, P = 2, 14, 5
+    ids = rng.integers(0, model.config.vocab_size, (B, T)).astype(np.int32)
+    full = model.logits(ids)
+    cache = model.init_cache(B, 32)
+    pos = np.broadcast_to(np.arange(P, dtype=np.int32), (B, P))
+    logits, cache = step(model.graphdef, model.state, jnp.asarray(ids[:, :P]), jnp.asarray(pos), cache,
+                         model.config, model.dtype)
+    assert rel_err(np.asarray(logits), full[:, :P]) <= RTOL
+    for t in range(P, T):
+        pos = np.full((B, 1), t, np.int32)
+        logits, cache = step(model.graphdef, model.state, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(pos), cache,
+                             model.config, model.dtype)
+        assert rel_err(np.asarray(logits)[:, 0], full[:, t]) <= RTOL, f"decode step at position {t}"
+
+
+def test_greedy_generate_matches_transformers(hf_checkpoint, rng):
+    hf, path = hf_checkpoint(**CONFIGS["group_limited_n4_k2"])
+    model = k2jax.load(path)
+    prompts = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (9, 4)]
+    out = model.generate(prompts, max_new_tokens=12)
+    for prompt, got in zip(prompts, out.ids):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+        assert got == ref[0, len(prompt):].tolist()
+
+
+def test_decode_step_updates_cache_in_place():
+    cfg = k2jax.preset("tiny")
+    graphdef, state = abstract_model(cfg, jnp.float32)
+    cache = jax.eval_shape(lambda: init_cache(cfg, 2, 8192, jnp.float32))
+    tok = jax.ShapeDtypeStruct((2, 1), jnp.int32)
+    compiled = step.lower(graphdef, state, tok, tok, cache, cfg, jnp.float32).compile()
+    mem = compiled.memory_analysis()
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    assert mem.alias_size_in_bytes == cache_bytes, "the cache is not donated into the output"
+    assert mem.temp_size_in_bytes < cache_bytes / 4, (mem.temp_size_in_bytes, cache_bytes)
+
+
+def test_forward_has_one_loop_per_layer_stack():
+    cfg = k2jax.preset("tiny")
+    graphdef, state = abstract_model(cfg, jnp.float32)
+    tok = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    shallow = str(jax.make_jaxpr(lambda s, t: k2jax.engine._logits(graphdef, s, t, cfg, jnp.float32))(state, tok))
+    deep_cfg = k2jax.K2Config(**{**cfg.__dict__, "num_hidden_layers": 9})
+    deep_graph, deep_state = abstract_model(deep_cfg, jnp.float32)
+    deep = str(jax.make_jaxpr(lambda s, t: k2jax.engine._logits(deep_graph, s, t, deep_cfg, jnp.float32))(deep_state, tok))
+    assert deep.count("scan[") == shallow.count("scan[") == 2  # the dense stack and the MoE stack
+    assert abs(len(deep) - len(shallow)) < 0.01 * len(shallow)
