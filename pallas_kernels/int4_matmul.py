@@ -1,0 +1,178 @@
+"""W4A16 matmul (dense and grouped/ragged for MoE) as a Pallas TPU (Mosaic) kernel, and jnp references.
+
+Weights use int4_layout's format: planar uint8 nibbles [E, K//2, N] and bf16 group-32 scales [E, K//32, N].
+Each grid step DMAs one [tk//2, tn] packed block, dequantizes it planar block by planar block in VMEM
+(scales applied inside the K loop) and accumulates x @ w in fp32.
+
+The grouped kernel walks a schedule of (expert, row tile) visits built from group_sizes: only experts that
+received rows are visited, and steps past the last visit keep the previous block indices, so the pipeline
+issues no DMA for them. Decode (a few rows per expert) therefore reads exactly the active experts' weights.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import int4_layout
+
+TM_MAX = 256
+TK_MAX = 4096
+BLOCK_BYTES = 2 * 1024 * 1024
+VMEM_LIMIT_BYTES = 48 * 1024 * 1024
+LANES = 128
+
+
+def _divisor_tile(dim: int, unit: int, cap: int) -> int:
+    """Largest divisor of dim that is a multiple of unit and at most cap; dim itself when none exists."""
+    fits = [d for d in range(unit, min(dim, cap) + 1, unit) if dim % d == 0]
+    return fits[-1] if fits else dim
+
+
+def _tiles(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """Block sizes (tm, tk, tn): whole rows for decode, ~BLOCK_BYTES of packed weight per grid step."""
+    tm = m if m <= TM_MAX else TM_MAX
+    tk = _divisor_tile(k, math.lcm(int4_layout.planar_block(k), LANES), TK_MAX)
+    tn = _divisor_tile(n, LANES, max(LANES, BLOCK_BYTES // (tk // 2)))
+    return tm, tk, tn
+
+
+def _visit_schedule(group_sizes_E: jax.Array, m: int, tm: int):
+    """(starts, ends, expert per visit, row tile per visit, [number of visits]) for the grouped grid."""
+    e = group_sizes_E.shape[0]
+    tiles_m = pl.cdiv(m, tm)
+    num_visits_max = tiles_m + min(e, m) - 1
+    sizes_E = group_sizes_E.astype(jnp.int32)
+    ends_E = jnp.cumsum(sizes_E)
+    starts_E = ends_E - sizes_E
+    first_tile_E = starts_E // tm
+    tiles_E = jnp.where(sizes_E > 0, (jnp.maximum(ends_E, 1) - 1) // tm - first_tile_E + 1, 0)
+    visit_ends_E = jnp.cumsum(tiles_E)
+    num_visits = visit_ends_E[-1]
+    v_V = jnp.minimum(jnp.arange(num_visits_max), jnp.maximum(num_visits - 1, 0))
+    expert_V = jnp.minimum(jnp.sum(visit_ends_E[None, :] <= v_V[:, None], axis=1), e - 1).astype(jnp.int32)
+    tile_V = first_tile_E[expert_V] + v_V - (visit_ends_E[expert_V] - tiles_E[expert_V])
+    tile_V = jnp.clip(tile_V, 0, tiles_m - 1).astype(jnp.int32)
+    return starts_E, ends_E, expert_V, tile_V, num_visits[None].astype(jnp.int32)
+
+
+def _dequant_dot(x_MK: jax.Array, packed_ref, scale_ref, planar: int) -> jax.Array:
+    """fp32 x @ dequantize(block), one planar block at a time so temporaries stay small in VMEM."""
+    tk = x_MK.shape[1]
+    tn = packed_ref.shape[-1]
+    groups = planar // int4_layout.GROUP
+    scale_GN = scale_ref[...].astype(jnp.float32)
+    acc_MN = jnp.zeros((x_MK.shape[0], tn), jnp.float32)
+    for j in range(tk // planar):
+        byte_HN = packed_ref[j * planar // 2:(j + 1) * planar // 2, :].astype(jnp.int32)
+        q_PN = jnp.concatenate([byte_HN & 0xF, (byte_HN >> 4) & 0xF], axis=0).astype(jnp.float32)
+        q_GgN = q_PN.reshape(groups, int4_layout.GROUP, tn) + float(int4_layout.QMIN)
+        w_PN = (q_GgN * scale_GN[j * groups:(j + 1) * groups, None, :]).reshape(planar, tn)
+        acc_MN += jnp.dot(x_MK[:, j * planar:(j + 1) * planar], w_PN.astype(x_MK.dtype),
+                          preferred_element_type=jnp.float32)
+    return acc_MN
+
+
+def _gmm_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref,
+                x_ref, packed_ref, scale_ref, out_ref, acc_ref, *, planar: int):
+    """One (column tile, visit, K tile) step: accumulate, then store the visiting expert's rows."""
+    v, k_i = pl.program_id(1), pl.program_id(2)
+    active = v < num_visits_ref[0]
+
+    @pl.when(active & (k_i == 0))
+    def _zero():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(active)
+    def _accumulate():
+        acc_ref[...] += _dequant_dot(x_ref[...], packed_ref, scale_ref, planar)
+
+    @pl.when(active & (k_i == pl.num_programs(2) - 1))
+    def _store():
+        tm = out_ref.shape[0]
+        expert = expert_ref[v]
+        row_M1 = tile_ref[v] * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+        mine_M1 = (row_M1 >= starts_ref[expert]) & (row_M1 < ends_ref[expert])
+        out_ref[...] = jnp.where(mine_M1, acc_ref[...].astype(out_ref.dtype), out_ref[...])
+
+
+def _index_maps(num_k: int):
+    """BlockSpec index maps; steps past the last visit repeat the last block so nothing is re-read."""
+    def k_eff(v, k_i, num_visits_ref):
+        return jnp.where(v < num_visits_ref[0], k_i, num_k - 1)
+
+    def x_map(n_i, v, k_i, starts, ends, expert, tile, nv):
+        return tile[v], k_eff(v, k_i, nv)
+
+    def w_map(n_i, v, k_i, starts, ends, expert, tile, nv):
+        return expert[v], k_eff(v, k_i, nv), n_i
+
+    def out_map(n_i, v, k_i, starts, ends, expert, tile, nv):
+        return tile[v], n_i
+
+    return x_map, w_map, out_map
+
+
+def _grouped_call(x_MK, packed_EHN, scale_EGN, group_sizes_E, interpret: bool) -> jax.Array:
+    """Run the grouped kernel; rows past sum(group_sizes) are left unspecified."""
+    m, k = x_MK.shape
+    e, _, n = packed_EHN.shape
+    tm, tk, tn = _tiles(m, k, n)
+    schedule = _visit_schedule(group_sizes_E, m, tm)
+    num_visits_max = schedule[2].shape[0]
+    x_map, w_map, out_map = _index_maps(k // tk)
+    cost = pl.CostEstimate(
+        flops=2 * m * k * n, transcendentals=0,
+        bytes_accessed=min(e, num_visits_max) * (k // 2 + 2 * k // int4_layout.GROUP) * n
+        + (n // tn) * x_MK.nbytes + m * n * x_MK.dtype.itemsize)
+    return pl.pallas_call(
+        functools.partial(_gmm_kernel, planar=int4_layout.planar_block(k)),
+        out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(schedule),
+            grid=(n // tn, num_visits_max, k // tk),
+            in_specs=[pl.BlockSpec((tm, tk), x_map),
+                      pl.BlockSpec((None, tk // 2, tn), w_map),
+                      pl.BlockSpec((None, tk // int4_layout.GROUP, tn), w_map)],
+            out_specs=pl.BlockSpec((tm, tn), out_map),
+            scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)]),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES),
+        cost_estimate=cost,
+        interpret=interpret,
+    )(*schedule, x_MK, packed_EHN, scale_EGN)
+
+
+@functools.partial(jax.jit, static_argnames="interpret")
+def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, interpret: bool = False) -> jax.Array:
+    """Rows of x sorted by expert times their expert's INT4 matrix -> [M, N] in x's dtype; rows past the sum are 0."""
+    out_MN = _grouped_call(x_MK, packed_EHN, scale_EGN, group_sizes_E, interpret)
+    row_M1 = jnp.arange(x_MK.shape[0])[:, None]
+    return jnp.where(row_M1 < jnp.sum(group_sizes_E), out_MN, 0).astype(x_MK.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="interpret")
+def int4_matmul(x_MK, packed_HN, scale_GN, *, interpret: bool = False) -> jax.Array:
+    """x @ dequantize(packed, scale) -> [M, N] in x's dtype (the grouped kernel with one expert)."""
+    sizes_E = jnp.full((1,), x_MK.shape[0], jnp.int32)
+    return _grouped_call(x_MK, packed_HN[None], scale_GN[None], sizes_E, interpret)
+
+
+def int4_matmul_reference(x_MK, packed_HN, scale_GN) -> jax.Array:
+    """Plain jnp: dequantize to fp32, matmul at full precision, cast to x's dtype."""
+    w_KN = int4_layout.dequantize(packed_HN, scale_GN, jnp.float32)
+    out = jnp.dot(x_MK.astype(jnp.float32), w_KN, precision=jax.lax.Precision.HIGHEST)
+    return out.astype(x_MK.dtype)
+
+
+def grouped_int4_matmul_reference(x_MK, packed_EHN, scale_EGN, group_sizes_E) -> jax.Array:
+    """Plain jnp: each row times its own expert's fp32 dequantized matrix; rows past the sum are 0."""
+    row_M = jnp.arange(x_MK.shape[0])
+    ends_E = jnp.cumsum(group_sizes_E)
+    expert_M = jnp.minimum(jnp.searchsorted(ends_E, row_M, side="right"), group_sizes_E.shape[0] - 1)
+    w_MKN = int4_layout.dequantize(packed_EHN, scale_EGN, jnp.float32)[expert_M]
+    out = jnp.einsum("mk,mkn->mn", x_MK.astype(jnp.float32), w_MKN, precision=jax.lax.Precision.HIGHEST)
+    return jnp.where((row_M < ends_E[-1])[:, None], out, 0).astype(x_MK.dtype)

@@ -1,0 +1,137 @@
+"""Absorbed MLA decode attention (flash-decoding) as a Pallas TPU (Mosaic) kernel, and its jnp reference.
+
+The cache is one latent array per layer, kv [B, S, C]: c_kv in lanes [0, R), roped k_pe in [R, R+P), zeros
+in [R+P, C). The query is laid out the same way, so one [H, C] x [C, bs] matmul gives q_lat.c_kv + q_pe.k_pe.
+Each grid step DMAs one [bs, C] block; blocks at or past a sequence's length are neither computed nor
+fetched (their index map repeats the last valid block). S is split into num_splits chunks with their own
+online softmax; the partial outputs and log-sum-exps are combined outside the kernel.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+BLOCK_S = 2048
+LANES = 128
+VMEM_LIMIT_BYTES = 48 * 1024 * 1024
+
+
+def _block_s(s: int, block_s: int | None) -> int:
+    """Rows of S per grid step: block_s (default BLOCK_S), or all of S when S is shorter."""
+    bs = block_s or BLOCK_S
+    return s if s <= bs else bs
+
+
+def _attend(q_ref, kv_ref, m_ref, l_ref, acc_ref, start, length, *, sm_scale: float, mask: bool):
+    """Online-softmax update with one kv block; mask zeroes rows at or past length (and past S)."""
+    bs = kv_ref.shape[0]
+    kv_SC = kv_ref[...]
+    if mask:
+        kv_SC = jnp.where(start + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0) < length, kv_SC, 0)
+    s_HS = jax.lax.dot_general(q_ref[...], kv_SC, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32) * sm_scale
+    if mask:
+        s_HS = jnp.where(start + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1) < length, s_HS, -jnp.inf)
+    m_prev_HL = m_ref[...]
+    m_new_HL = jnp.maximum(m_prev_HL, jnp.max(s_HS, axis=1, keepdims=True))
+    alpha_HL = jnp.exp(m_prev_HL - m_new_HL)
+    p_HS = jnp.exp(s_HS - m_new_HL[:, :1])
+    l_ref[...] = alpha_HL * l_ref[...] + jnp.sum(p_HS, axis=1, keepdims=True)
+    m_ref[...] = m_new_HL
+    acc_ref[...] = acc_ref[...] * alpha_HL[:, :1] + jnp.dot(p_HS.astype(kv_SC.dtype), kv_SC,
+                                                            preferred_element_type=jnp.float32)
+
+
+def _mla_kernel(lengths_ref, q_ref, kv_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, sm_scale: float):
+    """One (batch, split, block) step; the split's last step writes its normalized output and lse."""
+    b, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    blocks_per_split = pl.num_programs(2)
+    bs = kv_ref.shape[0]
+    length = lengths_ref[b]
+    start = (split * blocks_per_split + j) * bs
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+        l_ref[...] = jnp.zeros_like(l_ref)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    attend = functools.partial(_attend, q_ref, kv_ref, m_ref, l_ref, acc_ref, start, length, sm_scale=sm_scale)
+
+    @pl.when(start + bs <= length)
+    def _full():
+        attend(mask=False)
+
+    @pl.when((start < length) & (start + bs > length))
+    def _partial():
+        attend(mask=True)
+
+    @pl.when(j == blocks_per_split - 1)
+    def _finish():
+        l_HL = l_ref[...]
+        seen_HL = l_HL > 0
+        o_ref[...] = acc_ref[:, :o_ref.shape[-1]] / jnp.where(seen_HL, l_HL, 1)[:, :1]
+        lse_ref[...] = jnp.where(seen_HL, m_ref[...] + jnp.log(jnp.where(seen_HL, l_HL, 1)), -jnp.inf)
+
+
+def _combine(o_BsHR, lse_BsH, dtype) -> jax.Array:
+    """Log-sum-exp combine of per-split normalized outputs; sequences with no keys give zeros."""
+    lse_max_B1H = jnp.max(lse_BsH, axis=1, keepdims=True)
+    w_BsH = jnp.exp(lse_BsH - jnp.where(jnp.isfinite(lse_max_B1H), lse_max_B1H, 0))
+    total_BH = jnp.sum(w_BsH, axis=1)
+    o_BHR = jnp.einsum("bsh,bshr->bhr", w_BsH, o_BsHR) / jnp.where(total_BH > 0, total_BH, 1)[..., None]
+    return o_BHR.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_s", "num_splits"))
+def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, interpret: bool = False,
+               block_s: int | None = None, num_splits: int | None = None) -> jax.Array:
+    """softmax((q_lat.c_kv + q_pe.k_pe) * sm_scale over s < length) @ c_kv -> o_lat [B, H, R] in q_lat's dtype."""
+    b, h, r = q_lat_BHR.shape
+    _, s, c = kv_BSC.shape
+    bs = _block_s(s, block_s)
+    num_blocks = pl.cdiv(s, bs)
+    splits = min(num_blocks, num_splits or pl.cdiv(2, b))
+    per_split = pl.cdiv(num_blocks, splits)
+    q_BHC = jnp.concatenate(
+        [q_lat_BHR, q_pe_BHP, jnp.zeros((b, h, c - r - q_pe_BHP.shape[-1]), q_lat_BHR.dtype)], axis=-1)
+
+    def kv_map(b_i, split, j, lengths_ref):
+        last_valid = jnp.maximum(pl.cdiv(lengths_ref[b_i], bs) - 1, 0)
+        return b_i, jnp.minimum(split * per_split + j, last_valid), 0
+
+    o_BsHR, lse_BsHL = pl.pallas_call(
+        functools.partial(_mla_kernel, sm_scale=sm_scale),
+        out_shape=(jax.ShapeDtypeStruct((b, splits, h, r), jnp.float32),
+                   jax.ShapeDtypeStruct((b, splits, h, LANES), jnp.float32)),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(b, splits, per_split),
+            in_specs=[pl.BlockSpec((None, h, c), lambda b_i, split, j, lengths_ref: (b_i, 0, 0)),
+                      pl.BlockSpec((None, bs, c), kv_map)],
+            out_specs=[pl.BlockSpec((None, None, h, r), lambda b_i, split, j, lengths_ref: (b_i, split, 0, 0)),
+                       pl.BlockSpec((None, None, h, LANES), lambda b_i, split, j, lengths_ref: (b_i, split, 0, 0))],
+            scratch_shapes=[pltpu.VMEM((h, LANES), jnp.float32), pltpu.VMEM((h, LANES), jnp.float32),
+                            pltpu.VMEM((h, c), jnp.float32)]),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES),
+        cost_estimate=pl.CostEstimate(flops=4 * b * h * s * c, transcendentals=b * h * s,
+                                      bytes_accessed=kv_BSC.nbytes + 2 * q_BHC.nbytes),
+        interpret=interpret,
+    )(lengths_B.astype(jnp.int32), q_BHC.astype(kv_BSC.dtype), kv_BSC)
+    return _combine(o_BsHR, lse_BsHL[..., 0], q_lat_BHR.dtype)
+
+
+def mla_decode_reference(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float) -> jax.Array:
+    """Plain jnp in fp32 over the whole cache with a length mask."""
+    r, p = q_lat_BHR.shape[-1], q_pe_BHP.shape[-1]
+    kv = kv_BSC.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    scores_BHS = (jnp.einsum("bhr,bsr->bhs", q_lat_BHR.astype(jnp.float32), kv[..., :r], precision=hi)
+                  + jnp.einsum("bhp,bsp->bhs", q_pe_BHP.astype(jnp.float32), kv[..., r:r + p], precision=hi))
+    valid_B1S = jnp.arange(kv.shape[1])[None, None, :] < lengths_B[:, None, None]
+    probs_BHS = jax.nn.softmax(jnp.where(valid_B1S, scores_BHS * sm_scale, -jnp.inf), axis=-1)
+    return jnp.einsum("bhs,bsr->bhr", probs_BHS, kv[..., :r], precision=hi).astype(q_lat_BHR.dtype)
