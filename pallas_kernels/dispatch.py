@@ -1,0 +1,77 @@
+"""Backend choice for the kernels: the model calls these three functions and nothing else here.
+
+TPU -> the Pallas Mosaic kernels; GPU and CPU -> the XLA paths below (the Mosaic kernels do not lower to
+GPU, and no GPU Pallas kernel ships yet). `K2JAX_KERNELS=pallas|xla|interpret` overrides: `interpret` runs
+the Mosaic kernels in the Pallas interpreter on any backend (slow; for parity tests on CPU).
+The choice is made at trace time, so set the variable before the first call is traced.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import int4_layout
+from pallas_kernels import int4_matmul as int4_matmul_kernels
+from pallas_kernels import mla_decode as mla_decode_kernels
+
+ENV_VAR = "K2JAX_KERNELS"
+MODES = ("pallas", "xla", "interpret")
+PALLAS_BACKENDS = ("tpu",)
+
+
+def kernel_mode(backend: str | None = None) -> str:
+    """'pallas', 'xla' or 'interpret': the env override, else pallas where a kernel exists for the backend."""
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced and forced not in MODES:
+        raise ValueError(f"{ENV_VAR}={forced!r}; expected one of {MODES}")
+    if forced:
+        return forced
+    return "pallas" if (backend or jax.default_backend()) in PALLAS_BACKENDS else "xla"
+
+
+def _active_experts(group_sizes_E: jax.Array, slots: int):
+    """Ids of the experts that got rows, in order, padded to `slots` with zero-size groups -> (ids, sizes)."""
+    ids_U = jnp.nonzero(group_sizes_E > 0, size=slots, fill_value=0)[0]
+    sizes_U = jnp.where(jnp.arange(slots) < jnp.sum(group_sizes_E > 0), group_sizes_E[ids_U], 0)
+    return ids_U, sizes_U.astype(jnp.int32)
+
+
+def grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E) -> jax.Array:
+    """XLA path: dequantize only the experts that got rows (at most M of them), then ragged_dot."""
+    m, e = x_MK.shape[0], packed_EHN.shape[0]
+    if m < e:
+        ids_U, sizes_U = _active_experts(group_sizes_E, m)
+        packed_EHN, scale_EGN = packed_EHN[ids_U], scale_EGN[ids_U]
+    else:
+        sizes_U = group_sizes_E.astype(jnp.int32)
+    w_UKN = int4_layout.dequantize(packed_EHN, scale_EGN, x_MK.dtype)
+    out_MN = jax.lax.ragged_dot(x_MK, w_UKN, sizes_U, preferred_element_type=jnp.float32)
+    return jnp.where(jnp.arange(m)[:, None] < jnp.sum(group_sizes_E), out_MN, 0).astype(x_MK.dtype)
+
+
+def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E) -> jax.Array:
+    """Rows sorted by expert times their expert's INT4 matrix -> [M, N] in x's dtype, on the chosen path."""
+    mode = kernel_mode()
+    if mode == "xla":
+        return grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E)
+    return int4_matmul_kernels.grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E,
+                                                   interpret=mode == "interpret")
+
+
+def int4_matmul(x_MK, packed_HN, scale_GN) -> jax.Array:
+    """x @ dequantize(packed, scale) -> [M, N] in x's dtype, on the chosen path."""
+    mode = kernel_mode()
+    if mode == "xla":
+        sizes_E = jnp.full((1,), x_MK.shape[0], jnp.int32)
+        return grouped_int4_matmul_xla(x_MK, packed_HN[None], scale_GN[None], sizes_E)
+    return int4_matmul_kernels.int4_matmul(x_MK, packed_HN, scale_GN, interpret=mode == "interpret")
+
+
+def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float) -> jax.Array:
+    """Absorbed MLA decode attention over the latent cache -> o_lat [B, H, R], on the chosen path."""
+    mode = kernel_mode()
+    if mode == "xla":
+        return mla_decode_kernels.mla_decode_reference(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale)
+    return mla_decode_kernels.mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale,
+                                         interpret=mode == "interpret")

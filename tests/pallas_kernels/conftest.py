@@ -1,0 +1,22 @@
+"""Kernel tests run on the CPU backend; libtpu (when installed) is only loaded for abstract AOT topologies."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# pytest-xdist workers may each load libtpu for AOT compiles; libtpu's single-process lockfile would refuse.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# pytest runs with --import-mode=importlib, which adds no test folder to sys.path: make kernel_testutils importable.
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """Fresh random inputs every run; the seed is recorded in the report so a failure can be replayed."""
+    seed = int(os.environ.get("K2JAX_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)

@@ -1,0 +1,68 @@
+"""Backend dispatch: mode selection, and the XLA and interpreted-kernel paths against the references."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from kernel_testutils import max_rel_err, random_int4, random_normal
+
+from pallas_kernels import dispatch
+from pallas_kernels import int4_matmul as I
+from pallas_kernels import mla_decode as M
+
+
+@pytest.mark.parametrize("backend,mode", [("tpu", "pallas"), ("gpu", "xla"), ("cpu", "xla")])
+def test_default_mode_per_backend(monkeypatch, backend, mode):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.kernel_mode(backend) == mode
+
+
+@pytest.mark.parametrize("forced", dispatch.MODES)
+def test_env_overrides(monkeypatch, forced):
+    monkeypatch.setenv(dispatch.ENV_VAR, forced.upper())
+    assert dispatch.kernel_mode("tpu") == forced and dispatch.kernel_mode("cpu") == forced
+
+
+def test_bad_env_value_raises(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    with pytest.raises(ValueError):
+        dispatch.kernel_mode()
+
+
+@pytest.mark.parametrize("mode", ["xla", "interpret"])
+@pytest.mark.parametrize("sizes,extra", [([0, 2, 0, 0, 1, 0, 0, 0], 1), ([5, 0, 9, 3], 2), ([1], 0)])
+def test_grouped_paths_match_reference(rng, monkeypatch, mode, sizes, extra):
+    monkeypatch.setenv(dispatch.ENV_VAR, mode)
+    packed, scale = random_int4(rng, len(sizes), 256, 128)
+    x = random_normal(rng, (sum(sizes) + extra, 256))
+    gs = jnp.asarray(sizes, jnp.int32)
+    out = jax.jit(dispatch.grouped_int4_matmul)(x, packed, scale, gs)
+    assert max_rel_err(out, I.grouped_int4_matmul_reference(x, packed, scale, gs)) < 1e-5
+    assert not jnp.any(out[sum(sizes):])
+
+
+def test_xla_path_dequantizes_only_active_experts(rng):
+    """Few rows, many experts: the traced program never materializes all experts' weights."""
+    packed, scale = random_int4(rng, 64, 256, 128)
+    x = random_normal(rng, (3, 256))
+    jaxpr = str(jax.make_jaxpr(dispatch.grouped_int4_matmul_xla)(x, packed, scale, jnp.zeros(64, jnp.int32).at[9].set(3)))
+    assert "f32[3,256,128]" in jaxpr and "f32[64,256,128]" not in jaxpr
+
+
+@pytest.mark.parametrize("mode", ["xla", "interpret"])
+def test_dense_paths_match_reference(rng, monkeypatch, mode):
+    monkeypatch.setenv(dispatch.ENV_VAR, mode)
+    packed, scale = random_int4(rng, 1, 512, 256)
+    x = random_normal(rng, (6, 512))
+    out = dispatch.int4_matmul(x, packed[0], scale[0])
+    assert max_rel_err(out, I.int4_matmul_reference(x, packed[0], scale[0])) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["xla", "interpret"])
+def test_mla_paths_match_reference(rng, monkeypatch, mode):
+    monkeypatch.setenv(dispatch.ENV_VAR, mode)
+    q_lat, q_pe = random_normal(rng, (2, 8, 512)), random_normal(rng, (2, 8, 64))
+    kv = random_normal(rng, (2, 96, 640)).at[..., 576:].set(0)
+    lengths = jnp.asarray([96, 5], jnp.int32)
+    out = dispatch.mla_decode(q_lat, q_pe, kv, lengths, sm_scale=0.1)
+    ref = M.mla_decode_reference(q_lat, q_pe, kv, lengths, sm_scale=0.1)
+    assert float(jnp.max(jnp.abs(out - ref))) < 2e-5

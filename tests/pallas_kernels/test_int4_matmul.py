@@ -1,0 +1,113 @@
+"""Grouped and dense INT4 matmul kernels (Pallas interpreter on CPU) against the plain-jnp references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_testutils import max_rel_err, random_int4, random_normal
+
+from pallas_kernels import int4_layout
+from pallas_kernels import int4_matmul as I
+
+# fp32: only the summation order differs from the reference. bf16: the kernel rounds each dequantized weight
+# (q * scale needs up to 11 significant bits, bf16 keeps 8: 2^-9 relative) and the output to bf16; with
+# random signs both stay well under 1% of the largest output.
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Shrink the tile caps so small shapes span several row, K and N tiles."""
+    monkeypatch.setattr(I, "TM_MAX", 16)
+    monkeypatch.setattr(I, "TK_MAX", 512)
+    monkeypatch.setattr(I, "BLOCK_BYTES", 128 * 256)
+
+
+GROUPED_CASES = [
+    # (K, N, group sizes, extra rows past the sum)
+    (256, 128, [3, 0, 5], 0),                       # decode-like, one empty expert
+    (256, 128, [0, 0, 1], 0),                       # one row
+    (512, 256, [0, 10, 0, 0, 27, 0], 4),            # ragged, empty experts, rows past the sum
+    (256, 128, [0, 0, 0], 8),                       # no rows at all: all zeros
+    (320, 24, [2, 2, 1, 3], 0),                     # K not a multiple of 256 (planar block 64), N < 128
+    (1024, 384, [1, 1, 1, 1, 1, 1, 1, 1] + [0] * 40, 0),  # 8 rows over 48 experts
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("k,n,sizes,extra", GROUPED_CASES)
+def test_grouped_matches_reference(rng, k, n, sizes, extra, dtype):
+    packed, scale = random_int4(rng, len(sizes), k, n)
+    x = random_normal(rng, (sum(sizes) + extra, k), dtype)
+    gs = jnp.asarray(sizes, jnp.int32)
+    out = I.grouped_int4_matmul(x, packed, scale, gs, interpret=True)
+    ref = I.grouped_int4_matmul_reference(x, packed, scale, gs)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert np.all(np.asarray(out)[sum(sizes):] == 0)
+    if sum(sizes):
+        assert max_rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("sizes,extra", [([20, 0, 7, 13, 0, 1], 3), ([16, 16, 0, 16], 0), ([0, 37, 0], 11)])
+def test_grouped_many_tiles(rng, small_tiles, sizes, extra):
+    """Experts straddling row tiles, partial last row tile, several K and N tiles."""
+    k, n = 1024, 384
+    packed, scale = random_int4(rng, len(sizes), k, n)
+    x = random_normal(rng, (sum(sizes) + extra, k))
+    gs = jnp.asarray(sizes, jnp.int32)
+    assert I._tiles(x.shape[0], k, n) == (16, 512, 128)
+    out = I.grouped_int4_matmul(x, packed, scale, gs, interpret=True)
+    assert max_rel_err(out, I.grouped_int4_matmul_reference(x, packed, scale, gs)) < TOL[jnp.float32]
+    assert np.all(np.asarray(out)[sum(sizes):] == 0)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 256, 128), (7, 512, 256), (40, 1024, 384), (3, 64, 8)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_matches_reference(rng, small_tiles, m, k, n, dtype):
+    packed, scale = random_int4(rng, 1, k, n)
+    x = random_normal(rng, (m, k), dtype)
+    out = I.int4_matmul(x, packed[0], scale[0], interpret=True)
+    assert out.dtype == dtype
+    assert max_rel_err(out, I.int4_matmul_reference(x, packed[0], scale[0])) < TOL[dtype]
+
+
+def test_reference_is_dequantize_then_matmul(rng):
+    """The reference itself against numpy on compressed-tensors-defined weights (int4_layout is bit-exact)."""
+    packed, scale = random_int4(rng, 1, 256, 32)
+    x = random_normal(rng, (5, 256))
+    w = np.asarray(int4_layout.unpack(np.asarray(packed[0])), np.float64) * np.repeat(
+        np.asarray(scale[0], np.float64), 32, axis=0)
+    expect = np.asarray(x, np.float64) @ w
+    np.testing.assert_allclose(np.asarray(I.int4_matmul_reference(x, packed[0], scale[0])), expect,
+                               rtol=1e-5, atol=1e-5 * np.abs(expect).max())
+
+
+def _experts_read(sizes, m, k, n) -> set[int]:
+    """Experts whose weight blocks the grouped kernel's pipeline fetches, replaying its index maps."""
+    tm, tk, _ = I._tiles(m, k, n)
+    schedule = [np.asarray(a) for a in I._visit_schedule(jnp.asarray(sizes, jnp.int32), m, tm)]
+    _, w_map, _ = I._index_maps(k // tk)
+    return {int(w_map(0, v, k_i, *schedule)[0]) for v in range(len(schedule[2])) for k_i in range(k // tk)}
+
+
+@pytest.mark.parametrize("sizes", [[0, 0, 3, 0, 0, 1, 0, 0], [1] + [0] * 46 + [1], [0, 2, 0, 2, 0, 2, 0, 2]])
+def test_decode_reads_only_active_experts(sizes):
+    assert _experts_read(sizes, sum(sizes), 7168, 2048) == {e for e, s in enumerate(sizes) if s}
+
+
+def test_schedule_covers_each_expert_row_tile_once():
+    sizes = jnp.asarray([5, 0, 40, 3, 0, 0, 17], jnp.int32)
+    starts, ends, expert, tile, num_visits = (np.asarray(a) for a in I._visit_schedule(sizes, 70, 16))
+    visits = list(zip(expert[:num_visits[0]], tile[:num_visits[0]]))
+    expect = [(e, t) for e in range(7) for t in range(70 // 16 + 1)
+              if ends[e] > starts[e] and t * 16 < ends[e] and (t + 1) * 16 > starts[e]]
+    assert visits == expect
+
+
+def test_kernel_inside_outer_jit_with_traced_group_sizes(rng):
+    """The kernel traces inside an outer jit with traced group sizes (as the model calls it)."""
+    packed, scale = random_int4(rng, 4, 256, 128)
+    x = random_normal(rng, (9, 256))
+    sizes = jnp.asarray([2, 0, 4, 3], jnp.int32)
+    f = jax.jit(lambda x, gs: I.grouped_int4_matmul(x, packed, scale, gs, interpret=True))
+    assert max_rel_err(f(x, sizes), I.grouped_int4_matmul_reference(x, packed, scale, sizes)) < 1e-5
