@@ -1,11 +1,18 @@
-"""The user-facing model: jitted prefill and decode over a donated latent cache, logits and generate."""
+"""The user-facing model: bucketed, chunked prefill and a multi-step jitted decode loop over a donated cache.
+
+Prefill runs prompts in chunks of at most PREFILL_CHUNK tokens, padded to power-of-two buckets, so a long
+prompt never compiles a new program; decode runs DECODE_STEPS sampled steps per host round trip. Attention
+reads only a power-of-two bucket of the cache that covers the longest row, so short contexts stay cheap.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,15 +21,34 @@ from flax import nnx
 
 from k2jax.config import K2Config
 from k2jax.model import forward, init_cache
+from k2jax.sampling import SamplingParams, sample, stack_params
+
+PREFILL_CHUNK = 512
+DECODE_STEPS = 8
+
+
+def enable_compilation_cache() -> None:
+    """Persist compiled programs across runs (K2JAX_COMPILATION_CACHE='' turns it off)."""
+    path = os.environ.get("K2JAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "k2jax" / "xla"))
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The smallest power of two >= n (and >= minimum): the shapes programs are compiled for."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
 @dataclasses.dataclass
 class GenerateOutput:
-    """Generated token ids (prompt excluded), their texts when a tokenizer is present, and timing stats."""
+    """Generated ids and texts per sequence (prompt excluded, stop token excluded), and run statistics."""
 
     ids: list[list[int]]
     texts: list[str] | None
     stats: dict[str, float]
+    finish_reasons: list[str]
+    logprobs: list[list[float]] | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype"))
@@ -32,11 +58,66 @@ def _logits(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, cfg:
     return forward(nnx.merge(graphdef, state), tokens_BT, pos_BT, None, cfg, dtype)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype", "kv_len"), donate_argnames=("cache",))
 def step(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, pos_BT: jax.Array,
-         cache: dict[str, jax.Array], cfg: K2Config, dtype: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+         cache: dict[str, jax.Array], cfg: K2Config, dtype: Any,
+         kv_len: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Run T new tokens per row at positions pos_BT through the model, writing their latents into the cache."""
-    return forward(nnx.merge(graphdef, state), tokens_BT, pos_BT, cache, cfg, dtype)
+    return forward(nnx.merge(graphdef, state), tokens_BT, pos_BT, cache, cfg, dtype, kv_len)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype", "n_steps", "kv_len"),
+                   donate_argnames=("cache",))
+def decode(graphdef: nnx.GraphDef, state: nnx.State, tok_B: jax.Array, pos_B: jax.Array, cache: dict[str, jax.Array],
+           sampling: dict[str, jax.Array], cfg: K2Config, dtype: Any, n_steps: int,
+           kv_len: int) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """n_steps sampled decode steps on device: tokens [B, n], their log-probs [B, n], the updated cache."""
+    model = nnx.merge(graphdef, state)
+
+    def body(carry, _):
+        tok_B, pos_B, cache = carry
+        logits_B1V, cache = forward(model, tok_B[:, None], pos_B[:, None], cache, cfg, dtype, kv_len)
+        nxt_B, logp_B = sample(logits_B1V[:, 0], sampling, pos_B + 1)
+        return (nxt_B, pos_B + 1, cache), (nxt_B, logp_B)
+
+    (_, _, cache), (toks_NB, logp_NB) = jax.lax.scan(body, (tok_B, pos_B, cache), None, length=n_steps)
+    return toks_NB.T, logp_NB.T, cache
+
+
+_sample = jax.jit(sample)
+
+
+@dataclasses.dataclass
+class _Row:
+    """Host-side state of one sequence: its tokens so far and whether, and why, it stopped."""
+
+    max_new: int
+    stop_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+    ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish: str | None = None
+
+    def add(self, tokens: np.ndarray, logps: np.ndarray, tokenizer: Any) -> None:
+        """Append new tokens until a stop id, a stop string or the token limit ends the row."""
+        for tok, lp in zip(tokens.tolist(), logps.tolist()):
+            if self.finish is not None:
+                return
+            if tok in self.stop_ids:
+                self.finish = "stop"
+                return
+            self.ids.append(tok)
+            self.logprobs.append(lp)
+            if self.stop_strings and any(s in tokenizer.decode(self.ids[-64:]) for s in self.stop_strings):
+                self.finish = "stop"
+            elif len(self.ids) >= self.max_new:
+                self.finish = "length"
+
+    def text(self, tokenizer: Any) -> str:
+        """Decoded text, cut before the first stop string."""
+        text = tokenizer.decode(self.ids)
+        cuts = [text.find(s) for s in self.stop_strings if s in text]
+        return text[: min(cuts)] if cuts else text
 
 
 class Model:
@@ -46,72 +127,146 @@ class Model:
                  dtype: Any = jnp.float32):
         self.config, self.graphdef, self.state = cfg, graphdef, state
         self.tokenizer, self.dtype = tokenizer, dtype
+        self._compiled: set[tuple] = set()
+        self._compile_s = 0.0
+        enable_compilation_cache()
 
     def logits(self, token_ids: Any) -> np.ndarray:
         """int [B, T] -> float32 logits [B, T, vocab] of a full causal prefill."""
-        tokens = jnp.asarray(token_ids, jnp.int32)
-        if tokens.ndim != 2:
-            raise ValueError(f"token_ids must be [batch, time], got shape {tokens.shape}")
-        self._check_ids(tokens, tokens.shape[1])
-        return np.asarray(_logits(self.graphdef, self.state, tokens, self.config, self.dtype))
+        tokens = np.asarray(token_ids)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"token_ids must be an integer array [batch, time], got {tokens.dtype} {tokens.shape}")
+        self._check_ids(tokens.reshape(-1).tolist(), tokens.shape[1])
+        return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), self.config, self.dtype))
 
     def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
         """An empty latent cache for `batch` sequences of up to `length` tokens."""
         return init_cache(self.config, batch, length, self.dtype)
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> GenerateOutput:
-        """Greedy continuation of each prompt (token ids, or text when a tokenizer is loaded)."""
-        if temperature != 0.0 or top_p != 1.0 or top_k != 0:
-            raise ValueError("only greedy decoding (temperature=0, top_p=1, top_k=0) is available")
-        del seed
-        ids = [self._encode(p) for p in prompts]
-        lengths = np.array([len(p) for p in ids], np.int32)
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_p: float = 0.0,
+                 n: int = 1, stop: Sequence[str] = (), logprobs: bool = False,
+                 on_text: Callable[[int, str], None] | None = None) -> GenerateOutput:
+        """Continue each prompt (text, or token ids); `n` samples per prompt share one prefill.
+
+        Sequences end at <|im_end|> / EOS, a stop string, or max_new_tokens. Sample j of a prompt uses seed + j.
+        `on_text(row, delta)` streams each row's new text as the decode loop produces it.
+        """
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of strings or of token-id lists, not a single string")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if (stop or on_text) and self.tokenizer is None:
+            raise ValueError("stop strings and streamed text need a tokenizer")
+        ids = [self._encode(p) for p in prompts]
+        params = [SamplingParams(temperature, top_k, top_p, min_p, seed + j) for _ in ids for j in range(n)]
+        rows = [_Row(max_new_tokens, self._stop_ids(), tuple(stop)) for _ in params]
+        stats: dict[str, float] = {"prompt_tokens": sum(len(p) for p in ids)}
+        shown = [0] * len(rows)
+        self._compile_s = 0.0
+        start = time.perf_counter()
+        for i, (toks, logps) in enumerate(self._decode_loop(ids, params, n, max_new_tokens)):
+            if i == 0:
+                stats["time_to_first_token_s"] = time.perf_counter() - start
+            for r, (row, t, lp) in enumerate(zip(rows, toks, logps)):
+                row.add(t, lp, self.tokenizer)
+                text = row.text(self.tokenizer) if on_text else ""
+                if len(text) > shown[r] and not text.endswith("\ufffd"):
+                    on_text(r, text[shown[r]:])
+                    shown[r] = len(text)
+            if all(r.finish for r in rows):
+                break
+        elapsed = time.perf_counter() - start
+        stats["generated_tokens"] = sum(len(r.ids) for r in rows)
+        stats["compile_s"] = self._compile_s
+        decode_s = elapsed - stats["time_to_first_token_s"] - self._compile_s + self._first_compile_s
+        stats["decode_tokens_per_s"] = (stats["generated_tokens"] - len(rows)) / max(decode_s, 1e-9)
+        stats["total_s"] = elapsed
+        texts = [r.text(self.tokenizer) for r in rows] if self.tokenizer is not None else None
+        return GenerateOutput(ids=[r.ids for r in rows], texts=texts, stats=stats,
+                              finish_reasons=[r.finish or "length" for r in rows],
+                              logprobs=[r.logprobs for r in rows] if logprobs else None)
+
+    def _decode_loop(self, ids: list[list[int]], params: list[SamplingParams], n: int,
+                     max_new_tokens: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Prefill the prompts once, fan each out to n rows, then yield ([rows, k] tokens, log-probs) per round."""
+        lengths = np.array([len(p) for p in ids], np.int32)
         total = int(lengths.max()) + max_new_tokens
-        self._check_ids(jnp.asarray([t for p in ids for t in p], jnp.int32), total)
+        self._check_ids([t for p in ids for t in p], total)
+        capacity = min(bucket(total + DECODE_STEPS), bucket(self.config.max_position_embeddings))
+        cache, last_BV = self._prefill(ids, lengths, capacity)
+        if n > 1:
+            cache = jax.tree.map(lambda c: jnp.repeat(c, n, axis=1), cache)
+            last_BV, lengths = jnp.repeat(last_BV, n, axis=0), np.repeat(lengths, n)
+        sampling = stack_params(params)
+        tok_B, logp_B = _sample(last_BV, sampling, jnp.asarray(lengths))
+        self._first_compile_s = self._compile_s
+        yield np.asarray(tok_B)[:, None], np.asarray(logp_B)[:, None]
+        pos_B = jnp.asarray(lengths)
+        for done in range(1, max_new_tokens, DECODE_STEPS):
+            kv_len = min(bucket(int(lengths.max()) + done + DECODE_STEPS), capacity)
+            toks, logps, cache = self._call(decode, self.graphdef, self.state, tok_B, pos_B, cache, sampling,
+                                            self.config, self.dtype, DECODE_STEPS, kv_len)
+            tok_B, pos_B = toks[:, -1], pos_B + DECODE_STEPS
+            yield np.asarray(toks), np.asarray(logps)
+
+    def _prefill(self, ids: list[list[int]], lengths: np.ndarray, capacity: int) -> tuple[dict, jax.Array]:
+        """Chunked prefill of right-padded prompts; returns the cache and each row's last-position logits."""
         B, T = len(ids), int(lengths.max())
-        tokens = np.zeros((B, T), np.int32)
+        chunk = min(bucket(T), PREFILL_CHUNK)
+        tokens = np.zeros((B, -(-T // chunk) * chunk), np.int32)
         for b, p in enumerate(ids):
             tokens[b, : len(p)] = p
+        cache = self.init_cache(B, capacity)
+        last_BV = jnp.zeros((B, self.config.vocab_size), jnp.float32)
+        for start in range(0, T, chunk):
+            pos = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (B, chunk))
+            logits_BTV, cache = self._call(step, self.graphdef, self.state, jnp.asarray(tokens[:, start:start + chunk]),
+                                           jnp.asarray(pos), cache, self.config, self.dtype,
+                                           min(bucket(start + chunk), capacity))
+            idx = lengths - 1 - start
+            here = jnp.asarray((idx >= 0) & (idx < chunk))
+            last_BV = jnp.where(here[:, None], logits_BTV[jnp.arange(B), jnp.asarray(np.clip(idx, 0, chunk - 1))],
+                                last_BV)
+        return cache, last_BV
+
+    def _call(self, fn: Callable, *args: Any) -> Any:
+        """Call a jitted entry point; the first call of each shape is timed (blocking) as compile time."""
+        key = (fn, *(getattr(x, "shape", x) for x in jax.tree.leaves(args[2:])))
+        if key in self._compiled:
+            return fn(*args)
         start = time.perf_counter()
-        cache = self.init_cache(B, total)
-        pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-        logits, cache = step(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(pos), cache,
-                             self.config, self.dtype)
-        nxt = jnp.argmax(logits[jnp.arange(B), jnp.asarray(lengths) - 1], axis=-1).astype(jnp.int32)
-        out = [nxt]
-        nxt.block_until_ready()
-        ttft = time.perf_counter() - start
-        for i in range(max_new_tokens - 1):
-            logits, cache = step(self.graphdef, self.state, nxt[:, None], jnp.asarray(lengths + i)[:, None], cache,
-                                 self.config, self.dtype)
-            nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-            out.append(nxt)
-        gen = np.asarray(jnp.stack(out, axis=1)).tolist()
-        elapsed = time.perf_counter() - start
-        texts = [self.tokenizer.decode(g) for g in gen] if self.tokenizer is not None else None
-        stats = {"prompt_tokens": int(lengths.sum()), "generated_tokens": B * max_new_tokens,
-                 "time_to_first_token_s": ttft,
-                 "decode_tokens_per_s": B * (max_new_tokens - 1) / max(elapsed - ttft, 1e-9)}
-        return GenerateOutput(ids=gen, texts=texts, stats=stats)
+        out = jax.block_until_ready(fn(*args))
+        self._compile_s += time.perf_counter() - start
+        self._compiled.add(key)
+        return out
+
+    def _stop_ids(self) -> frozenset[int]:
+        """Token ids that end a sequence: the tokenizer's (<|im_end|>, [EOS]) or the config's EOS."""
+        if self.tokenizer is not None:
+            return frozenset(self.tokenizer.stop_ids)
+        return frozenset({self.config.eos_token_id})
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of one prompt; text needs the tokenizer."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
-            return self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt]
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError("empty prompt: give at least one token")
         return ids
 
-    def _check_ids(self, tokens: jax.Array, total_len: int) -> None:
-        """Token ids must index the vocabulary and the sequence must fit the context."""
+    def _check_ids(self, ids: list[int], total_len: int) -> None:
+        """Token ids must index the vocabulary and the whole sequence must fit the context."""
         cfg = self.config
         if total_len > cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {total_len} tokens exceeds the context of {cfg.max_position_embeddings}")
-        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size):
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+            raise ValueError(f"prompt plus max_new_tokens is {total_len} tokens, over the model's context of "
+                             f"{cfg.max_position_embeddings} (max_position_embeddings)")
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")

@@ -178,9 +178,11 @@ def _mm(x: Array, w: Array, spec: str) -> Array:
     return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def mla(p: MLA, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer: Array,
-        cfg: K2Config) -> tuple[Array, Array | None]:
+def mla(p: MLA, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer: Array, cfg: K2Config,
+        kv_len: int | None) -> tuple[Array, Array | None]:
     """Multi-head latent attention; writes this chunk's latents into layer `layer` of the cache, attends over it.
+
+    Only the first `kv_len` cache positions are read (all when None): callers bound it by the longest row.
 
     With no cache the chunk attends to itself (a full causal prefill). One new token per row takes the
     absorbed path (queries projected into the latent space, the cache never expanded); longer chunks expand
@@ -205,7 +207,7 @@ def mla(p: MLA, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer: Ar
         new_BTC = jnp.pad(new_BTC, ((0, 0), (0, 0), (0, cache_LBSC.shape[-1] - new_BTC.shape[-1])))
         rows_B1 = jnp.arange(pos_BT.shape[0])[:, None]
         cache_LBSC = cache_LBSC.at[layer, rows_B1, pos_BT].set(new_BTC.astype(cache_LBSC.dtype), mode="drop")
-        kv_BSC = cache_LBSC[layer].astype(x_BTM.dtype)
+        kv_BSC = cache_LBSC[layer, :, :kv_len].astype(x_BTM.dtype)
         key_pos_BS = jnp.broadcast_to(jnp.arange(kv_BSC.shape[1]), kv_BSC.shape[:2])
     ckv_BSR, kpe_BSP = kv_BSC[..., :R], kv_BSC[..., R:R + cfg.qk_rope_head_dim]
     visible_BTS = key_pos_BS[:, None, :] <= pos_BT[:, :, None]
@@ -276,26 +278,26 @@ def moe(p: MoE, x_BTM: Array, cfg: K2Config) -> Array:
     return y_NM.reshape(B, T, M)
 
 
-def block(p: Block, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer: Array,
-          cfg: K2Config) -> tuple[Array, Array | None]:
+def block(p: Block, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer: Array, cfg: K2Config,
+          kv_len: int | None) -> tuple[Array, Array | None]:
     """Pre-norm residual layer: x + attn(norm x), then + mlp_or_moe(norm x)."""
     h_BTM, cache_LBSC = mla(p.attn, rms_norm(x_BTM, p.attn_norm[...], cfg.rms_norm_eps), pos_BT, cache_LBSC, layer,
-                            cfg)
+                            cfg, kv_len)
     x_BTM = x_BTM + h_BTM
     h_BTM = rms_norm(x_BTM, p.mlp_norm[...], cfg.rms_norm_eps)
     h_BTM = moe(p.mlp, h_BTM, cfg) if isinstance(p.mlp, MoE) else mlp(p.mlp, h_BTM)
     return x_BTM + h_BTM, cache_LBSC
 
 
-def run_stack(layers: Block, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None,
-              cfg: K2Config) -> tuple[Array, Array | None]:
+def run_stack(layers: Block, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, cfg: K2Config,
+              kv_len: int | None) -> tuple[Array, Array | None]:
     """Scan one stacked module over its layers; the cache rides in the carry and is updated in place."""
     graphdef, state = nnx.split(layers)
 
     def step(carry, layer):
         x_BTM, cache_LBSC = carry
         state_l, i = layer
-        x_BTM, cache_LBSC = block(nnx.merge(graphdef, state_l), x_BTM, pos_BT, cache_LBSC, i, cfg)
+        x_BTM, cache_LBSC = block(nnx.merge(graphdef, state_l), x_BTM, pos_BT, cache_LBSC, i, cfg, kv_len)
         return (x_BTM, cache_LBSC), None
 
     n_layers = jax.tree.leaves(state)[0].shape[0]
@@ -304,13 +306,17 @@ def run_stack(layers: Block, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | No
 
 
 def forward(model: K2Model, tokens_BT: Array, pos_BT: Array, cache: dict[str, Array] | None, cfg: K2Config,
-            dtype: Any) -> tuple[Array, dict[str, Array] | None]:
-    """Logits [B, T, V] (float32) for tokens at absolute positions pos_BT; returns the updated cache."""
+            dtype: Any, kv_len: int | None = None) -> tuple[Array, dict[str, Array] | None]:
+    """Logits [B, T, V] (float32) for tokens at absolute positions pos_BT; returns the updated cache.
+
+    With a cache, attention reads its first `kv_len` positions (all when None), which must cover pos_BT.
+    """
     x_BTM = model.embed[...][tokens_BT].astype(dtype)
     new_cache = {}
     for name, layers in (("dense", model.dense_layers), ("moe", model.moe_layers)):
         if layers is not None:
-            x_BTM, new_cache[name] = run_stack(layers, x_BTM, pos_BT, None if cache is None else cache[name], cfg)
+            x_BTM, new_cache[name] = run_stack(layers, x_BTM, pos_BT, None if cache is None else cache[name], cfg,
+                                                 kv_len)
     x_BTM = rms_norm(x_BTM, model.final_norm[...], cfg.rms_norm_eps)
     logits_BTV = jnp.einsum("btm,mv->btv", x_BTM, model.lm_head[...].astype(dtype),
                             preferred_element_type=jnp.float32)

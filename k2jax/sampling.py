@@ -1,0 +1,68 @@
+"""Per-row token sampling: greedy, temperature, top-k, top-p and min-p, with a seeded key per request."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling settings; temperature 0 means greedy, top_k 0 and top_p 1 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+
+
+def stack_params(params: list[SamplingParams]) -> dict[str, jax.Array]:
+    """Per-row device arrays of a batch's sampling settings."""
+    return {
+        "temperature": jnp.asarray([p.temperature for p in params], jnp.float32),
+        "top_k": jnp.asarray([p.top_k for p in params], jnp.int32),
+        "top_p": jnp.asarray([p.top_p for p in params], jnp.float32),
+        "min_p": jnp.asarray([p.min_p for p in params], jnp.float32),
+        "seed": jnp.asarray([p.seed for p in params], jnp.uint32),
+    }
+
+
+def filter_logits(logits_BV: jax.Array, params: dict[str, jax.Array]) -> jax.Array:
+    """Temperature-scaled logits with everything outside top-k, top-p and min-p set to -inf."""
+    temp_B = jnp.where(params["temperature"] > 0, params["temperature"], 1.0)
+    scaled_BV = logits_BV.astype(jnp.float32) / temp_B[:, None]
+    sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
+    V = logits_BV.shape[-1]
+    k_B = jnp.where(params["top_k"] > 0, jnp.minimum(params["top_k"], V), V)
+    kth_B = jnp.take_along_axis(sorted_BV, (k_B - 1)[:, None], axis=-1)
+    probs_sorted_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_sorted_BV, axis=-1) - probs_sorted_BV
+    n_keep_B = jnp.maximum(jnp.sum(mass_before_BV < params["top_p"][:, None], axis=-1), 1)
+    top_p_min_B = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)
+    min_p_floor_B = sorted_BV[:, :1] + jnp.log(jnp.maximum(params["min_p"][:, None], 1e-38))
+    floor_B = jnp.maximum(jnp.maximum(kth_B, top_p_min_B), jnp.where(params["min_p"][:, None] > 0, min_p_floor_B, -jnp.inf))
+    return jnp.where(scaled_BV >= floor_B, scaled_BV, -jnp.inf)
+
+
+def sample(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Next token per row and its log-probability under the model; the key is (request seed, position)."""
+    filtered_BV = filter_logits(logits_BV, params)
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(params["seed"], pos_B)
+    drawn_B = jax.vmap(jax.random.categorical)(keys, filtered_BV)
+    tokens_B = jnp.where(params["temperature"] > 0, drawn_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+    logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    return tokens_B, jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]

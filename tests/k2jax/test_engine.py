@@ -1,0 +1,75 @@
+"""Generation engine: batching, chunked prefill, seeds, n samples, stops and limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import k2jax
+from k2jax import engine
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint):
+    return k2jax.load(hf_checkpoint(seed=3, eos_token_id=255)[1])
+
+
+def prompts_of(rng, lengths):
+    return [rng.integers(3, 250, n).tolist() for n in lengths]
+
+
+def test_batch_invariance(model, rng):
+    prompts = prompts_of(rng, (3, 11, 6, 1))
+    batched = model.generate(prompts, max_new_tokens=10).ids
+    alone = [model.generate([p], max_new_tokens=10).ids[0] for p in prompts]
+    assert batched == alone
+
+
+def test_chunked_prefill_equals_one_chunk(model, rng, monkeypatch):
+    prompts = prompts_of(rng, (37, 20))
+    whole = model.generate(prompts, max_new_tokens=6, logprobs=True)
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 16)
+    chunked = model.generate(prompts, max_new_tokens=6, logprobs=True)
+    assert chunked.ids == whole.ids
+    np.testing.assert_allclose(np.array(chunked.logprobs), np.array(whole.logprobs), rtol=1e-4, atol=1e-5)
+
+
+def test_logprobs_match_full_prefill(model, rng):
+    prompt = prompts_of(rng, (9,))[0]
+    out = model.generate([prompt], max_new_tokens=5, logprobs=True)
+    seq = np.array([prompt + out.ids[0]])
+    logits = model.logits(seq)[0, len(prompt) - 1:-1]
+    ref = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    np.testing.assert_allclose(out.logprobs[0], ref[np.arange(5), out.ids[0]], rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_seeds_and_n(model, rng):
+    prompt = prompts_of(rng, (5,))
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=0.95)
+    a = model.generate(prompt, seed=11, n=3, **kw)
+    assert a.ids == model.generate(prompt, seed=11, n=3, **kw).ids
+    assert a.ids[1] == model.generate(prompt, seed=12, **kw).ids[0]  # sample j uses seed + j
+    assert len({tuple(x) for x in a.ids}) > 1
+    assert model.generate(prompt, top_k=1, temperature=2.0, max_new_tokens=8).ids == model.generate(
+        prompt, max_new_tokens=8).ids
+
+
+def test_stop_id_ends_a_row(model, rng):
+    prompt = prompts_of(rng, (4,))
+    free = model.generate(prompt, max_new_tokens=12).ids[0]
+    stopped = engine.Model(model.config, model.graphdef, model.state)
+    stopped._stop_ids = lambda: frozenset({free[5]})
+    out = stopped.generate(prompt, max_new_tokens=12)
+    assert out.ids[0] == free[: free.index(free[5])] and out.finish_reasons == ["stop"]
+
+
+def test_limits_are_clear_errors(model):
+    too_long = [[5] * (model.config.max_position_embeddings - 3)]
+    with pytest.raises(ValueError, match="over the model's context of 512"):
+        model.generate(too_long, max_new_tokens=10)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.generate([[1, 99999]])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate([[1, 2]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate([[1, 2]], temperature=-0.5)

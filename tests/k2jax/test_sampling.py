@@ -1,0 +1,72 @@
+"""Sampling filters on known distributions, and seeded reproducibility."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from k2jax.sampling import SamplingParams, filter_logits, sample, stack_params
+
+PROBS = np.array([0.5, 0.3, 0.15, 0.05])
+
+
+def kept(rng, **kw) -> set[int]:
+    """Indices left finite by the filters, for PROBS shuffled into a random vocabulary order."""
+    perm = rng.permutation(len(PROBS))
+    logits = np.log(PROBS[perm])[None] + rng.normal()  # a constant shift changes nothing
+    out = np.asarray(filter_logits(jnp.asarray(logits), stack_params([SamplingParams(temperature=1.0, **kw)])))[0]
+    return {int(perm[i]) for i in np.flatnonzero(np.isfinite(out))}
+
+
+@pytest.mark.parametrize("kw, expected", [
+    ({}, {0, 1, 2, 3}),
+    ({"top_k": 1}, {0}),
+    ({"top_k": 3}, {0, 1, 2}),
+    ({"top_p": 0.5}, {0}),
+    ({"top_p": 0.79}, {0, 1}),
+    ({"top_p": 0.81}, {0, 1, 2}),
+    ({"min_p": 0.5}, {0, 1}),
+    ({"min_p": 0.2}, {0, 1, 2}),
+    ({"top_k": 2, "top_p": 0.99}, {0, 1}),
+])
+def test_filters_keep_exactly_the_right_tokens(rng, kw, expected):
+    assert kept(rng, **kw) == expected
+
+
+def test_draws_follow_the_filtered_distribution(rng):
+    n = 4000
+    params = stack_params([SamplingParams(temperature=1.0, top_p=0.81, seed=int(s)) for s in rng.integers(0, 2**31, n)])
+    logits = jnp.asarray(np.tile(np.log(PROBS), (n, 1)))
+    toks, logp = sample(logits, params, jnp.zeros(n, jnp.int32))
+    freq = np.bincount(np.asarray(toks), minlength=4) / n
+    expected = np.array([0.5, 0.3, 0.15, 0]) / 0.95
+    assert np.abs(freq - expected).max() < 4 * np.sqrt(0.25 / n)  # four standard deviations
+    np.testing.assert_allclose(np.asarray(logp), np.log(PROBS)[np.asarray(toks)], rtol=1e-5)
+
+
+def test_seeds_reproduce_and_differ(rng):
+    logits = jnp.asarray(rng.normal(size=(64, 50)))
+    pos = jnp.arange(64)
+
+    def draw(seed):
+        return np.asarray(sample(logits, stack_params([SamplingParams(temperature=1.0, seed=seed)] * 64), pos)[0])
+
+    assert (draw(7) == draw(7)).all()
+    assert (draw(7) != draw(8)).any()
+
+
+def test_top_k_one_and_zero_temperature_are_greedy(rng):
+    logits = jnp.asarray(rng.normal(size=(16, 100)))
+    greedy = np.argmax(np.asarray(logits), -1)
+    for p in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.5, top_k=1, seed=3)):
+        assert (np.asarray(sample(logits, stack_params([p] * 16), jnp.arange(16))[0]) == greedy).all()
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"temperature": -1.0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"min_p": 2.0}, "min_p"),
+])
+def test_bad_values_are_named(kw, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kw)
