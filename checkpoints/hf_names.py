@@ -1,17 +1,23 @@
 """Where each k2jax parameter lives in a Hugging Face Kimi K2 / DeepseekV3 checkpoint, and how it is laid out.
 
 HF stores one [out, in] matrix per layer (and per expert); k2jax stacks layers (and experts) on leading axes
-and keeps matrices [in, out] with heads as their own axis. `Source` records both sides of that mapping so
-the reader, the streaming loader and the writer share one table.
+and keeps matrices [in, out] with heads as their own axis. INT4 routed experts are compressed-tensors int32
+words [out, in/8] in HF and the kernels' planar uint8 [in/2, out] in k2jax. `Source` records both sides of
+that mapping so the streaming reader and the writer share one table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
+from checkpoints.safetensors_io import DTYPES
 from k2jax.config import K2Config
+from pallas_kernels import int4_layout
+
+FLOAT_DTYPES = ("BF16", "F16", "F32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +26,8 @@ class Source:
 
     The parameter is the HF tensors `template.format(layer=l, expert=e)` for l in `layers` (stacked on axis 0,
     when `layers` is not None) and e < `experts` (stacked next, when `experts` is not None), each reshaped
-    by `k2_shape` after an optional transpose (`flat_shape` is the 2-D shape between the two).
+    by `k2_shape` after an optional transpose (`flat_shape` is the 2-D shape between the two). `dtypes` are
+    the HF dtypes accepted; `int4` marks compressed-tensors packed words, repacked for the kernels.
     """
 
     path: tuple[str, ...]
@@ -30,23 +37,54 @@ class Source:
     transpose: bool = False
     k2_shape: tuple[int, ...] | None = None
     flat_shape: tuple[int, int] | None = None
+    dtypes: tuple[str, ...] = FLOAT_DTYPES
+    int4: bool = False
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """The leading (layers, experts) axes the HF tensors are stacked on."""
+        return ((len(self.layers),) if self.layers is not None else ()) + ((self.experts,) if self.experts else ())
+
+    def name_at(self, pos: tuple[int, ...]) -> str:
+        """The HF tensor at one position of the stack axes."""
+        layer = self.layers[pos[0]] if self.layers is not None else None
+        expert = pos[-1] if self.experts else None
+        return self.template.format(layer=layer, expert=expert)
 
     def names(self) -> list[str]:
         """Every HF tensor name this parameter is assembled from, in stacking order."""
-        layers = self.layers if self.layers is not None else (None,)
-        experts = range(self.experts) if self.experts is not None else (None,)
-        return [self.template.format(layer=l, expert=e) for l in layers for e in experts]
+        return [self.name_at(pos) for pos in itertools.product(*map(range, self.stack_shape))]
+
+    def hf_shape(self, inner: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of one HF tensor, given the k2jax parameter's shape without its stack axes."""
+        if self.int4:
+            return (inner[1], inner[0] // 4)
+        flat = self.flat_shape if self.flat_shape is not None else inner
+        return tuple(reversed(flat)) if self.transpose else tuple(flat)
+
+    def k2_dtype(self, hf_dtype: str) -> np.dtype:
+        """The dtype k2jax keeps: the stored one (weights keep their precision), uint8 for packed INT4."""
+        return np.dtype(np.uint8) if self.int4 else DTYPES[hf_dtype]
 
     def to_k2(self, hf: np.ndarray) -> np.ndarray:
         """One HF tensor -> its slice of the k2jax parameter."""
+        if self.int4:
+            return int4_layout.from_compressed_tensors(hf, _no_scales(hf.shape[0]))[0]
         out = hf.T if self.transpose else hf
         return out.reshape(self.k2_shape) if self.k2_shape is not None else out
 
     def to_hf(self, k2: np.ndarray) -> np.ndarray:
         """One slice of the k2jax parameter -> the HF tensor (inverse of to_k2)."""
+        if self.int4:
+            return int4_layout.to_compressed_tensors(k2, _no_scales(k2.shape[-1]).T)[0]
         if self.flat_shape is not None:
             k2 = k2.reshape(self.flat_shape)
         return np.ascontiguousarray(k2.T if self.transpose else k2)
+
+
+def _no_scales(n_out: int) -> np.ndarray:
+    """An empty [n_out, 0] scale: packed words and their scales convert independently (scales are a transpose)."""
+    return np.zeros((n_out, 0), int4_layout.SCALE_DTYPE)
 
 
 def _attention(cfg: K2Config, stack: str, layers: tuple[int, ...]) -> list[Source]:
@@ -84,16 +122,31 @@ def _mlp(path: tuple[str, ...], prefix: str, layers: tuple[int, ...]) -> list[So
             for proj in ("gate", "up", "down")]
 
 
-def dense_expert_sources(cfg: K2Config, layers: tuple[int, ...]) -> list[Source]:
-    """Routed experts stored unquantized: one [out, in] matrix per expert."""
-    return [Source(("moe_layers", "mlp", proj, "weight"),
-                   "model.layers.{layer}.mlp.experts.{expert}." + f"{proj}_proj.weight",
-                   layers, cfg.n_routed_experts, transpose=True)
-            for proj in ("gate", "up", "down")]
+def expert_sources(cfg: K2Config, layers: tuple[int, ...]) -> list[Source]:
+    """Routed experts: one [out, in] matrix per expert, or compressed-tensors INT4 (packed words + scales)."""
+    pre = "model.layers.{layer}.mlp.experts.{expert}."
+    E = cfg.n_routed_experts
+    out = []
+    for proj in ("gate", "up", "down"):
+        path = ("moe_layers", "mlp", proj)
+        if cfg.quant is None:
+            out.append(Source((*path, "weight"), pre + f"{proj}_proj.weight", layers, E, transpose=True))
+        else:
+            out += [
+                Source((*path, "packed"), pre + f"{proj}_proj.weight_packed", layers, E, dtypes=("I32",), int4=True),
+                Source((*path, "scale"), pre + f"{proj}_proj.weight_scale", layers, E, transpose=True,
+                       dtypes=("BF16",)),
+            ]
+    return out
+
+
+def int4_shape_name(packed_name: str) -> str:
+    """The `weight_shape` tensor ([out, in]) that accompanies a `weight_packed` tensor."""
+    return packed_name.removesuffix("weight_packed") + "weight_shape"
 
 
 def sources(cfg: K2Config) -> list[Source]:
-    """The HF source of every k2jax parameter except the routed experts (see dense_expert_sources)."""
+    """The HF source of every k2jax parameter."""
     dense = tuple(range(cfg.first_k_dense_replace))
     moe = tuple(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
     out = [
@@ -114,4 +167,5 @@ def sources(cfg: K2Config) -> list[Source]:
         ]
         if cfg.n_shared_experts:
             out += _mlp(("moe_layers", "mlp", "shared"), "model.layers.{layer}.mlp.shared_experts", moe)
+        out += expert_sources(cfg, moe)
     return out

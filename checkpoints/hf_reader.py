@@ -1,76 +1,171 @@
-"""Read an unquantized Hugging Face DeepseekV3 / Kimi K2 checkpoint directory into k2jax parameter arrays."""
+"""Read a Hugging Face Kimi K2 / DeepseekV3 checkpoint (bf16/fp32, or compressed-tensors INT4 experts).
+
+Opening a checkpoint parses every shard's header only; `plan` then checks every tensor the config calls for
+(present, shape, dtype, no strays) before a byte of weight data is read, so a bad checkpoint fails fast.
+`read_block` reads the HF tensors behind one block of one k2jax parameter, as a device's shard needs it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-from safetensors import safe_open
 
-from checkpoints.hf_names import Source, dense_expert_sources, sources
+from checkpoints.hf_names import Source, int4_shape_name, sources
+from checkpoints.safetensors_io import CheckpointError, TensorInfo, read_header, read_tensor
 from k2jax.config import K2Config
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing a file or tensor, or holds one of the wrong shape or dtype; names both."""
-
-
-def weight_map(path: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, from model.safetensors.index.json or the single shard(s)."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({err})") from None
-        out = {name: path / file for name, file in names.items()}
-        missing = sorted({str(f) for f in out.values() if not f.exists()})
-        if missing:
-            raise CheckpointError(f"{index}: names shard file(s) that do not exist: {', '.join(missing)}")
-        return out
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no model.safetensors.index.json and no *.safetensors files")
-    out = {}
-    for file in files:
-        with safe_open(file, "np") as f:
-            out.update({name: file for name in f.keys()})
-    return out
+INDEX_FILE = "model.safetensors.index.json"
+Index = tuple[slice, ...]
 
 
-def read_tensor(files: dict[str, Path], name: str) -> np.ndarray:
-    """One tensor as numpy (bf16 arrives as ml_dtypes.bfloat16)."""
-    if name not in files:
-        raise CheckpointError(f"checkpoint has no tensor {name!r}")
+@dataclasses.dataclass(frozen=True)
+class ParamPlan:
+    """One k2jax parameter to assemble: its source, full shape, k2jax dtype, logical axes, stored bytes."""
+
+    key: tuple[str, ...]
+    source: Source
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    axes: tuple[str | None, ...]
+    hf_bytes: int
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of one HF tensor of this parameter (all of its tensors are alike)."""
+        return self.hf_bytes // int(np.prod(self.source.stack_shape, dtype=np.int64))
+
+
+def open_checkpoint(path: Path) -> dict[str, TensorInfo]:
+    """Tensor name -> TensorInfo over all shards (index or lone files); checks index and headers agree."""
+    index = path / INDEX_FILE
+    if not index.exists():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no {INDEX_FILE} and no *.safetensors files")
+        return {name: info for file in files for name, info in read_header(file).items()}
     try:
-        with safe_open(files[name], "flax") as f:
-            return np.asarray(f.get_tensor(name))
-    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-        raise CheckpointError(f"{files[name]}: cannot read tensor {name!r}: {err}") from None
-
-
-def assemble(files: dict[str, Path], src: Source, expected: tuple[int, ...]) -> np.ndarray:
-    """Read and stack every HF tensor of one k2jax parameter, checking the final shape."""
-    parts = [src.to_k2(read_tensor(files, name)) for name in src.names()]
-    lead = ((len(src.layers),) if src.layers is not None else ()) + ((src.experts,) if src.experts else ())
-    out = np.stack(parts).reshape(lead + parts[0].shape) if lead else parts[0]
-    if out.shape != expected:
-        raise CheckpointError(
-            f"{src.names()[0]}: gives k2jax parameter {'/'.join(src.path)} shape {out.shape}, expected {expected}"
-        )
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({err!r})") from None
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: names shard file(s) that do not exist: {', '.join(missing)}")
+    headers = {f: read_header(path / f) for f in files}
+    out = {}
+    for name, file in weight_map.items():
+        if name not in headers[file]:
+            raise CheckpointError(f"{index}: maps tensor {name!r} to {path / file}, which does not hold it")
+        out[name] = headers[file][name]
     return out
 
 
-def read_params(path: str | Path, cfg: K2Config, shapes: dict[tuple[str, ...], tuple[int, ...]]) -> dict:
-    """k2jax parameter path -> numpy array, for every parameter in `shapes`, from an unquantized checkpoint."""
-    path = Path(path)
-    files = weight_map(path)
-    table = sources(cfg)
-    if cfg.num_moe_layers:
-        table += dense_expert_sources(cfg, tuple(range(cfg.first_k_dense_replace, cfg.num_hidden_layers)))
-    by_path = {src.path: src for src in table}
-    missing = sorted("/".join(p) for p in shapes if p not in by_path)
-    if missing:
-        raise CheckpointError(f"{path}: no HF source for k2jax parameters {missing}")
-    return {p: assemble(files, by_path[p], shape) for p, shape in shapes.items()}
+def plan(path: Path, tensors: dict[str, TensorInfo], cfg: K2Config,
+         params: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[str | None, ...]]]) -> list[ParamPlan]:
+    """Check every tensor behind `params` (k2jax path -> (shape, axes)) and return the read plan."""
+    by_path = {src.path: src for src in sources(cfg)}
+    unknown = sorted("/".join(p) for p in params if p not in by_path)
+    if unknown:
+        raise CheckpointError(f"{path}: no HF source for k2jax parameters {unknown}")
+    plans = [_plan_param(path, tensors, by_path[key], shape, axes) for key, (shape, axes) in params.items()]
+    used = {n for p in plans for n in p.source.names()}
+    used |= {int4_shape_name(n) for p in plans if p.source.int4 for n in p.source.names()}
+    strays = sorted(set(tensors) - used)
+    if strays:
+        raise CheckpointError(_stray_message(path, tensors, strays, cfg))
+    return plans
+
+
+def _plan_param(path: Path, tensors: dict[str, TensorInfo], src: Source, shape: tuple[int, ...],
+                axes: tuple[str | None, ...]) -> ParamPlan:
+    """Check presence, shape and dtype of every HF tensor of one parameter."""
+    stack = src.stack_shape
+    inner = shape[len(stack):]
+    expected = src.hf_shape(inner)
+    where = "/".join(src.path)
+    first: TensorInfo | None = None
+    total = 0
+    for name in src.names():
+        info = tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{path}: no tensor {name!r} (needed for k2jax parameter {where})"
+                                  + _missing_hint(tensors, name))
+        if info.dtype not in src.dtypes:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected "
+                                  f"{' or '.join(src.dtypes)}")
+        if info.shape != expected:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json "
+                                  f"implies {list(expected)} (k2jax parameter {where})")
+        if first is not None and info.dtype != first.dtype:
+            raise CheckpointError(f"{info.file}: tensor {name!r} is {info.dtype} but {first.name!r} is "
+                                  f"{first.dtype}; the tensors of k2jax parameter {where} must share a dtype")
+        if src.int4:
+            _check_shape_tensor(tensors, name)
+        first = first or info
+        total += info.nbytes
+    return ParamPlan(src.path, src, tuple(shape), src.k2_dtype(first.dtype), tuple(axes), total)
+
+
+def _check_shape_tensor(tensors: dict[str, TensorInfo], packed_name: str) -> None:
+    """A weight_packed tensor needs its integer weight_shape [2] beside it."""
+    name = int4_shape_name(packed_name)
+    info = tensors.get(name)
+    if info is None:
+        raise CheckpointError(f"{tensors[packed_name].file}: no tensor {name!r} beside {packed_name!r}")
+    if not info.dtype.startswith("I") or info.shape != (2,):
+        raise CheckpointError(f"{info.file}: tensor {name!r} is {info.dtype}{list(info.shape)}, expected an "
+                              "integer [2] (out, in)")
+
+
+def _missing_hint(tensors: dict[str, TensorInfo], name: str) -> str:
+    """Explain a missing expert tensor when the checkpoint holds it in the other (quantized or dense) form."""
+    if name.endswith(".weight_packed") and name.removesuffix("_packed") in tensors:
+        return "; the checkpoint stores this expert unquantized but config.json has a quantization_config"
+    return ""
+
+
+def _stray_message(path: Path, tensors: dict[str, TensorInfo], strays: list[str], cfg: K2Config) -> str:
+    """Error text for tensors that the config does not account for."""
+    first = tensors[strays[0]]
+    head = f"{first.file}: tensor {strays[0]!r}"
+    if cfg.quant is None and any(s.endswith(".weight_packed") for s in strays):
+        return f"{head} is INT4-packed but config.json has no quantization_config"
+    if any(s.endswith(".weight_zero_point") for s in strays):
+        return f"{head}: zero points (asymmetric quantization) are not supported; k2jax reads symmetric INT4"
+    return (f"{head} is not described by config.json ({len(strays)} such tensors in {path}); "
+            "does num_hidden_layers / n_routed_experts / tie_word_embeddings match the checkpoint?")
+
+
+def read_block(tensors: dict[str, TensorInfo], p: ParamPlan, index: Index,
+               on_read: Callable[[int], None]) -> np.ndarray:
+    """The block `index` of parameter `p`: reads only the HF tensors of the stack positions it covers."""
+    src = p.source
+    n = len(src.stack_shape)
+    ranges = [range(size)[s] for size, s in zip(src.stack_shape, index[:n])]
+    inner = tuple(index[n:])
+    out = None
+    for dst, pos in zip(itertools.product(*(range(len(r)) for r in ranges)), itertools.product(*ranges)):
+        info = tensors[src.name_at(pos)]
+        hf = read_tensor(info)
+        on_read(info.nbytes)
+        if src.int4:
+            _check_shape_values(tensors, info.name, src.hf_shape(p.shape[n:]))
+        part = src.to_k2(hf)[inner]
+        if out is None:
+            out = np.empty(tuple(len(r) for r in ranges) + part.shape, p.dtype)
+        out[dst] = part
+    return out
+
+
+def _check_shape_values(tensors: dict[str, TensorInfo], packed_name: str, hf_shape: tuple[int, int]) -> None:
+    """weight_shape must say [out, in] of the unpacked matrix."""
+    info = tensors[int4_shape_name(packed_name)]
+    got = read_tensor(info).tolist()
+    want = [hf_shape[0], hf_shape[1] * 8]
+    if got != want:
+        raise CheckpointError(f"{info.file}: tensor {info.name!r} says {got}, but config.json implies {want}")

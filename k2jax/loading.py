@@ -1,4 +1,4 @@
-"""k2jax.load: a checkpoint directory -> a ready Model (config, parameters on device, tokenizer)."""
+"""k2jax.load: a checkpoint directory (Hugging Face or orbax) -> a ready Model, parameters on a device mesh."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from checkpoints.hf_reader import read_params
+from checkpoints.orbax_io import is_orbax_dir, restore_orbax
+from checkpoints.streaming import DEFAULT_CHUNK_BYTES, load_hf_state
 from k2jax.config import K2Config
 from k2jax.engine import Model
 from k2jax.model import K2Model
@@ -25,21 +28,42 @@ def abstract_model(cfg: K2Config, param_dtype: Any = jnp.bfloat16) -> tuple[nnx.
     return nnx.split(nnx.eval_shape(lambda: K2Model(cfg, nnx.Rngs(0), param_dtype)))
 
 
-def load(path: str | Path | None = None, mesh: Any = None, dtype: Any = None) -> Model:
-    """Load a Hugging Face checkpoint directory; weights keep their stored precision, compute runs in `dtype`."""
+def make_mesh(mesh: Mesh | str | None) -> Mesh:
+    """A Mesh from a Mesh, a spec like "expert=8" or "data=2,expert=4", or None (all local devices on 'expert')."""
+    if isinstance(mesh, Mesh):
+        return mesh
+    devices = jax.local_devices()
+    if mesh is None:
+        return Mesh(np.array(devices), ("expert",))
+    try:
+        axes = {name.strip(): int(size) for name, size in (part.split("=") for part in mesh.split(","))}
+    except ValueError:
+        raise ValueError(f"mesh spec {mesh!r}: expected NAME=SIZE[,NAME=SIZE...], e.g. 'expert=8'") from None
+    if int(np.prod(list(axes.values()))) != len(devices):
+        raise ValueError(f"mesh spec {mesh!r} needs {int(np.prod(list(axes.values())))} devices, "
+                         f"{len(devices)} are available")
+    return Mesh(np.array(devices).reshape(tuple(axes.values())), tuple(axes))
+
+
+def load_state(path: Path, cfg: K2Config, mesh: Mesh, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               progress: bool | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graphdef and its parameters from an HF or orbax checkpoint, sharded over `mesh`."""
+    graphdef, abstract = abstract_model(cfg)
+    if is_orbax_dir(path):
+        return graphdef, restore_orbax(path, abstract, mesh)
+    return graphdef, load_hf_state(path, cfg, abstract, mesh, chunk_bytes=chunk_bytes, progress=progress)
+
+
+def load(path: str | Path | None = None, mesh: Mesh | str | None = None, dtype: Any = None,
+         progress: bool | None = None) -> Model:
+    """Load a Hugging Face or orbax checkpoint dir; weights keep their stored precision, compute runs in `dtype`."""
     if path is None:
         raise FileNotFoundError("no bundled model is installed yet: pass the path of a checkpoint directory")
-    if mesh is not None:
-        raise NotImplementedError("mesh placement is not available yet; load on the default device")
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
     cfg = K2Config.from_json(path)
-    graphdef, state = abstract_model(cfg)
-    flat = nnx.to_flat_state(state)
-    shapes = {tuple(str(k) for k in key): var.shape for key, var in flat}
-    arrays = read_params(path, cfg, shapes)
-    for key, var in flat:
-        var.set_value(jnp.asarray(arrays[tuple(str(k) for k in key)]))
-    state = nnx.from_flat_state(flat)
+    graphdef, state = load_state(path, cfg, make_mesh(mesh), progress=progress)
     return Model(cfg, graphdef, state, tokenizer=_tokenizer(path), dtype=dtype or default_dtype())
 
 

@@ -1,0 +1,65 @@
+"""orbax checkpoints of k2jax parameters: the fast path for pods, restored straight into any mesh's sharding.
+
+Layout of a k2jax orbax directory: `config.json` (HF form), `params/` (orbax, the nnx.State as a pure dict)
+and the tokenizer files. Restoring asks orbax for each array in its target sharding, so every host reads
+only its own shards, whatever mesh the checkpoint was saved from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from checkpoints.hf_writer import copy_tokenizer_files
+from checkpoints.safetensors_io import CheckpointError
+from k2jax.config import K2Config
+from sharding.rules import named_sharding
+
+PARAMS_DIR = "params"
+
+
+def is_orbax_dir(path: Path) -> bool:
+    """Whether `path` is a k2jax orbax checkpoint (rather than a Hugging Face one)."""
+    return (path / PARAMS_DIR).is_dir()
+
+
+def save_orbax(out_dir: Path, cfg: K2Config, state: nnx.State, tokenizer_dir: Path | None = None) -> None:
+    """Write params (orbax), config.json and the tokenizer files to `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((out_dir / PARAMS_DIR).absolute(), nnx.to_pure_dict(state))
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, out_dir)
+
+
+def restore_orbax(path: Path, abstract: nnx.State, mesh: Mesh) -> nnx.State:
+    """The parameters of an orbax checkpoint, each restored directly into its sharding on `mesh`."""
+    params = (path / PARAMS_DIR).absolute()
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(params).item_metadata.tree
+        flat = nnx.to_flat_state(abstract)
+        target = nnx.to_pure_dict(nnx.from_flat_state(
+            [(key, var.replace(_target(params, stored, key, var, mesh))) for key, var in flat]))
+        restored = ckptr.restore(params, target)
+    nnx.replace_by_pure_dict(abstract, restored)
+    return abstract
+
+
+def _target(params: Path, stored: dict, key: tuple, var: nnx.Variable, mesh: Mesh) -> jax.ShapeDtypeStruct:
+    """Shape and dtype as stored (weights keep their precision), sharding from the rules for this mesh."""
+    node = stored
+    for part in key:
+        if not isinstance(node, dict) or part not in node:
+            raise CheckpointError(f"{params}: no array {'/'.join(map(str, key))}")
+        node = node[part]
+    shape = var.get_value().shape
+    if tuple(node.shape) != tuple(shape):
+        raise CheckpointError(f"{params}: array {'/'.join(map(str, key))} has shape {tuple(node.shape)}, but "
+                              f"config.json implies {tuple(shape)}")
+    return jax.ShapeDtypeStruct(shape, node.dtype, sharding=named_sharding(var.get_metadata()["axes"], shape, mesh))
