@@ -11,8 +11,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tokenizers import Regex, decoders, pre_tokenizers
-from tokenizers import AddedToken
+import numpy as np
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
@@ -168,12 +168,14 @@ def build_bpe(tokens: Sequence[bytes], specials: Sequence[SpecialToken]) -> HFTo
     return tokenizer
 
 
-def config_token(config: Mapping[str, Any], field: str, default: str, where: str) -> str:
-    """A token name from tokenizer_config.json, given either as a string or as {"content": ...}."""
+def config_token(config: Mapping[str, Any], field: str, default: str, specials: Sequence[SpecialToken], where: str) -> str:
+    """A reserved token's name from tokenizer_config.json, given either as a string or as {"content": ...}."""
     value = config.get(field) or default
     value = value.get("content") if isinstance(value, Mapping) else value
     if not isinstance(value, str):
         raise ValueError(f"{where}: field {field!r} must be a string or an object with 'content'")
+    if value not in {s.content for s in specials}:
+        raise ValueError(f"{where}: field {field!r} names {value!r}, which is not one of the reserved tokens")
     return value
 
 
@@ -227,15 +229,17 @@ class Tokenizer:
         bos_token: str = "[BOS]",
         eos_token: str = "[EOS]",
     ):
+        self.special_tokens = {s.content: s.id for s in specials}
+        missing = [name for name in (bos_token, eos_token, chat.IM_END) if name not in self.special_tokens]
+        if missing:
+            raise ValueError(f"{missing[0]!r} must be one of the reserved tokens")
         self.tokens = list(tokens)
         self.specials = sorted(specials, key=lambda s: s.id)
         self.chat_template = chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self._skipped_ids = frozenset(s.id for s in self.specials if s.special)
         self._tokenizer = build_bpe(self.tokens, self.specials)
-        self.special_tokens = {s.content: s.id for s in self.specials}
-        for name in (bos_token, eos_token, "<|im_end|>"):
-            self.token_id(name)
 
     @classmethod
     def from_tiktoken_file(
@@ -254,6 +258,7 @@ class Tokenizer:
         config_path = root / CONFIG_FILE
         config = read_config(config_path)
         tokens = read_tiktoken_file(root / TIKTOKEN_FILE)
+        specials = config_specials(config, len(tokens), str(config_path))
         template_path = root / TEMPLATE_FILE
         if template_path.is_file():
             template, source = template_path.read_text(encoding="utf-8"), template_path
@@ -263,10 +268,10 @@ class Tokenizer:
             chat.compile_template(template, str(source))
         return cls(
             tokens,
-            config_specials(config, len(tokens), str(config_path)),
+            specials,
             template,
-            config_token(config, "bos_token", "[BOS]", str(config_path)),
-            config_token(config, "eos_token", "[EOS]", str(config_path)),
+            config_token(config, "bos_token", "[BOS]", specials, str(config_path)),
+            config_token(config, "eos_token", "[EOS]", specials, str(config_path)),
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -312,7 +317,7 @@ class Tokenizer:
     @property
     def im_end_id(self) -> int:
         """Id of <|im_end|>, the end of every chat turn."""
-        return self.token_id("<|im_end|>")
+        return self.token_id(chat.IM_END)
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -338,16 +343,15 @@ class Tokenizer:
         """Ids of many texts, encoded in parallel by the tokenizers library."""
         return [e.ids for e in self._backend(allow_special).encode_batch_fast(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        """Text of `ids`; skip_special drops tokens like <|im_end|> but keeps think and tool-call tokens."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if skip_special:
-            dropped = {s.id for s in self.specials if s.special}
-            ids = [i for i in ids if i not in dropped]
-        return self._tokenizer.decode(ids, skip_special_tokens=False)
+    def decode(self, ids: Sequence[int] | np.ndarray, skip_special: bool = False) -> str:
+        """Text of a 1-D sequence of ids; skip_special drops tokens like <|im_end|> but keeps think and tool-call tokens."""
+        array = np.asarray(ids)
+        if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(f"decode expects a 1-D sequence of integer ids, got shape {array.shape} dtype {array.dtype}")
+        if array.size and not (0 <= array.min() and array.max() < self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got {array.min()}..{array.max()}")
+        kept = [i for i in array.tolist() if not (skip_special and i in self._skipped_ids)]
+        return self._tokenizer.decode(kept, skip_special_tokens=False)
 
     def apply_chat_template(
         self,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from k2jax import chat
 from k2jax.chat import Delta, ParsedOutput, StreamParser, parse_output
 
-SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MARKERS = ["<think>", "</think>", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
            "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|im_end|>", "[EOS]"]
 
@@ -75,7 +75,7 @@ def test_builtin_renderer_equals_bundled_jinja(messages, tools, add_generation_p
     assert builtin == chat.render(messages, tools, add_generation_prompt, template=chat.bundled_template())
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(conversations(), tool_declarations | st.none(), st.booleans())
 def test_bundled_jinja_renders_the_same_in_transformers(messages, tools, add_generation_prompt):
     utils = pytest.importorskip("transformers.utils.chat_template_utils")
