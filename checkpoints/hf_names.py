@@ -76,7 +76,7 @@ class Source:
     def to_hf(self, k2: np.ndarray) -> np.ndarray:
         """One slice of the k2jax parameter -> the HF tensor (inverse of to_k2)."""
         if self.int4:
-            return int4_layout.to_compressed_tensors(k2, _no_scales(k2.shape[-1]).T)[0]
+            return np.ascontiguousarray(int4_layout.to_compressed_tensors(k2, _no_scales(k2.shape[-1]).T)[0])
         if self.flat_shape is not None:
             k2 = k2.reshape(self.flat_shape)
         return np.ascontiguousarray(k2.T if self.transpose else k2)

@@ -33,18 +33,20 @@ def write_hf_checkpoint(out_dir: str | Path, cfg: K2Config, state: nnx.State, to
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {tuple(str(k) for k in key): var.get_value() for key, var in nnx.to_flat_state(state)}
-    table = [src for src in sources(cfg) if src.path in params]
-    missing = sorted("/".join(p) for p in params if p not in {src.path for src in table})
-    if missing:
-        raise ValueError(f"no HF name for k2jax parameters {missing}")
-    shards = _split(_tensor_sizes(table, params), max_shard_bytes)
+    table = sources(cfg)
+    expected = {src.path for src in table}
+    if set(params) != expected:
+        raise ValueError(f"state does not match the config: missing {sorted(map('/'.join, expected - set(params)))}, "
+                         f"unexpected {sorted(map('/'.join, set(params) - expected))}")
+    units = _units(table, params)
+    shards = _split(units, max_shard_bytes)
     weight_map = {}
     for i, names in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(dict(_tensors(table, params, set(names))), str(out_dir / file), metadata={"format": "pt"})
         weight_map.update({name: file for name in names})
-    total = sum(size for size in _tensor_sizes(table, params).values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {"metadata": {"total_size": sum(size for _, size in units)},
+             "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     if tokenizer_dir is not None:
@@ -60,30 +62,30 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
-def _tensor_sizes(table: list[Source], params: dict) -> dict[str, int]:
-    """HF tensor name -> bytes, in writing order (INT4 weight_shape tensors follow their packed words)."""
-    sizes = {}
+def _units(table: list[Source], params: dict) -> list[tuple[list[str], int]]:
+    """(HF tensor names, bytes) in writing order; an INT4 weight_packed and its weight_shape form one unit."""
+    units = []
     for src in table:
         value = params[src.path]
-        n = len(src.stack_shape)
-        inner = value.shape[n:]
+        inner = value.shape[len(src.stack_shape):]
         per = int(np.prod(src.hf_shape(inner), dtype=np.int64)) * (4 if src.int4 else value.dtype.itemsize)
         for name in src.names():
-            sizes[name] = per
             if src.int4:
-                sizes[int4_shape_name(name)] = 2 * np.dtype(SHAPE_DTYPE).itemsize
-    return sizes
+                units.append(([name, int4_shape_name(name)], per + 2 * np.dtype(SHAPE_DTYPE).itemsize))
+            else:
+                units.append(([name], per))
+    return units
 
 
-def _split(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
-    """Consecutive tensors grouped into shards of at most max_bytes (a larger tensor alone)."""
+def _split(units: list[tuple[list[str], int]], max_bytes: int) -> list[list[str]]:
+    """Consecutive units grouped into shards of at most max_bytes (a larger unit alone)."""
     shards: list[list[str]] = [[]]
     used = 0
-    for name, size in sizes.items():
+    for names, size in units:
         if shards[-1] and used + size > max_bytes:
             shards.append([])
             used = 0
-        shards[-1].append(name)
+        shards[-1].extend(names)
         used += size
     return shards
 
