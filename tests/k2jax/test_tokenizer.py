@@ -345,3 +345,36 @@ def test_bad_dirs(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer_config.json: invalid JSON"):
         Tokenizer.from_dir(tmp_path)
+
+
+def token_deltas(tok: Tokenizer, ids: list[int]) -> list[str]:
+    """Text deltas as a streaming detokenizer sends them: one per token, held while a character is incomplete."""
+    deltas, sent = [], ""
+    for k in range(1, len(ids) + 1):
+        text = tok.decode(ids[:k])
+        if not text.endswith("\ufffd"):
+            deltas.append(text[len(sent):])
+            sent = text
+    return deltas
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "<think>先想一想 🤔, then answer.</think>答案是 42 👍🏽<|im_end|>",
+        "<think>need tools</think>Checking."
+        "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+        '{"city": "東京", "opts": {"units": "°C", "q": "say \\"hi\\""}}<|tool_call_end|>'
+        "<|tool_call_begin|>functions.get_time:1<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|><|im_end|>",
+        "<think>cut off mid-thought 🎉",
+    ],
+)
+def test_stream_parser_over_real_token_boundaries(tok, output):
+    ids = tok.encode(output)
+    deltas = token_deltas(tok, ids)
+    assert "".join(deltas) == output and len(deltas) > 5
+    parser = chat.StreamParser()
+    for delta in deltas:
+        parser.feed(delta)
+    parser.finish()
+    assert parser.output() == chat.parse_output(tok.decode(ids))
