@@ -59,7 +59,9 @@ def check_content(content: Any, where: str) -> None:
         raise ValueError(f"{where}: must be a string, a list of text parts, or null, got {type(content).__name__}")
     for j, part in enumerate(content):
         if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ValueError(f"{where}[{j}]: only {{'type': 'text', 'text': str}} parts are supported (K2 Thinking reads text only)")
+            raise ValueError(
+                f"{where}[{j}]: only {{'type': 'text', 'text': str}} parts are supported (K2 Thinking reads text only)"
+            )
 
 
 def check_optional_str(message: Message, key: str, where: str) -> None:
@@ -117,7 +119,9 @@ def arguments_text(arguments: str | Mapping[str, Any]) -> str:
 
 def render_tool_calls(calls: Sequence[Mapping[str, Any]]) -> str:
     """An assistant's tool-calls section."""
-    rendered = (f"{CALL_BEGIN}{c['id']}{ARGUMENT_BEGIN}{arguments_text(c['function']['arguments'])}{CALL_END}" for c in calls)
+    rendered = (
+        f"{CALL_BEGIN}{c['id']}{ARGUMENT_BEGIN}{arguments_text(c['function']['arguments'])}{CALL_END}" for c in calls
+    )
     return SECTION_BEGIN + "".join(rendered) + SECTION_END
 
 
@@ -143,7 +147,9 @@ def last_plain_assistant(messages: Sequence[Message]) -> int:
     return max((i for i, m in enumerate(messages) if m["role"] == "assistant" and not m.get("tool_calls")), default=-1)
 
 
-def render_builtin(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool) -> str:
+def render_builtin(
+    messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool
+) -> str:
     """The K2 Thinking prompt rendered in Python (used when a checkpoint ships no template)."""
     head = [render_turn(SYSTEM_TAG, "tool_declare", tojson(tools))] if tools else []
     if not messages or messages[0]["role"] != "system":
@@ -156,7 +162,13 @@ def render_builtin(messages: Sequence[Message], tools: Sequence[Mapping[str, Any
     return "".join(head + turns + ([GENERATION_PROMPT] if add_generation_prompt else []))
 
 
-def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     """JSON as Hugging Face's chat templates define the tojson filter (no HTML escaping, unicode kept)."""
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -184,11 +196,17 @@ def compile_template(source: str, where: str = "chat template") -> jinja2.Templa
 
 
 def render_jinja(
-    template: str, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None, add_generation_prompt: bool, **variables: Any
+    template: str,
+    messages: Sequence[Message],
+    tools: Sequence[Mapping[str, Any]] | None,
+    add_generation_prompt: bool,
+    **variables: Any,
 ) -> str:
     """A conversation rendered by a jinja chat template in a sandboxed environment."""
     try:
-        return compile_template(template).render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **variables)
+        return compile_template(template).render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **variables
+        )
     except jinja2.TemplateError as e:
         raise ValueError(f"chat template: {e}") from None
 
@@ -200,7 +218,7 @@ def render(
     template: str | None = None,
     **variables: Any,
 ) -> str:
-    """The prompt text for a conversation: checked, tools key-sorted, rendered by `template` or the built-in renderer."""
+    """Prompt text for a conversation: checked, tools key-sorted, rendered by `template` or the built-in renderer."""
     if not isinstance(messages, (list, tuple)):
         raise ValueError("messages: must be a list of message objects")
     for i, message in enumerate(messages):
@@ -215,7 +233,9 @@ def render(
 
 # ---------------------------------------------------------------- parsing
 
-_CALL = re.compile(re.escape(CALL_BEGIN) + r"(.*?)" + re.escape(ARGUMENT_BEGIN) + r"(.*?)" + re.escape(CALL_END), re.DOTALL)
+_CALL = re.compile(
+    re.escape(CALL_BEGIN) + r"(.*?)" + re.escape(ARGUMENT_BEGIN) + r"(.*?)" + re.escape(CALL_END), re.DOTALL
+)
 _CALL_ID = re.compile(r"(?:functions\.)?(.+):\d+", re.DOTALL)
 
 
@@ -257,7 +277,7 @@ def parse_call(call_id: str, arguments: str) -> dict[str, Any] | None:
 
 
 def parse_section(section: str) -> list[dict[str, Any]] | None:
-    """The tool calls of one complete `<|tool_calls_section_begin|>...<|tool_calls_section_end|>`, or None if malformed."""
+    """The tool calls of one complete tool-calls section (markers included), or None if it is malformed."""
     body = section[len(SECTION_BEGIN) : -len(SECTION_END)]
     calls, position = [], 0
     for match in _CALL.finditer(body):
@@ -271,7 +291,10 @@ def parse_section(section: str) -> list[dict[str, Any]] | None:
 
 def held_suffix(text: str, markers: Sequence[str]) -> int:
     """Length of the longest tail of `text` that is a marker or could still grow into one."""
-    return max((n for marker in markers for n in range(min(len(marker), len(text)), 0, -1) if marker.startswith(text[-n:])), default=0)
+    return max(
+        (n for marker in markers for n in range(min(len(marker), len(text)), 0, -1) if marker.startswith(text[-n:])),
+        default=0,
+    )
 
 
 def strip_stop(text: str) -> str:

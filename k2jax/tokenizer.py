@@ -96,7 +96,9 @@ def read_tiktoken_file(path: str | os.PathLike) -> list[bytes]:
             if len(fields) != 2 or not fields[1].isdigit():
                 raise ValueError(f"{path}:{number}: expected 'base64 rank', got {line[:80]!r}")
             if int(fields[1]) != len(tokens):
-                raise ValueError(f"{path}:{number}: rank {int(fields[1])}, expected {len(tokens)} (ranks must be 0..n-1 in order)")
+                raise ValueError(
+                    f"{path}:{number}: rank {int(fields[1])}, expected {len(tokens)} (ranks must be 0..n-1 in order)"
+                )
             try:
                 tokens.append(base64.b64decode(fields[0], validate=True))
             except binascii.Error as e:
@@ -153,14 +155,21 @@ def build_bpe(tokens: Sequence[bytes], specials: Sequence[SpecialToken]) -> HFTo
         return "".join(alphabet[b] for b in token)
 
     merges = [pair for pair in (tiktoken_merge(ranks, t) for t in tokens if len(t) > 1) if pair is not None]
-    model = BPE({spell(t): rank for rank, t in enumerate(tokens)}, [(spell(a), spell(b)) for a, b in merges], ignore_merges=True)
+    model = BPE(
+        {spell(t): rank for rank, t in enumerate(tokens)}, [(spell(a), spell(b)) for a, b in merges], ignore_merges=True
+    )
     tokenizer = HFTokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(KIMI_PATTERN), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(KIMI_PATTERN), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
     # Every reserved token is "special" here so encode_special_tokens can turn all of them into plain text.
-    tokenizer.add_special_tokens([AddedToken(s.content, special=True, normalized=False) for s in sorted(specials, key=lambda s: s.id)])
+    tokenizer.add_special_tokens(
+        [AddedToken(s.content, special=True, normalized=False) for s in sorted(specials, key=lambda s: s.id)]
+    )
     added = {s.content: i for i, s in tokenizer.get_added_tokens_decoder().items()}
     wrong = [s for s in specials if added.get(s.content) != s.id]
     if wrong:
@@ -168,7 +177,9 @@ def build_bpe(tokens: Sequence[bytes], specials: Sequence[SpecialToken]) -> HFTo
     return tokenizer
 
 
-def config_token(config: Mapping[str, Any], field: str, default: str, specials: Sequence[SpecialToken], where: str) -> str:
+def config_token(
+    config: Mapping[str, Any], field: str, default: str, specials: Sequence[SpecialToken], where: str
+) -> str:
     """A reserved token's name from tokenizer_config.json, given either as a string or as {"content": ...}."""
     value = config.get(field) or default
     value = value.get("content") if isinstance(value, Mapping) else value
@@ -187,7 +198,10 @@ def config_specials(config: Mapping[str, Any], num_base: int, where: str) -> lis
     specials = {s.id: s for s in kimi_specials(num_base)}
     for key, entry in decoder.items():
         if not key.isdigit() or int(key) not in specials:
-            raise ValueError(f"{where}: added_tokens_decoder id {key!r} is not a reserved id in [{num_base}, {num_base + NUM_RESERVED_SPECIAL_TOKENS})")
+            raise ValueError(
+                f"{where}: added_tokens_decoder id {key!r} is not a reserved id "
+                f"in [{num_base}, {num_base + NUM_RESERVED_SPECIAL_TOKENS})"
+            )
         if not isinstance(entry, Mapping) or not isinstance(entry.get("content"), str):
             raise ValueError(f"{where}: added_tokens_decoder[{key!r}] needs a string 'content'")
         specials[int(key)] = SpecialToken(entry["content"], int(key), bool(entry.get("special", True)))
@@ -243,7 +257,10 @@ class Tokenizer:
 
     @classmethod
     def from_tiktoken_file(
-        cls, path: str | os.PathLike, num_reserved_special_tokens: int = NUM_RESERVED_SPECIAL_TOKENS, chat_template: str | None = None
+        cls,
+        path: str | os.PathLike,
+        num_reserved_special_tokens: int = NUM_RESERVED_SPECIAL_TOKENS,
+        chat_template: str | None = None,
     ) -> Tokenizer:
         """A tokenizer from a tiktoken rank file plus Kimi's reserved tokens with Kimi's names."""
         tokens = read_tiktoken_file(path)
@@ -280,7 +297,14 @@ class Tokenizer:
         root.mkdir(parents=True, exist_ok=True)
         write_tiktoken_file(root / TIKTOKEN_FILE, self.tokens)
         added = {
-            str(s.id): {"content": s.content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": s.special}
+            str(s.id): {
+                "content": s.content,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": s.special,
+            }
             for s in self.specials
         }
         config = {
@@ -344,10 +368,12 @@ class Tokenizer:
         return [e.ids for e in self._backend(allow_special).encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special: bool = False) -> str:
-        """Text of a 1-D sequence of ids; skip_special drops tokens like <|im_end|> but keeps think and tool-call tokens."""
+        """Text of a 1-D sequence of ids; skip_special drops e.g. <|im_end|> but keeps think and tool-call tokens."""
         array = np.asarray(ids)
         if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
-            raise ValueError(f"decode expects a 1-D sequence of integer ids, got shape {array.shape} dtype {array.dtype}")
+            raise ValueError(
+                f"decode expects a 1-D sequence of integer ids, got shape {array.shape} dtype {array.dtype}"
+            )
         if array.size and not (0 <= array.min() and array.max() < self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got {array.min()}..{array.max()}")
         kept = [i for i in array.tolist() if not (skip_special and i in self._skipped_ids)]

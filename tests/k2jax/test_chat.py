@@ -13,29 +13,56 @@ from k2jax import chat
 from k2jax.chat import Delta, ParsedOutput, StreamParser, parse_output
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-MARKERS = ["<think>", "</think>", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
-           "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|im_end|>", "[EOS]"]
+MARKERS = [
+    "<think>",
+    "</think>",
+    "<|tool_calls_section_begin|>",
+    "<|tool_calls_section_end|>",
+    "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>",
+    "<|tool_call_end|>",
+    "<|im_end|>",
+    "[EOS]",
+]
 
 # ---------------------------------------------------------------- conversation generators
 
-texts = st.text(max_size=30) | st.sampled_from(["", "Hello!", "多语言 テキスト 🎉", "line\nbreak", '{"json": [1, 2]}', "<|im_end|>"])
+texts = st.text(max_size=30) | st.sampled_from(
+    ["", "Hello!", "多语言 テキスト 🎉", "line\nbreak", '{"json": [1, 2]}', "<|im_end|>"]
+)
 names = st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True)
-json_leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10)
-json_values = st.recursive(json_leaves, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8)
+json_leaves = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10)
+)
+json_values = st.recursive(
+    json_leaves, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8
+)
 argument_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
-call_ids = st.builds("functions.{}:{}".format, names, st.integers(0, 30)) | st.sampled_from(["call_0", "toolu_01AbC", "get:3"])
+call_ids = st.builds("functions.{}:{}".format, names, st.integers(0, 30)) | st.sampled_from(
+    ["call_0", "toolu_01AbC", "get:3"]
+)
 contents = st.none() | texts | st.lists(st.builds(lambda t: {"type": "text", "text": t}, texts), max_size=3)
 tool_calls = st.lists(
     st.fixed_dictionaries(
-        {"id": call_ids, "type": st.just("function"),
-         "function": st.fixed_dictionaries({"name": names, "arguments": argument_objects | argument_objects.map(json.dumps)})}
+        {
+            "id": call_ids,
+            "type": st.just("function"),
+            "function": st.fixed_dictionaries(
+                {"name": names, "arguments": argument_objects | argument_objects.map(json.dumps)}
+            ),
+        }
     ),
-    min_size=1, max_size=3,
+    min_size=1,
+    max_size=3,
 )
 tool_declarations = st.lists(
     st.fixed_dictionaries(
-        {"type": st.just("function"),
-         "function": st.fixed_dictionaries({"name": names, "description": texts, "parameters": st.dictionaries(names, json_values, max_size=4)})}
+        {
+            "type": st.just("function"),
+            "function": st.fixed_dictionaries(
+                {"name": names, "description": texts, "parameters": st.dictionaries(names, json_values, max_size=4)}
+            ),
+        }
     ),
     max_size=3,
 )
@@ -58,10 +85,21 @@ def conversations(draw) -> list[dict]:
         messages.append(with_optional(draw, {"role": "user", "content": draw(contents)}, "name", names | st.none()))
         for _ in range(draw(st.integers(0, 2))):
             calls = draw(tool_calls)
-            messages.append(with_optional(draw, {"role": "assistant", "content": draw(contents), "tool_calls": calls}, "reasoning_content", texts | st.none()))
+            messages.append(
+                with_optional(
+                    draw,
+                    {"role": "assistant", "content": draw(contents), "tool_calls": calls},
+                    "reasoning_content",
+                    texts | st.none(),
+                )
+            )
             messages += [{"role": "tool", "tool_call_id": c["id"], "content": draw(contents)} for c in calls]
         if draw(st.booleans()):
-            messages.append(with_optional(draw, {"role": "assistant", "content": draw(contents)}, "reasoning_content", texts | st.none()))
+            messages.append(
+                with_optional(
+                    draw, {"role": "assistant", "content": draw(contents)}, "reasoning_content", texts | st.none()
+                )
+            )
     return messages
 
 
@@ -81,7 +119,10 @@ def test_bundled_jinja_renders_the_same_in_transformers(messages, tools, add_gen
     utils = pytest.importorskip("transformers.utils.chat_template_utils")
     sorted_tools = chat.sort_keys_deep(tools) if tools else None
     [reference], _ = utils.render_jinja_template(
-        conversations=[messages], tools=sorted_tools, chat_template=chat.bundled_template(), add_generation_prompt=add_generation_prompt
+        conversations=[messages],
+        tools=sorted_tools,
+        chat_template=chat.bundled_template(),
+        add_generation_prompt=add_generation_prompt,
     )
     assert chat.render(messages, tools, add_generation_prompt) == reference
 
@@ -93,13 +134,22 @@ def test_default_system_prompt_and_generation_prompt():
         "<|im_assistant|>assistant<|im_middle|>"
     )
     assert chat.render([{"role": "user", "content": "Hi"}]) == expected
-    assert chat.render([{"role": "user", "content": "Hi"}], add_generation_prompt=False) == expected.removesuffix("<|im_assistant|>assistant<|im_middle|>")
+    assert chat.render([{"role": "user", "content": "Hi"}], add_generation_prompt=False) == expected.removesuffix(
+        "<|im_assistant|>assistant<|im_middle|>"
+    )
     own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert chat.render(own, add_generation_prompt=False) == "<|im_system|>system<|im_middle|>Be brief.<|im_end|><|im_user|>user<|im_middle|>Hi<|im_end|>"
+    assert (
+        chat.render(own, add_generation_prompt=False)
+        == "<|im_system|>system<|im_middle|>Be brief.<|im_end|><|im_user|>user<|im_middle|>Hi<|im_end|>"
+    )
 
 
 def test_reasoning_dropped_before_last_plain_reply_and_kept_in_tool_loop():
-    call = {"id": "functions.lookup:0", "type": "function", "function": {"name": "lookup", "arguments": {"q": "ü", "n": 2}}}
+    call = {
+        "id": "functions.lookup:0",
+        "type": "function",
+        "function": {"name": "lookup", "arguments": {"q": "ü", "n": 2}},
+    }
     messages = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "U1"},
@@ -114,7 +164,8 @@ def test_reasoning_dropped_before_last_plain_reply_and_kept_in_tool_loop():
         "<|im_assistant|>assistant<|im_middle|><think></think>A1<|im_end|>"
         "<|im_user|>user<|im_middle|>U2<|im_end|>"
         "<|im_assistant|>assistant<|im_middle|><think>need a lookup</think>"
-        '<|tool_calls_section_begin|><|tool_call_begin|>functions.lookup:0<|tool_call_argument_begin|>{"q": "ü", "n": 2}'
+        "<|tool_calls_section_begin|><|tool_call_begin|>functions.lookup:0"
+        '<|tool_call_argument_begin|>{"q": "ü", "n": 2}'
         "<|tool_call_end|><|tool_calls_section_end|><|im_end|>"
         "<|im_system|>tool<|im_middle|>## Return of functions.lookup:0\n42<|im_end|>"
         "<|im_assistant|>assistant<|im_middle|>"
@@ -125,13 +176,23 @@ def test_reasoning_dropped_before_last_plain_reply_and_kept_in_tool_loop():
 
 
 def test_tools_are_declared_first_with_keys_sorted_recursively():
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "parameters": {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}},
+            },
+        }
+    ]
     rendered = chat.render([{"role": "user", "content": "x"}], tools, add_generation_prompt=False)
     declared = (
         '[{"function": {"name": "f", "parameters": {"properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, '
         '"type": "object"}}, "type": "function"}]'
     )
-    assert rendered.startswith(f"<|im_system|>tool_declare<|im_middle|>{declared}<|im_end|><|im_system|>system<|im_middle|>")
+    assert rendered.startswith(
+        f"<|im_system|>tool_declare<|im_middle|>{declared}<|im_end|><|im_system|>system<|im_middle|>"
+    )
 
 
 @pytest.mark.parametrize(
@@ -142,8 +203,16 @@ def test_tools_are_declared_first_with_keys_sorted_recursively():
         ([{"role": "user", "content": 3}], None, "messages[0].content"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], None, "messages[0].content[0]"),
         ([{"role": "tool", "content": "r"}], None, "messages[0].tool_call_id"),
-        ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}], None, "messages[0].tool_calls[0]"),
-        ([{"role": "assistant", "tool_calls": [{"id": "x", "function": {"name": "f", "arguments": 1}}]}], None, "messages[0].tool_calls[0].function.arguments"),
+        (
+            [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}],
+            None,
+            "messages[0].tool_calls[0]",
+        ),
+        (
+            [{"role": "assistant", "tool_calls": [{"id": "x", "function": {"name": "f", "arguments": 1}}]}],
+            None,
+            "messages[0].tool_calls[0].function.arguments",
+        ),
         ([{"role": "user", "content": "x", "name": 5}], None, "messages[0].name"),
         ([{"role": "user", "content": "x"}], [1], "tools"),
     ],
@@ -186,26 +255,57 @@ def section(*calls: tuple[str, str]) -> str:
     return f"<|tool_calls_section_begin|>{body}<|tool_calls_section_end|>"
 
 
-NESTED = {"query": 'say "hi" {not a brace}', "filters": {"tags": ["a", {"b": [1, 2, {"c": None}]}]}, "emoji": "🎉 中文 ü"}
+NESTED = {
+    "query": 'say "hi" {not a brace}',
+    "filters": {"tags": ["a", {"b": [1, 2, {"c": None}]}]},
+    "emoji": "🎉 中文 ü",
+}
 WELL_FORMED = [
     ("<think>plan</think>Hello there.<|im_end|>", ("plan", "Hello there.", [])),
     ("Just content, no thinking.", (None, "Just content, no thinking.", [])),
     ("<think></think>", ("", "", [])),
     (
-        "<think>two calls</think>" + section(("functions.get_weather:0", '{"city": "Paris"}'), ("functions.get_time:1", '{"tz": "CET"}')) + "<|im_end|>",
-        ("two calls", "", [call("functions.get_weather:0", "get_weather", {"city": "Paris"}), call("functions.get_time:1", "get_time", {"tz": "CET"})]),
+        "<think>two calls</think>"
+        + section(("functions.get_weather:0", '{"city": "Paris"}'), ("functions.get_time:1", '{"tz": "CET"}'))
+        + "<|im_end|>",
+        (
+            "two calls",
+            "",
+            [
+                call("functions.get_weather:0", "get_weather", {"city": "Paris"}),
+                call("functions.get_time:1", "get_time", {"tz": "CET"}),
+            ],
+        ),
     ),
     (
-        "<think>nested</think>Let me search." + section(("functions.search:2", json.dumps(NESTED, ensure_ascii=False))) + "[EOS]",
+        "<think>nested</think>Let me search."
+        + section(("functions.search:2", json.dumps(NESTED, ensure_ascii=False)))
+        + "[EOS]",
         ("nested", "Let me search.", [call("functions.search:2", "search", NESTED)]),
     ),
     (
-        "<think>optional params omitted</think>" + section(("functions.book:0", '{"room": "A"}'), ("functions.book:1", '{"room": "B", "late": true}')),
-        ("optional params omitted", "", [call("functions.book:0", "book", {"room": "A"}), call("functions.book:1", "book", {"room": "B", "late": True})]),
+        "<think>optional params omitted</think>"
+        + section(("functions.book:0", '{"room": "A"}'), ("functions.book:1", '{"room": "B", "late": true}')),
+        (
+            "optional params omitted",
+            "",
+            [
+                call("functions.book:0", "book", {"room": "A"}),
+                call("functions.book:1", "book", {"room": "B", "late": True}),
+            ],
+        ),
     ),
     (
         section(("get_weather:0", "{}"), (" call_abc123 ", '{"x": 1}'), ("functions.ns.tool:7", '{"s": "<|x|>"}')),
-        (None, "", [call("get_weather:0", "get_weather", {}), call("call_abc123", "call_abc123", {"x": 1}), call("functions.ns.tool:7", "ns.tool", {"s": "<|x|>"})]),
+        (
+            None,
+            "",
+            [
+                call("get_weather:0", "get_weather", {}),
+                call("call_abc123", "call_abc123", {"x": 1}),
+                call("functions.ns.tool:7", "ns.tool", {"s": "<|x|>"}),
+            ],
+        ),
     ),
     (
         "<think>r</think>before" + section(("functions.a:0", '{"k": "v"}')) + "after<|im_end|>",
@@ -218,12 +318,16 @@ MALFORMED = [
     "<think>never closed, generation cut off",
     "<think>never closed<|im_end|>",
     "reasoning without an opening tag</think>content",
-    "<think>r</think>" + "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}<|tool_call_end|>",
+    "<think>r</think>"
+    + "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}<|tool_call_end|>",
     "<think>r</think>" + section(("functions.f:0", '{"unterminated": ')),
     "<think>r</think>" + section(("functions.f:0", "[1, 2]")),
     "<think>r</think>" + section(("", "{}")),
-    "<think>r</think>" + "<|tool_calls_section_begin|>junk<|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>",
-    "<think>r</think>" + "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_end|><|tool_calls_section_end|>",
+    "<think>r</think>"
+    + "<|tool_calls_section_begin|>junk"
+    + "<|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>",
+    "<think>r</think>"
+    + "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_end|><|tool_calls_section_end|>",
 ]
 MALFORMED_EXPECTED = [
     (None, "<think>never closed, generation cut off", []),
@@ -254,7 +358,9 @@ def accumulated(deltas: list[Delta]) -> ParsedOutput:
     """What a streaming client builds by concatenating deltas."""
     reasoning = [d.reasoning_content for d in deltas if d.reasoning_content]
     return ParsedOutput(
-        "".join(reasoning) if reasoning else None, "".join(d.content for d in deltas), [c for d in deltas for c in d.tool_calls]
+        "".join(reasoning) if reasoning else None,
+        "".join(d.content for d in deltas),
+        [c for d in deltas for c in d.tool_calls],
     )
 
 
@@ -267,7 +373,11 @@ def check_stream(text: str, chunks: list[str]) -> None:
     closes_think = not text.startswith("<think>") or "</think>" in text
     if closes_think:
         summed = accumulated(deltas)
-        assert (summed.reasoning_content or None, summed.content, summed.tool_calls) == (whole.reasoning_content or None, whole.content, whole.tool_calls)
+        assert (summed.reasoning_content or None, summed.content, summed.tool_calls) == (
+            whole.reasoning_content or None,
+            whole.content,
+            whole.tool_calls,
+        )
 
 
 @pytest.mark.parametrize("text", [t for t, _ in WELL_FORMED] + MALFORMED)
@@ -296,7 +406,10 @@ def test_stream_unclosed_think_ends_as_content():
     assert parser.output() == ParsedOutput(None, "<think>cut", [])
 
 
-fragments = st.lists(st.sampled_from(MARKERS) | st.text(max_size=6) | st.sampled_from(['{"a": 1}', "functions.f:0", "{", "}", " "]), max_size=14)
+fragments = st.lists(
+    st.sampled_from(MARKERS) | st.text(max_size=6) | st.sampled_from(['{"a": 1}', "functions.f:0", "{", "}", " "]),
+    max_size=14,
+)
 
 
 @SETTINGS
@@ -309,13 +422,17 @@ def test_arbitrary_output_never_raises_and_streams_consistently(parts, data):
 
 @SETTINGS
 @given(
-    st.text(max_size=40), st.text(max_size=40),
+    st.text(max_size=40),
+    st.text(max_size=40),
     st.lists(st.tuples(names, st.integers(0, 99), argument_objects), max_size=3),
     st.sampled_from(["", "<|im_end|>", "[EOS]"]),
 )
 def test_rendered_assistant_turn_parses_back(reasoning, content, calls, stop):
     assume(not any(m in s for m in MARKERS for s in (reasoning, content)))
     tool_calls = [call(f"functions.{n}:{i}", n, a) for n, i, a in calls]
-    sent = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}} for c in tool_calls]
+    sent = [
+        {**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
+        for c in tool_calls
+    ]
     text = f"<think>{reasoning}</think>{content}" + (chat.render_tool_calls(sent) if sent else "") + stop
     assert normalized(parse_output(text)) == (reasoning, content, tool_calls)

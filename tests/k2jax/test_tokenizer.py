@@ -35,14 +35,35 @@ PATTERN = "|".join(
     ]
 )
 KIMI_IDS = {
-    "[BOS]": 163584, "[EOS]": 163585, "<|im_end|>": 163586, "<|im_user|>": 163587, "<|im_assistant|>": 163588,
-    "<|start_header_id|>": 163590, "<|end_header_id|>": 163591, "[EOT]": 163593, "<|im_system|>": 163594,
-    "<|tool_calls_section_begin|>": 163595, "<|tool_calls_section_end|>": 163596, "<|tool_call_begin|>": 163597,
-    "<|tool_call_argument_begin|>": 163598, "<|tool_call_end|>": 163599, "<|im_middle|>": 163601,
-    "<think>": 163606, "</think>": 163607, "[UNK]": 163838, "[PAD]": 163839,
+    "[BOS]": 163584,
+    "[EOS]": 163585,
+    "<|im_end|>": 163586,
+    "<|im_user|>": 163587,
+    "<|im_assistant|>": 163588,
+    "<|start_header_id|>": 163590,
+    "<|end_header_id|>": 163591,
+    "[EOT]": 163593,
+    "<|im_system|>": 163594,
+    "<|tool_calls_section_begin|>": 163595,
+    "<|tool_calls_section_end|>": 163596,
+    "<|tool_call_begin|>": 163597,
+    "<|tool_call_argument_begin|>": 163598,
+    "<|tool_call_end|>": 163599,
+    "<|im_middle|>": 163601,
+    "<think>": 163606,
+    "</think>": 163607,
+    "[UNK]": 163838,
+    "[PAD]": 163839,
 }
-KEPT_BY_DECODE = {"<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
-                  "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<think>", "</think>"}
+KEPT_BY_DECODE = {
+    "<|tool_calls_section_begin|>",
+    "<|tool_calls_section_end|>",
+    "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>",
+    "<|tool_call_end|>",
+    "<think>",
+    "</think>",
+}
 
 
 def reference_specials(num_base: int) -> dict[str, int]:
@@ -59,21 +80,60 @@ def tok() -> Tokenizer:
 @pytest.fixture(scope="module")
 def ref():
     ranks = tiktoken_load.load_tiktoken_bpe(str(CL100K))
-    return tiktoken.Encoding("kimi-cl100k", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=reference_specials(len(ranks)))
+    return tiktoken.Encoding(
+        "kimi-cl100k", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=reference_specials(len(ranks))
+    )
 
 
 # ---------------------------------------------------------------- a varied corpus
 
-WORDS = ("the quick brown fox jumps over lazy dog tokenizer model attention expert routing latency throughput "
-         "Kimi reasoning answer question because however therefore international naïve café résumé").split()
+WORDS = (
+    "the quick brown fox jumps over lazy dog tokenizer model attention expert routing latency throughput "
+    "Kimi reasoning answer question because however therefore international naïve café résumé"
+).split()
 EMOJI = ["😀", "🎉", "👍🏽", "👨‍👩‍👧‍👦", "🇯🇵", "🏳️‍🌈", "1️⃣", "❤️", "🤖", "🧑🏿‍💻", "☕", "✅"]
 SPACES = [" ", "  ", "\t", "\n", "\r\n", "\n\n", "\u00a0", "\u3000", "\u2003", "\r", "\x0b", "\x0c"]
-CONTRACTIONS = ["I'm", "DON'T", "you'RE", "it's", "it’s", "we'll", "THEY'VE", "she'd", "'s", "''ll", "rock'n'roll", "O'Neil"]
-SCRIPTS = ["Привет мир", "Γειά σου", "مرحبا بالعالم", "שלום עולם", "नमस्ते दुनिया", "สวัสดีชาวโลก", "안녕하세요",
-           "e\u0301te\u0301", "ǅemal", "ʰaʲ", "ÀÉÎÕÜ", "straße", "İstanbul", "ﬁne", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]
-CODE = ["def {n}(x, y=2):\n    return x ** y  # {w}\n", "for (int i = 0; i < {d}; ++i) {{ {n}[i] += i; }}",
-        "const {n} = () => `${{{n}}}`;\n", "SELECT {n} FROM t WHERE id = {d};", "<div class=\"{n}\">{w}</div>",
-        "\tif {n} != nil {{\n\t\treturn err\n\t}}\n", "{{\"{n}\": [{d}, null, true]}}", "x={d};y=x<<2|0x{d}ff"]
+CONTRACTIONS = [
+    "I'm",
+    "DON'T",
+    "you'RE",
+    "it's",
+    "it’s",
+    "we'll",
+    "THEY'VE",
+    "she'd",
+    "'s",
+    "''ll",
+    "rock'n'roll",
+    "O'Neil",
+]
+SCRIPTS = [
+    "Привет мир",
+    "Γειά σου",
+    "مرحبا بالعالم",
+    "שלום עולם",
+    "नमस्ते दुनिया",
+    "สวัสดีชาวโลก",
+    "안녕하세요",
+    "e\u0301te\u0301",
+    "ǅemal",
+    "ʰaʲ",
+    "ÀÉÎÕÜ",
+    "straße",
+    "İstanbul",
+    "ﬁne",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+]
+CODE = [
+    "def {n}(x, y=2):\n    return x ** y  # {w}\n",
+    "for (int i = 0; i < {d}; ++i) {{ {n}[i] += i; }}",
+    "const {n} = () => `${{{n}}}`;\n",
+    "SELECT {n} FROM t WHERE id = {d};",
+    '<div class="{n}">{w}</div>',
+    "\tif {n} != nil {{\n\t\treturn err\n\t}}\n",
+    '{{"{n}": [{d}, null, true]}}',
+    "x={d};y=x<<2|0x{d}ff",
+]
 
 
 def prose(rng: random.Random) -> str:
@@ -83,19 +143,27 @@ def prose(rng: random.Random) -> str:
 
 
 def code(rng: random.Random) -> str:
-    return "".join(rng.choice(CODE).format(n=rng.choice(WORDS) + str(rng.randint(0, 9)), w=rng.choice(WORDS), d=rng.randint(0, 10**6))
-                   for _ in range(rng.randint(1, 4)))
+    return "".join(
+        rng.choice(CODE).format(
+            n=rng.choice(WORDS) + str(rng.randint(0, 9)), w=rng.choice(WORDS), d=rng.randint(0, 10**6)
+        )
+        for _ in range(rng.randint(1, 4))
+    )
 
 
 def chinese(rng: random.Random) -> str:
-    return "".join(rng.choice([chr(rng.randint(0x4E00, 0x9FFF))] * 6 + list("，。！？、；：“”《》") + [" ", "AI", "2025"])
-                   for _ in range(rng.randint(1, 60)))
+    return "".join(
+        rng.choice([chr(rng.randint(0x4E00, 0x9FFF))] * 6 + list("，。！？、；：“”《》") + [" ", "AI", "2025"])
+        for _ in range(rng.randint(1, 60))
+    )
 
 
 def japanese(rng: random.Random) -> str:
     pools = [(0x3041, 0x3096), (0x30A1, 0x30FA), (0x4E00, 0x9FFF), (0xFF66, 0xFF9D)]
-    return "".join(rng.choice([chr(rng.randint(*rng.choice(pools)))] * 8 + list("ー。「」、") + ["Kimi"])
-                   for _ in range(rng.randint(1, 60)))
+    return "".join(
+        rng.choice([chr(rng.randint(*rng.choice(pools)))] * 8 + list("ー。「」、") + ["Kimi"])
+        for _ in range(rng.randint(1, 60))
+    )
 
 
 def emoji(rng: random.Random) -> str:
@@ -103,11 +171,24 @@ def emoji(rng: random.Random) -> str:
 
 
 def whitespace(rng: random.Random) -> str:
-    return "".join(rng.choice(SPACES) * rng.randint(1, 30) + rng.choice(["", "x", "word", "1", "."]) for _ in range(rng.randint(1, 8)))
+    return "".join(
+        rng.choice(SPACES) * rng.randint(1, 30) + rng.choice(["", "x", "word", "1", "."])
+        for _ in range(rng.randint(1, 8))
+    )
 
 
 def digits(rng: random.Random) -> str:
-    runs = [str(rng.randint(0, 10 ** rng.randint(1, 40))), "3.14159", "1,000,000", "１２３４５", "٣٤٥٦", "²³", "0x1F", "-42", "10e-7"]
+    runs = [
+        str(rng.randint(0, 10 ** rng.randint(1, 40))),
+        "3.14159",
+        "1,000,000",
+        "１２３４５",
+        "٣٤٥٦",
+        "²³",
+        "0x1F",
+        "-42",
+        "10e-7",
+    ]
     return rng.choice(["", " ", "a"]).join(rng.choice(runs) for _ in range(rng.randint(1, 8)))
 
 
@@ -123,13 +204,22 @@ def mixed(rng: random.Random) -> str:
 def with_specials(rng: random.Random) -> str:
     names = list(reference_specials(CL100K_SIZE))
     near = ["<|im_end|", "<|IM_END|>", "<think", "[BOS ]", "<|reserved_token_1|>", "<||>", "</think >"]
-    return "".join(rng.choice([rng.choice(names), rng.choice(names), rng.choice(near), prose(rng)[:20], " ", "\n"])
-                   for _ in range(rng.randint(1, 10)))
+    return "".join(
+        rng.choice([rng.choice(names), rng.choice(names), rng.choice(near), prose(rng)[:20], " ", "\n"])
+        for _ in range(rng.randint(1, 10))
+    )
 
 
 def random_unicode(rng: random.Random) -> str:
     def char() -> str:
-        c = rng.choice([rng.randint(0, 0x7F), rng.randint(0x80, 0x2FFF), rng.randint(0x3000, 0xFFFF), rng.randint(0x10000, 0x10FFFF)])
+        c = rng.choice(
+            [
+                rng.randint(0, 0x7F),
+                rng.randint(0x80, 0x2FFF),
+                rng.randint(0x3000, 0xFFFF),
+                rng.randint(0x10000, 0x10FFFF),
+            ]
+        )
         return "\ufffd" if 0xD800 <= c < 0xE000 else chr(c)
 
     return "".join(char() for _ in range(rng.randint(1, 30)))
@@ -173,7 +263,9 @@ def test_decode_round_trip(tok, ref, corpus):
     assert [tok.decode(i) for i in ids[::10]] == [ref.decode(i) for i in ids[::10]]
 
 
-texts_with_specials = st.lists(st.text() | st.sampled_from(list(KIMI_IDS) + ["<|im_end|", "'S", "  \n"]), max_size=8).map("".join)
+texts_with_specials = st.lists(
+    st.text() | st.sampled_from(list(KIMI_IDS) + ["<|im_end|", "'S", "  \n"]), max_size=8
+).map("".join)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -195,7 +287,10 @@ def test_reserved_tokens_and_ids(tok):
 
 
 def test_decode_keeps_think_and_tool_tokens_when_skipping_specials(tok):
-    text = "<think>hm</think>ok<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|><|im_end|>[EOS]"
+    text = (
+        "<think>hm</think>ok<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}"
+        "<|tool_call_end|><|tool_calls_section_end|><|im_end|>[EOS]"
+    )
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert tok.decode(ids, skip_special=True) == text.removesuffix("<|im_end|>[EOS]")
@@ -221,16 +316,33 @@ def test_apply_chat_template_tokenize(tok):
 def moonshot_config(num_base: int) -> dict:
     """A tokenizer_config.json laid out as Moonshot ships Kimi's."""
     added = {
-        str(num_base + kimi_id - 163584): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
-                                           "single_word": False, "special": name not in KEPT_BY_DECODE}
+        str(num_base + kimi_id - 163584): {
+            "content": name,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": name not in KEPT_BY_DECODE,
+        }
         for name, kimi_id in KIMI_IDS.items()
     }
     return {
         "added_tokens_decoder": added,
-        "additional_special_tokens": ["<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>"],
+        "additional_special_tokens": [
+            "<|im_end|>",
+            "<|im_user|>",
+            "<|im_assistant|>",
+            "<|im_system|>",
+            "<|im_middle|>",
+        ],
         "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
-        "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]",
-        "clean_up_tokenization_spaces": False, "model_max_length": 262144, "tokenizer_class": "TikTokenTokenizer",
+        "bos_token": "[BOS]",
+        "eos_token": "[EOS]",
+        "pad_token": "[PAD]",
+        "unk_token": "[UNK]",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 262144,
+        "tokenizer_class": "TikTokenTokenizer",
     }
 
 
@@ -249,7 +361,9 @@ def test_from_dir_moonshot_layout_and_save_round_trip(tmp_path, tok, ref, corpus
     assert loaded.apply_chat_template(messages) == tok.apply_chat_template(messages)
 
     loaded.save(tmp_path / "saved")
-    assert tiktoken_load.load_tiktoken_bpe(str(tmp_path / "saved" / "tiktoken.model")) == tiktoken_load.load_tiktoken_bpe(str(CL100K))
+    assert tiktoken_load.load_tiktoken_bpe(
+        str(tmp_path / "saved" / "tiktoken.model")
+    ) == tiktoken_load.load_tiktoken_bpe(str(CL100K))
     again = Tokenizer.from_dir(tmp_path / "saved")
     assert again.specials == loaded.specials and again.chat_template == loaded.chat_template
     assert again.encode_batch(sample[:300]) == loaded.encode_batch(sample[:300])
@@ -276,7 +390,10 @@ def test_chat_template_sources(tmp_path):
     assert Tokenizer.from_dir(write_dir(tmp_path / "none")).apply_chat_template(messages) == chat.render(messages)
     inline = write_dir(tmp_path / "inline", {"chat_template": "{{ messages[0]['content'] }}!{{ bos_token }}"})
     assert Tokenizer.from_dir(inline).apply_chat_template(messages) == "hi![BOS]"
-    named = write_dir(tmp_path / "named", {"chat_template": [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]})
+    named = write_dir(
+        tmp_path / "named",
+        {"chat_template": [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]},
+    )
     assert Tokenizer.from_dir(named).apply_chat_template(messages) == "d"
     both = write_dir(tmp_path / "both", {"chat_template": "config"}, "file")
     assert Tokenizer.from_dir(both).apply_chat_template(messages) == "file"
@@ -288,7 +405,9 @@ def test_trained_bpe_written_as_tiktoken_matches_tiktoken(tmp_path, corpus):
 
     trained = HFTokenizer(models.BPE())
     trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=2000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     trained.train_from_iterator(corpus[:4000], trainer)
     to_byte = {c: b for b, c in byte_to_unicode().items()}
     vocab = sorted(trained.get_vocab().items(), key=lambda kv: kv[1])
@@ -298,7 +417,9 @@ def test_trained_bpe_written_as_tiktoken_matches_tiktoken(tmp_path, corpus):
 
     small = Tokenizer.from_dir(tmp_path)
     ranks = tiktoken_load.load_tiktoken_bpe(str(tmp_path / "tiktoken.model"))
-    reference = tiktoken.Encoding("small", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=reference_specials(len(tokens)))
+    reference = tiktoken.Encoding(
+        "small", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=reference_specials(len(tokens))
+    )
     assert small.vocab_size == len(tokens) + 256 and small.special_tokens == reference_specials(len(tokens))
     assert small.encode_batch(corpus) == reference.encode_batch(corpus, allowed_special="all")
 
@@ -323,7 +444,10 @@ def test_bad_rank_files_name_file_and_line(tmp_path, content, message):
     ("config", "message"),
     [
         ({"added_tokens_decoder": {"5": {"content": "x"}}}, "tokenizer_config.json: added_tokens_decoder id '5'"),
-        ({"added_tokens_decoder": {"259": {"special": True}}}, "tokenizer_config.json: added_tokens_decoder\\['259'\\]"),
+        (
+            {"added_tokens_decoder": {"259": {"special": True}}},
+            "tokenizer_config.json: added_tokens_decoder\\['259'\\]",
+        ),
         ({"added_tokens_decoder": []}, "tokenizer_config.json: field 'added_tokens_decoder'"),
         ({"bos_token": 3}, "tokenizer_config.json: field 'bos_token'"),
         ({"eos_token": "<not reserved>"}, "tokenizer_config.json: field 'eos_token' names '<not reserved>'"),
@@ -353,7 +477,7 @@ def token_deltas(tok: Tokenizer, ids: list[int]) -> list[str]:
     for k in range(1, len(ids) + 1):
         text = tok.decode(ids[:k])
         if not text.endswith("\ufffd"):
-            deltas.append(text[len(sent):])
+            deltas.append(text[len(sent) :])
             sent = text
     return deltas
 
