@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from checkpoints.safetensors_io import DTYPES
-from k2jax.config import K2Config
 from pallas_kernels import int4_layout
+
+if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs only the type
+    from k2jax.config import K2Config
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from checkpoints.hf_names import Source, int4_shape_name, sources
 from checkpoints.safetensors_io import CheckpointError, TensorInfo, read_header, read_tensor
-from k2jax.config import K2Config
+
+if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs only the type
+    from k2jax.config import K2Config
 
 INDEX_FILE = "model.safetensors.index.json"
 Index = tuple[slice, ...]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flax import nnx
@@ -19,7 +20,9 @@ from safetensors.numpy import save_file
 
 from checkpoints.hf_names import Source, int4_shape_name, sources
 from checkpoints.hf_reader import INDEX_FILE
-from k2jax.config import K2Config
+
+if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs only the type
+    from k2jax.config import K2Config
 
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "tokenization_kimi.py", "generation_config.json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import orbax.checkpoint as ocp
@@ -17,8 +18,10 @@ from jax.sharding import Mesh
 
 from checkpoints.hf_writer import copy_tokenizer_files
 from checkpoints.safetensors_io import CheckpointError
-from k2jax.config import K2Config
 from sharding.rules import named_sharding
+
+if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs only the type
+    from k2jax.config import K2Config
 
 PARAMS_DIR = "params"
 

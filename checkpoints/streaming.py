@@ -9,8 +9,9 @@ written into a preallocated (donated) array: host memory stays near one chunk, n
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,10 @@ from tqdm.auto import tqdm
 
 from checkpoints.hf_reader import Index, ParamPlan, open_checkpoint, plan, read_block
 from checkpoints.safetensors_io import TensorInfo
-from k2jax.config import K2Config
 from sharding.rules import named_sharding
+
+if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs only the type
+    from k2jax.config import K2Config
 
 DEFAULT_CHUNK_BYTES = 1 << 30
 

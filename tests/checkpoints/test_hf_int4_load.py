@@ -1,0 +1,33 @@
+"""End to end: experts quantized by compressed-tensors, loaded by k2jax, against transformers on the dequantized weights."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import k2jax
+
+RTOL = 1e-4  # float32 on both sides; only summation order differs
+
+
+def test_int4_logits_match_transformers_on_dequantized_weights(int4_checkpoint, dequantized_model, rng):
+    ckpt = int4_checkpoint()
+    reference = dequantized_model(ckpt)
+    model = k2jax.load(ckpt.path)
+    ids = rng.integers(0, model.config.vocab_size, (2, 13))
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids)).logits.numpy()
+    got = model.logits(ids)
+    assert np.abs(got - expected).max() <= RTOL * np.abs(expected).max()
+
+
+def test_int4_experts_stay_4bit_in_device_memory(int4_checkpoint):
+    model = k2jax.load(int4_checkpoint().path)
+    cfg = model.config
+    experts = model.state["moe_layers"]["mlp"]
+    params = cfg.num_moe_layers * cfg.n_routed_experts * cfg.hidden_size * cfg.moe_intermediate_size
+    for proj in ("gate", "up", "down"):
+        packed, scale = experts[proj]["packed"].get_value(), experts[proj]["scale"].get_value()
+        assert packed.dtype == np.uint8 and scale.dtype == jnp.bfloat16
+        assert (packed.nbytes + scale.nbytes) / params == 0.5625
