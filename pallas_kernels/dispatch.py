@@ -1,9 +1,9 @@
 """Backend choice for the kernels: the model calls these three functions and nothing else here.
 
-TPU -> the Pallas Mosaic kernels; GPU and CPU -> the XLA paths below (the Mosaic kernels do not lower to
-GPU, and no GPU Pallas kernel ships yet). `K2JAX_KERNELS=pallas|xla|interpret` overrides: `interpret` runs
-the Mosaic kernels in the Pallas interpreter on any backend (slow; for parity tests on CPU).
-The choice is made at trace time, so set the variable before the first call is traced.
+TPU -> the Pallas Mosaic kernels; GPU -> the Pallas Triton kernels; CPU -> the XLA paths below.
+`K2JAX_KERNELS=pallas|xla|interpret` overrides: `interpret` runs the backend's kernels (Mosaic on CPU) in the
+Pallas interpreter (slow; for parity tests on CPU). The choice is made at trace time, so set the variable
+before the first call is traced.
 """
 
 import os
@@ -17,7 +17,7 @@ from pallas_kernels import mla_decode as mla_decode_kernels
 
 ENV_VAR = "K2JAX_KERNELS"
 MODES = ("pallas", "xla", "interpret")
-PALLAS_BACKENDS = ("tpu",)
+PALLAS_BACKENDS = ("tpu", "gpu")
 
 
 def kernel_mode(backend: str | None = None) -> str:
@@ -28,6 +28,11 @@ def kernel_mode(backend: str | None = None) -> str:
     if forced:
         return forced
     return "pallas" if (backend or jax.default_backend()) in PALLAS_BACKENDS else "xla"
+
+
+def _uses_triton() -> bool:
+    """GPU backends get the Triton kernels; TPU (and the interpreter on CPU) the Mosaic ones."""
+    return jax.default_backend() == "gpu"
 
 
 def _active_experts(group_sizes_E: jax.Array, slots: int):
@@ -55,8 +60,9 @@ def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E) -> jax.Array
     mode = kernel_mode()
     if mode == "xla":
         return grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E)
-    return int4_matmul_kernels.grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E,
-                                                   interpret=mode == "interpret")
+    kernel = (int4_matmul_kernels.grouped_int4_matmul_triton if _uses_triton()
+              else int4_matmul_kernels.grouped_int4_matmul)
+    return kernel(x_MK, packed_EHN, scale_EGN, group_sizes_E, interpret=mode == "interpret")
 
 
 def int4_matmul(x_MK, packed_HN, scale_GN) -> jax.Array:
@@ -65,7 +71,8 @@ def int4_matmul(x_MK, packed_HN, scale_GN) -> jax.Array:
     if mode == "xla":
         sizes_E = jnp.full((1,), x_MK.shape[0], jnp.int32)
         return grouped_int4_matmul_xla(x_MK, packed_HN[None], scale_GN[None], sizes_E)
-    return int4_matmul_kernels.int4_matmul(x_MK, packed_HN, scale_GN, interpret=mode == "interpret")
+    kernel = int4_matmul_kernels.int4_matmul_triton if _uses_triton() else int4_matmul_kernels.int4_matmul
+    return kernel(x_MK, packed_HN, scale_GN, interpret=mode == "interpret")
 
 
 def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float) -> jax.Array:
@@ -73,5 +80,5 @@ def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float) -> ja
     mode = kernel_mode()
     if mode == "xla":
         return mla_decode_kernels.mla_decode_reference(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale)
-    return mla_decode_kernels.mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale,
-                                         interpret=mode == "interpret")
+    kernel = mla_decode_kernels.mla_decode_triton if _uses_triton() else mla_decode_kernels.mla_decode
+    return kernel(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale, interpret=mode == "interpret")

@@ -1,4 +1,4 @@
-"""W4A16 matmul (dense and grouped/ragged for MoE) as a Pallas TPU (Mosaic) kernel, and jnp references.
+"""W4A16 matmul (dense and grouped/ragged for MoE) as Pallas kernels for TPU (Mosaic) and GPU (Triton).
 
 Weights use int4_layout's format: planar uint8 nibbles [E, K//2, N] and bf16 group-32 scales [E, K//32, N].
 Each grid step DMAs one [tk//2, tn] packed block, dequantizes it planar block by planar block in VMEM
@@ -7,6 +7,8 @@ Each grid step DMAs one [tk//2, tn] packed block, dequantizes it planar block by
 The grouped kernel walks a schedule of (expert, row tile) visits built from group_sizes: only experts that
 received rows are visited, and steps past the last visit keep the previous block indices, so the pipeline
 issues no DMA for them. Decode (a few rows per expert) therefore reads exactly the active experts' weights.
+The Triton kernel runs one program per (visit, column tile) on the same schedule; programs past the last
+visit exit at once, and each program walks K one 32-row scale group at a time with masked row loads.
 """
 
 import functools
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import int4_layout
 
@@ -24,6 +27,9 @@ TK_MAX = 4096
 BLOCK_BYTES = 2 * 1024 * 1024
 VMEM_LIMIT_BYTES = 48 * 1024 * 1024
 LANES = 128
+TRITON_BLOCK_N = 128
+TRITON_NUM_WARPS = 4
+TRITON_NUM_STAGES = 3
 
 
 def _divisor_tile(dim: int, unit: int, cap: int) -> int:
@@ -159,6 +165,73 @@ def int4_matmul(x_MK, packed_HN, scale_GN, *, interpret: bool = False) -> jax.Ar
     """x @ dequantize(packed, scale) -> [M, N] in x's dtype (the grouped kernel with one expert)."""
     sizes_E = jnp.full((1,), x_MK.shape[0], jnp.int32)
     return _grouped_call(x_MK, packed_HN[None], scale_GN[None], sizes_E, interpret)
+
+
+def _triton_block_m(m: int) -> int:
+    """Rows per Triton program: 16 (the smallest tensor-core tile) for decode, 64 for larger batches."""
+    return 16 if m <= 16 else 64
+
+
+def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref,
+                       x_ref, packed_ref, scale_ref, out_ref, *, bm: int, bn: int, planar: int):
+    """One (visit, column tile) program: loop over planar blocks and their scale groups, masked store."""
+    v, n_i = pl.program_id(0), pl.program_id(1)
+    m, k = x_ref.shape
+    n = out_ref.shape[1]
+    group = int4_layout.GROUP
+    half_groups = planar // 2 // group
+
+    @pl.when(v < num_visits_ref[0])
+    def _visit():
+        expert, row0 = expert_ref[v], tile_ref[v] * bm
+        row_M = row0 + jnp.arange(bm)
+        mine_M = (row_M >= starts_ref[expert]) & (row_M < ends_ref[expert])
+        col_ok_N = n_i * bn + jnp.arange(bn) < n
+        cols = pl.ds(n_i * bn, bn)
+
+        def group_dot(k0, row, scale_row, byte_GN, shift):
+            x_MG = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, group)], mask=mine_M[:, None], other=0)
+            s_1N = plgpu.load(scale_ref.at[expert, pl.ds(scale_row, 1), cols], mask=col_ok_N[None, :], other=0)
+            q_GN = ((byte_GN >> shift) & 0xF).astype(jnp.float32) + float(int4_layout.QMIN)
+            w_GN = (q_GN * s_1N.astype(jnp.float32)).astype(x_MG.dtype)
+            return jnp.dot(x_MG, w_GN, preferred_element_type=jnp.float32)
+
+        def planar_block(j, acc_MN):
+            for g in range(half_groups):
+                row = j * planar // 2 + g * group
+                byte_GN = plgpu.load(packed_ref.at[expert, pl.ds(row, group), cols], mask=col_ok_N[None, :],
+                                     other=0).astype(jnp.int32)
+                base_group = j * planar // group + g
+                acc_MN += group_dot(j * planar + g * group, row, base_group, byte_GN, 0)
+                acc_MN += group_dot(j * planar + planar // 2 + g * group, row, base_group + half_groups, byte_GN, 4)
+            return acc_MN
+
+        acc_MN = jax.lax.fori_loop(0, k // planar, planar_block, jnp.zeros((bm, bn), jnp.float32))
+        plgpu.store(out_ref.at[pl.ds(row0, bm), cols], acc_MN.astype(out_ref.dtype),
+                    mask=mine_M[:, None] & col_ok_N[None, :])
+
+
+@functools.partial(jax.jit, static_argnames="interpret")
+def grouped_int4_matmul_triton(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, interpret: bool = False):
+    """GPU (Triton) form of grouped_int4_matmul: same arguments, same result."""
+    m, k = x_MK.shape
+    n = packed_EHN.shape[-1]
+    bm = _triton_block_m(m)
+    schedule = _visit_schedule(group_sizes_E, m, bm)
+    out_MN = pl.pallas_call(
+        functools.partial(_gmm_triton_kernel, bm=bm, bn=TRITON_BLOCK_N, planar=int4_layout.planar_block(k)),
+        out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
+        grid=(schedule[2].shape[0], pl.cdiv(n, TRITON_BLOCK_N)),
+        compiler_params=plgpu.CompilerParams(num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES),
+        interpret=interpret,
+    )(*schedule, x_MK, packed_EHN, scale_EGN)
+    return jnp.where(jnp.arange(m)[:, None] < jnp.sum(group_sizes_E), out_MN, 0)
+
+
+def int4_matmul_triton(x_MK, packed_HN, scale_GN, *, interpret: bool = False) -> jax.Array:
+    """GPU (Triton) form of int4_matmul: the grouped kernel with one expert."""
+    sizes_E = jnp.full((1,), x_MK.shape[0], jnp.int32)
+    return grouped_int4_matmul_triton(x_MK, packed_HN[None], scale_GN[None], sizes_E, interpret=interpret)
 
 
 def int4_matmul_reference(x_MK, packed_HN, scale_GN) -> jax.Array:

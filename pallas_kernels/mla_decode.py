@@ -1,10 +1,12 @@
-"""Absorbed MLA decode attention (flash-decoding) as a Pallas TPU (Mosaic) kernel, and its jnp reference.
+"""Absorbed MLA decode attention (flash-decoding) as Pallas kernels for TPU (Mosaic) and GPU (Triton).
 
 The cache is one latent array per layer, kv [B, S, C]: c_kv in lanes [0, R), roped k_pe in [R, R+P), zeros
 in [R+P, C). The query is laid out the same way, so one [H, C] x [C, bs] matmul gives q_lat.c_kv + q_pe.k_pe.
 Each grid step DMAs one [bs, C] block; blocks at or past a sequence's length are neither computed nor
 fetched (their index map repeats the last valid block). S is split into num_splits chunks with their own
 online softmax; the partial outputs and log-sum-exps are combined outside the kernel.
+The Triton kernel runs one program per (head block, split, sequence) and loops only over the split's rows
+below the sequence's length, loading c_kv and k_pe as two power-of-two lane slices of the same cache rows.
 """
 
 import functools
@@ -13,10 +15,16 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 
 BLOCK_S = 2048
 LANES = 128
 VMEM_LIMIT_BYTES = 48 * 1024 * 1024
+TRITON_BLOCK_H = 16
+TRITON_BLOCK_S = 32
+TRITON_MIN_PROGRAMS = 264
+TRITON_NUM_WARPS = 4
+TRITON_NUM_STAGES = 2
 
 
 def _block_s(s: int, block_s: int | None) -> int:
@@ -123,6 +131,66 @@ def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, inter
         interpret=interpret,
     )(lengths_B.astype(jnp.int32), q_BHC.astype(kv_BSC.dtype), kv_BSC)
     return _combine(o_BsHR, lse_BsHL[..., 0], q_lat_BHR.dtype)
+
+
+def _mla_triton_kernel(lengths_ref, q_lat_ref, q_pe_ref, kv_ref, o_ref, lse_ref, *,
+                       sm_scale: float, rows_per_split: int):
+    """One (head block, split, sequence) program: online softmax over the split's rows below the length."""
+    h_i, split, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bh, bs = TRITON_BLOCK_H, TRITON_BLOCK_S
+    h, r = q_lat_ref.shape[1], q_lat_ref.shape[2]
+    p = q_pe_ref.shape[2]
+    heads = pl.ds(h_i * bh, bh)
+    head_ok_H = h_i * bh + jnp.arange(bh) < h
+    start = split * rows_per_split
+    stop = jnp.minimum(start + rows_per_split, lengths_ref[b])
+    q_lat_HR = plgpu.load(q_lat_ref.at[b, heads, :], mask=head_ok_H[:, None], other=0)
+    q_pe_HP = plgpu.load(q_pe_ref.at[b, heads, :], mask=head_ok_H[:, None], other=0)
+
+    def block(i, carry):
+        acc_HR, m_H, l_H = carry
+        row0 = start + i * bs
+        row_ok_S = row0 + jnp.arange(bs) < stop
+        ckv_SR = plgpu.load(kv_ref.at[b, pl.ds(row0, bs), pl.ds(0, r)], mask=row_ok_S[:, None], other=0)
+        kpe_SP = plgpu.load(kv_ref.at[b, pl.ds(row0, bs), pl.ds(r, p)], mask=row_ok_S[:, None], other=0)
+        s_HS = (jnp.dot(q_lat_HR, ckv_SR.T, preferred_element_type=jnp.float32)
+                + jnp.dot(q_pe_HP, kpe_SP.T, preferred_element_type=jnp.float32)) * sm_scale
+        s_HS = jnp.where(row_ok_S[None, :], s_HS, -jnp.inf)
+        m_new_H = jnp.maximum(m_H, jnp.max(s_HS, axis=1))
+        alpha_H = jnp.exp(m_H - m_new_H)
+        p_HS = jnp.exp(s_HS - m_new_H[:, None])
+        acc_HR = acc_HR * alpha_H[:, None] + jnp.dot(p_HS.astype(ckv_SR.dtype), ckv_SR,
+                                                     preferred_element_type=jnp.float32)
+        return acc_HR, m_new_H, alpha_H * l_H + jnp.sum(p_HS, axis=1)
+
+    num_blocks = pl.cdiv(jnp.maximum(stop - start, 0), bs)
+    init = (jnp.zeros((bh, r), jnp.float32), jnp.full((bh,), -jnp.inf, jnp.float32), jnp.zeros((bh,), jnp.float32))
+    acc_HR, m_H, l_H = jax.lax.fori_loop(0, num_blocks, block, init)
+    seen_H = l_H > 0
+    safe_l_H = jnp.where(seen_H, l_H, 1)
+    plgpu.store(o_ref.at[b, split, heads, :], acc_HR / safe_l_H[:, None], mask=head_ok_H[:, None])
+    plgpu.store(lse_ref.at[b, split, heads], jnp.where(seen_H, m_H + jnp.log(safe_l_H), -jnp.inf), mask=head_ok_H)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "num_splits"))
+def mla_decode_triton(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, interpret: bool = False,
+                      num_splits: int | None = None) -> jax.Array:
+    """GPU (Triton) form of mla_decode: enough S splits to fill the GPU, then the same log-sum-exp combine."""
+    b, h, r = q_lat_BHR.shape
+    s = kv_BSC.shape[1]
+    head_blocks = pl.cdiv(h, TRITON_BLOCK_H)
+    max_splits = pl.cdiv(s, TRITON_BLOCK_S)
+    splits = min(max_splits, num_splits or pl.cdiv(TRITON_MIN_PROGRAMS, b * head_blocks))
+    rows_per_split = pl.cdiv(max_splits, splits) * TRITON_BLOCK_S
+    o_BsHR, lse_BsH = pl.pallas_call(
+        functools.partial(_mla_triton_kernel, sm_scale=sm_scale, rows_per_split=rows_per_split),
+        out_shape=(jax.ShapeDtypeStruct((b, splits, h, r), jnp.float32),
+                   jax.ShapeDtypeStruct((b, splits, h), jnp.float32)),
+        grid=(head_blocks, splits, b),
+        compiler_params=plgpu.CompilerParams(num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES),
+        interpret=interpret,
+    )(lengths_B.astype(jnp.int32), q_lat_BHR.astype(kv_BSC.dtype), q_pe_BHP.astype(kv_BSC.dtype), kv_BSC)
+    return _combine(o_BsHR, lse_BsH, q_lat_BHR.dtype)
 
 
 def mla_decode_reference(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float) -> jax.Array:

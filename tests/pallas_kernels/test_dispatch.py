@@ -10,7 +10,7 @@ from pallas_kernels import int4_matmul as I
 from pallas_kernels import mla_decode as M
 
 
-@pytest.mark.parametrize("backend,mode", [("tpu", "pallas"), ("gpu", "xla"), ("cpu", "xla")])
+@pytest.mark.parametrize("backend,mode", [("tpu", "pallas"), ("gpu", "pallas"), ("cpu", "xla")])
 def test_default_mode_per_backend(monkeypatch, backend, mode):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     assert dispatch.kernel_mode(backend) == mode

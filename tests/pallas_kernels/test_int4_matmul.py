@@ -1,4 +1,4 @@
-"""Grouped and dense INT4 matmul kernels (Pallas interpreter on CPU) against the plain-jnp references."""
+"""Grouped and dense INT4 matmul kernels, Mosaic and Triton (Pallas interpreter on CPU), against the jnp references."""
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,8 @@ from pallas_kernels import int4_matmul as I
 # (q * scale needs up to 11 significant bits, bf16 keeps 8: 2^-9 relative) and the output to bf16; with
 # random signs both stay well under 1% of the largest output.
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+GROUPED = {"mosaic": I.grouped_int4_matmul, "triton": I.grouped_int4_matmul_triton}
+DENSE = {"mosaic": I.int4_matmul, "triton": I.int4_matmul_triton}
 
 
 @pytest.fixture
@@ -34,13 +36,14 @@ GROUPED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernel", GROUPED)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("k,n,sizes,extra", GROUPED_CASES)
-def test_grouped_matches_reference(rng, k, n, sizes, extra, dtype):
+def test_grouped_matches_reference(rng, k, n, sizes, extra, dtype, kernel):
     packed, scale = random_int4(rng, len(sizes), k, n)
     x = random_normal(rng, (sum(sizes) + extra, k), dtype)
     gs = jnp.asarray(sizes, jnp.int32)
-    out = I.grouped_int4_matmul(x, packed, scale, gs, interpret=True)
+    out = GROUPED[kernel](x, packed, scale, gs, interpret=True)
     ref = I.grouped_int4_matmul_reference(x, packed, scale, gs)
     assert out.shape == ref.shape and out.dtype == dtype
     assert np.all(np.asarray(out)[sum(sizes):] == 0)
@@ -48,25 +51,28 @@ def test_grouped_matches_reference(rng, k, n, sizes, extra, dtype):
         assert max_rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("sizes,extra", [([20, 0, 7, 13, 0, 1], 3), ([16, 16, 0, 16], 0), ([0, 37, 0], 11)])
-def test_grouped_many_tiles(rng, small_tiles, sizes, extra):
-    """Experts straddling row tiles, partial last row tile, several K and N tiles."""
+@pytest.mark.parametrize("kernel", GROUPED)
+@pytest.mark.parametrize("sizes,extra", [([20, 0, 7, 13, 0, 1], 3), ([16, 16, 0, 16], 0), ([0, 37, 0], 11),
+                                         ([70, 0, 30, 45], 9)])
+def test_grouped_many_tiles(rng, small_tiles, sizes, extra, kernel):
+    """Experts straddling row tiles, partial last row tile, several K and N tiles (Triton: 64-row tiles)."""
     k, n = 1024, 384
     packed, scale = random_int4(rng, len(sizes), k, n)
     x = random_normal(rng, (sum(sizes) + extra, k))
     gs = jnp.asarray(sizes, jnp.int32)
     assert I._tiles(x.shape[0], k, n) == (16, 512, 128)
-    out = I.grouped_int4_matmul(x, packed, scale, gs, interpret=True)
+    out = GROUPED[kernel](x, packed, scale, gs, interpret=True)
     assert max_rel_err(out, I.grouped_int4_matmul_reference(x, packed, scale, gs)) < TOL[jnp.float32]
     assert np.all(np.asarray(out)[sum(sizes):] == 0)
 
 
+@pytest.mark.parametrize("kernel", DENSE)
 @pytest.mark.parametrize("m,k,n", [(1, 256, 128), (7, 512, 256), (40, 1024, 384), (3, 64, 8)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dense_matches_reference(rng, small_tiles, m, k, n, dtype):
+def test_dense_matches_reference(rng, small_tiles, m, k, n, dtype, kernel):
     packed, scale = random_int4(rng, 1, k, n)
     x = random_normal(rng, (m, k), dtype)
-    out = I.int4_matmul(x, packed[0], scale[0], interpret=True)
+    out = DENSE[kernel](x, packed[0], scale[0], interpret=True)
     assert out.dtype == dtype
     assert max_rel_err(out, I.int4_matmul_reference(x, packed[0], scale[0])) < TOL[dtype]
 

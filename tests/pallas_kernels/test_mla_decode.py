@@ -1,4 +1,6 @@
-"""MLA flash-decoding kernel (Pallas interpreter on CPU) against the plain-jnp reference."""
+"""MLA flash-decoding kernels, Mosaic and Triton (Pallas interpreter on CPU), against the plain-jnp reference."""
+
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,27 +32,33 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernel", ["mosaic", "triton"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("b,h,s,lengths,block_s,splits,dims", CASES)
-def test_matches_reference(rng, b, h, s, lengths, block_s, splits, dims, dtype):
+def test_matches_reference(rng, b, h, s, lengths, block_s, splits, dims, dtype, kernel):
     q_lat, q_pe, kv = _inputs(rng, b, h, s, *dims, dtype)
     lengths = jnp.asarray(lengths, jnp.int32)
     sm_scale = float(rng.uniform(0.05, 0.2))
-    out = M.mla_decode(q_lat, q_pe, kv, lengths, sm_scale=sm_scale, interpret=True, block_s=block_s,
-                       num_splits=splits)
+    if kernel == "mosaic":
+        out = M.mla_decode(q_lat, q_pe, kv, lengths, sm_scale=sm_scale, interpret=True, block_s=block_s,
+                           num_splits=splits)
+    else:  # Triton blocks are fixed (32 rows); splits still vary, None lets it fill the GPU.
+        out = M.mla_decode_triton(q_lat, q_pe, kv, lengths, sm_scale=sm_scale, interpret=True, num_splits=splits)
     ref = M.mla_decode_reference(q_lat, q_pe, kv, lengths, sm_scale=sm_scale)
     assert out.shape == q_lat.shape and out.dtype == dtype
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=ATOL[dtype], rtol=0)
 
 
-def test_ignores_cache_past_length(rng):
+@pytest.mark.parametrize("kernel,kwargs", [(M.mla_decode, dict(block_s=64, num_splits=2)),
+                                           (M.mla_decode_triton, dict(num_splits=2))])
+def test_ignores_cache_past_length(rng, kernel, kwargs):
     """Garbage (even inf) at or past a sequence's length, as stale cache slots may hold, changes nothing."""
     q_lat, q_pe, kv = _inputs(rng, 2, 4, 200, 64, 32, 128, jnp.float32)
     lengths = jnp.asarray([37, 200], jnp.int32)
     dirty = kv.at[0, 37:].set(jnp.inf)
-    kwargs = dict(sm_scale=0.1, interpret=True, block_s=64, num_splits=2)
-    np.testing.assert_array_equal(np.asarray(M.mla_decode(q_lat, q_pe, dirty, lengths, **kwargs)),
-                                  np.asarray(M.mla_decode(q_lat, q_pe, kv, lengths, **kwargs)))
+    run = functools.partial(kernel, sm_scale=0.1, interpret=True, **kwargs)
+    np.testing.assert_array_equal(np.asarray(run(q_lat, q_pe, dirty, lengths)),
+                                  np.asarray(run(q_lat, q_pe, kv, lengths)))
 
 
 def test_reference_against_numpy(rng):
