@@ -1,0 +1,156 @@
+"""Times the Pallas kernels and the XLA paths at Kimi K2 decode shapes on whatever accelerator is present.
+
+For each case: a numerics check of the kernel against the XLA path, then the median time, the bytes the
+operation must read, the achieved GB/s, its fraction of the measured device copy bandwidth, and (grouped
+INT4) the speed-up over a bf16 ragged_dot of the same experts. Prints a markdown table.
+With no accelerator it says so and times only the XLA paths at reduced shapes (the kernels' interpreter is
+a correctness tool, not a timing one).
+
+    python benchmarks/kernels.py [--iters 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import dispatch, int4_layout
+from pallas_kernels import int4_matmul as I
+from pallas_kernels import mla_decode as M
+
+HIDDEN, EXPERT_F, EXPERTS, TOP_K, SM_SCALE = 7168, 2048, 384, 8, 0.1447
+CPU_SCALE_DOWN = 8
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+    name: str
+    shape: str
+    seconds: float
+    bytes_read: int
+    err: float | None = None
+    baseline_s: float | None = None
+
+
+def timed(fn: Callable, *args, iters: int) -> float:
+    """Median wall time of a jitted call over iters runs, after one compile-and-warm-up run."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def copy_bandwidth(nbytes: int, iters: int) -> float:
+    """Device bytes per second of an elementwise copy, counting read and write."""
+    src = jnp.ones((nbytes // 4,), jnp.float32)
+    return 2 * src.nbytes / timed(jax.jit(lambda a: a + 1), src, iters=iters)
+
+
+def routed_group_sizes(rng: np.random.Generator, tokens: int, local_experts: int) -> np.ndarray:
+    """Rows per local expert when tokens pick top-8 of 384 experts at random and this device holds the first few."""
+    picks = np.stack([rng.choice(EXPERTS, TOP_K, replace=False) for _ in range(tokens)])
+    return np.bincount(picks[picks < local_experts], minlength=local_experts).astype(np.int32)
+
+
+def rel_err(out, ref) -> float:
+    """max |out - ref| / max |ref| in fp32."""
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    return float(np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def grouped_rows(rng, kernel, tokens: int, local: int, k: int, n: int, iters: int) -> list[Row]:
+    """Grouped INT4 kernel, the INT4 XLA path and a bf16 ragged_dot for one routed decode batch."""
+    sizes = routed_group_sizes(rng, tokens, local)
+    m = int(sizes.sum())
+    x = jnp.asarray(rng.standard_normal((max(m, 1), k)), jnp.bfloat16)
+    packed = jnp.asarray(rng.integers(0, 256, (local, k // 2, n), dtype=np.uint8))
+    scale = jnp.asarray(rng.uniform(0.005, 0.05, (local, k // 32, n)), jnp.bfloat16)
+    gs = jnp.asarray(sizes)
+    active = int((sizes > 0).sum())
+    int4_bytes = active * (k // 2 + 2 * k // 32) * n + 2 * x.nbytes
+    w_bf16 = int4_layout.dequantize(packed, scale, jnp.bfloat16)
+    bf16 = jax.jit(lambda x, w, gs: jax.lax.ragged_dot(x, w, gs))
+    bf16_s = timed(bf16, x, w_bf16, gs, iters=iters)
+    xla = jax.jit(dispatch.grouped_int4_matmul_xla)
+    ref = xla(x, packed, scale, gs)
+    shape = f"tok={tokens} E={local} act={active} rows={m} {k}x{n}"
+    rows = [Row("bf16 ragged_dot (XLA)", shape, bf16_s, active * k * n * 2 + 2 * x.nbytes),
+            Row("int4 grouped (XLA)", shape, timed(xla, x, packed, scale, gs, iters=iters), int4_bytes,
+                baseline_s=bf16_s)]
+    if kernel is not None:
+        run = jax.jit(kernel)
+        rows.append(Row("int4 grouped (Pallas)", shape, timed(run, x, packed, scale, gs, iters=iters), int4_bytes,
+                        err=rel_err(run(x, packed, scale, gs), ref), baseline_s=bf16_s))
+    return rows
+
+
+def mla_rows(rng, kernel, b: int, h: int, s: int, iters: int) -> list[Row]:
+    """MLA decode kernel and the XLA path over full-length caches."""
+    q_lat = jnp.asarray(rng.standard_normal((b, h, 512)), jnp.bfloat16)
+    q_pe = jnp.asarray(rng.standard_normal((b, h, 64)), jnp.bfloat16)
+    kv = jnp.asarray(rng.standard_normal((b, s, 640)), jnp.bfloat16).at[..., 576:].set(0)
+    lengths = jnp.full((b,), s, jnp.int32)
+    nbytes = kv.nbytes + q_lat.nbytes + q_pe.nbytes
+    xla = jax.jit(functools.partial(M.mla_decode_reference, sm_scale=SM_SCALE))
+    ref = xla(q_lat, q_pe, kv, lengths)
+    shape = f"B={b} H={h} S={s}"
+    rows = [Row("mla decode (XLA)", shape, timed(xla, q_lat, q_pe, kv, lengths, iters=iters), nbytes)]
+    if kernel is not None:
+        run = jax.jit(functools.partial(kernel, sm_scale=SM_SCALE))
+        rows.append(Row("mla decode (Pallas)", shape, timed(run, q_lat, q_pe, kv, lengths, iters=iters), nbytes,
+                        err=rel_err(run(q_lat, q_pe, kv, lengths), ref)))
+    return rows
+
+
+def table(rows: list[Row], copy_bw: float) -> str:
+    """Markdown table of the rows."""
+    lines = ["| op | shape | time (us) | GB/s | % copy BW | vs bf16 XLA | rel err vs XLA |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        gbs = r.bytes_read / r.seconds / 1e9
+        ratio = f"{r.baseline_s / r.seconds:.2f}x" if r.baseline_s else ""
+        err = f"{r.err:.1e}" if r.err is not None else ""
+        lines.append(f"| {r.name} | {r.shape} | {r.seconds * 1e6:.1f} | {gbs:.1f} | "
+                     f"{100 * gbs * 1e9 / copy_bw:.0f}% | {ratio} | {err} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Pick shapes for the backend, run every case, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    backend = jax.default_backend()
+    accelerated = backend in dispatch.PALLAS_BACKENDS
+    triton = backend == "gpu"
+    grouped = (I.grouped_int4_matmul_triton if triton else I.grouped_int4_matmul) if accelerated else None
+    mla = (M.mla_decode_triton if triton else M.mla_decode) if accelerated else None
+    div = 1 if accelerated else CPU_SCALE_DOWN
+    print(f"backend: {backend} ({jax.devices()[0].device_kind})" if accelerated else
+          f"backend: {backend}: no accelerator; XLA paths only, shapes / {div}")
+    copy_bw = copy_bandwidth((1 << 30) if accelerated else (1 << 26), args.iters)
+    print(f"measured device copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s")
+    rng = np.random.default_rng(0)
+    rows = []
+    for tokens, local, k, n in [(1, 48, HIDDEN, 2 * EXPERT_F), (32, 48, HIDDEN, 2 * EXPERT_F),
+                                (256, 48, HIDDEN, 2 * EXPERT_F), (256, 48, EXPERT_F, HIDDEN),
+                                (256, 6, HIDDEN, 2 * EXPERT_F)]:
+        rows += grouped_rows(rng, grouped, tokens, local, k // div, n // div, args.iters)
+    for b, h, s in [(1, 64, 32768), (1, 8, 262144), (32, 64, 8192), (256, 8, 4096)]:
+        rows += mla_rows(rng, mla, b, h, s // div ** 2, args.iters)
+    print(table(rows, copy_bw))
+
+
+if __name__ == "__main__":
+    main()
