@@ -252,25 +252,42 @@ def route(p: MoE, x_NM: Array, cfg: K2Config) -> tuple[Array, Array]:
     return w_NK * cfg.routed_scaling_factor, idx_NK
 
 
-def expert_matmul(p: ExpertProj, x_NK: Array, group_sizes_E: Array) -> Array:
-    """Rows sorted by expert times each row's expert matrix: a ragged (grouped) matmul, dense or INT4."""
+def active_experts(idx_NK: Array, n_experts: int) -> tuple[Array, Array]:
+    """Experts that received rows, in id order, and their row counts; static length min(rows, experts).
+
+    Rows sorted by expert id then form consecutive groups, one per listed expert (padding groups are empty).
+    """
+    rows = idx_NK.size
+    counts_E = jnp.bincount(idx_NK.reshape(-1), length=n_experts).astype(jnp.int32)
+    if rows >= n_experts:
+        return jnp.arange(n_experts), counts_E
+    ids_U = jnp.nonzero(counts_E > 0, size=rows, fill_value=0)[0]
+    return ids_U, jnp.where(jnp.arange(rows) < jnp.sum(counts_E > 0), counts_E[ids_U], 0)
+
+
+def expert_matmul(p: ExpertProj, layer: Array, ids_U: Array, x_XK: Array, sizes_U: Array) -> Array:
+    """Rows grouped by expert times their expert's matrix (a ragged matmul), dense or INT4.
+
+    The weights are the whole layer stack: one gather reads just the listed experts of `layer`.
+    """
     if hasattr(p, "packed"):
-        return dispatch.grouped_int4_matmul(x_NK, p.packed[...], p.scale[...], group_sizes_E)
-    return jax.lax.ragged_dot(x_NK, p.weight[...].astype(x_NK.dtype), group_sizes_E,
-                              preferred_element_type=jnp.float32).astype(x_NK.dtype)
+        return dispatch.grouped_int4_matmul(x_XK, p.packed[...][layer, ids_U], p.scale[...][layer, ids_U], sizes_U)
+    return jax.lax.ragged_dot(x_XK, p.weight[...][layer, ids_U].astype(x_XK.dtype), sizes_U,
+                              preferred_element_type=jnp.float32).astype(x_XK.dtype)
 
 
-def moe(p: MoE, x_BTM: Array, cfg: K2Config) -> Array:
+def moe(p: MoE, x_BTM: Array, layer: Array, cfg: K2Config) -> Array:
     """Routed experts (rows sorted by expert, grouped matmuls) weighted and summed, plus the shared expert."""
     B, T, M = x_BTM.shape
-    K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    K = cfg.num_experts_per_tok
     x_NM = x_BTM.reshape(B * T, M)
     w_NK, idx_NK = route(p, x_NM, cfg)
     order = jnp.argsort(idx_NK.reshape(-1))
     xs_XM = x_NM[order // K]
-    group_sizes_E = jnp.bincount(idx_NK.reshape(-1), length=E).astype(jnp.int32)
-    h_XF = jax.nn.silu(expert_matmul(p.gate, xs_XM, group_sizes_E)) * expert_matmul(p.up, xs_XM, group_sizes_E)
-    ys_XM = expert_matmul(p.down, h_XF, group_sizes_E)
+    ids_U, sizes_U = active_experts(idx_NK, cfg.n_routed_experts)
+    h_XF = (jax.nn.silu(expert_matmul(p.gate, layer, ids_U, xs_XM, sizes_U))
+            * expert_matmul(p.up, layer, ids_U, xs_XM, sizes_U))
+    ys_XM = expert_matmul(p.down, layer, ids_U, h_XF, sizes_U)
     y_NKM = jnp.zeros_like(ys_XM).at[order].set(ys_XM).reshape(B * T, K, M)
     y_NM = jnp.einsum("nkm,nk->nm", y_NKM.astype(jnp.float32), w_NK).astype(x_BTM.dtype)
     if p.shared is not None:
@@ -285,23 +302,32 @@ def block(p: Block, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer
                             cfg, kv_len)
     x_BTM = x_BTM + h_BTM
     h_BTM = rms_norm(x_BTM, p.mlp_norm[...], cfg.rms_norm_eps)
-    h_BTM = moe(p.mlp, h_BTM, cfg) if isinstance(p.mlp, MoE) else mlp(p.mlp, h_BTM)
+    h_BTM = moe(p.mlp, h_BTM, layer, cfg) if isinstance(p.mlp, MoE) else mlp(p.mlp, h_BTM)
     return x_BTM + h_BTM, cache_LBSC
+
+
+def _is_routed_expert(path: tuple, _value: Any) -> bool:
+    """Routed-expert weights stay whole (all layers) in the scan, so a layer reads only the experts it uses."""
+    return len(path) >= 3 and path[0] == "mlp" and path[1] in ("gate", "up", "down")
 
 
 def run_stack(layers: Block, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, cfg: K2Config,
               kv_len: int | None) -> tuple[Array, Array | None]:
-    """Scan one stacked module over its layers; the cache rides in the carry and is updated in place."""
-    graphdef, state = nnx.split(layers)
+    """Scan one stacked module over its layers; the cache rides in the carry and is updated in place.
+
+    Per-layer weights are scanned slices; routed experts and the cache are indexed by layer instead, since
+    slicing them out would copy a whole layer's experts (or cache) every step.
+    """
+    graphdef, experts, rest = nnx.split(layers, _is_routed_expert, ...)
 
     def step(carry, layer):
         x_BTM, cache_LBSC = carry
-        state_l, i = layer
-        x_BTM, cache_LBSC = block(nnx.merge(graphdef, state_l), x_BTM, pos_BT, cache_LBSC, i, cfg, kv_len)
+        rest_l, i = layer
+        x_BTM, cache_LBSC = block(nnx.merge(graphdef, experts, rest_l), x_BTM, pos_BT, cache_LBSC, i, cfg, kv_len)
         return (x_BTM, cache_LBSC), None
 
-    n_layers = jax.tree.leaves(state)[0].shape[0]
-    (x_BTM, cache_LBSC), _ = jax.lax.scan(step, (x_BTM, cache_LBSC), (state, jnp.arange(n_layers)))
+    n_layers = jax.tree.leaves(rest)[0].shape[0]
+    (x_BTM, cache_LBSC), _ = jax.lax.scan(step, (x_BTM, cache_LBSC), (rest, jnp.arange(n_layers)))
     return x_BTM, cache_LBSC
 
 
