@@ -42,27 +42,33 @@ def _active_experts(group_sizes_E: jax.Array, slots: int):
     return ids_U, sizes_U.astype(jnp.int32)
 
 
-def grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E) -> jax.Array:
+def _take(a, layer, ids):
+    """a[layer, ids] in one gather, either index left out when None (a is [L, E, ...] when layer is given)."""
+    index = tuple(i for i in (layer, ids) if i is not None)
+    return a[index] if index else a
+
+
+def grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None) -> jax.Array:
     """XLA path: dequantize only the experts that got rows (at most M of them), then ragged_dot."""
-    m, e = x_MK.shape[0], packed_EHN.shape[0]
-    if m < e:
-        ids_U, sizes_U = _active_experts(group_sizes_E, m)
-        packed_EHN, scale_EGN = packed_EHN[ids_U], scale_EGN[ids_U]
-    else:
-        sizes_U = group_sizes_E.astype(jnp.int32)
-    w_UKN = int4_layout.dequantize(packed_EHN, scale_EGN, x_MK.dtype)
+    m, e = x_MK.shape[0], group_sizes_E.shape[0]
+    ids_U, sizes_U = _active_experts(group_sizes_E, m) if m < e else (None, group_sizes_E.astype(jnp.int32))
+    w_UKN = int4_layout.dequantize(_take(packed_EHN, layer, ids_U), _take(scale_EGN, layer, ids_U), x_MK.dtype)
     out_MN = jax.lax.ragged_dot(x_MK, w_UKN, sizes_U, preferred_element_type=jnp.float32)
     return jnp.where(jnp.arange(m)[:, None] < jnp.sum(group_sizes_E), out_MN, 0).astype(x_MK.dtype)
 
 
-def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E) -> jax.Array:
-    """Rows sorted by expert times their expert's INT4 matrix -> [M, N] in x's dtype, on the chosen path."""
+def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None) -> jax.Array:
+    """Rows sorted by expert times their expert's INT4 matrix -> [M, N] in x's dtype, on the chosen path.
+
+    With `layer`, packed/scale are the stacked [L, E, ...] weights; the kernels read that layer's active
+    experts in place (pass the whole stack rather than a gathered copy).
+    """
     mode = kernel_mode()
     if mode == "xla":
-        return grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E)
+        return grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E, layer=layer)
     kernel = (int4_matmul_kernels.grouped_int4_matmul_triton if _uses_triton()
               else int4_matmul_kernels.grouped_int4_matmul)
-    return kernel(x_MK, packed_EHN, scale_EGN, group_sizes_E, interpret=mode == "interpret")
+    return kernel(x_MK, packed_EHN, scale_EGN, group_sizes_E, layer=layer, interpret=mode == "interpret")
 
 
 def int4_matmul(x_MK, packed_HN, scale_GN) -> jax.Array:
@@ -75,10 +81,15 @@ def int4_matmul(x_MK, packed_HN, scale_GN) -> jax.Array:
     return kernel(x_MK, packed_HN, scale_GN, interpret=mode == "interpret")
 
 
-def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float) -> jax.Array:
-    """Absorbed MLA decode attention over the latent cache -> o_lat [B, H, R], on the chosen path."""
+def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, layer=None) -> jax.Array:
+    """Absorbed MLA decode attention over the latent cache -> o_lat [B, H, R], on the chosen path.
+
+    With `layer`, kv is the stacked cache [L, B, S, C]; the kernels read it in place (no per-step slice copy).
+    """
     mode = kernel_mode()
     if mode == "xla":
+        kv_BSC = kv_BSC if layer is None else kv_BSC[layer]
         return mla_decode_kernels.mla_decode_reference(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale)
     kernel = mla_decode_kernels.mla_decode_triton if _uses_triton() else mla_decode_kernels.mla_decode
-    return kernel(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale, interpret=mode == "interpret")
+    return kernel(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale, layer=layer,
+                  interpret=mode == "interpret")

@@ -82,9 +82,12 @@ def _dequant_dot(x_MK: jax.Array, packed_ref, scale_ref, planar: int) -> jax.Arr
     return acc_MN
 
 
-def _gmm_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref,
+def _gmm_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref, layer_ref,
                 x_ref, packed_ref, scale_ref, out_ref, acc_ref, *, planar: int):
-    """One (column tile, visit, K tile) step: accumulate, then store the visiting expert's rows."""
+    """One (column tile, visit, K tile) step: accumulate, then store the visiting expert's rows.
+
+    layer_ref is only read by the index maps, which pick the layer's blocks out of a stacked weight.
+    """
     v, k_i = pl.program_id(1), pl.program_id(2)
     active = v < num_visits_ref[0]
 
@@ -110,24 +113,31 @@ def _index_maps(num_k: int):
     def k_eff(v, k_i, num_visits_ref):
         return jnp.where(v < num_visits_ref[0], k_i, num_k - 1)
 
-    def x_map(n_i, v, k_i, starts, ends, expert, tile, nv):
+    def x_map(n_i, v, k_i, starts, ends, expert, tile, nv, layer):
         return tile[v], k_eff(v, k_i, nv)
 
-    def w_map(n_i, v, k_i, starts, ends, expert, tile, nv):
-        return expert[v], k_eff(v, k_i, nv), n_i
+    def w_map(n_i, v, k_i, starts, ends, expert, tile, nv, layer):
+        return layer[0], expert[v], k_eff(v, k_i, nv), n_i
 
-    def out_map(n_i, v, k_i, starts, ends, expert, tile, nv):
+    def out_map(n_i, v, k_i, starts, ends, expert, tile, nv, layer):
         return tile[v], n_i
 
     return x_map, w_map, out_map
 
 
-def _grouped_call(x_MK, packed_EHN, scale_EGN, group_sizes_E, interpret: bool) -> jax.Array:
-    """Run the grouped kernel; rows past sum(group_sizes) are left unspecified."""
+def _with_layer_axis(packed, scale, layer):
+    """(packed [L, E, K//2, N], scale [L, E, K//32, N], layer [1]): a single layer's weights get L = 1."""
+    if layer is None:
+        return packed[None], scale[None], jnp.zeros((1,), jnp.int32)
+    return packed, scale, jnp.reshape(layer, (1,)).astype(jnp.int32)
+
+
+def _grouped_call(x_MK, packed_LEHN, scale_LEGN, layer_1, group_sizes_E, interpret: bool) -> jax.Array:
+    """Run the grouped kernel on one layer of stacked weights; rows past sum(group_sizes) are unspecified."""
     m, k = x_MK.shape
-    e, _, n = packed_EHN.shape
+    e, _, n = packed_LEHN.shape[1:]
     tm, tk, tn = _tiles(m, k, n)
-    schedule = _visit_schedule(group_sizes_E, m, tm)
+    schedule = (*_visit_schedule(group_sizes_E, m, tm), layer_1)
     num_visits_max = schedule[2].shape[0]
     x_map, w_map, out_map = _index_maps(k // tk)
     cost = pl.CostEstimate(
@@ -141,21 +151,26 @@ def _grouped_call(x_MK, packed_EHN, scale_EGN, group_sizes_E, interpret: bool) -
             num_scalar_prefetch=len(schedule),
             grid=(n // tn, num_visits_max, k // tk),
             in_specs=[pl.BlockSpec((tm, tk), x_map),
-                      pl.BlockSpec((None, tk // 2, tn), w_map),
-                      pl.BlockSpec((None, tk // int4_layout.GROUP, tn), w_map)],
+                      pl.BlockSpec((None, None, tk // 2, tn), w_map),
+                      pl.BlockSpec((None, None, tk // int4_layout.GROUP, tn), w_map)],
             out_specs=pl.BlockSpec((tm, tn), out_map),
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)]),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES),
         cost_estimate=cost,
         interpret=interpret,
-    )(*schedule, x_MK, packed_EHN, scale_EGN)
+    )(*schedule, x_MK, packed_LEHN, scale_LEGN)
 
 
 @functools.partial(jax.jit, static_argnames="interpret")
-def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, interpret: bool = False) -> jax.Array:
-    """Rows of x sorted by expert times their expert's INT4 matrix -> [M, N] in x's dtype; rows past the sum are 0."""
-    out_MN = _grouped_call(x_MK, packed_EHN, scale_EGN, group_sizes_E, interpret)
+def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None,
+                        interpret: bool = False) -> jax.Array:
+    """Rows of x sorted by expert times their expert's INT4 matrix -> [M, N] in x's dtype; rows past the sum are 0.
+
+    With `layer` (int32 scalar), packed/scale are stacked [L, E, ...] and only that layer's active experts are
+    read, with no copy of the stack.
+    """
+    out_MN = _grouped_call(x_MK, *_with_layer_axis(packed_EHN, scale_EGN, layer), group_sizes_E, interpret)
     row_M1 = jnp.arange(x_MK.shape[0])[:, None]
     return jnp.where(row_M1 < jnp.sum(group_sizes_E), out_MN, 0).astype(x_MK.dtype)
 
@@ -164,7 +179,7 @@ def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, interpret
 def int4_matmul(x_MK, packed_HN, scale_GN, *, interpret: bool = False) -> jax.Array:
     """x @ dequantize(packed, scale) -> [M, N] in x's dtype (the grouped kernel with one expert)."""
     sizes_E = jnp.full((1,), x_MK.shape[0], jnp.int32)
-    return _grouped_call(x_MK, packed_HN[None], scale_GN[None], sizes_E, interpret)
+    return _grouped_call(x_MK, *_with_layer_axis(packed_HN[None], scale_GN[None], None), sizes_E, interpret)
 
 
 def _triton_block_m(m: int) -> int:
@@ -172,7 +187,7 @@ def _triton_block_m(m: int) -> int:
     return 16 if m <= 16 else 64
 
 
-def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref,
+def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref, layer_ref,
                        x_ref, packed_ref, scale_ref, out_ref, *, bm: int, bn: int, planar: int):
     """One (visit, column tile) program: loop over planar blocks and their scale groups, masked store."""
     v, n_i = pl.program_id(0), pl.program_id(1)
@@ -183,7 +198,7 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
 
     @pl.when(v < num_visits_ref[0])
     def _visit():
-        expert, row0 = expert_ref[v], tile_ref[v] * bm
+        layer, expert, row0 = layer_ref[0], expert_ref[v], tile_ref[v] * bm
         row_M = row0 + jnp.arange(bm)
         mine_M = (row_M >= starts_ref[expert]) & (row_M < ends_ref[expert])
         col_ok_N = n_i * bn + jnp.arange(bn) < n
@@ -191,7 +206,8 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
 
         def group_dot(k0, row, scale_row, byte_GN, shift):
             x_MG = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, group)], mask=mine_M[:, None], other=0)
-            s_1N = plgpu.load(scale_ref.at[expert, pl.ds(scale_row, 1), cols], mask=col_ok_N[None, :], other=0)
+            s_1N = plgpu.load(scale_ref.at[layer, expert, pl.ds(scale_row, 1), cols], mask=col_ok_N[None, :],
+                              other=0)
             q_GN = ((byte_GN >> shift) & 0xF).astype(jnp.float32) + float(int4_layout.QMIN)
             w_GN = (q_GN * s_1N.astype(jnp.float32)).astype(x_MG.dtype)
             return jnp.dot(x_MG, w_GN, preferred_element_type=jnp.float32)
@@ -199,8 +215,8 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
         def planar_block(j, acc_MN):
             for g in range(half_groups):
                 row = j * planar // 2 + g * group
-                byte_GN = plgpu.load(packed_ref.at[expert, pl.ds(row, group), cols], mask=col_ok_N[None, :],
-                                     other=0).astype(jnp.int32)
+                byte_GN = plgpu.load(packed_ref.at[layer, expert, pl.ds(row, group), cols],
+                                     mask=col_ok_N[None, :], other=0).astype(jnp.int32)
                 base_group = j * planar // group + g
                 acc_MN += group_dot(j * planar + g * group, row, base_group, byte_GN, 0)
                 acc_MN += group_dot(j * planar + planar // 2 + g * group, row, base_group + half_groups, byte_GN, 4)
@@ -212,19 +228,21 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
 
 
 @functools.partial(jax.jit, static_argnames="interpret")
-def grouped_int4_matmul_triton(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, interpret: bool = False):
+def grouped_int4_matmul_triton(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None,
+                               interpret: bool = False) -> jax.Array:
     """GPU (Triton) form of grouped_int4_matmul: same arguments, same result."""
     m, k = x_MK.shape
     n = packed_EHN.shape[-1]
     bm = _triton_block_m(m)
-    schedule = _visit_schedule(group_sizes_E, m, bm)
+    packed_LEHN, scale_LEGN, layer_1 = _with_layer_axis(packed_EHN, scale_EGN, layer)
+    schedule = (*_visit_schedule(group_sizes_E, m, bm), layer_1)
     out_MN = pl.pallas_call(
         functools.partial(_gmm_triton_kernel, bm=bm, bn=TRITON_BLOCK_N, planar=int4_layout.planar_block(k)),
         out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
         grid=(schedule[2].shape[0], pl.cdiv(n, TRITON_BLOCK_N)),
         compiler_params=plgpu.CompilerParams(num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES),
         interpret=interpret,
-    )(*schedule, x_MK, packed_EHN, scale_EGN)
+    )(*schedule, x_MK, packed_LEHN, scale_LEGN)
     return jnp.where(jnp.arange(m)[:, None] < jnp.sum(group_sizes_E), out_MN, 0)
 
 

@@ -53,8 +53,11 @@ def _attend(q_ref, kv_ref, m_ref, l_ref, acc_ref, start, length, *, sm_scale: fl
                                                             preferred_element_type=jnp.float32)
 
 
-def _mla_kernel(lengths_ref, q_ref, kv_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, sm_scale: float):
-    """One (batch, split, block) step; the split's last step writes its normalized output and lse."""
+def _mla_kernel(lengths_ref, layer_ref, q_ref, kv_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, sm_scale: float):
+    """One (batch, split, block) step; the split's last step writes its normalized output and lse.
+
+    layer_ref is only read by the kv index map, which picks the layer's blocks out of a stacked cache.
+    """
     b, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     blocks_per_split = pl.num_programs(2)
     bs = kv_ref.shape[0]
@@ -85,6 +88,13 @@ def _mla_kernel(lengths_ref, q_ref, kv_ref, o_ref, lse_ref, m_ref, l_ref, acc_re
         lse_ref[...] = jnp.where(seen_HL, m_ref[...] + jnp.log(jnp.where(seen_HL, l_HL, 1)), -jnp.inf)
 
 
+def _with_layer_axis(kv, layer):
+    """(kv [L, B, S, C], layer [1]): a single layer's cache gets L = 1."""
+    if layer is None:
+        return kv[None], jnp.zeros((1,), jnp.int32)
+    return kv, jnp.reshape(layer, (1,)).astype(jnp.int32)
+
+
 def _combine(o_BsHR, lse_BsH, dtype) -> jax.Array:
     """Log-sum-exp combine of per-split normalized outputs; sequences with no keys give zeros."""
     lse_max_B1H = jnp.max(lse_BsH, axis=1, keepdims=True)
@@ -95,11 +105,15 @@ def _combine(o_BsHR, lse_BsH, dtype) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_s", "num_splits"))
-def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, interpret: bool = False,
+def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, layer=None, interpret: bool = False,
                block_s: int | None = None, num_splits: int | None = None) -> jax.Array:
-    """softmax((q_lat.c_kv + q_pe.k_pe) * sm_scale over s < length) @ c_kv -> o_lat [B, H, R] in q_lat's dtype."""
+    """softmax((q_lat.c_kv + q_pe.k_pe) * sm_scale over s < length) @ c_kv -> o_lat [B, H, R] in q_lat's dtype.
+
+    With `layer` (int32 scalar), kv is the stacked cache [L, B, S, C] and is read in place, never copied.
+    """
     b, h, r = q_lat_BHR.shape
-    _, s, c = kv_BSC.shape
+    kv_LBSC, layer_1 = _with_layer_axis(kv_BSC, layer)
+    s, c = kv_LBSC.shape[2:]
     bs = _block_s(s, block_s)
     num_blocks = pl.cdiv(s, bs)
     splits = min(num_blocks, num_splits or pl.cdiv(2, b))
@@ -107,33 +121,38 @@ def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, inter
     q_BHC = jnp.concatenate(
         [q_lat_BHR, q_pe_BHP, jnp.zeros((b, h, c - r - q_pe_BHP.shape[-1]), q_lat_BHR.dtype)], axis=-1)
 
-    def kv_map(b_i, split, j, lengths_ref):
+    def kv_map(b_i, split, j, lengths_ref, layer_ref):
         last_valid = jnp.maximum(pl.cdiv(lengths_ref[b_i], bs) - 1, 0)
-        return b_i, jnp.minimum(split * per_split + j, last_valid), 0
+        return layer_ref[0], b_i, jnp.minimum(split * per_split + j, last_valid), 0
+
+    def per_sequence(b_i, split, j, lengths_ref, layer_ref):
+        return b_i, 0, 0
+
+    def per_split_out(b_i, split, j, lengths_ref, layer_ref):
+        return b_i, split, 0, 0
 
     o_BsHR, lse_BsHL = pl.pallas_call(
         functools.partial(_mla_kernel, sm_scale=sm_scale),
         out_shape=(jax.ShapeDtypeStruct((b, splits, h, r), jnp.float32),
                    jax.ShapeDtypeStruct((b, splits, h, LANES), jnp.float32)),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
+            num_scalar_prefetch=2,
             grid=(b, splits, per_split),
-            in_specs=[pl.BlockSpec((None, h, c), lambda b_i, split, j, lengths_ref: (b_i, 0, 0)),
-                      pl.BlockSpec((None, bs, c), kv_map)],
-            out_specs=[pl.BlockSpec((None, None, h, r), lambda b_i, split, j, lengths_ref: (b_i, split, 0, 0)),
-                       pl.BlockSpec((None, None, h, LANES), lambda b_i, split, j, lengths_ref: (b_i, split, 0, 0))],
+            in_specs=[pl.BlockSpec((None, h, c), per_sequence), pl.BlockSpec((None, None, bs, c), kv_map)],
+            out_specs=[pl.BlockSpec((None, None, h, r), per_split_out),
+                       pl.BlockSpec((None, None, h, LANES), per_split_out)],
             scratch_shapes=[pltpu.VMEM((h, LANES), jnp.float32), pltpu.VMEM((h, LANES), jnp.float32),
                             pltpu.VMEM((h, c), jnp.float32)]),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES),
         cost_estimate=pl.CostEstimate(flops=4 * b * h * s * c, transcendentals=b * h * s,
-                                      bytes_accessed=kv_BSC.nbytes + 2 * q_BHC.nbytes),
+                                      bytes_accessed=b * s * c * kv_LBSC.dtype.itemsize + 2 * q_BHC.nbytes),
         interpret=interpret,
-    )(lengths_B.astype(jnp.int32), q_BHC.astype(kv_BSC.dtype), kv_BSC)
+    )(lengths_B.astype(jnp.int32), layer_1, q_BHC.astype(kv_LBSC.dtype), kv_LBSC)
     return _combine(o_BsHR, lse_BsHL[..., 0], q_lat_BHR.dtype)
 
 
-def _mla_triton_kernel(lengths_ref, q_lat_ref, q_pe_ref, kv_ref, o_ref, lse_ref, *,
+def _mla_triton_kernel(lengths_ref, layer_ref, q_lat_ref, q_pe_ref, kv_ref, o_ref, lse_ref, *,
                        sm_scale: float, rows_per_split: int):
     """One (head block, split, sequence) program: online softmax over the split's rows below the length."""
     h_i, split, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -142,6 +161,7 @@ def _mla_triton_kernel(lengths_ref, q_lat_ref, q_pe_ref, kv_ref, o_ref, lse_ref,
     p = q_pe_ref.shape[2]
     heads = pl.ds(h_i * bh, bh)
     head_ok_H = h_i * bh + jnp.arange(bh) < h
+    layer = layer_ref[0]
     start = split * rows_per_split
     stop = jnp.minimum(start + rows_per_split, lengths_ref[b])
     q_lat_HR = plgpu.load(q_lat_ref.at[b, heads, :], mask=head_ok_H[:, None], other=0)
@@ -151,8 +171,9 @@ def _mla_triton_kernel(lengths_ref, q_lat_ref, q_pe_ref, kv_ref, o_ref, lse_ref,
         acc_HR, m_H, l_H = carry
         row0 = start + i * bs
         row_ok_S = row0 + jnp.arange(bs) < stop
-        ckv_SR = plgpu.load(kv_ref.at[b, pl.ds(row0, bs), pl.ds(0, r)], mask=row_ok_S[:, None], other=0)
-        kpe_SP = plgpu.load(kv_ref.at[b, pl.ds(row0, bs), pl.ds(r, p)], mask=row_ok_S[:, None], other=0)
+        rows = pl.ds(row0, bs)
+        ckv_SR = plgpu.load(kv_ref.at[layer, b, rows, pl.ds(0, r)], mask=row_ok_S[:, None], other=0)
+        kpe_SP = plgpu.load(kv_ref.at[layer, b, rows, pl.ds(r, p)], mask=row_ok_S[:, None], other=0)
         s_HS = (jnp.dot(q_lat_HR, ckv_SR.T, preferred_element_type=jnp.float32)
                 + jnp.dot(q_pe_HP, kpe_SP.T, preferred_element_type=jnp.float32)) * sm_scale
         s_HS = jnp.where(row_ok_S[None, :], s_HS, -jnp.inf)
@@ -173,11 +194,12 @@ def _mla_triton_kernel(lengths_ref, q_lat_ref, q_pe_ref, kv_ref, o_ref, lse_ref,
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "num_splits"))
-def mla_decode_triton(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, interpret: bool = False,
-                      num_splits: int | None = None) -> jax.Array:
+def mla_decode_triton(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, layer=None,
+                      interpret: bool = False, num_splits: int | None = None) -> jax.Array:
     """GPU (Triton) form of mla_decode: enough S splits to fill the GPU, then the same log-sum-exp combine."""
     b, h, r = q_lat_BHR.shape
-    s = kv_BSC.shape[1]
+    kv_LBSC, layer_1 = _with_layer_axis(kv_BSC, layer)
+    s = kv_LBSC.shape[2]
     head_blocks = pl.cdiv(h, TRITON_BLOCK_H)
     max_splits = pl.cdiv(s, TRITON_BLOCK_S)
     splits = min(max_splits, num_splits or pl.cdiv(TRITON_MIN_PROGRAMS, b * head_blocks))
@@ -189,7 +211,7 @@ def mla_decode_triton(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float
         grid=(head_blocks, splits, b),
         compiler_params=plgpu.CompilerParams(num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES),
         interpret=interpret,
-    )(lengths_B.astype(jnp.int32), q_lat_BHR.astype(kv_BSC.dtype), q_pe_BHP.astype(kv_BSC.dtype), kv_BSC)
+    )(lengths_B.astype(jnp.int32), layer_1, q_lat_BHR.astype(kv_LBSC.dtype), q_pe_BHP.astype(kv_LBSC.dtype), kv_LBSC)
     return _combine(o_BsHR, lse_BsH, q_lat_BHR.dtype)
 
 

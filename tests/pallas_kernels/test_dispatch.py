@@ -66,3 +66,23 @@ def test_mla_paths_match_reference(rng, monkeypatch, mode):
     out = dispatch.mla_decode(q_lat, q_pe, kv, lengths, sm_scale=0.1)
     ref = M.mla_decode_reference(q_lat, q_pe, kv, lengths, sm_scale=0.1)
     assert float(jnp.max(jnp.abs(out - ref))) < 2e-5
+
+
+@pytest.mark.parametrize("mode", ["xla", "interpret"])
+@pytest.mark.parametrize("rows", [2, 9])
+def test_stacked_layer_paths_match_reference(rng, monkeypatch, mode, rows):
+    """The `layer` argument on every path: few rows (expert gather) and more rows than experts."""
+    monkeypatch.setenv(dispatch.ENV_VAR, mode)
+    packed, scale = random_int4(rng, 2 * 4, 256, 128)
+    packed_LEHN, scale_LEGN = packed.reshape(2, 4, 128, 128), scale.reshape(2, 4, 8, 128)
+    sizes = jnp.asarray([0, rows - 1, 0, 1], jnp.int32)
+    x = random_normal(rng, (rows, 256))
+    out = jax.jit(lambda layer: dispatch.grouped_int4_matmul(x, packed_LEHN, scale_LEGN, sizes, layer=layer))
+    expect = I.grouped_int4_matmul_reference(x, packed_LEHN[1], scale_LEGN[1], sizes)
+    assert max_rel_err(out(jnp.int32(1)), expect) < 1e-5
+    q_lat, q_pe = random_normal(rng, (2, 4, 512)), random_normal(rng, (2, 4, 64))
+    kv_LBSC = random_normal(rng, (3, 2, 40, 640)).at[..., 576:].set(0)
+    lengths = jnp.asarray([40, rows], jnp.int32)
+    o = dispatch.mla_decode(q_lat, q_pe, kv_LBSC, lengths, sm_scale=0.1, layer=jnp.int32(2))
+    expect = M.mla_decode_reference(q_lat, q_pe, kv_LBSC[2], lengths, sm_scale=0.1)
+    assert float(jnp.max(jnp.abs(o - expect))) < 2e-5

@@ -93,7 +93,8 @@ def _experts_read(sizes, m, k, n) -> set[int]:
     tm, tk, _ = I._tiles(m, k, n)
     schedule = [np.asarray(a) for a in I._visit_schedule(jnp.asarray(sizes, jnp.int32), m, tm)]
     _, w_map, _ = I._index_maps(k // tk)
-    return {int(w_map(0, v, k_i, *schedule)[0]) for v in range(len(schedule[2])) for k_i in range(k // tk)}
+    layer = np.zeros(1, np.int32)
+    return {int(w_map(0, v, k_i, *schedule, layer)[1]) for v in range(len(schedule[2])) for k_i in range(k // tk)}
 
 
 @pytest.mark.parametrize("sizes", [[0, 0, 3, 0, 0, 1, 0, 0], [1] + [0] * 46 + [1], [0, 2, 0, 2, 0, 2, 0, 2]])
@@ -117,3 +118,15 @@ def test_kernel_inside_outer_jit_with_traced_group_sizes(rng):
     sizes = jnp.asarray([2, 0, 4, 3], jnp.int32)
     f = jax.jit(lambda x, gs: I.grouped_int4_matmul(x, packed, scale, gs, interpret=True))
     assert max_rel_err(f(x, sizes), I.grouped_int4_matmul_reference(x, packed, scale, sizes)) < 1e-5
+
+
+@pytest.mark.parametrize("kernel", GROUPED)
+def test_layer_of_a_stack_matches_that_layer(rng, kernel):
+    """Stacked [L, E, ...] weights with a traced layer index give the same rows as that layer's slice."""
+    packed, scale = random_int4(rng, 3 * 4, 256, 128)
+    packed_LEHN, scale_LEGN = packed.reshape(3, 4, 128, 128), scale.reshape(3, 4, 8, 128)
+    x = random_normal(rng, (6, 256))
+    sizes = jnp.asarray([1, 0, 3, 2], jnp.int32)
+    run = jax.jit(lambda layer: GROUPED[kernel](x, packed_LEHN, scale_LEGN, sizes, layer=layer, interpret=True))
+    expect = I.grouped_int4_matmul_reference(x, packed_LEHN[2], scale_LEGN[2], sizes)
+    assert max_rel_err(run(jnp.int32(2)), expect) < TOL[jnp.float32]

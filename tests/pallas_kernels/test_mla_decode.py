@@ -2,6 +2,7 @@
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,3 +71,14 @@ def test_reference_against_numpy(rng):
     expect = (probs / probs.sum(-1, keepdims=True)) @ c[:11, :16]
     out = M.mla_decode_reference(q_lat, q_pe, kv, jnp.asarray([11]), sm_scale=0.3)
     np.testing.assert_allclose(np.asarray(out)[0], expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [M.mla_decode, M.mla_decode_triton])
+def test_layer_of_a_stacked_cache_matches_that_layer(rng, kernel):
+    """A stacked cache [L, B, S, C] with a traced layer index gives that layer's attention."""
+    q_lat, q_pe, kv = _inputs(rng, 2, 4, 3 * 50, 64, 32, 128, jnp.float32)
+    kv_LBSC = kv.reshape(2, 3, 50, 128).transpose(1, 0, 2, 3)
+    lengths = jnp.asarray([50, 17], jnp.int32)
+    run = jax.jit(lambda layer: kernel(q_lat, q_pe, kv_LBSC, lengths, sm_scale=0.1, layer=layer, interpret=True))
+    expect = M.mla_decode_reference(q_lat, q_pe, kv_LBSC[1], lengths, sm_scale=0.1)
+    np.testing.assert_allclose(np.asarray(run(jnp.int32(1))), np.asarray(expect), atol=ATOL[jnp.float32], rtol=0)

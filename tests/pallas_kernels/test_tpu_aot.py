@@ -77,3 +77,21 @@ def test_oversized_tiles_fail_to_compile(monkeypatch):
     monkeypatch.setattr(I, "VMEM_LIMIT_BYTES", 2 * 1024 * 1024)
     with pytest.raises(Exception, match="(?i)vmem"):
         _compile_grouped("v5e:2x2", 8, 4, HIDDEN, EXPERT_F)
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_stacked_layer_inputs_are_read_in_place(topology):
+    """With `layer`, the whole layer stack goes in and nothing of its size is copied (temporaries stay small)."""
+    layers, experts, b, s = 4, 48, 1, 262144
+    k, n = HIDDEN, 2 * EXPERT_F
+    stack = [_abstract(topology, (layers, experts, k // 2, n), jnp.uint8),
+             _abstract(topology, (layers, experts, k // 32, n), jnp.bfloat16)]
+    grouped = jax.jit(I.grouped_int4_matmul).lower(
+        _abstract(topology, (TOP_K, k), jnp.bfloat16), *stack, _abstract(topology, (experts,), jnp.int32),
+        layer=_abstract(topology, (), jnp.int32)).compile()
+    assert grouped.memory_analysis().temp_size_in_bytes < experts * k * n // 2 // 16
+    cache = _abstract(topology, (layers, b, s, CACHE_LANES), jnp.bfloat16)
+    mla = jax.jit(functools.partial(M.mla_decode, sm_scale=0.1)).lower(
+        _abstract(topology, (b, 64, KV_LORA), jnp.bfloat16), _abstract(topology, (b, 64, ROPE), jnp.bfloat16),
+        cache, _abstract(topology, (b,), jnp.int32), layer=_abstract(topology, (), jnp.int32)).compile()
+    assert mla.memory_analysis().temp_size_in_bytes < b * s * CACHE_LANES * 2 // 8
