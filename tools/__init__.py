@@ -1,0 +1,1 @@
+"""Offline scripts that build the bundled model: corpus, training, evaluation."""

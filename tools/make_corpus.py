@@ -1,0 +1,294 @@
+"""Offline corpus for the bundled model: the Python standard library's source plus synthetic K2 Thinking tool chats.
+
+Every document is rendered exactly as K2 Thinking sees it at inference: a conversation up to the tool results
+through the chat template with a generation prompt, then the final `<think>...</think>answer<|im_end|>` turn.
+Everything is deterministic given the seed; held-out files and tasks never occur in the training split.
+
+    python -m tools.make_corpus --out build/bundled/corpus --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sysconfig
+import zlib
+from pathlib import Path
+from typing import Any
+
+from k2jax import chat
+
+CALL_ID = "functions.{name}:0"
+DEFAULT_CHATS = 6_000
+DEFAULT_HELDOUT_CHATS = 400
+
+TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "function": {
+        "name": "calculate", "description": "Evaluate an integer expression 'a op b' with op in + - *.",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}},
+    {"type": "function", "function": {
+        "name": "convert_units", "description": "Convert a value between units.",
+        "parameters": {"type": "object", "properties": {"value": {"type": "number"}, "from_unit": {"type": "string"},
+                                                        "to_unit": {"type": "string"}},
+                       "required": ["value", "from_unit", "to_unit"]}}},
+    {"type": "function", "function": {
+        "name": "lookup_capital", "description": "Look up the capital city of a country.",
+        "parameters": {"type": "object", "properties": {"country": {"type": "string"}}, "required": ["country"]}}},
+]
+
+OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b), "*": ("times", lambda a, b: a * b)}
+
+# (from, to) -> (factor, offset): to = from * factor + offset.
+CONVERSIONS: dict[tuple[str, str], tuple[float, float]] = {
+    ("km", "mi"): (0.621371, 0.0), ("mi", "km"): (1.609344, 0.0), ("kg", "lb"): (2.204623, 0.0),
+    ("lb", "kg"): (0.453592, 0.0), ("m", "ft"): (3.28084, 0.0), ("ft", "m"): (0.3048, 0.0),
+    ("l", "gal"): (0.264172, 0.0), ("gal", "l"): (3.785412, 0.0), ("c", "f"): (1.8, 32.0), ("f", "c"): (5 / 9, -160 / 9),
+}
+UNIT_NAMES = {"km": "kilometers", "mi": "miles", "kg": "kilograms", "lb": "pounds", "m": "meters", "ft": "feet",
+              "l": "liters", "gal": "gallons", "c": "degrees Celsius", "f": "degrees Fahrenheit"}
+
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Brazil": "Brasilia", "Canada": "Ottawa",
+    "Australia": "Canberra", "Egypt": "Cairo", "Kenya": "Nairobi", "Mexico": "Mexico City", "Peru": "Lima",
+    "Chile": "Santiago", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Poland": "Warsaw",
+    "Greece": "Athens", "Turkey": "Ankara", "Ireland": "Dublin", "Austria": "Vienna", "Hungary": "Budapest",
+    "Argentina": "Buenos Aires", "Nigeria": "Abuja", "Vietnam": "Hanoi", "Thailand": "Bangkok", "Cuba": "Havana",
+}
+
+QUESTIONS = {
+    "calculate": ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {word} {b}.",
+                  "Please work out {a} {op} {b} for me.", "How much is {a} {word} {b}?"],
+    "convert_units": ["Convert {value} {src} to {dst}.", "How many {dst} is {value} {src}?",
+                      "What is {value} {src} in {dst}?", "Please express {value} {src} in {dst}."],
+    "lookup_capital": ["What is the capital of {country}?", "Which city is the capital of {country}?",
+                       "Tell me the capital of {country}.", "Name the capital city of {country}."],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One synthetic tool-use task: the user's question, the right call, and the answer the tool leads to."""
+
+    question: str
+    tool: str
+    arguments: dict[str, Any]
+    plan: str
+    result: str
+    expected: str
+    answer: str
+
+
+def format_number(x: float) -> str:
+    """A number as the tools print it: an integer when whole, else at most two decimals."""
+    x = round(x, 2)
+    return str(int(x)) if x == int(x) else f"{x:.2f}".rstrip("0")
+
+
+def calculate(expression: str) -> str:
+    """Evaluate 'a op b' on integers (op in + - *)."""
+    a, op, b = expression.split()
+    return str(OPS[op][1](int(a), int(b)))
+
+
+def convert_units(value: float, from_unit: str, to_unit: str) -> str:
+    """Convert between the units of CONVERSIONS, rounded to two decimals."""
+    factor, offset = CONVERSIONS[(from_unit, to_unit)]
+    return f"{format_number(value * factor + offset)} {to_unit}"
+
+
+def lookup_capital(country: str) -> str:
+    """The capital of a country in CAPITALS."""
+    return CAPITALS[country]
+
+
+TOOL_FUNCTIONS = {"calculate": calculate, "convert_units": convert_units, "lookup_capital": lookup_capital}
+
+
+def run_tool(name: str, arguments: dict[str, Any]) -> str:
+    """Run a tool call; a bad name or bad arguments give an error text, as a real tool server would."""
+    try:
+        return TOOL_FUNCTIONS[name](**arguments)
+    except (KeyError, TypeError, ValueError) as err:
+        return f"error: {type(err).__name__}: {err}"
+
+
+def arithmetic_task(rng: random.Random) -> Task:
+    """'What is a op b?' answered through calculate."""
+    a, b, op = rng.randint(2, 999), rng.randint(2, 999), rng.choice(sorted(OPS))
+    expression = f"{a} {op} {b}"
+    result = calculate(expression)
+    question = rng.choice(QUESTIONS["calculate"]).format(a=a, b=b, op=op, word=OPS[op][0])
+    return Task(question, "calculate", {"expression": expression},
+                f"The user wants {expression}. I should use the calculate tool instead of guessing.",
+                result, result, f"{expression} = {result}.")
+
+
+def conversion_task(rng: random.Random) -> Task:
+    """'Convert v src to dst' answered through convert_units."""
+    src, dst = rng.choice(sorted(CONVERSIONS))
+    value = rng.randint(1, 500) if rng.random() < 0.7 else rng.randint(10, 5000) / 10
+    names = {"value": format_number(value), "src": UNIT_NAMES[src], "dst": UNIT_NAMES[dst]}
+    result = convert_units(value, src, dst)
+    return Task(rng.choice(QUESTIONS["convert_units"]).format(**names), "convert_units",
+                {"value": value, "from_unit": src, "to_unit": dst},
+                f"The user wants {names['value']} {src} in {dst}. I will call convert_units.",
+                result, result.split()[0], f"{names['value']} {names['src']} is about {result.split()[0]} {names['dst']}.")
+
+
+def capital_task(rng: random.Random) -> Task:
+    """'What is the capital of X?' answered through lookup_capital."""
+    country = rng.choice(sorted(CAPITALS))
+    return Task(rng.choice(QUESTIONS["lookup_capital"]).format(country=country), "lookup_capital",
+                {"country": country}, f"The user asks for the capital of {country}. I will look it up.",
+                CAPITALS[country], CAPITALS[country], f"The capital of {country} is {CAPITALS[country]}.")
+
+
+TASK_MAKERS = (arithmetic_task, conversion_task, capital_task)
+
+
+def make_task(rng: random.Random) -> Task:
+    """A random task of a random kind."""
+    return rng.choice(TASK_MAKERS)(rng)
+
+
+def tool_call(task: Task) -> dict[str, Any]:
+    """The OpenAI-style tool call that solves `task`."""
+    return {"id": CALL_ID.format(name=task.tool), "type": "function",
+            "function": {"name": task.tool, "arguments": json.dumps(task.arguments)}}
+
+
+def call_messages(task: Task) -> list[dict[str, Any]]:
+    """The conversation up to the model's first turn: the user's question."""
+    return [{"role": "user", "content": task.question}]
+
+
+def result_messages(task: Task, reasoning: str, call: dict[str, Any], result: str) -> list[dict[str, Any]]:
+    """The conversation after the model reasoned, called `call` and got `result`."""
+    return [*call_messages(task),
+            {"role": "assistant", "content": "", "reasoning_content": reasoning, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": result}]
+
+
+def prompt(messages: list[dict[str, Any]]) -> str:
+    """The K2 Thinking prompt for `messages` with the tools declared, through the bundled chat template."""
+    return chat.render(messages, TOOLS, add_generation_prompt=True, template=chat.bundled_template())
+
+
+def final_turn(task: Task) -> str:
+    """The model's last turn after the tool result: reasoning, the answer, end of turn."""
+    reasoning = f"The {task.tool} tool returned {task.result}, so I can answer."
+    return f"{chat.THINK_BEGIN}{reasoning}{chat.THINK_END}{task.answer}{chat.IM_END}"
+
+
+def conversation(task: Task) -> str:
+    """A whole solved task as one training document in the exact K2 Thinking chat format."""
+    return prompt(result_messages(task, task.plan, tool_call(task), task.result)) + final_turn(task)
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's own .py files (tests, site-packages and generated tables excluded), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "site-packages", "idle_test", "encodings", "pydoc_data", "__pycache__", "lib2to3"}
+    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+
+
+def read_source(path: Path, max_chars: int) -> str | None:
+    """A source file's text, or None when it is not UTF-8 or longer than max_chars."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+    return text if 0 < len(text) <= max_chars else None
+
+
+def is_heldout(name: str, seed: int, share: float) -> bool:
+    """A stable held-out choice by hash of (seed, name)."""
+    return zlib.crc32(f"{seed}:{name}".encode()) % 10_000 < share * 10_000
+
+
+def code_documents(seed: int, budget_chars: int, heldout_share: float) -> tuple[list[str], list[str]]:
+    """(train, held-out) stdlib sources, drawn in a seeded order until the training budget is spent."""
+    files = stdlib_files()
+    random.Random(seed).shuffle(files)
+    train, heldout, used = [], [], 0
+    for path in files:
+        text = read_source(path, max_chars=60_000)
+        if text is None or used >= budget_chars:
+            continue
+        if is_heldout(path.name, seed, heldout_share):
+            heldout.append(text)
+        else:
+            train.append(text)
+            used += len(text)
+    return train, heldout
+
+
+def tasks(seed: int, n_train: int, n_heldout: int) -> tuple[list[Task], list[Task]]:
+    """Training and held-out tasks; no held-out question occurs in training."""
+    rng = random.Random(seed)
+    train = [make_task(rng) for _ in range(n_train)]
+    seen = {t.question for t in train}
+    heldout_rng = random.Random(seed + 1_000_003)
+    heldout: list[Task] = []
+    while len(heldout) < n_heldout:
+        task = make_task(heldout_rng)
+        if task.question not in seen:
+            heldout.append(task)
+            seen.add(task.question)
+    return train, heldout
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Documents of both splits and the held-out tasks that measure tool use."""
+
+    train: list[str]
+    heldout: list[str]
+    heldout_tasks: list[Task]
+
+
+def make_corpus(seed: int = 0, code_chars: int = 6_000_000, n_chats: int = DEFAULT_CHATS,
+                n_heldout_chats: int = DEFAULT_HELDOUT_CHATS,
+                heldout_share: float = 0.05) -> Corpus:
+    """The whole corpus: stdlib code and chats, each split shuffled with the seed."""
+    code_train, code_heldout = code_documents(seed, code_chars, heldout_share)
+    train_tasks, heldout_tasks = tasks(seed, n_chats, n_heldout_chats)
+    train = code_train + [conversation(t) for t in train_tasks]
+    heldout = code_heldout + [conversation(t) for t in heldout_tasks]
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    rng.shuffle(heldout)
+    return Corpus(train, heldout, heldout_tasks)
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> None:
+    """One JSON value per line."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def save(corpus: Corpus, out: Path) -> None:
+    """train.jsonl, heldout.jsonl ({"text"} per line) and heldout_tasks.jsonl under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "train.jsonl", [{"text": t} for t in corpus.train])
+    write_jsonl(out / "heldout.jsonl", [{"text": t} for t in corpus.heldout])
+    write_jsonl(out / "heldout_tasks.jsonl", [dataclasses.asdict(t) for t in corpus.heldout_tasks])
+
+
+def main() -> None:
+    """CLI: build the corpus and write it as JSONL."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("build/bundled/corpus"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    corpus = make_corpus(args.seed)
+    save(corpus, args.out)
+    chars = sum(map(len, corpus.train))
+    print(f"{len(corpus.train)} train docs ({chars / 1e6:.1f} M chars), {len(corpus.heldout)} held-out docs, "
+          f"{len(corpus.heldout_tasks)} held-out tasks -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

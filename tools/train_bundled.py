@@ -1,0 +1,315 @@
+"""Train the bundled model: a BPE on the offline corpus, then a small Kimi K2 with INT4 QAT of its routed experts.
+
+Three runs share one data order and one learning-rate schedule: a float32 trunk of `--trunk-steps`, then two
+branches of `--branch-steps` from it, one plain (the "bf16 model", evaluated with its weights in bf16) and
+one with fake-quantized experts (group-32 INT4, straight-through estimator). Held-out perplexity is
+reported for the bf16 model, INT4 post-training quantization of it, and the QAT model; the QAT model is
+written in Kimi K2's HF format (compressed-tensors INT4 experts) to k2jax/bundled/ with its tokenizer.
+
+    nohup python -m tools.train_bundled > build/bundled/train.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+import k2jax.model
+from checkpoints.hf_writer import write_hf_checkpoint
+from k2jax import chat
+from k2jax.config import Int4Quant, K2Config
+from k2jax.loading import abstract_model
+from k2jax.model import K2Model, forward
+from k2jax.tokenizer import KIMI_PATTERN, Tokenizer, byte_to_unicode, kimi_specials
+from pallas_kernels import int4_layout
+from tools import evaluate_bundled, make_corpus
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "k2jax" / "bundled"
+METRICS_FILE = "training_metrics.json"
+TEST_WINDOWS = 4
+TEST_TASKS = 16
+CHAT_MARKERS = ("<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>", chat.THINK_BEGIN,
+                chat.THINK_END, chat.SECTION_BEGIN, chat.SECTION_END, chat.CALL_BEGIN, chat.ARGUMENT_BEGIN,
+                chat.CALL_END)
+EXPERT_PROJS = ("gate", "up", "down")
+
+Params = nnx.State
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation hyper-parameters shared by all runs."""
+
+    seq_len: int = 512
+    batch: int = 4
+    peak_lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    trunk_steps: int = 520
+    branch_steps: int = 180
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.trunk_steps + self.branch_steps
+
+
+def train_bpe(texts: list[str], n_base: int) -> list[bytes]:
+    """Byte-level BPE ranks (token bytes in merge order) learned with Kimi's pre-tokenizer; chat markers stay whole."""
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(KIMI_PATTERN), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=n_base + len(CHAT_MARKERS), special_tokens=list(CHAT_MARKERS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    byte_of = {c: b for b, c in byte_to_unicode().items()}
+    ranked = sorted((i, s) for s, i in bpe.get_vocab().items() if s not in CHAT_MARKERS)
+    return [bytes(byte_of[c] for c in s) for _, s in ranked]
+
+
+def make_tokenizer(texts: list[str], n_base: int) -> Tokenizer:
+    """Kimi-format tokenizer: BPE ranks from the corpus plus Kimi's 256 reserved tokens, K2 chat template."""
+    tokens = train_bpe(texts, n_base)
+    return Tokenizer(tokens, kimi_specials(len(tokens)), chat.bundled_template())
+
+
+def bundled_config(tokenizer: Tokenizer, quant: Int4Quant | None) -> K2Config:
+    """Kimi K2's architecture at toy width: MLA with q_lora, YaRN, one dense layer, 3 MoE layers of 16 experts."""
+    return K2Config(
+        vocab_size=tokenizer.vocab_size, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4,
+        n_shared_experts=1, max_position_embeddings=4096, original_max_position_embeddings=512, rope_factor=8.0,
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, quant=quant)
+
+
+def batch_at(stream: np.ndarray, step: int, settings: TrainSettings) -> np.ndarray:
+    """Training windows [B, T+1] for `step`: random offsets drawn from (seed, step), so every branch sees the same."""
+    rng = np.random.default_rng((settings.seed, step))
+    starts = rng.integers(0, len(stream) - settings.seq_len - 1, settings.batch)
+    return np.stack([stream[s:s + settings.seq_len + 1] for s in starts])
+
+
+def fake_quant(w: jax.Array) -> jax.Array:
+    """INT4 group-32 quantize-dequantize of [..., K, N] weights with a straight-through gradient."""
+    return w + jax.lax.stop_gradient(int4_layout.dequantize(*int4_layout.quantize(w), w.dtype) - w)
+
+
+def expert_key(proj: str) -> tuple[str, ...]:
+    """Flat-state path of one routed-expert projection's dense weight [L, E, K, N]."""
+    return ("moe_layers", "mlp", proj, "weight")
+
+
+def map_experts(params: Params, fn: Callable[[jax.Array], jax.Array]) -> Params:
+    """Params with `fn` applied to each routed-expert weight."""
+    flat = dict(nnx.to_flat_state(params))
+    for proj in EXPERT_PROJS:
+        flat[expert_key(proj)] = flat[expert_key(proj)].replace(fn(flat[expert_key(proj)][...]))
+    return nnx.from_flat_state(flat)
+
+
+def as_stored(params: Params, int4: bool) -> Params:
+    """Params with the checkpoint's precision: bf16, the router bias float32, routed experts INT4 when `int4`."""
+    flat = dict(nnx.to_flat_state(params))
+    experts = {expert_key(proj) for proj in EXPERT_PROJS} if int4 else set()
+    for key, var in flat.items():
+        if key[-1] != "router_bias" and key not in experts:
+            flat[key] = var.replace(var[...].astype(jnp.bfloat16).astype(jnp.float32))
+    return map_experts(nnx.from_flat_state(flat), fake_quant) if int4 else nnx.from_flat_state(flat)
+
+
+def init_params(cfg: K2Config, seed: int) -> tuple[nnx.GraphDef, Params]:
+    """A fresh float32 model (dense experts) split into graph and parameters."""
+    return nnx.split(K2Model(cfg, nnx.Rngs(seed), jnp.float32))
+
+
+def loss_fn(params: Params, graphdef: nnx.GraphDef, windows: jax.Array, cfg: K2Config, qat: bool) -> jax.Array:
+    """Mean next-token cross-entropy of windows [B, T+1]; experts fake-quantized when `qat`."""
+    params = map_experts(params, fake_quant) if qat else params
+    tokens, targets = windows[:, :-1], windows[:, 1:]
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    logits, _ = forward(nnx.merge(graphdef, params), tokens, pos, None, cfg, jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def optimizer(settings: TrainSettings) -> optax.GradientTransformation:
+    """AdamW with warmup and cosine decay to 10% over all steps, gradients clipped at norm 1."""
+    warmup = min(settings.warmup, settings.total_steps // 10)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.peak_lr, warmup, settings.total_steps,
+                                                  settings.peak_lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=settings.weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "qat", "opt"), donate_argnames=("params", "opt_state"))
+def train_step(params: Params, opt_state: Any, windows: jax.Array, graphdef: nnx.GraphDef, cfg: K2Config, qat: bool,
+               opt: optax.GradientTransformation) -> tuple[Params, Any, jax.Array]:
+    """One AdamW step on a batch of windows."""
+    loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, windows, cfg, qat)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def eval_loss(params: Params, windows: jax.Array, graphdef: nnx.GraphDef, cfg: K2Config) -> jax.Array:
+    """Mean next-token cross-entropy of windows [B, T+1] with the parameters as given."""
+    return loss_fn(params, graphdef, windows, cfg, qat=False)
+
+
+def tiled_grouped_matmul(x_XK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.Array, tile: int = 64) -> jax.Array:
+    """ragged_dot's result, computed as tiles of rows that each belong to one expert (several times faster on CPU)."""
+    X, E = x_XK.shape[0], w_EKN.shape[0]
+    padded_E = -(-group_sizes_E // tile) * tile
+    start_E, padded_start_E = jnp.cumsum(group_sizes_E) - group_sizes_E, jnp.cumsum(padded_E) - padded_E
+    n_tiles = -(-X // tile) + E
+    expert_X = jnp.repeat(jnp.arange(E), group_sizes_E, total_repeat_length=X)
+    dest_X = padded_start_E[expert_X] + jnp.arange(X) - start_E[expert_X]
+    x_TtK = jnp.zeros((n_tiles * tile, x_XK.shape[1]), x_XK.dtype).at[dest_X].set(x_XK).reshape(n_tiles, tile, -1)
+    expert_T = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_tiles) * tile, side="right"), E - 1)
+    y_TtN = jnp.einsum("tik,tkn->tin", x_TtK, w_EKN[expert_T], preferred_element_type=jnp.float32)
+    return y_TtN.reshape(n_tiles * tile, -1)[dest_X].astype(x_XK.dtype)
+
+
+def tiled_expert_matmul(p: Any, layer: jax.Array, ids_U: jax.Array, x_XK: jax.Array, sizes_U: jax.Array) -> jax.Array:
+    """Drop-in for k2jax.model.expert_matmul on dense experts, used only while tracing training programs."""
+    return tiled_grouped_matmul(x_XK, p.weight[...][layer, ids_U].astype(x_XK.dtype), sizes_U)
+
+
+def run(params: Params, opt_state: Any, stream: np.ndarray, steps: range, graphdef: nnx.GraphDef, cfg: K2Config,
+        settings: TrainSettings, qat: bool, log: Callable[[str], None]) -> tuple[Params, Any]:
+    """Train over `steps` of the shared schedule, logging the running loss."""
+    opt = optimizer(settings)
+    start, losses = time.perf_counter(), []
+    for step in steps:
+        params, opt_state, loss = train_step(params, opt_state, jnp.asarray(batch_at(stream, step, settings)),
+                                             graphdef, cfg, qat, opt)
+        losses.append(loss)
+        if (step + 1) % 50 == 0 or step + 1 == steps.stop:
+            log(f"{'qat' if qat else 'fp32'} step {step + 1}/{settings.total_steps} "
+                f"loss {float(np.mean(jax.device_get(losses[-50:]))):.3f} ({time.perf_counter() - start:.0f} s)")
+    return params, opt_state
+
+
+def copy_tree(tree: Any) -> Any:
+    """A device copy (train_step donates its inputs)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def heldout_ppl(params: Params, graphdef: nnx.GraphDef, cfg: K2Config, windows: np.ndarray, batch: int = 8) -> float:
+    """exp(mean cross-entropy) over held-out windows, in batches."""
+    losses = [float(eval_loss(params, jnp.asarray(windows[i:i + batch]), graphdef, cfg)) for i in range(0, len(windows), batch)]
+    return math.exp(float(np.mean(losses)))
+
+
+def train(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """Corpus, tokenizer, the three runs and their held-out perplexities; saves tokenizer and QAT params in --work."""
+    settings = TrainSettings(seq_len=args.seq_len, batch=args.batch, trunk_steps=args.trunk_steps,
+                             branch_steps=args.branch_steps, seed=args.seed)
+    corpus = make_corpus.make_corpus(args.seed)
+    log(f"corpus: {len(corpus.train)} train docs, {len(corpus.heldout)} held-out docs")
+    tokenizer = make_tokenizer(corpus.train, args.base_vocab)
+    tokenizer.save(args.work / "tokenizer")
+    stream = evaluate_bundled.token_stream(tokenizer, corpus.train)
+    heldout = evaluate_bundled.eval_windows(evaluate_bundled.token_stream(tokenizer, corpus.heldout), settings.seq_len,
+                                            args.eval_windows)
+    log(f"tokenizer: {tokenizer.vocab_size} ids; {len(stream) / 1e6:.2f} M train tokens, {heldout.shape} held-out")
+    cfg = bundled_config(tokenizer, quant=None)
+    graphdef, params = init_params(cfg, settings.seed)
+    opt_state = optimizer(settings).init(params)
+    with mock.patch.object(k2jax.model, "expert_matmul", tiled_expert_matmul):
+        params, opt_state = run(params, opt_state, stream, range(settings.trunk_steps), graphdef, cfg, settings,
+                                False, log)
+        branch = range(settings.trunk_steps, settings.total_steps)
+        qat, _ = run(copy_tree(params), copy_tree(opt_state), stream, branch, graphdef, cfg, settings, True, log)
+        plain, _ = run(params, opt_state, stream, branch, graphdef, cfg, settings, False, log)
+        ppl = {"bf16": heldout_ppl(as_stored(plain, int4=False), graphdef, cfg, heldout),
+               "int4_ptq": heldout_ppl(as_stored(plain, int4=True), graphdef, cfg, heldout),
+               "int4_qat": heldout_ppl(as_stored(qat, int4=True), graphdef, cfg, heldout),
+               "qat_bf16_experts": heldout_ppl(as_stored(qat, int4=False), graphdef, cfg, heldout)}
+    log("held-out perplexity: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
+    np.savez(args.work / "qat_params.npz", **{"/".join(map(str, k)): np.asarray(v[...])
+                                               for k, v in nnx.to_flat_state(qat)})
+    return {"settings": dataclasses.asdict(settings), "heldout_windows": list(heldout.shape),
+            "heldout_perplexity": ppl}
+
+
+def int4_state(params: dict[str, np.ndarray], cfg: K2Config) -> nnx.State:
+    """The checkpoint's state: parameters in bf16 (router bias float32), routed experts quantized to INT4."""
+    _, abstract = abstract_model(cfg)
+    flat = nnx.to_flat_state(abstract)
+    for key, var in flat:
+        name = "/".join(map(str, key))
+        if key[-1] in ("packed", "scale"):
+            packed, scale = int4_layout.quantize(params[name.rsplit("/", 1)[0] + "/weight"])
+            var.set_value(jnp.asarray(packed if key[-1] == "packed" else scale))
+        else:
+            var.set_value(jnp.asarray(params[name], var.get_value().dtype))
+    return nnx.from_flat_state(flat)
+
+
+def export(args: argparse.Namespace, metrics: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Write the QAT model as a K2 HF checkpoint, reload it with k2jax.load and measure it."""
+    tokenizer_dir = args.work / "tokenizer"
+    cfg = bundled_config(Tokenizer.from_dir(tokenizer_dir), Int4Quant())
+    write_hf_checkpoint(args.out, cfg, int4_state(dict(np.load(args.work / "qat_params.npz")), cfg), tokenizer_dir)
+    model = k2jax.load(args.out)
+    _, tasks = make_corpus.tasks(args.seed, make_corpus.DEFAULT_CHATS, make_corpus.DEFAULT_HELDOUT_CHATS)
+    chat_windows = evaluate_bundled.heldout_chat_windows(model.tokenizer, args.seed, args.seq_len, TEST_WINDOWS)
+    checkpoint = {
+        "size_bytes": sum(f.stat().st_size for f in args.out.iterdir()),
+        "test_heldout_chat_perplexity": evaluate_bundled.perplexity(model, chat_windows),
+        "test_tool_use": evaluate_bundled.tool_use(model, tasks[:TEST_TASKS]),
+        "tool_use": evaluate_bundled.tool_use(model, tasks[:args.eval_tasks]),
+        "code_sample": evaluate_bundled.code_sample(model),
+    }
+    log(json.dumps(checkpoint, indent=2))
+    return {**metrics, "seed": args.seed, "seq_len": args.seq_len, "test_windows": TEST_WINDOWS,
+            "test_tasks": TEST_TASKS, "checkpoint": checkpoint}
+
+
+def main() -> None:
+    """CLI: train (corpus, tokenizer, three runs) and/or export (checkpoint, evaluation, metrics JSON)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=("all", "train", "export"), default="all")
+    parser.add_argument("--out", type=Path, default=BUNDLED_DIR)
+    parser.add_argument("--work", type=Path, default=Path("build/bundled"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-vocab", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=TrainSettings.seq_len)
+    parser.add_argument("--batch", type=int, default=TrainSettings.batch)
+    parser.add_argument("--trunk-steps", type=int, default=TrainSettings.trunk_steps)
+    parser.add_argument("--branch-steps", type=int, default=TrainSettings.branch_steps)
+    parser.add_argument("--eval-windows", type=int, default=48)
+    parser.add_argument("--eval-tasks", type=int, default=100)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - start:7.0f} s] {message}", flush=True)
+
+    train_file = args.work / "train_metrics.json"
+    if args.stage in ("all", "train"):
+        train_file.write_text(json.dumps(train(args, log), indent=2) + "\n")
+    if args.stage in ("all", "export"):
+        metrics = export(args, json.loads(train_file.read_text()), log)
+        (args.out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
