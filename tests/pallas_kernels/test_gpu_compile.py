@@ -103,9 +103,14 @@ def test_stacked_layer_inputs_lower_for_cuda():
     x, packed, scale, sizes = _grouped_args(*GROUPED_SHAPES[0])
     stack = [jax.ShapeDtypeStruct((layers, *a.shape), a.dtype) for a in (packed, scale)]
     layer = jax.ShapeDtypeStruct((), jnp.int32)
-    assert TRITON_CALL in _export_cuda(lambda *a: I.grouped_int4_matmul_triton(*a[:4], layer=a[4]),
-                                       (x, *stack, sizes, layer))
+
+    def grouped(x, packed, scale, sizes, layer):
+        return I.grouped_int4_matmul_triton(x, packed, scale, sizes, layer=layer)
+
+    def mla(q_lat, q_pe, kv, lengths, layer):
+        return M.mla_decode_triton(q_lat, q_pe, kv, lengths, sm_scale=0.1, layer=layer)
+
+    assert TRITON_CALL in _export_cuda(grouped, (x, *stack, sizes, layer))
     q_lat, q_pe, kv, lengths = _mla_args(*MLA_SHAPES[0])
     kv_stack = jax.ShapeDtypeStruct((layers, *kv.shape), kv.dtype)
-    fn = lambda q, p, c, n, l: M.mla_decode_triton(q, p, c, n, sm_scale=0.1, layer=l)  # noqa: E731
-    assert TRITON_CALL in _export_cuda(fn, (q_lat, q_pe, kv_stack, lengths, layer))
+    assert TRITON_CALL in _export_cuda(mla, (q_lat, q_pe, kv_stack, lengths, layer))
