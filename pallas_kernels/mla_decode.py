@@ -2,9 +2,10 @@
 
 The cache is one latent array per layer, kv [B, S, C]: c_kv in lanes [0, R), roped k_pe in [R, R+P), zeros
 in [R+P, C). The query is laid out the same way, so one [H, C] x [C, bs] matmul gives q_lat.c_kv + q_pe.k_pe.
-Each grid step DMAs one [bs, C] block; blocks at or past a sequence's length are neither computed nor
-fetched (their index map repeats the last valid block). S is split into num_splits chunks with their own
-online softmax; the partial outputs and log-sum-exps are combined outside the kernel.
+Each (sequence, split) program loops over its [bs, C] blocks below the sequence's length only, with
+double-buffered manual DMAs, so a cache allocated for 256k tokens costs nothing past the tokens it holds.
+S is split into num_splits chunks with their own online softmax; the partial outputs and log-sum-exps are
+combined outside the kernel.
 The Triton kernel runs one program per (head block, split, sequence) and loops only over the split's rows
 below the sequence's length, loading c_kv and k_pe as two power-of-two lane slices of the same cache rows.
 """
@@ -33,16 +34,16 @@ def _block_s(s: int, block_s: int | None) -> int:
     return s if s <= bs else bs
 
 
-def _attend(q_ref, kv_ref, m_ref, l_ref, acc_ref, start, length, *, sm_scale: float, mask: bool):
-    """Online-softmax update with one kv block; mask zeroes rows at or past length (and past S)."""
-    bs = kv_ref.shape[0]
-    kv_SC = kv_ref[...]
+def _attend(q_ref, kv_SC, m_ref, l_ref, acc_ref, lo, hi, *, sm_scale: float, mask: bool):
+    """Online-softmax update with one kv block; with mask, only block rows in [lo, hi) count."""
     if mask:
-        kv_SC = jnp.where(start + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0) < length, kv_SC, 0)
+        pos_S1 = jax.lax.broadcasted_iota(jnp.int32, (kv_SC.shape[0], 1), 0)
+        kv_SC = jnp.where((pos_S1 >= lo) & (pos_S1 < hi), kv_SC, 0)
     s_HS = jax.lax.dot_general(q_ref[...], kv_SC, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32) * sm_scale
     if mask:
-        s_HS = jnp.where(start + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1) < length, s_HS, -jnp.inf)
+        pos_1S = jax.lax.broadcasted_iota(jnp.int32, (1, kv_SC.shape[0]), 1)
+        s_HS = jnp.where((pos_1S >= lo) & (pos_1S < hi), s_HS, -jnp.inf)
     m_prev_HL = m_ref[...]
     m_new_HL = jnp.maximum(m_prev_HL, jnp.max(s_HS, axis=1, keepdims=True))
     alpha_HL = jnp.exp(m_prev_HL - m_new_HL)
@@ -53,39 +54,51 @@ def _attend(q_ref, kv_ref, m_ref, l_ref, acc_ref, start, length, *, sm_scale: fl
                                                             preferred_element_type=jnp.float32)
 
 
-def _mla_kernel(lengths_ref, layer_ref, q_ref, kv_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, sm_scale: float):
-    """One (batch, split, block) step; the split's last step writes its normalized output and lse.
+def _mla_kernel(lengths_ref, layer_ref, q_ref, kv_hbm, o_ref, lse_ref, kv_buf, sem, m_ref, l_ref, acc_ref, *,
+                sm_scale: float, blocks_per_split: int):
+    """One (sequence, split) program: double-buffered DMAs of the split's blocks below the length only.
 
-    layer_ref is only read by the kv index map, which picks the layer's blocks out of a stacked cache.
+    A block is DMA'd from row min(start, S - bs) so it never reads past S; rows outside [start, length)
+    are masked, and only the blocks that need it pay for the mask.
     """
-    b, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    blocks_per_split = pl.num_programs(2)
-    bs = kv_ref.shape[0]
+    b, split = pl.program_id(0), pl.program_id(1)
+    bs, s = kv_buf.shape[1], kv_hbm.shape[2]
     length = lengths_ref[b]
-    start = (split * blocks_per_split + j) * bs
+    first_block = split * blocks_per_split
+    count = jnp.clip(pl.cdiv(length, bs) - first_block, 0, blocks_per_split)
+    m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+    l_ref[...] = jnp.zeros_like(l_ref)
+    acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    @pl.when(j == 0)
-    def _init():
-        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
-        l_ref[...] = jnp.zeros_like(l_ref)
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+    def row0(i):
+        return jnp.minimum((first_block + i) * bs, s - bs)
 
-    attend = functools.partial(_attend, q_ref, kv_ref, m_ref, l_ref, acc_ref, start, length, sm_scale=sm_scale)
+    def dma(i, slot):
+        return pltpu.make_async_copy(kv_hbm.at[layer_ref[0], b, pl.ds(row0(i), bs)], kv_buf.at[slot], sem.at[slot])
 
-    @pl.when(start + bs <= length)
-    def _full():
-        attend(mask=False)
+    @pl.when(count > 0)
+    def _prefetch_first():
+        dma(0, 0).start()
 
-    @pl.when((start < length) & (start + bs > length))
-    def _partial():
-        attend(mask=True)
+    def block(i, carry):
+        slot = i % 2
+        dma(i, slot).wait()
 
-    @pl.when(j == blocks_per_split - 1)
-    def _finish():
-        l_HL = l_ref[...]
-        seen_HL = l_HL > 0
-        o_ref[...] = acc_ref[:, :o_ref.shape[-1]] / jnp.where(seen_HL, l_HL, 1)[:, :1]
-        lse_ref[...] = jnp.where(seen_HL, m_ref[...] + jnp.log(jnp.where(seen_HL, l_HL, 1)), -jnp.inf)
+        @pl.when(i + 1 < count)
+        def _prefetch_next():
+            dma(i + 1, 1 - slot).start()
+
+        lo, hi = (first_block + i) * bs - row0(i), length - row0(i)
+        attend = functools.partial(_attend, q_ref, kv_buf[slot], m_ref, l_ref, acc_ref, lo, hi, sm_scale=sm_scale)
+        jax.lax.cond((lo == 0) & (hi >= bs), functools.partial(attend, mask=False),
+                     functools.partial(attend, mask=True))
+        return carry
+
+    jax.lax.fori_loop(0, count, block, 0)
+    l_HL = l_ref[...]
+    seen_HL = l_HL > 0
+    o_ref[...] = acc_ref[:, :o_ref.shape[-1]] / jnp.where(seen_HL, l_HL, 1)[:, :1]
+    lse_ref[...] = jnp.where(seen_HL, m_ref[...] + jnp.log(jnp.where(seen_HL, l_HL, 1)), -jnp.inf)
 
 
 def _with_layer_axis(kv, layer):
@@ -121,30 +134,27 @@ def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, layer
     q_BHC = jnp.concatenate(
         [q_lat_BHR, q_pe_BHP, jnp.zeros((b, h, c - r - q_pe_BHP.shape[-1]), q_lat_BHR.dtype)], axis=-1)
 
-    def kv_map(b_i, split, j, lengths_ref, layer_ref):
-        last_valid = jnp.maximum(pl.cdiv(lengths_ref[b_i], bs) - 1, 0)
-        return layer_ref[0], b_i, jnp.minimum(split * per_split + j, last_valid), 0
-
-    def per_sequence(b_i, split, j, lengths_ref, layer_ref):
+    def per_sequence(b_i, split, lengths_ref, layer_ref):
         return b_i, 0, 0
 
-    def per_split_out(b_i, split, j, lengths_ref, layer_ref):
+    def per_split_out(b_i, split, lengths_ref, layer_ref):
         return b_i, split, 0, 0
 
     o_BsHR, lse_BsHL = pl.pallas_call(
-        functools.partial(_mla_kernel, sm_scale=sm_scale),
+        functools.partial(_mla_kernel, sm_scale=sm_scale, blocks_per_split=per_split),
         out_shape=(jax.ShapeDtypeStruct((b, splits, h, r), jnp.float32),
                    jax.ShapeDtypeStruct((b, splits, h, LANES), jnp.float32)),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
-            grid=(b, splits, per_split),
-            in_specs=[pl.BlockSpec((None, h, c), per_sequence), pl.BlockSpec((None, None, bs, c), kv_map)],
+            grid=(b, splits),
+            in_specs=[pl.BlockSpec((None, h, c), per_sequence), pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=[pl.BlockSpec((None, None, h, r), per_split_out),
                        pl.BlockSpec((None, None, h, LANES), per_split_out)],
-            scratch_shapes=[pltpu.VMEM((h, LANES), jnp.float32), pltpu.VMEM((h, LANES), jnp.float32),
+            scratch_shapes=[pltpu.VMEM((2, bs, c), kv_LBSC.dtype), pltpu.SemaphoreType.DMA((2,)),
+                            pltpu.VMEM((h, LANES), jnp.float32), pltpu.VMEM((h, LANES), jnp.float32),
                             pltpu.VMEM((h, c), jnp.float32)]),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES),
+            dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=VMEM_LIMIT_BYTES),
         cost_estimate=pl.CostEstimate(flops=4 * b * h * s * c, transcendentals=b * h * s,
                                       bytes_accessed=b * s * c * kv_LBSC.dtype.itemsize + 2 * q_BHC.nbytes),
         interpret=interpret,
