@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -79,14 +78,15 @@ def build_param(tensors: dict[str, TensorInfo], p: ParamPlan, sharding: NamedSha
     for start in range(0, layers, step):
         stop = min(start + step, layers)
         block = _from_callback((stop - start, *p.shape[1:]), p.dtype, sharding,
-                               lambda idx, start=start: read((_shift(idx[0], start), *idx[1:])))
+                               lambda idx, start=start, stop=stop: read((_shift(idx[0], start, stop), *idx[1:])))
         out = _write_layers(out, block, start)
     return out
 
 
-def _shift(s: slice, offset: int) -> slice:
-    """A layer slice of a chunk, as a slice of the whole stack."""
-    return slice((s.start or 0) + offset, None if s.stop is None else s.stop + offset, s.step)
+def _shift(s: slice, start: int, stop: int) -> slice:
+    """A layer slice of the chunk [start, stop), as a slice of the whole stack."""
+    layers = range(start, stop)[s]
+    return slice(layers.start, layers.stop, layers.step)
 
 
 def _from_callback(shape: tuple[int, ...], dtype: np.dtype, sharding: NamedSharding,
@@ -103,15 +103,9 @@ def _from_callback(shape: tuple[int, ...], dtype: np.dtype, sharding: NamedShard
     return jax.make_array_from_callback(shape, sharding, block, dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "sharding"))
-def _zeros_jit(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding) -> jax.Array:
-    """A zero array created directly in its sharding."""
-    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
-
-
 def _zeros(shape: tuple[int, ...], dtype: np.dtype, sharding: NamedSharding) -> jax.Array:
-    """Preallocated destination of a chunked parameter."""
-    return _zeros_jit(shape, jnp.dtype(dtype), sharding)
+    """Preallocated destination of a chunked parameter, from untouched host zero pages (no compile)."""
+    return jax.make_array_from_callback(shape, sharding, lambda _: np.zeros(sharding.shard_shape(shape), dtype))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
