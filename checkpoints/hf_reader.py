@@ -75,38 +75,39 @@ def plan(path: Path, tensors: dict[str, TensorInfo], cfg: K2Config,
     unknown = sorted("/".join(p) for p in params if p not in by_path)
     if unknown:
         raise CheckpointError(f"{path}: no HF source for k2jax parameters {unknown}")
-    plans = [_plan_param(path, tensors, by_path[key], shape, axes) for key, (shape, axes) in params.items()]
+    where = path / INDEX_FILE if (path / INDEX_FILE).exists() else path
+    plans = [_plan_param(where, tensors, by_path[key], shape, axes) for key, (shape, axes) in params.items()]
     used = {n for p in plans for n in p.source.names()}
     used |= {int4_shape_name(n) for p in plans if p.source.int4 for n in p.source.names()}
     strays = sorted(set(tensors) - used)
     if strays:
-        raise CheckpointError(_stray_message(path, tensors, strays, cfg))
+        raise CheckpointError(_stray_message(path, tensors, strays))
     return plans
 
 
-def _plan_param(path: Path, tensors: dict[str, TensorInfo], src: Source, shape: tuple[int, ...],
+def _plan_param(where: Path, tensors: dict[str, TensorInfo], src: Source, shape: tuple[int, ...],
                 axes: tuple[str | None, ...]) -> ParamPlan:
-    """Check presence, shape and dtype of every HF tensor of one parameter."""
+    """Check presence, shape and dtype of every HF tensor of one parameter (`where` names the index or dir)."""
     stack = src.stack_shape
     inner = shape[len(stack):]
     expected = src.hf_shape(inner)
-    where = "/".join(src.path)
+    param = "/".join(src.path)
     first: TensorInfo | None = None
     total = 0
     for name in src.names():
         info = tensors.get(name)
         if info is None:
-            raise CheckpointError(f"{path}: no tensor {name!r} (needed for k2jax parameter {where})"
+            raise CheckpointError(f"{where}: no tensor {name!r} (needed for k2jax parameter {param})"
                                   + _missing_hint(tensors, name))
         if info.dtype not in src.dtypes:
             raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected "
                                   f"{' or '.join(src.dtypes)}")
         if info.shape != expected:
             raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json "
-                                  f"implies {list(expected)} (k2jax parameter {where})")
+                                  f"implies {list(expected)} (k2jax parameter {param})")
         if first is not None and info.dtype != first.dtype:
             raise CheckpointError(f"{info.file}: tensor {name!r} is {info.dtype} but {first.name!r} is "
-                                  f"{first.dtype}; the tensors of k2jax parameter {where} must share a dtype")
+                                  f"{first.dtype}; the tensors of k2jax parameter {param} must share a dtype")
         if src.int4:
             _check_shape_tensor(tensors, name)
         first = first or info
@@ -129,16 +130,17 @@ def _missing_hint(tensors: dict[str, TensorInfo], name: str) -> str:
     """Explain a missing expert tensor when the checkpoint holds it in the other (quantized or dense) form."""
     if name.endswith(".weight_packed") and name.removesuffix("_packed") in tensors:
         return "; the checkpoint stores this expert unquantized but config.json has a quantization_config"
+    if name.endswith(".weight") and name + "_packed" in tensors:
+        return "; the checkpoint stores this expert INT4 (weight_packed) but config.json has no quantization_config"
     return ""
 
 
-def _stray_message(path: Path, tensors: dict[str, TensorInfo], strays: list[str], cfg: K2Config) -> str:
+def _stray_message(path: Path, tensors: dict[str, TensorInfo], strays: list[str]) -> str:
     """Error text for tensors that the config does not account for."""
-    first = tensors[strays[0]]
-    head = f"{first.file}: tensor {strays[0]!r}"
-    if cfg.quant is None and any(s.endswith(".weight_packed") for s in strays):
-        return f"{head} is INT4-packed but config.json has no quantization_config"
-    if any(s.endswith(".weight_zero_point") for s in strays):
+    zero_points = [s for s in strays if s.endswith(".weight_zero_point")]
+    name = (zero_points or strays)[0]
+    head = f"{tensors[name].file}: tensor {name!r}"
+    if zero_points:
         return f"{head}: zero points (asymmetric quantization) are not supported; k2jax reads symmetric INT4"
     return (f"{head} is not described by config.json ({len(strays)} such tensors in {path}); "
             "does num_hidden_layers / n_routed_experts / tie_word_embeddings match the checkpoint?")

@@ -88,13 +88,13 @@ def int4_checkpoint(hf_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> 
     """Factory: a tiny HF checkpoint with routed experts quantized by compressed-tensors; cached per arguments."""
     cache: dict[str, Int4Checkpoint] = {}
 
-    def make(scheme: QuantizationScheme | None = None, **overrides: Any) -> Int4Checkpoint:
-        scheme = scheme or ct_scheme()
-        key = repr((scheme.model_dump(), sorted(overrides.items())))
+    def make(scheme: dict[str, Any] | None = None, **overrides: Any) -> Int4Checkpoint:
+        """`scheme`: ct_scheme arguments (K2's INT4 when None); `overrides`: the HF model config's."""
+        key = repr((sorted((scheme or {}).items()), sorted(overrides.items())))
         if key not in cache:
             _, src = hf_checkpoint(**{**INT4_HF, **overrides})
             dst = tmp_path_factory.mktemp("int4")
-            cache[key] = Int4Checkpoint(dst, src, quantize_checkpoint(src, dst, scheme))
+            cache[key] = Int4Checkpoint(dst, src, quantize_checkpoint(src, dst, ct_scheme(**(scheme or {}))))
         return cache[key]
 
     return make
