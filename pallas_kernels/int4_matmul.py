@@ -27,7 +27,6 @@ TK_MAX = 4096
 BLOCK_BYTES = 2 * 1024 * 1024
 VMEM_LIMIT_BYTES = 48 * 1024 * 1024
 LANES = 128
-TRITON_BLOCK_N = 128
 TRITON_NUM_WARPS = 4
 TRITON_NUM_STAGES = 3
 
@@ -132,6 +131,11 @@ def _with_layer_axis(packed, scale, layer):
     return packed, scale, jnp.reshape(layer, (1,)).astype(jnp.int32)
 
 
+def _zero_rows_past_sum(out_MN: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+    """Rows no expert owns (past sum(group_sizes)) are never written by the kernels: make them 0."""
+    return jnp.where(jnp.arange(out_MN.shape[0])[:, None] < jnp.sum(group_sizes_E), out_MN, 0)
+
+
 def _grouped_call(x_MK, packed_LEHN, scale_LEGN, layer_1, group_sizes_E, interpret: bool) -> jax.Array:
     """Run the grouped kernel on one layer of stacked weights; rows past sum(group_sizes) are unspecified."""
     m, k = x_MK.shape
@@ -171,8 +175,7 @@ def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=Non
     read, with no copy of the stack.
     """
     out_MN = _grouped_call(x_MK, *_with_layer_axis(packed_EHN, scale_EGN, layer), group_sizes_E, interpret)
-    row_M1 = jnp.arange(x_MK.shape[0])[:, None]
-    return jnp.where(row_M1 < jnp.sum(group_sizes_E), out_MN, 0).astype(x_MK.dtype)
+    return _zero_rows_past_sum(out_MN, group_sizes_E)
 
 
 @functools.partial(jax.jit, static_argnames="interpret")
@@ -182,17 +185,16 @@ def int4_matmul(x_MK, packed_HN, scale_GN, *, interpret: bool = False) -> jax.Ar
     return _grouped_call(x_MK, *_with_layer_axis(packed_HN[None], scale_GN[None], None), sizes_E, interpret)
 
 
-def _triton_block_m(m: int) -> int:
-    """Rows per Triton program: 16 (the smallest tensor-core tile) for decode, 64 for larger batches."""
-    return 16 if m <= 16 else 64
+def _triton_blocks(m: int) -> tuple[int, int]:
+    """(rows, columns) per Triton program: 16 x 64 for decode (more programs to fill the SMs), else 64 x 128."""
+    return (16, 64) if m <= 16 else (64, 128)
 
 
 def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref, layer_ref,
                        x_ref, packed_ref, scale_ref, out_ref, *, bm: int, bn: int, planar: int):
     """One (visit, column tile) program: loop over planar blocks and their scale groups, masked store."""
     v, n_i = pl.program_id(0), pl.program_id(1)
-    m, k = x_ref.shape
-    n = out_ref.shape[1]
+    k, n = x_ref.shape[1], out_ref.shape[1]
     group = int4_layout.GROUP
     half_groups = planar // 2 // group
 
@@ -204,7 +206,7 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
         col_ok_N = n_i * bn + jnp.arange(bn) < n
         cols = pl.ds(n_i * bn, bn)
 
-        def group_dot(k0, row, scale_row, byte_GN, shift):
+        def group_dot(k0, scale_row, byte_GN, shift):
             x_MG = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, group)], mask=mine_M[:, None], other=0)
             s_1N = plgpu.load(scale_ref.at[layer, expert, pl.ds(scale_row, 1), cols], mask=col_ok_N[None, :],
                               other=0)
@@ -218,8 +220,8 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
                 byte_GN = plgpu.load(packed_ref.at[layer, expert, pl.ds(row, group), cols],
                                      mask=col_ok_N[None, :], other=0).astype(jnp.int32)
                 base_group = j * planar // group + g
-                acc_MN += group_dot(j * planar + g * group, row, base_group, byte_GN, 0)
-                acc_MN += group_dot(j * planar + planar // 2 + g * group, row, base_group + half_groups, byte_GN, 4)
+                acc_MN += group_dot(j * planar + g * group, base_group, byte_GN, 0)
+                acc_MN += group_dot(j * planar + planar // 2 + g * group, base_group + half_groups, byte_GN, 4)
             return acc_MN
 
         acc_MN = jax.lax.fori_loop(0, k // planar, planar_block, jnp.zeros((bm, bn), jnp.float32))
@@ -233,17 +235,17 @@ def grouped_int4_matmul_triton(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, la
     """GPU (Triton) form of grouped_int4_matmul: same arguments, same result."""
     m, k = x_MK.shape
     n = packed_EHN.shape[-1]
-    bm = _triton_block_m(m)
+    bm, bn = _triton_blocks(m)
     packed_LEHN, scale_LEGN, layer_1 = _with_layer_axis(packed_EHN, scale_EGN, layer)
     schedule = (*_visit_schedule(group_sizes_E, m, bm), layer_1)
     out_MN = pl.pallas_call(
-        functools.partial(_gmm_triton_kernel, bm=bm, bn=TRITON_BLOCK_N, planar=int4_layout.planar_block(k)),
+        functools.partial(_gmm_triton_kernel, bm=bm, bn=bn, planar=int4_layout.planar_block(k)),
         out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
-        grid=(schedule[2].shape[0], pl.cdiv(n, TRITON_BLOCK_N)),
+        grid=(schedule[2].shape[0], pl.cdiv(n, bn)),
         compiler_params=plgpu.CompilerParams(num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES),
         interpret=interpret,
     )(*schedule, x_MK, packed_LEHN, scale_LEGN)
-    return jnp.where(jnp.arange(m)[:, None] < jnp.sum(group_sizes_E), out_MN, 0)
+    return _zero_rows_past_sum(out_MN, group_sizes_E)
 
 
 def int4_matmul_triton(x_MK, packed_HN, scale_GN, *, interpret: bool = False) -> jax.Array:
