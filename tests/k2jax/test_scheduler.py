@@ -1,0 +1,125 @@
+"""Scheduler: continuous batching gives each request what generate() gives it alone; slots never leak."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import k2jax
+from k2jax.scheduler import Output, QueueFull, Request, Scheduler
+
+EOS = 255
+TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint):
+    return k2jax.load(hf_checkpoint(seed=5, eos_token_id=EOS)[1])
+
+
+@pytest.fixture(scope="module")
+def scheduler(model):
+    sched = Scheduler(model, n_slots=3, max_context=120, max_queue=64, prefill_chunk=16).start()
+    yield sched
+    sched.close()
+
+
+class Collector:
+    """A request's outputs, gathered on the scheduler thread; wait() blocks until the finish reason arrives."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.done = threading.Event()
+        self.first = threading.Event()
+
+    def __call__(self, out: Output) -> None:
+        self.tokens.extend(out.tokens)
+        self.first.set()
+        if out.finish is not None:
+            self.finish = out.finish
+            self.done.set()
+
+    def wait(self) -> Collector:
+        assert self.done.wait(TIMEOUT_S), "request did not finish"
+        return self
+
+
+def request(prompt: list[int], max_tokens: int, **kw) -> tuple[Request, Collector]:
+    sink = Collector()
+    return Request(prompt, max_tokens, sink, **{"stop_ids": frozenset({EOS}), **kw}), sink
+
+
+def wait_until(cond, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_batched_requests_match_generate(model, scheduler, rng):
+    prompts = [rng.integers(3, 250, n).tolist() for n in (5, 40, 9, 23, 70)]  # 40 and 70: prefilled in chunks
+    lengths = [12, 7, 20, 3, 9]
+    jobs = [request(p, n) for p, n in zip(prompts, lengths)]
+    for req, _ in jobs[:2]:
+        scheduler.submit(req)
+    jobs[0][1].first.wait(TIMEOUT_S)
+    for req, _ in jobs[2:]:  # join while the first ones decode; more requests than slots
+        scheduler.submit(req)
+    for (req, sink), p, n in zip(jobs, prompts, lengths):
+        ref = model.generate([p], max_new_tokens=n)
+        assert sink.wait().tokens == ref.ids[0]
+        assert sink.finish == ref.finish_reasons[0]
+    wait_until(lambda: scheduler.running == 0)
+    assert scheduler.free_slots == 3 and scheduler.queue_depth == 0
+
+
+def test_cancel_frees_the_slot_at_once(scheduler, rng):
+    req, sink = request(rng.integers(3, 250, 8).tolist(), 100, stop_ids=frozenset())
+    scheduler.submit(req)
+    assert sink.first.wait(TIMEOUT_S)
+    scheduler.cancel(req)
+    steps = scheduler.steps
+    wait_until(lambda: scheduler.running == 0)
+    assert scheduler.steps <= steps + 1 and not sink.done.is_set()
+    again, again_sink = request(rng.integers(3, 250, 8).tolist(), 4)
+    scheduler.submit(again)
+    assert len(again_sink.wait().tokens) <= 4
+
+
+def test_forced_tokens_replace_the_first_stop(model, scheduler, rng):
+    prompt = rng.integers(3, 250, 10).tolist()
+    plain = model.generate([prompt], max_new_tokens=6).ids[0]
+    stop, forced = plain[3], (7, 8)
+    req, sink = request(prompt, 12, force_before_stop=forced)
+    req.stop_ids = frozenset({stop})
+    scheduler.submit(req)
+    sink.wait()
+    head = plain[:plain.index(stop)]
+    assert sink.tokens[: len(head) + 2] == head + list(forced)
+    rest = model.generate([prompt + head + list(forced)], max_new_tokens=12 - len(head) - 2).ids[0]
+    tail = sink.tokens[len(head) + 2:]
+    assert tail == rest[: len(tail)] and (sink.finish == "length" or rest[len(tail)] == stop)
+
+
+def test_queue_bound_and_request_checks(model, rng):
+    sched = Scheduler(model, n_slots=1, max_context=64, max_queue=1).start()
+    try:
+        accepted = 0
+        with pytest.raises(QueueFull, match="max_queue 1"):
+            for _ in range(3):
+                sched.submit(request(rng.integers(3, 250, 4).tolist(), 50)[0])
+                accepted += 1
+        assert accepted >= 1
+        with pytest.raises(ValueError, match="over the context of 64"):
+            sched.submit(request([3] * 60, 5)[0])
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            sched.submit(request([3, 999], 5)[0])
+        with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+            sched.submit(request([3], 0)[0])
+    finally:
+        sched.close()
+    with pytest.raises(ValueError, match="max_context must be in"):
+        Scheduler(model, max_context=10**6)
