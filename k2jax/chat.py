@@ -402,3 +402,8 @@ def parse_output(text: str) -> ParsedOutput:
     parser.feed(text)
     parser.finish()
     return parser.output()
+
+
+if __name__ == "__main__":
+    from k2jax.chat_cli import main
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""Agent runtime: tool declarations and failures, prefix reuse equal to recompute, long loops in bounded memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from pathlib import Path
+from typing import Literal
+
+import jax
+import numpy as np
+import pytest
+from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+import k2jax
+from checkpoints.hf_writer import write_hf_checkpoint
+from checkpoints.synthetic import random_state
+from k2jax import chat
+from k2jax.agent import (Agent, PrefixCache, SlotSession, Tool, common_prefix, declare, run_agent, run_tool_call,
+                         tool_table)
+from k2jax.chat_cli import DEMO_TOOLS, calculate
+from k2jax.sampling import SamplingParams
+from k2jax.slots import Slots
+from k2jax.tokenizer import KIMI_PATTERN, Tokenizer, byte_to_unicode, kimi_specials
+
+RTOL = 1e-4  # float32 against float32, summation order only
+BUNDLED = Path(k2jax.__file__).parent / "bundled"
+CORPUS = ["What is 12 plus 30? The calculate tool returned 42, so the answer is 42.",
+          "Convert 5 kilometers to miles. The capital of France is Paris. I will look it up.",
+          '{"expression": "12 + 30"} functions.calculate:0 ## Return of the tool'] * 10
+
+
+def tiny_tokenizer(n_base: int = 400) -> Tokenizer:
+    """A Kimi-format tokenizer from a small BPE trained on CORPUS with Kimi's pre-tokenizer."""
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(KIMI_PATTERN), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=n_base, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    byte_of = {c: b for b, c in byte_to_unicode().items()}
+    tokens = [bytes(byte_of[c] for c in s) for _, s in sorted((i, s) for s, i in bpe.get_vocab().items())]
+    return Tokenizer(tokens, kimi_specials(len(tokens)), chat.bundled_template())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny K2 model with a tokenizer, written as an HF checkpoint and loaded like any other."""
+    root = tmp_path_factory.mktemp("tiny_agent")
+    tok = tiny_tokenizer()
+    tok.save(root / "tokenizer")
+    cfg = dataclasses.replace(k2jax.preset("tiny"), vocab_size=tok.vocab_size, max_position_embeddings=1024,
+                              bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    write_hf_checkpoint(root / "model", cfg, random_state(cfg, seed=0, dtype=np.float32), root / "tokenizer")
+    return k2jax.load(root / "model")
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    if not (BUNDLED / "config.json").is_file():
+        pytest.skip("the bundled tool-calling model is not in k2jax/bundled yet")
+    return k2jax.load(BUNDLED)
+
+
+def close(a: np.ndarray, b: np.ndarray) -> bool:
+    return float(np.abs(a - b).max() / np.abs(b).max()) <= RTOL
+
+
+def live_bytes() -> int:
+    return sum(a.nbytes for a in jax.live_arrays())
+
+
+# ---------------------------------------------------------------- tools
+
+
+def test_declaration_from_signature_and_docstring():
+    def search(query: str, limit: int = 5, mode: Literal["fast", "exact"] = "fast", tags: list[str] | None = None,
+               **extra) -> str:
+        """Search the notes.
+
+        Args:
+            query: words to look for
+            limit (int): most results
+        """
+
+    assert declare(search) == {"type": "function", "function": {
+        "name": "search", "description": "Search the notes.",
+        "parameters": {"type": "object", "required": ["query"], "properties": {
+            "query": {"type": "string", "description": "words to look for"},
+            "limit": {"type": "integer", "description": "most results"},
+            "mode": {"enum": ["fast", "exact"]}, "tags": {"type": "array"}}}}}
+    assert declare(calculate)["function"]["parameters"]["properties"] == {"expression": {"type": "string"}}
+
+
+def test_explicit_declarations_and_bad_tools():
+    given = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    table = tool_table([Tool(lambda **kw: 1, given), calculate])
+    assert sorted(table) == ["add", "calculate"] and table["add"].declaration is given
+    with pytest.raises(ValueError, match="two tools are named 'calculate'"):
+        tool_table([calculate, Tool(calculate, declare(calculate))])
+    with pytest.raises(ValueError, match="must be a callable"):
+        tool_table(["calculate"])
+    with pytest.raises(ValueError, match="needs"):
+        tool_table([Tool(calculate, {"type": "function"})])
+
+
+def call(name: str, **arguments) -> dict:
+    return {"id": f"functions.{name}:0", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+def test_tool_failures_become_results():
+    release = threading.Event()
+
+    def boom(x: int) -> int:
+        raise RuntimeError(f"bad {x}")
+
+    def slow() -> str:
+        release.wait(10)
+        return "late"
+
+    tools = tool_table([boom, slow, Tool(lambda: {1, 2}, declare(boom, "sets")),
+                        Tool(lambda: float("nan"), declare(boom, "nan")), Tool(lambda: {"a": [1, "é"]}, declare(boom, "ok"))])
+    try:
+        assert run_tool_call(tools, call("boom", x=3), 1.0) == "error: RuntimeError: bad 3"
+        assert run_tool_call(tools, call("slow"), 0.05) == "error: TimeoutError: no result after 0.05 s"
+    finally:
+        release.set()
+    assert run_tool_call(tools, call("sets"), 1.0).startswith("error: tool 'sets' returned a value that is not JSON (set)")
+    assert "not JSON (float)" in run_tool_call(tools, call("nan"), 1.0)
+    assert run_tool_call(tools, call("ok"), 1.0) == '{"a": [1, "é"]}'
+    assert run_tool_call(tools, call("boom", y=1), 1.0).startswith("error: TypeError:")
+    assert run_tool_call(tools, call("nope"), 1.0) == "error: unknown tool 'nope'; available tools: boom, nan, ok, sets, slow"
+
+
+# ---------------------------------------------------------------- prefix reuse
+
+
+def conversation(final: bool) -> list[dict]:
+    """A tool loop; with `final`, its answer and a follow-up question (the template then drops its reasoning)."""
+    messages = [{"role": "user", "content": "What is 12 plus 30?"},
+                {"role": "assistant", "content": "", "reasoning_content": "I will use the calculate tool.",
+                 "tool_calls": [call("calculate", expression="12 + 30")]},
+                {"role": "tool", "tool_call_id": "functions.calculate:0", "content": "42"}]
+    tail = [{"role": "assistant", "content": "12 + 30 = 42.", "reasoning_content": "The tool returned 42."},
+            {"role": "user", "content": "Convert 5 km to miles."}]
+    return messages + tail * final
+
+
+def test_prefix_reuse_logits_equal_recompute(tiny):
+    tools = [declare(calculate)]
+    session = SlotSession(Slots(tiny, n_slots=2, capacity=512), slot=1)
+    first = tiny.tokenizer.apply_chat_template(conversation(False), tools, tokenize=True)
+    session.prefill(first)
+    rewritten = tiny.tokenizer.apply_chat_template(conversation(True), tools, tokenize=True)
+    start, logits = session.prefill(rewritten)
+    assert 0 < start == common_prefix(first, rewritten) < len(first)  # the dropped reasoning forces a recompute
+    assert close(logits, tiny.logits(np.array([rewritten]))[0, start:])
+    appended = rewritten + tiny.tokenizer.encode("<|im_assistant|>assistant<|im_middle|>")
+    start, logits = session.prefill(appended)
+    assert start == len(rewritten) and close(logits, tiny.logits(np.array([appended]))[0, start:])
+
+
+def test_generation_after_reuse_equals_fresh_generate(tiny):
+    session = SlotSession(Slots(tiny, n_slots=1, capacity=512))
+    tok = tiny.tokenizer
+    stop = frozenset(tok.stop_ids)
+    session.generate(tok.apply_chat_template(conversation(False), tokenize=True), SamplingParams(), 20, stop, tok)
+    prompt = tok.apply_chat_template(conversation(True), tokenize=True)
+    gen = session.generate(prompt, SamplingParams(), 20, stop, tok)
+    assert gen.reused_tokens > 0 and gen.prefilled_tokens < len(prompt)
+    assert gen.ids == tiny.generate([prompt], max_new_tokens=20).ids[0]
+
+
+def test_prefix_cache_restores_rows_within_its_byte_budget(tiny):
+    slots = Slots(tiny, n_slots=1, capacity=512)
+    tok = tiny.tokenizer
+    convs = [tok.encode(f"<|im_user|>user<|im_middle|>Question {i} is about Paris.<|im_end|>") for i in range(6)]
+    session = SlotSession(slots)
+    session.prefill(convs[0])
+    one = PrefixCache(1 << 30)
+    assert one.save(session) and one.nbytes == len(convs[0]) * sum(
+        c.shape[0] * c.shape[-1] * c.dtype.itemsize for c in slots.cache.values())
+    cache = PrefixCache(max_bytes=3 * one.nbytes)
+    for conv in convs:
+        session.prefill(conv)
+        cache.save(session)
+        assert cache.nbytes <= cache.max_bytes
+    assert [list(k) for k in cache.entries] == convs[-3:]  # least recently used left first
+    assert not PrefixCache(one.nbytes - 1).save(session)  # alone over budget: not kept
+
+    follow_up = convs[3] + tok.encode("<|im_assistant|>assistant<|im_middle|>It is in France.")
+    assert cache.restore(session, follow_up) == len(convs[3])
+    start, logits = session.prefill(follow_up)
+    assert start == len(convs[3]) and close(logits, tiny.logits(np.array([follow_up]))[0, start:])
+    session.prefill(follow_up)
+    cache.save(session)
+    assert list(cache.entries)[-1] == tuple(follow_up) and tuple(convs[3]) not in cache.entries  # superseded
+
+
+# ---------------------------------------------------------------- long loops
+
+
+def spy_prompts(agent: Agent) -> list[list[int]]:
+    """Record every prompt the agent's session prefills."""
+    prompts, prefill = [], agent.session.prefill
+    agent.session.prefill = lambda tokens: (prompts.append(list(tokens)), prefill(tokens))[1]
+    return prompts
+
+
+def check_reuse(agent: Agent, prompts: list[list[int]]) -> None:
+    """Each step prefills at most what differs from the previous prompt; the slot never outgrows its capacity."""
+    for k, step in enumerate(agent.steps):
+        assert step.reused_tokens + step.prefilled_tokens == step.prompt_tokens == len(prompts[k])
+        if k:
+            assert step.prefilled_tokens <= len(prompts[k]) - common_prefix(prompts[k], prompts[k - 1])
+        assert step.prompt_tokens <= agent.budget
+    assert agent.session.slots.lengths.max() <= agent.session.slots.capacity
+
+
+def test_long_chat_prefills_only_new_tokens_in_bounded_memory(tiny):
+    agent = Agent(tiny, max_new_tokens=12, capacity=384)
+    prompts = spy_prompts(agent)
+    memory = []
+    for i in range(60):
+        agent.run(f"Question {i}: what is {i} plus 30?", max_steps=1)
+        memory.append(live_bytes())
+    check_reuse(agent, prompts)
+    steps = agent.steps
+    assert sum(s.evicted_messages > 0 for s in steps) >= 2  # the window moved, more than once
+    quiet = [s for s in steps[1:] if not s.evicted_messages]
+    assert max(s.prefilled_tokens for s in quiet) < 60 < max(s.prompt_tokens for s in steps) / 4
+    assert sum(s.prefilled_tokens for s in steps) < 0.3 * sum(s.prompt_tokens for s in steps)
+    assert max(memory[5:]) - min(memory[5:]) < 1 << 20
+
+
+def test_step_limit_and_tool_errors(bundled):
+    def calculate(expression: str) -> str:
+        """Evaluate an integer expression 'a op b' with op in + - *."""
+        raise ZeroDivisionError("the calculator is broken")
+
+    result = run_agent(bundled, "What is 12 plus 30?", [calculate], max_steps=1, max_new_tokens=96, capacity=1024)
+    assert result.stop_reason == "max_steps" and len(result.steps) == 1
+    reply, tool = result.messages[-2:]
+    assert tool == {"role": "tool", "tool_call_id": reply["tool_calls"][0]["id"],
+                    "content": "error: ZeroDivisionError: the calculator is broken"}
+    again = run_agent(bundled, "What is 12 plus 30?", [calculate], max_steps=4, max_new_tokens=96, capacity=1024)
+    assert again.steps and all(m["content"].startswith("error:") for m in again.messages if m["role"] == "tool")
+
+
+QUESTIONS = ["What is {a} plus {b}?", "Convert {a} kilometers to miles.", "What is the capital of {c}?",
+             "Compute {a} * {b}.", "How many pounds is {b} kilograms?"]
+
+
+def test_300_step_tool_loop_reuses_cache_in_bounded_memory(bundled):
+    events = []
+    agent = Agent(bundled, DEMO_TOOLS, max_new_tokens=96, capacity=1024, on_event=events.append)
+    prompts = spy_prompts(agent)
+    memory, countries = [], ["France", "Japan", "Kenya", "Peru", "Norway"]
+    i = 0
+    while len(agent.steps) < 300:
+        question = QUESTIONS[i % len(QUESTIONS)].format(a=10 + i, b=3 + i % 7, c=countries[i % len(countries)])
+        agent.run(question, max_steps=min(4, 300 - len(agent.steps)))
+        memory.append(live_bytes())
+        i += 1
+    check_reuse(agent, prompts)
+    steps = agent.steps
+    calls = sum(s.tool_calls for s in steps)
+    assert calls >= 100 and sum(e.kind == "tool_result" for e in events) == calls
+    quiet = [s for s in steps[1:] if not s.evicted_messages]
+    assert np.mean([s.prefilled_tokens for s in quiet]) < 0.2 * np.mean([s.prompt_tokens for s in quiet])
+    assert sum(s.prefilled_tokens for s in steps) < 0.3 * sum(s.prompt_tokens for s in steps)
+    assert max(memory[3:]) - min(memory[3:]) < 1 << 20
