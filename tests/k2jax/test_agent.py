@@ -19,7 +19,7 @@ from checkpoints.synthetic import random_state
 from k2jax import chat
 from k2jax.agent import (Agent, PrefixCache, SlotSession, Tool, common_prefix, declare, run_agent, run_tool_call,
                          tool_table)
-from k2jax.chat_cli import DEMO_TOOLS, calculate
+from k2jax.chat_cli import DEMO_TOOLS, calculate, demo_task
 from k2jax.sampling import SamplingParams
 from k2jax.slots import Slots
 from k2jax.tokenizer import KIMI_PATTERN, Tokenizer, byte_to_unicode, kimi_specials
@@ -247,21 +247,14 @@ def test_step_limit_and_tool_errors(bundled):
     assert again.steps and all(m["content"].startswith("error:") for m in again.messages if m["role"] == "tool")
 
 
-QUESTIONS = ["What is {a} plus {b}?", "Convert {a} kilometers to miles.", "What is the capital of {c}?",
-             "Compute {a} * {b}.", "How many pounds is {b} kilograms?"]
-
-
 def test_300_step_tool_loop_reuses_cache_in_bounded_memory(bundled):
     events = []
     agent = Agent(bundled, DEMO_TOOLS, max_new_tokens=96, capacity=1024, on_event=events.append)
     prompts = spy_prompts(agent)
-    memory, countries = [], ["France", "Japan", "Kenya", "Peru", "Norway"]
-    i = 0
+    memory = []
     while len(agent.steps) < 300:
-        question = QUESTIONS[i % len(QUESTIONS)].format(a=10 + i, b=3 + i % 7, c=countries[i % len(countries)])
-        agent.run(question, max_steps=min(4, 300 - len(agent.steps)))
+        agent.run(demo_task(len(memory)), max_steps=min(4, 300 - len(agent.steps)))
         memory.append(live_bytes())
-        i += 1
     check_reuse(agent, prompts)
     steps = agent.steps
     calls = sum(s.tool_calls for s in steps)
