@@ -1,0 +1,752 @@
+"""An OpenAI-compatible HTTP server over the Scheduler: chat (tools, reasoning), completions, models, health, metrics.
+
+The model runs only on the scheduler's thread; the event loop turns tokens into text (incremental detokenizing,
+stop strings, the K2 chat parser) and HTTP. Errors follow OpenAI's shape: {"error": {message, type, param, code}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from typing import Any, AsyncIterator, Callable, Literal, Sequence
+
+import uvicorn
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from k2jax import chat
+from k2jax.sampling import SamplingParams
+from k2jax.scheduler import Output, QueueFull, Request, Scheduler
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_CHOICES = 16
+MAX_STOP_STRINGS = 4
+POLL_S = 0.5
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RATE_WINDOW_S = 10.0
+
+
+# ---------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body: {"error": {...}}."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(err: ValidationError) -> APIError:
+    """A 422 naming the first offending field of a request body."""
+    first = err.errors()[0]
+    param = ".".join(str(p) for p in first["loc"])
+    return APIError(422, f"{param}: {first['msg']}" if param else first["msg"], param=param or None)
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+class StreamOptions(BaseModel):
+    """stream_options: whether a last chunk carries usage."""
+
+    include_usage: bool = False
+
+
+class FunctionDef(BaseModel):
+    """A tool's function declaration."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    """One entry of `tools`."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    """The function a named tool_choice forces."""
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice {"type": "function", "function": {"name": ...}}."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class Message(BaseModel):
+    """A chat message; content, tool calls and tool results are checked further by k2jax.chat."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class GenerationBody(BaseModel):
+    """Fields shared by chat and text completions (unknown fields are ignored, as OpenAI clients send extras)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatBody(GenerationBody):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message]
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    max_completion_tokens: int | None = None
+
+
+class CompletionBody(GenerationBody):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+def check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    """Reject a sampling value outside [low, high] (or (low, high])."""
+    if not (low < value <= high if low_open else low <= value <= high):
+        raise APIError(400, f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}", param=name)
+
+
+def sampling_params(body: GenerationBody) -> SamplingParams:
+    """SamplingParams from a body, OpenAI defaults (temperature 1), ranges checked; no seed -> a random one."""
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    top_k = body.top_k or 0
+    min_p = body.min_p or 0.0
+    check_range("temperature", temperature, 0.0, 2.0)
+    check_range("top_p", top_p, 0.0, 1.0, low_open=True)
+    check_range("min_p", min_p, 0.0, 1.0)
+    if top_k < 0:
+        raise APIError(400, f"top_k must be >= 0 (0 disables it), got {top_k}", param="top_k")
+    seed = uuid.uuid4().int if body.seed is None else body.seed
+    return SamplingParams(temperature, top_k, top_p, min_p, seed & 0xFFFFFFFF)
+
+
+def stop_strings(body: GenerationBody) -> tuple[str, ...]:
+    """The body's stop strings as a tuple (at most MAX_STOP_STRINGS, none empty)."""
+    stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stops) > MAX_STOP_STRINGS or not all(stops):
+        raise APIError(400, f"stop: give at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
+    return stops
+
+
+def choice_count(body: GenerationBody) -> int:
+    """n, checked: 1..MAX_CHOICES."""
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"n must be in [1, {MAX_CHOICES}], got {n}", param="n")
+    return n
+
+
+def token_budget(prompt_len: int, max_tokens: int | None, max_context: int) -> int:
+    """max_tokens checked against the context (default: all the room left); a too-long prompt is a 413."""
+    if prompt_len >= max_context:
+        raise APIError(413, f"the prompt is {prompt_len} tokens; this server's context is {max_context} tokens",
+                       param="messages", code="context_length_exceeded")
+    if max_tokens is None:
+        return max_context - prompt_len
+    if max_tokens < 1:
+        raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+    if prompt_len + max_tokens > max_context:
+        raise APIError(400, f"max_tokens {max_tokens} plus the prompt's {prompt_len} tokens exceeds this server's "
+                       f"context of {max_context} tokens", param="max_tokens", code="context_length_exceeded")
+    return max_tokens
+
+
+def chat_messages(body: ChatBody) -> list[dict[str, Any]]:
+    """Messages as plain dicts for the chat template ('developer' is rendered as 'system')."""
+    if not body.messages:
+        raise APIError(422, "messages: give at least one message", param="messages")
+    out = []
+    for message in body.messages:
+        item = message.model_dump(exclude_none=True)
+        item["role"] = "system" if item["role"] == "developer" else item["role"]
+        out.append(item)
+    return out
+
+
+def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A completions `prompt` as a list of prompts (text or token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt: must not be empty", param="prompt")
+    return [prompt] if isinstance(prompt[0], int) else list(prompt)
+
+
+# ---------------------------------------------------------------- text side
+
+
+class TextStream:
+    """One choice's text as tokens arrive: incremental detokenizing, stop strings cut and their prefixes held back."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]):
+        self.tokenizer, self.stops = tokenizer, tuple(stops)
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+        self._prefix = self._read = self._sent = 0
+
+    def feed(self, ids: Sequence[int], final: bool = False) -> str:
+        """Text that these new ids make certain (all of the rest when final)."""
+        self.ids.extend(ids)
+        if self.stopped:
+            return ""
+        before = len(self.text)
+        self.text += self._decode_new(final)
+        hit = [i for i in (self.text.find(s, max(0, before - len(s) + 1)) for s in self.stops) if i >= 0]
+        if hit:
+            self.text, self.stopped = self.text[: min(hit)], True
+        held = 0 if self.stopped or final else chat.held_suffix(self.text, self.stops)
+        end = len(self.text) - held
+        out, self._sent = self.text[self._sent:end], max(self._sent, end)
+        return out
+
+    def _decode_new(self, final: bool) -> str:
+        """Newly decoded text; waits while the tail is an incomplete UTF-8 character (unless final)."""
+        decode = self.tokenizer.decode
+        old = decode(self.ids[self._prefix:self._read])
+        new = decode(self.ids[self._prefix:])
+        if new.endswith("\ufffd") and not final:
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return new[len(old):]
+
+
+@dataclasses.dataclass
+class Choice:
+    """Per-choice state of a response: text, chat parser (chat only), token count and finish reason."""
+
+    text: TextStream
+    parser: chat.StreamParser | None = None
+    tokens: int = 0
+    finish: str | None = None
+    error: str | None = None
+
+    def add(self, out: Output) -> tuple[str, list[chat.Delta]]:
+        """Take an Output: (new text, new chat deltas); sets finish when the choice ends."""
+        self.tokens += len(out.tokens)
+        final = out.finish is not None
+        text = self.text.feed(out.tokens, final=final or self.text.stopped)
+        if self.text.stopped or final:
+            self.finish = "stop" if self.text.stopped else out.finish
+            self.error = out.error
+        deltas = self.parser.feed(text) if self.parser and text else []
+        if self.parser and self.finish:
+            deltas += self.parser.finish()
+        return text, deltas
+
+    def finish_reason(self) -> str:
+        """OpenAI's finish_reason: stop, length, or tool_calls when the model ended its turn with tool calls."""
+        if self.finish == "stop" and self.parser and self.parser.output().tool_calls:
+            return "tool_calls"
+        return self.finish or "stop"
+
+
+# ---------------------------------------------------------------- jobs and metrics
+
+
+class Metrics:
+    """Prometheus metrics of one server: queue depth, running requests, tokens, tokens/s, time to first token."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.registry = CollectorRegistry()
+        Gauge("k2jax_queue_depth", "Requests waiting for a slot", registry=self.registry).set_function(
+            lambda: scheduler.queue_depth)
+        Gauge("k2jax_running_requests", "Requests holding a cache slot", registry=self.registry).set_function(
+            lambda: scheduler.running)
+        Gauge("k2jax_generation_tokens_per_second", f"Generated tokens per second over the last {RATE_WINDOW_S:g} s",
+              registry=self.registry).set_function(self.tokens_per_second)
+        self.prompt_tokens = Counter("k2jax_prompt_tokens", "Prompt tokens admitted", registry=self.registry)
+        self.generation_tokens = Counter("k2jax_generation_tokens", "Tokens generated", registry=self.registry)
+        self.requests = Counter("k2jax_requests", "Finished requests by finish reason", ["finish_reason"],
+                                registry=self.registry)
+        self.ttft = Histogram("k2jax_time_to_first_token_seconds", "Time from submission to first token",
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self._recent: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def add_tokens(self, n: int) -> None:
+        """Count n generated tokens now."""
+        self.generation_tokens.inc(n)
+        now = time.monotonic()
+        with self._lock:
+            self._recent.append((now, n))
+            self._trim(now)
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last RATE_WINDOW_S seconds."""
+        with self._lock:
+            self._trim(time.monotonic())
+            return sum(n for _, n in self._recent) / RATE_WINDOW_S
+
+    def _trim(self, now: float) -> None:
+        """Forget counts older than the window."""
+        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+            self._recent.popleft()
+
+
+def cancel_all(scheduler: Scheduler, requests: list[Request]) -> None:
+    """Cancel every request of a job that is still running (no-op for finished ones)."""
+    for request in requests:
+        scheduler.cancel(request)
+
+
+class Job:
+    """The scheduler requests of one HTTP call (n choices, or several prompts) and the queue their outputs reach.
+
+    Its requests are cancelled by close(), or when the Job is garbage-collected, so a response that is dropped
+    (client gone) frees its slots even if its body was never iterated.
+    """
+
+    def __init__(self, scheduler: Scheduler, metrics: Metrics):
+        self.scheduler, self.metrics = scheduler, metrics
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.requests: list[Request] = []
+        self.pending: set[int] = set()
+        self.close = weakref.finalize(self, cancel_all, scheduler, self.requests)
+
+    def add(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: frozenset[int],
+            force_before_stop: tuple[int, ...] = ()) -> None:
+        """Add one sequence; its outputs arrive tagged with its index."""
+        index = len(self.requests)
+        emit = functools.partial(self.loop.call_soon_threadsafe, self.queue.put_nowait)
+        self.pending.add(index)
+        self.requests.append(Request(prompt, max_tokens, lambda out: emit((index, out)), params, stop_ids,
+                                     force_before_stop))
+
+    def submit(self) -> None:
+        """Queue every request; a full queue (429) or a rejected request (400) cancels those already queued."""
+        try:
+            for request in self.requests:
+                self.scheduler.submit(request)
+        except QueueFull as err:
+            self.close()
+            raise APIError(429, f"server busy: {err}; retry later", type="rate_limit_exceeded") from None
+        except ValueError as err:
+            self.close()
+            raise APIError(400, str(err)) from None
+        except RuntimeError as err:
+            self.close()
+            raise APIError(503, str(err), type="server_error") from None
+        self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in self.requests))
+        self.started = time.monotonic()
+
+    def stop(self, index: int) -> None:
+        """End one sequence early (its stop string was found): no more outputs are awaited for it."""
+        if index in self.pending:
+            self.pending.discard(index)
+            self.scheduler.cancel(self.requests[index])
+            self.metrics.requests.labels("stop").inc()
+
+    async def outputs(self, disconnected: Callable[[], Any] | None = None) -> AsyncIterator[tuple[int, Output]]:
+        """(index, Output) until every request finished; stops early if the client disconnects or the scheduler dies."""
+        seen: set[int] = set()
+        while self.pending:
+            try:
+                index, out = await asyncio.wait_for(self.queue.get(), POLL_S)
+            except asyncio.TimeoutError:
+                if not self.scheduler.alive:
+                    raise APIError(503, "the model thread has stopped", type="server_error") from None
+                if disconnected is not None and await disconnected():
+                    self.close()
+                    return
+                continue
+            if index not in seen:
+                seen.add(index)
+                self.metrics.ttft.observe(time.monotonic() - self.started)
+            self.metrics.add_tokens(len(out.tokens))
+            if index not in self.pending:
+                continue
+            if out.finish is not None:
+                self.pending.discard(index)
+                self.metrics.requests.labels(out.finish).inc()
+            yield index, out
+
+
+
+# ---------------------------------------------------------------- responses
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    """One server-sent event."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def usage(prompt_tokens: int, choices: Sequence[Choice]) -> dict[str, int]:
+    """OpenAI usage: prompt tokens counted once per prompt, completion tokens summed over choices."""
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def chat_message(choice: Choice) -> dict[str, Any]:
+    """The assistant message of a finished chat choice: content, reasoning_content, tool_calls."""
+    parsed = choice.parser.output()
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content or (None if parsed.tool_calls else ""),
+                               "reasoning_content": parsed.reasoning_content}
+    if parsed.tool_calls:
+        message["tool_calls"] = parsed.tool_calls
+    return message
+
+
+def chat_delta(delta: chat.Delta, first_call: int) -> dict[str, Any]:
+    """A chat.Delta as an OpenAI stream delta; tool calls are numbered from first_call."""
+    if delta.tool_calls:
+        return {"tool_calls": [{"index": first_call + k, **call} for k, call in enumerate(delta.tool_calls)]}
+    if delta.reasoning_content:
+        return {"reasoning_content": delta.reasoning_content}
+    return {"content": delta.content}
+
+
+def raise_choice_error(choices: Sequence[Choice]) -> None:
+    """A 500 if generation failed for any choice."""
+    failed = [c.error for c in choices if c.finish == "error"]
+    if failed:
+        raise APIError(500, f"generation failed: {failed[0]}", type="server_error")
+
+
+@dataclasses.dataclass
+class Call:
+    """A validated generation call: its job, its choices, the prompt token count and the response envelope."""
+
+    job: Job
+    choices: list[Choice]
+    prompt_tokens: int
+    head: dict[str, Any]
+    stream: bool
+    include_usage: bool
+
+    def take(self, index: int, out: Output) -> list[chat.Delta]:
+        """Feed one Output to its choice; a stop string ends that choice. Returns chat deltas (or text as content)."""
+        choice = self.choices[index]
+        text, deltas = choice.add(out)
+        if choice.text.stopped:
+            self.job.stop(index)
+        return deltas if choice.parser else ([chat.Delta(content=text)] if text else [])
+
+    async def collect(self, disconnected: Callable[[], Any]) -> None:
+        """Run to the end (non-streaming responses)."""
+        async for index, out in self.job.outputs(disconnected):
+            self.take(index, out)
+        raise_choice_error(self.choices)
+
+    def chunk(self, index: int, delta: dict[str, Any] | None, finish: str | None = None) -> str:
+        """One streamed chunk for a choice: a chat delta, or completion text."""
+        if self.head["object"] == "chat.completion.chunk":
+            body = {"index": index, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+        else:
+            body = {"index": index, "text": (delta or {}).get("content", ""), "logprobs": None, "finish_reason": finish}
+        return sse({**self.head, "choices": [body]})
+
+    async def events(self) -> AsyncIterator[str]:
+        """The server-sent events of a streaming response; the job is cancelled however the stream ends."""
+        try:
+            if self.head["object"] == "chat.completion.chunk":
+                for index in range(len(self.choices)):
+                    yield self.chunk(index, {"role": "assistant", "content": ""})
+            calls_sent = [0] * len(self.choices)
+            async for index, out in self.job.outputs():
+                for delta in self.take(index, out):
+                    yield self.chunk(index, chat_delta(delta, calls_sent[index]))
+                    calls_sent[index] += len(delta.tool_calls)
+                choice = self.choices[index]
+                if choice.finish is not None:
+                    raise_choice_error([choice])
+                    yield self.chunk(index, None, choice.finish_reason())
+            if self.include_usage:
+                yield sse({**self.head, "choices": [], "usage": usage(self.prompt_tokens, self.choices)})
+            yield sse("[DONE]")
+        except APIError as err:
+            yield sse(err.body())
+        finally:
+            self.job.close()
+
+    def chat_response(self) -> dict[str, Any]:
+        """The non-streaming chat.completion body."""
+        choices = [{"index": i, "message": chat_message(c), "logprobs": None, "finish_reason": c.finish_reason()}
+                   for i, c in enumerate(self.choices)]
+        return {**self.head, "object": "chat.completion", "choices": choices,
+                "usage": usage(self.prompt_tokens, self.choices)}
+
+    def completion_response(self) -> dict[str, Any]:
+        """The non-streaming text_completion body."""
+        choices = [{"index": i, "text": c.text.text, "logprobs": None, "finish_reason": c.finish_reason()}
+                   for i, c in enumerate(self.choices)]
+        return {**self.head, "choices": choices, "usage": usage(self.prompt_tokens, self.choices)}
+
+
+# ---------------------------------------------------------------- service
+
+
+class Service:
+    """What the HTTP routes need: the model's tokenizer, the scheduler, the served name, the key, the metrics."""
+
+    def __init__(self, model: Any, scheduler: Scheduler, name: str = "k2jax", api_key: str | None = None):
+        if model.tokenizer is None:
+            raise ValueError("serving needs a checkpoint with a tokenizer (tiktoken.model)")
+        self.tokenizer, self.scheduler, self.name, self.api_key = model.tokenizer, scheduler, name, api_key
+        self.created = int(time.time())
+        self.metrics = Metrics(scheduler)
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an Authorization header carries the API key (always, when the server has none)."""
+        return self.api_key is None or hmac.compare_digest((header or "").encode(), f"Bearer {self.api_key}".encode())
+
+    def check_model(self, name: str) -> None:
+        """404 unless `name` is the served model."""
+        if name != self.name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.name}`",
+                           param="model", code="model_not_found")
+
+    def model_card(self) -> dict[str, Any]:
+        """The served model as a /v1/models entry."""
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "k2jax",
+                "max_model_len": self.scheduler.max_context}
+
+    def tool_setup(self, body: ChatBody) -> tuple[list[dict[str, Any]] | None, frozenset[int], tuple[int, ...]]:
+        """Tools to render, stop ids and forced tokens for tool_choice: none / auto / required / a named function."""
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        choice = body.tool_choice or ("auto" if tools else "none")
+        stop_ids = frozenset(self.tokenizer.stop_ids)
+        if choice == "none":
+            return None, stop_ids | {self.tokenizer.token_id(chat.SECTION_BEGIN)}, ()
+        if not tools:
+            raise APIError(400, "tool_choice needs a non-empty `tools` list", param="tool_choice")
+        if choice == "auto":
+            return tools, stop_ids, ()
+        opening = f"{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions."
+        if choice == "required":
+            return tools, stop_ids, tuple(self.tokenizer.encode(opening))
+        names = [t["function"]["name"] for t in tools]
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice names `{choice.function.name}`, which is not in tools {names}",
+                           param="tool_choice")
+        forced = f"{opening}{choice.function.name}:0{chat.ARGUMENT_BEGIN}"
+        return tools, stop_ids, tuple(self.tokenizer.encode(forced))
+
+    def head(self, kind: str) -> dict[str, Any]:
+        """The id/object/created/model envelope of a response."""
+        prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": self.name}
+
+    def chat_call(self, body: ChatBody) -> Call:
+        """A validated, submitted chat completion."""
+        self.check_model(body.model)
+        n, params, stops = choice_count(body), sampling_params(body), stop_strings(body)
+        tools, stop_ids, forced = self.tool_setup(body)
+        try:
+            ids = self.tokenizer.apply_chat_template(chat_messages(body), tools=tools, tokenize=True)
+        except ValueError as err:
+            raise APIError(422, str(err), param="messages") from None
+        max_tokens = token_budget(len(ids), body.max_completion_tokens or body.max_tokens, self.scheduler.max_context)
+        job = Job(self.scheduler, self.metrics)
+        for j in range(n):
+            job.add(ids, max_tokens, dataclasses.replace(params, seed=(params.seed + j) & 0xFFFFFFFF), stop_ids,
+                    forced)
+        job.submit()
+        choices = [Choice(TextStream(self.tokenizer, stops), chat.StreamParser()) for _ in range(n)]
+        kind = "chat.completion.chunk" if body.stream else "chat.completion"
+        return Call(job, choices, len(ids), self.head(kind), body.stream, bool(body.stream_options and
+                                                                                 body.stream_options.include_usage))
+
+    def completion_call(self, body: CompletionBody) -> Call:
+        """A validated, submitted text completion (several prompts and n choices each)."""
+        self.check_model(body.model)
+        n, params, stops = choice_count(body), sampling_params(body), stop_strings(body)
+        prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in completion_prompts(body.prompt)]
+        if len(prompts) * n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={n} exceeds {MAX_CHOICES} choices", param="prompt")
+        if not all(prompts):
+            raise APIError(400, "prompt: every prompt needs at least one token", param="prompt")
+        budgets = [token_budget(len(p), body.max_tokens if body.max_tokens is not None else 16,
+                                self.scheduler.max_context) for p in prompts]
+        job = Job(self.scheduler, self.metrics)
+        for ids, max_tokens in zip(prompts, budgets):
+            for j in range(n):
+                job.add(ids, max_tokens, dataclasses.replace(params, seed=(params.seed + j) & 0xFFFFFFFF),
+                        frozenset(self.tokenizer.stop_ids))
+        job.submit()
+        choices = [Choice(TextStream(self.tokenizer, stops)) for _ in range(len(prompts) * n)]
+        return Call(job, choices, sum(len(p) for p in prompts), self.head("text_completion"), body.stream,
+                    bool(body.stream_options and body.stream_options.include_usage))
+
+
+# ---------------------------------------------------------------- app
+
+
+async def read_body(request: HTTPRequest, schema: type[BaseModel]) -> Any:
+    """The request's JSON body validated against `schema`: 413 too large, 400 not JSON, 422 wrong shape."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body is {len(raw)} bytes, over the limit of {MAX_BODY_BYTES}")
+    try:
+        data = json.loads(raw)
+    except ValueError as err:
+        raise APIError(400, f"request body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err) from None
+
+
+def error_response(err: APIError) -> JSONResponse:
+    """An APIError as a JSON response."""
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+    app = FastAPI(title="k2jax", docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def api_error(_request: HTTPRequest, err: APIError) -> JSONResponse:
+        return error_response(err)
+
+    async def http_error(_request: HTTPRequest, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(err.status_code, str(err.detail), type=kind))
+
+    async def internal_error(_request: HTTPRequest, err: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=err)
+        return error_response(APIError(500, "internal server error", type="server_error"))
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+
+    @app.middleware("http")
+    async def check_key(request: HTTPRequest, call_next: Callable) -> Response:
+        """401 for /v1 routes without the right bearer key."""
+        if request.url.path.startswith("/v1") and not service.authorized(request.headers.get("authorization")):
+            return error_response(APIError(401, "Incorrect API key provided", code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 while the model thread runs, else 503."""
+        alive = service.scheduler.alive
+        return JSONResponse({"status": "ok" if alive else "model thread stopped"}, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        """The one served model."""
+        return {"object": "list", "data": [service.model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        """One model by id (404 unless it is the served one)."""
+        service.check_model(name)
+        return service.model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest) -> Response:
+        """OpenAI chat completions, streaming or not."""
+        call = service.chat_call(await read_body(request, ChatBody))
+        if call.stream:
+            return StreamingResponse(call.events(), media_type="text/event-stream")
+        try:
+            await call.collect(request.is_disconnected)
+        finally:
+            call.job.close()
+        return JSONResponse(call.chat_response())
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest) -> Response:
+        """OpenAI text completions, streaming or not."""
+        call = service.completion_call(await read_body(request, CompletionBody))
+        if call.stream:
+            return StreamingResponse(call.events(), media_type="text/event-stream")
+        try:
+            await call.collect(request.is_disconnected)
+        finally:
+            call.job.close()
+        return JSONResponse(call.completion_response())
+
+    return app
+
+
+class BackgroundServer:
+    """A uvicorn server for `app` on its own thread (tests, benchmarks, notebooks); a context manager.
+
+    port 0 picks a free port; `url` is the base URL (http://host:port/v1) once started.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0):
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+        self.host, self.start_timeout = host, start_timeout
+        self.thread = threading.Thread(target=self.server.run, name="k2jax-http", daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the HTTP server did not start within {self.start_timeout} s")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(self.start_timeout)
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        """Base URL of the OpenAI API."""
+        return f"http://{self.host}:{self.port}/v1"
