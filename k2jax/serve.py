@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import k2jax
     from k2jax.scheduler import Scheduler
-    from k2jax.server import Service, create_app
+    from k2jax.server import GRACEFUL_SHUTDOWN_S, Service, create_app
 
     try:
         model = k2jax.load(args.model, mesh=args.mesh)
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     scheduler.start()
     try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     finally:
         scheduler.close()
     return 0

@@ -38,6 +38,7 @@ MAX_STOP_STRINGS = 4
 POLL_S = 0.5
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_WINDOW_S = 10.0
+GRACEFUL_SHUTDOWN_S = 5
 
 
 # ---------------------------------------------------------------- errors
@@ -271,7 +272,7 @@ class Choice:
         """Take an Output: (new text, new chat deltas); sets finish when the choice ends."""
         self.tokens += len(out.tokens)
         final = out.finish is not None
-        text = self.text.feed(out.tokens, final=final or self.text.stopped)
+        text = self.text.feed(out.tokens, final=final)
         if self.text.stopped or final:
             self.finish = "stop" if self.text.stopped else out.finish
             self.error = out.error
@@ -387,15 +388,18 @@ class Job:
     async def outputs(self, disconnected: Callable[[], Any] | None = None) -> AsyncIterator[tuple[int, Output]]:
         """(index, Output) until every request finished; stops early if the client disconnects or the scheduler dies."""
         seen: set[int] = set()
+        next_check = time.monotonic() + POLL_S
         while self.pending:
-            try:
-                index, out = await asyncio.wait_for(self.queue.get(), POLL_S)
-            except asyncio.TimeoutError:
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + POLL_S
                 if not self.scheduler.alive:
-                    raise APIError(503, "the model thread has stopped", type="server_error") from None
+                    raise APIError(503, "the model thread has stopped", type="server_error")
                 if disconnected is not None and await disconnected():
                     self.close()
                     return
+            try:
+                index, out = await asyncio.wait_for(self.queue.get(), POLL_S)
+            except asyncio.TimeoutError:
                 continue
             if index not in seen:
                 seen.add(index)
@@ -724,7 +728,8 @@ class BackgroundServer:
     """
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
         self.host, self.start_timeout = host, start_timeout
         self.thread = threading.Thread(target=self.server.run, name="k2jax-http", daemon=True)
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import socket
+import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -20,8 +24,8 @@ import k2jax
 from checkpoints.hf_writer import write_hf_checkpoint
 from checkpoints.synthetic import random_state
 from k2jax import chat
-from k2jax.scheduler import Scheduler
-from k2jax.server import BackgroundServer, Service, create_app
+from k2jax.scheduler import Output, Scheduler
+from k2jax.server import BackgroundServer, ChatBody, Choice, Service, TextStream, chat_delta, chat_message, create_app
 from k2jax.tokenizer import KIMI_PATTERN, Tokenizer, byte_to_unicode, kimi_specials
 
 openai = pytest.importorskip("openai")
@@ -52,14 +56,19 @@ def train_tokenizer() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def checkpoint(tmp_path_factory) -> Path:
     tok = train_tokenizer()
     cfg = dataclasses.replace(k2jax.preset("tiny"), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                               eos_token_id=tok.eos_id)
     root = tmp_path_factory.mktemp("served")
     tok.save(root / "tokenizer")
     write_hf_checkpoint(root / "model", cfg, random_state(cfg, seed=3, dtype=np.float32), root / "tokenizer")
-    return k2jax.load(root / "model")
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return k2jax.load(checkpoint)
 
 
 def serve(model, **scheduler_args):
@@ -232,3 +241,77 @@ def test_disconnect_mid_stream_frees_the_slot(server):
             steps = service.scheduler.steps
     no_leaks(service)
     assert service.scheduler.steps - steps < 200 // 8 - 2, "the request kept decoding after its client left"
+
+
+def test_tool_call_output_becomes_tool_calls(model, server):
+    _, service = server
+    text = (f"{chat.THINK_BEGIN}Look it up.{chat.THINK_END}Checking.{chat.SECTION_BEGIN}{chat.CALL_BEGIN}"
+            f'functions.get_weather:0{chat.ARGUMENT_BEGIN}{{"city": "Paris"}}{chat.CALL_END}{chat.SECTION_END}')
+    ids = model.tokenizer.encode(text)
+    choice = Choice(TextStream(model.tokenizer, ()), chat.StreamParser())
+    deltas = []
+    for lo in range(0, len(ids), 3):
+        last = lo + 3 >= len(ids)
+        deltas += choice.add(Output(tuple(ids[lo:lo + 3]), (0.0,) * 3, "stop" if last else None))[1]
+    streamed = [chat_delta(d, 0) for d in deltas]
+    assert "".join(d.get("reasoning_content", "") for d in streamed) == "Look it up."
+    assert "".join(d.get("content", "") for d in streamed) == "Checking."
+    call = {"index": 0, "id": "functions.get_weather:0", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    assert [d["tool_calls"] for d in streamed if "tool_calls" in d] == [[call]]
+    assert choice.finish_reason() == "tool_calls"
+    message = chat_message(choice)
+    assert message["content"] == "Checking." and message["tool_calls"][0]["function"] == call["function"]
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    forced = {choice: model.tokenizer.decode(service.tool_setup(
+        ChatBody(model=NAME, messages=MESSAGES, tools=tools, tool_choice=choice))[2])
+        for choice in ("auto", "required")}
+    assert forced == {"auto": "", "required": f"{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions."}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert model.tokenizer.decode(service.tool_setup(ChatBody(model=NAME, messages=MESSAGES, tools=tools,
+                                                              tool_choice=named))[2]).endswith(
+        f"functions.get_weather:0{chat.ARGUMENT_BEGIN}")
+    none = service.tool_setup(ChatBody(model=NAME, messages=MESSAGES, tools=tools, tool_choice="none"))
+    assert none[0] is None and model.tokenizer.token_id(chat.SECTION_BEGIN) in none[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_cli_serves_on_localhost(checkpoint):
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "K2JAX_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "k2jax.serve", "--model", str(checkpoint), "--port", str(port),
+                             "--max-batch", "2", "--max-context", "64", "--log-level", "warning"], env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            assert proc.poll() is None, "k2jax-serve exited"
+            assert time.monotonic() < deadline, "k2jax-serve did not come up"
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+        assert models["data"][0]["id"] == "model" and models["data"][0]["max_model_len"] == 64
+        assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_cli_rejects_a_missing_model(tmp_path, capsys):
+    from k2jax.serve import main
+
+    assert main(["--model", str(tmp_path / "absent")]) == 2
+    assert "does not exist" in capsys.readouterr().err
