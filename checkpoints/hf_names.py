@@ -12,6 +12,8 @@ import dataclasses
 import itertools
 from typing import TYPE_CHECKING
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from checkpoints.safetensors_io import DTYPES
@@ -70,11 +72,11 @@ class Source:
         return np.dtype(np.uint8) if self.int4 else DTYPES[hf_dtype]
 
     def to_k2(self, hf: np.ndarray) -> np.ndarray:
-        """One HF tensor -> its slice of the k2jax parameter."""
+        """HF tensors [..., *hf_shape] (one, or a stack of them) -> their slices of the k2jax parameter."""
         if self.int4:
-            return int4_layout.from_compressed_tensors(hf, _no_scales(hf.shape[0]))[0]
-        out = hf.T if self.transpose else hf
-        return out.reshape(self.k2_shape) if self.k2_shape is not None else out
+            return repack_int4(hf)
+        out = np.swapaxes(hf, -1, -2) if self.transpose else hf
+        return out.reshape(out.shape[:-2] + self.k2_shape) if self.k2_shape is not None else out
 
     def to_hf(self, k2: np.ndarray) -> np.ndarray:
         """One slice of the k2jax parameter -> the HF tensor (inverse of to_k2)."""
@@ -88,6 +90,25 @@ class Source:
 def _no_scales(n_out: int) -> np.ndarray:
     """An empty [n_out, 0] scale: packed words and their scales convert independently (scales are a transpose)."""
     return np.zeros((n_out, 0), int4_layout.SCALE_DTYPE)
+
+
+@jax.jit
+def _repack_jit(words: jax.Array) -> jax.Array:
+    """int4_layout.from_compressed_tensors on packed words alone, compiled (fused, multi-threaded)."""
+    return int4_layout.from_compressed_tensors(words, jnp.zeros((*words.shape[:-1], 0), int4_layout.SCALE_DTYPE))[0]
+
+
+def repack_int4(words: np.ndarray) -> np.ndarray:
+    """compressed-tensors words [..., N, K/8] -> planar uint8 [..., K/2, N], compiled on the host CPU.
+
+    The compiled conversion is ~20x faster than numpy's (measured: 1.8 vs 41 ms per 2048 x 1024 expert); numpy
+    converts when JAX has no CPU backend.
+    """
+    try:
+        cpu = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return int4_layout.from_compressed_tensors(words, _no_scales(words.shape[-2]))[0]
+    return np.asarray(_repack_jit(jax.device_put(words, cpu)))
 
 
 def _attention(cfg: K2Config, stack: str, layers: tuple[int, ...]) -> list[Source]:

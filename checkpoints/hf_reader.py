@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from checkpoints.hf_names import Source, int4_shape_name, sources
-from checkpoints.safetensors_io import CheckpointError, TensorInfo, read_header, read_tensor
+from checkpoints.safetensors_io import DTYPES, CheckpointError, TensorInfo, read_header, read_tensor
 
 if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs only the type
     from k2jax.config import K2Config
@@ -148,22 +148,33 @@ def _stray_message(path: Path, tensors: dict[str, TensorInfo], strays: list[str]
 
 def read_block(tensors: dict[str, TensorInfo], p: ParamPlan, index: Index,
                on_read: Callable[[int], None]) -> np.ndarray:
-    """The block `index` of parameter `p`: reads only the HF tensors of the stack positions it covers."""
+    """The block `index` of parameter `p`: reads only the HF tensors of the stack positions it covers.
+
+    Tensors are converted a row at a time (all experts of one layer at once): the INT4 repacking runs over
+    a whole row, and temporaries stay at one row of the block.
+    """
     src = p.source
     n = len(src.stack_shape)
     ranges = [range(size)[s] for size, s in zip(src.stack_shape, index[:n])]
-    inner = tuple(index[n:])
+    row_shape = tuple(len(r) for r in ranges[1:])
+    hf_shape = src.hf_shape(p.shape[n:])
+    hf_dtype = DTYPES[tensors[src.names()[0]].dtype]
     out = None
-    for dst, pos in zip(itertools.product(*(range(len(r)) for r in ranges)), itertools.product(*ranges)):
-        info = tensors[src.name_at(pos)]
-        hf = read_tensor(info)
-        on_read(info.nbytes)
-        if src.int4:
-            _check_shape_values(tensors, info.name, src.hf_shape(p.shape[n:]))
-        part = src.to_k2(hf)[inner]
+    for i, first in enumerate(ranges[0] if n else [None]):
+        positions = [(first, *rest) for rest in itertools.product(*ranges[1:])] if n else [()]
+        hf = np.empty((len(positions), *hf_shape), hf_dtype)
+        for j, pos in enumerate(positions):
+            info = tensors[src.name_at(pos)]
+            read_tensor(info, out=hf[j])
+            on_read(info.nbytes)
+            if src.int4:
+                _check_shape_values(tensors, info.name, hf_shape)
+        part = src.to_k2(hf)[(slice(None), *index[n:])]
+        if not n:
+            return np.ascontiguousarray(part[0], p.dtype)
         if out is None:
-            out = np.empty(tuple(len(r) for r in ranges) + part.shape, p.dtype)
-        out[dst] = part
+            out = np.empty((len(ranges[0]), *row_shape, *part.shape[1:]), p.dtype)
+        out[i] = part.reshape(row_shape + part.shape[1:])
     return out
 
 

@@ -90,11 +90,17 @@ def _tensor_info(file: Path, name: str, entry: dict, base: int, size: int) -> Te
     return TensorInfo(file, name, dtype, shape, base + begin, base + stop)
 
 
-def read_tensor(info: TensorInfo) -> np.ndarray:
-    """The tensor's data as a fresh numpy array (bfloat16 as ml_dtypes.bfloat16)."""
-    dtype = DTYPES[info.dtype]
-    count = info.nbytes // dtype.itemsize
-    data = np.fromfile(info.file, dtype=dtype, count=count, offset=info.start)
-    if data.size != count:
-        raise CheckpointError(f"{info.file}: tensor {info.name!r} is cut short ({data.size} of {count} elements)")
-    return data.reshape(info.shape)
+def read_tensor(info: TensorInfo, out: np.ndarray | None = None) -> np.ndarray:
+    """The tensor's data (bfloat16 as ml_dtypes.bfloat16), read into `out` (C-contiguous) or a new array."""
+    if out is None:
+        out = np.empty(info.shape, DTYPES[info.dtype])
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    with open(info.file, "rb", buffering=0) as f:
+        f.seek(info.start)
+        while done < info.nbytes:  # one read returns at most ~2 GiB on Linux
+            got = f.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{info.file}: tensor {info.name!r} is cut short ({done} of {info.nbytes} bytes)")
+            done += got
+    return out

@@ -38,9 +38,9 @@ def _count_reads() -> collections.Counter:
     counts: collections.Counter = collections.Counter()
     read = checkpoints.hf_reader.read_tensor
 
-    def counting(info):
+    def counting(info, out=None):
         counts[info.name] += 1
-        return read(info)
+        return read(info, out)
 
     checkpoints.hf_reader.read_tensor = counting
     return counts

@@ -60,7 +60,7 @@ def replace_tensor(path: Path, name: str, value: np.ndarray | None) -> Path:
 
 def load_fails(path: Path, error: type[Exception], *fragments: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """k2jax.load raises `error` naming every fragment, without reading any tensor data."""
-    def no_reads(info):
+    def no_reads(info, out=None):
         raise AssertionError(f"read {info.name} before the checkpoint was validated")
 
     monkeypatch.setattr(checkpoints.hf_reader, "read_tensor", no_reads)
