@@ -46,11 +46,12 @@ def table(runs: dict[str, list[StepStats]]) -> str:
     lines = ["| steps | prompt tokens (sum) | prefilled, reuse | prefilled, naive | s, reuse | s, naive |",
              "|---:|---:|---:|---:|---:|---:|"]
     for n in checkpoints(len(reuse)):
-        lines.append(f"| {n} | {sum(s.prompt_tokens for s in naive[:n])} | {sum(s.prefilled_tokens for s in reuse[:n])} "
-                     f"| {sum(s.prefilled_tokens for s in naive[:n])} | {sum(s.seconds for s in reuse[:n]):.1f} "
-                     f"| {sum(s.seconds for s in naive[:n]):.1f} |")
-    lines += ["", "| mode | steps | tool calls | evictions | prefilled / step (mean, max) | generated | wall s "
-                  "| s / step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        prefilled = [sum(s.prefilled_tokens for s in stats[:n]) for stats in (reuse, naive)]
+        seconds = [sum(s.seconds for s in stats[:n]) for stats in (reuse, naive)]
+        lines.append(f"| {n} | {sum(s.prompt_tokens for s in naive[:n])} | {prefilled[0]} | {prefilled[1]} "
+                     f"| {seconds[0]:.1f} | {seconds[1]:.1f} |")
+    lines += ["", ("| mode | steps | tool calls | evictions | prefilled / step (mean, max) | generated | wall s "
+                   "| s / step |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for mode, stats in runs.items():
         prefilled = np.array([s.prefilled_tokens for s in stats])
         wall = sum(s.seconds for s in stats)

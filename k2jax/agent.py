@@ -35,6 +35,7 @@ Message = dict[str, Any]
 JSON_TYPES: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
                                tuple: "array", dict: "object"}
 DEFAULT_CAPACITY = 32768
+GREEDY = SamplingParams()
 EVICT_TO = 0.5  # after an eviction the window uses at most this share of its token budget
 
 
@@ -98,11 +99,11 @@ def declare(fn: Callable[..., Any], name: str | None = None) -> dict[str, Any]:
 def as_tool(tool: Callable[..., Any] | Tool) -> Tool:
     """A Tool as given, or a callable declared from its signature and docstring."""
     if isinstance(tool, Tool):
-        if not isinstance(tool.declaration.get("function", {}).get("name"), str):
+        if not tool.declaration.get("function", {}).get("name"):
             raise ValueError(f"tool declaration needs {{'function': {{'name': str, ...}}}}, got {tool.declaration}")
         return tool
     if not callable(tool):
-        raise ValueError(f"a tool must be a callable or a k2jax.agent.Tool, got {type(tool).__name__}")
+        raise TypeError(f"a tool must be a callable or a k2jax.agent.Tool, got {type(tool).__name__}")
     return Tool(tool, declare(tool))
 
 
@@ -299,22 +300,25 @@ def default_capacity(model: Model) -> int:
 
 
 def visible_messages(messages: Sequence[Message], start: int) -> list[Message]:
-    """The window from `start`, plus system messages and the latest user message when they lie before it."""
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-    pinned = [m for i, m in enumerate(messages[:start]) if m["role"] == "system" or i == last_user]
+    """The window from `start`, after the system messages before it and, when it starts mid-turn, that turn's task."""
+    mid_turn = start < len(messages) and messages[start]["role"] != "user"
+    task = max((i for i in range(start) if messages[i]["role"] == "user"), default=-1) if mid_turn else -1
+    pinned = [m for i, m in enumerate(messages[:start]) if m["role"] == "system" or i == task]
     return pinned + list(messages[start:])
 
 
 def window_starts(messages: Sequence[Message], start: int) -> list[int]:
     """Where a window may begin after `start`: earlier turns at their user message, the current turn at a step."""
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    role = [m["role"] for m in messages]
     return [i for i in range(start + 1, len(messages))
-            if (messages[i]["role"] == "user" and i <= last_user) or (messages[i]["role"] == "assistant" and i > last_user)]
+            if (role[i] == "user" and i <= last_user) or (role[i] == "assistant" and i > last_user)]
 
 
 def assistant_message(parsed: ParsedOutput) -> Message:
     """The assistant turn to append for a parsed generation (reasoning kept; the template drops it when due)."""
-    message: Message = {"role": "assistant", "content": parsed.content, "reasoning_content": parsed.reasoning_content or ""}
+    message: Message = {"role": "assistant", "content": parsed.content,
+                        "reasoning_content": parsed.reasoning_content or ""}
     if parsed.tool_calls:
         message["tool_calls"] = parsed.tool_calls
     return message
@@ -328,7 +332,7 @@ class Agent:
     """
 
     def __init__(self, model: Model, tools: Sequence[Callable[..., Any] | Tool] = (), *, system: str | None = None,
-                 sampling: SamplingParams = SamplingParams(), max_new_tokens: int = 512, capacity: int | None = None,
+                 sampling: SamplingParams = GREEDY, max_new_tokens: int = 512, capacity: int | None = None,
                  tool_timeout: float | None = 30.0, reuse: bool = True, on_event: Callable[[Event], None] | None = None,
                  slots: Slots | None = None, slot: int = 0):
         if model.tokenizer is None:
@@ -366,8 +370,9 @@ class Agent:
         evicted, prompt = self._fit()
         parser = StreamParser()
         emit = functools.partial(self._emit_deltas, step)
-        gen = self.session.generate(prompt, self.sampling, self.max_new_tokens, frozenset(self.model.tokenizer.stop_ids),
-                                    self.model.tokenizer, lambda text: emit(parser.feed(text)))
+        tokenizer = self.model.tokenizer
+        gen = self.session.generate(prompt, self.sampling, self.max_new_tokens, frozenset(tokenizer.stop_ids),
+                                    tokenizer, lambda text: emit(parser.feed(text)))
         emit(parser.finish())
         reply = assistant_message(parser.output())
         self.messages.append(reply)
@@ -467,10 +472,14 @@ class PrefixCache:
         return len(self.entries)
 
     def save(self, session: SlotSession) -> bool:
-        """Keep a host copy of what the session's slot holds; False when it alone is over the byte budget."""
+        """Keep a host copy of what the session's slot holds; False when a longer entry covers it or it is too big."""
         tokens = tuple(session.held)
         n = len(tokens)
-        if n == 0 or any(key[:n] == tokens for key in self.entries):
+        if n == 0:
+            return False
+        covering = next((key for key in self.entries if key[:n] == tokens), None)
+        if covering is not None:
+            self.entries.move_to_end(covering)
             return False
         rows = {name: np.asarray(c[:, session.slot, :n]) for name, c in session.slots.cache.items()}
         entry = CachedPrefix(tokens, rows)

@@ -73,13 +73,14 @@ def lookup_capital(country: str) -> str:
 
 DEMO_TOOLS = (calculate, convert_units, lookup_capital)
 DEMO_TASKS = ("What is {a} plus {b}?", "Convert {a} kilometers to miles.", "What is the capital of {country}?",
-              "Compute {a} * {b}.", "How many pounds is {b} kilograms?")
+              "Compute {a} * {b}.", "How many pounds is {a} kilograms?")
 
 
 def demo_task(i: int) -> str:
     """The i-th of an endless, deterministic series of questions the demo tools answer."""
     countries = sorted(CAPITALS)
-    return DEMO_TASKS[i % len(DEMO_TASKS)].format(a=10 + i, b=3 + i % 7, country=countries[i % len(countries)])
+    country = countries[i // len(DEMO_TASKS) % len(countries)]
+    return DEMO_TASKS[i % len(DEMO_TASKS)].format(a=10 + i, b=3 + i % 7, country=country)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

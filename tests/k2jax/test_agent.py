@@ -11,14 +11,24 @@ from typing import Literal
 import jax
 import numpy as np
 import pytest
-from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+from tokenizers import Regex, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
 
 import k2jax
 from checkpoints.hf_writer import write_hf_checkpoint
 from checkpoints.synthetic import random_state
 from k2jax import chat
-from k2jax.agent import (Agent, PrefixCache, SlotSession, Tool, common_prefix, declare, run_agent, run_tool_call,
-                         tool_table)
+from k2jax.agent import (
+    Agent,
+    PrefixCache,
+    SlotSession,
+    Tool,
+    common_prefix,
+    declare,
+    run_agent,
+    run_tool_call,
+    tool_table,
+)
 from k2jax.chat_cli import DEMO_TOOLS, calculate, demo_task
 from k2jax.sampling import SamplingParams
 from k2jax.slots import Slots
@@ -66,6 +76,10 @@ def close(a: np.ndarray, b: np.ndarray) -> bool:
     return float(np.abs(a - b).max() / np.abs(b).max()) <= RTOL
 
 
+def spread(values: list[int]) -> int:
+    return max(values) - min(values)
+
+
 def live_bytes() -> int:
     return sum(a.nbytes for a in jax.live_arrays())
 
@@ -98,14 +112,15 @@ def test_explicit_declarations_and_bad_tools():
     assert sorted(table) == ["add", "calculate"] and table["add"].declaration is given
     with pytest.raises(ValueError, match="two tools are named 'calculate'"):
         tool_table([calculate, Tool(calculate, declare(calculate))])
-    with pytest.raises(ValueError, match="must be a callable"):
+    with pytest.raises(TypeError, match="must be a callable"):
         tool_table(["calculate"])
     with pytest.raises(ValueError, match="needs"):
         tool_table([Tool(calculate, {"type": "function"})])
 
 
 def call(name: str, **arguments) -> dict:
-    return {"id": f"functions.{name}:0", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+    function = {"name": name, "arguments": json.dumps(arguments)}
+    return {"id": f"functions.{name}:0", "type": "function", "function": function}
 
 
 def test_tool_failures_become_results():
@@ -118,18 +133,19 @@ def test_tool_failures_become_results():
         release.wait(10)
         return "late"
 
-    tools = tool_table([boom, slow, Tool(lambda: {1, 2}, declare(boom, "sets")),
-                        Tool(lambda: float("nan"), declare(boom, "nan")), Tool(lambda: {"a": [1, "é"]}, declare(boom, "ok"))])
+    returning = {"sets": {1, 2}, "nan": float("nan"), "ok": {"a": [1, "é"]}}
+    tools = tool_table([boom, slow, *(Tool(lambda v=v: v, declare(boom, name)) for name, v in returning.items())])
     try:
         assert run_tool_call(tools, call("boom", x=3), 1.0) == "error: RuntimeError: bad 3"
         assert run_tool_call(tools, call("slow"), 0.05) == "error: TimeoutError: no result after 0.05 s"
     finally:
         release.set()
-    assert run_tool_call(tools, call("sets"), 1.0).startswith("error: tool 'sets' returned a value that is not JSON (set)")
+    assert "error: tool 'sets' returned a value that is not JSON (set)" in run_tool_call(tools, call("sets"), 1.0)
     assert "not JSON (float)" in run_tool_call(tools, call("nan"), 1.0)
     assert run_tool_call(tools, call("ok"), 1.0) == '{"a": [1, "é"]}'
     assert run_tool_call(tools, call("boom", y=1), 1.0).startswith("error: TypeError:")
-    assert run_tool_call(tools, call("nope"), 1.0) == "error: unknown tool 'nope'; available tools: boom, nan, ok, sets, slow"
+    unknown = run_tool_call(tools, call("nope"), 1.0)
+    assert unknown == "error: unknown tool 'nope'; available tools: boom, nan, ok, sets, slow"
 
 
 # ---------------------------------------------------------------- prefix reuse
@@ -218,7 +234,7 @@ def check_reuse(agent: Agent, prompts: list[list[int]]) -> None:
 
 
 def test_long_chat_prefills_only_new_tokens_in_bounded_memory(tiny):
-    agent = Agent(tiny, max_new_tokens=12, capacity=384)
+    agent = Agent(tiny, max_new_tokens=12, capacity=512)
     prompts = spy_prompts(agent)
     memory = []
     for i in range(60):
@@ -228,7 +244,7 @@ def test_long_chat_prefills_only_new_tokens_in_bounded_memory(tiny):
     steps = agent.steps
     assert sum(s.evicted_messages > 0 for s in steps) >= 2  # the window moved, more than once
     quiet = [s for s in steps[1:] if not s.evicted_messages]
-    assert max(s.prefilled_tokens for s in quiet) < 60 < max(s.prompt_tokens for s in steps) / 4
+    assert spread([s.prefilled_tokens for s in quiet]) < spread([s.prompt_tokens for s in quiet]) / 10
     assert sum(s.prefilled_tokens for s in steps) < 0.3 * sum(s.prompt_tokens for s in steps)
     assert max(memory[5:]) - min(memory[5:]) < 1 << 20
 
