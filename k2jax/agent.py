@@ -204,24 +204,30 @@ class SlotSession:
         self.held = tokens
         return start, logits
 
-    def generate(self, prompt: Sequence[int], params: SamplingParams, max_new_tokens: int, stop_ids: frozenset[int],
-                 tokenizer: Any, on_text: Callable[[str], None] | None = None) -> Generation:
-        """Continue `prompt` in this slot until a stop id, max_new_tokens, or the slot's capacity."""
+    def generate(self, prompt: Sequence[int], params: SamplingParams, max_new_tokens: int,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        """Continue `prompt` in this slot until <|im_end|> / EOS, max_new_tokens, or the slot's capacity."""
+        model = self.slots.model
+        if model.tokenizer is None:
+            raise ValueError("generating text in a slot needs a model with a tokenizer")
         start, logits = self.prefill(prompt)
         ids: list[int] = []
         pending = [self.slots.sample(logits[-1], params, len(prompt))[0]]
-        stream = TextStream(tokenizer, on_text)
+        stream, stop_ids = TextStream(model.tokenizer, on_text), model._stop_ids()
+
+        def done(finish: str) -> Generation:
+            return Generation(ids, stream.flush(ids), finish, len(prompt), start)
+
         while True:
             for tok in pending:
-                finish = "stop" if tok in stop_ids else None
-                if finish is None:
-                    ids.append(tok)
-                    finish = "length" if len(ids) >= max_new_tokens else None
-                if finish is not None:
-                    return Generation(ids, stream.flush(ids), finish, len(prompt), start)
+                if tok in stop_ids:
+                    return done("stop")
+                ids.append(tok)
+                if len(ids) >= max_new_tokens:
+                    return done("length")
             stream.update(ids)
             if len(self.held) + engine.DECODE_STEPS > self.slots.capacity:
-                return Generation(ids, stream.flush(ids), "length", len(prompt), start)
+                return done("length")
             pending = self._decode(ids[-1], params)
 
     def _decode(self, last: int, params: SamplingParams) -> list[int]:
@@ -240,13 +246,12 @@ class TextStream:
     def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None):
         self.tokenizer, self.on_text, self.shown = tokenizer, on_text, 0
 
-    def update(self, ids: Sequence[int]) -> str:
-        """Decode `ids` and send what was not sent yet (unless it ends mid-character); returns the whole text."""
+    def update(self, ids: Sequence[int]) -> None:
+        """Decode `ids` and send what was not sent yet, unless it ends mid-character."""
         text = self.tokenizer.decode(ids)
         if self.on_text and len(text) > self.shown and not text.endswith("\ufffd"):
             self.on_text(text[self.shown:])
             self.shown = len(text)
-        return text
 
     def flush(self, ids: Sequence[int]) -> str:
         """Send everything left at the end of generation; returns the whole text."""
@@ -370,9 +375,7 @@ class Agent:
         evicted, prompt = self._fit()
         parser = StreamParser()
         emit = functools.partial(self._emit_deltas, step)
-        tokenizer = self.model.tokenizer
-        gen = self.session.generate(prompt, self.sampling, self.max_new_tokens, frozenset(tokenizer.stop_ids),
-                                    tokenizer, lambda text: emit(parser.feed(text)))
+        gen = self.session.generate(prompt, self.sampling, self.max_new_tokens, lambda text: emit(parser.feed(text)))
         emit(parser.finish())
         reply = assistant_message(parser.output())
         self.messages.append(reply)

@@ -179,10 +179,9 @@ def test_prefix_reuse_logits_equal_recompute(tiny):
 def test_generation_after_reuse_equals_fresh_generate(tiny):
     session = SlotSession(Slots(tiny, n_slots=1, capacity=512))
     tok = tiny.tokenizer
-    stop = frozenset(tok.stop_ids)
-    session.generate(tok.apply_chat_template(conversation(False), tokenize=True), SamplingParams(), 20, stop, tok)
+    session.generate(tok.apply_chat_template(conversation(False), tokenize=True), SamplingParams(), 20)
     prompt = tok.apply_chat_template(conversation(True), tokenize=True)
-    gen = session.generate(prompt, SamplingParams(), 20, stop, tok)
+    gen = session.generate(prompt, SamplingParams(), 20)
     assert gen.reused_tokens > 0 and gen.prefilled_tokens < len(prompt)
     assert gen.ids == tiny.generate([prompt], max_new_tokens=20).ids[0]
 
