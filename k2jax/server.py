@@ -115,7 +115,10 @@ class Message(BaseModel):
 
 
 class GenerationBody(BaseModel):
-    """Fields shared by chat and text completions (unknown fields are ignored, as OpenAI clients send extras)."""
+    """Fields shared by chat and text completions (unknown fields are ignored, as OpenAI clients send extras).
+
+    top_k, min_p and ignore_eos (completions: generate exactly max_tokens) are extensions, as in vLLM.
+    """
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -129,6 +132,7 @@ class GenerationBody(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
 
 
 class ChatBody(GenerationBody):
@@ -611,10 +615,10 @@ class Service:
         budgets = [token_budget(len(p), body.max_tokens if body.max_tokens is not None else 16,
                                 self.scheduler.max_context) for p in prompts]
         job = Job(self.scheduler, self.metrics)
+        stop_ids = frozenset() if body.ignore_eos else frozenset(self.tokenizer.stop_ids)
         for ids, max_tokens in zip(prompts, budgets):
             for j in range(n):
-                job.add(ids, max_tokens, dataclasses.replace(params, seed=(params.seed + j) & 0xFFFFFFFF),
-                        frozenset(self.tokenizer.stop_ids))
+                job.add(ids, max_tokens, dataclasses.replace(params, seed=(params.seed + j) & 0xFFFFFFFF), stop_ids)
         job.submit()
         choices = [Choice(TextStream(self.tokenizer, stops)) for _ in range(len(prompts) * n)]
         return Call(job, choices, sum(len(p) for p in prompts), self.head("text_completion"), body.stream,
