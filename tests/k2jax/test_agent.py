@@ -28,6 +28,8 @@ from k2jax.agent import (
     run_agent,
     run_tool_call,
     tool_table,
+    visible_messages,
+    window_starts,
 )
 from k2jax.chat_cli import DEMO_TOOLS, calculate, demo_task
 from k2jax.sampling import SamplingParams
@@ -213,6 +215,14 @@ def test_prefix_cache_restores_rows_within_its_byte_budget(tiny):
 
 
 # ---------------------------------------------------------------- long loops
+
+
+def test_window_cuts_at_turns_then_steps_and_keeps_system_and_task():
+    system, (task, call, result), (answer, question) = {"role": "system"}, conversation(False), conversation(True)[3:]
+    messages = [system, question, answer, task, call, result, call, result]
+    assert window_starts(messages, 0) == [1, 3, 4, 6] and window_starts(messages, 4) == [6]
+    assert visible_messages(messages, 3) == [system, task, call, result, call, result]
+    assert visible_messages(messages, 6) == [system, task, call, result]
 
 
 def spy_prompts(agent: Agent) -> list[list[int]]:
