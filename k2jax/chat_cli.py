@@ -134,9 +134,12 @@ def summary(result: AgentResult) -> str:
 def repl(make_agent: Callable[[], Agent], max_steps: int, lines: TextIO, out: TextIO, err: TextIO) -> None:
     """Read user turns from `lines` until /exit or end of input; each runs the agent loop."""
     agent = make_agent()
-    for line in lines:
+    while True:
+        if lines.isatty():
+            print("\n> ", end="", file=err, flush=True)
+        line = lines.readline()
         text = line.strip()
-        if text in ("/exit", "/quit"):
+        if not line or text in ("/exit", "/quit"):
             return
         if text == "/reset":
             agent = make_agent()
@@ -171,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"k2jax-chat: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
