@@ -103,15 +103,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def event_printer(out: TextIO) -> Callable[[Event], None]:
-    """A callback that prints reasoning and answer under their own headers, and each tool call and result."""
-    section = [None]
+    """A callback that prints reasoning and answer under a header per step, and each tool call and result."""
+    section: list[tuple[int, str] | None] = [None]
 
     def show(event: Event) -> None:
         if event.kind in ("reasoning", "content"):
             header = "reasoning" if event.kind == "reasoning" else "answer"
-            if section[0] != header:
+            if section[0] != (event.step, header):
                 print(f"\n[{header}] ", end="", file=out)
-                section[0] = header
+                section[0] = (event.step, header)
             print(event.text, end="", file=out, flush=True)
             return
         section[0] = None

@@ -36,10 +36,10 @@ def test_event_printer_sections():
     show = event_printer(out)
     call = {"id": "functions.calculate:0", "function": {"name": "calculate", "arguments": '{"expression": "1 + 2"}'}}
     for event in (Event("reasoning", 0, "I will "), Event("reasoning", 0, "add."), Event("tool_call", 0, call=call),
-                  Event("tool_result", 0, "3", call), Event("content", 1, "It is 3.")):
+                  Event("tool_result", 0, "3", call), Event("content", 1, "It is 3."), Event("content", 2, "Yes.")):
         show(event)
     assert out.getvalue() == ('\n[reasoning] I will add.\n[tool call] calculate({"expression": "1 + 2"})'
-                              "\n[tool result] 3\n[answer] It is 3.")
+                              "\n[tool result] 3\n[answer] It is 3.\n[answer] Yes.")
 
 
 def test_module_entry_point_help():
