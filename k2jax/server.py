@@ -354,12 +354,14 @@ class Job:
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         self.requests: list[Request] = []
         self.pending: set[int] = set()
+        self.started = time.monotonic()
         self.close = weakref.finalize(self, cancel_all, scheduler, self.requests)
 
     def add(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: frozenset[int],
-            force_before_stop: tuple[int, ...] = ()) -> None:
-        """Add one sequence; its outputs arrive tagged with its index."""
+            force_before_stop: tuple[int, ...] = (), sample: int = 0) -> None:
+        """Add one sequence (sample j of its prompt draws with seed + j); its outputs arrive tagged with its index."""
         index = len(self.requests)
+        params = dataclasses.replace(params, seed=(params.seed + sample) & 0xFFFFFFFF)
         emit = functools.partial(self.loop.call_soon_threadsafe, self.queue.put_nowait)
         self.pending.add(index)
         self.requests.append(Request(prompt, max_tokens, lambda out: emit((index, out)), params, stop_ids,
@@ -415,7 +417,6 @@ class Job:
                 self.pending.discard(index)
                 self.metrics.requests.labels(out.finish).inc()
             yield index, out
-
 
 
 # ---------------------------------------------------------------- responses
@@ -486,7 +487,7 @@ class Call:
 
     def chunk(self, index: int, delta: dict[str, Any] | None, finish: str | None = None) -> str:
         """One streamed chunk for a choice: a chat delta, or completion text."""
-        if self.head["object"] == "chat.completion.chunk":
+        if self.is_chat:
             body = {"index": index, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
         else:
             body = {"index": index, "text": (delta or {}).get("content", ""), "logprobs": None, "finish_reason": finish}
@@ -495,7 +496,7 @@ class Call:
     async def events(self) -> AsyncIterator[str]:
         """The server-sent events of a streaming response; the job is cancelled however the stream ends."""
         try:
-            if self.head["object"] == "chat.completion.chunk":
+            if self.is_chat:
                 for index in range(len(self.choices)):
                     yield self.chunk(index, {"role": "assistant", "content": ""})
             calls_sent = [0] * len(self.choices)
@@ -515,17 +516,15 @@ class Call:
         finally:
             self.job.close()
 
-    def chat_response(self) -> dict[str, Any]:
-        """The non-streaming chat.completion body."""
-        choices = [{"index": i, "message": chat_message(c), "logprobs": None, "finish_reason": c.finish_reason()}
-                   for i, c in enumerate(self.choices)]
-        return {**self.head, "object": "chat.completion", "choices": choices,
-                "usage": usage(self.prompt_tokens, self.choices)}
+    @property
+    def is_chat(self) -> bool:
+        """Whether this is a chat completion (its choices parse the K2 chat format)."""
+        return self.choices[0].parser is not None
 
-    def completion_response(self) -> dict[str, Any]:
-        """The non-streaming text_completion body."""
-        choices = [{"index": i, "text": c.text.text, "logprobs": None, "finish_reason": c.finish_reason()}
-                   for i, c in enumerate(self.choices)]
+    def response(self) -> dict[str, Any]:
+        """The non-streaming body: a chat.completion or a text_completion."""
+        choices = [{"index": i, **({"message": chat_message(c)} if self.is_chat else {"text": c.text.text}),
+                    "logprobs": None, "finish_reason": c.finish_reason()} for i, c in enumerate(self.choices)]
         return {**self.head, "choices": choices, "usage": usage(self.prompt_tokens, self.choices)}
 
 
@@ -595,8 +594,7 @@ class Service:
         max_tokens = token_budget(len(ids), body.max_completion_tokens or body.max_tokens, self.scheduler.max_context)
         job = Job(self.scheduler, self.metrics)
         for j in range(n):
-            job.add(ids, max_tokens, dataclasses.replace(params, seed=(params.seed + j) & 0xFFFFFFFF), stop_ids,
-                    forced)
+            job.add(ids, max_tokens, params, stop_ids, forced, sample=j)
         job.submit()
         choices = [Choice(TextStream(self.tokenizer, stops), chat.StreamParser()) for _ in range(n)]
         kind = "chat.completion.chunk" if body.stream else "chat.completion"
@@ -618,7 +616,7 @@ class Service:
         stop_ids = frozenset() if body.ignore_eos else frozenset(self.tokenizer.stop_ids)
         for ids, max_tokens in zip(prompts, budgets):
             for j in range(n):
-                job.add(ids, max_tokens, dataclasses.replace(params, seed=(params.seed + j) & 0xFFFFFFFF), stop_ids)
+                job.add(ids, max_tokens, params, stop_ids, sample=j)
         job.submit()
         choices = [Choice(TextStream(self.tokenizer, stops)) for _ in range(len(prompts) * n)]
         return Call(job, choices, sum(len(p) for p in prompts), self.head("text_completion"), body.stream,
@@ -643,6 +641,17 @@ async def read_body(request: HTTPRequest, schema: type[BaseModel]) -> Any:
         return schema.model_validate(data)
     except ValidationError as err:
         raise validation_error(err) from None
+
+
+async def respond(request: HTTPRequest, call: Call) -> Response:
+    """A server-sent event stream, or the whole response once every choice has finished."""
+    if call.stream:
+        return StreamingResponse(call.events(), media_type="text/event-stream")
+    try:
+        await call.collect(request.is_disconnected)
+    finally:
+        call.job.close()
+    return JSONResponse(call.response())
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -701,26 +710,12 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest) -> Response:
         """OpenAI chat completions, streaming or not."""
-        call = service.chat_call(await read_body(request, ChatBody))
-        if call.stream:
-            return StreamingResponse(call.events(), media_type="text/event-stream")
-        try:
-            await call.collect(request.is_disconnected)
-        finally:
-            call.job.close()
-        return JSONResponse(call.chat_response())
+        return await respond(request, service.chat_call(await read_body(request, ChatBody)))
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Response:
         """OpenAI text completions, streaming or not."""
-        call = service.completion_call(await read_body(request, CompletionBody))
-        if call.stream:
-            return StreamingResponse(call.events(), media_type="text/event-stream")
-        try:
-            await call.collect(request.is_disconnected)
-        finally:
-            call.job.close()
-        return JSONResponse(call.completion_response())
+        return await respond(request, service.completion_call(await read_body(request, CompletionBody)))
 
     return app
 
