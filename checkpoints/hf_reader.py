@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs o
     from k2jax.config import K2Config
 
 INDEX_FILE = "model.safetensors.index.json"
+GROUP_BYTES = 32 << 20  # HF bytes read and converted at once
 Index = tuple[slice, ...]
 
 
@@ -150,32 +151,31 @@ def read_block(tensors: dict[str, TensorInfo], p: ParamPlan, index: Index,
                on_read: Callable[[int], None]) -> np.ndarray:
     """The block `index` of parameter `p`: reads only the HF tensors of the stack positions it covers.
 
-    Tensors are converted a row at a time (all experts of one layer at once): the INT4 repacking runs over
-    a whole row, and temporaries stay at one row of the block.
+    Tensors are read and converted in groups of about GROUP_BYTES (many experts at once for the INT4
+    repacking), so host memory beyond the block itself stays at a few groups.
     """
     src = p.source
     n = len(src.stack_shape)
     ranges = [range(size)[s] for size, s in zip(src.stack_shape, index[:n])]
-    row_shape = tuple(len(r) for r in ranges[1:])
+    positions = list(itertools.product(*ranges))
     hf_shape = src.hf_shape(p.shape[n:])
     hf_dtype = DTYPES[tensors[src.names()[0]].dtype]
+    group = max(1, GROUP_BYTES // p.tensor_bytes)
     out = None
-    for i, first in enumerate(ranges[0] if n else [None]):
-        positions = [(first, *rest) for rest in itertools.product(*ranges[1:])] if n else [()]
-        hf = np.empty((len(positions), *hf_shape), hf_dtype)
-        for j, pos in enumerate(positions):
+    for start in range(0, len(positions), group):
+        batch = positions[start:start + group]
+        hf = np.empty((len(batch), *hf_shape), hf_dtype)
+        for j, pos in enumerate(batch):
             info = tensors[src.name_at(pos)]
             read_tensor(info, out=hf[j])
             on_read(info.nbytes)
             if src.int4:
                 _check_shape_values(tensors, info.name, hf_shape)
         part = src.to_k2(hf)[(slice(None), *index[n:])]
-        if not n:
-            return np.ascontiguousarray(part[0], p.dtype)
         if out is None:
-            out = np.empty((len(ranges[0]), *row_shape, *part.shape[1:]), p.dtype)
-        out[i] = part.reshape(row_shape + part.shape[1:])
-    return out
+            out = np.empty((len(positions), *part.shape[1:]), p.dtype)
+        out[start:start + len(batch)] = part
+    return out.reshape(*(len(r) for r in ranges), *out.shape[1:])
 
 
 def _check_shape_values(tensors: dict[str, TensorInfo], packed_name: str, hf_shape: tuple[int, int]) -> None:

@@ -3,7 +3,8 @@
 Each array is assembled with `jax.make_array_from_callback`; the callback reads only the HF tensors of the
 block a device holds. make_array_from_callback keeps this host's blocks of one array alive until it puts
 them on the devices, so a stacked parameter larger than `chunk_bytes` is built a few layers at a time and
-written into a preallocated (donated) array: host memory stays near one chunk, never the model.
+written into a preallocated (donated) array. Host memory beyond the loaded arrays stays near two chunks (the
+blocks and their copy on the devices) plus a few reader groups (hf_reader.GROUP_BYTES), never the model.
 """
 
 from __future__ import annotations
