@@ -1,8 +1,11 @@
 """W4A16 matmul (dense and grouped/ragged for MoE) as Pallas kernels for TPU (Mosaic) and GPU (Triton).
 
 Weights use int4_layout's format: planar uint8 nibbles [E, K//2, N] and bf16 group-32 scales [E, K//32, N].
-Each grid step DMAs one [tk//2, tn] packed block, dequantizes it planar block by planar block in VMEM
-(scales applied inside the K loop) and accumulates x @ w in fp32.
+Each TPU grid step DMAs one [tk//2, tn] packed block, dequantizes it planar block by planar block in VMEM
+(scales applied inside the K loop) and accumulates x @ w in fp32. The dequantization is what bounds the
+TPU kernel (VALU slots, per the compiled bundles), so it is kept to a shift, a mask, a convert and a
+multiply per weight: bytes are read as int32 words (x's K axis is permuted to match, outside the kernel)
+and the -8 offset is folded into one small per-tile matmul of group sums of x with the scales.
 
 The grouped kernel walks a schedule of (expert, row tile) visits built from group_sizes: only experts that
 received rows are visited, and steps past the last visit keep the previous block indices, so the pipeline
@@ -64,25 +67,58 @@ def _visit_schedule(group_sizes_E: jax.Array, m: int, tm: int):
     return starts_E, ends_E, expert_V, tile_V, num_visits[None].astype(jnp.int32)
 
 
-def _dequant_dot(x_MK: jax.Array, packed_ref, scale_ref, planar: int) -> jax.Array:
-    """fp32 x @ dequantize(block), one planar block at a time so temporaries stay small in VMEM."""
+WORD_ROWS = 4  # packed byte rows per int32 word after pltpu.bitcast
+
+
+def _word_order(x_MK: jax.Array, planar: int) -> jax.Array:
+    """Permute x's K axis into the order the kernel unpacks nibbles: per planar block (half, byte, word row).
+
+    Byte row r = WORD_ROWS * w + b of a planar half lands in byte b of int32 word w, so the kernel's 8
+    nibble slabs per block are, in order, k = half * P/2 + WORD_ROWS * w + b for b = 0..3, w = 0..P/8-1.
+    """
+    m, k = x_MK.shape
+    x = x_MK.reshape(m, k // planar, 2, planar // 2 // WORD_ROWS, WORD_ROWS)
+    return jnp.swapaxes(x, -1, -2).reshape(m, k)
+
+
+def _group_indicator(tk: int, planar: int, dtype) -> jax.Array:
+    """[tk, tk/32] 0/1 matrix: word-ordered column c of a K tile belongs to scale group g."""
+    natural_k = _word_order(jnp.arange(tk)[None, :], planar)[0]
+    groups = jnp.arange(tk // int4_layout.GROUP)
+    return (natural_k[:, None] // int4_layout.GROUP == groups[None, :]).astype(dtype)
+
+
+def _dequant_dot(x_MK: jax.Array, ones_KG: jax.Array, packed_ref, scale_ref, planar: int) -> jax.Array:
+    """fp32 x @ dequantize(block) for word-ordered x, one planar block at a time.
+
+    Bytes are read four rows per int32 word (a free bitcast) and nibbles taken with one shift and mask each;
+    the -8 offset is applied once per tile as -8 * (per-group sums of x) @ scale instead of per weight.
+    """
     tk = x_MK.shape[1]
     tn = packed_ref.shape[-1]
-    groups = planar // int4_layout.GROUP
+    half_groups = planar // 2 // int4_layout.GROUP
     scale_GN = scale_ref[...].astype(jnp.float32)
-    acc_MN = jnp.zeros((x_MK.shape[0], tn), jnp.float32)
+    xsum_MG = jnp.dot(x_MK, ones_KG, preferred_element_type=jnp.float32)
+    acc_MN = jnp.dot(xsum_MG, scale_GN, preferred_element_type=jnp.float32,
+                     precision=jax.lax.Precision.HIGHEST) * float(int4_layout.QMIN)
+    x_MK = x_MK.astype(jnp.float32)
     for j in range(tk // planar):
-        byte_HN = packed_ref[j * planar // 2:(j + 1) * planar // 2, :].astype(jnp.int32)
-        q_PN = jnp.concatenate([byte_HN & 0xF, (byte_HN >> 4) & 0xF], axis=0).astype(jnp.float32)
-        q_GgN = q_PN.reshape(groups, int4_layout.GROUP, tn) + float(int4_layout.QMIN)
-        w_PN = (q_GgN * scale_GN[j * groups:(j + 1) * groups, None, :]).reshape(planar, tn)
-        acc_MN += jnp.dot(x_MK[:, j * planar:(j + 1) * planar], w_PN.astype(x_MK.dtype),
+        words_WN = pltpu.bitcast(packed_ref[j * planar // 2:(j + 1) * planar // 2, :], jnp.int32)
+        slabs = []
+        for half in range(2):
+            g0 = j * planar // int4_layout.GROUP + half * half_groups
+            s_G1N = scale_GN[g0:g0 + half_groups, None, :]
+            for byte in range(WORD_ROWS):
+                nib_WN = jax.lax.shift_right_logical(words_WN, 8 * byte + 4 * half) & 0xF
+                q_GwN = nib_WN.astype(jnp.float32).reshape(half_groups, -1, tn)
+                slabs.append((q_GwN * s_G1N).reshape(-1, tn))
+        acc_MN += jnp.dot(x_MK[:, j * planar:(j + 1) * planar], jnp.concatenate(slabs, axis=0),
                           preferred_element_type=jnp.float32)
     return acc_MN
 
 
 def _gmm_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref, layer_ref,
-                x_ref, packed_ref, scale_ref, out_ref, acc_ref, *, planar: int):
+                x_ref, ones_ref, packed_ref, scale_ref, out_ref, acc_ref, *, planar: int):
     """One (column tile, visit, K tile) step: accumulate, then store the visiting expert's rows.
 
     layer_ref is only read by the index maps, which pick the layer's blocks out of a stacked weight.
@@ -96,7 +132,7 @@ def _gmm_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref, laye
 
     @pl.when(active)
     def _accumulate():
-        acc_ref[...] += _dequant_dot(x_ref[...], packed_ref, scale_ref, planar)
+        acc_ref[...] += _dequant_dot(x_ref[...], ones_ref[...], packed_ref, scale_ref, planar)
 
     @pl.when(active & (k_i == pl.num_programs(2) - 1))
     def _store():
@@ -121,7 +157,10 @@ def _index_maps(num_k: int):
     def out_map(n_i, v, k_i, starts, ends, expert, tile, nv, layer):
         return tile[v], n_i
 
-    return x_map, w_map, out_map
+    def const_map(n_i, v, k_i, starts, ends, expert, tile, nv, layer):
+        return 0, 0
+
+    return x_map, w_map, out_map, const_map
 
 
 def _with_layer_axis(packed, scale, layer):
@@ -143,18 +182,21 @@ def _grouped_call(x_MK, packed_LEHN, scale_LEGN, layer_1, group_sizes_E, interpr
     tm, tk, tn = _tiles(m, k, n)
     schedule = (*_visit_schedule(group_sizes_E, m, tm), layer_1)
     num_visits_max = schedule[2].shape[0]
-    x_map, w_map, out_map = _index_maps(k // tk)
+    x_map, w_map, out_map, const_map = _index_maps(k // tk)
+    planar = int4_layout.planar_block(k)
+    ones_KG = _group_indicator(tk, planar, x_MK.dtype)
     cost = pl.CostEstimate(
         flops=2 * m * k * n, transcendentals=0,
         bytes_accessed=min(e, num_visits_max) * (k // 2 + 2 * k // int4_layout.GROUP) * n
         + (n // tn) * x_MK.nbytes + m * n * x_MK.dtype.itemsize)
     return pl.pallas_call(
-        functools.partial(_gmm_kernel, planar=int4_layout.planar_block(k)),
+        functools.partial(_gmm_kernel, planar=planar),
         out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(schedule),
             grid=(n // tn, num_visits_max, k // tk),
             in_specs=[pl.BlockSpec((tm, tk), x_map),
+                      pl.BlockSpec(ones_KG.shape, const_map),
                       pl.BlockSpec((None, None, tk // 2, tn), w_map),
                       pl.BlockSpec((None, None, tk // int4_layout.GROUP, tn), w_map)],
             out_specs=pl.BlockSpec((tm, tn), out_map),
@@ -163,7 +205,7 @@ def _grouped_call(x_MK, packed_LEHN, scale_LEGN, layer_1, group_sizes_E, interpr
             dimension_semantics=("parallel", "arbitrary", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES),
         cost_estimate=cost,
         interpret=interpret,
-    )(*schedule, x_MK, packed_LEHN, scale_LEGN)
+    )(*schedule, _word_order(x_MK, planar), ones_KG, packed_LEHN, scale_LEGN)
 
 
 @functools.partial(jax.jit, static_argnames="interpret")

@@ -92,7 +92,7 @@ def _experts_read(sizes, m, k, n) -> set[int]:
     """Experts whose weight blocks the grouped kernel's pipeline fetches, replaying its index maps."""
     tm, tk, _ = I._tiles(m, k, n)
     schedule = [np.asarray(a) for a in I._visit_schedule(jnp.asarray(sizes, jnp.int32), m, tm)]
-    _, w_map, _ = I._index_maps(k // tk)
+    w_map = I._index_maps(k // tk)[1]
     layer = np.zeros(1, np.int32)
     return {int(w_map(0, v, k_i, *schedule, layer)[1]) for v in range(len(schedule[2])) for k_i in range(k // tk)}
 

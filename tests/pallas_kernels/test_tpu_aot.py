@@ -50,8 +50,9 @@ def _compile_grouped(topology: str, m: int, e: int, k: int, n: int):
 def test_grouped_int4_matmul_compiles(topology, tokens, experts, k, n):
     compiled = _compile_grouped(topology, tokens * TOP_K, experts, k, n)
     assert "tpu_custom_call" in compiled.as_text()
-    weight_bytes = experts * (k // 2 + 2 * k // 32) * n
-    assert compiled.memory_analysis().temp_size_in_bytes < weight_bytes // 16
+    # No copy of the weights: temporaries are x in the kernel's K order, the output rows and small constants.
+    x_and_out_bytes = tokens * TOP_K * (k + n) * 2
+    assert compiled.memory_analysis().temp_size_in_bytes <= 2 * x_and_out_bytes + (4 << 20)
 
 
 @pytest.mark.parametrize("topology", TOPOLOGIES)
@@ -89,7 +90,7 @@ def test_stacked_layer_inputs_are_read_in_place(topology):
     grouped = jax.jit(I.grouped_int4_matmul).lower(
         _abstract(topology, (TOP_K, k), jnp.bfloat16), *stack, _abstract(topology, (experts,), jnp.int32),
         layer=_abstract(topology, (), jnp.int32)).compile()
-    assert grouped.memory_analysis().temp_size_in_bytes < experts * k * n // 2 // 16
+    assert grouped.memory_analysis().temp_size_in_bytes <= 2 * TOP_K * (k + n) * 2 + (4 << 20)
     cache = _abstract(topology, (layers, b, s, CACHE_LANES), jnp.bfloat16)
     mla = jax.jit(functools.partial(M.mla_decode, sm_scale=0.1)).lower(
         _abstract(topology, (b, 64, KV_LORA), jnp.bfloat16), _abstract(topology, (b, 64, ROPE), jnp.bfloat16),
