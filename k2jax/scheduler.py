@@ -98,6 +98,7 @@ class Scheduler:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="k2jax-scheduler", daemon=True)
         self.steps = 0
+        self.cancelled = 0
 
     def start(self) -> Scheduler:
         """Start the background thread; returns self."""
@@ -152,6 +153,7 @@ class Scheduler:
             if request.finished or request.cancelled:
                 return
             request.cancelled = True
+            self.cancelled += 1
             if request in self._waiting:
                 self._waiting.remove(request)
             else:

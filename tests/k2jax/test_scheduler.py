@@ -76,14 +76,34 @@ def test_batched_requests_match_generate(model, scheduler, rng):
     assert scheduler.free_slots == 3 and scheduler.queue_depth == 0
 
 
+def test_long_prompt_prefill_interleaves_with_decoding(scheduler, rng):
+    decoding, decoding_sink = request(rng.integers(3, 250, 5).tolist(), 110, stop_ids=frozenset())
+    scheduler.submit(decoding)
+    assert decoding_sink.first.wait(TIMEOUT_S)
+    seen_at_first: list[int] = []
+    long, long_sink = request(rng.integers(3, 250, 100).tolist(), 2)
+
+    def on_long_output(out: Output) -> None:
+        if not seen_at_first:
+            seen_at_first.append(len(decoding_sink.tokens))
+        long_sink(out)
+
+    long.emit = on_long_output
+    scheduler.submit(long)  # 100 tokens in chunks of 16: 7 iterations, each with a decode step of the other
+    long_sink.wait()
+    decoding_sink.wait()
+    assert seen_at_first[0] >= 1 + 6 * scheduler.decode_steps
+
+
 def test_cancel_frees_the_slot_at_once(scheduler, rng):
     req, sink = request(rng.integers(3, 250, 8).tolist(), 100, stop_ids=frozenset())
     scheduler.submit(req)
     assert sink.first.wait(TIMEOUT_S)
+    cancelled = scheduler.cancelled
     scheduler.cancel(req)
     steps = scheduler.steps
     wait_until(lambda: scheduler.running == 0)
-    assert scheduler.steps <= steps + 1 and not sink.done.is_set()
+    assert scheduler.steps <= steps + 1 and not sink.done.is_set() and scheduler.cancelled == cancelled + 1
     again, again_sink = request(rng.integers(3, 250, 8).tolist(), 4)
     scheduler.submit(again)
     assert len(again_sink.wait().tokens) <= 4

@@ -231,16 +231,15 @@ def test_64_concurrent_streams_finish_with_their_token_counts(server):
 
 def test_disconnect_mid_stream_frees_the_slot(server):
     http, service = server
-    body = {"model": NAME, "prompt": "def add(a, b):", "max_tokens": 200, "stream": True, "temperature": 1.0,
-            "seed": 1}
+    body = {"model": NAME, "prompt": "def add(a, b):", "max_tokens": 200, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=TIMEOUT_S) as http_client:
         with http_client.stream("POST", f"{http.url}/completions", json=body,
                                 headers={"Authorization": f"Bearer {KEY}"}) as reply:
             lines = reply.iter_lines()
             assert next(lines).startswith("data: ")
-            steps = service.scheduler.steps
+            cancelled = service.scheduler.cancelled
     no_leaks(service)
-    assert service.scheduler.steps - steps < 200 // 8 - 2, "the request kept decoding after its client left"
+    assert service.scheduler.cancelled == cancelled + 1, "the request ran on after its client left"
 
 
 def test_tool_call_output_becomes_tool_calls(model, server):
