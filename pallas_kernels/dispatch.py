@@ -4,6 +4,10 @@ TPU -> the Pallas Mosaic kernels; GPU -> the Pallas Triton kernels; CPU -> the X
 `K2JAX_KERNELS=pallas|xla|interpret` overrides: `interpret` runs the backend's kernels (Mosaic on CPU) in the
 Pallas interpreter (slow; for parity tests on CPU). The choice is made at trace time, so set the variable
 before the first call is traced.
+
+`layer` (optional int32 scalar) on grouped_int4_matmul and mla_decode: packed/scale are then the stacked
+[L, E, ...] expert weights, kv the stacked cache [L, B, S, C], and the kernels read that layer in place.
+Pass the whole stack rather than a gathered or sliced copy: a copy costs a full extra read and write.
 """
 
 import os
@@ -58,11 +62,7 @@ def grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer
 
 
 def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None) -> jax.Array:
-    """Rows sorted by expert times their expert's INT4 matrix -> [M, N] in x's dtype, on the chosen path.
-
-    With `layer`, packed/scale are the stacked [L, E, ...] weights; the kernels read that layer's active
-    experts in place (pass the whole stack rather than a gathered copy).
-    """
+    """Rows sorted by expert times their expert's INT4 matrix -> [M, N] in x's dtype, on the chosen path."""
     mode = kernel_mode()
     if mode == "xla":
         return grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E, layer=layer)
@@ -82,10 +82,7 @@ def int4_matmul(x_MK, packed_HN, scale_GN) -> jax.Array:
 
 
 def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, layer=None) -> jax.Array:
-    """Absorbed MLA decode attention over the latent cache -> o_lat [B, H, R], on the chosen path.
-
-    With `layer`, kv is the stacked cache [L, B, S, C]; the kernels read it in place (no per-step slice copy).
-    """
+    """Absorbed MLA decode attention over the latent cache -> o_lat [B, H, R], on the chosen path."""
     mode = kernel_mode()
     if mode == "xla":
         kv_BSC = kv_BSC if layer is None else kv_BSC[layer]

@@ -6,6 +6,10 @@ Each TPU grid step DMAs one [tk//2, tn] packed block, dequantizes it planar bloc
 TPU kernel (VALU slots, per the compiled bundles), so it is kept to a shift, a mask, a convert and a
 multiply per weight: bytes are read as int32 words (x's K axis is permuted to match, outside the kernel)
 and the -8 offset is folded into one small per-tile matmul of group sums of x with the scales.
+Byte row r = 4w + b of a planar half lands in byte b of int32 word w, so a block's 8 nibble slabs hold, in
+order, k = half * P/2 + 4w + b for b = 0..3 and w = 0..P/8-1: _word_order permutes x to that order.
+`layer` (optional int32 scalar): packed/scale are stacked [L, E, ...]; the index maps (TPU) or pointer
+offsets (Triton) pick the layer, so the stack is read in place. layer_ref is read only by those.
 
 The grouped kernel walks a schedule of (expert, row tile) visits built from group_sizes: only experts that
 received rows are visited, and steps past the last visit keep the previous block indices, so the pipeline
@@ -71,11 +75,7 @@ WORD_ROWS = 4  # packed byte rows per int32 word after pltpu.bitcast
 
 
 def _word_order(x_MK: jax.Array, planar: int) -> jax.Array:
-    """Permute x's K axis into the order the kernel unpacks nibbles: per planar block (half, byte, word row).
-
-    Byte row r = WORD_ROWS * w + b of a planar half lands in byte b of int32 word w, so the kernel's 8
-    nibble slabs per block are, in order, k = half * P/2 + WORD_ROWS * w + b for b = 0..3, w = 0..P/8-1.
-    """
+    """Permute x's K axis to the kernel's nibble order: per planar block, (half, byte of word, word row)."""
     m, k = x_MK.shape
     x = x_MK.reshape(m, k // planar, 2, planar // 2 // WORD_ROWS, WORD_ROWS)
     return jnp.swapaxes(x, -1, -2).reshape(m, k)
@@ -89,11 +89,7 @@ def _group_indicator(tk: int, planar: int, dtype) -> jax.Array:
 
 
 def _dequant_dot(x_MK: jax.Array, ones_KG: jax.Array, packed_ref, scale_ref, planar: int) -> jax.Array:
-    """fp32 x @ dequantize(block) for word-ordered x, one planar block at a time.
-
-    Bytes are read four rows per int32 word (a free bitcast) and nibbles taken with one shift and mask each;
-    the -8 offset is applied once per tile as -8 * (per-group sums of x) @ scale instead of per weight.
-    """
+    """fp32 x @ dequantize(block) for word-ordered x: q * scale per weight, -8 * group sums of x @ scale once."""
     tk = x_MK.shape[1]
     tn = packed_ref.shape[-1]
     half_groups = planar // 2 // int4_layout.GROUP
@@ -119,10 +115,7 @@ def _dequant_dot(x_MK: jax.Array, ones_KG: jax.Array, packed_ref, scale_ref, pla
 
 def _gmm_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref, layer_ref,
                 x_ref, ones_ref, packed_ref, scale_ref, out_ref, acc_ref, *, planar: int):
-    """One (column tile, visit, K tile) step: accumulate, then store the visiting expert's rows.
-
-    layer_ref is only read by the index maps, which pick the layer's blocks out of a stacked weight.
-    """
+    """One (column tile, visit, K tile) step: accumulate, then store the visiting expert's rows."""
     v, k_i = pl.program_id(1), pl.program_id(2)
     active = v < num_visits_ref[0]
 
@@ -211,11 +204,7 @@ def _grouped_call(x_MK, packed_LEHN, scale_LEGN, layer_1, group_sizes_E, interpr
 @functools.partial(jax.jit, static_argnames="interpret")
 def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None,
                         interpret: bool = False) -> jax.Array:
-    """Rows of x sorted by expert times their expert's INT4 matrix -> [M, N] in x's dtype; rows past the sum are 0.
-
-    With `layer` (int32 scalar), packed/scale are stacked [L, E, ...] and only that layer's active experts are
-    read, with no copy of the stack.
-    """
+    """Rows of x sorted by expert times their expert's INT4 matrix -> [M, N] in x's dtype; rows past the sum are 0."""
     out_MN = _grouped_call(x_MK, *_with_layer_axis(packed_EHN, scale_EGN, layer), group_sizes_E, interpret)
     return _zero_rows_past_sum(out_MN, group_sizes_E)
 

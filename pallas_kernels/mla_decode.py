@@ -4,8 +4,10 @@ The cache is one latent array per layer, kv [B, S, C]: c_kv in lanes [0, R), rop
 in [R+P, C). The query is laid out the same way, so one [H, C] x [C, bs] matmul gives q_lat.c_kv + q_pe.k_pe.
 Each (sequence, split) program loops over its [bs, C] blocks below the sequence's length only, with
 double-buffered manual DMAs, so a cache allocated for 256k tokens costs nothing past the tokens it holds.
-S is split into num_splits chunks with their own online softmax; the partial outputs and log-sum-exps are
-combined outside the kernel.
+A block is DMA'd from row min(start, S - bs) so it never reads past S; rows outside [start, length) are
+masked, and only the blocks that need it pay for the mask. S is split into num_splits chunks with their
+own online softmax; the partial outputs and log-sum-exps are combined outside the kernel.
+`layer` (optional int32 scalar): kv is the stacked cache [L, B, S, C], read in place, never copied.
 The Triton kernel runs one program per (head block, split, sequence) and loops only over the split's rows
 below the sequence's length, loading c_kv and k_pe as two power-of-two lane slices of the same cache rows.
 """
@@ -56,11 +58,7 @@ def _attend(q_ref, kv_SC, m_ref, l_ref, acc_ref, lo, hi, *, sm_scale: float, mas
 
 def _mla_kernel(lengths_ref, layer_ref, q_ref, kv_hbm, o_ref, lse_ref, kv_buf, sem, m_ref, l_ref, acc_ref, *,
                 sm_scale: float, blocks_per_split: int):
-    """One (sequence, split) program: double-buffered DMAs of the split's blocks below the length only.
-
-    A block is DMA'd from row min(start, S - bs) so it never reads past S; rows outside [start, length)
-    are masked, and only the blocks that need it pay for the mask.
-    """
+    """One (sequence, split) program: double-buffered DMAs of the split's blocks below the length only."""
     b, split = pl.program_id(0), pl.program_id(1)
     bs, s = kv_buf.shape[1], kv_hbm.shape[2]
     length = lengths_ref[b]
@@ -120,10 +118,7 @@ def _combine(o_BsHR, lse_BsH, dtype) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_s", "num_splits"))
 def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, layer=None, interpret: bool = False,
                block_s: int | None = None, num_splits: int | None = None) -> jax.Array:
-    """softmax((q_lat.c_kv + q_pe.k_pe) * sm_scale over s < length) @ c_kv -> o_lat [B, H, R] in q_lat's dtype.
-
-    With `layer` (int32 scalar), kv is the stacked cache [L, B, S, C] and is read in place, never copied.
-    """
+    """softmax((q_lat.c_kv + q_pe.k_pe) * sm_scale over s < length) @ c_kv -> o_lat [B, H, R] in q_lat's dtype."""
     b, h, r = q_lat_BHR.shape
     kv_LBSC, layer_1 = _with_layer_axis(kv_BSC, layer)
     s, c = kv_LBSC.shape[2:]

@@ -44,7 +44,8 @@ def test_xla_path_dequantizes_only_active_experts(rng):
     """Few rows, many experts: the traced program never materializes all experts' weights."""
     packed, scale = random_int4(rng, 64, 256, 128)
     x = random_normal(rng, (3, 256))
-    jaxpr = str(jax.make_jaxpr(dispatch.grouped_int4_matmul_xla)(x, packed, scale, jnp.zeros(64, jnp.int32).at[9].set(3)))
+    sizes = jnp.zeros(64, jnp.int32).at[9].set(3)
+    jaxpr = str(jax.make_jaxpr(dispatch.grouped_int4_matmul_xla)(x, packed, scale, sizes))
     assert "f32[3,256,128]" in jaxpr and "f32[64,256,128]" not in jaxpr
 
 
