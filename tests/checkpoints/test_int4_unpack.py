@@ -10,6 +10,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from safetensors.torch import save_file
 
+from checkpoints import hf_names
 from checkpoints.hf_names import expert_sources
 from checkpoints.hf_reader import open_checkpoint
 from checkpoints.safetensors_io import read_tensor
@@ -20,8 +21,11 @@ from pallas_kernels import int4_layout
 EXPERT_SHAPES = [(2048, 7168), (7168, 2048), (512, 1024), (1024, 512), (64, 64), (128, 64)]
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["xla_cpu", "numpy"])
 @pytest.mark.parametrize("out_features,in_features", EXPERT_SHAPES)
-def test_unpack_bit_exact_against_compressed_tensors(tmp_path, out_features, in_features):
+def test_unpack_bit_exact_against_compressed_tensors(tmp_path, out_features, in_features, compiled, monkeypatch):
+    if not compiled:  # the numpy path, taken when JAX has no CPU backend
+        monkeypatch.setattr(hf_names.jax, "local_devices", lambda backend: (_ for _ in ()).throw(RuntimeError()))
     rng = np.random.default_rng(out_features * 7 + in_features)
     words = rng.integers(np.iinfo(np.int32).min, np.iinfo(np.int32).max, (out_features, in_features // 8),
                          dtype=np.int64).astype(np.int32)
