@@ -42,7 +42,7 @@ def save_orbax(out_dir: Path, cfg: K2Config, state: nnx.State, tokenizer_dir: Pa
 
 
 def restore_orbax(path: Path, abstract: nnx.State, mesh: Mesh) -> nnx.State:
-    """The parameters of an orbax checkpoint, each restored directly into its sharding on `mesh`."""
+    """The parameters of an orbax checkpoint, each restored directly into its sharding on `mesh` (into `abstract`)."""
     params = (path / PARAMS_DIR).absolute()
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(params).item_metadata.tree
