@@ -32,9 +32,9 @@ def _xp(a):
 
 
 def planar_block(k: int) -> int:
-    """Rows of K per planar nibble block: gcd(K, 256); K must be a multiple of 64 (two scale groups)."""
-    if k % (2 * GROUP):
-        raise ValueError(f"K={k} must be a multiple of {2 * GROUP}")
+    """Rows of K per planar nibble block: gcd(K, 256); K must be a multiple of the scale group (32)."""
+    if k % GROUP:
+        raise ValueError(f"K={k} must be a multiple of {GROUP}")
     return math.gcd(k, MAX_PLANAR_BLOCK)
 
 

@@ -93,6 +93,7 @@ def _dequant_dot(x_MK: jax.Array, ones_KG: jax.Array, packed_ref, scale_ref, pla
     tk = x_MK.shape[1]
     tn = packed_ref.shape[-1]
     half_groups = planar // 2 // int4_layout.GROUP
+    slab_groups = max(half_groups, 1)  # a 32-row planar block has both halves in one group
     scale_GN = scale_ref[...].astype(jnp.float32)
     xsum_MG = jnp.dot(x_MK, ones_KG, preferred_element_type=jnp.float32)
     acc_MN = jnp.dot(xsum_MG, scale_GN, preferred_element_type=jnp.float32,
@@ -103,10 +104,10 @@ def _dequant_dot(x_MK: jax.Array, ones_KG: jax.Array, packed_ref, scale_ref, pla
         slabs = []
         for half in range(2):
             g0 = j * planar // int4_layout.GROUP + half * half_groups
-            s_G1N = scale_GN[g0:g0 + half_groups, None, :]
+            s_G1N = scale_GN[g0:g0 + slab_groups, None, :]
             for byte in range(WORD_ROWS):
                 nib_WN = jax.lax.shift_right_logical(words_WN, 8 * byte + 4 * half) & 0xF
-                q_GwN = nib_WN.astype(jnp.float32).reshape(half_groups, -1, tn)
+                q_GwN = nib_WN.astype(jnp.float32).reshape(slab_groups, -1, tn)
                 slabs.append((q_GwN * s_G1N).reshape(-1, tn))
         acc_MN += jnp.dot(x_MK[:, j * planar:(j + 1) * planar], jnp.concatenate(slabs, axis=0),
                           preferred_element_type=jnp.float32)
@@ -227,7 +228,7 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
     v, n_i = pl.program_id(0), pl.program_id(1)
     k, n = x_ref.shape[1], out_ref.shape[1]
     group = int4_layout.GROUP
-    half_groups = planar // 2 // group
+    rows = min(group, planar // 2)  # packed rows per load: one scale group per nibble half
 
     @pl.when(v < num_visits_ref[0])
     def _visit():
@@ -237,22 +238,20 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
         col_ok_N = n_i * bn + jnp.arange(bn) < n
         cols = pl.ds(n_i * bn, bn)
 
-        def group_dot(k0, scale_row, byte_GN, shift):
-            x_MG = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, group)], mask=mine_M[:, None], other=0)
-            s_1N = plgpu.load(scale_ref.at[layer, expert, pl.ds(scale_row, 1), cols], mask=col_ok_N[None, :],
+        def group_dot(k0, byte_GN, shift):
+            x_MG = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, rows)], mask=mine_M[:, None], other=0)
+            s_1N = plgpu.load(scale_ref.at[layer, expert, pl.ds(k0 // group, 1), cols], mask=col_ok_N[None, :],
                               other=0)
             q_GN = ((byte_GN >> shift) & 0xF).astype(jnp.float32) + float(int4_layout.QMIN)
             w_GN = (q_GN * s_1N.astype(jnp.float32)).astype(x_MG.dtype)
             return jnp.dot(x_MG, w_GN, preferred_element_type=jnp.float32)
 
         def planar_block(j, acc_MN):
-            for g in range(half_groups):
-                row = j * planar // 2 + g * group
-                byte_GN = plgpu.load(packed_ref.at[layer, expert, pl.ds(row, group), cols],
+            for g in range(planar // 2 // rows):
+                byte_GN = plgpu.load(packed_ref.at[layer, expert, pl.ds(j * planar // 2 + g * rows, rows), cols],
                                      mask=col_ok_N[None, :], other=0).astype(jnp.int32)
-                base_group = j * planar // group + g
-                acc_MN += group_dot(j * planar + g * group, base_group, byte_GN, 0)
-                acc_MN += group_dot(j * planar + planar // 2 + g * group, base_group + half_groups, byte_GN, 4)
+                acc_MN += group_dot(j * planar + g * rows, byte_GN, 0)
+                acc_MN += group_dot(j * planar + planar // 2 + g * rows, byte_GN, 4)
             return acc_MN
 
         acc_MN = jax.lax.fori_loop(0, k // planar, planar_block, jnp.zeros((bm, bn), jnp.float32))

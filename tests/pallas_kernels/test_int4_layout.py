@@ -12,7 +12,7 @@ from compressed_tensors.quantization.utils import calculate_qparams
 
 from pallas_kernels import int4_layout as L
 
-SHAPES_KN = [(64, 8), (128, 3), (256, 16), (320, 24), (512, 128), (7168, 16)]
+SHAPES_KN = [(32, 8), (96, 5), (64, 8), (128, 3), (256, 16), (320, 24), (512, 128), (7168, 16)]
 
 
 def _random_q(rng, shape):
@@ -97,3 +97,8 @@ def test_quantize_matches_compressed_tensors(as_jax):
     np.testing.assert_array_equal(np.asarray(L.unpack(packed)), q_ct.T)
     np.testing.assert_array_equal(np.asarray(scale).astype(np.float32), scale_ct.float().numpy().T)
     assert q_ct.min() == -8 and q_ct.max() == 7
+
+
+def test_k_must_be_whole_scale_groups():
+    with pytest.raises(ValueError):
+        L.planar_block(48)

@@ -32,6 +32,7 @@ GROUPED_CASES = [
     (512, 256, [0, 10, 0, 0, 27, 0], 4),            # ragged, empty experts, rows past the sum
     (256, 128, [0, 0, 0], 8),                       # no rows at all: all zeros
     (320, 24, [2, 2, 1, 3], 0),                     # K not a multiple of 256 (planar block 64), N < 128
+    (96, 16, [1, 0, 2], 1),                         # K = 3 groups (planar block 32, both halves one group)
     (1024, 384, [1, 1, 1, 1, 1, 1, 1, 1] + [0] * 40, 0),  # 8 rows over 48 experts
 ]
 
@@ -67,7 +68,7 @@ def test_grouped_many_tiles(rng, small_tiles, sizes, extra, kernel):
 
 
 @pytest.mark.parametrize("kernel", DENSE)
-@pytest.mark.parametrize("m,k,n", [(1, 256, 128), (7, 512, 256), (40, 1024, 384), (3, 64, 8)])
+@pytest.mark.parametrize("m,k,n", [(1, 256, 128), (7, 512, 256), (40, 1024, 384), (3, 64, 8), (2, 32, 16)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_matches_reference(rng, small_tiles, m, k, n, dtype, kernel):
     packed, scale = random_int4(rng, 1, k, n)
