@@ -4,15 +4,24 @@ Each iteration frees the slots of cancelled requests, admits queued requests int
 `prefill_chunk` prompt tokens (so a long prompt is prefilled in chunks between decode calls), then runs one
 multi-step decode of every slot that has its first token. Requests see tokens through their `emit` callback,
 called on the scheduler thread; stop strings and text are the caller's business (see k2jax.server).
+
+Multi-host: process 0 runs the Scheduler over LinkedSlots, which broadcast every prefill / decode / release
+(through jax.distributed) before running it; every other process runs follow(), replaying the same calls, so all
+processes run the same jitted steps over the global mesh. An idle leader broadcasts a no-op every IDLE_S, and
+every broadcast plus the model call it announces must finish within the link's timeout_s: a collective with a dead
+peer can block forever and cannot be interrupted, so a process whose deadline passes exits (status 1), loudly.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
+import os
+import sys
 import threading
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -21,6 +30,12 @@ from k2jax.sampling import SamplingParams
 from k2jax.slots import Slots
 
 log = logging.getLogger(__name__)
+
+IDLE_S = 1.0
+STEP_TIMEOUT_S = 600.0
+NOOP, PREFILL, DECODE, RELEASE, STOP = range(5)
+HEADER = 4
+PARAM_FIELDS = 6  # per slot: active, temperature bits, top_k, top_p bits, min_p bits, seed bits
 
 
 class QueueFull(Exception):
@@ -76,21 +91,33 @@ def check_request(request: Request, max_context: int, vocab_size: int) -> None:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
 
+def resolve_context(model: engine.Model, max_context: int | None, decode_steps: int) -> int:
+    """Tokens a request may use (prompt + completion): default and limit leave decode_steps of slot headroom."""
+    limit = model.config.max_position_embeddings - decode_steps
+    context = limit if max_context is None else max_context
+    if not 0 < context <= limit:
+        raise ValueError(f"max_context must be in [1, {limit}] (max_position_embeddings minus {decode_steps} "
+                         f"decode steps of headroom), got {context}")
+    return context
+
+
 class Scheduler:
-    """Continuous batching of Requests over `n_slots` cache slots, run by one background thread."""
+    """Continuous batching of Requests over `n_slots` cache slots, run by one background thread.
+
+    With a StepLink (multi-host, process 0), every model call is broadcast to the processes running follow().
+    """
 
     def __init__(self, model: engine.Model, n_slots: int = 8, max_context: int | None = None, max_queue: int = 256,
-                 prefill_chunk: int = engine.PREFILL_CHUNK, decode_steps: int = engine.DECODE_STEPS):
-        limit = model.config.max_position_embeddings - decode_steps
-        self.max_context = limit if max_context is None else max_context
-        if not 0 < self.max_context <= limit:
-            raise ValueError(f"max_context must be in [1, {limit}] (max_position_embeddings minus {decode_steps} "
-                             f"decode steps of headroom), got {self.max_context}")
+                 prefill_chunk: int = engine.PREFILL_CHUNK, decode_steps: int = engine.DECODE_STEPS,
+                 link: StepLink | None = None):
         if max_queue < 1 or prefill_chunk < 1 or decode_steps < 1:
             raise ValueError("max_queue, prefill_chunk and decode_steps must all be >= 1")
-        self.model, self.max_queue = model, max_queue
+        self.max_context = resolve_context(model, max_context, decode_steps)
+        self.model, self.max_queue, self.link = model, max_queue, link
         self.prefill_chunk, self.decode_steps = prefill_chunk, decode_steps
-        self.slots = Slots(model, n_slots, self.max_context + decode_steps)
+        capacity = self.max_context + decode_steps
+        self.slots = Slots(model, n_slots, capacity) if link is None else LinkedSlots(model, n_slots, capacity, link)
+        self.failure: Exception | None = None
         self._active: dict[int, Request] = {}
         self._waiting: collections.deque[Request] = collections.deque()
         self._cancelled: list[Request] = []
@@ -106,15 +133,22 @@ class Scheduler:
         return self
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the thread after its current step; queued and running requests end with an error."""
+        """Stop the thread after its current step; queued and running requests end with an error; followers stop."""
         with self._cond:
             self._closed = True
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
         for request in [*self._waiting, *self._active.values()]:
-            self._finish(request, Output((), (), "error", "the server is shutting down"))
+            request.finished = True
+            self._emit(request, Output((), (), "error", "the server is shutting down"))
         self._waiting.clear()
+        self._active.clear()
+        if self.link is not None and self.failure is None:
+            try:
+                self.link.send(STOP)
+            except LinkError as err:
+                log.error("could not tell the other processes to stop: %s", err)
 
     @property
     def alive(self) -> bool:
@@ -161,23 +195,41 @@ class Scheduler:
             self._cond.notify()
 
     def _loop(self) -> None:
-        """The scheduler thread: wait for work, then admit, prefill and decode until closed."""
+        """The scheduler thread: wait for work, then admit, prefill and decode until closed (or a peer is lost)."""
         while True:
             with self._cond:
-                while not (self._closed or self._waiting or self._active or self._cancelled):
-                    self._cond.wait()
+                if not (self._closed or self._waiting or self._active or self._cancelled):
+                    self._cond.wait(IDLE_S if self.link else None)
                 if self._closed:
                     return
                 cancelled, self._cancelled = self._cancelled, []
-                for request in cancelled:
-                    self._release(request)
                 self._admit()
             try:
-                self._step()
+                for request in cancelled:
+                    self._release(request)
+                if self._active:
+                    self._step()
+                elif self.link is not None:
+                    with self.link.deadline():
+                        self.link.send(NOOP)
+            except LinkError as err:
+                self._fail(err)
+                return
             except Exception:  # noqa: BLE001 -- a failed step ends its requests, never the thread
                 log.exception("scheduler step failed")
                 for request in list(self._active.values()):
                     self._finish(request, Output((), (), "error", "internal error while generating"))
+
+    def _fail(self, err: LinkError) -> None:
+        """A peer process is gone: end every request and stop serving (alive turns False, health reports it)."""
+        log.critical("multi-host step broadcast failed; the scheduler stops: %s", err)
+        self.failure = err
+        with self._cond:
+            self._closed = True
+            requests = [*self._waiting, *self._active.values()]
+        for request in requests:
+            request.finished = True
+            self._emit(request, Output((), (), "error", f"a peer process failed: {err}"))
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, oldest first (caller holds the lock)."""
@@ -274,3 +326,132 @@ class Scheduler:
             del self._active[request.slot]
             self.slots.release(request.slot)
 
+
+
+# ---------------------------------------------------------------- multi-host
+
+
+class LinkError(RuntimeError):
+    """A step broadcast between processes failed: a peer is gone."""
+
+
+def float_bits(values: Sequence[float]) -> np.ndarray:
+    """float32 values as their int32 bit patterns (broadcast as ints, exactly)."""
+    return np.asarray(values, np.float32).view(np.int32)
+
+
+def pack_params(params: Sequence[SamplingParams | None]) -> np.ndarray:
+    """Per-slot sampling settings (None: inactive) as PARAM_FIELDS int32 rows, flattened field-major."""
+    real = [p or SamplingParams() for p in params]
+    return np.concatenate([
+        np.array([p is not None for p in params], np.int32), float_bits([p.temperature for p in real]),
+        np.array([p.top_k for p in real], np.int32), float_bits([p.top_p for p in real]),
+        float_bits([p.min_p for p in real]), np.array([p.seed & 0xFFFFFFFF for p in real], np.uint32).view(np.int32)])
+
+
+def unpack_params(packed: np.ndarray, n_slots: int) -> list[SamplingParams | None]:
+    """The inverse of pack_params."""
+    rows = np.ascontiguousarray(packed[: PARAM_FIELDS * n_slots], np.int32).reshape(PARAM_FIELDS, n_slots)
+    temp, top_p, min_p = (rows[k].view(np.float32) for k in (1, 3, 4))
+    seed = rows[5].view(np.uint32)
+    return [SamplingParams(float(temp[i]), int(rows[2, i]), float(top_p[i]), float(min_p[i]), int(seed[i]))
+            if rows[0, i] else None for i in range(n_slots)]
+
+
+class StepLink:
+    """One fixed-size int32 message per model call, broadcast from process 0 to all (compiles once).
+
+    Message: [op, a, b, c] then the payload (prefill tokens, or decode's last tokens and packed sampling settings).
+    """
+
+    def __init__(self, n_slots: int, max_prefill: int, timeout_s: float = STEP_TIMEOUT_S):
+        self.n_slots, self.timeout_s = n_slots, timeout_s
+        self.size = HEADER + max(max_prefill, (1 + PARAM_FIELDS) * n_slots)
+
+    @contextlib.contextmanager
+    def deadline(self) -> Iterator[None]:
+        """Exit the process unless the enclosed broadcast and model call finish within timeout_s (a peer is gone)."""
+        timer = threading.Timer(self.timeout_s, self._lost)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _lost(self) -> None:
+        """A collective has waited past the deadline: no peer will complete it, so stop this process now."""
+        message = f"k2jax: a multi-host step did not finish within {self.timeout_s:g} s; a peer process is gone"
+        log.critical(message)
+        print(message, file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def send(self, op: int, header: Sequence[int] = (), payload: Sequence[int] | np.ndarray = ()) -> None:
+        """Broadcast one call (process 0)."""
+        if len(payload) > self.size - HEADER:
+            raise ValueError(f"step message of {len(payload)} values exceeds the link's {self.size - HEADER}")
+        message = np.zeros(self.size, np.int32)
+        message[0], message[1:1 + len(header)] = op, header
+        message[HEADER:HEADER + len(payload)] = payload
+        self._broadcast(message)
+
+    def receive(self) -> np.ndarray:
+        """The next call from process 0 (other processes)."""
+        return self._broadcast(np.zeros(self.size, np.int32))
+
+    def _broadcast(self, message: np.ndarray) -> np.ndarray:
+        """jax.distributed broadcast from process 0; a failure means a peer is gone."""
+        from jax.experimental import multihost_utils
+
+        try:
+            return np.asarray(multihost_utils.broadcast_one_to_all(message))
+        except Exception as err:  # noqa: BLE001 -- any collective failure is a lost peer
+            raise LinkError(str(err)) from err
+
+
+class LinkedSlots(Slots):
+    """Slots whose every prefill, decode and release is first broadcast to the processes running follow()."""
+
+    def __init__(self, model: engine.Model, n_slots: int, capacity: int, link: StepLink):
+        super().__init__(model, n_slots, capacity)
+        self.link = link
+
+    def prefill(self, slot: int, tokens: Sequence[int], start: int = 0) -> np.ndarray:
+        """Broadcast, then prefill, within the link's deadline."""
+        with self.link.deadline():
+            self.link.send(PREFILL, (slot, start, len(tokens)), tokens)
+            return super().prefill(slot, tokens, start)
+
+    def decode(self, tokens: np.ndarray, params: Sequence[SamplingParams | None],
+               n_steps: int = engine.DECODE_STEPS) -> tuple[np.ndarray, np.ndarray]:
+        """Broadcast, then decode, within the link's deadline."""
+        with self.link.deadline():
+            self.link.send(DECODE, (n_steps,), np.concatenate([np.asarray(tokens, np.int32), pack_params(params)]))
+            return super().decode(tokens, params, n_steps)
+
+    def release(self, slot: int) -> None:
+        """Broadcast, then release."""
+        with self.link.deadline():
+            self.link.send(RELEASE, (slot,))
+        super().release(slot)
+
+
+def follow(model: engine.Model, n_slots: int, max_context: int | None, link: StepLink,
+           decode_steps: int = engine.DECODE_STEPS) -> None:
+    """Replay process 0's model calls on this process until it stops; raises LinkError if process 0 is gone."""
+    slots = Slots(model, n_slots, resolve_context(model, max_context, decode_steps) + decode_steps)
+    while True:
+        with link.deadline():
+            message = link.receive()
+            op, (a, b, c), payload = int(message[0]), message[1:HEADER].tolist(), message[HEADER:]
+            if op == STOP:
+                return
+            try:
+                if op == PREFILL:
+                    slots.prefill(a, payload[:c].tolist(), start=b)
+                elif op == DECODE:
+                    slots.decode(payload[:n_slots], unpack_params(payload[n_slots:], n_slots), a)
+                elif op == RELEASE:
+                    slots.release(a)
+            except ValueError:  # process 0 met the same error and went on
+                log.warning("replayed step %d failed as it did on process 0", op, exc_info=True)

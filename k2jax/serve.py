@@ -1,11 +1,18 @@
-"""k2jax-serve: an OpenAI-compatible HTTP server (chat, completions, models, health, metrics) for a Kimi K2 model."""
+"""k2jax-serve: an OpenAI-compatible HTTP server (chat, completions, models, health, metrics) for a Kimi K2 model.
+
+Multi-host: start one process per host with the same flags plus --coordinator HOST:PORT (process 0's address),
+--num-processes N and --process-id I. Process 0 serves HTTP and schedules; the others replay its model calls.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,7 +31,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--api-key", default=os.environ.get("K2JAX_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1 routes (default: $K2JAX_API_KEY, else none)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0's jax.distributed service")
+    ap.add_argument("--num-processes", type=int, default=1, help="multi-host: number of processes (one per host)")
+    ap.add_argument("--process-id", type=int, default=0, help="multi-host: this process's index (0 serves HTTP)")
+    ap.add_argument("--heartbeat-timeout", type=int, default=30,
+                    help="multi-host: seconds of silence before jax.distributed declares a peer dead")
+    ap.add_argument("--step-timeout", type=float, default=600.0,
+                    help="multi-host: seconds a step (broadcast + model call, compiles included) may take before "
+                         "the process exits on the assumption that a peer is gone")
     return ap.parse_args(argv)
+
+
+def global_mesh(args: argparse.Namespace) -> Any:
+    """Join the jax.distributed job (CPU collectives over gloo) and return a mesh of every process's devices."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    if args.coordinator is None or args.mesh is not None:
+        raise ValueError("multi-host serving needs --coordinator and takes no --mesh (it uses every process's "
+                         "devices on one 'expert' axis)")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               heartbeat_timeout_seconds=args.heartbeat_timeout)
+    return Mesh(np.array(jax.devices()), ("expert",))
+
+
+def stop_on_failure(server: Any, scheduler: Any) -> None:
+    """Watchdog: shut the HTTP server down once the scheduler has failed (a peer process is gone)."""
+    while not server.should_exit:
+        if scheduler.failure is not None:
+            server.should_exit = True
+        time.sleep(0.2)
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -38,23 +76,36 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     import k2jax
-    from k2jax.scheduler import Scheduler
+    from k2jax.scheduler import LinkError, Scheduler, StepLink, follow
     from k2jax.server import GRACEFUL_SHUTDOWN_S, Service, create_app
 
+    multi = args.num_processes > 1
     try:
-        model = k2jax.load(args.model, mesh=args.mesh)
+        model = k2jax.load(args.model, mesh=global_mesh(args) if multi else args.mesh)
+        link = StepLink(args.max_batch, args.prefill_chunk, args.step_timeout) if multi else None
+        if args.process_id != 0:
+            follow(model, args.max_batch, args.max_context, link)
+            return 0
         scheduler = Scheduler(model, n_slots=args.max_batch, max_context=args.max_context, max_queue=args.max_queue,
-                              prefill_chunk=args.prefill_chunk)
+                              prefill_chunk=args.prefill_chunk, link=link)
         service = Service(model, scheduler, served_name(args), args.api_key)
     except (ValueError, FileNotFoundError) as err:
         print(f"k2jax-serve: error: {err}", file=sys.stderr)
         return 2
+    except LinkError as err:
+        print(f"k2jax-serve: error: lost process 0: {err}", file=sys.stderr)
+        return 1
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port,
+                                           log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     scheduler.start()
+    threading.Thread(target=stop_on_failure, args=(server, scheduler), daemon=True).start()
     try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        server.run()
     finally:
         scheduler.close()
+    if scheduler.failure is not None:
+        print(f"k2jax-serve: error: a peer process failed: {scheduler.failure}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -34,6 +34,17 @@ def prefill_slot(graphdef: nnx.GraphDef, state: nnx.State, tokens_1T: jax.Array,
 _sample = jax.jit(sample)
 
 
+def host_value(x: jax.Array) -> np.ndarray:
+    """An output's value on this host, also when it spans several processes (multi-host serving)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 class Slots:
     """`n_slots` cached sequences of up to `capacity` tokens over one model."""
 
@@ -72,7 +83,7 @@ class Slots:
             logits, self.cache = m._call(prefill_slot, m.graphdef, m.state, jnp.asarray(padded[None, lo:lo + chunk]),
                                          jnp.asarray(pos), self.cache, jnp.int32(slot), m.config, m.dtype,
                                          min(engine.bucket(start + lo + chunk), self.capacity))
-            out.append(np.asarray(logits[0]))
+            out.append(host_value(logits)[0])
         self.lengths[slot] = end
         return np.concatenate(out)[: len(tokens)]
 
@@ -100,7 +111,7 @@ class Slots:
                                           jnp.asarray(self.lengths), self.cache, sampling, m.config, m.dtype,
                                           n_steps, kv_len)
         self.lengths = np.where(active, self.lengths + n_steps, self.lengths).astype(np.int32)
-        return np.asarray(toks), np.asarray(logps)
+        return host_value(toks), host_value(logps)
 
     def release(self, slot: int) -> None:
         """Forget a slot's sequence so a new one can use it."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import k2jax
-from k2jax.scheduler import Output, QueueFull, Request, Scheduler
+from k2jax.sampling import SamplingParams
+from k2jax.scheduler import Output, QueueFull, Request, Scheduler, pack_params, unpack_params
 
 EOS = 255
 TIMEOUT_S = 120.0
@@ -145,3 +147,10 @@ def test_queue_bound_and_request_checks(model, rng):
         sched.close()
     with pytest.raises(ValueError, match="max_context must be in"):
         Scheduler(model, max_context=10**6)
+
+
+def test_sampling_settings_survive_the_step_message():
+    params = [SamplingParams(0.7, 40, 0.9, 0.05, 2**32 - 1), None, SamplingParams(), SamplingParams(seed=12345)]
+    back = unpack_params(pack_params(params), len(params))
+    assert back[1] is None and back[2:] == params[2:]
+    assert np.float32(back[0].temperature) == np.float32(0.7) and back[0].top_k == 40 and back[0].seed == 2**32 - 1

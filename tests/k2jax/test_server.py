@@ -14,6 +14,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -281,32 +282,71 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_cli_serves_on_localhost(checkpoint):
-    port = free_port()
+def start_cli(checkpoint: Path, *args: str) -> subprocess.Popen:
+    """`python -m k2jax.serve` on the test checkpoint (key from the environment, CPU only)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "K2JAX_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "k2jax.serve", "--model", str(checkpoint), "--port", str(port),
-                             "--max-batch", "2", "--max-context", "64", "--log-level", "warning"], env=env)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:
-            assert proc.poll() is None, "k2jax-serve exited"
-            assert time.monotonic() < deadline, "k2jax-serve did not come up"
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
-        assert models["data"][0]["id"] == "model" and models["data"][0]["max_model_len"] == 64
-        assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
-    finally:
-        proc.terminate()
+    return subprocess.Popen([sys.executable, "-m", "k2jax.serve", "--model", str(checkpoint), "--log-level",
+                             "warning", *args], env=env)
+
+
+def wait_for_health(port: int, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        assert all(p.poll() is None for p in procs), "k2jax-serve exited"
+        assert time.monotonic() < deadline, "k2jax-serve did not come up"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def test_cli_serves_on_localhost(checkpoint):
+    port = free_port()
+    proc = start_cli(checkpoint, "--port", str(port), "--max-batch", "2", "--max-context", "64")
+    try:
+        wait_for_health(port, [proc])
+        base = f"http://127.0.0.1:{port}"
+        models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+        assert models["data"][0]["id"] == "model" and models["data"][0]["max_model_len"] == 64
+        assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
+    finally:
+        stop([proc])
+
+
+def test_two_processes_serve_like_one_and_fail_loudly_without_a_peer(checkpoint, client):
+    port, coordinator = free_port(), free_port()
+    common = ["--port", str(port), "--served-model-name", NAME, "--max-batch", "2", "--max-context", "120",
+              "--prefill-chunk", "64", "--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2",
+              "--heartbeat-timeout", "5", "--step-timeout", "60"]
+    procs = [start_cli(checkpoint, *common, "--process-id", str(i)) for i in range(2)]
+    try:
+        wait_for_health(port, procs)
+        both = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT_S)
+        prompts = ["def add(a, b):", "import json", "class Point:"]
+
+        def complete(api, prompt: str) -> str:
+            return api.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: they share steps on both processes
+            got = list(pool.map(lambda p: complete(both, p), prompts))
+        assert got == [complete(client, p) for p in prompts]
+        procs[1].kill()
+        assert procs[0].wait(TIMEOUT_S) != 0, "process 0 must stop, and say so, when its peer is gone"
+    finally:
+        stop(procs)
 
 
 def test_cli_rejects_a_missing_model(tmp_path, capsys):
