@@ -1,7 +1,9 @@
 """k2jax-serve: an OpenAI-compatible HTTP server (chat, completions, models, health, metrics) for a Kimi K2 model.
 
 Multi-host: start one process per host with the same flags plus --coordinator HOST:PORT (process 0's address),
---num-processes N and --process-id I. Process 0 serves HTTP and schedules; the others replay its model calls.
+--num-processes N and --process-id I, or --coordinator auto where jax.distributed detects the cluster (TPU pod
+slices, SLURM); `python -m k2jax.serve_launch` prints or runs those commands. Process 0 serves HTTP and
+schedules; the others replay its model calls.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--api-key", default=os.environ.get("K2JAX_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1 routes (default: $K2JAX_API_KEY, else none)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    ap.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0's jax.distributed service")
+    ap.add_argument("--coordinator", default=None,
+                    help="multi-host: HOST:PORT of process 0's jax.distributed service, or 'auto' (TPU pods, SLURM)")
     ap.add_argument("--num-processes", type=int, default=1, help="multi-host: number of processes (one per host)")
     ap.add_argument("--process-id", type=int, default=0, help="multi-host: this process's index (0 serves HTTP)")
     ap.add_argument("--heartbeat-timeout", type=int, default=30,
@@ -48,12 +51,14 @@ def global_mesh(args: argparse.Namespace) -> Any:
     import numpy as np
     from jax.sharding import Mesh
 
-    if args.coordinator is None or args.mesh is not None:
-        raise ValueError("multi-host serving needs --coordinator and takes no --mesh (it uses every process's "
-                         "devices on one 'expert' axis)")
+    if args.mesh is not None:
+        raise ValueError("multi-host serving takes no --mesh: it uses every process's devices on one 'expert' axis")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               heartbeat_timeout_seconds=args.heartbeat_timeout)
+    if args.coordinator == "auto":
+        jax.distributed.initialize(heartbeat_timeout_seconds=args.heartbeat_timeout)
+    else:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout)
     return Mesh(np.array(jax.devices()), ("expert",))
 
 
@@ -73,17 +78,18 @@ def served_name(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Load the model, start the scheduler thread, serve until interrupted; returns the exit code."""
     args = parse_args(argv)
+    import jax
     import uvicorn
 
     import k2jax
     from k2jax.scheduler import LinkError, Scheduler, StepLink, follow
     from k2jax.server import GRACEFUL_SHUTDOWN_S, Service, create_app
 
-    multi = args.num_processes > 1
     try:
-        model = k2jax.load(args.model, mesh=global_mesh(args) if multi else args.mesh)
+        model = k2jax.load(args.model, mesh=args.mesh if args.coordinator is None else global_mesh(args))
+        multi = jax.process_count() > 1
         link = StepLink(args.max_batch, args.prefill_chunk, args.step_timeout) if multi else None
-        if args.process_id != 0:
+        if jax.process_index() != 0:
             follow(model, args.max_batch, args.max_context, link)
             return 0
         scheduler = Scheduler(model, n_slots=args.max_batch, max_context=args.max_context, max_queue=args.max_queue,

@@ -354,3 +354,14 @@ def test_cli_rejects_a_missing_model(tmp_path, capsys):
 
     assert main(["--model", str(tmp_path / "absent")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_launcher_commands():
+    from k2jax.serve_launch import main, ssh_commands, tpu_command
+
+    first, second = ssh_commands(["gpu0", "gpu1"], 8476, ["--model", "/ckpt dir"])
+    assert first[:2] == ["ssh", "gpu0"] and second[:2] == ["ssh", "gpu1"]
+    assert "--coordinator gpu0:8476 --num-processes 2 --process-id 1 --model '/ckpt dir'" in second[2]
+    tpu = tpu_command("pod", "us-east5-a", None, ["--model", "/ckpt"])
+    assert "--worker=all" in tpu and tpu[-1] == "python -m k2jax.serve --coordinator auto --model /ckpt"
+    assert main(["--hosts", "a,b", "--", "--model", "/m"]) == 0
