@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -66,7 +66,7 @@ class Request:
     prompt: Sequence[int]
     max_tokens: int
     emit: Callable[[Output], None]
-    params: SamplingParams = SamplingParams()
+    params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     stop_ids: frozenset[int] = frozenset()
     force_before_stop: tuple[int, ...] = ()
     slot: int | None = None
@@ -215,7 +215,7 @@ class Scheduler:
             except LinkError as err:
                 self._fail(err)
                 return
-            except Exception:  # noqa: BLE001 -- a failed step ends its requests, never the thread
+            except Exception:  # a failed step ends its requests, never the thread
                 log.exception("scheduler step failed")
                 for request in list(self._active.values()):
                     self._finish(request, Output((), (), "error", "internal error while generating"))
@@ -227,6 +227,8 @@ class Scheduler:
         with self._cond:
             self._closed = True
             requests = [*self._waiting, *self._active.values()]
+            self._waiting.clear()
+            self._active.clear()
         for request in requests:
             request.finished = True
             self._emit(request, Output((), (), "error", f"a peer process failed: {err}"))
@@ -310,7 +312,7 @@ class Scheduler:
             return
         try:
             request.emit(output)
-        except Exception:  # noqa: BLE001 -- a broken consumer must not stop the others
+        except Exception:  # a broken consumer must not stop the others
             log.exception("request consumer failed; cancelling it")
             self.cancel(request)
 
@@ -405,7 +407,7 @@ class StepLink:
 
         try:
             return np.asarray(multihost_utils.broadcast_one_to_all(message))
-        except Exception as err:  # noqa: BLE001 -- any collective failure is a lost peer
+        except Exception as err:  # any failed collective means a lost peer
             raise LinkError(str(err)) from err
 
 

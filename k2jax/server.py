@@ -17,10 +17,12 @@ import time
 import uuid
 import weakref
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Literal, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Literal
 
 import uvicorn
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -187,11 +189,11 @@ def choice_count(body: GenerationBody) -> int:
     return n
 
 
-def token_budget(prompt_len: int, max_tokens: int | None, max_context: int) -> int:
+def token_budget(prompt_len: int, max_tokens: int | None, max_context: int, prompt_param: str) -> int:
     """max_tokens checked against the context (default: all the room left); a too-long prompt is a 413."""
     if prompt_len >= max_context:
         raise APIError(413, f"the prompt is {prompt_len} tokens; this server's context is {max_context} tokens",
-                       param="messages", code="context_length_exceeded")
+                       param=prompt_param, code="context_length_exceeded")
     if max_tokens is None:
         return max_context - prompt_len
     if max_tokens < 1:
@@ -405,7 +407,7 @@ class Job:
                     return
             try:
                 index, out = await asyncio.wait_for(self.queue.get(), POLL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if index not in seen:
                 seen.add(index)
@@ -591,7 +593,8 @@ class Service:
             ids = self.tokenizer.apply_chat_template(chat_messages(body), tools=tools, tokenize=True)
         except ValueError as err:
             raise APIError(422, str(err), param="messages") from None
-        max_tokens = token_budget(len(ids), body.max_completion_tokens or body.max_tokens, self.scheduler.max_context)
+        requested = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        max_tokens = token_budget(len(ids), requested, self.scheduler.max_context, "messages")
         job = Job(self.scheduler, self.metrics)
         for j in range(n):
             job.add(ids, max_tokens, params, stop_ids, forced, sample=j)
@@ -610,8 +613,8 @@ class Service:
             raise APIError(400, f"{len(prompts)} prompts x n={n} exceeds {MAX_CHOICES} choices", param="prompt")
         if not all(prompts):
             raise APIError(400, "prompt: every prompt needs at least one token", param="prompt")
-        budgets = [token_budget(len(p), body.max_tokens if body.max_tokens is not None else 16,
-                                self.scheduler.max_context) for p in prompts]
+        requested = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
+        budgets = [token_budget(len(p), requested, self.scheduler.max_context, "prompt") for p in prompts]
         job = Job(self.scheduler, self.metrics)
         stop_ids = frozenset() if body.ignore_eos else frozenset(self.tokenizer.stop_ids)
         for ids, max_tokens in zip(prompts, budgets):
@@ -741,7 +744,7 @@ class BackgroundServer:
             time.sleep(0.01)
         return self
 
-    def __exit__(self, *_exc: Any) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(self.start_timeout)
 

@@ -129,7 +129,7 @@ def test_chat_equals_generate(model, client):
 
 
 def test_chat_stream_equals_non_stream(client):
-    kw = dict(model=NAME, messages=MESSAGES, max_tokens=20, temperature=0.8, seed=7)
+    kw = {"model": NAME, "messages": MESSAGES, "max_tokens": 20, "temperature": 0.8, "seed": 7}
     whole = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -233,12 +233,10 @@ def test_64_concurrent_streams_finish_with_their_token_counts(server):
 def test_disconnect_mid_stream_frees_the_slot(server):
     http, service = server
     body = {"model": NAME, "prompt": "def add(a, b):", "max_tokens": 200, "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=TIMEOUT_S) as http_client:
-        with http_client.stream("POST", f"{http.url}/completions", json=body,
-                                headers={"Authorization": f"Bearer {KEY}"}) as reply:
-            lines = reply.iter_lines()
-            assert next(lines).startswith("data: ")
-            cancelled = service.scheduler.cancelled
+    with httpx.Client(timeout=TIMEOUT_S) as http_client, http_client.stream(
+            "POST", f"{http.url}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as reply:
+        assert next(reply.iter_lines()).startswith("data: ")
+        cancelled = service.scheduler.cancelled
     no_leaks(service)
     assert service.scheduler.cancelled == cancelled + 1, "the request ran on after its client left"
 

@@ -62,7 +62,8 @@ def test_tool_call_round_trip(client):
 
     whole = client.chat.completions.create(model=NAME, messages=messages, tools=make_corpus.TOOLS, temperature=0,
                                            max_tokens=128).choices[0]
-    assert whole.finish_reason == "tool_calls" and whole.message.tool_calls[0].function.arguments == calls[0]["arguments"]
+    assert whole.finish_reason == "tool_calls"
+    assert whole.message.tool_calls[0].function.arguments == calls[0]["arguments"]
 
     result = make_corpus.run_tool(calls[0]["name"], arguments)
     messages += [{"role": "assistant", "content": content, "reasoning_content": reasoning,
