@@ -7,6 +7,7 @@ reads only a power-of-two bucket of the cache that covers the longest row, so sh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -22,6 +23,7 @@ from flax import nnx
 from k2jax.config import K2Config
 from k2jax.model import forward, init_cache
 from k2jax.sampling import SamplingParams, sample, stack_params
+from sharding.mesh import mesh_of
 
 PREFILL_CHUNK = 512
 DECODE_STEPS = 8
@@ -121,7 +123,11 @@ class _Row:
 
 
 class Model:
-    """A loaded Kimi K2 model: config, parameters, tokenizer, and the jitted entry points."""
+    """A loaded Kimi K2 model: config, parameters, tokenizer, and the jitted entry points.
+
+    Programs run on the mesh the parameters are placed on (set around each call: the model's shard_maps
+    read it), with the cache split by the same rules.
+    """
 
     def __init__(self, cfg: K2Config, graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Any = None,
                  dtype: Any = jnp.float32):
@@ -129,7 +135,12 @@ class Model:
         self.tokenizer, self.dtype = tokenizer, dtype
         self._compiled: set[tuple] = set()
         self._compile_s = 0.0
+        self.mesh = mesh_of(state)
         enable_compilation_cache()
+
+    def on_mesh(self) -> contextlib.AbstractContextManager:
+        """Context in which jitted entry points trace and run on this model's mesh."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def logits(self, token_ids: Any) -> np.ndarray:
         """int [B, T] -> float32 logits [B, T, vocab] of a full causal prefill."""
@@ -137,11 +148,13 @@ class Model:
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"token_ids must be an integer array [batch, time], got {tokens.dtype} {tokens.shape}")
         self._check_ids(tokens.reshape(-1).tolist(), tokens.shape[1])
-        return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), self.config, self.dtype))
+        with self.on_mesh():
+            return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), self.config,
+                                      self.dtype))
 
     def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
-        """An empty latent cache for `batch` sequences of up to `length` tokens."""
-        return init_cache(self.config, batch, length, self.dtype)
+        """An empty latent cache for `batch` sequences of up to `length` tokens, on the model's mesh."""
+        return init_cache(self.config, batch, length, self.dtype, self.mesh)
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_p: float = 0.0,
@@ -236,9 +249,11 @@ class Model:
         """Call a jitted entry point; the first call of each shape is timed (blocking) as compile time."""
         key = (fn, *(getattr(x, "shape", x) for x in jax.tree.leaves(args[2:])))
         if key in self._compiled:
-            return fn(*args)
+            with self.on_mesh():
+                return fn(*args)
         start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
+        with self.on_mesh():
+            out = jax.block_until_ready(fn(*args))
         self._compile_s += time.perf_counter() - start
         self._compiled.add(key)
         return out

@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -16,6 +15,7 @@ from checkpoints.streaming import DEFAULT_CHUNK_BYTES, load_hf_state
 from k2jax.config import K2Config
 from k2jax.engine import Model
 from k2jax.model import K2Model
+from sharding.mesh import make_mesh
 
 
 def default_dtype() -> Any:
@@ -26,23 +26,6 @@ def default_dtype() -> Any:
 def abstract_model(cfg: K2Config, param_dtype: Any = jnp.bfloat16) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's structure and parameter shapes, without allocating them."""
     return nnx.split(nnx.eval_shape(lambda: K2Model(cfg, nnx.Rngs(0), param_dtype)))
-
-
-def make_mesh(mesh: Mesh | str | None) -> Mesh:
-    """A Mesh from a Mesh, a spec like "expert=8" or "data=2,expert=4", or None (all local devices on 'expert')."""
-    if isinstance(mesh, Mesh):
-        return mesh
-    devices = jax.local_devices()
-    if mesh is None:
-        return Mesh(np.array(devices), ("expert",))
-    try:
-        axes = {name.strip(): int(size) for name, size in (part.split("=") for part in mesh.split(","))}
-    except ValueError:
-        raise ValueError(f"mesh spec {mesh!r}: expected NAME=SIZE[,NAME=SIZE...], e.g. 'expert=8'") from None
-    if int(np.prod(list(axes.values()))) != len(devices):
-        raise ValueError(f"mesh spec {mesh!r} needs {int(np.prod(list(axes.values())))} devices, "
-                         f"{len(devices)} are available")
-    return Mesh(np.array(devices).reshape(tuple(axes.values())), tuple(axes))
 
 
 def load_state(path: Path, cfg: K2Config, mesh: Mesh, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -56,14 +39,18 @@ def load_state(path: Path, cfg: K2Config, mesh: Mesh, chunk_bytes: int = DEFAULT
 
 def load(path: str | Path | None = None, mesh: Mesh | str | None = None, dtype: Any = None,
          progress: bool | None = None) -> Model:
-    """Load a Hugging Face or orbax checkpoint dir; weights keep their stored precision, compute runs in `dtype`."""
+    """Load a Hugging Face or orbax checkpoint dir; weights keep their stored precision, compute runs in `dtype`.
+
+    `mesh`: a Mesh, a spec such as "expert=8" or "data=2,expert=4,tensor=2", or None / "auto" (experts
+    over as many devices as divide them, the rest over 'tensor'); parameters are placed by sharding.rules.
+    """
     if path is None:
         raise FileNotFoundError("no bundled model is installed yet: pass the path of a checkpoint directory")
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
     cfg = K2Config.from_json(path)
-    graphdef, state = load_state(path, cfg, make_mesh(mesh), progress=progress)
+    graphdef, state = load_state(path, cfg, make_mesh(mesh, cfg.n_routed_experts), progress=progress)
     return Model(cfg, graphdef, state, tokenizer=_tokenizer(path), dtype=dtype or default_dtype())
 
 

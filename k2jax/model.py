@@ -5,20 +5,29 @@ read top to bottom. Layers [0, first_k_dense_replace) form one stacked dense mod
 MoE module; each stack is iterated with `lax.scan`, so compile time does not grow with depth.
 Shape suffixes: B batch, T new tokens, S cache length, H heads, D head dim, R kv_lora_rank, P rope dim,
 C cache lanes, E experts, K top-k, M hidden, F intermediate, V vocab, L layers, N rows.
+
+On a mesh (jax.set_mesh; axes from sharding.rules) attention and the routed experts run in explicit
+shard_maps: attention per batch shard and head shard (o_proj partials summed over 'tensor'), the routed
+experts per expert shard on the tokens of its data group (partials reduce-scattered back to their rows).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from k2jax.config import K2Config
 from pallas_kernels import dispatch, int4_layout
+from sharding.rules import partition_spec, spec_axes
 
 Array = jax.Array
+CACHE_AXES = ("layers", "batch", "cache_seq", "cache_lanes")
 
 
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any,
@@ -64,9 +73,9 @@ class MLP(nnx.Module):
 class ExpertProj(nnx.Module):
     """One projection of all routed experts, [E, K_in, N_out]: dense, or INT4 (packed + group-32 scales)."""
 
-    def __init__(self, n_exp: int, k_in: int, n_out: int, int4: bool, rngs: nnx.Rngs, dtype: Any,
-                 stack: int | None = None):
-        axes = ("experts", "expert_in", "expert_out")
+    def __init__(self, n_exp: int, k_in: int, n_out: int, axes: tuple[str, str], int4: bool, rngs: nnx.Rngs,
+                 dtype: Any, stack: int | None = None):
+        axes = ("experts", *axes)
         if int4:
             packed, scale = int4_layout.quantize(_param(rngs, (n_exp, k_in, n_out), axes, jnp.float32, stack)[...])
             self.packed = nnx.Param(packed, axes=(("layers",) if stack else ()) + axes)
@@ -83,9 +92,9 @@ class MoE(nnx.Module):
         int4 = cfg.quant is not None
         self.router = _param(rngs, (M, E), ("embed", None), dtype, stack)
         self.router_bias = _param(rngs, (E,), (None,), jnp.float32, stack, fill=0.0)
-        self.gate = ExpertProj(E, M, F, int4, rngs, dtype, stack)
-        self.up = ExpertProj(E, M, F, int4, rngs, dtype, stack)
-        self.down = ExpertProj(E, F, M, int4, rngs, dtype, stack)
+        self.gate = ExpertProj(E, M, F, ("embed", "expert_mlp"), int4, rngs, dtype, stack)
+        self.up = ExpertProj(E, M, F, ("embed", "expert_mlp"), int4, rngs, dtype, stack)
+        self.down = ExpertProj(E, F, M, ("expert_mlp", "embed"), int4, rngs, dtype, stack)
         self.shared = MLP(M, F * cfg.n_shared_experts, rngs, dtype, stack) if cfg.n_shared_experts else None
 
 
@@ -112,10 +121,25 @@ class K2Model(nnx.Module):
         self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype, None)
 
 
-def init_cache(cfg: K2Config, batch: int, length: int, dtype: Any = jnp.bfloat16) -> dict[str, Array]:
-    """The latent KV cache: per layer stack, [L, B, S, C] with c_kv | roped k_pe | zero padding per token."""
-    shapes = {"dense": cfg.first_k_dense_replace, "moe": cfg.num_moe_layers}
-    return {name: jnp.zeros((n, batch, length, cfg.cache_lanes), dtype) for name, n in shapes.items() if n}
+def init_cache(cfg: K2Config, batch: int, length: int, dtype: Any = jnp.bfloat16,
+               mesh: Mesh | None = None) -> dict[str, Array]:
+    """The latent KV cache: per layer stack, [L, B, S, C] with c_kv | roped k_pe | zero padding per token.
+
+    On a mesh it is created in place, split by the rules for CACHE_AXES (batch rows over data x expert).
+    """
+    shapes = {name: (n, batch, length, cfg.cache_lanes)
+              for name, n in (("dense", cfg.first_k_dense_replace), ("moe", cfg.num_moe_layers)) if n}
+    zeros = lambda: {name: jnp.zeros(shape, dtype) for name, shape in shapes.items()}  # noqa: E731
+    if mesh is None:
+        return zeros()
+    shardings = {name: NamedSharding(mesh, partition_spec(CACHE_AXES, mesh, shape)) for name, shape in shapes.items()}
+    return jax.jit(zeros, out_shardings=shardings)()
+
+
+def context_mesh() -> AbstractMesh | None:
+    """The mesh set by jax.set_mesh around the traced call, or None (single-device code paths)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
 
 
 def rms_norm(x: Array, scale: Array, eps: float) -> Array:
@@ -200,33 +224,52 @@ def mla(p: MLA, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer: Ar
     ckv_BTR = rms_norm(kv_BTX[..., :R], p.kv_a_norm[...], eps)
     kpe_BTP = apply_rope(kv_BTX[..., R:], cos, sin)
     new_BTC = jnp.concatenate([ckv_BTR, kpe_BTP], axis=-1)
+    args = (q_nope_BTHD, q_pe_BTHP, new_BTC, pos_BT, cache_LBSC, layer, p.kv_b[...], p.o_proj[...])
+    mesh = context_mesh()
+    if mesh is None:
+        return latent_attention(*args, cfg=cfg, kv_len=kv_len, sum_axes=())
+    b = partition_spec(("batch",), mesh, pos_BT.shape[:1])[0]
+    h = partition_spec(("heads",), mesh)[0]
+    cache_spec = None if cache_LBSC is None else P(None, b)
+    attend = functools.partial(latent_attention, cfg=cfg, kv_len=kv_len, sum_axes=spec_axes(h))
+    return jax.shard_map(attend, mesh=mesh, check_vma=False,
+                         in_specs=(P(b, None, h), P(b, None, h), P(b), P(b), cache_spec, P(), P(None, h), P(h)),
+                         out_specs=(P(b), cache_spec))(*args)
 
+
+def latent_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT: Array, cache_LBSC: Array | None,
+                     layer: Array, kv_b_RHX: Array, o_proj_HDM: Array, *, cfg: K2Config, kv_len: int | None,
+                     sum_axes: tuple[str, ...]) -> tuple[Array, Array | None]:
+    """Write new latents into the cache, attend over it, project out; o_proj partials summed over `sum_axes`."""
+    R, Dn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+    dtype = q_nope_BTHD.dtype
     if cache_LBSC is None:
         kv_BSC, key_pos_BS = new_BTC, pos_BT
     else:
         new_BTC = jnp.pad(new_BTC, ((0, 0), (0, 0), (0, cache_LBSC.shape[-1] - new_BTC.shape[-1])))
         rows_B1 = jnp.arange(pos_BT.shape[0])[:, None]
         cache_LBSC = cache_LBSC.at[layer, rows_B1, pos_BT].set(new_BTC.astype(cache_LBSC.dtype), mode="drop")
-        kv_BSC = cache_LBSC[layer, :, :kv_len].astype(x_BTM.dtype)
+        kv_BSC = cache_LBSC[layer, :, :kv_len].astype(dtype)
         key_pos_BS = jnp.broadcast_to(jnp.arange(kv_BSC.shape[1]), kv_BSC.shape[:2])
     ckv_BSR, kpe_BSP = kv_BSC[..., :R], kv_BSC[..., R:R + cfg.qk_rope_head_dim]
     visible_BTS = key_pos_BS[:, None, :] <= pos_BT[:, :, None]
-    w_uk_RHD, w_uv_RHD = p.kv_b[...][..., :Dn], p.kv_b[...][..., Dn:]
+    w_uk_RHD, w_uv_RHD = kv_b_RHX[..., :Dn], kv_b_RHX[..., Dn:]
 
-    if cache_LBSC is not None and x_BTM.shape[1] == 1:
+    if cache_LBSC is not None and q_nope_BTHD.shape[1] == 1:
         q_lat_BHR = _mm(q_nope_BTHD[:, 0], w_uk_RHD, "bhd,rhd->bhr")
         o_lat_BHR = dispatch.mla_decode(q_lat_BHR, q_pe_BTHP[:, 0], kv_BSC, pos_BT[:, 0] + 1,
                                         sm_scale=cfg.softmax_scale)
-        o_BTHD = _mm(o_lat_BHR.astype(x_BTM.dtype), w_uv_RHD, "bhr,rhd->bhd")[:, None]
+        o_BTHD = _mm(o_lat_BHR.astype(dtype), w_uv_RHD, "bhr,rhd->bhd")[:, None]
     else:
         k_nope_BSHD = _mm(ckv_BSR, w_uk_RHD, "bsr,rhd->bshd")
         v_BSHD = _mm(ckv_BSR, w_uv_RHD, "bsr,rhd->bshd")
         scores_BHTS = (jnp.einsum("bthd,bshd->bhts", q_nope_BTHD, k_nope_BSHD, preferred_element_type=jnp.float32)
                        + jnp.einsum("bthp,bsp->bhts", q_pe_BTHP, kpe_BSP, preferred_element_type=jnp.float32))
         scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS * cfg.softmax_scale, -jnp.inf)
-        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(x_BTM.dtype)
+        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
         o_BTHD = jnp.einsum("bhts,bshd->bthd", probs_BHTS, v_BSHD)
-    return _mm(o_BTHD, p.o_proj[...], "bthd,hdm->btm"), cache_LBSC
+    o_BTM = jnp.einsum("bthd,hdm->btm", o_BTHD, o_proj_HDM.astype(dtype), preferred_element_type=jnp.float32)
+    return (jax.lax.psum(o_BTM, sum_axes) if sum_axes else o_BTM).astype(dtype), cache_LBSC
 
 
 def mlp(p: MLP, x_NM: Array) -> Array:
@@ -253,9 +296,10 @@ def route(p: MoE, x_NM: Array, cfg: K2Config) -> tuple[Array, Array]:
 
 
 def active_experts(idx_NK: Array, n_experts: int) -> tuple[Array, Array]:
-    """Experts that received rows, in id order, and their row counts; static length min(rows, experts).
+    """Experts in [0, n_experts) that received rows, in id order, and their row counts; static length min(rows, E).
 
-    Rows sorted by expert id then form consecutive groups, one per listed expert (padding groups are empty).
+    Ids outside the range are not counted. Rows sorted by expert id then form consecutive groups, one per
+    listed expert (padding groups are empty), with the uncounted rows last.
     """
     rows = idx_NK.size
     counts_E = jnp.bincount(idx_NK.reshape(-1), length=n_experts).astype(jnp.int32)
@@ -268,28 +312,81 @@ def active_experts(idx_NK: Array, n_experts: int) -> tuple[Array, Array]:
 def expert_matmul(p: ExpertProj, layer: Array, ids_U: Array, x_XK: Array, sizes_U: Array) -> Array:
     """Rows grouped by expert times their expert's matrix (a ragged matmul), dense or INT4.
 
-    The weights are the whole layer stack: one gather reads just the listed experts of `layer`.
+    The weights are the whole layer stack. INT4 kernels read the listed experts of `layer` in place; dense
+    weights are gathered, just the listed experts of `layer`.
     """
     if hasattr(p, "packed"):
-        return dispatch.grouped_int4_matmul(x_XK, p.packed[...][layer, ids_U], p.scale[...][layer, ids_U], sizes_U)
+        sizes_E = jnp.zeros(p.packed[...].shape[1], jnp.int32).at[ids_U].add(sizes_U)
+        return dispatch.grouped_int4_matmul(x_XK, p.packed[...], p.scale[...], sizes_E, layer=layer)
     return jax.lax.ragged_dot(x_XK, p.weight[...][layer, ids_U].astype(x_XK.dtype), sizes_U,
                               preferred_element_type=jnp.float32).astype(x_XK.dtype)
+
+
+def expert_sum(projs: tuple[ExpertProj, ExpertProj, ExpertProj], x_NM: Array, w_NK: Array, idx_NK: Array,
+               layer: Array, first: Array | int, n_local: int) -> Array:
+    """float32 [N, M]: sum over k of w_k * expert_k(x) for the experts first..first+n_local held here (others 0)."""
+    gate, up, down = projs
+    N, K = idx_NK.shape
+    local_NK = idx_NK - first
+    mine_NK = (local_NK >= 0) & (local_NK < n_local)
+    key_NK = jnp.where(mine_NK, local_NK, n_local)
+    order_X = jnp.argsort(key_NK.reshape(-1))
+    xs_XM = x_NM[order_X // K]
+    ids_U, sizes_U = active_experts(key_NK, n_local)
+    h_XF = (jax.nn.silu(expert_matmul(gate, layer, ids_U, xs_XM, sizes_U))
+            * expert_matmul(up, layer, ids_U, xs_XM, sizes_U))
+    ys_XM = expert_matmul(down, layer, ids_U, h_XF, sizes_U)
+    y_NKM = jnp.zeros_like(ys_XM).at[order_X].set(ys_XM).reshape(N, K, -1).astype(jnp.float32)
+    return jnp.einsum("nkm,nk->nm", jnp.where(mine_NK[..., None], y_NKM, 0.0), w_NK)
+
+
+def routed_experts(p: MoE, x_NM: Array, w_NK: Array, idx_NK: Array, layer: Array, cfg: K2Config) -> Array:
+    """float32 [N, M] routed-expert output; on a mesh, expert-parallel in a shard_map (weights never gathered).
+
+    Each device runs its own experts (and its slice of their columns) on the tokens of its data group:
+    token rows split over the expert axis are all-gathered (decode-sized), the partial sums reduce-scattered
+    back to their rows, and summed over the expert-column axis.
+    """
+    projs, E = (p.gate, p.up, p.down), cfg.n_routed_experts
+    mesh = context_mesh()
+    if mesh is None:
+        return expert_sum(projs, x_NM, w_NK, idx_NK, layer, 0, E)
+    graphdef, state = nnx.split(projs)
+    state_specs = jax.tree.map(lambda v: partition_spec(v.get_metadata()["axes"], mesh), state,
+                               is_leaf=lambda v: isinstance(v, nnx.Variable))
+    ep, tp = (spec_axes(partition_spec((axis,), mesh)[0]) for axis in ("experts", "expert_mlp"))
+    _check_column_split(cfg, math.prod(mesh.shape[a] for a in tp))
+    b = partition_spec(("batch",), mesh, x_NM.shape[:1])[0]
+    gathered = tuple(a for a in spec_axes(b) if a in ep)
+    summed = tuple(a for a in ep + tp if a not in gathered)
+    n_local = E // math.prod(mesh.shape[a] for a in ep)
+
+    def local(state: nnx.State, x_NM: Array, w_NK: Array, idx_NK: Array, layer: Array) -> Array:
+        if gathered:
+            x_NM, w_NK, idx_NK = (jax.lax.all_gather(a, gathered, tiled=True) for a in (x_NM, w_NK, idx_NK))
+        first = jax.lax.axis_index(ep) * n_local if ep else 0
+        y_NM = expert_sum(nnx.merge(graphdef, state), x_NM, w_NK, idx_NK, layer, first, n_local)
+        y_NM = jax.lax.psum(y_NM, summed) if summed else y_NM
+        return jax.lax.psum_scatter(y_NM, gathered, tiled=True) if gathered else y_NM
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(state_specs, P(b), P(b), P(b), P()), out_specs=P(b),
+                         check_vma=False)(state, x_NM, w_NK, idx_NK, layer)
+
+
+def _check_column_split(cfg: K2Config, ways: int) -> None:
+    """INT4 expert columns split `ways` ways must keep whole planar nibble blocks (see int4_layout)."""
+    F = cfg.moe_intermediate_size
+    if ways > 1 and cfg.quant is not None and (F // ways) % int4_layout.planar_block(F):
+        raise ValueError(f"moe_intermediate_size {F} over {ways} devices splits INT4 planar blocks of "
+                         f"{int4_layout.planar_block(F)} rows; use a smaller 'tensor' axis")
 
 
 def moe(p: MoE, x_BTM: Array, layer: Array, cfg: K2Config) -> Array:
     """Routed experts (rows sorted by expert, grouped matmuls) weighted and summed, plus the shared expert."""
     B, T, M = x_BTM.shape
-    K = cfg.num_experts_per_tok
     x_NM = x_BTM.reshape(B * T, M)
     w_NK, idx_NK = route(p, x_NM, cfg)
-    order = jnp.argsort(idx_NK.reshape(-1))
-    xs_XM = x_NM[order // K]
-    ids_U, sizes_U = active_experts(idx_NK, cfg.n_routed_experts)
-    h_XF = (jax.nn.silu(expert_matmul(p.gate, layer, ids_U, xs_XM, sizes_U))
-            * expert_matmul(p.up, layer, ids_U, xs_XM, sizes_U))
-    ys_XM = expert_matmul(p.down, layer, ids_U, h_XF, sizes_U)
-    y_NKM = jnp.zeros_like(ys_XM).at[order].set(ys_XM).reshape(B * T, K, M)
-    y_NM = jnp.einsum("nkm,nk->nm", y_NKM.astype(jnp.float32), w_NK).astype(x_BTM.dtype)
+    y_NM = routed_experts(p, x_NM, w_NK, idx_NK, layer, cfg).astype(x_BTM.dtype)
     if p.shared is not None:
         y_NM = y_NM + mlp(p.shared, x_NM)
     return y_NM.reshape(B, T, M)

@@ -2,7 +2,8 @@
 
 `shard CKPT SEED CHUNK_BYTES`: stream a synthetic checkpoint onto an 8-way expert mesh; report the peak host
 memory of the load, what each device holds, and how often each tensor was read.
-`orbax HF_DIR OUT_DIR`: HF -> logits on 8 devices; k2jax-convert; restore onto 4 other devices; logits again.
+`orbax HF_DIR OUT_DIR`: HF -> logits on 8 devices; k2jax-convert; restore onto 4 other devices; logits again
+(equal up to the summation order of the expert-parallel partial sums, which depends on the mesh).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def orbax(hf_dir: Path, out_dir: Path) -> dict:
     packed = state["moe_layers"]["mlp"]["gate"]["packed"].get_value()
     return {
         "convert_rc": rc,
-        "identical": bool(np.array_equal(Model(cfg, graphdef, state).logits(ids), from_hf)),
+        "rel_err": float(np.abs(Model(cfg, graphdef, state).logits(ids) - from_hf).max() / np.abs(from_hf).max()),
         "restored_devices": sorted(d.id for d in packed.sharding.device_set),
         "restored_spec": str(packed.sharding.spec),
         "restored_shard_shape": list(packed.addressable_shards[0].data.shape),

@@ -69,7 +69,7 @@ def test_experts_sharded_8_ways_and_peak_host_memory_bounded(synthetic_checkpoin
 def test_orbax_restores_onto_another_mesh_with_identical_logits(int4_checkpoint, tmp_path):
     result = run_worker("orbax", str(int4_checkpoint().path), str(tmp_path / "orbax"))
     assert result["convert_rc"] == 0
-    assert result["identical"]
+    assert result["rel_err"] < 1e-5
     assert result["restored_devices"] == [4, 5, 6, 7]
     assert result["restored_spec"] == "P(None, 'expert', None, None)"
     assert result["restored_shard_shape"][1] == 8 // 2  # the tiny model's 8 experts over an expert axis of 2

@@ -1,0 +1,98 @@
+"""Device meshes from specs ("expert=8", "data=2,expert=4", "auto"), multi-host start-up, host-data broadcast."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh
+
+# Mesh axes, outermost first: data (replicas over the batch), expert (routed experts; attention batch),
+# tensor (attention heads, MLP columns, expert columns, vocabulary).
+AXIS_ORDER = ("data", "expert", "tensor")
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "K2JAX_COORDINATOR", "K2JAX_NUM_PROCESSES", "K2JAX_PROCESS_ID"
+
+
+def parse_spec(spec: str) -> dict[str, int]:
+    """"data=2,expert=4" -> {"data": 2, "expert": 4}; names must be known mesh axes."""
+    try:
+        axes = {name.strip(): int(size) for name, size in (part.split("=") for part in spec.split(","))}
+    except ValueError:
+        raise ValueError(f"mesh spec {spec!r}: expected NAME=SIZE[,NAME=SIZE...], e.g. 'expert=8'") from None
+    unknown = set(axes) - set(AXIS_ORDER)
+    if unknown:
+        raise ValueError(f"mesh spec {spec!r}: unknown axis {sorted(unknown)}; axes are {AXIS_ORDER}")
+    return axes
+
+
+def auto_spec(n_devices: int, n_experts: int | None = None) -> str:
+    """Experts over as many devices as divide them, the rest over tensor; all on 'expert' when n_experts is None."""
+    expert = n_devices if n_experts is None else math.gcd(n_devices, n_experts)
+    tensor = n_devices // expert
+    return f"expert={expert}" + (f",tensor={tensor}" if tensor > 1 else "")
+
+
+def mesh_from_devices(devices: Sequence[Any], spec: str) -> Mesh:
+    """A mesh of these devices shaped by `spec`, axes in AXIS_ORDER, every axis Auto (the compiler propagates)."""
+    axes = parse_spec(spec)
+    size = math.prod(axes.values())
+    if size != len(devices):
+        raise ValueError(f"mesh spec {spec!r} needs {size} devices, {len(devices)} are available")
+    names = tuple(a for a in AXIS_ORDER if a in axes)
+    shape = tuple(axes[a] for a in names)
+    return Mesh(np.asarray(devices).reshape(shape), names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def make_mesh(mesh: Mesh | str | None, n_experts: int | None = None) -> Mesh:
+    """A Mesh from a Mesh, a spec, "auto", or None (= "auto") over all devices of every process."""
+    if isinstance(mesh, Mesh):
+        return mesh
+    devices = jax.devices()
+    spec = auto_spec(len(devices), n_experts) if mesh in (None, "auto") else mesh
+    return mesh_from_devices(devices, spec)
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh the arrays of `tree` are placed on (the first NamedSharding found), or None."""
+    for leaf in jax.tree.leaves(tree):
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if isinstance(mesh, Mesh):
+            return mesh
+    return None
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """--coordinator / --num-processes / --process-id (each defaulting to its K2JAX_* environment variable)."""
+    parser.add_argument("--coordinator", default=os.environ.get(ENV_COORDINATOR),
+                        help=f"host:port of process 0 for multi-host runs (env {ENV_COORDINATOR})")
+    parser.add_argument("--num-processes", type=int, default=os.environ.get(ENV_NUM_PROCESSES),
+                        help=f"number of processes (env {ENV_NUM_PROCESSES})")
+    parser.add_argument("--process-id", type=int, default=os.environ.get(ENV_PROCESS_ID),
+                        help=f"this process's index (env {ENV_PROCESS_ID})")
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               timeout_s: int = 300) -> bool:
+    """jax.distributed.initialize when a coordinator is given (flag or env); False for a single process."""
+    coordinator = coordinator or os.environ.get(ENV_COORDINATOR)
+    if not coordinator:
+        return False
+    num = num_processes if num_processes is not None else int(os.environ[ENV_NUM_PROCESSES])
+    pid = process_id if process_id is not None else int(os.environ[ENV_PROCESS_ID])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; before the backend starts
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid,
+                               initialization_timeout=timeout_s)
+    return True
+
+
+def broadcast_from_process0(tree: Any) -> Any:
+    """Process 0's value of a pytree of host arrays, on every process (identity for a single process)."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.broadcast_one_to_all(tree)

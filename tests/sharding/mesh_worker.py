@@ -1,0 +1,129 @@
+"""Sharded vs single-device runs of a tiny INT4 model; run as a subprocess, prints one `RESULT {json}` line.
+
+`meshes SPEC...`: one process with 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8).
+`distributed COORDINATOR NUM_PROCESSES PROCESS_ID SPEC`: one of several jax.distributed processes, 2 CPU devices each.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from k2jax import engine
+from k2jax.config import Int4Quant, K2Config
+from k2jax.engine import Model
+from k2jax.model import K2Model
+from sharding import mesh as mesh_lib
+from sharding.rules import named_sharding
+
+CFG = K2Config(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=512, num_hidden_layers=3,
+               num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+               v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4, max_position_embeddings=256,
+               original_max_position_embeddings=64, rope_factor=4.0, bos_token_id=0, eos_token_id=1,
+               quant=Int4Quant())
+BATCH, PROMPT, NEW = 8, 12, 6
+
+
+def tiny_model(seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """Random float32 parameters with INT4 experts, scaled up so routing and argmax are decisive."""
+    graphdef, state = nnx.split(K2Model(CFG, nnx.Rngs(seed), jnp.float32))
+    return graphdef, jax.tree.map(lambda x: x * 4 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+
+def place(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """Every parameter split by the rules, each process supplying its own blocks."""
+    def put(var: nnx.Variable) -> nnx.Variable:
+        host = np.asarray(var.get_value())
+        sharding = named_sharding(var.get_metadata()["axes"], host.shape, mesh)
+        return var.replace(jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx]))
+
+    return jax.tree.map(put, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def device0_bytes(tree) -> int:
+    """Bytes that the first local device holds of every array in `tree`."""
+    dev = jax.local_devices()[0]
+    return sum(s.data.nbytes for a in jax.tree.leaves(tree) for s in a.addressable_shards if s.device == dev)
+
+
+def expert_bytes(state: nnx.State) -> tuple[int, int]:
+    """(total bytes, first device's bytes) of the routed-expert parameters."""
+    experts = [v.get_value() for _, v in nnx.to_flat_state(state) if "experts" in v.get_metadata()["axes"]]
+    return sum(a.nbytes for a in experts), device0_bytes(experts)
+
+
+def prompts(seed: int = 1) -> np.ndarray:
+    """BATCH prompts of PROMPT token ids."""
+    return np.random.default_rng(seed).integers(3, CFG.vocab_size, (BATCH, PROMPT))
+
+
+def meshes(specs: list[str]) -> dict:
+    """Logits, greedy tokens and per-device bytes on each mesh, against the single-device model."""
+    graphdef, state = tiny_model()
+    ids = prompts()
+    ref = Model(CFG, graphdef, state)
+    ref_logits, ref_tokens = ref.logits(ids), ref.generate(ids.tolist(), max_new_tokens=NEW).ids
+    out = {}
+    for spec in specs:
+        mesh = mesh_lib.make_mesh(spec)
+        model = Model(CFG, graphdef, place(state, mesh))
+        logits = model.logits(ids)
+        cache = model.init_cache(BATCH, 64)
+        total, local = expert_bytes(model.state)
+        out[spec] = {
+            "rel_err": float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
+            "tokens_equal": model.generate(ids.tolist(), max_new_tokens=NEW).ids == ref_tokens,
+            "expert_fraction": local / total,
+            "cache_fraction": device0_bytes(cache) / sum(c.nbytes for c in cache.values()),
+            "cache_spec": str(cache["moe"].sharding.spec),
+        }
+    return out
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+    """The whole value of an array on this host, gathering blocks other processes hold."""
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
+
+def greedy(model: Model, ids: np.ndarray) -> np.ndarray:
+    """Prefill then NEW greedy steps through engine.step; tokens gathered to every process."""
+    cache = model.init_cache(BATCH, 32)
+    pos = np.broadcast_to(np.arange(PROMPT, dtype=np.int32), ids.shape)
+    toks = []
+    with model.on_mesh():
+        logits, cache = engine.step(model.graphdef, model.state, ids.astype(np.int32), pos, cache, CFG, jnp.float32, 32)
+        for i in range(NEW):
+            tok = host_value(logits[:, -1]).argmax(-1).astype(np.int32)
+            toks.append(tok)
+            logits, cache = engine.step(model.graphdef, model.state, tok[:, None], np.full((BATCH, 1), PROMPT + i, np.int32),
+                                        cache, CFG, jnp.float32, 32)
+    return np.stack(toks, 1)
+
+
+def distributed(coordinator: str, n: int, pid: int, spec: str) -> dict:
+    """Sharded prefill + greedy decode across processes, against this process's own single-device run."""
+    jax.config.update("jax_num_cpu_devices", 2)
+    mesh_lib.initialize(coordinator, n, pid, timeout_s=60)
+    graphdef, state = tiny_model()
+    ids = mesh_lib.broadcast_from_process0(prompts(seed=100 + pid))  # every process decodes process 0's prompts
+    local = jax.tree.map(lambda x: jax.device_put(x, jax.local_devices()[0]), state)
+    sharded = Model(CFG, graphdef, place(state, mesh_lib.make_mesh(spec)))
+    result = {"processes": jax.process_count(), "devices": jax.device_count(),
+              "tokens": greedy(sharded, ids).tolist(), "single": greedy(Model(CFG, graphdef, local), ids).tolist()}
+    jax.distributed.shutdown()
+    return result
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    if mode == "meshes":
+        res = meshes(args)
+    else:
+        res = distributed(args[0], int(args[1]), int(args[2]), args[3])
+    print("RESULT " + json.dumps(res), flush=True)

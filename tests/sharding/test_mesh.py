@@ -1,0 +1,46 @@
+"""Mesh specs, the automatic layout, and the logical-axis table on multi-axis meshes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from sharding.mesh import auto_spec, broadcast_from_process0, initialize, make_mesh, parse_spec
+from sharding.rules import partition_spec
+
+MESH = SimpleNamespace(axis_names=("data", "expert", "tensor"), shape={"data": 2, "expert": 4, "tensor": 2})
+
+
+def test_parse_and_auto_specs():
+    assert parse_spec("data=2, expert=4") == {"data": 2, "expert": 4}
+    assert auto_spec(64, 384) == "expert=64"
+    assert auto_spec(256, 384) == "expert=128,tensor=2"
+    assert auto_spec(8) == "expert=8"
+    with pytest.raises(ValueError, match="unknown axis"):
+        parse_spec("model=2")
+
+
+def test_spec_orders_axes_and_counts_devices():
+    mesh = make_mesh("expert=1")
+    assert mesh.axis_names == ("expert",)
+    assert make_mesh(None).shape == {"expert": 1}
+    with pytest.raises(ValueError, match="needs 2 devices"):
+        make_mesh("data=2")
+
+
+def test_rules_on_a_three_axis_mesh():
+    assert partition_spec(("layers", "experts", "embed", "expert_mlp"), MESH) == P(None, "expert", None, "tensor")
+    assert partition_spec(("q_lora", "heads", "head_dim"), MESH) == P(None, "tensor", None)
+    assert partition_spec(("vocab", "embed"), MESH) == P("tensor", None)
+    cache = ("layers", "batch", "cache_seq", "cache_lanes")
+    assert partition_spec(cache, MESH, (60, 16, 64, 640)) == P(None, ("data", "expert"), None, None)
+    assert partition_spec(cache, MESH, (60, 2, 64, 640)) == P(None, "data", None, None)  # rows that do not divide
+    assert partition_spec(cache, MESH, (60, 1, 64, 640)) == P(None, None, None, None)
+
+
+def test_single_process_start_up_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("K2JAX_COORDINATOR", raising=False)
+    assert initialize() is False
+    assert broadcast_from_process0({"a": 1}) == {"a": 1}

@@ -1,0 +1,74 @@
+"""The sharded model equals the single-device one: 8 CPU devices in a subprocess, and two jax.distributed processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("mesh_worker.py")
+REPO = WORKER.parents[2]
+TIMEOUT_S = 240
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """CPU-only environment for a worker, with the repository importable."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **extra}
+
+
+def _result(stdout: str) -> dict:
+    """The JSON a worker printed on its RESULT line."""
+    return json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mesh_results() -> dict:
+    """Worker results for four meshes of 8 CPU devices (one subprocess: one compile of the reference)."""
+    specs = ["expert=8", "data=2,expert=4", "data=8", "data=2,expert=2,tensor=2"]
+    proc = subprocess.run([sys.executable, str(WORKER), "meshes", *specs], capture_output=True, text=True,
+                          timeout=TIMEOUT_S, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return _result(proc.stdout)
+
+
+@pytest.mark.parametrize("spec,experts,cache", [
+    ("expert=8", 1 / 8, 1 / 8),
+    ("data=2,expert=4", 1 / 4, 1 / 8),
+    ("data=8", 1, 1 / 8),
+    ("data=2,expert=2,tensor=2", 1 / 4, 1 / 4),  # experts split 2 x 2 (ids x columns); cache rows over data x expert
+])
+def test_mesh_matches_single_device(mesh_results, spec, experts, cache):
+    r = mesh_results[spec]
+    assert r["rel_err"] < 1e-5, r
+    assert r["tokens_equal"], r
+    assert r["expert_fraction"] == pytest.approx(experts)
+    assert r["cache_fraction"] == pytest.approx(cache)
+
+
+def test_two_processes_match_one():
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "distributed", f"127.0.0.1:{port}", "2", str(i),
+                               "data=2,expert=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env()) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    results = [_result(out) for out, _ in outs]
+    assert all(r["processes"] == 2 and r["devices"] == 4 for r in results)
+    assert results[0]["tokens"] == results[1]["tokens"] == results[0]["single"]
