@@ -37,6 +37,7 @@ from k2jax.slots import Slots
 from k2jax.tokenizer import KIMI_PATTERN, Tokenizer, byte_to_unicode, kimi_specials
 
 RTOL = 1e-4  # float32 against float32, summation order only
+CAPACITY, NEW_TOKENS = 512, 64  # bundled-model runs: a slot of 512 tokens, replies of at most 64
 BUNDLED = Path(k2jax.__file__).parent / "bundled"
 CORPUS = ["What is 12 plus 30? The calculate tool returned 42, so the answer is 42.",
           "Convert 5 kilometers to miles. The capital of France is Paris. I will look it up.",
@@ -258,32 +259,67 @@ def test_long_chat_prefills_only_new_tokens_in_bounded_memory(tiny):
     assert max(memory[5:]) - min(memory[5:]) < 1 << 20
 
 
-def test_step_limit_and_tool_errors(bundled):
-    def calculate(expression: str) -> str:
-        """Evaluate an integer expression 'a op b' with op in + - *."""
+def failing_tools(release: threading.Event) -> list[Tool]:
+    """The demo tools' declarations over functions that raise, hang until `release`, and return a non-JSON value."""
+    def broken(**_: object) -> str:
         raise ZeroDivisionError("the calculator is broken")
 
-    result = run_agent(bundled, "What is 12 plus 30?", [calculate], max_steps=1, max_new_tokens=96, capacity=1024)
-    assert result.stop_reason == "max_steps" and len(result.steps) == 1
-    reply, tool = result.messages[-2:]
-    assert tool == {"role": "tool", "tool_call_id": reply["tool_calls"][0]["id"],
-                    "content": "error: ZeroDivisionError: the calculator is broken"}
-    again = run_agent(bundled, "What is 12 plus 30?", [calculate], max_steps=4, max_new_tokens=96, capacity=1024)
-    assert again.steps and all(m["content"].startswith("error:") for m in again.messages if m["role"] == "tool")
+    def hanging(**_: object) -> str:
+        release.wait(10)
+        return "late"
+
+    def non_json(**_: object) -> set[str]:
+        return {"Tokyo"}
+
+    return [Tool(fn, declare(demo)) for fn, demo in zip((broken, hanging, non_json), DEMO_TOOLS, strict=True)]
+
+
+def check_result_ids(messages: list[dict]) -> None:
+    """Every tool result answers the next unanswered call of the assistant turn before it, by its id."""
+    calls: list[str] = []
+    for m in messages:
+        if m["role"] == "assistant":
+            calls = [c["id"] for c in m.get("tool_calls", [])]
+        elif m["role"] == "tool":
+            assert m["tool_call_id"] == calls.pop(0)
+
+
+def test_step_limit_and_tool_errors(bundled):
+    release = threading.Event()
+    tools, options = failing_tools(release), {"max_new_tokens": NEW_TOKENS, "capacity": CAPACITY, "tool_timeout": 0.05}
+    try:
+        limited = run_agent(bundled, "What is 12 plus 30?", tools, max_steps=1, **options)
+        runs = [run_agent(bundled, task, tools, max_steps=3, **options) for task in
+                ("What is 12 plus 30?", "Convert 5 kilometers to miles.", "What is the capital of Japan?")]
+    finally:
+        release.set()
+    assert limited.stop_reason == "max_steps" and len(limited.steps) == 1
+    reply, result = limited.messages[-2:]
+    assert result == {"role": "tool", "tool_call_id": reply["tool_calls"][0]["id"],
+                      "content": "error: ZeroDivisionError: the calculator is broken"}
+    results = [m["content"] for run in runs for m in run.messages if m["role"] == "tool"]
+    assert all(text.startswith("error:") for text in results)
+    for failure in ("ZeroDivisionError", "TimeoutError", "not JSON (set)"):
+        assert any(failure in text for text in results), failure
+    for run in runs:
+        check_result_ids(run.messages)
+        assert run.stop_reason in ("answer", "length", "max_steps") and run.steps
 
 
 def test_300_step_tool_loop_reuses_cache_in_bounded_memory(bundled):
     events = []
-    agent = Agent(bundled, DEMO_TOOLS, max_new_tokens=96, capacity=1024, on_event=events.append)
+    agent = Agent(bundled, DEMO_TOOLS, max_new_tokens=NEW_TOKENS, capacity=CAPACITY, on_event=events.append)
     prompts = spy_prompts(agent)
     memory = []
     while len(agent.steps) < 300:
         agent.run(demo_task(len(memory)), max_steps=min(4, 300 - len(agent.steps)))
         memory.append(live_bytes())
     check_reuse(agent, prompts)
+    check_result_ids(agent.messages)
     steps = agent.steps
     calls = sum(s.tool_calls for s in steps)
-    assert calls >= 100 and sum(e.kind == "tool_result" for e in events) == calls
+    assert calls >= 20 and sum(e.kind == "tool_result" for e in events) == calls
+    assert sum(s.evicted_messages > 0 for s in steps) >= 10
     quiet = [s for s in steps[1:] if not s.evicted_messages]
     assert np.mean([s.prefilled_tokens for s in quiet]) < 0.2 * np.mean([s.prompt_tokens for s in quiet])
     assert sum(s.prefilled_tokens for s in steps) < 0.3 * sum(s.prompt_tokens for s in steps)
