@@ -5,6 +5,9 @@ Each iteration frees the slots of cancelled requests, admits queued requests int
 multi-step decode of every slot that has its first token. Requests see tokens through their `emit` callback,
 called on the scheduler thread; stop strings and text are the caller's business (see k2jax.server).
 
+A finished request leaves its tokens in its slot's cache: a later request is given the free slot whose cached
+tokens share the longest prefix with its prompt, and only the rest is prefilled (multi-turn chats, tool loops).
+
 Multi-host: process 0 runs the Scheduler over LinkedSlots, which broadcast every prefill / decode / release
 (through jax.distributed) before running it; every other process runs follow(), replaying the same calls, so all
 processes run the same jitted steps over the global mesh. An idle leader broadcasts a no-op every IDLE_S, and
@@ -76,6 +79,13 @@ class Request:
     cancelled: bool = False
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
 def check_request(request: Request, max_context: int, vocab_size: int) -> None:
     """Reject a request that cannot run: empty prompt, bad ids, no token budget, or over the context."""
     if not request.prompt:
@@ -118,6 +128,9 @@ class Scheduler:
         capacity = self.max_context + decode_steps
         self.slots = Slots(model, n_slots, capacity) if link is None else LinkedSlots(model, n_slots, capacity, link)
         self.failure: Exception | None = None
+        self._cached: list[list[int]] = [[] for _ in range(n_slots)]
+        self._last_used = [0] * n_slots
+        self.reused_tokens = 0
         self._active: dict[int, Request] = {}
         self._waiting: collections.deque[Request] = collections.deque()
         self._cancelled: list[Request] = []
@@ -206,7 +219,7 @@ class Scheduler:
                 self._admit()
             try:
                 for request in cancelled:
-                    self._release(request)
+                    self._release(request, keep_cache=False)
                 if self._active:
                     self._step()
                 elif self.link is not None:
@@ -234,12 +247,19 @@ class Scheduler:
             self._emit(request, Output((), (), "error", f"a peer process failed: {err}"))
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots, oldest first (caller holds the lock)."""
+        """Move waiting requests into free slots, oldest first, each where most of its prompt is cached (else LRU)."""
         free = [s for s in range(self.slots.n_slots) if s not in self._active]
         while free and self._waiting:
             request = self._waiting.popleft()
-            request.slot = free.pop(0)
-            self._active[request.slot] = request
+            slot = max(free, key=lambda s: (self._reusable(s, request.prompt), -self._last_used[s]))
+            free.remove(slot)
+            request.slot, request.prefilled = slot, self._reusable(slot, request.prompt)
+            self.reused_tokens += request.prefilled
+            self._active[slot] = request
+
+    def _reusable(self, slot: int, prompt: Sequence[int]) -> int:
+        """Prompt tokens already in a slot's cache (all but the last, whose logits the request needs)."""
+        return min(common_prefix(self._cached[slot], prompt), len(prompt) - 1)
 
     def _step(self) -> None:
         """Prefill up to prefill_chunk prompt tokens, then one decode call over every request that has a token."""
@@ -317,16 +337,23 @@ class Scheduler:
             self.cancel(request)
 
     def _finish(self, request: Request, output: Output) -> None:
-        """Emit a request's last Output and free its slot."""
+        """Emit a request's last Output and free its slot (keeping its cache unless it failed)."""
         request.finished = True
-        self._release(request)
+        self._release(request, keep_cache=output.finish != "error")
         self._emit(request, output)
 
-    def _release(self, request: Request) -> None:
-        """Give a request's slot back."""
-        if request.slot is not None and self._active.get(request.slot) is request:
-            del self._active[request.slot]
-            self.slots.release(request.slot)
+    def _release(self, request: Request, keep_cache: bool) -> None:
+        """Give a request's slot back; keep_cache leaves its tokens there for a request with the same prefix."""
+        slot = request.slot
+        if slot is None or self._active.get(slot) is not request:
+            return
+        del self._active[slot]
+        self._last_used[slot] = max(self._last_used) + 1
+        if keep_cache:  # the last generated token was never fed back, so it is not in the cache
+            self._cached[slot] = [*request.prompt, *request.generated[:-1]][: int(self.slots.lengths[slot])]
+        else:
+            self._cached[slot] = []
+            self.slots.release(slot)
 
 
 

@@ -308,6 +308,8 @@ class Metrics:
             lambda: scheduler.running)
         Gauge("k2jax_generation_tokens_per_second", f"Generated tokens per second over the last {RATE_WINDOW_S:g} s",
               registry=self.registry).set_function(self.tokens_per_second)
+        Gauge("k2jax_prefix_reused_tokens", "Prompt tokens found in a slot's cache instead of prefilled (total)",
+              registry=self.registry).set_function(lambda: scheduler.reused_tokens)
         self.prompt_tokens = Counter("k2jax_prompt_tokens", "Prompt tokens admitted", registry=self.registry)
         self.generation_tokens = Counter("k2jax_generation_tokens", "Tokens generated", registry=self.registry)
         self.requests = Counter("k2jax_requests", "Finished requests by finish reason", ["finish_reason"],

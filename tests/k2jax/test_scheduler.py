@@ -97,6 +97,19 @@ def test_long_prompt_prefill_interleaves_with_decoding(scheduler, rng):
     assert seen_at_first[0] >= 1 + 6 * scheduler.decode_steps
 
 
+def test_a_prompt_extending_a_finished_one_reuses_its_cache(model, scheduler, rng):
+    prompt = rng.integers(3, 250, 30).tolist()
+    first, first_sink = request(prompt, 6, stop_ids=frozenset())
+    scheduler.submit(first)
+    first_sink.wait()
+    follow_up = prompt + first_sink.tokens + rng.integers(3, 250, 5).tolist()
+    reused = scheduler.reused_tokens
+    second, sink = request(follow_up, 5)
+    scheduler.submit(second)
+    assert sink.wait().tokens == model.generate([follow_up], max_new_tokens=5).ids[0]
+    assert scheduler.reused_tokens - reused == len(prompt) + len(first_sink.tokens) - 1
+
+
 def test_cancel_frees_the_slot_at_once(scheduler, rng):
     req, sink = request(rng.integers(3, 250, 8).tolist(), 100, stop_ids=frozenset())
     scheduler.submit(req)
