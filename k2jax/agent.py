@@ -395,7 +395,8 @@ class Agent:
         return self.model.tokenizer.apply_chat_template(window, tools=declarations, tokenize=True)
 
     def _fit(self) -> tuple[int, list[int]]:
-        """(messages evicted, prompt): when over budget, the window moves to the first start within EVICT_TO of it."""
+        """(messages evicted, prompt); over budget, the window moves to the first start within EVICT_TO of it, else
+        to the latest start that fits at all."""
         prompt = self.prompt_tokens()
         if len(prompt) <= self.budget:
             return 0, prompt
