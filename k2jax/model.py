@@ -227,11 +227,12 @@ def mla(p: MLA, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer: Ar
     args = (q_nope_BTHD, q_pe_BTHP, new_BTC, pos_BT, cache_LBSC, layer, p.kv_b[...], p.o_proj[...])
     mesh = context_mesh()
     if mesh is None:
-        return latent_attention(*args, cfg=cfg, kv_len=kv_len, sum_axes=())
+        return latent_attention(*args, cfg=cfg, kv_len=kv_len, head_axes=(), seq_axes=())
     b = partition_spec(("batch",), mesh, pos_BT.shape[:1])[0]
     h = partition_spec(("heads",), mesh)[0]
-    cache_spec = None if cache_LBSC is None else P(None, b)
-    attend = functools.partial(latent_attention, cfg=cfg, kv_len=kv_len, sum_axes=spec_axes(h))
+    cache_spec = None if cache_LBSC is None else partition_spec(CACHE_AXES, mesh, cache_LBSC.shape)
+    seq_axes = () if cache_spec is None else spec_axes(cache_spec[2])
+    attend = functools.partial(latent_attention, cfg=cfg, kv_len=kv_len, head_axes=spec_axes(h), seq_axes=seq_axes)
     return jax.shard_map(attend, mesh=mesh, check_vma=False,
                          in_specs=(P(b, None, h), P(b, None, h), P(b), P(b), cache_spec, P(), P(None, h), P(h)),
                          out_specs=(P(b), cache_spec))(*args)
@@ -239,23 +240,35 @@ def mla(p: MLA, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer: Ar
 
 def latent_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT: Array, cache_LBSC: Array | None,
                      layer: Array, kv_b_RHX: Array, o_proj_HDM: Array, *, cfg: K2Config, kv_len: int | None,
-                     sum_axes: tuple[str, ...]) -> tuple[Array, Array | None]:
-    """Write new latents into the cache, attend over it, project out; o_proj partials summed over `sum_axes`."""
+                     head_axes: tuple[str, ...], seq_axes: tuple[str, ...]) -> tuple[Array, Array | None]:
+    """Write new latents into the cache, attend over it, project out; o_proj partials summed over `head_axes`.
+
+    Heads are this shard's (split over `head_axes`); the cache holds this shard's positions (split over
+    `seq_axes`: context parallel, partial softmaxes combined by log-sum-exp).
+    """
     R, Dn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
     dtype = q_nope_BTHD.dtype
     if cache_LBSC is None:
         kv_BSC, key_pos_BS = new_BTC, pos_BT
     else:
+        S = cache_LBSC.shape[2]
+        first = jax.lax.axis_index(seq_axes) * S if seq_axes else 0
+        local_BT = jnp.where((pos_BT >= first) & (pos_BT < first + S), pos_BT - first, S)  # S: not here, dropped
         new_BTC = jnp.pad(new_BTC, ((0, 0), (0, 0), (0, cache_LBSC.shape[-1] - new_BTC.shape[-1])))
         rows_B1 = jnp.arange(pos_BT.shape[0])[:, None]
-        cache_LBSC = cache_LBSC.at[layer, rows_B1, pos_BT].set(new_BTC.astype(cache_LBSC.dtype), mode="drop")
+        cache_LBSC = cache_LBSC.at[layer, rows_B1, local_BT].set(new_BTC.astype(cache_LBSC.dtype), mode="drop")
         kv_BSC = cache_LBSC[layer, :, :kv_len].astype(dtype)
-        key_pos_BS = jnp.broadcast_to(jnp.arange(kv_BSC.shape[1]), kv_BSC.shape[:2])
+        key_pos_BS = jnp.broadcast_to(first + jnp.arange(kv_BSC.shape[1]), kv_BSC.shape[:2])
     ckv_BSR, kpe_BSP = kv_BSC[..., :R], kv_BSC[..., R:R + cfg.qk_rope_head_dim]
     visible_BTS = key_pos_BS[:, None, :] <= pos_BT[:, :, None]
     w_uk_RHD, w_uv_RHD = kv_b_RHX[..., :Dn], kv_b_RHX[..., Dn:]
 
-    if cache_LBSC is not None and q_nope_BTHD.shape[1] == 1:
+    if seq_axes:
+        q_lat_BTHR = _mm(q_nope_BTHD, w_uk_RHD, "bthd,rhd->bthr")
+        o_lat_BTHR = context_parallel_attention(q_lat_BTHR, q_pe_BTHP, ckv_BSR, kpe_BSP, visible_BTS, cfg, head_axes,
+                                                seq_axes)
+        o_BTHD = _mm(o_lat_BTHR, w_uv_RHD, "bthr,rhd->bthd")
+    elif cache_LBSC is not None and q_nope_BTHD.shape[1] == 1:
         q_lat_BHR = _mm(q_nope_BTHD[:, 0], w_uk_RHD, "bhd,rhd->bhr")
         o_lat_BHR = dispatch.mla_decode(q_lat_BHR, q_pe_BTHP[:, 0], kv_BSC, pos_BT[:, 0] + 1,
                                         sm_scale=cfg.softmax_scale)
@@ -269,7 +282,31 @@ def latent_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_B
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
         o_BTHD = jnp.einsum("bhts,bshd->bthd", probs_BHTS, v_BSHD)
     o_BTM = jnp.einsum("bthd,hdm->btm", o_BTHD, o_proj_HDM.astype(dtype), preferred_element_type=jnp.float32)
-    return (jax.lax.psum(o_BTM, sum_axes) if sum_axes else o_BTM).astype(dtype), cache_LBSC
+    return (jax.lax.psum(o_BTM, head_axes) if head_axes else o_BTM).astype(dtype), cache_LBSC
+
+
+def context_parallel_attention(q_lat_BTHR: Array, q_pe_BTHP: Array, ckv_BSR: Array, kpe_BSP: Array,
+                               visible_BTS: Array, cfg: K2Config, head_axes: tuple[str, ...],
+                               seq_axes: tuple[str, ...]) -> Array:
+    """Absorbed attention of this shard's heads over positions split across `seq_axes` -> o_lat [B, T, H, R].
+
+    Queries of all heads are gathered (they are small), each shard scores its own positions, and the
+    partial softmaxes combine exactly through a global max and sums (log-sum-exp).
+    """
+    H = q_lat_BTHR.shape[2]
+    if head_axes:
+        q_lat_BTHR, q_pe_BTHP = (jax.lax.all_gather(q, head_axes, axis=2, tiled=True) for q in (q_lat_BTHR, q_pe_BTHP))
+    scores_BHTS = (jnp.einsum("bthr,bsr->bhts", q_lat_BTHR, ckv_BSR, preferred_element_type=jnp.float32)
+                   + jnp.einsum("bthp,bsp->bhts", q_pe_BTHP, kpe_BSP, preferred_element_type=jnp.float32))
+    scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS * cfg.softmax_scale, -jnp.inf)
+    max_BHT1 = jax.lax.pmax(jnp.max(scores_BHTS, axis=-1, keepdims=True), seq_axes)
+    probs_BHTS = jnp.where(visible_BTS[:, None], jnp.exp(scores_BHTS - max_BHT1), 0.0)
+    sum_BHT1 = jax.lax.psum(jnp.sum(probs_BHTS, axis=-1, keepdims=True), seq_axes)
+    o_lat_BTHR = jax.lax.psum(jnp.einsum("bhts,bsr->bthr", probs_BHTS, ckv_BSR.astype(jnp.float32)), seq_axes)
+    o_lat_BTHR = (o_lat_BTHR / jnp.swapaxes(sum_BHT1, 1, 2)).astype(q_lat_BTHR.dtype)
+    if not head_axes:
+        return o_lat_BTHR
+    return jax.lax.dynamic_slice_in_dim(o_lat_BTHR, jax.lax.axis_index(head_axes) * H, H, axis=2)
 
 
 def mlp(p: MLP, x_NM: Array) -> Array:

@@ -35,9 +35,9 @@ def test_rules_on_a_three_axis_mesh():
     assert partition_spec(("q_lora", "heads", "head_dim"), MESH) == P(None, "tensor", None)
     assert partition_spec(("vocab", "embed"), MESH) == P("tensor", None)
     cache = ("layers", "batch", "cache_seq", "cache_lanes")
-    assert partition_spec(cache, MESH, (60, 16, 64, 640)) == P(None, ("data", "expert"), None, None)
-    assert partition_spec(cache, MESH, (60, 2, 64, 640)) == P(None, "data", None, None)  # rows that do not divide
-    assert partition_spec(cache, MESH, (60, 1, 64, 640)) == P(None, None, None, None)
+    assert partition_spec(cache, MESH, (60, 16, 64, 640)) == P(None, ("data", "expert"), "tensor", None)
+    assert partition_spec(cache, MESH, (60, 2, 64, 640)) == P(None, "data", "tensor", None)  # rows that do not divide
+    assert partition_spec(cache, MESH, (60, 1, 63, 640)) == P(None, None, None, None)
 
 
 def test_single_process_start_up_is_a_no_op(monkeypatch):

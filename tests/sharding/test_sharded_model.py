@@ -47,7 +47,7 @@ def mesh_results() -> dict:
     ("expert=8", 1 / 8, 1 / 8),
     ("data=2,expert=4", 1 / 4, 1 / 8),
     ("data=8", 1, 1 / 8),
-    ("data=2,expert=2,tensor=2", 1 / 4, 1 / 4),  # experts split 2 x 2 (ids x columns); cache rows over data x expert
+    ("data=2,expert=2,tensor=2", 1 / 4, 1 / 8),  # experts: ids x columns; cache: rows x positions (context parallel)
 ])
 def test_mesh_matches_single_device(mesh_results, spec, experts, cache):
     r = mesh_results[spec]
