@@ -2,7 +2,8 @@
 
 Starts the server in-process on 127.0.0.1 (free port), warms every concurrency level once (compiles), then each
 client sends `--requests` streaming completions one after another. Prints a markdown table: generated tokens/s
-over the wall time of a level, and TTFT (request sent -> first streamed token) p50/p99.
+over the wall time of a level, and TTFT (request sent -> first streamed token) p50/p99. Every request has its own
+random prompt, so prefill is never skipped by the prefix cache.
 
     python benchmarks/serve.py [--model DIR] [--clients 1,8,32] [--requests 4] [--prompt-tokens 128] [--max-tokens 64]
 
@@ -59,11 +60,17 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q, method="nearest"))
 
 
-async def one_client(client, name: str, prompt: list[int], n_requests: int, max_tokens: int,
+def random_prompt(seed: int, length: int) -> list[int]:
+    """A prompt of random byte tokens, distinct per seed, so no request finds another's prompt cached."""
+    return np.random.default_rng(seed).integers(0, 256, length).tolist()
+
+
+async def one_client(client, name: str, prompt_tokens: int, n_requests: int, max_tokens: int,
                      seed: int) -> tuple[list[float], int]:
     """Send n_requests streaming completions of exactly max_tokens in a row: (TTFT of each, generated tokens)."""
     ttfts, tokens = [], 0
     for r in range(n_requests):
+        prompt = random_prompt(seed * 1000 + r, prompt_tokens)
         start = time.perf_counter()
         stream = await client.completions.create(model=name, prompt=prompt, max_tokens=max_tokens, temperature=1.0,
                                                  seed=seed * 1000 + r, stream=True,
@@ -79,14 +86,14 @@ async def one_client(client, name: str, prompt: list[int], n_requests: int, max_
     return ttfts, tokens
 
 
-async def run_level(url: str, name: str, prompt: list[int], clients: int, n_requests: int,
-                    max_tokens: int) -> dict[str, float]:
+async def run_level(url: str, name: str, prompt_tokens: int, clients: int, n_requests: int, max_tokens: int,
+                    seed: int) -> dict[str, float]:
     """One concurrency level: wall time, tokens/s, TTFT p50/p99."""
     import openai
 
     async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600) as client:
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_client(client, name, prompt, n_requests, max_tokens, c)
+        results = await asyncio.gather(*(one_client(client, name, prompt_tokens, n_requests, max_tokens, seed + c)
                                          for c in range(clients)))
         wall = time.perf_counter() - start
     ttfts = [t for ts, _ in results for t in ts]
@@ -112,15 +119,15 @@ def main() -> int:
             model, label = k2jax.load(path), Path(path).name
         else:
             model, label = synthetic_model(args.preset, Path(tmp)), f"random {args.preset} preset"
-        prompt = np.random.default_rng(0).integers(0, 256, args.prompt_tokens).tolist()
         scheduler = Scheduler(model, n_slots=max(levels), max_context=args.prompt_tokens + args.max_tokens + 8)
         service = Service(model, scheduler.start(), "bench")
         rows = []
         with BackgroundServer(create_app(service)) as http:
             for clients in levels:  # warm-up: compile every program these batches use
-                asyncio.run(run_level(http.url, "bench", prompt, clients, 1, args.max_tokens))
+                asyncio.run(run_level(http.url, "bench", args.prompt_tokens, clients, 1, args.max_tokens, 10**6))
             for clients in levels:
-                rows.append(asyncio.run(run_level(http.url, "bench", prompt, clients, args.requests, args.max_tokens)))
+                rows.append(asyncio.run(run_level(http.url, "bench", args.prompt_tokens, clients, args.requests,
+                                                  args.max_tokens, 0)))
         scheduler.close()
     print(f"\nk2jax-serve, {label}, {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
           f"{max(levels)} slots; prompt {args.prompt_tokens} tokens, max_tokens {args.max_tokens}, "

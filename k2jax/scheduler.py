@@ -35,6 +35,7 @@ from k2jax.slots import Slots
 log = logging.getLogger(__name__)
 
 IDLE_S = 1.0
+MIN_REUSE = 16  # shorter cached prefixes are not worth a prefill program of a new shape
 STEP_TIMEOUT_S = 600.0
 NOOP, PREFILL, DECODE, RELEASE, STOP = range(5)
 HEADER = 4
@@ -258,8 +259,9 @@ class Scheduler:
             self._active[slot] = request
 
     def _reusable(self, slot: int, prompt: Sequence[int]) -> int:
-        """Prompt tokens already in a slot's cache (all but the last, whose logits the request needs)."""
-        return min(common_prefix(self._cached[slot], prompt), len(prompt) - 1)
+        """Prompt tokens already in a slot's cache (all but the last, whose logits the request needs), or 0."""
+        reusable = min(common_prefix(self._cached[slot], prompt), len(prompt) - 1)
+        return reusable if reusable >= MIN_REUSE else 0
 
     def _step(self) -> None:
         """Prefill up to prefill_chunk prompt tokens, then one decode call over every request that has a token."""
