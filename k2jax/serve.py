@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags; argparse exits with code 2 on malformed ones."""
@@ -82,9 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     import k2jax
-    from k2jax.scheduler import LinkError, Scheduler, StepLink, follow
+    from k2jax.scheduler import STOP, LinkError, Scheduler, StepLink, follow
     from k2jax.server import GRACEFUL_SHUTDOWN_S, Service, create_app
 
+    if args.host not in LOOPBACK and not args.api_key:
+        print(f"k2jax-serve: warning: serving on {args.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    link = None
     try:
         model = k2jax.load(args.model, mesh=args.mesh if args.coordinator is None else global_mesh(args))
         multi = jax.process_count() > 1
@@ -97,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         service = Service(model, scheduler, served_name(args), args.api_key)
     except (ValueError, FileNotFoundError) as err:
         print(f"k2jax-serve: error: {err}", file=sys.stderr)
+        if link is not None:  # the other processes must not wait for steps that will never come
+            link.send(STOP)
         return 2
     except LinkError as err:
         print(f"k2jax-serve: error: lost process 0: {err}", file=sys.stderr)
