@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import k2jax
 from checkpoints.hf_writer import write_hf_checkpoint
@@ -228,6 +229,11 @@ def test_64_concurrent_streams_finish_with_their_token_counts(server):
         assert (finish == "length" and tokens == budget) or (finish in ("stop", "tool_calls") and tokens < budget)
     assert sum(f == "length" for f, _, _ in results) >= 56
     no_leaks(service)
+    metrics = {s.name: s.value for family in text_string_to_metric_families(
+        httpx.get(f"http://127.0.0.1:{http.port}/metrics", timeout=10).text) for s in family.samples}
+    assert metrics["k2jax_time_to_first_token_seconds_count"] >= 64
+    assert metrics["k2jax_generation_tokens_total"] >= sum(tokens for _, tokens, _ in results)
+    assert metrics["k2jax_generation_tokens_per_second"] > 0 and metrics["k2jax_running_requests"] == 0
 
 
 def test_disconnect_mid_stream_frees_the_slot(server):
