@@ -229,7 +229,10 @@ def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) ->
 
 
 class TextStream:
-    """One choice's text as tokens arrive: incremental detokenizing, stop strings cut and their prefixes held back."""
+    """One choice's text as tokens arrive: incremental detokenizing, stop strings cut and their prefixes held back.
+
+    Tokens are taken one at a time, so `used` counts exactly the tokens up to the one that completed a stop string.
+    """
 
     def __init__(self, tokenizer: Any, stops: Sequence[str]):
         self.tokenizer, self.stops = tokenizer, tuple(stops)
@@ -238,30 +241,48 @@ class TextStream:
         self.stopped = False
         self._prefix = self._read = self._sent = 0
 
+    @property
+    def used(self) -> int:
+        """Tokens consumed (none after a stop string)."""
+        return len(self.ids)
+
     def feed(self, ids: Sequence[int], final: bool = False) -> str:
         """Text that these new ids make certain (all of the rest when final)."""
-        self.ids.extend(ids)
-        if self.stopped:
-            return ""
+        pieces = [self._add(token) for token in ids if not self.stopped]
+        if final and not self.stopped:
+            pieces.append(self._advance(final=True))
+        return "".join(pieces)
+
+    def _add(self, token: int) -> str:
+        """Take one token: the text it makes certain."""
+        self.ids.append(token)
+        return self._advance(final=False)
+
+    def _advance(self, final: bool) -> str:
+        """Decode what is new, cut at a stop string, and hand out all but a possible stop-string prefix."""
         before = len(self.text)
-        self.text += self._decode_new(final)
+        self._absorb(final)
         hit = [i for i in (self.text.find(s, max(0, before - len(s) + 1)) for s in self.stops) if i >= 0]
         if hit:
             self.text, self.stopped = self.text[: min(hit)], True
         held = 0 if self.stopped or final else chat.held_suffix(self.text, self.stops)
-        end = len(self.text) - held
-        out, self._sent = self.text[self._sent:end], max(self._sent, end)
-        return out
+        return self._release(held)
 
-    def _decode_new(self, final: bool) -> str:
-        """Newly decoded text; waits while the tail is an incomplete UTF-8 character (unless final)."""
+    def _absorb(self, final: bool) -> None:
+        """Append newly decoded text; waits while the tail is an incomplete UTF-8 character (unless final)."""
         decode = self.tokenizer.decode
         old = decode(self.ids[self._prefix:self._read])
         new = decode(self.ids[self._prefix:])
         if new.endswith("\ufffd") and not final:
-            return ""
+            return
         self._prefix, self._read = self._read, len(self.ids)
-        return new[len(old):]
+        self.text += new[len(old):]
+
+    def _release(self, held: int) -> str:
+        """The text not yet handed out, except its last `held` characters."""
+        end = len(self.text) - held
+        out, self._sent = self.text[self._sent:end], max(self._sent, end)
+        return out
 
 
 @dataclasses.dataclass
@@ -276,9 +297,9 @@ class Choice:
 
     def add(self, out: Output) -> tuple[str, list[chat.Delta]]:
         """Take an Output: (new text, new chat deltas); sets finish when the choice ends."""
-        self.tokens += len(out.tokens)
         final = out.finish is not None
         text = self.text.feed(out.tokens, final=final)
+        self.tokens = self.text.used
         if self.text.stopped or final:
             self.finish = "stop" if self.text.stopped else out.finish
             self.error = out.error

@@ -151,6 +151,8 @@ def test_completions_and_stop_strings(model, client):
     stop = ref.texts[0][3:6]
     cut = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == ref.texts[0][: ref.texts[0].find(stop)]
+    needed = next(k for k in range(1, 17) if stop in model.tokenizer.decode(ref.ids[0][:k]))
+    assert cut.usage.completion_tokens == needed
     by_ids = client.completions.create(model=NAME, prompt=model.tokenizer.encode(prompt), max_tokens=16,
                                        temperature=0, n=2)
     assert [c.text for c in by_ids.choices] == [ref.texts[0]] * 2
@@ -369,3 +371,14 @@ def test_launcher_commands():
     tpu = tpu_command("pod", "us-east5-a", None, ["--model", "/ckpt"])
     assert "--worker=all" in tpu and tpu[-1] == "python -m k2jax.serve --coordinator auto --model /ckpt"
     assert main(["--hosts", "a,b", "--", "--model", "/m"]) == 0
+
+
+def test_text_stream_holds_partial_characters_and_stop_prefixes(model):
+    tok = model.tokenizer
+    ids = tok.encode("naïve café END more")
+    stream = TextStream(tok, ["END"])
+    pieces = [stream.feed([token]) for token in ids]
+    assert "".join(pieces) == "naïve café " and stream.stopped and not any("\ufffd" in p for p in pieces)
+    assert stream.used == next(k for k in range(1, len(ids) + 1) if "END" in tok.decode(ids[:k]))
+    rest = TextStream(tok, ["END"])
+    assert rest.feed(ids[:3]) + rest.feed([], final=True) == tok.decode(ids[:3])
