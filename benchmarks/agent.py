@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -74,6 +75,7 @@ def main() -> None:
     runs = {}
     for mode in ("reuse", "naive"):
         run(model, args.steps, args.capacity, args.max_new_tokens, mode == "reuse")  # compiles every shape it meets
+        print(f"{mode}: warm-up done at {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
         runs[mode] = run(model, args.steps, args.capacity, args.max_new_tokens, mode == "reuse")
     print(table(runs))
     print(f"\n{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, slot capacity "
