@@ -18,7 +18,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import uvicorn
 from fastapi import FastAPI
@@ -758,7 +758,7 @@ class BackgroundServer:
         self.host, self.start_timeout = host, start_timeout
         self.thread = threading.Thread(target=self.server.run, name="k2jax-http", daemon=True)
 
-    def __enter__(self) -> BackgroundServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + self.start_timeout
         while not self.server.started:
