@@ -41,6 +41,11 @@ POLL_S = 0.5
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_WINDOW_S = 10.0
 GRACEFUL_SHUTDOWN_S = 5
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {  # option -> the values that mean "not used"
+    "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "response_format": (None, {"type": "text"}),
+}
 
 
 # ---------------------------------------------------------------- errors
@@ -117,12 +122,12 @@ class Message(BaseModel):
 
 
 class GenerationBody(BaseModel):
-    """Fields shared by chat and text completions (unknown fields are ignored, as OpenAI clients send extras).
+    """Fields shared by chat and text completions; other fields are ignored unless UNSUPPORTED lists them.
 
     top_k, min_p and ignore_eos (completions: generate exactly max_tokens) are extensions, as in vLLM.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -150,6 +155,13 @@ class CompletionBody(GenerationBody):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+
+
+def check_supported(body: GenerationBody) -> None:
+    """400 for an OpenAI option this server does not implement, rather than silently ignoring it."""
+    for name, neutral in UNSUPPORTED.items():
+        if (body.model_extra or {}).get(name) not in neutral:
+            raise APIError(400, f"{name} is not supported by this server", param=name)
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
@@ -610,6 +622,7 @@ class Service:
     def chat_call(self, body: ChatBody) -> Call:
         """A validated, submitted chat completion."""
         self.check_model(body.model)
+        check_supported(body)
         n, params, stops = choice_count(body), sampling_params(body), stop_strings(body)
         tools, stop_ids, forced = self.tool_setup(body)
         try:
@@ -630,6 +643,7 @@ class Service:
     def completion_call(self, body: CompletionBody) -> Call:
         """A validated, submitted text completion (several prompts and n choices each)."""
         self.check_model(body.model)
+        check_supported(body)
         n, params, stops = choice_count(body), sampling_params(body), stop_strings(body)
         prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in completion_prompts(body.prompt)]
         if len(prompts) * n > MAX_CHOICES:

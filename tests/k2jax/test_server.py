@@ -169,6 +169,7 @@ def test_completions_and_stop_strings(model, client):
     ({"model": NAME, "messages": "hello"}, 422, "messages"),
     ({"model": NAME, "messages": [{"role": "user", "content": "x " * 600}]}, 413, "context is 248 tokens"),
     ({"model": NAME, "messages": MESSAGES, "tool_choice": "required"}, 400, "needs a non-empty `tools`"),
+    ({"model": NAME, "messages": MESSAGES, "logprobs": True}, 400, "logprobs is not supported"),
 ])
 def test_errors_are_openai_shaped(server, client, body, status, match):
     http, service = server
