@@ -104,6 +104,12 @@ def hlo_copies(hlo: str, shape: Sequence[int], dtype: str) -> int:
     return len(pattern.findall(hlo))
 
 
+def short_error(message: str) -> str:
+    """A compiler error in a few words: 'out of HBM (needs X of Y)' or its first line."""
+    hbm = re.search(r"temporaries \(([^)]*)\) exceeds available HBM \(([^)]*)\)", message)
+    return f"out of HBM (needs {hbm[1]} of {hbm[2]})" if hbm else message.splitlines()[0][:120]
+
+
 def compile_step(cfg: K2Config, mesh: Mesh, batch: int, tokens: int, context: int) -> Compiled:
     """Compile engine.step for [batch, tokens] new tokens over a cache of `context` positions."""
     graphdef, state = abstract_state(cfg, mesh)
@@ -116,7 +122,7 @@ def compile_step(cfg: K2Config, mesh: Mesh, batch: int, tokens: int, context: in
         with jax.set_mesh(mesh):
             compiled = step.lower(graphdef, state, tok, tok, cache, cfg, jnp.bfloat16, context).compile()
     except Exception as e:  # noqa: BLE001 - a compiler refusal (e.g. out of HBM) is a result to report
-        return Compiled(0, 0, 0, 0, time.perf_counter() - start, 0, 0, error=str(e).splitlines()[0][:200])
+        return Compiled(0, 0, 0, 0, time.perf_counter() - start, 0, 0, error=short_error(str(e)))
     seconds = time.perf_counter() - start
     mem, hlo = compiled.memory_analysis(), compiled.as_text()
     return Compiled(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
@@ -131,7 +137,11 @@ def expected_active(n_tokens: int, top_k: int, n_experts: int) -> float:
 
 def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: int, prefill_chunk: int,
          hbm: int | None = None, bandwidth: float | None = None) -> dict[str, Any]:
-    """Compile decode (and a prefill chunk) on this mesh; per-device bytes, fit, capacity and time floor."""
+    """Compile decode (and a prefill chunk) on this mesh; per-device bytes, fit, capacity and time floor.
+
+    The prefill chunk is the worst one: `prefill_chunk` new tokens in one row per batch shard, at the last
+    position of the context. Capacity figures hold the decode step's temporaries fixed.
+    """
     mesh = mesh_from_devices(devices, spec)
     chip_hbm, chip_bw = CHIPS.get(devices[0].device_kind, (0, 0.0))
     hbm, bandwidth = hbm or chip_hbm, bandwidth or chip_bw
@@ -142,11 +152,11 @@ def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: 
     cache = abstract_cache(cfg, mesh, batch, context)
     cache_bytes = per_device_bytes(cache)
     rows_per_device = cache["moe"].sharding.shard_shape(cache["moe"].shape)[1]
+    shards = batch // rows_per_device
     decode = compile_step(cfg, mesh, batch, 1, context)
-    prefill = compile_step(cfg, mesh, batch, prefill_chunk, context) if prefill_chunk else None
+    prefill = compile_step(cfg, mesh, shards, prefill_chunk, context) if prefill_chunk else None
     token_bytes = cache_bytes / (rows_per_device * context)  # per cached token of a row this device holds
     free = hbm - (decode.total - cache_bytes if not decode.error else weights)  # room for the cache
-    shards = batch // rows_per_device
     groups = mesh.shape.get("data", 1)
     active = expected_active(batch // groups, cfg.num_experts_per_tok, cfg.n_routed_experts)
     step_read = weights - experts + active * experts + cache_bytes
@@ -154,7 +164,7 @@ def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: 
         "topology": f"{devices[0].device_kind} x{len(devices)}", "mesh": spec, "batch": batch, "context": context,
         "hbm": hbm, "weights": weights, "experts": experts, "cache": cache_bytes, "decode": decode,
         "prefill": prefill, "fits": not decode.error and decode.total <= hbm,
-        "max_context": int(free // (token_bytes * rows_per_device)) if free > 0 else 0,
+        "max_context": min(int(free // (token_bytes * rows_per_device)), cfg.max_position_embeddings) if free > 0 else 0,
         "max_batch": int(free // (token_bytes * context)) * shards if free > 0 else 0,
         "floor_ms": 1e3 * step_read / bandwidth if bandwidth else float("nan"),
     }
@@ -169,7 +179,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of plans, one row each."""
     head = ("| topology | mesh | batch x context | HBM GB | weights GB (experts) | cache GB | decode temp GB | "
             "decode total GB | fits | max context @batch | max batch @context | floor ms/step | cache copied | "
-            "expert stack copied | decode compile s | prefill chunk temp GB (compile s) |")
+            "expert stack copied | decode compile s | prefill chunk at full context: temp GB (compile s) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         d, p = r["decode"], r["prefill"]

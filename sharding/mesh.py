@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from collections.abc import Sequence
@@ -67,25 +66,19 @@ def mesh_of(tree: Any) -> Mesh | None:
     return None
 
 
-def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    """--coordinator / --num-processes / --process-id (each defaulting to its K2JAX_* environment variable)."""
-    parser.add_argument("--coordinator", default=os.environ.get(ENV_COORDINATOR),
-                        help=f"host:port of process 0 for multi-host runs (env {ENV_COORDINATOR})")
-    parser.add_argument("--num-processes", type=int, default=os.environ.get(ENV_NUM_PROCESSES),
-                        help=f"number of processes (env {ENV_NUM_PROCESSES})")
-    parser.add_argument("--process-id", type=int, default=os.environ.get(ENV_PROCESS_ID),
-                        help=f"this process's index (env {ENV_PROCESS_ID})")
-
-
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
                timeout_s: int = 300) -> bool:
-    """jax.distributed.initialize when a coordinator is given (flag or env); False for a single process."""
+    """Join a jax.distributed job: coordinator "HOST:PORT" (or "auto": TPU pod / SLURM detection), from the
+    arguments or K2JAX_COORDINATOR / K2JAX_NUM_PROCESSES / K2JAX_PROCESS_ID; False when there is none."""
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR)
     if not coordinator:
         return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; before the backend starts
+    if coordinator == "auto":
+        jax.distributed.initialize(initialization_timeout=timeout_s)
+        return True
     num = num_processes if num_processes is not None else int(os.environ[ENV_NUM_PROCESSES])
     pid = process_id if process_id is not None else int(os.environ[ENV_PROCESS_ID])
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; before the backend starts
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid,
                                initialization_timeout=timeout_s)
     return True

@@ -14,8 +14,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # Routed experts split over 'expert' (expert parallelism) and their intermediate columns over 'tensor';
 # attention heads, MLP columns and the vocabulary over 'tensor'; batch rows (activations, the latent
 # cache) over 'data' and then 'expert', so attention is data-parallel across the expert groups; cache
-# positions over 'tensor' (context parallel), so the cache's capacity grows with every device.
-# Everything else is replicated.
+# positions over the axes the rows did not take (context parallel: 'tensor', and 'data'/'expert' when
+# there are too few rows), so the cache's capacity grows with every device. Everything else is replicated.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "experts": ("expert",),
     "expert_mlp": ("tensor",),
@@ -23,7 +23,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "vocab": ("tensor",),
     "batch": ("data", "expert"),
-    "cache_seq": ("tensor",),
+    "cache_seq": ("data", "expert", "tensor"),
 }
 
 

@@ -27,7 +27,7 @@ CFG = K2Config(vocab_size=256, hidden_size=64, intermediate_size=128, moe_interm
                v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4, max_position_embeddings=256,
                original_max_position_embeddings=64, rope_factor=4.0, bos_token_id=0, eos_token_id=1,
                quant=Int4Quant())
-BATCH, PROMPT, NEW = 8, 12, 6
+BATCH, PROMPT, NEW, FEW_ROWS = 8, 12, 6, 2
 
 
 def tiny_model(seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
@@ -69,6 +69,7 @@ def meshes(specs: list[str]) -> dict:
     ids = prompts()
     ref = Model(CFG, graphdef, state)
     ref_logits, ref_tokens = ref.logits(ids), ref.generate(ids.tolist(), max_new_tokens=NEW).ids
+    few = ids[:FEW_ROWS].tolist()  # too few rows to split: the cache splits its positions over more axes
     out = {}
     for spec in specs:
         mesh = mesh_lib.make_mesh(spec)
@@ -79,6 +80,8 @@ def meshes(specs: list[str]) -> dict:
         out[spec] = {
             "rel_err": float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
             "tokens_equal": model.generate(ids.tolist(), max_new_tokens=NEW).ids == ref_tokens,
+            "few_rows_tokens_equal": model.generate(few, max_new_tokens=NEW).ids == ref_tokens[:FEW_ROWS],
+            "few_rows_cache_spec": str(model.init_cache(FEW_ROWS, 64)["moe"].sharding.spec),
             "expert_fraction": local / total,
             "cache_fraction": device0_bytes(cache) / sum(c.nbytes for c in cache.values()),
             "cache_spec": str(cache["moe"].sharding.spec),

@@ -36,7 +36,9 @@ def test_rules_on_a_three_axis_mesh():
     assert partition_spec(("vocab", "embed"), MESH) == P("tensor", None)
     cache = ("layers", "batch", "cache_seq", "cache_lanes")
     assert partition_spec(cache, MESH, (60, 16, 64, 640)) == P(None, ("data", "expert"), "tensor", None)
-    assert partition_spec(cache, MESH, (60, 2, 64, 640)) == P(None, "data", "tensor", None)  # rows that do not divide
+    # too few rows for every axis: the positions take the axes the rows did not
+    assert partition_spec(cache, MESH, (60, 2, 64, 640)) == P(None, "data", ("expert", "tensor"), None)
+    assert partition_spec(cache, MESH, (60, 1, 64, 640)) == P(None, None, ("data", "expert", "tensor"), None)
     assert partition_spec(cache, MESH, (60, 1, 63, 640)) == P(None, None, None, None)
 
 

@@ -43,18 +43,20 @@ def mesh_results() -> dict:
     return _result(proc.stdout)
 
 
-@pytest.mark.parametrize("spec,experts,cache", [
-    ("expert=8", 1 / 8, 1 / 8),
-    ("data=2,expert=4", 1 / 4, 1 / 8),
-    ("data=8", 1, 1 / 8),
-    ("data=2,expert=2,tensor=2", 1 / 4, 1 / 8),  # experts: ids x columns; cache: rows x positions (context parallel)
+@pytest.mark.parametrize("spec,experts,cache,few_rows_cache", [
+    ("expert=8", 1 / 8, 1 / 8, "P(None, None, 'expert', None)"),
+    ("data=2,expert=4", 1 / 4, 1 / 8, "P(None, 'data', 'expert', None)"),
+    ("data=8", 1, 1 / 8, "P(None, None, 'data', None)"),
+    # experts: ids x columns; cache: rows x positions (context parallel)
+    ("data=2,expert=2,tensor=2", 1 / 4, 1 / 8, "P(None, 'data', ('expert', 'tensor'), None)"),
 ])
-def test_mesh_matches_single_device(mesh_results, spec, experts, cache):
+def test_mesh_matches_single_device(mesh_results, spec, experts, cache, few_rows_cache):
     r = mesh_results[spec]
     assert r["rel_err"] < 1e-5, r
-    assert r["tokens_equal"], r
+    assert r["tokens_equal"] and r["few_rows_tokens_equal"], r
     assert r["expert_fraction"] == pytest.approx(experts)
     assert r["cache_fraction"] == pytest.approx(cache)
+    assert r["few_rows_cache_spec"] == few_rows_cache
 
 
 def test_two_processes_match_one():
