@@ -10,9 +10,10 @@ tokens share the longest prefix with its prompt, and only the rest is prefilled 
 
 Multi-host: process 0 runs the Scheduler over LinkedSlots, which broadcast every prefill / decode / release
 (through jax.distributed) before running it; every other process runs follow(), replaying the same calls, so all
-processes run the same jitted steps over the global mesh. An idle leader broadcasts a no-op every IDLE_S, and
-every broadcast plus the model call it announces must finish within the link's timeout_s: a collective with a dead
-peer can block forever and cannot be interrupted, so a process whose deadline passes exits (status 1), loudly.
+processes run the same jitted steps over the global mesh. A collective with a dead peer can block forever and
+cannot be interrupted, so every broadcast runs under a deadline and a process whose deadline passes exits
+(status 1), loudly: a step (broadcast plus model call, compiles included) gets step_timeout_s; an idle leader
+broadcasts a no-op every IDLE_S, which peers must answer within peer_timeout_s once the link has worked.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 IDLE_S = 1.0
 MIN_REUSE = 16  # shorter cached prefixes are not worth a prefill program of a new shape
 STEP_TIMEOUT_S = 600.0
+PEER_TIMEOUT_S = 60.0
 NOOP, PREFILL, DECODE, RELEASE, STOP = range(5)
 HEADER = 4
 PARAM_FIELDS = 6  # per slot: active, temperature bits, top_k, top_p bits, min_p bits, seed bits
@@ -224,7 +226,7 @@ class Scheduler:
                 if self._active:
                     self._step()
                 elif self.link is not None:
-                    with self.link.deadline():
+                    with self.link.deadline(idle=True):
                         self.link.send(NOOP)
             except LinkError as err:
                 self._fail(err)
@@ -366,6 +368,14 @@ class LinkError(RuntimeError):
     """A step broadcast between processes failed: a peer is gone."""
 
 
+def lost_peer(timeout: float) -> None:
+    """A collective has waited past its deadline: no peer will complete it, so stop this process now."""
+    message = f"k2jax: a multi-host step did not finish within {timeout:g} s; a peer process is gone"
+    log.critical(message)
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def float_bits(values: Sequence[float]) -> np.ndarray:
     """float32 values as their int32 bit patterns (broadcast as ints, exactly)."""
     return np.asarray(values, np.float32).view(np.int32)
@@ -395,27 +405,23 @@ class StepLink:
     Message: [op, a, b, c] then the payload (prefill tokens, or decode's last tokens and packed sampling settings).
     """
 
-    def __init__(self, n_slots: int, max_prefill: int, timeout_s: float = STEP_TIMEOUT_S):
-        self.n_slots, self.timeout_s = n_slots, timeout_s
+    def __init__(self, n_slots: int, max_prefill: int, step_timeout_s: float = STEP_TIMEOUT_S,
+                 peer_timeout_s: float = PEER_TIMEOUT_S):
+        self.n_slots, self.step_timeout_s, self.peer_timeout_s = n_slots, step_timeout_s, peer_timeout_s
         self.size = HEADER + max(max_prefill, (1 + PARAM_FIELDS) * n_slots)
+        self._worked = False
 
     @contextlib.contextmanager
-    def deadline(self) -> Iterator[None]:
-        """Exit the process unless the enclosed broadcast and model call finish within timeout_s (a peer is gone)."""
-        timer = threading.Timer(self.timeout_s, self._lost)
+    def deadline(self, idle: bool = False) -> Iterator[None]:
+        """Exit the process unless the enclosed broadcast (and model call) finishes in time: a peer is gone."""
+        timeout = self.peer_timeout_s if idle and self._worked else self.step_timeout_s
+        timer = threading.Timer(timeout, lost_peer, (timeout,))
         timer.daemon = True
         timer.start()
         try:
             yield
         finally:
             timer.cancel()
-
-    def _lost(self) -> None:
-        """A collective has waited past the deadline: no peer will complete it, so stop this process now."""
-        message = f"k2jax: a multi-host step did not finish within {self.timeout_s:g} s; a peer process is gone"
-        log.critical(message)
-        print(message, file=sys.stderr, flush=True)
-        os._exit(1)
 
     def send(self, op: int, header: Sequence[int] = (), payload: Sequence[int] | np.ndarray = ()) -> None:
         """Broadcast one call (process 0)."""
@@ -435,9 +441,11 @@ class StepLink:
         from jax.experimental import multihost_utils
 
         try:
-            return np.asarray(multihost_utils.broadcast_one_to_all(message))
+            received = np.asarray(multihost_utils.broadcast_one_to_all(message))
         except Exception as err:  # any failed collective means a lost peer
             raise LinkError(str(err)) from err
+        self._worked = True
+        return received
 
 
 class LinkedSlots(Slots):

@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags; argparse exits with code 2 on malformed ones."""
     ap = argparse.ArgumentParser(prog="k2jax-serve", description=__doc__)
     ap.add_argument("--model", default=None, help="HF or orbax checkpoint directory (default: the bundled model)")
-    ap.add_argument("--mesh", default=None, help='device mesh, e.g. "expert=8" (default: all local devices)')
+    ap.add_argument("--mesh", default=None,
+                    help='device mesh, e.g. "expert=8" (default: "auto" over the devices of every process)')
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--max-batch", type=int, default=8, help="cache slots: sequences decoded together")
@@ -39,29 +40,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="multi-host: HOST:PORT of process 0's jax.distributed service, or 'auto' (TPU pods, SLURM)")
     ap.add_argument("--num-processes", type=int, default=1, help="multi-host: number of processes (one per host)")
     ap.add_argument("--process-id", type=int, default=0, help="multi-host: this process's index (0 serves HTTP)")
-    ap.add_argument("--heartbeat-timeout", type=int, default=30,
-                    help="multi-host: seconds of silence before jax.distributed declares a peer dead")
     ap.add_argument("--step-timeout", type=float, default=600.0,
                     help="multi-host: seconds a step (broadcast + model call, compiles included) may take before "
                          "the process exits on the assumption that a peer is gone")
+    ap.add_argument("--peer-timeout", type=float, default=60.0,
+                    help="multi-host: seconds an idle process 0 waits for its peers' answer to a no-op step")
     return ap.parse_args(argv)
 
 
-def global_mesh(args: argparse.Namespace) -> Any:
-    """Join the jax.distributed job (CPU collectives over gloo) and return a mesh of every process's devices."""
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
+def start_processes(args: argparse.Namespace) -> None:
+    """Join the jax.distributed job of --coordinator (multi-host); the mesh then spans every process's devices."""
+    from sharding.mesh import initialize
 
-    if args.mesh is not None:
-        raise ValueError("multi-host serving takes no --mesh: it uses every process's devices on one 'expert' axis")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if args.coordinator == "auto":
-        jax.distributed.initialize(heartbeat_timeout_seconds=args.heartbeat_timeout)
-    else:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                                   heartbeat_timeout_seconds=args.heartbeat_timeout)
-    return Mesh(np.array(jax.devices()), ("expert",))
+    initialize(args.coordinator, args.num_processes, args.process_id)
 
 
 def stop_on_failure(server: Any, scheduler: Any) -> None:
@@ -70,6 +61,13 @@ def stop_on_failure(server: Any, scheduler: Any) -> None:
         if scheduler.failure is not None:
             server.should_exit = True
         time.sleep(0.2)
+
+
+def exit_now(message: str) -> None:
+    """Print and exit with status 1 at once: jax.distributed's exit barrier would wait for the lost peer."""
+    print(f"k2jax-serve: error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -92,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     link = None
     try:
-        model = k2jax.load(args.model, mesh=args.mesh if args.coordinator is None else global_mesh(args))
+        if args.coordinator is not None:
+            start_processes(args)
+        model = k2jax.load(args.model, mesh=args.mesh)
         multi = jax.process_count() > 1
-        link = StepLink(args.max_batch, args.prefill_chunk, args.step_timeout) if multi else None
+        link = StepLink(args.max_batch, args.prefill_chunk, args.step_timeout, args.peer_timeout) if multi else None
         if jax.process_index() != 0:
             follow(model, args.max_batch, args.max_context, link)
             return 0
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             link.send(STOP)
         return 2
     except LinkError as err:
-        print(f"k2jax-serve: error: lost process 0: {err}", file=sys.stderr)
-        return 1
+        exit_now(f"lost process 0: {err}")
     server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port,
                                            log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     scheduler.start()
@@ -118,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         scheduler.close()
     if scheduler.failure is not None:
-        print(f"k2jax-serve: error: a peer process failed: {scheduler.failure}", file=sys.stderr)
-        return 1
+        exit_now(f"a peer process failed: {scheduler.failure}")
     return 0
 
 

@@ -337,7 +337,7 @@ def test_two_processes_serve_like_one_and_fail_loudly_without_a_peer(checkpoint,
     port, coordinator = free_port(), free_port()
     common = ["--port", str(port), "--served-model-name", NAME, "--max-batch", "2", "--max-context", "120",
               "--prefill-chunk", "64", "--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2",
-              "--heartbeat-timeout", "5", "--step-timeout", "60"]
+              "--step-timeout", "120", "--peer-timeout", "5"]
     procs = [start_cli(checkpoint, *common, "--process-id", str(i)) for i in range(2)]
     try:
         wait_for_health(port, procs)
@@ -351,7 +351,7 @@ def test_two_processes_serve_like_one_and_fail_loudly_without_a_peer(checkpoint,
             got = list(pool.map(lambda p: complete(both, p), prompts))
         assert got == [complete(client, p) for p in prompts]
         procs[1].kill()
-        assert procs[0].wait(TIMEOUT_S) != 0, "process 0 must stop, and say so, when its peer is gone"
+        assert procs[0].wait(TIMEOUT_S) == 1, "process 0 must stop, and say so, when its peer is gone"
     finally:
         stop(procs)
 
