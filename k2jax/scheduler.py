@@ -32,6 +32,7 @@ import numpy as np
 from k2jax import engine
 from k2jax.sampling import SamplingParams
 from k2jax.slots import Slots
+from sharding.mesh import broadcast_from_process0
 
 log = logging.getLogger(__name__)
 
@@ -438,10 +439,8 @@ class StepLink:
 
     def _broadcast(self, message: np.ndarray) -> np.ndarray:
         """jax.distributed broadcast from process 0; a failure means a peer is gone."""
-        from jax.experimental import multihost_utils
-
         try:
-            received = np.asarray(multihost_utils.broadcast_one_to_all(message))
+            received = np.asarray(broadcast_from_process0(message))
         except Exception as err:  # any failed collective means a lost peer
             raise LinkError(str(err)) from err
         self._worked = True
