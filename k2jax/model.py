@@ -7,8 +7,10 @@ Shape suffixes: B batch, T new tokens, S cache length, H heads, D head dim, R kv
 C cache lanes, E experts, K top-k, M hidden, F intermediate, V vocab, L layers, N rows.
 
 On a mesh (jax.set_mesh; axes from sharding.rules) attention and the routed experts run in explicit
-shard_maps: attention per batch shard and head shard (o_proj partials summed over 'tensor'), the routed
-experts per expert shard on the tokens of its data group (partials reduce-scattered back to their rows).
+shard_maps: attention per batch shard and head shard (o_proj partials summed over 'tensor'), over the
+cache positions a device holds when the cache is split by position (partial softmaxes combined by
+log-sum-exp); the routed experts per expert shard on the tokens of its data group (partials
+reduce-scattered back to their rows). Expert weights are never gathered and the cache never copied.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def init_cache(cfg: K2Config, batch: int, length: int, dtype: Any = jnp.bfloat16
                mesh: Mesh | None = None) -> dict[str, Array]:
     """The latent KV cache: per layer stack, [L, B, S, C] with c_kv | roped k_pe | zero padding per token.
 
-    On a mesh it is created in place, split by the rules for CACHE_AXES (batch rows over data x expert).
+    On a mesh it is created in place, split by the rules for CACHE_AXES (rows, then positions).
     """
     shapes = {name: (n, batch, length, cfg.cache_lanes)
               for name, n in (("dense", cfg.first_k_dense_replace), ("moe", cfg.num_moe_layers)) if n}

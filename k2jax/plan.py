@@ -29,7 +29,7 @@ from k2jax.config import K2Config, preset
 from k2jax.engine import PREFILL_CHUNK, step
 from k2jax.loading import abstract_model
 from k2jax.model import CACHE_AXES, init_cache
-from sharding.mesh import auto_spec, mesh_from_devices
+from sharding.mesh import mesh_from_devices
 from sharding.rules import named_sharding, partition_spec, shard_bytes
 
 GIB = 1 << 30
@@ -135,6 +135,57 @@ def expected_active(n_tokens: int, top_k: int, n_experts: int) -> float:
     return 1.0 - (1.0 - top_k / n_experts) ** n_tokens
 
 
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    """Per-device bytes of weights (routed experts among them) and cache on a mesh, before any compile."""
+
+    weights: int
+    experts: int
+    cache: int
+    rows_per_device: int
+
+    def step_read(self, cfg: K2Config, tokens_per_group: int) -> float:
+        """Bytes a decode step reads per device: dense weights, the experts its tokens pick, the whole cache."""
+        active = expected_active(tokens_per_group, cfg.num_experts_per_tok, cfg.n_routed_experts)
+        return self.weights - self.experts + active * self.experts + self.cache
+
+
+def footprint(cfg: K2Config, mesh: Mesh, batch: int, context: int) -> Footprint:
+    """Weights and cache per device for this mesh, batch and context, placed by the rules."""
+    _, state = abstract_state(cfg, mesh)
+    flat = [(v.get_metadata()["axes"], v.get_value()) for _, v in nnx.to_flat_state(state)]
+    cache = abstract_cache(cfg, mesh, batch, context)
+    return Footprint(per_device_bytes([x for _, x in flat]), per_device_bytes([x for a, x in flat if "experts" in a]),
+                     per_device_bytes(cache), cache["moe"].sharding.shard_shape(cache["moe"].shape)[1])
+
+
+def candidate_specs(n_devices: int, n_experts: int) -> list[str]:
+    """Meshes worth planning: experts over what divides them, the rest over tensor (1, 2, 4, 8) and data."""
+    specs = []
+    for tensor in (1, 2, 4, 8):
+        if n_devices % tensor:
+            continue
+        expert = math.gcd(n_devices // tensor, n_experts)
+        sizes = {"data": n_devices // (tensor * expert), "expert": expert, "tensor": tensor}
+        specs.append(",".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "expert=1")
+    return specs
+
+
+def choose_mesh(cfg: K2Config, devices: Sequence[Any], batch: int, context: int, hbm: int) -> str:
+    """The candidate mesh whose weights and cache fit 90% of HBM with the lowest bandwidth floor (else the smallest)."""
+    scored = []
+    for spec in candidate_specs(len(devices), cfg.n_routed_experts):
+        mesh = mesh_from_devices(devices, spec)
+        try:
+            f = footprint(cfg, mesh, batch, context)
+        except ValueError:  # a dimension that does not divide over this mesh
+            continue
+        need = f.weights + f.cache
+        scored.append((need > 0.9 * hbm, f.step_read(cfg, batch // mesh.shape.get("data", 1)) if need <= 0.9 * hbm
+                       else need, spec))
+    return min(scored)[2]
+
+
 def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: int, prefill_chunk: int,
          hbm: int | None = None, bandwidth: float | None = None) -> dict[str, Any]:
     """Compile decode (and a prefill chunk) on this mesh; per-device bytes, fit, capacity and time floor.
@@ -145,28 +196,19 @@ def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: 
     mesh = mesh_from_devices(devices, spec)
     chip_hbm, chip_bw = CHIPS.get(devices[0].device_kind, (0, 0.0))
     hbm, bandwidth = hbm or chip_hbm, bandwidth or chip_bw
-    _, state = abstract_state(cfg, mesh)
-    flat = [(v.get_metadata()["axes"], v.get_value()) for _, v in nnx.to_flat_state(state)]
-    weights = per_device_bytes([x for _, x in flat])
-    experts = per_device_bytes([x for axes, x in flat if "experts" in axes])
-    cache = abstract_cache(cfg, mesh, batch, context)
-    cache_bytes = per_device_bytes(cache)
-    rows_per_device = cache["moe"].sharding.shard_shape(cache["moe"].shape)[1]
-    shards = batch // rows_per_device
+    f = footprint(cfg, mesh, batch, context)
+    shards = batch // f.rows_per_device
     decode = compile_step(cfg, mesh, batch, 1, context)
     prefill = compile_step(cfg, mesh, shards, prefill_chunk, context) if prefill_chunk else None
-    token_bytes = cache_bytes / (rows_per_device * context)  # per cached token of a row this device holds
-    free = hbm - (decode.total - cache_bytes if not decode.error else weights)  # room for the cache
-    groups = mesh.shape.get("data", 1)
-    active = expected_active(batch // groups, cfg.num_experts_per_tok, cfg.n_routed_experts)
-    step_read = weights - experts + active * experts + cache_bytes
+    token_bytes = f.cache / (f.rows_per_device * context)  # per cached token of a row this device holds
+    free = hbm - (decode.total - f.cache if not decode.error else f.weights)  # room for the cache
     return {
         "topology": f"{devices[0].device_kind} x{len(devices)}", "mesh": spec, "batch": batch, "context": context,
-        "hbm": hbm, "weights": weights, "experts": experts, "cache": cache_bytes, "decode": decode,
+        "hbm": hbm, "weights": f.weights, "experts": f.experts, "cache": f.cache, "decode": decode,
         "prefill": prefill, "fits": not decode.error and decode.total <= hbm,
-        "max_context": min(int(free // (token_bytes * rows_per_device)), cfg.max_position_embeddings) if free > 0 else 0,
+        "max_context": min(int(free // (token_bytes * f.rows_per_device)), cfg.max_position_embeddings) if free > 0 else 0,
         "max_batch": int(free // (token_bytes * context)) * shards if free > 0 else 0,
-        "floor_ms": 1e3 * step_read / bandwidth if bandwidth else float("nan"),
+        "floor_ms": 1e3 * f.step_read(cfg, batch // mesh.shape.get("data", 1)) / bandwidth if bandwidth else float("nan"),
     }
 
 
@@ -201,7 +243,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--topology", action="append", required=True,
                     help="topology name known to jax.experimental.topologies, e.g. v5p:2x4x4 (repeatable)")
     ap.add_argument("--platform", default="tpu")
-    ap.add_argument("--mesh", help="mesh spec such as expert=32,tensor=2 (default: auto for the device count)")
+    ap.add_argument("--mesh", help="mesh spec such as expert=32,tensor=2 (default: the candidate that fits with "
+                    "the lowest bandwidth floor)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="0 skips the prefill compile")
@@ -221,9 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for name in args.topology:
         devices = topology_devices(name, args.platform)
-        spec = args.mesh or auto_spec(len(devices), cfg.n_routed_experts)
-        rows.append(plan(cfg, devices, spec, args.batch, args.context, args.prefill_chunk,
-                         hbm=int(args.hbm_gib * GIB) if args.hbm_gib else None,
+        hbm = int(args.hbm_gib * GIB) if args.hbm_gib else CHIPS.get(devices[0].device_kind, (0, 0.0))[0]
+        if not hbm:
+            raise SystemExit(f"k2jax-plan: unknown chip {devices[0].device_kind!r}: pass --hbm-gib and --bandwidth-gbs")
+        spec = args.mesh or choose_mesh(cfg, devices, args.batch, args.context, hbm)
+        rows.append(plan(cfg, devices, spec, args.batch, args.context, args.prefill_chunk, hbm=hbm,
                          bandwidth=args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else None))
         print(f"planned {name}: {spec}", flush=True)
     print(table(rows))

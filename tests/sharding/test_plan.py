@@ -35,3 +35,11 @@ def test_planner_compiles_a_sharded_int4_decode_step_for_tpu():
     assert "| TPU v5 lite x4 | expert=4 | 8 x 2048 |" in proc.stdout
     result = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT")).split()[1:]
     assert result == ["True", "True", "0", "0", "True", "True"], proc.stdout
+
+
+def test_candidate_meshes_put_experts_first_and_the_rest_on_tensor_or_data():
+    from k2jax.plan import candidate_specs
+
+    assert candidate_specs(256, 384) == ["data=2,expert=128", "expert=128,tensor=2", "expert=64,tensor=4",
+                                         "expert=32,tensor=8"]
+    assert candidate_specs(6, 16) == ["data=3,expert=2", "data=3,tensor=2"]
