@@ -131,7 +131,10 @@ def init_cache(cfg: K2Config, batch: int, length: int, dtype: Any = jnp.bfloat16
     """
     shapes = {name: (n, batch, length, cfg.cache_lanes)
               for name, n in (("dense", cfg.first_k_dense_replace), ("moe", cfg.num_moe_layers)) if n}
-    zeros = lambda: {name: jnp.zeros(shape, dtype) for name, shape in shapes.items()}  # noqa: E731
+
+    def zeros() -> dict[str, Array]:
+        return {name: jnp.zeros(shape, dtype) for name, shape in shapes.items()}
+
     if mesh is None:
         return zeros()
     shardings = {name: NamedSharding(mesh, partition_spec(CACHE_AXES, mesh, shape)) for name, shape in shapes.items()}

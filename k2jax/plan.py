@@ -202,13 +202,15 @@ def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: 
     prefill = compile_step(cfg, mesh, shards, prefill_chunk, context) if prefill_chunk else None
     token_bytes = f.cache / (f.rows_per_device * context)  # per cached token of a row this device holds
     free = hbm - (decode.total - f.cache if not decode.error else f.weights)  # room for the cache
+    max_context = int(free // (token_bytes * f.rows_per_device)) if free > 0 else 0
+    step_read = f.step_read(cfg, batch // mesh.shape.get("data", 1))
     return {
         "topology": f"{devices[0].device_kind} x{len(devices)}", "mesh": spec, "batch": batch, "context": context,
         "hbm": hbm, "weights": f.weights, "experts": f.experts, "cache": f.cache, "decode": decode,
         "prefill": prefill, "fits": not decode.error and decode.total <= hbm,
-        "max_context": min(int(free // (token_bytes * f.rows_per_device)), cfg.max_position_embeddings) if free > 0 else 0,
+        "max_context": min(max_context, cfg.max_position_embeddings),
         "max_batch": int(free // (token_bytes * context)) * shards if free > 0 else 0,
-        "floor_ms": 1e3 * f.step_read(cfg, batch // mesh.shape.get("data", 1)) / bandwidth if bandwidth else float("nan"),
+        "floor_ms": 1e3 * step_read / bandwidth if bandwidth else float("nan"),
     }
 
 

@@ -104,8 +104,8 @@ def greedy(model: Model, ids: np.ndarray) -> np.ndarray:
         for i in range(NEW):
             tok = host_value(logits[:, -1]).argmax(-1).astype(np.int32)
             toks.append(tok)
-            logits, cache = engine.step(model.graphdef, model.state, tok[:, None], np.full((BATCH, 1), PROMPT + i, np.int32),
-                                        cache, CFG, jnp.float32, 32)
+            pos = np.full((BATCH, 1), PROMPT + i, np.int32)
+            logits, cache = engine.step(model.graphdef, model.state, tok[:, None], pos, cache, CFG, jnp.float32, 32)
     return np.stack(toks, 1)
 
 

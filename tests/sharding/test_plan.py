@@ -33,7 +33,7 @@ def test_planner_compiles_a_sharded_int4_decode_step_for_tpu():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| TPU v5 lite x4 | expert=4 | 8 x 2048 |" in proc.stdout
-    result = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT")).split()[1:]
+    result = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT")).split()[1:]
     assert result == ["True", "True", "0", "0", "True", "True"], proc.stdout
 
 

@@ -23,7 +23,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _result(stdout: str) -> dict:
     """The JSON a worker printed on its RESULT line."""
-    return json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
 
 
 def _free_port() -> int:
