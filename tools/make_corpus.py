@@ -111,7 +111,7 @@ def run_tool(name: str, arguments: dict[str, Any]) -> str:
     """Run a tool call; a bad name or bad arguments give an error text, as a real tool server would."""
     try:
         return TOOL_FUNCTIONS[name](**arguments)
-    except (KeyError, TypeError, ValueError) as err:
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
         return f"error: {type(err).__name__}: {err}"
 
 

@@ -61,6 +61,7 @@ class TrainSettings:
     weight_decay: float = 0.01
     trunk_steps: int = 520
     branch_steps: int = 180
+    extend_steps: int = 700
     seed: int = 0
 
     @property
@@ -147,11 +148,11 @@ def loss_fn(params: Params, graphdef: nnx.GraphDef, windows: jax.Array, cfg: K2C
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def optimizer(settings: TrainSettings) -> optax.GradientTransformation:
-    """AdamW with warmup and cosine decay to 10% over all steps, gradients clipped at norm 1."""
-    warmup = min(settings.warmup, settings.total_steps // 10)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.peak_lr, warmup, settings.total_steps,
-                                                  settings.peak_lr * 0.1)
+def optimizer(settings: TrainSettings, steps: int | None = None) -> optax.GradientTransformation:
+    """AdamW with warmup and cosine decay to 10% over `steps` (all runs' steps by default), clipped at norm 1."""
+    steps = steps or settings.total_steps
+    warmup = min(settings.warmup, steps // 10)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.peak_lr, warmup, steps, settings.peak_lr * 0.1)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=settings.weight_decay))
 
 
@@ -190,16 +191,17 @@ def tiled_expert_matmul(p: Any, layer: jax.Array, ids_U: jax.Array, x_XK: jax.Ar
 
 
 def run(params: Params, opt_state: Any, stream: np.ndarray, steps: range, graphdef: nnx.GraphDef, cfg: K2Config,
-        settings: TrainSettings, qat: bool, log: Callable[[str], None]) -> tuple[Params, Any]:
-    """Train over `steps` of the shared schedule, logging the running loss."""
-    opt = optimizer(settings)
+        settings: TrainSettings, qat: bool, log: Callable[[str], None],
+        opt: optax.GradientTransformation | None = None) -> tuple[Params, Any]:
+    """Train over `steps` (of the shared schedule unless `opt` is given), logging the running loss."""
+    opt = opt or optimizer(settings)
     start, losses = time.perf_counter(), []
     for step in steps:
         params, opt_state, loss = train_step(params, opt_state, jnp.asarray(batch_at(stream, step, settings)),
                                              graphdef, cfg, qat, opt)
         losses.append(loss)
         if (step + 1) % 50 == 0 or step + 1 == steps.stop:
-            log(f"{'qat' if qat else 'fp32'} step {step + 1}/{settings.total_steps} "
+            log(f"{'qat' if qat else 'fp32'} step {step + 1}/{steps.stop} "
                 f"loss {float(np.mean(jax.device_get(losses[-50:]))):.3f} ({time.perf_counter() - start:.0f} s)")
     return params, opt_state
 
@@ -215,17 +217,43 @@ def heldout_ppl(params: Params, graphdef: nnx.GraphDef, cfg: K2Config, windows: 
     return math.exp(float(np.mean(losses)))
 
 
+def settings_from(args: argparse.Namespace) -> TrainSettings:
+    """TrainSettings from the command line."""
+    return TrainSettings(seq_len=args.seq_len, batch=args.batch, trunk_steps=args.trunk_steps,
+                         branch_steps=args.branch_steps, extend_steps=args.extend_steps, seed=args.seed)
+
+
+def streams(corpus: make_corpus.Corpus, tokenizer: Tokenizer, settings: TrainSettings,
+            n_windows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training token stream and the held-out evaluation windows."""
+    heldout = evaluate_bundled.token_stream(tokenizer, corpus.heldout)
+    return (evaluate_bundled.token_stream(tokenizer, corpus.train),
+            evaluate_bundled.eval_windows(heldout, settings.seq_len, n_windows))
+
+
+def save_params(params: Params, path: Path) -> None:
+    """Parameters as an .npz keyed by flat-state path."""
+    np.savez(path, **{"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(params)})
+
+
+def load_params(path: Path, cfg: K2Config) -> tuple[nnx.GraphDef, Params]:
+    """Parameters saved by save_params, with their graph."""
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: K2Model(cfg, nnx.Rngs(0), jnp.float32)))
+    saved = np.load(path)
+    flat = nnx.to_flat_state(params)
+    for key, var in flat:
+        var.set_value(jnp.asarray(saved["/".join(map(str, key))]))
+    return graphdef, nnx.from_flat_state(flat)
+
+
 def train(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Corpus, tokenizer, the three runs and their held-out perplexities; saves tokenizer and QAT params in --work."""
-    settings = TrainSettings(seq_len=args.seq_len, batch=args.batch, trunk_steps=args.trunk_steps,
-                             branch_steps=args.branch_steps, seed=args.seed)
+    settings = settings_from(args)
     corpus = make_corpus.make_corpus(args.seed)
     log(f"corpus: {len(corpus.train)} train docs, {len(corpus.heldout)} held-out docs")
     tokenizer = make_tokenizer(corpus.train, args.base_vocab)
     tokenizer.save(args.work / "tokenizer")
-    stream = evaluate_bundled.token_stream(tokenizer, corpus.train)
-    heldout = evaluate_bundled.eval_windows(evaluate_bundled.token_stream(tokenizer, corpus.heldout), settings.seq_len,
-                                            args.eval_windows)
+    stream, heldout = streams(corpus, tokenizer, settings, args.eval_windows)
     log(f"tokenizer: {tokenizer.vocab_size} ids; {len(stream) / 1e6:.2f} M train tokens, {heldout.shape} held-out")
     cfg = bundled_config(tokenizer, quant=None)
     graphdef, params = init_params(cfg, settings.seed)
@@ -241,10 +269,26 @@ def train(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any
                "int4_qat": heldout_ppl(as_stored(qat, int4=True), graphdef, cfg, heldout),
                "qat_bf16_experts": heldout_ppl(as_stored(qat, int4=False), graphdef, cfg, heldout)}
     log("held-out perplexity: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
-    np.savez(args.work / "qat_params.npz", **{"/".join(map(str, k)): np.asarray(v[...])
-                                               for k, v in nnx.to_flat_state(qat)})
+    save_params(qat, args.work / "qat_params.npz")
     return {"settings": dataclasses.asdict(settings), "heldout_windows": list(heldout.shape),
             "heldout_perplexity": ppl}
+
+
+def extend(args: argparse.Namespace, metrics: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Train the QAT model on for --extend-steps (fresh warmup-cosine schedule, new batches): the final params."""
+    settings = settings_from(args)
+    tokenizer = Tokenizer.from_dir(args.work / "tokenizer")
+    stream, heldout = streams(make_corpus.make_corpus(args.seed), tokenizer, settings, args.eval_windows)
+    cfg = bundled_config(tokenizer, quant=None)
+    graphdef, params = load_params(args.work / "qat_params.npz", cfg)
+    opt = optimizer(settings, settings.extend_steps)
+    steps = range(settings.total_steps, settings.total_steps + settings.extend_steps)
+    with mock.patch.object(k2jax.model, "expert_matmul", tiled_expert_matmul):
+        params, _ = run(params, opt.init(params), stream, steps, graphdef, cfg, settings, True, log, opt)
+        ppl = heldout_ppl(as_stored(params, int4=True), graphdef, cfg, heldout)
+    log(f"extended QAT model: held-out perplexity {ppl:.3f}")
+    save_params(params, args.work / "final_params.npz")
+    return {**metrics, "extended_qat": {"steps": settings.extend_steps, "heldout_perplexity_int4": ppl}}
 
 
 def int4_state(params: dict[str, np.ndarray], cfg: K2Config) -> nnx.State:
@@ -265,7 +309,7 @@ def export(args: argparse.Namespace, metrics: dict[str, Any], log: Callable[[str
     """Write the QAT model as a K2 HF checkpoint, reload it with k2jax.load and measure it."""
     tokenizer_dir = args.work / "tokenizer"
     cfg = bundled_config(Tokenizer.from_dir(tokenizer_dir), Int4Quant())
-    write_hf_checkpoint(args.out, cfg, int4_state(dict(np.load(args.work / "qat_params.npz")), cfg), tokenizer_dir)
+    write_hf_checkpoint(args.out, cfg, int4_state(dict(np.load(args.work / "final_params.npz")), cfg), tokenizer_dir)
     model = k2jax.load(args.out)
     _, tasks = make_corpus.tasks(args.seed, make_corpus.DEFAULT_CHATS, make_corpus.DEFAULT_HELDOUT_CHATS)
     chat_windows = evaluate_bundled.heldout_chat_windows(model.tokenizer, args.seed, args.seq_len, TEST_WINDOWS)
@@ -284,7 +328,7 @@ def export(args: argparse.Namespace, metrics: dict[str, Any], log: Callable[[str
 def main() -> None:
     """CLI: train (corpus, tokenizer, three runs) and/or export (checkpoint, evaluation, metrics JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("all", "train", "export"), default="all")
+    parser.add_argument("--stage", choices=("all", "train", "extend", "export"), default="all")
     parser.add_argument("--out", type=Path, default=BUNDLED_DIR)
     parser.add_argument("--work", type=Path, default=Path("build/bundled"))
     parser.add_argument("--seed", type=int, default=0)
@@ -293,6 +337,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=TrainSettings.batch)
     parser.add_argument("--trunk-steps", type=int, default=TrainSettings.trunk_steps)
     parser.add_argument("--branch-steps", type=int, default=TrainSettings.branch_steps)
+    parser.add_argument("--extend-steps", type=int, default=TrainSettings.extend_steps)
     parser.add_argument("--eval-windows", type=int, default=48)
     parser.add_argument("--eval-tasks", type=int, default=100)
     args = parser.parse_args()
@@ -305,6 +350,8 @@ def main() -> None:
     train_file = args.work / "train_metrics.json"
     if args.stage in ("all", "train"):
         train_file.write_text(json.dumps(train(args, log), indent=2) + "\n")
+    if args.stage in ("all", "extend"):
+        train_file.write_text(json.dumps(extend(args, json.loads(train_file.read_text()), log), indent=2) + "\n")
     if args.stage in ("all", "export"):
         metrics = export(args, json.loads(train_file.read_text()), log)
         (args.out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -1,0 +1,62 @@
+"""The bundled model through k2jax.load(): held-out perplexity and tool use against the bounds of its training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+
+import k2jax
+from tools import evaluate_bundled, make_corpus
+
+BUNDLED = Path(k2jax.__file__).parent / "bundled"
+METRICS: dict[str, Any] = json.loads((BUNDLED / "training_metrics.json").read_text())
+CHECKPOINT = METRICS["checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def model() -> k2jax.Model:
+    """The default model: k2jax.load() with no path."""
+    return k2jax.load()
+
+
+@pytest.fixture(scope="module")
+def windows(model: k2jax.Model) -> np.ndarray:
+    """The held-out conversation windows the training run measured."""
+    return evaluate_bundled.heldout_chat_windows(model.tokenizer, METRICS["seed"], METRICS["seq_len"],
+                                                 METRICS["test_windows"])
+
+
+def test_default_load_is_the_bundled_int4_model(model: k2jax.Model) -> None:
+    cfg = model.config
+    assert cfg.quant is not None and cfg.first_k_dense_replace == 1 and cfg.q_lora_rank is not None
+    assert cfg.rope_type == "yarn" and cfg.n_shared_experts == 1 and cfg.vocab_size == model.tokenizer.vocab_size
+    assert sum(f.stat().st_size for f in BUNDLED.iterdir()) < 30 * 2**20
+
+
+def test_heldout_perplexity_within_training_bound(model: k2jax.Model, windows: np.ndarray) -> None:
+    ppl = evaluate_bundled.perplexity(model, windows)
+    assert ppl <= CHECKPOINT["test_heldout_chat_perplexity"] * 1.01
+
+
+def test_pallas_interpret_and_xla_give_the_same_perplexity(model: k2jax.Model, windows: np.ndarray,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    xla = evaluate_bundled.perplexity(model, windows[:1])
+    with monkeypatch.context() as patch:
+        patch.setenv("K2JAX_KERNELS", "interpret")
+        jax.clear_caches()
+        interpret = evaluate_bundled.perplexity(model, windows[:1])
+    jax.clear_caches()
+    assert interpret == pytest.approx(xla, rel=1e-4)
+
+
+def test_tool_calls_in_the_stated_share_of_heldout_tasks(model: k2jax.Model) -> None:
+    _, tasks = make_corpus.tasks(METRICS["seed"], make_corpus.DEFAULT_CHATS, make_corpus.DEFAULT_HELDOUT_CHATS)
+    measured = evaluate_bundled.tool_use(model, tasks[:METRICS["test_tasks"]])
+    stated = CHECKPOINT["test_tool_use"]
+    for key in ("well_formed_call_share", "right_call_share", "right_final_answer_share"):
+        assert measured[key] >= stated[key] - 0.125, key
