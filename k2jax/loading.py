@@ -45,7 +45,7 @@ def load(path: str | Path | None = None, mesh: Mesh | str | None = None, dtype: 
     over as many devices as divide them, the rest over 'tensor'); parameters are placed by sharding.rules.
     """
     if path is None:
-        raise FileNotFoundError("no bundled model is installed yet: pass the path of a checkpoint directory")
+        path = Path(__file__).resolve().parent / "bundled"
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
