@@ -125,8 +125,11 @@ def test_cancel_frees_the_slot_at_once(scheduler, rng):
 
 
 def test_forced_tokens_replace_the_first_stop(model, scheduler, rng):
-    prompt = rng.integers(3, 250, 10).tolist()
-    plain = model.generate([prompt], max_new_tokens=6).ids[0]  # generate stops at EOS, so plain holds none
+    for _ in range(20):  # a prompt whose greedy continuation runs 6 tokens without EOS
+        prompt = rng.integers(3, 250, 10).tolist()
+        plain = model.generate([prompt], max_new_tokens=6).ids[0]  # generate stops at EOS, so plain holds none
+        if len(plain) == 6:
+            break
     stop = plain[3]
     forced = tuple(t for t in (7, 8, 9, 10) if t not in plain)[:2]
     req, sink = request(prompt, 12, force_before_stop=forced, stop_ids=frozenset({stop, EOS}))
