@@ -31,7 +31,8 @@ def test_chunked_prefill_equals_one_chunk(model, rng, monkeypatch):
     monkeypatch.setattr(engine, "PREFILL_CHUNK", 16)
     chunked = model.generate(prompts, max_new_tokens=6, logprobs=True)
     assert chunked.ids == whole.ids
-    np.testing.assert_allclose(np.array(chunked.logprobs), np.array(whole.logprobs), rtol=1e-4, atol=1e-5)
+    for got, ref in zip(chunked.logprobs, whole.logprobs):  # rows may end at EOS at different lengths
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_logprobs_match_full_prefill(model, rng):
@@ -55,8 +56,11 @@ def test_sampling_seeds_and_n(model, rng):
 
 
 def test_stop_id_ends_a_row(model, rng):
-    prompt = prompts_of(rng, (4,))
-    free = model.generate(prompt, max_new_tokens=12).ids[0]
+    for _ in range(20):  # a prompt whose greedy continuation runs 12 tokens without EOS
+        prompt = prompts_of(rng, (4,))
+        free = model.generate(prompt, max_new_tokens=12).ids[0]
+        if len(free) == 12:
+            break
     stopped = engine.Model(model.config, model.graphdef, model.state)
     stopped._stop_ids = lambda: frozenset({free[5]})
     out = stopped.generate(prompt, max_new_tokens=12)
