@@ -360,8 +360,7 @@ def expert_matmul(p: ExpertProj, layer: Array, ids_U: Array, x_XK: Array, sizes_
     if hasattr(p, "packed"):
         sizes_E = jnp.zeros(p.packed[...].shape[1], jnp.int32).at[ids_U].add(sizes_U)
         return dispatch.grouped_int4_matmul(x_XK, p.packed[...], p.scale[...], sizes_E, layer=layer)
-    return jax.lax.ragged_dot(x_XK, p.weight[...][layer, ids_U].astype(x_XK.dtype), sizes_U,
-                              preferred_element_type=jnp.float32).astype(x_XK.dtype)
+    return dispatch.grouped_matmul_xla(x_XK, p.weight[...][layer, ids_U], sizes_U)
 
 
 def expert_sum(projs: tuple[ExpertProj, ExpertProj, ExpertProj], x_NM: Array, w_NK: Array, idx_NK: Array,

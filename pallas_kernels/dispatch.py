@@ -52,13 +52,35 @@ def _take(a, layer, ids):
     return a[index] if index else a
 
 
+def grouped_matmul_xla(x_MK, w_EKN, group_sizes_E) -> jax.Array:
+    """ragged_dot's result as a batch of row tiles that each belong to one expert (rows past the groups: 0).
+
+    The tile is the mean group size rounded up to a power of two, so padding at most doubles the work; XLA's
+    own ragged_dot lowering on CPU multiplies every row by every expert.
+    """
+    m, e = x_MK.shape[0], w_EKN.shape[0]
+    tile = 1 << max(-(-m // e) - 1, 0).bit_length()
+    sizes_E = group_sizes_E.astype(jnp.int32)
+    padded_E = -(-sizes_E // tile) * tile
+    start_E, padded_start_E = jnp.cumsum(sizes_E) - sizes_E, jnp.cumsum(padded_E) - padded_E
+    n_tiles = -(-m // tile) + (min(e, m) if tile > 1 else 0)
+    expert_M = jnp.repeat(jnp.arange(e), sizes_E, total_repeat_length=m)
+    dest_M = padded_start_E[expert_M] + jnp.arange(m) - start_E[expert_M]
+    x_TtK = jnp.zeros((n_tiles * tile, x_MK.shape[1]), x_MK.dtype).at[dest_M].set(x_MK, mode="drop")
+    expert_T = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_tiles) * tile, side="right",
+                                             method="compare_all"), e - 1)
+    y_TtN = jnp.einsum("tik,tkn->tin", x_TtK.reshape(n_tiles, tile, -1), w_EKN[expert_T].astype(x_MK.dtype),
+                       preferred_element_type=jnp.float32).reshape(n_tiles * tile, -1)
+    out_MN = y_TtN[jnp.minimum(dest_M, n_tiles * tile - 1)]
+    return jnp.where(jnp.arange(m)[:, None] < jnp.sum(sizes_E), out_MN, 0).astype(x_MK.dtype)
+
+
 def grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None) -> jax.Array:
-    """XLA path: dequantize only the experts that got rows (at most M of them), then ragged_dot."""
+    """XLA path: dequantize only the experts that got rows (at most M of them), then a grouped matmul."""
     m, e = x_MK.shape[0], group_sizes_E.shape[0]
     ids_U, sizes_U = _active_experts(group_sizes_E, m) if m < e else (None, group_sizes_E.astype(jnp.int32))
     w_UKN = int4_layout.dequantize(_take(packed_EHN, layer, ids_U), _take(scale_EGN, layer, ids_U), x_MK.dtype)
-    out_MN = jax.lax.ragged_dot(x_MK, w_UKN, sizes_U, preferred_element_type=jnp.float32)
-    return jnp.where(jnp.arange(m)[:, None] < jnp.sum(group_sizes_E), out_MN, 0).astype(x_MK.dtype)
+    return grouped_matmul_xla(x_MK, w_UKN, sizes_U)
 
 
 def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None) -> jax.Array:
