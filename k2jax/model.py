@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
-from k2jax.config import K2Config
+from k2jax.config import K2Config, yarn_mscale
 from pallas_kernels import dispatch, int4_layout
 from sharding.rules import partition_spec, spec_axes
 
@@ -176,8 +176,6 @@ def rope_inv_freq(cfg: K2Config) -> Array:
 
 def rope_cos_sin(cfg: K2Config, pos_BT: Array) -> tuple[Array, Array]:
     """cos and sin [B, T, P/2] for absolute positions, times the YaRN attention factor."""
-    from k2jax.config import yarn_mscale
-
     if cfg.rope_type != "yarn":
         factor = 1.0
     elif cfg.rope_attention_factor is not None:
