@@ -1,7 +1,8 @@
 """Decode and prefill throughput of k2jax against HF transformers (PyTorch eager), same weights, same machine.
 
-Also the memory-bandwidth floor of a batch-1 decode step (bytes it must read / measured copy bandwidth) and the
-cold start to first token of `k2jax-generate` with the bundled model. Prints a markdown table.
+Also k2jax on its plain XLA path (K2JAX_KERNELS=xla, without the native CPU grouped-matmul kernel), the
+memory-bandwidth floor of a batch-1 decode step (bytes it must read / measured copy bandwidth) and the cold
+start to first token of `k2jax-generate` with the bundled model. Prints a markdown table.
 
     python benchmarks/decode.py [--preset small] [--new-tokens 64] [--batches 1,8,32]
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax
 import numpy as np
 import torch
 
@@ -69,10 +71,13 @@ def step_bytes(cfg: K2Config, context: int, itemsize: int = 4) -> int:
     return (params + cache) * itemsize
 
 
-def k2jax_decode(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(decode tokens/s, seconds per step) after a warm-up run of the same shapes."""
+def k2jax_decode(model, prompts: list[list[int]], new_tokens: int, kernels: str = "") -> tuple[float, float]:
+    """(decode tokens/s, seconds per step) after a warm-up run of the same shapes, with K2JAX_KERNELS=kernels."""
+    os.environ["K2JAX_KERNELS"] = kernels
+    jax.clear_caches()  # the kernel choice is made at trace time
     model.generate(prompts, max_new_tokens=new_tokens)
     out = model.generate(prompts, max_new_tokens=new_tokens)
+    os.environ["K2JAX_KERNELS"] = ""
     rate = out.stats["decode_tokens_per_s"]
     return rate, len(prompts) / rate
 
@@ -126,15 +131,16 @@ def main() -> None:
         model = k2jax.load(path)
     print(f"| {args.preset} config, {args.new_tokens} new tokens after {args.prompt_len}-token prompts, float32, "
           f"{os.cpu_count()} CPU cores |")
-    print("| batch | k2jax tok/s | transformers tok/s | ratio |")
-    print("|---|---|---|---|")
+    print("| batch | k2jax tok/s | transformers tok/s | ratio | k2jax, XLA path only, tok/s |")
+    print("|---|---|---|---|---|")
     step_s = None
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = rng.integers(2, cfg.vocab_size, (batch, args.prompt_len)).tolist()
         rate, seconds = k2jax_decode(model, prompts, args.new_tokens)
+        xla, _ = k2jax_decode(model, prompts, args.new_tokens, kernels="xla")
         ref = hf_decode(hf, prompts, args.new_tokens)
         step_s = seconds if batch == 1 else step_s
-        print(f"| {batch} | {rate:.1f} | {ref:.1f} | {rate / ref:.1f}x |")
+        print(f"| {batch} | {rate:.1f} | {ref:.1f} | {rate / ref:.2f}x | {xla:.1f} |", flush=True)
     bw = copy_bandwidth()
     floor = step_bytes(cfg, args.prompt_len + args.new_tokens // 2) / bw
     k2_pre, hf_pre = prefill_rates(model, hf, args.prefill, rng)

@@ -335,30 +335,14 @@ def route(p: MoE, x_NM: Array, cfg: K2Config) -> tuple[Array, Array]:
     return w_NK * cfg.routed_scaling_factor, idx_NK
 
 
-def active_experts(idx_NK: Array, n_experts: int) -> tuple[Array, Array]:
-    """Experts in [0, n_experts) that received rows, in id order, and their row counts; static length min(rows, E).
+def expert_matmul(p: ExpertProj, layer: Array, x_XK: Array, sizes_E: Array) -> Array:
+    """Rows grouped by expert (sizes_E rows each, in id order) times their expert's matrix, dense or INT4.
 
-    Ids outside the range are not counted. Rows sorted by expert id then form consecutive groups, one per
-    listed expert (padding groups are empty), with the uncounted rows last.
-    """
-    rows = idx_NK.size
-    counts_E = jnp.bincount(idx_NK.reshape(-1), length=n_experts).astype(jnp.int32)
-    if rows >= n_experts:
-        return jnp.arange(n_experts), counts_E
-    ids_U = jnp.nonzero(counts_E > 0, size=rows, fill_value=0)[0]
-    return ids_U, jnp.where(jnp.arange(rows) < jnp.sum(counts_E > 0), counts_E[ids_U], 0)
-
-
-def expert_matmul(p: ExpertProj, layer: Array, ids_U: Array, x_XK: Array, sizes_U: Array) -> Array:
-    """Rows grouped by expert times their expert's matrix (a ragged matmul), dense or INT4.
-
-    The weights are the whole layer stack. INT4 kernels read the listed experts of `layer` in place; dense
-    weights are gathered, just the listed experts of `layer`.
+    The weights are the whole layer stack; every path reads the experts of `layer` that got rows, in place.
     """
     if hasattr(p, "packed"):
-        sizes_E = jnp.zeros(p.packed[...].shape[1], jnp.int32).at[ids_U].add(sizes_U)
         return dispatch.grouped_int4_matmul(x_XK, p.packed[...], p.scale[...], sizes_E, layer=layer)
-    return dispatch.grouped_matmul_xla(x_XK, p.weight[...][layer, ids_U], sizes_U)
+    return dispatch.grouped_matmul(x_XK, p.weight[...], sizes_E, layer=layer)
 
 
 def expert_sum(projs: tuple[ExpertProj, ExpertProj, ExpertProj], x_NM: Array, w_NK: Array, idx_NK: Array,
@@ -371,10 +355,9 @@ def expert_sum(projs: tuple[ExpertProj, ExpertProj, ExpertProj], x_NM: Array, w_
     key_NK = jnp.where(mine_NK, local_NK, n_local)
     order_X = jnp.argsort(key_NK.reshape(-1))
     xs_XM = x_NM[order_X // K]
-    ids_U, sizes_U = active_experts(key_NK, n_local)
-    h_XF = (jax.nn.silu(expert_matmul(gate, layer, ids_U, xs_XM, sizes_U))
-            * expert_matmul(up, layer, ids_U, xs_XM, sizes_U))
-    ys_XM = expert_matmul(down, layer, ids_U, h_XF, sizes_U)
+    sizes_E = jnp.bincount(key_NK.reshape(-1), length=n_local).astype(jnp.int32)  # key n_local: not here
+    h_XF = jax.nn.silu(expert_matmul(gate, layer, xs_XM, sizes_E)) * expert_matmul(up, layer, xs_XM, sizes_E)
+    ys_XM = expert_matmul(down, layer, h_XF, sizes_E)
     y_NKM = jnp.zeros_like(ys_XM).at[order_X].set(ys_XM).reshape(N, K, -1).astype(jnp.float32)
     return jnp.einsum("nkm,nk->nm", jnp.where(mine_NK[..., None], y_NKM, 0.0), w_NK)
 

@@ -41,28 +41,45 @@ def stack_params(params: list[SamplingParams]) -> dict[str, jax.Array]:
     }
 
 
-def filter_logits(logits_BV: jax.Array, params: dict[str, jax.Array]) -> jax.Array:
-    """Temperature-scaled logits with everything outside top-k, top-p and min-p set to -inf."""
-    temp_B = jnp.where(params["temperature"] > 0, params["temperature"], 1.0)
-    scaled_BV = logits_BV.astype(jnp.float32) / temp_B[:, None]
+def _sorted_floor(scaled_BV: jax.Array, params: dict[str, jax.Array]) -> jax.Array:
+    """Per row, the smallest logit that top-k and top-p keep [B, 1] (a full sort of the vocabulary)."""
     sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
-    V = logits_BV.shape[-1]
+    V = scaled_BV.shape[-1]
     k_B = jnp.where(params["top_k"] > 0, jnp.minimum(params["top_k"], V), V)
-    kth_B = jnp.take_along_axis(sorted_BV, (k_B - 1)[:, None], axis=-1)
+    kth_B1 = jnp.take_along_axis(sorted_BV, (k_B - 1)[:, None], axis=-1)
     probs_sorted_BV = jax.nn.softmax(sorted_BV, axis=-1)
     mass_before_BV = jnp.cumsum(probs_sorted_BV, axis=-1) - probs_sorted_BV
     n_keep_B = jnp.maximum(jnp.sum(mass_before_BV < params["top_p"][:, None], axis=-1), 1)
-    top_p_min_B = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)
-    min_p_floor_B = sorted_BV[:, :1] + jnp.log(jnp.maximum(params["min_p"][:, None], 1e-38))
-    floor_B = jnp.maximum(jnp.maximum(kth_B, top_p_min_B), jnp.where(params["min_p"][:, None] > 0, min_p_floor_B, -jnp.inf))
-    return jnp.where(scaled_BV >= floor_B, scaled_BV, -jnp.inf)
+    return jnp.maximum(kth_B1, jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1))
+
+
+def filter_logits(logits_BV: jax.Array, params: dict[str, jax.Array]) -> jax.Array:
+    """Temperature-scaled logits with everything outside top-k, top-p and min-p set to -inf.
+
+    The sort that top-k and top-p need runs only when some row asks for them (min-p needs just the max).
+    """
+    temp_B = jnp.where(params["temperature"] > 0, params["temperature"], 1.0)
+    scaled_BV = logits_BV.astype(jnp.float32) / temp_B[:, None]
+    B = scaled_BV.shape[0]
+    needs_sort = jnp.any((params["top_k"] > 0) | (params["top_p"] < 1))
+    floor_B1 = jax.lax.cond(needs_sort, _sorted_floor, lambda *_: jnp.full((B, 1), -jnp.inf), scaled_BV, params)
+    min_p_B1 = params["min_p"][:, None]
+    min_p_floor_B1 = jnp.max(scaled_BV, axis=-1, keepdims=True) + jnp.log(jnp.maximum(min_p_B1, 1e-38))
+    floor_B1 = jnp.maximum(floor_B1, jnp.where(min_p_B1 > 0, min_p_floor_B1, -jnp.inf))
+    return jnp.where(scaled_BV >= floor_B1, scaled_BV, -jnp.inf)
+
+
+def _draw(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array) -> jax.Array:
+    """A token per row from the filtered distribution; the key is (request seed, position)."""
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(params["seed"], pos_B)
+    return jax.vmap(jax.random.categorical)(keys, filter_logits(logits_BV, params)).astype(jnp.int32)
 
 
 def sample(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Next token per row and its log-probability under the model; the key is (request seed, position)."""
-    filtered_BV = filter_logits(logits_BV, params)
-    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(params["seed"], pos_B)
-    drawn_B = jax.vmap(jax.random.categorical)(keys, filtered_BV)
-    tokens_B = jnp.where(params["temperature"] > 0, drawn_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+    """Next token per row and its log-probability under the model; all-greedy batches skip the sampler."""
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    hot_B = params["temperature"] > 0
+    drawn_B = jax.lax.cond(jnp.any(hot_B), _draw, lambda *_: greedy_B, logits_BV, params, pos_B)
+    tokens_B = jnp.where(hot_B, drawn_B, greedy_B)
     logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     return tokens_B, jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]

@@ -1,9 +1,10 @@
-"""Backend choice for the kernels: the model calls these three functions and nothing else here.
+"""Backend choice for the kernels: the model calls these four functions and nothing else here.
 
-TPU -> the Pallas Mosaic kernels; GPU -> the Pallas Triton kernels; CPU -> the XLA paths below.
-`K2JAX_KERNELS=pallas|xla|interpret` overrides: `interpret` runs the backend's kernels (Mosaic on CPU) in the
-Pallas interpreter (slow; for parity tests on CPU). The choice is made at trace time, so set the variable
-before the first call is traced.
+TPU -> the Pallas Mosaic kernels; GPU -> the Pallas Triton kernels; CPU -> the native grouped matmul
+(cpu_grouped_matmul, an FFI custom call built on first use; the XLA paths below when it cannot be built).
+`K2JAX_KERNELS=pallas|native|xla|interpret` overrides: `xla` is plain XLA everywhere, `interpret` runs the
+backend's Pallas kernels (Mosaic on CPU) in the Pallas interpreter (slow; for parity tests on CPU). The
+choice is made at trace time, so set the variable before the first call is traced.
 
 `layer` (optional int32 scalar) on grouped_int4_matmul and mla_decode: packed/scale are then the stacked
 [L, E, ...] expert weights, kv the stacked cache [L, B, S, C], and the kernels read that layer in place.
@@ -15,23 +16,25 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import int4_layout
+from pallas_kernels import cpu_grouped_matmul, int4_layout
 from pallas_kernels import int4_matmul as int4_matmul_kernels
 from pallas_kernels import mla_decode as mla_decode_kernels
 
 ENV_VAR = "K2JAX_KERNELS"
-MODES = ("pallas", "xla", "interpret")
+MODES = ("pallas", "native", "xla", "interpret")
 PALLAS_BACKENDS = ("tpu", "gpu")
 
 
 def kernel_mode(backend: str | None = None) -> str:
-    """'pallas', 'xla' or 'interpret': the env override, else pallas where a kernel exists for the backend."""
+    """One of MODES: the env override, else pallas on TPU/GPU and native on CPU (xla if it cannot be built)."""
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced and forced not in MODES:
         raise ValueError(f"{ENV_VAR}={forced!r}; expected one of {MODES}")
     if forced:
         return forced
-    return "pallas" if (backend or jax.default_backend()) in PALLAS_BACKENDS else "xla"
+    if (backend or jax.default_backend()) in PALLAS_BACKENDS:
+        return "pallas"
+    return "native" if cpu_grouped_matmul.available() else "xla"
 
 
 def _uses_triton() -> bool:
@@ -39,48 +42,71 @@ def _uses_triton() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def _active_experts(group_sizes_E: jax.Array, slots: int):
-    """Ids of the experts that got rows, in order, padded to `slots` with zero-size groups -> (ids, sizes)."""
-    ids_U = jnp.nonzero(group_sizes_E > 0, size=slots, fill_value=0)[0]
-    sizes_U = jnp.where(jnp.arange(slots) < jnp.sum(group_sizes_E > 0), group_sizes_E[ids_U], 0)
-    return ids_U, sizes_U.astype(jnp.int32)
+def row_tile(m: int, e: int) -> int:
+    """Rows per matmul tile for m rows over e groups: the mean group size rounded up to a power of two."""
+    return 1 << max(-(-m // e) - 1, 0).bit_length()
 
 
-def _take(a, layer, ids):
-    """a[layer, ids] in one gather, either index left out when None (a is [L, E, ...] when layer is given)."""
-    index = tuple(i for i in (layer, ids) if i is not None)
-    return a[index] if index else a
+def _expert(a, layer, e) -> jax.Array:
+    """a[layer, e] (a[e] when layer is None) as one dynamic slice: a single expert's matrix, no gather."""
+    index = (e,) if layer is None else (layer, e)
+    lead = len(index)
+    start = (*index, *(0,) * (a.ndim - lead))
+    return jax.lax.dynamic_slice(a, start, (1,) * lead + a.shape[lead:]).reshape(a.shape[lead:])
 
 
-def grouped_matmul_xla(x_MK, w_EKN, group_sizes_E) -> jax.Array:
-    """ragged_dot's result as a batch of row tiles that each belong to one expert (rows past the groups: 0).
+def grouped_loop_xla(x_MK, weight_of, group_sizes_E) -> jax.Array:
+    """Rows sorted by group times their group's matrix weight_of(g) [K, N] -> [M, N]; rows past the groups give 0.
 
-    The tile is the mean group size rounded up to a power of two, so padding at most doubles the work; XLA's
-    own ragged_dot lowering on CPU multiplies every row by every expert.
+    A loop over the groups that got rows: each matrix is formed once (sliced in place, or dequantized) and
+    multiplies its rows in tiles of row_tile rows, so every active expert is read once and no other is read.
+    (XLA:CPU lowers ragged_dot as every row times every expert; a batched gather copies a matrix per tile.)
     """
-    m, e = x_MK.shape[0], w_EKN.shape[0]
-    tile = 1 << max(-(-m // e) - 1, 0).bit_length()
+    m, e = x_MK.shape[0], group_sizes_E.shape[0]
+    tile = row_tile(m, min(m, e))
+    n = jax.eval_shape(weight_of, 0).shape[-1]
     sizes_E = group_sizes_E.astype(jnp.int32)
-    padded_E = -(-sizes_E // tile) * tile
-    start_E, padded_start_E = jnp.cumsum(sizes_E) - sizes_E, jnp.cumsum(padded_E) - padded_E
-    n_tiles = -(-m // tile) + (min(e, m) if tile > 1 else 0)
-    expert_M = jnp.repeat(jnp.arange(e), sizes_E, total_repeat_length=m)
-    dest_M = padded_start_E[expert_M] + jnp.arange(m) - start_E[expert_M]
-    x_TtK = jnp.zeros((n_tiles * tile, x_MK.shape[1]), x_MK.dtype).at[dest_M].set(x_MK, mode="drop")
-    expert_T = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_tiles) * tile, side="right",
-                                             method="compare_all"), e - 1)
-    y_TtN = jnp.einsum("tik,tkn->tin", x_TtK.reshape(n_tiles, tile, -1), w_EKN[expert_T].astype(x_MK.dtype),
-                       preferred_element_type=jnp.float32).reshape(n_tiles * tile, -1)
-    out_MN = y_TtN[jnp.minimum(dest_M, n_tiles * tile - 1)]
-    return jnp.where(jnp.arange(m)[:, None] < jnp.sum(sizes_E), out_MN, 0).astype(x_MK.dtype)
+    starts_E = jnp.cumsum(sizes_E) - sizes_E
+    active_E = jnp.nonzero(sizes_E > 0, size=e, fill_value=0)[0]
+    x_pad = jnp.pad(x_MK, ((0, tile), (0, 0)))
+
+    def group(i, y_MN):
+        g = active_E[i]
+        w_KN = weight_of(g).astype(x_MK.dtype)
+        start, end = starts_E[g], starts_E[g] + sizes_E[g]
+
+        def tile_step(t, y_MN):
+            row = start + t * tile
+            y_TN = jnp.dot(jax.lax.dynamic_slice_in_dim(x_pad, row, tile), w_KN,
+                           preferred_element_type=jnp.float32).astype(y_MN.dtype)
+            keep_T1 = (row + jnp.arange(tile) < end)[:, None]
+            old_TN = jax.lax.dynamic_slice_in_dim(y_MN, row, tile)
+            return jax.lax.dynamic_update_slice_in_dim(y_MN, jnp.where(keep_T1, y_TN, old_TN), row, 0)
+
+        return jax.lax.fori_loop(0, -(-sizes_E[g] // tile), tile_step, y_MN)
+
+    y_MN = jax.lax.fori_loop(0, jnp.sum(sizes_E > 0), group, jnp.zeros((m + tile, n), x_MK.dtype))
+    return y_MN[:m]
+
+
+def grouped_matmul_xla(x_MK, w_EKN, group_sizes_E, *, layer=None) -> jax.Array:
+    """Rows sorted by expert times their expert's dense matrix (w [E, K, N], or [L, E, K, N] with layer)."""
+    return grouped_loop_xla(x_MK, lambda g: _expert(w_EKN, layer, g), group_sizes_E)
+
+
+def grouped_matmul(x_MK, w_EKN, group_sizes_E, *, layer=None) -> jax.Array:
+    """Rows sorted by expert times their expert's dense matrix: the native CPU kernel, else the XLA loop."""
+    if kernel_mode() == "native":
+        return cpu_grouped_matmul.grouped_matmul(x_MK, w_EKN, group_sizes_E, layer=layer)
+    return grouped_matmul_xla(x_MK, w_EKN, group_sizes_E, layer=layer)
 
 
 def grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None) -> jax.Array:
-    """XLA path: dequantize only the experts that got rows (at most M of them), then a grouped matmul."""
-    m, e = x_MK.shape[0], group_sizes_E.shape[0]
-    ids_U, sizes_U = _active_experts(group_sizes_E, m) if m < e else (None, group_sizes_E.astype(jnp.int32))
-    w_UKN = int4_layout.dequantize(_take(packed_EHN, layer, ids_U), _take(scale_EGN, layer, ids_U), x_MK.dtype)
-    return grouped_matmul_xla(x_MK, w_UKN, sizes_U)
+    """XLA path: each expert that got rows is dequantized once, in the loop, and multiplies its rows."""
+    def weight_of(g):
+        return int4_layout.dequantize(_expert(packed_EHN, layer, g), _expert(scale_EGN, layer, g), x_MK.dtype)
+
+    return grouped_loop_xla(x_MK, weight_of, group_sizes_E)
 
 
 def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None) -> jax.Array:
@@ -88,6 +114,8 @@ def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=Non
     mode = kernel_mode()
     if mode == "xla":
         return grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E, layer=layer)
+    if mode == "native":
+        return cpu_grouped_matmul.grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, layer=layer)
     kernel = (int4_matmul_kernels.grouped_int4_matmul_triton if _uses_triton()
               else int4_matmul_kernels.grouped_int4_matmul)
     return kernel(x_MK, packed_EHN, scale_EGN, group_sizes_E, layer=layer, interpret=mode == "interpret")
@@ -96,9 +124,9 @@ def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=Non
 def int4_matmul(x_MK, packed_HN, scale_GN) -> jax.Array:
     """x @ dequantize(packed, scale) -> [M, N] in x's dtype, on the chosen path."""
     mode = kernel_mode()
-    if mode == "xla":
+    if mode in ("xla", "native"):
         sizes_E = jnp.full((1,), x_MK.shape[0], jnp.int32)
-        return grouped_int4_matmul_xla(x_MK, packed_HN[None], scale_GN[None], sizes_E)
+        return grouped_int4_matmul(x_MK, packed_HN[None], scale_GN[None], sizes_E)
     kernel = int4_matmul_kernels.int4_matmul_triton if _uses_triton() else int4_matmul_kernels.int4_matmul
     return kernel(x_MK, packed_HN, scale_GN, interpret=mode == "interpret")
 
@@ -106,7 +134,7 @@ def int4_matmul(x_MK, packed_HN, scale_GN) -> jax.Array:
 def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, layer=None) -> jax.Array:
     """Absorbed MLA decode attention over the latent cache -> o_lat [B, H, R], on the chosen path."""
     mode = kernel_mode()
-    if mode == "xla":
+    if mode in ("xla", "native"):
         kv_BSC = kv_BSC if layer is None else kv_BSC[layer]
         return mla_decode_kernels.mla_decode_reference(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale)
     kernel = mla_decode_kernels.mla_decode_triton if _uses_triton() else mla_decode_kernels.mla_decode

@@ -11,10 +11,17 @@ from pallas_kernels import int4_matmul as I
 from pallas_kernels import mla_decode as M
 
 
-@pytest.mark.parametrize("backend,mode", [("tpu", "pallas"), ("gpu", "pallas"), ("cpu", "xla")])
+@pytest.mark.parametrize("backend,mode", [("tpu", "pallas"), ("gpu", "pallas"), ("cpu", "native")])
 def test_default_mode_per_backend(monkeypatch, backend, mode):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch.cpu_grouped_matmul, "available", lambda: True)
     assert dispatch.kernel_mode(backend) == mode
+
+
+def test_cpu_falls_back_to_xla_without_the_native_kernel(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch.cpu_grouped_matmul, "available", lambda: False)
+    assert dispatch.kernel_mode("cpu") == "xla"
 
 
 @pytest.mark.parametrize("forced", dispatch.MODES)
@@ -29,10 +36,10 @@ def test_bad_env_value_raises(monkeypatch):
         dispatch.kernel_mode()
 
 
-@pytest.mark.parametrize("mode", ["xla", "interpret"])
+@pytest.mark.parametrize("mode", ["native", "xla", "interpret"])
 @pytest.mark.parametrize("sizes,extra", [([0, 2, 0, 0, 1, 0, 0, 0], 1), ([5, 0, 9, 3], 2), ([1], 0)])
-def test_grouped_paths_match_reference(rng, monkeypatch, mode, sizes, extra):
-    monkeypatch.setenv(dispatch.ENV_VAR, mode)
+def test_grouped_paths_match_reference(rng, kernel_env, mode, sizes, extra):
+    kernel_env(mode)
     packed, scale = random_int4(rng, len(sizes), 256, 128)
     x = random_normal(rng, (sum(sizes) + extra, 256))
     gs = jnp.asarray(sizes, jnp.int32)
@@ -47,12 +54,30 @@ def test_xla_path_dequantizes_only_active_experts(rng):
     x = random_normal(rng, (3, 256))
     sizes = jnp.zeros(64, jnp.int32).at[9].set(3)
     jaxpr = str(jax.make_jaxpr(dispatch.grouped_int4_matmul_xla)(x, packed, scale, sizes))
-    assert "f32[3,256,128]" in jaxpr and "f32[64,256,128]" not in jaxpr
+    assert "f32[256,128]" in jaxpr and "f32[64,256,128]" not in jaxpr and "f32[3,256,128]" not in jaxpr
 
 
-@pytest.mark.parametrize("mode", ["xla", "interpret"])
-def test_dense_paths_match_reference(rng, monkeypatch, mode):
-    monkeypatch.setenv(dispatch.ENV_VAR, mode)
+@pytest.mark.parametrize("m, e", [(8, 64), (64, 64), (300, 16)])
+def test_xla_loop_forms_each_active_matrix_once(m, e):
+    """The grouped loop asks for exactly the experts that got rows, each once, in id order."""
+    rng = np.random.default_rng()
+    sizes = rng.multinomial(m, rng.dirichlet(np.ones(e))).astype(np.int32)
+    w = jnp.asarray(rng.normal(size=(e, 24, 16)), jnp.float32)
+    seen = []
+
+    def weight_of(g):
+        jax.debug.callback(lambda g: seen.append(int(g)), g, ordered=True)
+        return w[g]
+
+    jax.block_until_ready(jax.jit(lambda x: dispatch.grouped_loop_xla(x, weight_of, jnp.asarray(sizes)))(
+        jnp.asarray(rng.normal(size=(m, 24)), jnp.float32)))
+    jax.effects_barrier()
+    assert seen == [g for g in range(e) if sizes[g]]
+
+
+@pytest.mark.parametrize("mode", ["native", "xla", "interpret"])
+def test_dense_paths_match_reference(rng, kernel_env, mode):
+    kernel_env(mode)
     packed, scale = random_int4(rng, 1, 512, 256)
     x = random_normal(rng, (6, 512))
     out = dispatch.int4_matmul(x, packed[0], scale[0])
@@ -60,8 +85,8 @@ def test_dense_paths_match_reference(rng, monkeypatch, mode):
 
 
 @pytest.mark.parametrize("mode", ["xla", "interpret"])
-def test_mla_paths_match_reference(rng, monkeypatch, mode):
-    monkeypatch.setenv(dispatch.ENV_VAR, mode)
+def test_mla_paths_match_reference(rng, kernel_env, mode):
+    kernel_env(mode)
     q_lat, q_pe = random_normal(rng, (2, 8, 512)), random_normal(rng, (2, 8, 64))
     kv = random_normal(rng, (2, 96, 640)).at[..., 576:].set(0)
     lengths = jnp.asarray([96, 5], jnp.int32)
@@ -70,11 +95,11 @@ def test_mla_paths_match_reference(rng, monkeypatch, mode):
     assert float(jnp.max(jnp.abs(out - ref))) < 2e-5
 
 
-@pytest.mark.parametrize("mode", ["xla", "interpret"])
+@pytest.mark.parametrize("mode", ["native", "xla", "interpret"])
 @pytest.mark.parametrize("rows", [2, 9])
-def test_stacked_layer_paths_match_reference(rng, monkeypatch, mode, rows):
+def test_stacked_layer_paths_match_reference(rng, kernel_env, mode, rows):
     """The `layer` argument on every path: few rows (expert gather) and more rows than experts."""
-    monkeypatch.setenv(dispatch.ENV_VAR, mode)
+    kernel_env(mode)
     packed, scale = random_int4(rng, 2 * 4, 256, 128)
     packed_LEHN, scale_LEGN = packed.reshape(2, 4, 128, 128), scale.reshape(2, 4, 8, 128)
     sizes = jnp.asarray([0, rows - 1, 0, 1], jnp.int32)

@@ -1,0 +1,108 @@
+"""The native CPU grouped matmul against lax.ragged_dot and the INT4 reference, and its build and errors."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_testutils import max_rel_err
+
+from pallas_kernels import cpu_grouped_matmul as C
+from pallas_kernels import dispatch, int4_layout
+from pallas_kernels import int4_matmul as I
+
+pytestmark = pytest.mark.skipif(not C.available(), reason="no C++ compiler: the native kernel cannot be built")
+
+# (rows, experts, K, N): decode (1 row per expert), a few rows, prefill-sized groups, N not a multiple of 8.
+SHAPES = [(8, 64, 256, 128), (64, 16, 128, 256), (300, 4, 64, 96), (37, 5, 96, 40), (5, 3, 32, 20)]
+
+
+def _sizes(rng: np.random.Generator, m: int, e: int) -> jnp.ndarray:
+    """Random group sizes over e experts summing to m or a little less (trailing rows belong to no group)."""
+    sizes = rng.multinomial(m - int(rng.integers(0, 3)), rng.dirichlet(np.ones(e))).astype(np.int32)
+    sizes[rng.integers(0, e)] = 0
+    return jnp.asarray(sizes)
+
+
+@pytest.mark.parametrize("m,e,k,n", SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_layer_of_stack_equals_ragged_dot(m, e, k, n, dtype):
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, e, k, n)), dtype)
+    sizes = _sizes(rng, m, e)
+    got = jax.jit(lambda x, w, s, layer: C.grouped_matmul(x, w, s, layer=layer))(x, w, sizes, jnp.int32(1))
+    ref = C.grouped_matmul_reference(x, w[1].astype(jnp.float32), sizes)
+    # float32 sums of K products in another order: relative error a few ulps times sqrt(K).
+    assert max_rel_err(got, ref) < 1e-5
+    assert not jnp.any(got[int(sizes.sum()):])
+
+
+@pytest.mark.parametrize("m,e,k,n", [s for s in SHAPES if s[2] % 32 == 0])
+def test_int4_equals_reference(m, e, k, n):
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    packed, scale = int4_layout.quantize(jnp.asarray(rng.normal(size=(2, e, k, n)), jnp.float32))
+    sizes = _sizes(rng, m, e)
+    got = C.grouped_int4_matmul(x, packed, scale, sizes, layer=jnp.int32(1))
+    assert max_rel_err(got, I.grouped_int4_matmul_reference(x, packed[1], scale[1], sizes)) < 1e-5
+
+
+def test_unstacked_weights_and_native_dispatch(monkeypatch):
+    """Weights without a layer axis, and the default CPU mode routing the model's calls to the kernel."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.kernel_mode("cpu") == "native"
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.normal(size=(12, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 64, 48)), jnp.float32)
+    sizes = jnp.asarray([3, 0, 7, 2], jnp.int32)
+    ref = C.grouped_matmul_reference(x, w, sizes)
+    assert max_rel_err(dispatch.grouped_matmul(x, w, sizes), ref) < 1e-5
+    assert max_rel_err(dispatch.grouped_matmul_xla(x, w, sizes), ref) < 1e-5
+
+
+def test_bad_sizes_and_layer_are_errors():
+    x = jnp.ones((4, 32), jnp.float32)
+    w = jnp.ones((2, 3, 32, 16), jnp.float32)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="group sizes exceed the rows"):
+        jax.block_until_ready(C.grouped_matmul(x, w, jnp.asarray([3, 2, 0], jnp.int32), layer=0))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="layer index out of range"):
+        jax.block_until_ready(C.grouped_matmul(x, w, jnp.asarray([1, 1, 1], jnp.int32), layer=5))
+
+
+def test_build_is_cached_by_key(tmp_path, monkeypatch):
+    """A second build with the same key reuses the library; another cache directory builds anew."""
+    first = C.build()
+    assert C.build() == first and first.exists()
+    monkeypatch.setenv("K2JAX_CPU_KERNEL_CACHE", str(tmp_path))
+    second = C.build()
+    assert second.parent == tmp_path and second.name == first.name
+
+
+def test_concurrent_calls_do_not_wait_on_each_other():
+    """Independent kernel calls in one program and from several Python threads at once all finish.
+
+    XLA may run independent custom calls on its pool threads at the same time; a call that waited for a
+    pool thread to help it would then deadlock.
+    """
+    rng = np.random.default_rng()
+    w = jnp.asarray(rng.normal(size=(2, 8, 64, 256)), jnp.float32)
+    sizes = jnp.asarray([4, 0, 3, 1, 0, 2, 2, 4], jnp.int32)
+    xs = [jnp.asarray(rng.normal(size=(16, 64)), jnp.float32) for _ in range(4)]
+    f = jax.jit(lambda a, b: [C.grouped_matmul(x, w, sizes, layer=1) for x in (a, b, a + b)])
+    expect = [C.grouped_matmul_reference(x, w[1], sizes) for x in (xs[0], xs[1], xs[0] + xs[1])]
+    results = {}
+
+    def run(i: int) -> None:
+        for _ in range(20):
+            results[i] = jax.block_until_ready(f(xs[0], xs[1]))
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "kernel calls deadlocked"
+    for out in results.values():
+        assert all(max_rel_err(o, e) < 1e-5 for o, e in zip(out, expect))
