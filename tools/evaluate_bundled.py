@@ -30,10 +30,16 @@ def eval_windows(stream: np.ndarray, seq_len: int, count: int) -> np.ndarray:
     return np.stack([stream[i * stride:i * stride + seq_len + 1] for i in range(n)])
 
 
-def heldout_chat_windows(tokenizer: Any, seed: int, seq_len: int, count: int) -> np.ndarray:
-    """Windows over the held-out synthetic conversations (independent of the local stdlib's files)."""
-    _, tasks = make_corpus.tasks(seed, make_corpus.DEFAULT_CHATS, make_corpus.DEFAULT_HELDOUT_CHATS)
+def heldout_chat_windows(tokenizer: Any, seed: int, n_chats: int, seq_len: int, count: int) -> np.ndarray:
+    """Windows over the synthetic conversations held out from `n_chats` training ones (independent of the stdlib)."""
+    _, tasks = make_corpus.tasks(seed, n_chats, make_corpus.DEFAULT_HELDOUT_CHATS)
     return eval_windows(token_stream(tokenizer, [make_corpus.conversation(t) for t in tasks]), seq_len, count)
+
+
+def heldout_code_windows(tokenizer: Any, seed: int, seq_len: int, count: int) -> np.ndarray:
+    """Windows over the held-out standard-library files (which depend on the local Python's stdlib)."""
+    _, heldout = make_corpus.code_documents(seed, make_corpus.CODE_CHARS, make_corpus.HELDOUT_SHARE)
+    return eval_windows(token_stream(tokenizer, heldout), seq_len, count)
 
 
 def perplexity(model: Model, windows: np.ndarray, batch: int = 8) -> float:

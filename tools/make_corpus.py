@@ -21,8 +21,10 @@ from typing import Any
 from k2jax import chat
 
 CALL_ID = "functions.{name}:0"
-DEFAULT_CHATS = 6_000
+DEFAULT_CHATS = 8_000
 DEFAULT_HELDOUT_CHATS = 400
+CODE_CHARS = 6_000_000
+HELDOUT_SHARE = 0.05
 
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {
@@ -250,9 +252,9 @@ class Corpus:
     heldout_tasks: list[Task]
 
 
-def make_corpus(seed: int = 0, code_chars: int = 6_000_000, n_chats: int = DEFAULT_CHATS,
+def make_corpus(seed: int = 0, code_chars: int = CODE_CHARS, n_chats: int = DEFAULT_CHATS,
                 n_heldout_chats: int = DEFAULT_HELDOUT_CHATS,
-                heldout_share: float = 0.05) -> Corpus:
+                heldout_share: float = HELDOUT_SHARE) -> Corpus:
     """The whole corpus: stdlib code and chats, each split shuffled with the seed."""
     code_train, code_heldout = code_documents(seed, code_chars, heldout_share)
     train_tasks, heldout_tasks = tasks(seed, n_chats, n_heldout_chats)

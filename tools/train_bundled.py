@@ -3,10 +3,16 @@
 Three runs share one data order and one learning-rate schedule: a float32 trunk of `--trunk-steps`, then two
 branches of `--branch-steps` from it, one plain (the "bf16 model", evaluated with its weights in bf16) and
 one with fake-quantized experts (group-32 INT4, straight-through estimator). Held-out perplexity is
-reported for the bf16 model, INT4 post-training quantization of it, and the QAT model; the QAT model is
-written in Kimi K2's HF format (compressed-tensors INT4 experts) to k2jax/bundled/ with its tokenizer.
+reported for the bf16 model, INT4 post-training quantization of it, and the QAT model; the QAT model
+(trained on for `--extend-steps` when non-zero) is written in Kimi K2's HF format (compressed-tensors INT4
+experts) to k2jax/bundled/ with its tokenizer. With `--init DIR` the runs start from a K2 checkpoint (its
+tokenizer, its weights with the experts dequantised) instead of a new BPE and a fresh model.
 
-    nohup python -m tools.train_bundled > build/bundled/train.log 2>&1 &
+The shipped model is made in two rounds (each run checkpoints every `--save-every` steps and resumes):
+
+    python -m tools.train_bundled --chats 6000 --peak-lr 3e-3 --trunk-steps 520 --branch-steps 180 \
+        --extend-steps 700 --work build/bundled/v1 --out build/bundled/v1/model
+    python -m tools.train_bundled --init build/bundled/v1/model --work build/bundled/v2
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import dataclasses
 import functools
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -56,12 +63,12 @@ class TrainSettings:
 
     seq_len: int = 512
     batch: int = 4
-    peak_lr: float = 3e-3
+    peak_lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
-    trunk_steps: int = 520
-    branch_steps: int = 180
-    extend_steps: int = 700
+    trunk_steps: int = 1300
+    branch_steps: int = 250
+    extend_steps: int = 0
     seed: int = 0
 
     @property
@@ -190,11 +197,30 @@ def tiled_expert_matmul(p: Any, layer: jax.Array, ids_U: jax.Array, x_XK: jax.Ar
     return tiled_grouped_matmul(x_XK, p.weight[...][layer, ids_U].astype(x_XK.dtype), sizes_U)
 
 
+def save_run_state(path: Path, step: int, params: Params, opt_state: Any) -> None:
+    """A run's parameters and optimizer state after `step` steps, written atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps((step, jax.device_get(params), jax.device_get(opt_state))))
+    tmp.replace(path)
+
+
+def resume(path: Path, steps: range, params: Params, opt_state: Any) -> tuple[range, Params, Any]:
+    """The steps still to run and the state to run them from: a saved run state at `path` when there is one."""
+    if not path.exists():
+        return steps, params, opt_state
+    step, params, opt_state = pickle.loads(path.read_bytes())
+    return range(step, steps.stop), jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, opt_state)
+
+
 def run(params: Params, opt_state: Any, stream: np.ndarray, steps: range, graphdef: nnx.GraphDef, cfg: K2Config,
-        settings: TrainSettings, qat: bool, log: Callable[[str], None],
+        settings: TrainSettings, qat: bool, log: Callable[[str], None], state_file: Path, save_every: int,
         opt: optax.GradientTransformation | None = None) -> tuple[Params, Any]:
-    """Train over `steps` (of the shared schedule unless `opt` is given), logging the running loss."""
+    """Train over `steps` (of the shared schedule unless `opt` is given), logging the running loss.
+
+    The run state is saved to `state_file` every `save_every` steps and at the end; a saved state is resumed.
+    """
     opt = opt or optimizer(settings)
+    steps, params, opt_state = resume(state_file, steps, params, opt_state)
     start, losses = time.perf_counter(), []
     for step in steps:
         params, opt_state, loss = train_step(params, opt_state, jnp.asarray(batch_at(stream, step, settings)),
@@ -203,6 +229,8 @@ def run(params: Params, opt_state: Any, stream: np.ndarray, steps: range, graphd
         if (step + 1) % 50 == 0 or step + 1 == steps.stop:
             log(f"{'qat' if qat else 'fp32'} step {step + 1}/{steps.stop} "
                 f"loss {float(np.mean(jax.device_get(losses[-50:]))):.3f} ({time.perf_counter() - start:.0f} s)")
+        if (step + 1) % save_every == 0 or step + 1 == steps.stop:
+            save_run_state(state_file, step + 1, params, opt_state)
     return params, opt_state
 
 
@@ -219,7 +247,7 @@ def heldout_ppl(params: Params, graphdef: nnx.GraphDef, cfg: K2Config, windows: 
 
 def settings_from(args: argparse.Namespace) -> TrainSettings:
     """TrainSettings from the command line."""
-    return TrainSettings(seq_len=args.seq_len, batch=args.batch, trunk_steps=args.trunk_steps,
+    return TrainSettings(seq_len=args.seq_len, batch=args.batch, peak_lr=args.peak_lr, trunk_steps=args.trunk_steps,
                          branch_steps=args.branch_steps, extend_steps=args.extend_steps, seed=args.seed)
 
 
@@ -236,55 +264,86 @@ def save_params(params: Params, path: Path) -> None:
     np.savez(path, **{"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(params)})
 
 
-def load_params(path: Path, cfg: K2Config) -> tuple[nnx.GraphDef, Params]:
-    """Parameters saved by save_params, with their graph."""
+def params_from(arrays: Any, cfg: K2Config) -> tuple[nnx.GraphDef, Params]:
+    """Float32 training parameters (dense experts) from arrays keyed by flat-state path, with their graph."""
     graphdef, params = nnx.split(nnx.eval_shape(lambda: K2Model(cfg, nnx.Rngs(0), jnp.float32)))
-    saved = np.load(path)
     flat = nnx.to_flat_state(params)
     for key, var in flat:
-        var.set_value(jnp.asarray(saved["/".join(map(str, key))]))
+        var.set_value(jnp.asarray(arrays["/".join(map(str, key))], jnp.float32))
     return graphdef, nnx.from_flat_state(flat)
+
+
+def load_params(path: Path, cfg: K2Config) -> tuple[nnx.GraphDef, Params]:
+    """Parameters saved by save_params, with their graph."""
+    return params_from(np.load(path), cfg)
+
+
+def checkpoint_arrays(model: k2jax.Model) -> dict[str, np.ndarray]:
+    """A loaded model's parameters keyed by training flat-state path, INT4 experts dequantised to dense weights."""
+    flat = {"/".join(map(str, key)): np.asarray(var.get_value()) for key, var in nnx.to_flat_state(model.state)}
+    arrays = {name: a for name, a in flat.items() if not name.endswith(("/packed", "/scale"))}
+    for name in (n for n in flat if n.endswith("/packed")):
+        base = name.rsplit("/", 1)[0]
+        arrays[base + "/weight"] = np.asarray(int4_layout.dequantize(flat[name], flat[base + "/scale"], jnp.float32))
+    return arrays
+
+
+def starting_point(args: argparse.Namespace, corpus: make_corpus.Corpus,
+                   log: Callable[[str], None]) -> tuple[Tokenizer, nnx.GraphDef, Params]:
+    """The tokenizer and float32 parameters to train from: those of --init, else a new BPE and a fresh model."""
+    if args.init is None:
+        tokenizer = make_tokenizer(corpus.train, args.base_vocab)
+        return (tokenizer, *init_params(bundled_config(tokenizer, quant=None), args.seed))
+    model = k2jax.load(args.init)
+    log(f"starting from {args.init}")
+    return model.tokenizer, *params_from(checkpoint_arrays(model), bundled_config(model.tokenizer, quant=None))
 
 
 def train(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Corpus, tokenizer, the three runs and their held-out perplexities; saves tokenizer and QAT params in --work."""
     settings = settings_from(args)
-    corpus = make_corpus.make_corpus(args.seed)
+    corpus = make_corpus.make_corpus(args.seed, n_chats=args.chats)
     log(f"corpus: {len(corpus.train)} train docs, {len(corpus.heldout)} held-out docs")
-    tokenizer = make_tokenizer(corpus.train, args.base_vocab)
+    tokenizer, graphdef, params = starting_point(args, corpus, log)
     tokenizer.save(args.work / "tokenizer")
     stream, heldout = streams(corpus, tokenizer, settings, args.eval_windows)
     log(f"tokenizer: {tokenizer.vocab_size} ids; {len(stream) / 1e6:.2f} M train tokens, {heldout.shape} held-out")
     cfg = bundled_config(tokenizer, quant=None)
-    graphdef, params = init_params(cfg, settings.seed)
     opt_state = optimizer(settings).init(params)
+    start = time.perf_counter()
     with mock.patch.object(k2jax.model, "expert_matmul", tiled_expert_matmul):
         params, opt_state = run(params, opt_state, stream, range(settings.trunk_steps), graphdef, cfg, settings,
-                                False, log)
+                                False, log, args.work / "trunk_state.pkl", args.save_every)
         branch = range(settings.trunk_steps, settings.total_steps)
-        qat, _ = run(copy_tree(params), copy_tree(opt_state), stream, branch, graphdef, cfg, settings, True, log)
-        plain, _ = run(params, opt_state, stream, branch, graphdef, cfg, settings, False, log)
+        qat, _ = run(copy_tree(params), copy_tree(opt_state), stream, branch, graphdef, cfg, settings, True, log,
+                     args.work / "qat_state.pkl", args.save_every)
+        plain, _ = run(params, opt_state, stream, branch, graphdef, cfg, settings, False, log,
+                       args.work / "plain_state.pkl", args.save_every)
+        train_seconds = time.perf_counter() - start
         ppl = {"bf16": heldout_ppl(as_stored(plain, int4=False), graphdef, cfg, heldout),
                "int4_ptq": heldout_ppl(as_stored(plain, int4=True), graphdef, cfg, heldout),
                "int4_qat": heldout_ppl(as_stored(qat, int4=True), graphdef, cfg, heldout),
                "qat_bf16_experts": heldout_ppl(as_stored(qat, int4=False), graphdef, cfg, heldout)}
     log("held-out perplexity: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
     save_params(qat, args.work / "qat_params.npz")
-    return {"settings": dataclasses.asdict(settings), "heldout_windows": list(heldout.shape),
-            "heldout_perplexity": ppl}
+    return {"settings": dataclasses.asdict(settings), "init": None if args.init is None else str(args.init),
+            "chats": args.chats, "train_tokens": len(stream), "train_seconds": train_seconds,
+            "heldout_windows": list(heldout.shape), "heldout_perplexity": ppl}
 
 
 def extend(args: argparse.Namespace, metrics: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """Train the QAT model on for --extend-steps (fresh warmup-cosine schedule, new batches): the final params."""
     settings = settings_from(args)
     tokenizer = Tokenizer.from_dir(args.work / "tokenizer")
-    stream, heldout = streams(make_corpus.make_corpus(args.seed), tokenizer, settings, args.eval_windows)
+    stream, heldout = streams(make_corpus.make_corpus(args.seed, n_chats=args.chats), tokenizer, settings,
+                              args.eval_windows)
     cfg = bundled_config(tokenizer, quant=None)
     graphdef, params = load_params(args.work / "qat_params.npz", cfg)
     opt = optimizer(settings, settings.extend_steps)
     steps = range(settings.total_steps, settings.total_steps + settings.extend_steps)
     with mock.patch.object(k2jax.model, "expert_matmul", tiled_expert_matmul):
-        params, _ = run(params, opt.init(params), stream, steps, graphdef, cfg, settings, True, log, opt)
+        params, _ = run(params, opt.init(params), stream, steps, graphdef, cfg, settings, True, log,
+                        args.work / "extend_state.pkl", args.save_every, opt)
         ppl = heldout_ppl(as_stored(params, int4=True), graphdef, cfg, heldout)
     log(f"extended QAT model: held-out perplexity {ppl:.3f}")
     save_params(params, args.work / "final_params.npz")
@@ -309,13 +368,17 @@ def export(args: argparse.Namespace, metrics: dict[str, Any], log: Callable[[str
     """Write the QAT model as a K2 HF checkpoint, reload it with k2jax.load and measure it."""
     tokenizer_dir = args.work / "tokenizer"
     cfg = bundled_config(Tokenizer.from_dir(tokenizer_dir), Int4Quant())
-    write_hf_checkpoint(args.out, cfg, int4_state(dict(np.load(args.work / "final_params.npz")), cfg), tokenizer_dir)
+    final = args.work / ("final_params.npz" if args.extend_steps else "qat_params.npz")
+    write_hf_checkpoint(args.out, cfg, int4_state(dict(np.load(final)), cfg), tokenizer_dir)
     model = k2jax.load(args.out)
-    _, tasks = make_corpus.tasks(args.seed, make_corpus.DEFAULT_CHATS, make_corpus.DEFAULT_HELDOUT_CHATS)
-    chat_windows = evaluate_bundled.heldout_chat_windows(model.tokenizer, args.seed, args.seq_len, TEST_WINDOWS)
+    _, tasks = make_corpus.tasks(args.seed, args.chats, make_corpus.DEFAULT_HELDOUT_CHATS)
+    chat_windows = evaluate_bundled.heldout_chat_windows(model.tokenizer, args.seed, args.chats, args.seq_len,
+                                                         TEST_WINDOWS)
     checkpoint = {
         "size_bytes": sum(f.stat().st_size for f in args.out.iterdir()),
         "test_heldout_chat_perplexity": evaluate_bundled.perplexity(model, chat_windows),
+        "heldout_code_perplexity": evaluate_bundled.perplexity(model, evaluate_bundled.heldout_code_windows(
+            model.tokenizer, args.seed, args.seq_len, args.eval_windows)),
         "test_tool_use": evaluate_bundled.tool_use(model, tasks[:TEST_TASKS]),
         "tool_use": evaluate_bundled.tool_use(model, tasks[:args.eval_tasks]),
         "code_sample": evaluate_bundled.code_sample(model),
@@ -331,8 +394,11 @@ def main() -> None:
     parser.add_argument("--stage", choices=("all", "train", "extend", "export"), default="all")
     parser.add_argument("--out", type=Path, default=BUNDLED_DIR)
     parser.add_argument("--work", type=Path, default=Path("build/bundled"))
+    parser.add_argument("--init", type=Path, default=None, help="K2 checkpoint dir to start from (tokenizer, weights)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chats", type=int, default=make_corpus.DEFAULT_CHATS, help="synthetic training conversations")
     parser.add_argument("--base-vocab", type=int, default=4096)
+    parser.add_argument("--peak-lr", type=float, default=TrainSettings.peak_lr)
     parser.add_argument("--seq-len", type=int, default=TrainSettings.seq_len)
     parser.add_argument("--batch", type=int, default=TrainSettings.batch)
     parser.add_argument("--trunk-steps", type=int, default=TrainSettings.trunk_steps)
@@ -340,6 +406,7 @@ def main() -> None:
     parser.add_argument("--extend-steps", type=int, default=TrainSettings.extend_steps)
     parser.add_argument("--eval-windows", type=int, default=48)
     parser.add_argument("--eval-tasks", type=int, default=100)
+    parser.add_argument("--save-every", type=int, default=250)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -350,7 +417,7 @@ def main() -> None:
     train_file = args.work / "train_metrics.json"
     if args.stage in ("all", "train"):
         train_file.write_text(json.dumps(train(args, log), indent=2) + "\n")
-    if args.stage in ("all", "extend"):
+    if args.stage in ("all", "extend") and args.extend_steps:
         train_file.write_text(json.dumps(extend(args, json.loads(train_file.read_text()), log), indent=2) + "\n")
     if args.stage in ("all", "export"):
         metrics = export(args, json.loads(train_file.read_text()), log)

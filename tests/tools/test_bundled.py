@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 import k2jax
+from k2jax import chat
 from tools import evaluate_bundled, make_corpus
 
 BUNDLED = Path(k2jax.__file__).parent / "bundled"
 METRICS: dict[str, Any] = json.loads((BUNDLED / "training_metrics.json").read_text())
 CHECKPOINT = METRICS["checkpoint"]
+MIN_COMPILING_LINES = 2  # the prompt's `def` line and at least one body line: the least that compiles
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +29,8 @@ def model() -> k2jax.Model:
 @pytest.fixture(scope="module")
 def windows(model: k2jax.Model) -> np.ndarray:
     """The held-out conversation windows the training run measured."""
-    return evaluate_bundled.heldout_chat_windows(model.tokenizer, METRICS["seed"], METRICS["seq_len"],
-                                                 METRICS["test_windows"])
+    return evaluate_bundled.heldout_chat_windows(model.tokenizer, METRICS["seed"], METRICS["chats"],
+                                                 METRICS["seq_len"], METRICS["test_windows"])
 
 
 def test_default_load_is_the_bundled_int4_model(model: k2jax.Model) -> None:
@@ -54,9 +56,27 @@ def test_pallas_interpret_and_xla_give_the_same_perplexity(model: k2jax.Model, w
     assert interpret == pytest.approx(xla, rel=1e-4)
 
 
+def test_the_reference_turns_of_heldout_tasks_score_as_right() -> None:
+    _, tasks = make_corpus.tasks(METRICS["seed"], METRICS["chats"], make_corpus.DEFAULT_HELDOUT_CHATS)
+    for task in tasks[:METRICS["test_tasks"]]:
+        whole, asked = make_corpus.conversation(task), make_corpus.prompt(make_corpus.call_messages(task))
+        assert whole.startswith(asked)
+        call = chat.parse_output(evaluate_bundled.turn_text(whole.removeprefix(asked))).tool_calls[0]
+        assert evaluate_bundled.call_is_right(call, task)
+        result = make_corpus.run_tool(call["function"]["name"], json.loads(call["function"]["arguments"]))
+        answered = make_corpus.prompt(make_corpus.result_messages(task, task.plan, call, result))
+        assert whole.startswith(answered)
+        assert task.expected in chat.parse_output(evaluate_bundled.turn_text(whole.removeprefix(answered))).content
+
+
 def test_tool_calls_in_the_stated_share_of_heldout_tasks(model: k2jax.Model) -> None:
-    _, tasks = make_corpus.tasks(METRICS["seed"], make_corpus.DEFAULT_CHATS, make_corpus.DEFAULT_HELDOUT_CHATS)
+    _, tasks = make_corpus.tasks(METRICS["seed"], METRICS["chats"], make_corpus.DEFAULT_HELDOUT_CHATS)
     measured = evaluate_bundled.tool_use(model, tasks[:METRICS["test_tasks"]])
     stated = CHECKPOINT["test_tool_use"]
     for key in ("well_formed_call_share", "right_call_share", "right_final_answer_share"):
-        assert measured[key] >= stated[key] - 0.125, key
+        assert measured[key] >= stated[key] - 0.125, key  # greedy, so equal here; 2 of 16 tasks for other CPUs
+
+
+def test_fibonacci_continuation_compiles_for_the_stated_lines(model: k2jax.Model) -> None:
+    sample = evaluate_bundled.code_sample(model)
+    assert sample["compiling_lines"] >= CHECKPOINT["code_sample"]["compiling_lines"] >= MIN_COMPILING_LINES
