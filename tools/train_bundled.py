@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import math
-import pickle
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -192,24 +191,31 @@ def tiled_grouped_matmul(x_XK: jax.Array, w_EKN: jax.Array, group_sizes_E: jax.A
     return y_TtN.reshape(n_tiles * tile, -1)[dest_X].astype(x_XK.dtype)
 
 
-def tiled_expert_matmul(p: Any, layer: jax.Array, ids_U: jax.Array, x_XK: jax.Array, sizes_U: jax.Array) -> jax.Array:
+def tiled_expert_matmul(p: Any, layer: jax.Array, x_XK: jax.Array, sizes_E: jax.Array) -> jax.Array:
     """Drop-in for k2jax.model.expert_matmul on dense experts, used only while tracing training programs."""
-    return tiled_grouped_matmul(x_XK, p.weight[...][layer, ids_U].astype(x_XK.dtype), sizes_U)
+    return tiled_grouped_matmul(x_XK, p.weight[...][layer].astype(x_XK.dtype), sizes_E)
 
 
 def save_run_state(path: Path, step: int, params: Params, opt_state: Any) -> None:
-    """A run's parameters and optimizer state after `step` steps, written atomically."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(pickle.dumps((step, jax.device_get(params), jax.device_get(opt_state))))
+    """A run's parameters and optimizer state after `step` steps as plain arrays (.npz), written atomically."""
+    tmp = path.with_suffix(".tmp.npz")
+    leaves = jax.tree.leaves((params, opt_state))
+    np.savez(tmp, step=step, **{f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
     tmp.replace(path)
 
 
 def resume(path: Path, steps: range, params: Params, opt_state: Any) -> tuple[range, Params, Any]:
-    """The steps still to run and the state to run them from: a saved run state at `path` when there is one."""
+    """The steps still to run and the state to run them from: a saved run state at `path` when there is one.
+
+    The arrays fill the structure of the given (params, opt_state), which the same run rebuilds identically.
+    """
     if not path.exists():
         return steps, params, opt_state
-    step, params, opt_state = pickle.loads(path.read_bytes())
-    return range(step, steps.stop), jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, opt_state)
+    saved = np.load(path, allow_pickle=False)
+    treedef = jax.tree.structure((params, opt_state))
+    leaves = [jnp.asarray(saved[f"leaf_{i}"]) for i in range(treedef.num_leaves)]
+    params, opt_state = jax.tree.unflatten(treedef, leaves)
+    return range(int(saved["step"]), steps.stop), params, opt_state
 
 
 def run(params: Params, opt_state: Any, stream: np.ndarray, steps: range, graphdef: nnx.GraphDef, cfg: K2Config,
@@ -313,12 +319,12 @@ def train(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any
     start = time.perf_counter()
     with mock.patch.object(k2jax.model, "expert_matmul", tiled_expert_matmul):
         params, opt_state = run(params, opt_state, stream, range(settings.trunk_steps), graphdef, cfg, settings,
-                                False, log, args.work / "trunk_state.pkl", args.save_every)
+                                False, log, args.work / "trunk_state.npz", args.save_every)
         branch = range(settings.trunk_steps, settings.total_steps)
         qat, _ = run(copy_tree(params), copy_tree(opt_state), stream, branch, graphdef, cfg, settings, True, log,
-                     args.work / "qat_state.pkl", args.save_every)
+                     args.work / "qat_state.npz", args.save_every)
         plain, _ = run(params, opt_state, stream, branch, graphdef, cfg, settings, False, log,
-                       args.work / "plain_state.pkl", args.save_every)
+                       args.work / "plain_state.npz", args.save_every)
         train_seconds = time.perf_counter() - start
         ppl = {"bf16": heldout_ppl(as_stored(plain, int4=False), graphdef, cfg, heldout),
                "int4_ptq": heldout_ppl(as_stored(plain, int4=True), graphdef, cfg, heldout),
@@ -343,7 +349,7 @@ def extend(args: argparse.Namespace, metrics: dict[str, Any], log: Callable[[str
     steps = range(settings.total_steps, settings.total_steps + settings.extend_steps)
     with mock.patch.object(k2jax.model, "expert_matmul", tiled_expert_matmul):
         params, _ = run(params, opt.init(params), stream, steps, graphdef, cfg, settings, True, log,
-                        args.work / "extend_state.pkl", args.save_every, opt)
+                        args.work / "extend_state.npz", args.save_every, opt)
         ppl = heldout_ppl(as_stored(params, int4=True), graphdef, cfg, heldout)
     log(f"extended QAT model: held-out perplexity {ppl:.3f}")
     save_params(params, args.work / "final_params.npz")

@@ -19,9 +19,12 @@ SHAPES = [(8, 64, 256, 128), (64, 16, 128, 256), (300, 4, 64, 96), (37, 5, 96, 4
 
 
 def _sizes(rng: np.random.Generator, m: int, e: int) -> jnp.ndarray:
-    """Random group sizes over e experts summing to m or a little less (trailing rows belong to no group)."""
+    """Random group sizes over e experts summing to m or a little less (trailing rows belong to no group).
+
+    One expert other than the largest gets no rows, so there is an empty group and never only empty ones.
+    """
     sizes = rng.multinomial(m - int(rng.integers(0, 3)), rng.dirichlet(np.ones(e))).astype(np.int32)
-    sizes[rng.integers(0, e)] = 0
+    sizes[rng.choice([g for g in range(e) if g != sizes.argmax()])] = 0
     return jnp.asarray(sizes)
 
 
