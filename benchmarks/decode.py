@@ -73,11 +73,12 @@ def step_bytes(cfg: K2Config, context: int, itemsize: int = 4) -> int:
 
 def k2jax_decode(model, prompts: list[list[int]], new_tokens: int, kernels: str = "") -> tuple[float, float]:
     """(decode tokens/s, seconds per step) after a warm-up run of the same shapes, with K2JAX_KERNELS=kernels."""
+    before = os.environ.get("K2JAX_KERNELS", "")
     os.environ["K2JAX_KERNELS"] = kernels
     jax.clear_caches()  # the kernel choice is made at trace time
     model.generate(prompts, max_new_tokens=new_tokens)
     out = model.generate(prompts, max_new_tokens=new_tokens)
-    os.environ["K2JAX_KERNELS"] = ""
+    os.environ["K2JAX_KERNELS"] = before
     rate = out.stats["decode_tokens_per_s"]
     return rate, len(prompts) / rate
 

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -34,25 +35,17 @@ inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
-// One expert's dense matrix [K, N] in f32: rows are read in place.
-struct DenseF32 {
-  const float* w;
-  int64_t k, n;
-  static constexpr int kRowsPerStep = 1;
-  int64_t steps() const { return k; }
-  int64_t k_of(int64_t step, int) const { return step; }
-  const float* row(int64_t step, int, int64_t c0, int64_t, float*) const { return w + step * n + c0; }
-};
-
-// One expert's dense matrix [K, N] in bf16: each row chunk is widened into a buffer.
-struct DenseBF16 {
-  const uint16_t* w;
+// One expert's dense matrix [K, N] in f32 (rows read in place) or bf16 (each row chunk widened into a buffer).
+template <typename T>
+struct Dense {
+  const T* w;
   int64_t k, n;
   static constexpr int kRowsPerStep = 1;
   int64_t steps() const { return k; }
   int64_t k_of(int64_t step, int) const { return step; }
   const float* row(int64_t step, int, int64_t c0, int64_t width, float* buf) const {
-    const uint16_t* src = w + step * n + c0;
+    const T* src = w + step * n + c0;
+    if constexpr (std::is_same_v<T, float>) return src;
     for (int64_t c = 0; c < width; ++c) buf[c] = bf16_to_f32(src[c]);
     return buf;
   }
@@ -179,7 +172,8 @@ void parallel_units(ffi::ThreadPool& pool, int64_t units, F fn) {
   shared->done.wait(lock, [&] { return shared->finished.load() == shared->chunks; });
 }
 
-// The shared driver: per column range, every non-empty group in order; rows past the groups are zero.
+// The shared driver: every non-empty group times its matrix, split over groups (many) or columns (few);
+// rows past the groups are zero.
 template <typename MakeW>
 ffi::Error grouped(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
                    ffi::Buffer<ffi::S32> sizes, int64_t n_layers, int64_t n, MakeW make_w,
@@ -228,12 +222,12 @@ ffi::Error DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuff
   if (w.element_type() == ffi::F32) {
     const float* base = w.typed_data<float>();
     return grouped(pool, x, layer, sizes, dims[0], n,
-                   [&](int64_t i) { return DenseF32{base + i * k * n, k, n}; }, y);
+                   [&](int64_t i) { return Dense<float>{base + i * k * n, k, n}; }, y);
   }
   if (w.element_type() == ffi::BF16) {
     const uint16_t* base = reinterpret_cast<const uint16_t*>(w.untyped_data());
     return grouped(pool, x, layer, sizes, dims[0], n,
-                   [&](int64_t i) { return DenseBF16{base + i * k * n, k, n}; }, y);
+                   [&](int64_t i) { return Dense<uint16_t>{base + i * k * n, k, n}; }, y);
   }
   return ffi::Error::InvalidArgument("dense weights must be float32 or bfloat16");
 }
