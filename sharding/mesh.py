@@ -48,13 +48,20 @@ def mesh_from_devices(devices: Sequence[Any], spec: str) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), names, axis_types=(AxisType.Auto,) * len(names))
 
 
+def spec_devices(spec: str, devices: Sequence[Any], n_processes: int) -> Sequence[Any]:
+    """The devices a spec runs on: the first ones it counts in a one-process job (as vLLM's
+    tensor_parallel_size takes the first GPUs); every device of a multi-process job, which must all take part."""
+    size = math.prod(parse_spec(spec).values())
+    return devices[:size] if n_processes == 1 and size < len(devices) else devices
+
+
 def make_mesh(mesh: Mesh | str | None, n_experts: int | None = None) -> Mesh:
     """A Mesh from a Mesh, a spec, "auto", or None (= "auto") over all devices of every process."""
     if isinstance(mesh, Mesh):
         return mesh
     devices = jax.devices()
     spec = auto_spec(len(devices), n_experts) if mesh in (None, "auto") else mesh
-    return mesh_from_devices(devices, spec)
+    return mesh_from_devices(spec_devices(spec, devices, jax.process_count()), spec)
 
 
 def mesh_of(tree: Any) -> Mesh | None:

@@ -22,6 +22,7 @@ from k2jax import chat
 
 CALL_ID = "functions.{name}:0"
 DEFAULT_CHATS = 8_000
+DEFAULT_ECHOES = 0
 DEFAULT_HELDOUT_CHATS = 400
 CODE_CHARS = 6_000_000
 HELDOUT_SHARE = 0.05
@@ -68,6 +69,12 @@ QUESTIONS = {
     "lookup_capital": ["What is the capital of {country}?", "Which city is the capital of {country}?",
                        "Tell me the capital of {country}.", "Name the capital city of {country}."],
 }
+
+
+ECHO_REQUESTS = ["Repeat exactly: {text}", "Please say back, word for word: {text}", "Echo this: {text}",
+                 "Copy the following text verbatim. {text}"]
+ECHO_WORDS = sorted({*UNIT_NAMES, *UNIT_NAMES.values(), *CAPITALS, *CAPITALS.values(), *OPS,
+                     *(word for word, _ in OPS.values())})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +153,29 @@ def capital_task(rng: random.Random) -> Task:
     return Task(rng.choice(QUESTIONS["lookup_capital"]).format(country=country), "lookup_capital",
                 {"country": country}, f"The user asks for the capital of {country}. I will look it up.",
                 CAPITALS[country], CAPITALS[country], f"The capital of {country} is {CAPITALS[country]}.")
+
+
+def echo_item(rng: random.Random) -> str:
+    """One item of an echo drill: a number as the tasks write them, or a unit, country, city or operator."""
+    kind = rng.random()
+    if kind < 0.5:
+        return str(rng.randint(0, 9999))
+    if kind < 0.65:
+        return format_number(rng.randint(10, 50000) / 10)
+    return rng.choice(ECHO_WORDS)
+
+
+def echo_drill(rng: random.Random) -> str:
+    """A copy drill in the chat format: the user gives random items, the assistant repeats them verbatim.
+
+    The tasks' arguments and answers are all copied from earlier in the conversation; these drills give
+    that skill a dense training signal (every answer token is a copy), which the tool chats alone do not.
+    """
+    text = " ".join(echo_item(rng) for _ in range(rng.randint(3, 16)))
+    tools = TOOLS if rng.random() < 0.1 else None
+    asked = chat.render([{"role": "user", "content": rng.choice(ECHO_REQUESTS).format(text=text)}], tools,
+                        add_generation_prompt=True, template=chat.bundled_template())
+    return f"{asked}{chat.THINK_BEGIN}The user wants the text repeated exactly.{chat.THINK_END}{text}{chat.IM_END}"
 
 
 TASK_MAKERS = (arithmetic_task, conversion_task, capital_task)
@@ -253,12 +283,13 @@ class Corpus:
 
 
 def make_corpus(seed: int = 0, code_chars: int = CODE_CHARS, n_chats: int = DEFAULT_CHATS,
-                n_heldout_chats: int = DEFAULT_HELDOUT_CHATS,
-                heldout_share: float = HELDOUT_SHARE) -> Corpus:
-    """The whole corpus: stdlib code and chats, each split shuffled with the seed."""
+                n_heldout_chats: int = DEFAULT_HELDOUT_CHATS, heldout_share: float = HELDOUT_SHARE,
+                n_echoes: int = DEFAULT_ECHOES) -> Corpus:
+    """The whole corpus: stdlib code, tool chats and `n_echoes` echo drills (training only), each split shuffled."""
     code_train, code_heldout = code_documents(seed, code_chars, heldout_share)
     train_tasks, heldout_tasks = tasks(seed, n_chats, n_heldout_chats)
-    train = code_train + [conversation(t) for t in train_tasks]
+    echo_rng = random.Random(seed + 2_000_003)
+    train = code_train + [conversation(t) for t in train_tasks] + [echo_drill(echo_rng) for _ in range(n_echoes)]
     heldout = code_heldout + [conversation(t) for t in heldout_tasks]
     rng = random.Random(seed)
     rng.shuffle(train)

@@ -8,11 +8,14 @@ reported for the bf16 model, INT4 post-training quantization of it, and the QAT 
 experts) to k2jax/bundled/ with its tokenizer. With `--init DIR` the runs start from a K2 checkpoint (its
 tokenizer, its weights with the experts dequantised) instead of a new BPE and a fresh model.
 
-The shipped model is made in two rounds (each run checkpoints every `--save-every` steps and resumes):
+The shipped model is made in three rounds (each run checkpoints every `--save-every` steps and resumes); the
+third adds echo drills (copy tasks in the chat format, see make_corpus.echo_drill) and less code:
 
     python -m tools.train_bundled --chats 6000 --peak-lr 3e-3 --trunk-steps 520 --branch-steps 180 \
         --extend-steps 700 --work build/bundled/v1 --out build/bundled/v1/model
-    python -m tools.train_bundled --init build/bundled/v1/model --work build/bundled/v2
+    python -m tools.train_bundled --init build/bundled/v1/model --work build/bundled/v2 --out build/bundled/v2/model
+    python -m tools.train_bundled --init build/bundled/v2/model --work build/bundled/v3 --echoes 60000 \
+        --code-chars 1500000 --seq-len 384 --batch 6 --trunk-steps 2200 --branch-steps 150 --peak-lr 3e-3
 """
 
 from __future__ import annotations
@@ -305,10 +308,15 @@ def starting_point(args: argparse.Namespace, corpus: make_corpus.Corpus,
     return model.tokenizer, *params_from(checkpoint_arrays(model), bundled_config(model.tokenizer, quant=None))
 
 
+def corpus_of(args: argparse.Namespace) -> make_corpus.Corpus:
+    """The corpus the command line asks for."""
+    return make_corpus.make_corpus(args.seed, code_chars=args.code_chars, n_chats=args.chats, n_echoes=args.echoes)
+
+
 def train(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Corpus, tokenizer, the three runs and their held-out perplexities; saves tokenizer and QAT params in --work."""
     settings = settings_from(args)
-    corpus = make_corpus.make_corpus(args.seed, n_chats=args.chats)
+    corpus = corpus_of(args)
     log(f"corpus: {len(corpus.train)} train docs, {len(corpus.heldout)} held-out docs")
     tokenizer, graphdef, params = starting_point(args, corpus, log)
     tokenizer.save(args.work / "tokenizer")
@@ -333,7 +341,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any
     log("held-out perplexity: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
     save_params(qat, args.work / "qat_params.npz")
     return {"settings": dataclasses.asdict(settings), "init": None if args.init is None else str(args.init),
-            "chats": args.chats, "train_tokens": len(stream), "train_seconds": train_seconds,
+            "chats": args.chats, "echoes": args.echoes, "code_chars": args.code_chars, "train_tokens": len(stream), "train_seconds": train_seconds,
             "heldout_windows": list(heldout.shape), "heldout_perplexity": ppl}
 
 
@@ -341,8 +349,7 @@ def extend(args: argparse.Namespace, metrics: dict[str, Any], log: Callable[[str
     """Train the QAT model on for --extend-steps (fresh warmup-cosine schedule, new batches): the final params."""
     settings = settings_from(args)
     tokenizer = Tokenizer.from_dir(args.work / "tokenizer")
-    stream, heldout = streams(make_corpus.make_corpus(args.seed, n_chats=args.chats), tokenizer, settings,
-                              args.eval_windows)
+    stream, heldout = streams(corpus_of(args), tokenizer, settings, args.eval_windows)
     cfg = bundled_config(tokenizer, quant=None)
     graphdef, params = load_params(args.work / "qat_params.npz", cfg)
     opt = optimizer(settings, settings.extend_steps)
@@ -403,6 +410,8 @@ def main() -> None:
     parser.add_argument("--init", type=Path, default=None, help="K2 checkpoint dir to start from (tokenizer, weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chats", type=int, default=make_corpus.DEFAULT_CHATS, help="synthetic training conversations")
+    parser.add_argument("--echoes", type=int, default=make_corpus.DEFAULT_ECHOES, help="echo (copy) drills")
+    parser.add_argument("--code-chars", type=int, default=make_corpus.CODE_CHARS, help="stdlib source budget")
     parser.add_argument("--base-vocab", type=int, default=4096)
     parser.add_argument("--peak-lr", type=float, default=TrainSettings.peak_lr)
     parser.add_argument("--seq-len", type=int, default=TrainSettings.seq_len)

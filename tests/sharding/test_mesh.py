@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from sharding.mesh import auto_spec, broadcast_from_process0, initialize, make_mesh, parse_spec
+from sharding.mesh import auto_spec, broadcast_from_process0, initialize, make_mesh, parse_spec, spec_devices
 from sharding.rules import partition_spec
 
 MESH = SimpleNamespace(axis_names=("data", "expert", "tensor"), shape={"data": 2, "expert": 4, "tensor": 2})
@@ -28,6 +28,14 @@ def test_spec_orders_axes_and_counts_devices():
     assert make_mesh(None).shape == {"expert": 1}
     with pytest.raises(ValueError, match="needs 2 devices"):
         make_mesh("data=2")
+
+
+def test_a_smaller_spec_takes_the_first_devices_of_one_process_only():
+    devices = list(range(8))
+    assert spec_devices("expert=2,tensor=2", devices, n_processes=1) == [0, 1, 2, 3]
+    assert spec_devices("expert=8", devices, n_processes=1) == devices
+    assert spec_devices("expert=2", devices, n_processes=2) == devices  # mesh_from_devices then names the mismatch
+    assert spec_devices("expert=16", devices, n_processes=1) == devices
 
 
 def test_rules_on_a_three_axis_mesh():
