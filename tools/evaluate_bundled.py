@@ -5,7 +5,11 @@ Used by tools/train_bundled.py on the checkpoint it writes and by tests/tools/te
 
 from __future__ import annotations
 
+import builtins
+import io
 import json
+import keyword
+import tokenize
 from typing import Any
 
 import numpy as np
@@ -88,7 +92,24 @@ def code_sample(model: Model, max_new_tokens: int = 64) -> dict[str, Any]:
     text = model.generate([CODE_PROMPT], max_new_tokens).texts[0]
     lines = (CODE_PROMPT + text).splitlines()
     return {"prompt": CODE_PROMPT, "completion": text,
-            "compiling_lines": max((k for k in range(1, len(lines) + 1) if compiles("\n".join(lines[:k]))), default=0)}
+            "compiling_lines": max((k for k in range(1, len(lines) + 1) if compiles("\n".join(lines[:k]))), default=0),
+            "python_names": python_names(text)}
+
+
+def python_names(source: str) -> list[str]:
+    """The distinct Python keywords and builtins that `source` uses as code (not in comments or strings), in order.
+
+    Read with the tokenize module up to the first token it cannot read, so text that is Python-like but does not
+    compile still counts; prose and comments give none of these as NAME tokens outside comments.
+    """
+    known, names = set(keyword.kwlist) | set(dir(builtins)), []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.NAME and tok.string in known and tok.string not in names:
+                names.append(tok.string)
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass
+    return names
 
 
 def compiles(source: str) -> bool:

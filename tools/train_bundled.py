@@ -8,14 +8,18 @@ reported for the bf16 model, INT4 post-training quantization of it, and the QAT 
 experts) to k2jax/bundled/ with its tokenizer. With `--init DIR` the runs start from a K2 checkpoint (its
 tokenizer, its weights with the experts dequantised) instead of a new BPE and a fresh model.
 
-The shipped model is made in three rounds (each run checkpoints every `--save-every` steps and resumes); the
-third adds echo drills (copy tasks in the chat format, see make_corpus.echo_drill) and less code:
+The shipped model is made in three rounds (each run checkpoints every `--save-every` steps and resumes). The
+third adds echo drills (copy tasks in the chat format, see make_corpus.echo_drill) and less code, then extends
+the QAT model on a code-heavier mix and exports it:
 
     python -m tools.train_bundled --chats 6000 --peak-lr 3e-3 --trunk-steps 520 --branch-steps 180 \
         --extend-steps 700 --work build/bundled/v1 --out build/bundled/v1/model
     python -m tools.train_bundled --init build/bundled/v1/model --work build/bundled/v2 --out build/bundled/v2/model
-    python -m tools.train_bundled --init build/bundled/v2/model --work build/bundled/v3 --echoes 60000 \
-        --code-chars 1500000 --seq-len 384 --batch 6 --trunk-steps 2200 --branch-steps 150 --peak-lr 3e-3
+    python -m tools.train_bundled --init build/bundled/v2/model --work build/bundled/v3 --stage train \
+        --echoes 60000 --code-chars 1500000 --seq-len 384 --batch 6 --trunk-steps 2200 --branch-steps 150 --peak-lr 3e-3
+    python -m tools.train_bundled --work build/bundled/v3 --stage extend --extend-steps 300 --echoes 20000 \
+        --seq-len 384 --batch 6 --trunk-steps 2200 --branch-steps 150 --peak-lr 1e-3
+    python -m tools.train_bundled --work build/bundled/v3 --stage export --extend-steps 300 --seq-len 384
 """
 
 from __future__ import annotations
@@ -346,7 +350,10 @@ def train(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any
 
 
 def extend(args: argparse.Namespace, metrics: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    """Train the QAT model on for --extend-steps (fresh warmup-cosine schedule, new batches): the final params."""
+    """Train the QAT model on for --extend-steps (fresh warmup-cosine schedule, new batches): the final params.
+
+    The corpus is the one this command line asks for, which may differ from the train stage's.
+    """
     settings = settings_from(args)
     tokenizer = Tokenizer.from_dir(args.work / "tokenizer")
     stream, heldout = streams(corpus_of(args), tokenizer, settings, args.eval_windows)
@@ -360,7 +367,9 @@ def extend(args: argparse.Namespace, metrics: dict[str, Any], log: Callable[[str
         ppl = heldout_ppl(as_stored(params, int4=True), graphdef, cfg, heldout)
     log(f"extended QAT model: held-out perplexity {ppl:.3f}")
     save_params(params, args.work / "final_params.npz")
-    return {**metrics, "extended_qat": {"steps": settings.extend_steps, "heldout_perplexity_int4": ppl}}
+    return {**metrics, "extended_qat": {"steps": settings.extend_steps, "peak_lr": settings.peak_lr, "chats": args.chats,
+                                         "echoes": args.echoes, "code_chars": args.code_chars,
+                                         "heldout_perplexity_int4": ppl}}
 
 
 def int4_state(params: dict[str, np.ndarray], cfg: K2Config) -> nnx.State:
