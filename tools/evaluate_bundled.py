@@ -99,8 +99,8 @@ def code_sample(model: Model, max_new_tokens: int = 64) -> dict[str, Any]:
 def python_names(source: str) -> list[str]:
     """The distinct Python keywords and builtins that `source` uses as code (not in comments or strings), in order.
 
-    Read with the tokenize module up to the first token it cannot read, so text that is Python-like but does not
-    compile still counts; prose and comments give none of these as NAME tokens outside comments.
+    Read with the tokenize module up to the first token it cannot read, so Python-like text that does not compile
+    still counts; comments and strings give none. Plain prose can still hold words such as `for` or `in`.
     """
     known, names = set(keyword.kwlist) | set(dir(builtins)), []
     try:

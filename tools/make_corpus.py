@@ -173,8 +173,7 @@ def echo_drill(rng: random.Random) -> str:
     """
     text = " ".join(echo_item(rng) for _ in range(rng.randint(3, 16)))
     tools = TOOLS if rng.random() < 0.1 else None
-    asked = chat.render([{"role": "user", "content": rng.choice(ECHO_REQUESTS).format(text=text)}], tools,
-                        add_generation_prompt=True, template=chat.bundled_template())
+    asked = prompt([{"role": "user", "content": rng.choice(ECHO_REQUESTS).format(text=text)}], tools)
     return f"{asked}{chat.THINK_BEGIN}The user wants the text repeated exactly.{chat.THINK_END}{text}{chat.IM_END}"
 
 
@@ -204,9 +203,9 @@ def result_messages(task: Task, reasoning: str, call: dict[str, Any], result: st
             {"role": "tool", "tool_call_id": call["id"], "content": result}]
 
 
-def prompt(messages: list[dict[str, Any]]) -> str:
-    """The K2 Thinking prompt for `messages` with the tools declared, through the bundled chat template."""
-    return chat.render(messages, TOOLS, add_generation_prompt=True, template=chat.bundled_template())
+def prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = TOOLS) -> str:
+    """The K2 Thinking prompt for `messages` with `tools` declared, through the bundled chat template."""
+    return chat.render(messages, tools, add_generation_prompt=True, template=chat.bundled_template())
 
 
 def final_turn(task: Task) -> str:

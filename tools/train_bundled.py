@@ -317,6 +317,11 @@ def corpus_of(args: argparse.Namespace) -> make_corpus.Corpus:
     return make_corpus.make_corpus(args.seed, code_chars=args.code_chars, n_chats=args.chats, n_echoes=args.echoes)
 
 
+def corpus_settings(args: argparse.Namespace) -> dict[str, int]:
+    """The command line's corpus sizes, as the metrics record them."""
+    return {"chats": args.chats, "echoes": args.echoes, "code_chars": args.code_chars}
+
+
 def train(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Corpus, tokenizer, the three runs and their held-out perplexities; saves tokenizer and QAT params in --work."""
     settings = settings_from(args)
@@ -345,7 +350,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any
     log("held-out perplexity: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
     save_params(qat, args.work / "qat_params.npz")
     return {"settings": dataclasses.asdict(settings), "init": None if args.init is None else str(args.init),
-            "chats": args.chats, "echoes": args.echoes, "code_chars": args.code_chars, "train_tokens": len(stream), "train_seconds": train_seconds,
+            **corpus_settings(args), "train_tokens": len(stream), "train_seconds": train_seconds,
             "heldout_windows": list(heldout.shape), "heldout_perplexity": ppl}
 
 
@@ -367,9 +372,8 @@ def extend(args: argparse.Namespace, metrics: dict[str, Any], log: Callable[[str
         ppl = heldout_ppl(as_stored(params, int4=True), graphdef, cfg, heldout)
     log(f"extended QAT model: held-out perplexity {ppl:.3f}")
     save_params(params, args.work / "final_params.npz")
-    return {**metrics, "extended_qat": {"steps": settings.extend_steps, "peak_lr": settings.peak_lr, "chats": args.chats,
-                                         "echoes": args.echoes, "code_chars": args.code_chars,
-                                         "heldout_perplexity_int4": ppl}}
+    return {**metrics, "extended_qat": {"steps": settings.extend_steps, "peak_lr": settings.peak_lr,
+                                         **corpus_settings(args), "heldout_perplexity_int4": ppl}}
 
 
 def int4_state(params: dict[str, np.ndarray], cfg: K2Config) -> nnx.State:

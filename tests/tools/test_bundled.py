@@ -83,7 +83,7 @@ def test_fibonacci_continuation_is_python_for_the_stated_lines_and_names(model: 
     assert len(sample["python_names"]) >= len(stated["python_names"]) >= MIN_PYTHON_NAMES
 
 
-def test_python_names_counts_code_not_prose_or_comments() -> None:
+def test_python_names_counts_code_not_comments_or_strings() -> None:
     assert evaluate_bundled.python_names("    if not isinstance(x, int):\n        return len(x)") == [
         "if", "not", "isinstance", "int", "return", "len"]
     assert evaluate_bundled.python_names("  # if not, return it for the list\n    'while True'") == []
