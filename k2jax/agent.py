@@ -22,7 +22,6 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-import jax
 import numpy as np
 
 from k2jax import engine
@@ -436,23 +435,16 @@ def run_agent(model: Model, task: str, tools: Sequence[Callable[..., Any] | Tool
 # ---------------------------------------------------------------- prefix cache for follow-up requests
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def write_row(cache: dict[str, jax.Array], rows: dict[str, jax.Array], slot: jax.Array) -> dict[str, jax.Array]:
-    """Write rows [L, n, C] into positions 0..n-1 of one slot of the cache [L, slots, S, C]."""
-    return jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice(c, r[:, None].astype(c.dtype), (0, slot, 0, 0)),
-                        cache, rows)
-
-
 @dataclasses.dataclass(frozen=True)
 class CachedPrefix:
-    """Host copy of a sequence's cached latent rows: the tokens they encode and per-stack arrays [L, n, C]."""
+    """Host copy of a sequence's cached pages: the tokens they encode and per-stack arrays [L, pages, page_size, C]."""
 
     tokens: tuple[int, ...]
-    rows: dict[str, np.ndarray]
+    pages: dict[str, np.ndarray]
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.rows.values())
+        return sum(r.nbytes for r in self.pages.values())
 
 
 class PrefixCache:
@@ -485,8 +477,7 @@ class PrefixCache:
         if covering is not None:
             self.entries.move_to_end(covering)
             return False
-        rows = {name: np.asarray(c[:, session.slot, :n]) for name, c in session.slots.cache.items()}
-        entry = CachedPrefix(tokens, rows)
+        entry = CachedPrefix(tokens, session.slots.read(session.slot))
         if entry.nbytes > self.max_bytes:
             return False
         for key in [k for k in self.entries if tokens[:len(k)] == k]:
@@ -503,10 +494,6 @@ class PrefixCache:
         if best is None or common_prefix(best.tokens, tokens) <= here:
             return here
         self.entries.move_to_end(best.tokens)
-        slots, n = session.slots, len(best.tokens)
-        width = min(engine.bucket(n), slots.capacity)
-        padded = {k: np.pad(r, ((0, 0), (0, width - n), (0, 0))) for k, r in best.rows.items()}
-        slots.cache = write_row(slots.cache, padded, np.int32(session.slot))
-        slots.lengths[session.slot] = n
+        session.slots.write(session.slot, best.pages, len(best.tokens))
         session.held = list(best.tokens)
         return common_prefix(best.tokens, tokens)

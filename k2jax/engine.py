@@ -1,8 +1,8 @@
-"""The user-facing model: bucketed, chunked prefill and a multi-step jitted decode loop over a donated cache.
+"""The user-facing model: bucketed, chunked prefill and a multi-step jitted decode loop over a donated page pool.
 
 Prefill runs prompts in chunks of at most PREFILL_CHUNK tokens, padded to power-of-two buckets, so a long
-prompt never compiles a new program; decode runs DECODE_STEPS sampled steps per host round trip. Attention
-reads only a power-of-two bucket of the cache that covers the longest row, so short contexts stay cheap.
+prompt never compiles a new program; decode runs DECODE_STEPS sampled steps per host round trip. Page tables
+are cut to a power-of-two bucket of positions that covers the longest row, so short contexts stay cheap.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from k2jax.cache import PageAllocator, PagedCache, copy_pages, default_page_size, init_pool, make_layout
 from k2jax.config import K2Config
-from k2jax.model import forward, init_cache
+from k2jax.model import forward
 from k2jax.sampling import SamplingParams, sample, stack_params
 from sharding.mesh import mesh_of
 
@@ -60,25 +61,27 @@ def _logits(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, cfg:
     return forward(nnx.merge(graphdef, state), tokens_BT, pos_BT, None, cfg, dtype)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype", "kv_len"), donate_argnames=("cache",))
-def step(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, pos_BT: jax.Array,
-         cache: dict[str, jax.Array], cfg: K2Config, dtype: Any,
-         kv_len: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Run T new tokens per row at positions pos_BT through the model, writing their latents into the cache."""
-    return forward(nnx.merge(graphdef, state), tokens_BT, pos_BT, cache, cfg, dtype, kv_len)
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype"), donate_argnames=("cache",))
+def step(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, pos_BT: jax.Array, cache: PagedCache,
+         cfg: K2Config, dtype: Any) -> tuple[jax.Array, PagedCache]:
+    """Run T new tokens per row at positions pos_BT through the model, writing their latents into the pages."""
+    return forward(nnx.merge(graphdef, state), tokens_BT, pos_BT, cache, cfg, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype", "n_steps", "kv_len"),
-                   donate_argnames=("cache",))
-def decode(graphdef: nnx.GraphDef, state: nnx.State, tok_B: jax.Array, pos_B: jax.Array, cache: dict[str, jax.Array],
-           sampling: dict[str, jax.Array], cfg: K2Config, dtype: Any, n_steps: int,
-           kv_len: int) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """n_steps sampled decode steps on device: tokens [B, n], their log-probs [B, n], the updated cache."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype", "n_steps"), donate_argnames=("cache",))
+def decode(graphdef: nnx.GraphDef, state: nnx.State, tok_B: jax.Array, pos_B: jax.Array, live_B: jax.Array,
+           cache: PagedCache, sampling: dict[str, jax.Array], cfg: K2Config, dtype: Any,
+           n_steps: int) -> tuple[jax.Array, jax.Array, PagedCache]:
+    """n_steps sampled decode steps on device: tokens [B, n], their log-probs [B, n], the updated cache.
+
+    Rows that are not live write nothing (their kv_len is 0) and their tokens are junk.
+    """
     model = nnx.merge(graphdef, state)
 
     def body(carry, _):
         tok_B, pos_B, cache = carry
-        logits_B1V, cache = forward(model, tok_B[:, None], pos_B[:, None], cache, cfg, dtype, kv_len)
+        cache = dataclasses.replace(cache, kv_len_B=jnp.where(live_B, pos_B + 1, 0))
+        logits_B1V, cache = forward(model, tok_B[:, None], pos_B[:, None], cache, cfg, dtype)
         nxt_B, logp_B = sample(logits_B1V[:, 0], sampling, pos_B + 1)
         return (nxt_B, pos_B + 1, cache), (nxt_B, logp_B)
 
@@ -130,8 +133,9 @@ class Model:
     """
 
     def __init__(self, cfg: K2Config, graphdef: nnx.GraphDef, state: nnx.State, tokenizer: Any = None,
-                 dtype: Any = jnp.float32):
+                 dtype: Any = jnp.float32, page_size: int | None = None):
         self.config, self.graphdef, self.state = cfg, graphdef, state
+        self.page_size = page_size or default_page_size(jax.default_backend())
         self.tokenizer, self.dtype = tokenizer, dtype
         self._compiled: set[tuple] = set()
         self._compile_s = 0.0
@@ -152,9 +156,19 @@ class Model:
             return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), self.config,
                                       self.dtype))
 
-    def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
-        """An empty latent cache for `batch` sequences of up to `length` tokens, on the model's mesh."""
-        return init_cache(self.config, batch, length, self.dtype, self.mesh)
+    def paged(self, n_rows: int, tokens_per_row: int, num_pages: int | None = None
+              ) -> tuple[PageAllocator, dict[str, jax.Array]]:
+        """An empty page pool on the model's mesh for n_rows sequences of up to tokens_per_row tokens, and its
+        allocator; num_pages defaults to every row at its maximum."""
+        layout = make_layout(self.mesh, n_rows, tokens_per_row, self.page_size, num_pages)
+        return PageAllocator(layout, tokens_per_row), init_pool(self.config, layout, self.dtype, self.mesh)
+
+    def cache_view(self, pages: PageAllocator, pool: dict[str, jax.Array], rows: Sequence[int],
+                   kv_len: Sequence[int]) -> PagedCache:
+        """The cache a step over `rows` reads: their page tables cut to the position bucket covering kv_len."""
+        width = min(pages.table.shape[1], pages.layout.pages_for(bucket(int(max(kv_len)))))
+        return PagedCache(pool, jnp.asarray(pages.table[np.asarray(rows), :width]), jnp.asarray(kv_len, jnp.int32),
+                          pages.layout)
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_p: float = 0.0,
@@ -204,46 +218,54 @@ class Model:
 
     def _decode_loop(self, ids: list[list[int]], params: list[SamplingParams], n: int,
                      max_new_tokens: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Prefill the prompts once, fan each out to n rows, then yield ([rows, k] tokens, log-probs) per round."""
+        """Prefill the prompts once, fork each into n rows, then yield ([rows, k] tokens, log-probs) per round."""
         lengths = np.array([len(p) for p in ids], np.int32)
-        total = int(lengths.max()) + max_new_tokens
-        self._check_ids([t for p in ids for t in p], total)
-        capacity = min(bucket(total + DECODE_STEPS), bucket(self.config.max_position_embeddings))
-        cache, last_BV = self._prefill(ids, lengths, capacity)
-        if n > 1:
-            cache = jax.tree.map(lambda c: jnp.repeat(c, n, axis=1), cache)
-            last_BV, lengths = jnp.repeat(last_BV, n, axis=0), np.repeat(lengths, n)
+        self._check_ids([t for p in ids for t in p], int(lengths.max()) + max_new_tokens)
+        firsts = list(range(0, len(ids) * n, n))
+        pages, pool = self.paged(len(ids) * n, int(lengths.max()) + max_new_tokens + DECODE_STEPS)
+        for row, length in zip(firsts, lengths):
+            pages.reserve(row, int(length))
+        pool, last_BV = self._prefill(ids, lengths, pages, pool, firsts)
+        copies = [c for row, length in zip(firsts, lengths) for j in range(1, n) for c in pages.fork(row, row + j, length)]
+        if copies:
+            src, dst = np.array(copies, np.int32).T
+            pool = copy_pages(pool, jnp.asarray(src), jnp.asarray(dst))
+        lengths, last_BV = np.repeat(lengths, n), jnp.repeat(last_BV, n, axis=0)
+        for row, length in enumerate(lengths):
+            pages.reserve(row, int(length) + max_new_tokens + DECODE_STEPS)
         sampling = stack_params(params)
         tok_B, logp_B = _sample(last_BV, sampling, jnp.asarray(lengths))
         self._first_compile_s = self._compile_s
         yield np.asarray(tok_B)[:, None], np.asarray(logp_B)[:, None]
-        pos_B = jnp.asarray(lengths)
+        pos_B, live_B = jnp.asarray(lengths), jnp.ones(len(lengths), bool)
+        rows = range(len(lengths))
         for done in range(1, max_new_tokens, DECODE_STEPS):
-            kv_len = min(bucket(int(lengths.max()) + done + DECODE_STEPS), capacity)
-            toks, logps, cache = self._call(decode, self.graphdef, self.state, tok_B, pos_B, cache, sampling,
-                                            self.config, self.dtype, DECODE_STEPS, kv_len)
-            tok_B, pos_B = toks[:, -1], pos_B + DECODE_STEPS
+            cache = self.cache_view(pages, pool, rows, lengths + done + DECODE_STEPS)
+            toks, logps, cache = self._call(decode, self.graphdef, self.state, tok_B, pos_B, live_B, cache, sampling,
+                                            self.config, self.dtype, DECODE_STEPS)
+            pool, tok_B, pos_B = cache.pool, toks[:, -1], pos_B + DECODE_STEPS
             yield np.asarray(toks), np.asarray(logps)
 
-    def _prefill(self, ids: list[list[int]], lengths: np.ndarray, capacity: int) -> tuple[dict, jax.Array]:
-        """Chunked prefill of right-padded prompts; returns the cache and each row's last-position logits."""
+    def _prefill(self, ids: list[list[int]], lengths: np.ndarray, pages: PageAllocator, pool: dict[str, jax.Array],
+                 rows: Sequence[int]) -> tuple[dict[str, jax.Array], jax.Array]:
+        """Chunked prefill of right-padded prompts into `rows`; returns the pool and each row's last-position logits."""
         B, T = len(ids), int(lengths.max())
         chunk = min(bucket(T), PREFILL_CHUNK)
         tokens = np.zeros((B, -(-T // chunk) * chunk), np.int32)
         for b, p in enumerate(ids):
             tokens[b, : len(p)] = p
-        cache = self.init_cache(B, capacity)
         last_BV = jnp.zeros((B, self.config.vocab_size), jnp.float32)
         for start in range(0, T, chunk):
             pos = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (B, chunk))
+            cache = self.cache_view(pages, pool, rows, np.minimum(lengths, start + chunk))
             logits_BTV, cache = self._call(step, self.graphdef, self.state, jnp.asarray(tokens[:, start:start + chunk]),
-                                           jnp.asarray(pos), cache, self.config, self.dtype,
-                                           min(bucket(start + chunk), capacity))
+                                           jnp.asarray(pos), cache, self.config, self.dtype)
+            pool = cache.pool
             idx = lengths - 1 - start
             here = jnp.asarray((idx >= 0) & (idx < chunk))
             last_BV = jnp.where(here[:, None], logits_BTV[jnp.arange(B), jnp.asarray(np.clip(idx, 0, chunk - 1))],
                                 last_BV)
-        return cache, last_BV
+        return pool, last_BV
 
     def _call(self, fn: Callable, *args: Any) -> Any:
         """Call a jitted entry point; the first call of each shape is timed (blocking) as compile time."""

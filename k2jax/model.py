@@ -4,17 +4,19 @@ Modules only declare parameters (shape, dtype, logical axes); the forward pass i
 read top to bottom. Layers [0, first_k_dense_replace) form one stacked dense module, the rest one stacked
 MoE module; each stack is iterated with `lax.scan`, so compile time does not grow with depth.
 Shape suffixes: B batch, T new tokens, S cache length, H heads, D head dim, R kv_lora_rank, P rope dim,
-C cache lanes, E experts, K top-k, M hidden, F intermediate, V vocab, L layers, N rows.
+C cache lanes, E experts, K top-k, M hidden, F intermediate, V vocab, L layers, N rows; the page pool is
+pool_LPNC [layers, pages, page_size, C] and page tables table_BM [rows, pages per row] (k2jax.cache).
 
 On a mesh (jax.set_mesh; axes from sharding.rules) attention and the routed experts run in explicit
-shard_maps: attention per batch shard and head shard (o_proj partials summed over 'tensor'), over the
-cache positions a device holds when the cache is split by position (partial softmaxes combined by
-log-sum-exp); the routed experts per expert shard on the tokens of its data group (partials
-reduce-scattered back to their rows). Expert weights are never gathered and the cache never copied.
+shard_maps: attention per row shard and head shard (o_proj partials summed over 'tensor'), each device on
+the pages it holds with the ragged kernel (partial softmaxes combined by log-sum-exp when a row's pages are
+spread over devices); the routed experts per expert shard on the tokens of its data group (partials
+reduce-scattered back to their rows). Expert weights are never gathered and the pool never copied.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -24,12 +26,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
+from k2jax.cache import PagedCache, PoolLayout, pool_sharding
 from k2jax.config import K2Config, yarn_mscale
 from pallas_kernels import dispatch, int4_layout
 from sharding.rules import partition_spec, spec_axes
 
 Array = jax.Array
-CACHE_AXES = ("layers", "batch", "cache_seq", "cache_lanes")
 
 
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any,
@@ -123,24 +125,6 @@ class K2Model(nnx.Module):
         self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype, None)
 
 
-def init_cache(cfg: K2Config, batch: int, length: int, dtype: Any = jnp.bfloat16,
-               mesh: Mesh | None = None) -> dict[str, Array]:
-    """The latent KV cache: per layer stack, [L, B, S, C] with c_kv | roped k_pe | zero padding per token.
-
-    On a mesh it is created in place, split by the rules for CACHE_AXES (rows, then positions).
-    """
-    shapes = {name: (n, batch, length, cfg.cache_lanes)
-              for name, n in (("dense", cfg.first_k_dense_replace), ("moe", cfg.num_moe_layers)) if n}
-
-    def zeros() -> dict[str, Array]:
-        return {name: jnp.zeros(shape, dtype) for name, shape in shapes.items()}
-
-    if mesh is None:
-        return zeros()
-    shardings = {name: NamedSharding(mesh, partition_spec(CACHE_AXES, mesh, shape)) for name, shape in shapes.items()}
-    return jax.jit(zeros, out_shardings=shardings)()
-
-
 def context_mesh() -> AbstractMesh | None:
     """The mesh set by jax.set_mesh around the traced call, or None (single-device code paths)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -205,111 +189,131 @@ def _mm(x: Array, w: Array, spec: str) -> Array:
     return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def mla(p: MLA, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer: Array, cfg: K2Config,
-        kv_len: int | None) -> tuple[Array, Array | None]:
-    """Multi-head latent attention; writes this chunk's latents into layer `layer` of the cache, attends over it.
+def mla(p: MLA, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: PagedCache | None, layer: Array,
+        cfg: K2Config) -> tuple[Array, Array | None]:
+    """Multi-head latent attention; with a page pool, writes this chunk's latents into layer `layer` and attends over
+    each row's pages (absorbed: queries projected into the latent space, the cache never expanded).
 
-    Only the first `kv_len` cache positions are read (all when None): callers bound it by the longest row.
-
-    With no cache the chunk attends to itself (a full causal prefill). One new token per row takes the
-    absorbed path (queries projected into the latent space, the cache never expanded); longer chunks expand
-    keys and values per head from the latents.
+    With no pool the chunk attends to itself (a full causal prefill), keys and values expanded per head.
     """
-    eps, R, Dn = cfg.rms_norm_eps, cfg.kv_lora_rank, cfg.qk_nope_head_dim
+    eps, R = cfg.rms_norm_eps, cfg.kv_lora_rank
     if cfg.q_lora_rank is not None:
         q_BTHD = _mm(rms_norm(_mm(x_BTM, p.q_a[...], "btm,mq->btq"), p.q_a_norm[...], eps), p.q_b[...],
                      "btq,qhd->bthd")
     else:
         q_BTHD = _mm(x_BTM, p.q_proj[...], "btm,mhd->bthd")
     cos, sin = rope_cos_sin(cfg, pos_BT)
+    Dn = cfg.qk_nope_head_dim
     q_nope_BTHD, q_pe_BTHP = q_BTHD[..., :Dn], apply_rope(q_BTHD[..., Dn:], cos, sin)
     kv_BTX = _mm(x_BTM, p.kv_a[...], "btm,mx->btx")
-    ckv_BTR = rms_norm(kv_BTX[..., :R], p.kv_a_norm[...], eps)
-    kpe_BTP = apply_rope(kv_BTX[..., R:], cos, sin)
-    new_BTC = jnp.concatenate([ckv_BTR, kpe_BTP], axis=-1)
-    args = (q_nope_BTHD, q_pe_BTHP, new_BTC, pos_BT, cache_LBSC, layer, p.kv_b[...], p.o_proj[...])
+    new_BTC = jnp.concatenate([rms_norm(kv_BTX[..., :R], p.kv_a_norm[...], eps), apply_rope(kv_BTX[..., R:], cos, sin)],
+                              axis=-1)
     mesh = context_mesh()
+    h = None if mesh is None else partition_spec(("heads",), mesh)[0]
+    head_axes = tuple(a for a in spec_axes(h) if mesh.shape[a] > 1)
+    if pool_LPNC is None:
+        attend = functools.partial(causal_attention, cfg=cfg, head_axes=head_axes)
+        args = (q_nope_BTHD, q_pe_BTHP, new_BTC, pos_BT, p.kv_b[...], p.o_proj[...])
+        if mesh is None:
+            return attend(*args), None
+        b = partition_spec(("batch",), mesh, pos_BT.shape[:1])[0]
+        return jax.shard_map(attend, mesh=mesh, check_vma=False, out_specs=P(b),
+                             in_specs=(P(b, None, h), P(b, None, h), P(b), P(b), P(None, h), P(h)))(*args), None
+    layout = cache.layout
+    row_axes = layout.row_axes if pos_BT.shape[0] == layout.n_rows else ()
+    combine_axes = tuple(a for a in layout.pool_axes if a not in row_axes)
+    attend = functools.partial(paged_attention, cfg=cfg, layout=layout, head_axes=head_axes, combine_axes=combine_axes)
+    args = (q_nope_BTHD, q_pe_BTHP, new_BTC, pos_BT, pool_LPNC, cache.table_BM, cache.kv_len_B, layer, p.kv_b[...],
+            p.o_proj[...])
     if mesh is None:
-        return latent_attention(*args, cfg=cfg, kv_len=kv_len, head_axes=(), seq_axes=())
-    b = partition_spec(("batch",), mesh, pos_BT.shape[:1])[0]
-    h = partition_spec(("heads",), mesh)[0]
-    cache_spec = None if cache_LBSC is None else partition_spec(CACHE_AXES, mesh, cache_LBSC.shape)
-    seq_axes = () if cache_spec is None else spec_axes(cache_spec[2])
-    attend = functools.partial(latent_attention, cfg=cfg, kv_len=kv_len, head_axes=spec_axes(h), seq_axes=seq_axes)
+        return attend(*args)
+    b = row_axes if len(row_axes) > 1 else (row_axes[0] if row_axes else None)
+    pool_spec = pool_sharding(layout, mesh).spec
     return jax.shard_map(attend, mesh=mesh, check_vma=False,
-                         in_specs=(P(b, None, h), P(b, None, h), P(b), P(b), cache_spec, P(), P(None, h), P(h)),
-                         out_specs=(P(b), cache_spec))(*args)
+                         in_specs=(P(b, None, h), P(b, None, h), P(b), P(b), pool_spec, P(b), P(b), P(),
+                                   P(None, h), P(h)),
+                         out_specs=(P(b), pool_spec))(*args)
 
 
-def latent_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT: Array, cache_LBSC: Array | None,
-                     layer: Array, kv_b_RHX: Array, o_proj_HDM: Array, *, cfg: K2Config, kv_len: int | None,
-                     head_axes: tuple[str, ...], seq_axes: tuple[str, ...]) -> tuple[Array, Array | None]:
-    """Write new latents into the cache, attend over it, project out; o_proj partials summed over `head_axes`.
-
-    Heads are this shard's (split over `head_axes`); the cache holds this shard's positions (split over
-    `seq_axes`: context parallel, partial softmaxes combined by log-sum-exp).
-    """
-    R, Dn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
-    dtype = q_nope_BTHD.dtype
-    if cache_LBSC is None:
-        kv_BSC, key_pos_BS = new_BTC, pos_BT
-    else:
-        S = cache_LBSC.shape[2]
-        first = jax.lax.axis_index(seq_axes) * S if seq_axes else 0
-        local_BT = jnp.where((pos_BT >= first) & (pos_BT < first + S), pos_BT - first, S)  # S: not here, dropped
-        new_BTC = jnp.pad(new_BTC, ((0, 0), (0, 0), (0, cache_LBSC.shape[-1] - new_BTC.shape[-1])))
-        rows_B1 = jnp.arange(pos_BT.shape[0])[:, None]
-        cache_LBSC = cache_LBSC.at[layer, rows_B1, local_BT].set(new_BTC.astype(cache_LBSC.dtype), mode="drop")
-        kv_BSC = cache_LBSC[layer, :, :kv_len].astype(dtype)
-        key_pos_BS = jnp.broadcast_to(first + jnp.arange(kv_BSC.shape[1]), kv_BSC.shape[:2])
-    ckv_BSR, kpe_BSP = kv_BSC[..., :R], kv_BSC[..., R:R + cfg.qk_rope_head_dim]
-    visible_BTS = key_pos_BS[:, None, :] <= pos_BT[:, :, None]
-    w_uk_RHD, w_uv_RHD = kv_b_RHX[..., :Dn], kv_b_RHX[..., Dn:]
-
-    if seq_axes:
-        q_lat_BTHR = _mm(q_nope_BTHD, w_uk_RHD, "bthd,rhd->bthr")
-        o_lat_BTHR = context_parallel_attention(q_lat_BTHR, q_pe_BTHP, ckv_BSR, kpe_BSP, visible_BTS, cfg, head_axes,
-                                                seq_axes)
-        o_BTHD = _mm(o_lat_BTHR, w_uv_RHD, "bthr,rhd->bthd")
-    elif cache_LBSC is not None and q_nope_BTHD.shape[1] == 1:
-        q_lat_BHR = _mm(q_nope_BTHD[:, 0], w_uk_RHD, "bhd,rhd->bhr")
-        o_lat_BHR = dispatch.mla_decode(q_lat_BHR, q_pe_BTHP[:, 0], kv_BSC, pos_BT[:, 0] + 1,
-                                        sm_scale=cfg.softmax_scale)
-        o_BTHD = _mm(o_lat_BHR.astype(dtype), w_uv_RHD, "bhr,rhd->bhd")[:, None]
-    else:
-        k_nope_BSHD = _mm(ckv_BSR, w_uk_RHD, "bsr,rhd->bshd")
-        v_BSHD = _mm(ckv_BSR, w_uv_RHD, "bsr,rhd->bshd")
-        scores_BHTS = (jnp.einsum("bthd,bshd->bhts", q_nope_BTHD, k_nope_BSHD, preferred_element_type=jnp.float32)
-                       + jnp.einsum("bthp,bsp->bhts", q_pe_BTHP, kpe_BSP, preferred_element_type=jnp.float32))
-        scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS * cfg.softmax_scale, -jnp.inf)
-        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
-        o_BTHD = jnp.einsum("bhts,bshd->bthd", probs_BHTS, v_BSHD)
-    o_BTM = jnp.einsum("bthd,hdm->btm", o_BTHD, o_proj_HDM.astype(dtype), preferred_element_type=jnp.float32)
-    return (jax.lax.psum(o_BTM, head_axes) if head_axes else o_BTM).astype(dtype), cache_LBSC
-
-
-def context_parallel_attention(q_lat_BTHR: Array, q_pe_BTHP: Array, ckv_BSR: Array, kpe_BSP: Array,
-                               visible_BTS: Array, cfg: K2Config, head_axes: tuple[str, ...],
-                               seq_axes: tuple[str, ...]) -> Array:
-    """Absorbed attention of this shard's heads over positions split across `seq_axes` -> o_lat [B, T, H, R].
-
-    Queries of all heads are gathered (they are small), each shard scores its own positions, and the
-    partial softmaxes combine exactly through a global max and sums (log-sum-exp).
-    """
-    H = q_lat_BTHR.shape[2]
-    if head_axes:
-        q_lat_BTHR, q_pe_BTHP = (jax.lax.all_gather(q, head_axes, axis=2, tiled=True) for q in (q_lat_BTHR, q_pe_BTHP))
-    scores_BHTS = (jnp.einsum("bthr,bsr->bhts", q_lat_BTHR, ckv_BSR, preferred_element_type=jnp.float32)
+def causal_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT: Array, kv_b_RHX: Array,
+                     o_proj_HDM: Array, *, cfg: K2Config, head_axes: tuple[str, ...]) -> Array:
+    """The chunk attending to itself (no cache): keys and values expanded per head; o_proj partials summed."""
+    R, Dn, dtype = cfg.kv_lora_rank, cfg.qk_nope_head_dim, q_nope_BTHD.dtype
+    ckv_BSR, kpe_BSP = new_BTC[..., :R], new_BTC[..., R:]
+    k_nope_BSHD = _mm(ckv_BSR, kv_b_RHX[..., :Dn], "bsr,rhd->bshd")
+    v_BSHD = _mm(ckv_BSR, kv_b_RHX[..., Dn:], "bsr,rhd->bshd")
+    scores_BHTS = (jnp.einsum("bthd,bshd->bhts", q_nope_BTHD, k_nope_BSHD, preferred_element_type=jnp.float32)
                    + jnp.einsum("bthp,bsp->bhts", q_pe_BTHP, kpe_BSP, preferred_element_type=jnp.float32))
-    scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS * cfg.softmax_scale, -jnp.inf)
-    max_BHT1 = jax.lax.pmax(jnp.max(scores_BHTS, axis=-1, keepdims=True), seq_axes)
-    probs_BHTS = jnp.where(visible_BTS[:, None], jnp.exp(scores_BHTS - max_BHT1), 0.0)
-    sum_BHT1 = jax.lax.psum(jnp.sum(probs_BHTS, axis=-1, keepdims=True), seq_axes)
-    o_lat_BTHR = jax.lax.psum(jnp.einsum("bhts,bsr->bthr", probs_BHTS, ckv_BSR.astype(jnp.float32)), seq_axes)
-    o_lat_BTHR = (o_lat_BTHR / jnp.swapaxes(sum_BHT1, 1, 2)).astype(q_lat_BTHR.dtype)
-    if not head_axes:
-        return o_lat_BTHR
-    return jax.lax.dynamic_slice_in_dim(o_lat_BTHR, jax.lax.axis_index(head_axes) * H, H, axis=2)
+    visible_B1TS = (pos_BT[:, None, :] <= pos_BT[:, :, None])[:, None]
+    probs_BHTS = jax.nn.softmax(jnp.where(visible_B1TS, scores_BHTS * cfg.softmax_scale, -jnp.inf), axis=-1)
+    o_BTHD = jnp.einsum("bhts,bshd->bthd", probs_BHTS.astype(dtype), v_BSHD)
+    return project_out(o_BTHD, o_proj_HDM, head_axes)
+
+
+def project_out(o_BTHD: Array, o_proj_HDM: Array, head_axes: tuple[str, ...]) -> Array:
+    """o_proj over this shard's heads, partial sums added over `head_axes`."""
+    o_BTM = jnp.einsum("bthd,hdm->btm", o_BTHD, o_proj_HDM.astype(o_BTHD.dtype), preferred_element_type=jnp.float32)
+    return (jax.lax.psum(o_BTM, head_axes) if head_axes else o_BTM).astype(o_BTHD.dtype)
+
+
+def paged_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT: Array, pool_LPNC: Array,
+                    table_BM: Array, kv_len_B: Array, layer: Array, kv_b_RHX: Array, o_proj_HDM: Array, *,
+                    cfg: K2Config, layout: PoolLayout, head_axes: tuple[str, ...],
+                    combine_axes: tuple[str, ...]) -> tuple[Array, Array]:
+    """Write new latents into this device's pages, attend over them with the ragged kernel, combine shards.
+
+    This device holds pages [first, first + pages_per_group) of the pool: its own rows' pages of its position
+    shard (every `seq_shards`-th page of a row, from the shard index on). Rows whose pages live elsewhere see
+    nothing here; partial outputs combine by log-sum-exp over `combine_axes` (the pool axes that do not split
+    this step's rows). When heads are split over a combining axis, queries of all heads are gathered and the
+    combined outputs reduce-scattered back to this shard's heads.
+    """
+    R, Dn, N, ppg = cfg.kv_lora_rank, cfg.qk_nope_head_dim, layout.page_size, layout.pages_per_group
+    dtype = q_nope_BTHD.dtype
+    first = (jax.lax.axis_index(layout.pool_axes) if layout.pool_axes else 0) * ppg
+    shard = jax.lax.axis_index(layout.seq_axes) if layout.seq_axes else 0
+    local_BM = table_BM - first
+    B, M = local_BM.shape
+    page_BT = jnp.take_along_axis(local_BM, jnp.clip(pos_BT // N, 0, M - 1), axis=1)
+    mine_BT = (pos_BT < kv_len_B[:, None]) & (page_BT >= 0) & (page_BT < ppg)
+    new_BTC = jnp.pad(new_BTC, ((0, 0), (0, 0), (0, pool_LPNC.shape[-1] - new_BTC.shape[-1])))
+    pool_LPNC = pool_LPNC.at[layer, jnp.where(mine_BT, page_BT, ppg), pos_BT % N].set(new_BTC.astype(pool_LPNC.dtype),
+                                                                                    mode="drop")
+    stripe_BM = jax.lax.dynamic_index_in_dim(local_BM.reshape(B, M // layout.seq_shards, layout.seq_shards), shard,
+                                             axis=2, keepdims=False)
+    holds_B = (stripe_BM[:, 0] >= 0) & (stripe_BM[:, 0] < ppg)
+    w_uk_RHD, w_uv_RHD = kv_b_RHX[..., :Dn], kv_b_RHX[..., Dn:]
+    q_lat_BTHR = _mm(q_nope_BTHD, w_uk_RHD, "bthd,rhd->bthr")
+    gathered = head_axes if set(head_axes) & set(combine_axes) else ()
+    if gathered:
+        q_lat_BTHR, q_pe_BTHP = (jax.lax.all_gather(q, gathered, axis=2, tiled=True) for q in (q_lat_BTHR, q_pe_BTHP))
+    pad = pool_LPNC.shape[-1] - R - q_pe_BTHP.shape[-1]
+    q_BTHC = jnp.concatenate([q_lat_BTHR, q_pe_BTHP, jnp.zeros((*q_pe_BTHP.shape[:3], pad), dtype)], axis=-1)
+    o_BTHR, lse_BTH = dispatch.ragged_mla(
+        q_BTHC.astype(pool_LPNC.dtype), pool_LPNC, jnp.clip(stripe_BM, 0, ppg - 1), jnp.where(holds_B, kv_len_B, 0),
+        pos_BT[:, 0], layer, jnp.asarray(shard, jnp.int32), sm_scale=cfg.softmax_scale, rank=R,
+        page_stride=layout.seq_shards)
+    if combine_axes:
+        o_BTHR = combine_shards(o_BTHR, lse_BTH, combine_axes, gathered)
+    o_BTHD = _mm(o_BTHR.astype(dtype), w_uv_RHD, "bthr,rhd->bthd")
+    return project_out(o_BTHD, o_proj_HDM, head_axes), pool_LPNC
+
+
+def combine_shards(o_BTHR: Array, lse_BTH: Array, axes: tuple[str, ...], scatter_axes: tuple[str, ...]) -> Array:
+    """Exact softmax over all shards' keys from per-shard normalized outputs and log-sum-exps (float32).
+
+    With `scatter_axes`, the sums are reduce-scattered over heads along them (each shard keeps its heads).
+    """
+    max_BTH = jax.lax.pmax(lse_BTH, axes)
+    w_BTH = jnp.exp(lse_BTH - jnp.where(jnp.isfinite(max_BTH), max_BTH, 0))
+    num_BTHR = o_BTHR * w_BTH[..., None]
+    if scatter_axes:
+        num_BTHR, w_BTH = (jax.lax.psum_scatter(x, scatter_axes, scatter_dimension=2, tiled=True)
+                           for x in (num_BTHR, w_BTH))
+    rest = tuple(a for a in axes if a not in scatter_axes)
+    if rest:
+        num_BTHR, w_BTH = jax.lax.psum(num_BTHR, rest), jax.lax.psum(w_BTH, rest)
+    return num_BTHR / jnp.where(w_BTH > 0, w_BTH, 1)[..., None]
 
 
 def mlp(p: MLP, x_NM: Array) -> Array:
@@ -414,15 +418,15 @@ def moe(p: MoE, x_BTM: Array, layer: Array, cfg: K2Config) -> Array:
     return y_NM.reshape(B, T, M)
 
 
-def block(p: Block, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, layer: Array, cfg: K2Config,
-          kv_len: int | None) -> tuple[Array, Array | None]:
+def block(p: Block, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: PagedCache | None, layer: Array,
+          cfg: K2Config) -> tuple[Array, Array | None]:
     """Pre-norm residual layer: x + attn(norm x), then + mlp_or_moe(norm x)."""
-    h_BTM, cache_LBSC = mla(p.attn, rms_norm(x_BTM, p.attn_norm[...], cfg.rms_norm_eps), pos_BT, cache_LBSC, layer,
-                            cfg, kv_len)
+    h_BTM, pool_LPNC = mla(p.attn, rms_norm(x_BTM, p.attn_norm[...], cfg.rms_norm_eps), pos_BT, pool_LPNC, cache,
+                           layer, cfg)
     x_BTM = x_BTM + h_BTM
     h_BTM = rms_norm(x_BTM, p.mlp_norm[...], cfg.rms_norm_eps)
     h_BTM = moe(p.mlp, h_BTM, layer, cfg) if isinstance(p.mlp, MoE) else mlp(p.mlp, h_BTM)
-    return x_BTM + h_BTM, cache_LBSC
+    return x_BTM + h_BTM, pool_LPNC
 
 
 def _is_routed_expert(path: tuple, _value: Any) -> bool:
@@ -430,39 +434,39 @@ def _is_routed_expert(path: tuple, _value: Any) -> bool:
     return len(path) >= 3 and path[0] == "mlp" and path[1] in ("gate", "up", "down")
 
 
-def run_stack(layers: Block, x_BTM: Array, pos_BT: Array, cache_LBSC: Array | None, cfg: K2Config,
-              kv_len: int | None) -> tuple[Array, Array | None]:
-    """Scan one stacked module over its layers; the cache rides in the carry and is updated in place.
+def run_stack(layers: Block, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: PagedCache | None,
+              cfg: K2Config) -> tuple[Array, Array | None]:
+    """Scan one stacked module over its layers; the pool rides in the carry and is updated in place.
 
-    Per-layer weights are scanned slices; routed experts and the cache are indexed by layer instead, since
+    Per-layer weights are scanned slices; routed experts and the pool are indexed by layer instead, since
     slicing them out would copy a whole layer's experts (or cache) every step.
     """
     graphdef, experts, rest = nnx.split(layers, _is_routed_expert, ...)
 
     def step(carry, layer):
-        x_BTM, cache_LBSC = carry
+        x_BTM, pool_LPNC = carry
         rest_l, i = layer
-        x_BTM, cache_LBSC = block(nnx.merge(graphdef, experts, rest_l), x_BTM, pos_BT, cache_LBSC, i, cfg, kv_len)
-        return (x_BTM, cache_LBSC), None
+        return block(nnx.merge(graphdef, experts, rest_l), x_BTM, pos_BT, pool_LPNC, cache, i, cfg), None
 
     n_layers = jax.tree.leaves(rest)[0].shape[0]
-    (x_BTM, cache_LBSC), _ = jax.lax.scan(step, (x_BTM, cache_LBSC), (rest, jnp.arange(n_layers)))
-    return x_BTM, cache_LBSC
+    (x_BTM, pool_LPNC), _ = jax.lax.scan(step, (x_BTM, pool_LPNC), (rest, jnp.arange(n_layers)))
+    return x_BTM, pool_LPNC
 
 
-def forward(model: K2Model, tokens_BT: Array, pos_BT: Array, cache: dict[str, Array] | None, cfg: K2Config,
-            dtype: Any, kv_len: int | None = None) -> tuple[Array, dict[str, Array] | None]:
-    """Logits [B, T, V] (float32) for tokens at absolute positions pos_BT; returns the updated cache.
+def forward(model: K2Model, tokens_BT: Array, pos_BT: Array, cache: PagedCache | None, cfg: K2Config,
+            dtype: Any) -> tuple[Array, PagedCache | None]:
+    """Logits [B, T, V] (float32) for tokens at positions pos_BT (consecutive per row); returns the updated cache.
 
-    With a cache, attention reads its first `kv_len` positions (all when None), which must cover pos_BT.
+    With a cache, row b's tokens at positions below cache.kv_len_B[b] are written into its pages and attend to
+    all its cached positions up to their own; the rest of the chunk is padding (not written, logits unused).
     """
     x_BTM = model.embed[...][tokens_BT].astype(dtype)
-    new_cache = {}
+    pool = {}
     for name, layers in (("dense", model.dense_layers), ("moe", model.moe_layers)):
         if layers is not None:
-            x_BTM, new_cache[name] = run_stack(layers, x_BTM, pos_BT, None if cache is None else cache[name], cfg,
-                                                 kv_len)
+            x_BTM, pool[name] = run_stack(layers, x_BTM, pos_BT, None if cache is None else cache.pool[name], cache,
+                                          cfg)
     x_BTM = rms_norm(x_BTM, model.final_norm[...], cfg.rms_norm_eps)
     logits_BTV = jnp.einsum("btm,mv->btv", x_BTM, model.lm_head[...].astype(dtype),
                             preferred_element_type=jnp.float32)
-    return logits_BTV, (None if cache is None else new_cache)
+    return logits_BTV, (None if cache is None else dataclasses.replace(cache, pool=pool))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from pallas_kernels import cpu_grouped_matmul, int4_layout
 from pallas_kernels import int4_matmul as int4_matmul_kernels
 from pallas_kernels import mla_decode as mla_decode_kernels
+from pallas_kernels import ragged_mla as ragged_mla_kernels
 
 ENV_VAR = "K2JAX_KERNELS"
 MODES = ("pallas", "native", "xla", "interpret")
@@ -140,3 +141,10 @@ def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, layer
     kernel = mla_decode_kernels.mla_decode_triton if _uses_triton() else mla_decode_kernels.mla_decode
     return kernel(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale, layer=layer,
                   interpret=mode == "interpret")
+
+
+def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first, *, sm_scale: float, rank: int,
+               page_stride: int = 1):
+    """Ragged paged MLA attention -> (o [B, T, H, rank] f32, lse [B, T, H] f32) (placeholder: reference only)."""
+    return ragged_mla_kernels.ragged_mla_reference(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first,
+                                                   sm_scale=sm_scale, rank=rank, page_stride=page_stride)

@@ -53,6 +53,14 @@ def partition_spec(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int] 
     return PartitionSpec(*spec)
 
 
+def paged_axes(mesh: Mesh, n_rows: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(row axes, position axes) of the paged cache for n_rows sequences: rows over the 'batch' axes that divide
+    them, each row's pages over the 'cache_seq' axes left (mesh axes of size 1 are left out)."""
+    spec = partition_spec(("batch", "cache_seq"), mesh, (n_rows, math.prod(mesh.shape.values())))
+    rows, seq = (tuple(a for a in spec_axes(entry) if mesh.shape[a] > 1) for entry in spec)
+    return rows, seq
+
+
 def spec_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
     """The mesh axes of one PartitionSpec entry."""
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)

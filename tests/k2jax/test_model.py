@@ -11,7 +11,7 @@ import torch
 import k2jax
 from k2jax.engine import step
 from k2jax.loading import abstract_model
-from k2jax.model import init_cache
+from k2jax.cache import abstract_cache, make_layout
 
 # float32 on both sides; differences come from summation order only (~1e-6 relative observed).
 RTOL = 1e-4
@@ -45,21 +45,26 @@ def test_prefill_logits_match_transformers(hf_checkpoint, rng, name):
 
 
 @pytest.mark.parametrize("name", ["q_lora_yarn_beta1", "group_limited_n4_k2"])
-def test_absorbed_decode_matches_full_prefill(hf_checkpoint, rng, name):
+def test_paged_decode_matches_full_prefill(hf_checkpoint, rng, name):
+    """A 6-token chunk over 4-token pages (crossing a page boundary), then one token per step through the pages."""
     _, path = hf_checkpoint(**CONFIGS[name])
     model = k2jax.load(path)
-    B, T, P = 2, 14, 5
+    model.page_size = 4
+    B, T, C = 2, 14, 6
     ids = rng.integers(0, model.config.vocab_size, (B, T)).astype(np.int32)
     full = model.logits(ids)
-    cache = model.init_cache(B, 32)
-    pos = np.broadcast_to(np.arange(P, dtype=np.int32), (B, P))
-    logits, cache = step(model.graphdef, model.state, jnp.asarray(ids[:, :P]), jnp.asarray(pos), cache,
+    pages, pool = model.paged(B, 32)
+    for row in range(B):
+        pages.reserve(row, T)
+    pos = np.broadcast_to(np.arange(C, dtype=np.int32), (B, C))
+    cache = model.cache_view(pages, pool, range(B), [C] * B)
+    logits, cache = step(model.graphdef, model.state, jnp.asarray(ids[:, :C]), jnp.asarray(pos), cache,
                          model.config, model.dtype)
-    assert rel_err(np.asarray(logits), full[:, :P]) <= RTOL
-    for t in range(P, T):
-        pos = np.full((B, 1), t, np.int32)
-        logits, cache = step(model.graphdef, model.state, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(pos), cache,
-                             model.config, model.dtype)
+    assert rel_err(np.asarray(logits), full[:, :C]) <= RTOL
+    for t in range(C, T):
+        cache = model.cache_view(pages, cache.pool, range(B), [t + 1] * B)
+        logits, cache = step(model.graphdef, model.state, jnp.asarray(ids[:, t:t + 1]), jnp.full((B, 1), t, jnp.int32),
+                             cache, model.config, model.dtype)
         assert rel_err(np.asarray(logits)[:, 0], full[:, t]) <= RTOL, f"decode step at position {t}"
 
 
@@ -77,16 +82,17 @@ def test_greedy_generate_matches_transformers(hf_checkpoint, rng):
         assert got == ref
 
 
-def test_decode_step_updates_cache_in_place():
+def test_decode_step_updates_pool_in_place():
+    """Two rows with 1024-token tables over a pool for 8 x 8192 tokens: nothing of one layer's pool is copied."""
     cfg = k2jax.preset("tiny")
     graphdef, state = abstract_model(cfg, jnp.float32)
-    cache = jax.eval_shape(lambda: init_cache(cfg, 2, 8192, jnp.float32))
+    cache = abstract_cache(cfg, make_layout(None, 8, 8192, 32), 2, 1024 // 32, jnp.float32)
     tok = jax.ShapeDtypeStruct((2, 1), jnp.int32)
     compiled = step.lower(graphdef, state, tok, tok, cache, cfg, jnp.float32).compile()
     mem = compiled.memory_analysis()
-    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
-    assert mem.alias_size_in_bytes == cache_bytes, "the cache is not donated into the output"
-    assert mem.temp_size_in_bytes < cache_bytes / 4, (mem.temp_size_in_bytes, cache_bytes)
+    pool_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.pool))
+    assert mem.alias_size_in_bytes >= pool_bytes, "the pool is not donated into the output"
+    assert mem.temp_size_in_bytes < pool_bytes / cfg.num_hidden_layers / 4, (mem.temp_size_in_bytes, pool_bytes)
 
 
 def test_forward_has_one_loop_per_layer_stack():

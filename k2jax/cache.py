@@ -1,0 +1,268 @@
+"""The latent KV cache as a page pool: device pages [L, P, N, C] per layer stack, and the host allocator.
+
+A sequence (a row) owns the pages its page table lists; page m of a row holds positions [m*N, (m+1)*N).
+On a mesh the pool's page axis is split over every mesh axis: rows over the 'batch' axes that divide them
+(data-parallel attention) and each row's pages over the rest (context parallel), striped so that page m
+of row r lives in device group (row shard of r, m mod position shards). The allocator keeps that
+placement; the model finds a device's own pages by their ids (see model.paged_attention).
+Pages shared by several rows (a common prefix) are ref-counted; a shared page is never written.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from k2jax.config import K2Config
+from pallas_kernels.ragged_mla import GPU_PAGE_SIZE, TPU_PAGE_SIZE
+from sharding.rules import paged_axes
+
+CPU_PAGE_SIZE = 32  # the XLA path gathers whole pages: small pages waste little at short contexts
+Array = jax.Array
+
+
+def default_page_size(backend: str) -> int:
+    """Tokens per page for a backend: what its attention kernel reads best."""
+    return {"tpu": TPU_PAGE_SIZE, "gpu": GPU_PAGE_SIZE}.get(backend, CPU_PAGE_SIZE)
+
+
+class PoolFull(ValueError):
+    """The pool has too few free pages for a sequence: the message names the row, its length and the free pages."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolLayout:
+    """Where pages live: `pages_per_group` pages on each device group, rows and positions split as named.
+
+    Groups are numbered row shard major (group = row_shard * seq_shards + position shard), the order of
+    the pool's page axis split over row_axes + seq_axes.
+    """
+
+    page_size: int
+    pages_per_group: int
+    n_rows: int
+    row_axes: tuple[str, ...] = ()
+    seq_axes: tuple[str, ...] = ()
+    row_shards: int = 1
+    seq_shards: int = 1
+
+    @property
+    def groups(self) -> int:
+        return self.row_shards * self.seq_shards
+
+    @property
+    def num_pages(self) -> int:
+        return self.groups * self.pages_per_group
+
+    @property
+    def pool_axes(self) -> tuple[str, ...]:
+        """The mesh axes the page axis is split over, in group order."""
+        return self.row_axes + self.seq_axes
+
+    def row_shard(self, row: int) -> int:
+        """The shard of the rows that `row` belongs to."""
+        return row // (self.n_rows // self.row_shards)
+
+    def group(self, row: int, page: int) -> int:
+        """The device group holding page `page` (in sequence order) of row `row`."""
+        return self.row_shard(row) * self.seq_shards + page % self.seq_shards
+
+    def pages_for(self, tokens: int) -> int:
+        """Pages a row needs for `tokens` positions, rounded up to whole stripes over the position shards."""
+        return -(-math.ceil(tokens / self.page_size) // self.seq_shards) * self.seq_shards
+
+
+def make_layout(mesh: Mesh | None, n_rows: int, tokens_per_row: int, page_size: int,
+                num_pages: int | None = None) -> PoolLayout:
+    """A layout for n_rows sequences of up to tokens_per_row tokens; num_pages defaults to every row at its maximum."""
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+    row_axes, seq_axes = paged_axes(mesh, n_rows) if mesh is not None else ((), ())
+    row_shards, seq_shards = (math.prod(mesh.shape[a] for a in axes) if mesh is not None else 1
+                              for axes in (row_axes, seq_axes))
+    layout = PoolLayout(page_size, 1, n_rows, row_axes, seq_axes, row_shards, seq_shards)
+    per_row = layout.pages_for(tokens_per_row)
+    total = n_rows * per_row if num_pages is None else num_pages
+    return dataclasses.replace(layout, pages_per_group=max(1, math.ceil(total / layout.groups)))
+
+
+def pool_sharding(layout: PoolLayout, mesh: Mesh) -> NamedSharding:
+    """Pages split over the layout's axes; layers, in-page positions and lanes whole."""
+    axes = layout.pool_axes
+    return NamedSharding(mesh, P(None, axes if len(axes) > 1 else (axes[0] if axes else None), None, None))
+
+
+def pool_shapes(cfg: K2Config, layout: PoolLayout) -> dict[str, tuple[int, ...]]:
+    """[L, P, N, C] per layer stack (dense, moe)."""
+    return {name: (n, layout.num_pages, layout.page_size, cfg.cache_lanes)
+            for name, n in (("dense", cfg.first_k_dense_replace), ("moe", cfg.num_moe_layers)) if n}
+
+
+def init_pool(cfg: K2Config, layout: PoolLayout, dtype: Any = jnp.bfloat16, mesh: Mesh | None = None
+              ) -> dict[str, Array]:
+    """A zeroed page pool, created in place on the mesh (each device allocates only its own pages)."""
+    shapes = pool_shapes(cfg, layout)
+
+    def zeros() -> dict[str, Array]:
+        return {name: jnp.zeros(shape, dtype) for name, shape in shapes.items()}
+
+    if mesh is None:
+        return zeros()
+    return jax.jit(zeros, out_shardings={name: pool_sharding(layout, mesh) for name in shapes})()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedCache:
+    """What a step reads and writes: the pool, each row's page table [B, M] (M a multiple of seq_shards), and
+    the tokens each row holds once the step's new tokens are written (kv_len 0: the row takes no part)."""
+
+    pool: dict[str, Array]
+    table_BM: Array
+    kv_len_B: Array
+    layout: PoolLayout = dataclasses.field(metadata={"static": True})
+
+
+def abstract_cache(cfg: K2Config, layout: PoolLayout, rows: int, width: int, dtype: Any = jnp.bfloat16,
+                   mesh: Mesh | None = None) -> PagedCache:
+    """ShapeDtypeStructs of a PagedCache over `rows` rows with `width`-page tables (for compiling, nothing allocated)."""
+    def sds(shape: tuple[int, ...], dt: Any, sharding: NamedSharding | None = None) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+
+    pool_sh = None if mesh is None else pool_sharding(layout, mesh)
+    replicated = None if mesh is None else NamedSharding(mesh, P())
+    return PagedCache({k: sds(s, dtype, pool_sh) for k, s in pool_shapes(cfg, layout).items()},
+                      sds((rows, width), jnp.int32, replicated), sds((rows,), jnp.int32, replicated), layout)
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def copy_pages(pool: dict[str, Array], src: Array, dst: Array) -> dict[str, Array]:
+    """Pages dst[i] := pages src[i] in every layer (copy-on-write of a shared page, forks across devices)."""
+    return {name: p.at[:, dst].set(p[:, src]) for name, p in pool.items()}
+
+
+@jax.jit
+def read_pages(pool: dict[str, Array], ids: Array) -> dict[str, Array]:
+    """The contents of pages `ids`, [L, len(ids), N, C] per stack."""
+    return {name: p[:, ids] for name, p in pool.items()}
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def write_pages(pool: dict[str, Array], ids: Array, pages: dict[str, Array]) -> dict[str, Array]:
+    """Pages `ids` := `pages` (as read_pages returned them)."""
+    return {name: p.at[:, ids].set(pages[name].astype(p.dtype)) for name, p in pool.items()}
+
+
+class PageAllocator:
+    """Host-side page tables, ref-counts and per-group free lists for `layout.n_rows` rows.
+
+    Every row may hold up to `max_tokens` positions. All methods keep the tables, counts and free lists
+    consistent or raise before changing anything.
+    """
+
+    def __init__(self, layout: PoolLayout, max_tokens: int):
+        self.layout, self.max_tokens = layout, max_tokens
+        self.table = np.zeros((layout.n_rows, layout.pages_for(max_tokens)), np.int32)
+        self.held = np.zeros(layout.n_rows, np.int32)  # pages each row holds (its table's first entries)
+        self.refs = np.zeros(layout.num_pages, np.int32)
+        self._free = [collections.deque(range(g * layout.pages_per_group, (g + 1) * layout.pages_per_group))
+                      for g in range(layout.groups)]
+
+    @property
+    def free_pages(self) -> int:
+        return sum(len(f) for f in self._free)
+
+    def pages(self, row: int) -> np.ndarray:
+        """The page ids row `row` holds, in position order."""
+        return self.table[row, : self.held[row]]
+
+    def reserve(self, row: int, tokens: int) -> None:
+        """Make `row` hold pages for positions [0, tokens); raises PoolFull (changing nothing) if they are not free."""
+        if tokens > self.max_tokens:
+            raise PoolFull(f"row {row}: {tokens} tokens exceed its page table of {self.max_tokens} tokens")
+        need = math.ceil(tokens / self.layout.page_size)
+        new = range(int(self.held[row]), need)
+        wanted = collections.Counter(self.layout.group(row, m) for m in new)
+        short = {g: n - len(self._free[g]) for g, n in wanted.items() if n > len(self._free[g])}
+        if short:
+            raise PoolFull(f"row {row}: {tokens} tokens need {len(new)} more pages of {self.layout.page_size}, "
+                           f"the pool has {self.free_pages} free ({sum(short.values())} short on the devices "
+                           f"that hold this row's pages)")
+        for m in new:
+            page = self._free[self.layout.group(row, m)].popleft()
+            self.refs[page] = 1
+            self.table[row, m] = page
+        self.held[row] = max(int(self.held[row]), need)
+
+    def truncate(self, row: int, tokens: int) -> list[tuple[int, int]]:
+        """Keep only the pages of positions [0, tokens) and make the last kept page writable.
+
+        Returns (src, dst) page copies to apply on device: a kept partial page that is shared gets a
+        private copy (copy-on-write), so writing the positions from `tokens` on never touches another row.
+        """
+        keep = math.ceil(tokens / self.layout.page_size)
+        for m in range(keep, int(self.held[row])):
+            self._unref(int(self.table[row, m]))
+        self.held[row] = min(int(self.held[row]), keep)
+        last = keep - 1
+        if tokens % self.layout.page_size == 0 or last >= self.held[row] or self.refs[self.table[row, last]] == 1:
+            return []
+        src = int(self.table[row, last])
+        free = self._free[self.layout.group(row, last)]
+        if not free:
+            raise PoolFull(f"row {row}: no free page to copy its shared page {src} into (pool: {self.free_pages} free)")
+        dst = free.popleft()
+        self.refs[dst] = 1
+        self._unref(src)
+        self.table[row, last] = dst
+        return [(src, dst)]
+
+    def release(self, row: int) -> None:
+        """Give back every page of `row`."""
+        self.truncate(row, 0)
+
+    def fork(self, src: int, dst: int, tokens: int) -> list[tuple[int, int]]:
+        """Make empty row `dst` hold `src`'s first `tokens` positions: whole pages are shared when both rows live
+        on the same devices, the rest are copies. Returns the (src, dst) page copies to apply on device."""
+        if self.held[dst]:
+            raise ValueError(f"row {dst} already holds {self.held[dst]} pages; release it before forking into it")
+        layout = self.layout
+        shared = tokens // layout.page_size if layout.row_shard(src) == layout.row_shard(dst) else 0
+        self.table[dst, :shared] = self.table[src, :shared]
+        self.refs[self.table[src, :shared]] += 1
+        self.held[dst] = shared
+        try:
+            self.reserve(dst, tokens)
+        except PoolFull:
+            self.release(dst)
+            raise
+        return [(int(self.table[src, m]), int(self.table[dst, m])) for m in range(shared, int(self.held[dst]))]
+
+    def check(self) -> None:
+        """Raise if a table lists a freed page, a count disagrees with the tables, or a page is both free and held."""
+        counts = np.bincount(np.concatenate([self.pages(r) for r in range(self.layout.n_rows)] + [np.zeros(0, int)]),
+                             minlength=self.layout.num_pages)
+        freed = np.flatnonzero((counts > 0) & (self.refs == 0))
+        if freed.size:
+            raise RuntimeError(f"page {freed[0]} is listed by a row's table but was freed")
+        if not np.array_equal(counts, self.refs):
+            raise RuntimeError(f"page ref-counts disagree with the tables at page {np.flatnonzero(counts != self.refs)[0]}")
+        free = [p for f in self._free for p in f]
+        if len(set(free)) != len(free) or (self.refs[free] != 0).any():
+            raise RuntimeError("a page is on a free list twice, or both free and held")
+
+    def _unref(self, page: int) -> None:
+        """Drop one reference; the page returns to its group's free list at zero."""
+        if self.refs[page] <= 0:
+            raise RuntimeError(f"page {page} freed twice")
+        self.refs[page] -= 1
+        if self.refs[page] == 0:
+            self._free[page // self.layout.pages_per_group].append(page)
