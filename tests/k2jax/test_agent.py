@@ -196,8 +196,9 @@ def test_prefix_cache_restores_rows_within_its_byte_budget(tiny):
     session = SlotSession(slots)
     session.prefill(convs[0])
     one = PrefixCache(1 << 30)
-    assert one.save(session) and one.nbytes == len(convs[0]) * sum(
-        c.shape[0] * c.shape[-1] * c.dtype.itemsize for c in slots.cache.values())
+    page_size = slots.pages.layout.page_size
+    assert one.save(session) and one.nbytes == -(-len(convs[0]) // page_size) * page_size * sum(
+        c.shape[0] * c.shape[-1] * c.dtype.itemsize for c in slots.pool.values())
     cache = PrefixCache(max_bytes=3 * one.nbytes)
     for conv in convs:
         session.prefill(conv)

@@ -75,16 +75,17 @@ def meshes(specs: list[str]) -> dict:
         mesh = mesh_lib.make_mesh(spec)
         model = Model(CFG, graphdef, place(state, mesh))
         logits = model.logits(ids)
-        cache = model.init_cache(BATCH, 64)
+        pages, pool = model.paged(BATCH, 64)
+        few_layout = model.paged(FEW_ROWS, 64)[0].layout
         total, local = expert_bytes(model.state)
         out[spec] = {
             "rel_err": float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
             "tokens_equal": model.generate(ids.tolist(), max_new_tokens=NEW).ids == ref_tokens,
             "few_rows_tokens_equal": model.generate(few, max_new_tokens=NEW).ids == ref_tokens[:FEW_ROWS],
-            "few_rows_cache_spec": str(model.init_cache(FEW_ROWS, 64)["moe"].sharding.spec),
+            "split": [pages.layout.row_axes, pages.layout.seq_axes],
+            "few_rows_split": [few_layout.row_axes, few_layout.seq_axes],
             "expert_fraction": local / total,
-            "cache_fraction": device0_bytes(cache) / sum(c.nbytes for c in cache.values()),
-            "cache_spec": str(cache["moe"].sharding.spec),
+            "cache_fraction": device0_bytes(pool) / sum(c.nbytes for c in pool.values()),
         }
     return out
 
@@ -95,17 +96,21 @@ def host_value(x: jax.Array) -> np.ndarray:
 
 
 def greedy(model: Model, ids: np.ndarray) -> np.ndarray:
-    """Prefill then NEW greedy steps through engine.step; tokens gathered to every process."""
-    cache = model.init_cache(BATCH, 32)
+    """Prefill then NEW greedy steps through engine.step over the page pool; tokens gathered to every process."""
+    pages, pool = model.paged(BATCH, PROMPT + NEW)
+    for row in range(BATCH):
+        pages.reserve(row, PROMPT + NEW)
     pos = np.broadcast_to(np.arange(PROMPT, dtype=np.int32), ids.shape)
     toks = []
     with model.on_mesh():
-        logits, cache = engine.step(model.graphdef, model.state, ids.astype(np.int32), pos, cache, CFG, jnp.float32, 32)
+        cache = model.cache_view(pages, pool, range(BATCH), [PROMPT] * BATCH)
+        logits, cache = engine.step(model.graphdef, model.state, ids.astype(np.int32), pos, cache, CFG, jnp.float32)
         for i in range(NEW):
             tok = host_value(logits[:, -1]).argmax(-1).astype(np.int32)
             toks.append(tok)
             pos = np.full((BATCH, 1), PROMPT + i, np.int32)
-            logits, cache = engine.step(model.graphdef, model.state, tok[:, None], pos, cache, CFG, jnp.float32, 32)
+            cache = model.cache_view(pages, cache.pool, range(BATCH), [PROMPT + i + 1] * BATCH)
+            logits, cache = engine.step(model.graphdef, model.state, tok[:, None], pos, cache, CFG, jnp.float32)
     return np.stack(toks, 1)
 
 

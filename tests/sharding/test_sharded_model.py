@@ -44,20 +44,20 @@ def mesh_results() -> dict:
     return _result(proc.stdout)
 
 
-@pytest.mark.parametrize("spec,experts,cache,few_rows_cache", [
-    ("expert=8", 1 / 8, 1 / 8, "P(None, None, 'expert', None)"),
-    ("data=2,expert=4", 1 / 4, 1 / 8, "P(None, 'data', 'expert', None)"),
-    ("data=8", 1, 1 / 8, "P(None, None, 'data', None)"),
-    # experts: ids x columns; cache: rows x positions (context parallel)
-    ("data=2,expert=2,tensor=2", 1 / 4, 1 / 8, "P(None, 'data', ('expert', 'tensor'), None)"),
+@pytest.mark.parametrize("spec,experts,split,few_rows_split", [
+    # experts: ids x columns; pages: (axes splitting rows, axes splitting each row's pages: context parallel)
+    ("expert=8", 1 / 8, [["expert"], []], [[], ["expert"]]),
+    ("data=2,expert=4", 1 / 4, [["data", "expert"], []], [["data"], ["expert"]]),
+    ("data=8", 1, [["data"], []], [[], ["data"]]),
+    ("data=2,expert=2,tensor=2", 1 / 4, [["data", "expert"], ["tensor"]], [["data"], ["expert", "tensor"]]),
 ])
-def test_mesh_matches_single_device(mesh_results, spec, experts, cache, few_rows_cache):
+def test_mesh_matches_single_device(mesh_results, spec, experts, split, few_rows_split):
     r = mesh_results[spec]
     assert r["rel_err"] < 1e-5, r
     assert r["tokens_equal"] and r["few_rows_tokens_equal"], r
     assert r["expert_fraction"] == pytest.approx(experts)
-    assert r["cache_fraction"] == pytest.approx(cache)
-    assert r["few_rows_cache_spec"] == few_rows_cache
+    assert r["cache_fraction"] == pytest.approx(1 / 8)  # every device holds its own pages
+    assert r["split"] == split and r["few_rows_split"] == few_rows_split
 
 
 def test_two_processes_match_one():
