@@ -22,16 +22,17 @@ import jax.numpy as jnp
 import k2jax
 from k2jax.engine import step
 from k2jax.loading import abstract_model
-from k2jax.model import init_cache
+from k2jax.cache import CPU_PAGE_SIZE, abstract_cache, make_layout
 
 
 def compile_decode(cfg: k2jax.K2Config, batch: int, context: int) -> dict[str, float]:
     """Seconds to lower and to compile one decode step, and the compiled memory analysis in bytes."""
     graphdef, state = abstract_model(cfg)
-    cache = jax.eval_shape(lambda: init_cache(cfg, batch, context))
+    layout = make_layout(None, batch, context, CPU_PAGE_SIZE)
+    cache = abstract_cache(cfg, layout, batch, layout.pages_for(context))
     tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
     start = time.perf_counter()
-    lowered = step.lower(graphdef, state, tok, tok, cache, cfg, jnp.bfloat16, context)
+    lowered = step.lower(graphdef, state, tok, tok, cache, cfg, jnp.bfloat16)
     lowered_s = time.perf_counter() - start
     compiled = lowered.compile()
     mem = compiled.memory_analysis()
@@ -39,7 +40,7 @@ def compile_decode(cfg: k2jax.K2Config, batch: int, context: int) -> dict[str, f
         "lower_s": lowered_s,
         "compile_s": time.perf_counter() - start - lowered_s,
         "params_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)),
-        "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)),
+        "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.pool)),
         "temp_bytes": mem.temp_size_in_bytes,
         "alias_bytes": mem.alias_size_in_bytes,
     }

@@ -2,17 +2,18 @@
 
     k2jax-plan --preset kimi-k2-thinking --topology v5p:4x4x4 --batch 64 --context 131072
 
-Devices come from jax.experimental.topologies (no accelerator needed); parameters, cache and tokens are
-ShapeDtypeStructs placed by sharding.rules, so the compiled decode step (and a prefill chunk) is the
-program a real pod would run. Prints per-device bytes for weights, cache and compiler temporaries against
-the chip's HBM, the largest batch x context that fits, the bandwidth floor of a decode step, and whether
-the step copies the cache or the expert stack.
+Devices come from jax.experimental.topologies (no accelerator needed); parameters, the page pool and tokens
+are ShapeDtypeStructs placed by sharding.rules, so the compiled decode step (and a prefill chunk) is the
+program a real pod would run. Prints per-device bytes for weights, the pool and compiler temporaries against
+the chip's HBM, the KV tokens that fit in the pages left free, the bandwidth floor of a decode step, and
+whether a step moves cache bytes (a copy, slice or gather of one layer's pages or more) or the expert stack.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -25,14 +26,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from k2jax.cache import PoolLayout, abstract_cache, default_page_size, make_layout
 from k2jax.config import K2Config, preset
 from k2jax.engine import PREFILL_CHUNK, step
 from k2jax.loading import abstract_model
-from k2jax.model import CACHE_AXES, init_cache
 from sharding.mesh import mesh_from_devices
 from sharding.rules import named_sharding, partition_spec, shard_bytes
 
 GIB = 1 << 30
+SHORT_CONTEXT = 8192  # the prefill chunk is also compiled at this context: its temp must not grow with context
 # device_kind -> (HBM bytes, HBM bytes per second), from the vendors' spec sheets.
 CHIPS: dict[str, tuple[int, float]] = {
     "TPU v4": (32 * GIB, 1.2e12),
@@ -40,6 +42,8 @@ CHIPS: dict[str, tuple[int, float]] = {
     "TPU v5": (95 * GIB, 2.765e12),
     "TPU v6 lite": (32 * GIB, 1.64e12),
 }
+MOVES = ("copy", "copy-start", "dynamic-slice", "gather", "all-gather", "all-gather-start", "all-to-all",
+         "collective-permute", "collective-permute-start")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +55,7 @@ class Compiled:
     alias: int
     temp: int
     compile_s: float
-    cache_copies: int
+    cache_moves: int
     expert_copies: int
     error: str = ""
 
@@ -80,13 +84,6 @@ def abstract_state(cfg: K2Config, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, jax.tree.map(place, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def abstract_cache(cfg: K2Config, mesh: Mesh, batch: int, context: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The latent cache as ShapeDtypeStructs, split by the rules for CACHE_AXES."""
-    shapes = jax.eval_shape(lambda: init_cache(cfg, batch, context))
-    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(
-        mesh, partition_spec(CACHE_AXES, mesh, s.shape))) for k, s in shapes.items()}
-
-
 def abstract_tokens(mesh: Mesh, batch: int, length: int) -> jax.ShapeDtypeStruct:
     """int32 [batch, length] token ids (or positions), rows split like the cache's."""
     spec = partition_spec(("batch", None), mesh, (batch, length))
@@ -104,29 +101,44 @@ def hlo_copies(hlo: str, shape: Sequence[int], dtype: str) -> int:
     return len(pattern.findall(hlo))
 
 
+def hlo_moves(hlo: str, min_bytes: int) -> list[str]:
+    """Instructions that copy, slice, gather or exchange a result of min_bytes or more (each as its HLO line)."""
+    itemsize = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+    pattern = re.compile(r"= \(?(\w+)\[([\d,]*)\][^ ]* ([\w-]+)\(")
+    moves = []
+    for line in hlo.splitlines():
+        m = pattern.search(line)
+        if m and m[3] in MOVES and m[1] in itemsize:
+            size = math.prod(int(d) for d in m[2].split(",") if d) * itemsize[m[1]]
+            if size >= min_bytes:
+                moves.append(line.strip())
+    return moves
+
+
 def short_error(message: str) -> str:
     """A compiler error in a few words: 'out of HBM (needs X of Y)' or its first line."""
     hbm = re.search(r"temporaries \(([^)]*)\) exceeds available HBM \(([^)]*)\)", message)
     return f"out of HBM (needs {hbm[1]} of {hbm[2]})" if hbm else message.splitlines()[0][:120]
 
 
-def compile_step(cfg: K2Config, mesh: Mesh, batch: int, tokens: int, context: int) -> Compiled:
-    """Compile engine.step for [batch, tokens] new tokens over a cache of `context` positions."""
+def compile_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, tokens: int, context: int) -> Compiled:
+    """Compile engine.step for [rows, tokens] new tokens whose page tables cover `context` positions."""
     graphdef, state = abstract_state(cfg, mesh)
-    cache = abstract_cache(cfg, mesh, batch, context)
-    tok = abstract_tokens(mesh, batch, tokens)
-    local_cache = cache["moe"].sharding.shard_shape(cache["moe"].shape)
+    cache = abstract_cache(cfg, layout, rows, layout.pages_for(context), jnp.bfloat16, mesh)
+    tok = abstract_tokens(mesh, rows, tokens)
+    pool = cache.pool["moe"]
+    layer_bytes = math.prod(pool.sharding.shard_shape(pool.shape)[1:]) * pool.dtype.itemsize
     packed = state["moe_layers"]["mlp"]["gate"]["packed"].get_value()
     start = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
-            compiled = step.lower(graphdef, state, tok, tok, cache, cfg, jnp.bfloat16, context).compile()
+            compiled = step.lower(graphdef, state, tok, tok, cache, cfg, jnp.bfloat16).compile()
     except Exception as e:  # noqa: BLE001 - a compiler refusal (e.g. out of HBM) is a result to report
         return Compiled(0, 0, 0, 0, time.perf_counter() - start, 0, 0, error=short_error(str(e)))
     seconds = time.perf_counter() - start
     mem, hlo = compiled.memory_analysis(), compiled.as_text()
     return Compiled(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
-                    mem.temp_size_in_bytes, seconds, hlo_copies(hlo, local_cache, "bf16"),
+                    mem.temp_size_in_bytes, seconds, len(hlo_moves(hlo, layer_bytes)),
                     hlo_copies(hlo, packed.sharding.shard_shape(packed.shape), "u8"))
 
 
@@ -137,26 +149,36 @@ def expected_active(n_tokens: int, top_k: int, n_experts: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Footprint:
-    """Per-device bytes of weights (routed experts among them) and cache on a mesh, before any compile."""
+    """Per-device bytes of weights (routed experts among them) and of the pool for a batch x context, before compiling."""
 
     weights: int
     experts: int
     cache: int
-    rows_per_device: int
 
     def step_read(self, cfg: K2Config, tokens_per_group: int) -> float:
-        """Bytes a decode step reads per device: dense weights, the experts its tokens pick, the whole cache."""
+        """Bytes a decode step reads per device: dense weights, the experts its tokens pick, its pages."""
         active = expected_active(tokens_per_group, cfg.num_experts_per_tok, cfg.n_routed_experts)
         return self.weights - self.experts + active * self.experts + self.cache
 
 
-def footprint(cfg: K2Config, mesh: Mesh, batch: int, context: int) -> Footprint:
-    """Weights and cache per device for this mesh, batch and context, placed by the rules."""
+def footprint(cfg: K2Config, mesh: Mesh, layout: PoolLayout) -> Footprint:
+    """Weights and pool per device for this mesh and layout, placed by the rules."""
     _, state = abstract_state(cfg, mesh)
     flat = [(v.get_metadata()["axes"], v.get_value()) for _, v in nnx.to_flat_state(state)]
-    cache = abstract_cache(cfg, mesh, batch, context)
+    pool = abstract_cache(cfg, layout, 1, 1, jnp.bfloat16, mesh).pool
     return Footprint(per_device_bytes([x for _, x in flat]), per_device_bytes([x for a, x in flat if "experts" in a]),
-                     per_device_bytes(cache), cache["moe"].sharding.shard_shape(cache["moe"].shape)[1])
+                     per_device_bytes(pool))
+
+
+def token_bytes(cfg: K2Config) -> int:
+    """Bytes one cached token takes (all layers, bf16), on the one device that holds it."""
+    return cfg.num_hidden_layers * cfg.cache_lanes * 2
+
+
+def kv_tokens(cfg: K2Config, free_per_device: float, n_devices: int, page_size: int) -> int:
+    """Tokens whose pages fit in `free_per_device` bytes on every device (whole pages)."""
+    pages = int(max(free_per_device, 0) // (token_bytes(cfg) * page_size))
+    return pages * page_size * n_devices
 
 
 def candidate_specs(n_devices: int, n_experts: int) -> list[str]:
@@ -171,45 +193,54 @@ def candidate_specs(n_devices: int, n_experts: int) -> list[str]:
     return specs
 
 
-def choose_mesh(cfg: K2Config, devices: Sequence[Any], batch: int, context: int, hbm: int) -> str:
-    """The candidate mesh whose weights and cache fit 90% of HBM with the lowest bandwidth floor (else the smallest)."""
+def choose_mesh(cfg: K2Config, devices: Sequence[Any], batch: int, context: int, hbm: int, bandwidth: float,
+                page_size: int, max_floor_ms: float | None = None) -> str:
+    """The candidate mesh that leaves the most KV tokens in 90% of HBM, among those whose decode bandwidth floor
+    is within max_floor_ms (all when None); ties go to the lower floor."""
     scored = []
     for spec in candidate_specs(len(devices), cfg.n_routed_experts):
         mesh = mesh_from_devices(devices, spec)
         try:
-            f = footprint(cfg, mesh, batch, context)
+            f = footprint(cfg, mesh, make_layout(mesh, batch, context, page_size))
         except ValueError:  # a dimension that does not divide over this mesh
             continue
-        need = f.weights + f.cache
-        scored.append((need > 0.9 * hbm, f.step_read(cfg, batch // mesh.shape.get("data", 1)) if need <= 0.9 * hbm
-                       else need, spec))
-    return min(scored)[2]
+        floor_ms = 1e3 * f.step_read(cfg, batch // mesh.shape.get("data", 1)) / bandwidth if bandwidth else 0.0
+        tokens = kv_tokens(cfg, 0.9 * hbm - f.weights, len(devices), page_size)
+        scored.append((max_floor_ms is not None and floor_ms > max_floor_ms, -tokens, floor_ms, spec))
+    return min(scored)[-1]
 
 
 def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: int, prefill_chunk: int,
-         hbm: int | None = None, bandwidth: float | None = None) -> dict[str, Any]:
-    """Compile decode (and a prefill chunk) on this mesh; per-device bytes, fit, capacity and time floor.
+         hbm: int | None = None, bandwidth: float | None = None, page_size: int | None = None) -> dict[str, Any]:
+    """Compile decode (and a prefill chunk) on this mesh; per-device bytes, fit, KV tokens and time floor.
 
-    The prefill chunk is the worst one: `prefill_chunk` new tokens in one row per batch shard, at the last
-    position of the context. Capacity figures hold the decode step's temporaries fixed.
+    The prefill chunk is one row's `prefill_chunk` new tokens with a page table covering the whole context (as a
+    server prefills), compiled again at SHORT_CONTEXT to show its temporaries do not grow with the context.
+    KV tokens count the pages that fit beside the weights and the larger of the two programs' temporaries.
     """
     mesh = mesh_from_devices(devices, spec)
     chip_hbm, chip_bw = CHIPS.get(devices[0].device_kind, (0, 0.0))
     hbm, bandwidth = hbm or chip_hbm, bandwidth or chip_bw
-    f = footprint(cfg, mesh, batch, context)
-    shards = batch // f.rows_per_device
-    decode = compile_step(cfg, mesh, batch, 1, context)
-    prefill = compile_step(cfg, mesh, shards, prefill_chunk, context) if prefill_chunk else None
-    token_bytes = f.cache / (f.rows_per_device * context)  # per cached token of a row this device holds
-    free = hbm - (decode.total - f.cache if not decode.error else f.weights)  # room for the cache
-    max_context = int(free // (token_bytes * f.rows_per_device)) if free > 0 else 0
+    page_size = page_size or default_page_size(devices[0].platform)
+    layout = make_layout(mesh, batch, context, page_size)
+    f = footprint(cfg, mesh, layout)
+    decode = compile_step(cfg, mesh, layout, batch, 1, context)
+    prefill = prefill_short = None
+    if prefill_chunk:
+        prefill = compile_step(cfg, mesh, layout, 1, prefill_chunk, context)
+        short = min(context, SHORT_CONTEXT)
+        prefill_short = compile_step(cfg, mesh, make_layout(mesh, batch, short, page_size), 1, prefill_chunk, short)
+    temp = max([decode.temp] + [p.temp for p in (prefill, prefill_short) if p is not None])
+    free = hbm - f.weights - temp - (decode.argument - f.weights - f.cache)  # pages fit in what is left
+    tokens = kv_tokens(cfg, free, len(devices), page_size) if not decode.error else 0
     step_read = f.step_read(cfg, batch // mesh.shape.get("data", 1))
     return {
         "topology": f"{devices[0].device_kind} x{len(devices)}", "mesh": spec, "batch": batch, "context": context,
-        "hbm": hbm, "weights": f.weights, "experts": f.experts, "cache": f.cache, "decode": decode,
-        "prefill": prefill, "fits": not decode.error and decode.total <= hbm,
-        "max_context": min(max_context, cfg.max_position_embeddings),
-        "max_batch": int(free // (token_bytes * context)) * shards if free > 0 else 0,
+        "page_size": page_size, "hbm": hbm, "weights": f.weights, "experts": f.experts, "cache": f.cache,
+        "decode": decode, "prefill": prefill, "prefill_short": prefill_short,
+        "fits": not decode.error and decode.total + temp - decode.temp <= hbm,
+        "kv_tokens": tokens, "max_batch": tokens // context, "max_context": min(tokens // batch,
+                                                                                 cfg.max_position_embeddings),
         "floor_ms": 1e3 * step_read / bandwidth if bandwidth else float("nan"),
     }
 
@@ -219,22 +250,34 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f}"
 
 
+def _temp(c: Compiled | None) -> str:
+    """A program's temp GB (compile s), its error, or '-' when not compiled."""
+    return "-" if c is None else f"error: {c.error}" if c.error else f"{_gb(c.temp)} ({c.compile_s:.0f})"
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of plans, one row each."""
-    head = ("| topology | mesh | batch x context | HBM GB | weights GB (experts) | cache GB | decode temp GB | "
-            "decode total GB | fits | max context @batch | max batch @context | floor ms/step | cache copied | "
-            "expert stack copied | decode compile s | prefill chunk at full context: temp GB (compile s) |")
+    head = ("| topology | mesh | batch x context | HBM GB | weights GB (experts) | pool GB | decode temp GB | "
+            "decode total GB | fits | KV tokens that fit | max batch @context | max context @batch | floor ms/step | "
+            "cache moved | expert stack copied | decode compile s | prefill chunk temp GB (compile s) | "
+            f"same at context {SHORT_CONTEXT} |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        d, p = r["decode"], r["prefill"]
-        pre = "-" if p is None else (f"error: {p.error}" if p.error else f"{_gb(p.temp)} ({p.compile_s:.0f})")
+        d, p, ps = r["decode"], r["prefill"], r["prefill_short"]
+        moved = sum(c.cache_moves for c in (d, p, ps) if c is not None)
         dec = f"error: {d.error}" if d.error else _gb(d.total)
         lines.append(
             f"| {r['topology']} | {r['mesh']} | {r['batch']} x {r['context']} | {_gb(r['hbm'])} | "
             f"{_gb(r['weights'])} ({_gb(r['experts'])}) | {_gb(r['cache'])} | {_gb(d.temp)} | {dec} | "
-            f"{'yes' if r['fits'] else 'no'} | {r['max_context']} | {r['max_batch']} | {r['floor_ms']:.2f} | "
-            f"{'yes' if d.cache_copies else 'no'} | {'yes' if d.expert_copies else 'no'} | {d.compile_s:.1f} | {pre} |")
+            f"{'yes' if r['fits'] else 'no'} | {r['kv_tokens']:,} | {r['max_batch']} | {r['max_context']} | "
+            f"{r['floor_ms']:.2f} | {'yes' if moved else 'no'} | {'yes' if d.expert_copies else 'no'} | "
+            f"{d.compile_s:.1f} | {_temp(p)} | {_temp(ps)} |")
     return "\n".join(lines)
+
+
+def as_json(r: dict[str, Any]) -> dict[str, Any]:
+    """A plan with its compiled programs as plain dicts (for --json)."""
+    return {k: dataclasses.asdict(v) if isinstance(v, Compiled) else v for k, v in r.items()}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -245,19 +288,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--topology", action="append", required=True,
                     help="topology name known to jax.experimental.topologies, e.g. v5p:2x4x4 (repeatable)")
     ap.add_argument("--platform", default="tpu")
-    ap.add_argument("--mesh", help="mesh spec such as expert=32,tensor=2 (default: the candidate that fits with "
-                    "the lowest bandwidth floor)")
+    ap.add_argument("--mesh", help="mesh spec such as expert=32,tensor=2 (default: the candidate that leaves the "
+                    "most KV tokens within --max-floor-ms)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="0 skips the prefill compile")
+    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="0 skips the prefill compiles")
+    ap.add_argument("--page-size", type=int, help="tokens per cache page (default: the backend's kernel page)")
+    ap.add_argument("--max-floor-ms", type=float, help="only meshes whose decode bandwidth floor is within this")
     ap.add_argument("--layers", type=int, help="override num_hidden_layers (quick checks)")
     ap.add_argument("--hbm-gib", type=float, help="HBM per device when the chip is not in the table")
     ap.add_argument("--bandwidth-gbs", type=float, help="HBM GB/s per device when the chip is not in the table")
+    ap.add_argument("--json", action="store_true", help="print the plans as JSON instead of a table")
     return ap.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Plan each topology and print the table."""
+    """Plan each topology and print the table (or JSON)."""
     args = parse_args(argv)
     os.environ.setdefault("K2JAX_KERNELS", "pallas")  # the target's kernels, not this host's XLA fallbacks
     cfg = K2Config.from_json(args.config) if args.config else preset(args.preset)
@@ -266,14 +312,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for name in args.topology:
         devices = topology_devices(name, args.platform)
-        hbm = int(args.hbm_gib * GIB) if args.hbm_gib else CHIPS.get(devices[0].device_kind, (0, 0.0))[0]
+        chip_hbm, chip_bw = CHIPS.get(devices[0].device_kind, (0, 0.0))
+        hbm = int(args.hbm_gib * GIB) if args.hbm_gib else chip_hbm
+        bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else chip_bw
         if not hbm:
             raise SystemExit(f"k2jax-plan: unknown chip {devices[0].device_kind!r}: pass --hbm-gib and --bandwidth-gbs")
-        spec = args.mesh or choose_mesh(cfg, devices, args.batch, args.context, hbm)
+        page_size = args.page_size or default_page_size(devices[0].platform)
+        spec = args.mesh or choose_mesh(cfg, devices, args.batch, args.context, hbm, bandwidth, page_size,
+                                        args.max_floor_ms)
         rows.append(plan(cfg, devices, spec, args.batch, args.context, args.prefill_chunk, hbm=hbm,
-                         bandwidth=args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else None))
-        print(f"planned {name}: {spec}", flush=True)
-    print(table(rows))
+                         bandwidth=bandwidth, page_size=page_size))
+        if not args.json:
+            print(f"planned {name}: {spec}", flush=True)
+    print(json.dumps([as_json(r) for r in rows], indent=1) if args.json else table(rows))
     return 0 if all(r["fits"] for r in rows) else 1
 
 

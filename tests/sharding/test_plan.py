@@ -24,7 +24,7 @@ cfg = {CFG!r}
 r = plan.plan(cfg, plan.topology_devices("v5e:2x2"), "expert=4", batch=8, context=2048, prefill_chunk=0)
 print(plan.table([r]))
 d = r["decode"]
-print("RESULT", r["fits"], d.error == "", d.cache_copies, d.expert_copies, d.temp < r["cache"], r["max_batch"] >= 8)
+print("RESULT", r["fits"], d.error == "", d.cache_moves, d.expert_copies, d.temp < r["cache"], r["max_batch"] >= 8)
 """
 
 
