@@ -1,12 +1,14 @@
 """Sharded vs single-device runs of a tiny INT4 model; run as a subprocess, prints one `RESULT {json}` line.
 
 `meshes SPEC...`: one process with 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8).
+`kernels SPEC...`: the same, generating through each attention kernel flavour (Pallas interpreter) on every mesh.
 `distributed COORDINATOR NUM_PROCESSES PROCESS_ID SPEC`: one of several jax.distributed processes, 2 CPU devices each.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import jax
@@ -90,6 +92,35 @@ def meshes(specs: list[str]) -> dict:
     return out
 
 
+def kernels(specs: list[str]) -> dict:
+    """Greedy tokens and log-probs through each kernel flavour on each mesh, against the single-device XLA path.
+
+    Prompts of different lengths, each forked into two rows sharing its whole pages (8 rows: rows split over
+    the batch axes), and one prompt alone (2 rows: its pages split over the other axes); 4-token pages,
+    8-token prefill chunks.
+    """
+    engine.PREFILL_CHUNK = 8
+    graphdef, state = tiny_model()
+    ids = prompts()
+    batches = {"rows": [ids[i, : 3 + 2 * i].tolist() for i in range(4)], "positions": [ids[4].tolist()]}
+
+    def run(model: Model, batch: list[list[int]], mode: str) -> engine.GenerateOutput:
+        os.environ["K2JAX_KERNELS"] = mode
+        jax.clear_caches()
+        return model.generate(batch, max_new_tokens=NEW, n=2, logprobs=True)
+
+    ref = {name: run(Model(CFG, graphdef, state, page_size=4), batch, "xla") for name, batch in batches.items()}
+    out = {}
+    for spec in specs:
+        model = Model(CFG, graphdef, place(state, mesh_lib.make_mesh(spec)), page_size=4)
+        for mode in ("xla", "interpret", "interpret-triton"):
+            for name, batch in batches.items():
+                got = run(model, batch, mode)
+                err = max(float(np.abs(np.subtract(a, b)).max()) for a, b in zip(got.logprobs, ref[name].logprobs))
+                out[f"{spec} {mode} {name}"] = {"tokens_equal": got.ids == ref[name].ids, "logprob_err": err}
+    return out
+
+
 def host_value(x: jax.Array) -> np.ndarray:
     """The whole value of an array on this host, gathering blocks other processes hold."""
     return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
@@ -132,6 +163,8 @@ if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "meshes":
         res = meshes(args)
+    elif mode == "kernels":
+        res = kernels(args)
     else:
         res = distributed(args[0], int(args[1]), int(args[2]), args[3])
     print("RESULT " + json.dumps(res), flush=True)

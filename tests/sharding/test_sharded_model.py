@@ -60,6 +60,18 @@ def test_mesh_matches_single_device(mesh_results, spec, experts, split, few_rows
     assert r["split"] == split and r["few_rows_split"] == few_rows_split
 
 
+def test_kernels_on_meshes_match_one_device():
+    """Rows split, positions split, and both, through the Mosaic and Triton attention kernels (interpreted)."""
+    specs = ["expert=8", "data=2,expert=2,tensor=2"]
+    proc = subprocess.run([sys.executable, str(WORKER), "kernels", *specs], capture_output=True, text=True,
+                          timeout=TIMEOUT_S, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = _result(proc.stdout)
+    assert len(results) == 2 * 3 * 2
+    for name, r in results.items():
+        assert r["tokens_equal"] and r["logprob_err"] < 1e-4, (name, r)
+
+
 def test_two_processes_match_one():
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(WORKER), "distributed", f"127.0.0.1:{port}", "2", str(i),
