@@ -1,0 +1,153 @@
+"""Ragged paged MLA kernels, Mosaic and Triton (Pallas interpreter on CPU), against the plain-jnp reference,
+and the reference against a dense numpy softmax attention."""
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_testutils import random_normal
+
+from pallas_kernels import ragged_mla as K
+
+# o: float32 convex combinations of N(0,1) cache values (|o| <~ 4). fp32: only the summation order differs.
+# bf16: both sides see the same bf16 inputs with fp32 products; the kernels round the probabilities to bf16
+# before p @ c_kv (2^-9 relative per weight, so |error| <= 2^-9 * max|c_kv| ~ 1e-2 at worst).
+O_ATOL = {jnp.float32: 2e-5, jnp.bfloat16: 1e-2}
+# lse: scores |s| <~ 30 summed over <= 640 fp32 products, and l from unrounded fp32 probabilities: 1e-4.
+LSE_ATOL = 1e-4
+KERNELS = {"mosaic": K.ragged_mla, "triton": K.ragged_mla_triton}
+
+
+def _pool_and_tables(rng, *, kv_len, q_start, n, width, layers, layer, dims, dtype, page_first=0, stride=1):
+    """A NaN-filled pool [L, P, N, C] whose rows' pages hold random latents (zero padding lanes) below kv_len;
+    rows get shuffled, non-contiguous page ids and random garbage (often NaN pages) past their pages."""
+    r, p, c = dims
+    kv_len = np.asarray(kv_len, np.int32)
+    needed = [-(-max(-(-int(length) // n) - page_first, 0) // stride) for length in kv_len]
+    pages = 2 * sum(needed) + 4
+    ids = rng.permutation(pages)
+    table = rng.integers(0, pages, size=(len(kv_len), width)).astype(np.int32)
+    pool = np.full((layers, pages, n, c), np.nan, np.float32)
+    used = 0
+    for b, count in enumerate(needed):
+        table[b, :count] = ids[used:used + count]
+        used += count
+        for m in range(count):
+            pos = (page_first + m * stride) * n + np.arange(n)
+            page = np.zeros((n, c), np.float32)
+            page[:, :r + p] = rng.standard_normal((n, r + p))
+            pool[layer, table[b, m]] = np.where((pos < kv_len[b])[:, None], page, np.nan)
+    return jnp.asarray(pool, dtype), jnp.asarray(table), jnp.asarray(kv_len), jnp.asarray(q_start, jnp.int32)
+
+
+def _queries(rng, b, t, h, dims, dtype):
+    """Absorbed queries laid out like the cache lanes: random in [0, R+P), zeros after."""
+    r, p, c = dims
+    return random_normal(rng, (b, t, h, c), dtype).at[..., r + p:].set(0)
+
+
+def _assert_close(got, ref, dtype):
+    """o within O_ATOL everywhere; lse -inf exactly where the reference's is, else within LSE_ATOL."""
+    (o, lse), (o_ref, lse_ref) = got, ref
+    assert o.dtype == jnp.float32 and lse.dtype == jnp.float32 and o.shape == o_ref.shape
+    o, lse, o_ref, lse_ref = (np.asarray(a) for a in (o, lse, o_ref, lse_ref))
+    assert np.isfinite(o).all()
+    np.testing.assert_allclose(o, o_ref, atol=O_ATOL[dtype], rtol=0)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_ref))
+    assert not np.isnan(lse).any() and not np.isposinf(lse).any()
+    seen = np.isfinite(lse_ref)
+    np.testing.assert_allclose(lse[seen], lse_ref[seen], atol=LSE_ATOL, rtol=0)
+    assert not o_ref[~seen].any() and not o[~seen].any()
+
+
+CASES = {
+    # T, H, N, table width, kv_len, q_start, dims (R, P, C), Mosaic tuning
+    "decode": (1, 8, 16, 8, [37, 0, 16, 100], [36, 0, 15, 99], (64, 32, 128), {}),
+    # first chunk; a chunk crossing the page boundary at 24 whose last 4 queries pad past kv_len; an idle row.
+    "prefill": (12, 4, 8, 6, [12, 29, 0], [0, 21, 0], (64, 32, 128), dict(block_t=4, pages_per_block=2)),
+    "decode-split": (1, 16, 8, 32, [150], [149], (64, 32, 128), dict(pages_per_block=2, num_splits=3)),
+    "k2-lanes": (3, 8, 16, 4, [40, 7], [37, 4], (512, 64, 640), {}),
+}
+
+
+@pytest.mark.parametrize("kernel", ["mosaic", "triton"])
+@pytest.mark.parametrize("case,dtype", [("decode", jnp.bfloat16), ("prefill", jnp.float32), ("prefill", jnp.bfloat16),
+                                        ("decode-split", jnp.float32), ("k2-lanes", jnp.bfloat16)])
+def test_matches_reference(rng, case, dtype, kernel):
+    t, h, n, width, kv_len, q_start, dims, tuning = CASES[case]
+    layer = int(rng.integers(0, 3))
+    kv, table, kv_len, q_start = _pool_and_tables(rng, kv_len=kv_len, q_start=q_start, n=n, width=width,
+                                                  layers=3, layer=layer, dims=dims, dtype=dtype)
+    q = _queries(rng, len(kv_len), t, h, dims, dtype)
+    args = (q, kv, table, kv_len, q_start, jnp.int32(layer), jnp.int32(0))
+    kw = dict(sm_scale=float(rng.uniform(0.05, 0.2)), rank=dims[0])
+    got = KERNELS[kernel](*args, **kw, interpret=True, **(tuning if kernel == "mosaic" else {}))
+    _assert_close(got, K.ragged_mla_reference(*args, **kw), dtype)
+
+
+@pytest.mark.parametrize("kernel", ["mosaic", "triton"])
+def test_position_shards_combine_to_the_whole(rng, kernel):
+    """Each of 3 position shards gets its strided slice of the table; lse-weighted shard outputs equal the whole.
+    Row 1's 2 pages leave shard 2 with nothing to see (lse -inf), as short sequences do under a split."""
+    stride, n, width, t, h, dims = 3, 8, 12, 6, 4, (64, 32, 128)
+    kv, table, kv_len, q_start = _pool_and_tables(rng, kv_len=[70, 10], q_start=[64, 4], n=n, width=width,
+                                                  layers=2, layer=1, dims=dims, dtype=jnp.float32)
+    q = _queries(rng, 2, t, h, dims, jnp.float32)
+    kw = dict(sm_scale=0.15, rank=dims[0])
+    run = functools.partial(KERNELS[kernel], interpret=True, **kw)
+    shards = [run(q, kv, table[:, s::stride], kv_len, q_start, jnp.int32(1), jnp.int32(s), page_stride=stride)
+              for s in range(stride)]
+    assert np.isneginf(np.asarray(shards[2][1])[1]).all()
+    lse_sBTH = np.stack([np.asarray(lse) for _, lse in shards])
+    w_sBTH = np.exp(lse_sBTH - lse_sBTH.max(axis=0))
+    o = sum(w[..., None] * np.asarray(o) for w, (o, _) in zip(w_sBTH, shards)) / w_sBTH.sum(axis=0)[..., None]
+    lse = lse_sBTH.max(axis=0) + np.log(w_sBTH.sum(axis=0))
+    whole = K.ragged_mla_reference(q, kv, table, kv_len, q_start, jnp.int32(1), jnp.int32(0), **kw)
+    _assert_close((jnp.asarray(o), jnp.asarray(lse)), whole, jnp.float32)
+
+
+def test_reference_against_dense_numpy(rng):
+    """The reference against float64 numpy softmax over a dense cache built by placing the pages at their
+    positions (shard 1 of 2: pages at positions 4..7, 12..15, ...), with a query that sees none of them."""
+    n, r, p, c, first, stride, t = 4, 8, 4, 16, 1, 2, 3
+    kv, table, kv_len, q_start = _pool_and_tables(rng, kv_len=[18, 6], q_start=[15, 2], n=n, width=5,
+                                                  layers=2, layer=1, dims=(r, p, c), dtype=jnp.float32,
+                                                  page_first=first, stride=stride)
+    q = _queries(rng, 2, t, 2, (r, p, c), jnp.float32)
+    o, lse = K.ragged_mla_reference(q, kv, table, kv_len, q_start, jnp.int32(1), jnp.int32(first), sm_scale=0.3,
+                                    rank=r, page_stride=stride)
+    pool, q64, table = np.asarray(kv, np.float64)[1], np.asarray(q, np.float64), np.asarray(table)
+    for b in range(2):
+        dense = {}
+        for m in range(table.shape[1]):
+            for k in range(n):
+                dense[(first + m * stride) * n + k] = pool[table[b, m], k]
+        for ti in range(t):
+            keys = [pos for pos in sorted(dense) if pos < kv_len[b] and pos <= q_start[b] + ti]
+            if not keys:
+                assert np.isneginf(np.asarray(lse)[b, ti]).all() and not np.asarray(o)[b, ti].any()
+                continue
+            kv_SC = np.stack([dense[pos] for pos in keys])
+            s_HS = q64[b, ti, :, :r + p] @ kv_SC[:, :r + p].T * 0.3
+            e_HS = np.exp(s_HS - s_HS.max(-1, keepdims=True))
+            np.testing.assert_allclose(np.asarray(o)[b, ti], e_HS @ kv_SC[:, :r] / e_HS.sum(-1, keepdims=True),
+                                       atol=1e-5)
+            np.testing.assert_allclose(np.asarray(lse)[b, ti], s_HS.max(-1) + np.log(e_HS.sum(-1)), atol=1e-5)
+    assert np.isneginf(np.asarray(lse)[1, 0]).all()
+
+
+def test_bad_shapes_are_named():
+    q = jnp.zeros((2, 1, 4, 128))
+    kv = jnp.zeros((1, 8, 8, 128))
+    ok = (jnp.zeros((2, 3), jnp.int32), jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32), 0, 0)
+    with pytest.raises(ValueError, match="kv_LPNC"):
+        K.ragged_mla_reference(q, jnp.zeros((1, 8, 8, 96)), *ok, sm_scale=0.1, rank=64)
+    with pytest.raises(ValueError, match="power of two"):
+        K.ragged_mla_reference(q, jnp.zeros((1, 8, 6, 128)), *ok, sm_scale=0.1, rank=64)
+    with pytest.raises(ValueError, match="table_BM"):
+        K.ragged_mla_reference(q, kv, jnp.zeros((3, 3), jnp.int32), *ok[1:], sm_scale=0.1, rank=64)
+    with pytest.raises(ValueError, match="kv_len_B"):
+        K.ragged_mla_reference(q, kv, ok[0], jnp.zeros(3, jnp.int32), *ok[2:], sm_scale=0.1, rank=64)
+    with pytest.raises(ValueError, match="powers of two"):
+        K.ragged_mla_triton(q, kv, *ok, sm_scale=0.1, rank=48, interpret=True)
