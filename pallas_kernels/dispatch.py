@@ -22,7 +22,7 @@ from pallas_kernels import mla_decode as mla_decode_kernels
 from pallas_kernels import ragged_mla as ragged_mla_kernels
 
 ENV_VAR = "K2JAX_KERNELS"
-MODES = ("pallas", "native", "xla", "interpret")
+MODES = ("pallas", "native", "xla", "interpret", "interpret-triton")
 PALLAS_BACKENDS = ("tpu", "gpu")
 
 
@@ -145,6 +145,12 @@ def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, layer
 
 def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first, *, sm_scale: float, rank: int,
                page_stride: int = 1):
-    """Ragged paged MLA attention -> (o [B, T, H, rank] f32, lse [B, T, H] f32) (placeholder: reference only)."""
-    return ragged_mla_kernels.ragged_mla_reference(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first,
-                                                   sm_scale=sm_scale, rank=rank, page_stride=page_stride)
+    """Ragged paged MLA attention -> (o [B, T, H, rank] f32, lse [B, T, H] f32), on the chosen path."""
+    mode = kernel_mode()
+    args = (q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first)
+    kw = dict(sm_scale=sm_scale, rank=rank, page_stride=page_stride)
+    if mode in ("xla", "native"):
+        return ragged_mla_kernels.ragged_mla_reference(*args, **kw)
+    triton = mode == "interpret-triton" or (mode == "pallas" and _uses_triton())
+    kernel = ragged_mla_kernels.ragged_mla_triton if triton else ragged_mla_kernels.ragged_mla
+    return kernel(*args, **kw, interpret=mode.startswith("interpret"))
