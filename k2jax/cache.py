@@ -133,7 +133,7 @@ class PagedCache:
 
 def abstract_cache(cfg: K2Config, layout: PoolLayout, rows: int, width: int, dtype: Any = jnp.bfloat16,
                    mesh: Mesh | None = None) -> PagedCache:
-    """ShapeDtypeStructs of a PagedCache over `rows` rows with `width`-page tables (for compiling, nothing allocated)."""
+    """ShapeDtypeStructs of a PagedCache over `rows` rows with `width`-page tables (to compile; nothing allocated)."""
     def sds(shape: tuple[int, ...], dt: Any, sharding: NamedSharding | None = None) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
 
@@ -254,7 +254,8 @@ class PageAllocator:
         if freed.size:
             raise RuntimeError(f"page {freed[0]} is listed by a row's table but was freed")
         if not np.array_equal(counts, self.refs):
-            raise RuntimeError(f"page ref-counts disagree with the tables at page {np.flatnonzero(counts != self.refs)[0]}")
+            bad = np.flatnonzero(counts != self.refs)[0]
+            raise RuntimeError(f"page ref-counts disagree with the tables at page {bad}")
         free = [p for f in self._free for p in f]
         if len(set(free)) != len(free) or (self.refs[free] != 0).any():
             raise RuntimeError("a page is on a free list twice, or both free and held")

@@ -226,7 +226,8 @@ class Model:
         for row, length in zip(firsts, lengths):
             pages.reserve(row, int(length))
         pool, last_BV = self._prefill(ids, lengths, pages, pool, firsts)
-        copies = [c for row, length in zip(firsts, lengths) for j in range(1, n) for c in pages.fork(row, row + j, length)]
+        copies = [c for row, length in zip(firsts, lengths) for j in range(1, n)
+                  for c in pages.fork(row, row + j, int(length))]
         if copies:
             src, dst = np.array(copies, np.int32).T
             pool = copy_pages(pool, jnp.asarray(src), jnp.asarray(dst))

@@ -57,6 +57,7 @@ class Compiled:
     compile_s: float
     cache_moves: int
     expert_copies: int
+    attention_kernels: int = 0
     error: str = ""
 
     @property
@@ -115,6 +116,11 @@ def hlo_moves(hlo: str, min_bytes: int) -> list[str]:
     return moves
 
 
+def kernel_calls(hlo: str, name: str) -> int:
+    """Custom calls of the Pallas kernel `name` (the pallas_call's name) in compiled HLO."""
+    return len(re.findall(rf"%{name}[\w.]* = [^\n]* custom-call\(", hlo))
+
+
 def short_error(message: str) -> str:
     """A compiler error in a few words: 'out of HBM (needs X of Y)' or its first line."""
     hbm = re.search(r"temporaries \(([^)]*)\) exceeds available HBM \(([^)]*)\)", message)
@@ -139,7 +145,7 @@ def compile_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, token
     mem, hlo = compiled.memory_analysis(), compiled.as_text()
     return Compiled(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                     mem.temp_size_in_bytes, seconds, len(hlo_moves(hlo, layer_bytes)),
-                    hlo_copies(hlo, packed.sharding.shard_shape(packed.shape), "u8"))
+                    hlo_copies(hlo, packed.sharding.shard_shape(packed.shape), "u8"), kernel_calls(hlo, "ragged_mla"))
 
 
 def expected_active(n_tokens: int, top_k: int, n_experts: int) -> float:
@@ -149,7 +155,7 @@ def expected_active(n_tokens: int, top_k: int, n_experts: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Footprint:
-    """Per-device bytes of weights (routed experts among them) and of the pool for a batch x context, before compiling."""
+    """Per-device bytes of weights (routed experts among them) and of the pool for batch x context, before compiling."""
 
     weights: int
     experts: int
@@ -259,20 +265,26 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of plans, one row each."""
     head = ("| topology | mesh | batch x context | HBM GB | weights GB (experts) | pool GB | decode temp GB | "
             "decode total GB | fits | KV tokens that fit | max batch @context | max context @batch | floor ms/step | "
-            "cache moved | expert stack copied | decode compile s | prefill chunk temp GB (compile s) | "
-            f"same at context {SHORT_CONTEXT} |")
+            "attention kernel | cache moved | expert stack copied | decode compile s | "
+            f"prefill chunk temp GB (compile s) | same at context {SHORT_CONTEXT} |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         d, p, ps = r["decode"], r["prefill"], r["prefill_short"]
-        moved = sum(c.cache_moves for c in (d, p, ps) if c is not None)
+        compiled = [c for c in (d, p, ps) if c is not None and not c.error]
+        moved = any(c.cache_moves for c in compiled)
+        kernel = bool(compiled) and all(c.attention_kernels for c in compiled)
         dec = f"error: {d.error}" if d.error else _gb(d.total)
         lines.append(
             f"| {r['topology']} | {r['mesh']} | {r['batch']} x {r['context']} | {_gb(r['hbm'])} | "
             f"{_gb(r['weights'])} ({_gb(r['experts'])}) | {_gb(r['cache'])} | {_gb(d.temp)} | {dec} | "
             f"{'yes' if r['fits'] else 'no'} | {r['kv_tokens']:,} | {r['max_batch']} | {r['max_context']} | "
-            f"{r['floor_ms']:.2f} | {'yes' if moved else 'no'} | {'yes' if d.expert_copies else 'no'} | "
-            f"{d.compile_s:.1f} | {_temp(p)} | {_temp(ps)} |")
+            f"{r['floor_ms']:.2f} | {_yes(kernel)} | {_yes(moved)} | {_yes(d.expert_copies)} | {d.compile_s:.1f} | "
+            f"{_temp(p)} | {_temp(ps)} |")
     return "\n".join(lines)
+
+
+def _yes(flag: Any) -> str:
+    return "yes" if flag else "no"
 
 
 def as_json(r: dict[str, Any]) -> dict[str, Any]:
