@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from k2jax.agent import Agent, AgentResult, Event, default_capacity
+from k2jax.generate import CompileNotice
 from k2jax.sampling import SamplingParams
 from k2jax.slots import Slots
 
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                          slots=slots, on_event=event_printer(sys.stdout))
 
         print("k2jax-chat: type a message; /reset starts over, /exit quits", file=sys.stderr)
-        repl(make_agent, args.max_steps, sys.stdin, sys.stdout, sys.stderr)
+        with CompileNotice("k2jax-chat: compiling ...", sys.stderr):
+            repl(make_agent, args.max_steps, sys.stdin, sys.stdout, sys.stderr)
     except (ValueError, FileNotFoundError) as error:
         print(f"k2jax-chat: error: {error}", file=sys.stderr)
         return 2

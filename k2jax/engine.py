@@ -197,6 +197,7 @@ class Model:
         for i, (toks, logps) in enumerate(self._decode_loop(ids, params, n, max_new_tokens)):
             if i == 0:
                 stats["time_to_first_token_s"] = time.perf_counter() - start
+                stats["compile_before_first_token_s"] = self._compile_s
             for r, (row, t, lp) in enumerate(zip(rows, toks, logps)):
                 row.add(t, lp, self.tokenizer)
                 text = row.text(self.tokenizer) if on_text else ""
@@ -208,7 +209,8 @@ class Model:
         elapsed = time.perf_counter() - start
         stats["generated_tokens"] = sum(len(r.ids) for r in rows)
         stats["compile_s"] = self._compile_s
-        decode_s = elapsed - stats["time_to_first_token_s"] - self._compile_s + self._first_compile_s
+        decode_compile_s = self._compile_s - stats["compile_before_first_token_s"]
+        decode_s = elapsed - stats["time_to_first_token_s"] - decode_compile_s
         stats["decode_tokens_per_s"] = (stats["generated_tokens"] - len(rows)) / max(decode_s, 1e-9)
         stats["total_s"] = elapsed
         texts = [r.text(self.tokenizer) for r in rows] if self.tokenizer is not None else None
@@ -236,7 +238,6 @@ class Model:
             pages.reserve(row, int(length) + max_new_tokens + DECODE_STEPS)
         sampling = stack_params(params)
         tok_B, logp_B = _sample(last_BV, sampling, jnp.asarray(lengths))
-        self._first_compile_s = self._compile_s
         yield np.asarray(tok_B)[:, None], np.asarray(logp_B)[:, None]
         pos_B, live_B = jnp.asarray(lengths), jnp.ones(len(lengths), bool)
         rows = range(len(lengths))

@@ -12,18 +12,20 @@ whether a step moves cache bytes (a copy, slice or gather of one layer's pages o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh, NamedSharding
 
 from k2jax.cache import PoolLayout, abstract_cache, default_page_size, make_layout
@@ -71,6 +73,20 @@ def topology_devices(name: str, platform: str = "tpu") -> list[Any]:
     from jax.experimental import topologies
 
     return list(topologies.get_topology_desc(topology_name=name, platform=platform).devices)
+
+
+@contextlib.contextmanager
+def persistent_cache_off() -> Iterator[None]:
+    """Compile without JAX's persistent cache: a program compiled for abstract devices cannot be loaded back
+    ("PjRtCompiler must be constructed with a Client"), so its entry would only warn on every later run."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # the cache decides once, at its first use, whether it is on
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
 
 
 def abstract_state(cfg: K2Config, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
@@ -137,7 +153,7 @@ def compile_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, token
     packed = state["moe_layers"]["mlp"]["gate"]["packed"].get_value()
     start = time.perf_counter()
     try:
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), persistent_cache_off():
             compiled = step.lower(graphdef, state, tok, tok, cache, cfg, jnp.bfloat16).compile()
     except Exception as e:  # noqa: BLE001 - a compiler refusal (e.g. out of HBM) is a result to report
         return Compiled(0, 0, 0, 0, time.perf_counter() - start, 0, 0, error=short_error(str(e)))

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import os
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiled programs go to a cache of this test session (shared with its xdist workers and the processes its tests
+# start), never to the user's ~/.cache/k2jax/xla or JAX_COMPILATION_CACHE_DIR.
+TEST_CACHE_PREFIX = "k2jax-test-xla-"
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+if TEST_CACHE_PREFIX not in os.environ.get("K2JAX_COMPILATION_CACHE", ""):
+    os.environ["K2JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix=TEST_CACHE_PREFIX)
+    atexit.register(shutil.rmtree, os.environ["K2JAX_COMPILATION_CACHE"], ignore_errors=True)
+
+import k2jax  # noqa: E402,F401 - after the variables above; quiets libtpu on a host without TPU
 
 TINY_HF = dict(
     vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -63,3 +74,10 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tup
 def rng() -> np.random.Generator:
     """Fresh random inputs every run; the seed is printed by pytest on failure via the test id."""
     return np.random.default_rng()
+
+
+@pytest.fixture
+def user_env() -> dict[str, str]:
+    """A user's shell environment for a CLI run: without what this session sets for JAX, libtpu and the cache."""
+    session = ("JAX_PLATFORMS", "TPU_HOST_BOUNDS", "TPU_WORKER_HOSTNAMES", "K2JAX_COMPILATION_CACHE")
+    return {k: v for k, v in os.environ.items() if k not in session}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbclient
@@ -13,9 +17,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 300
-# Switches for the slow or accelerator-only cells, and device flags: CI runs the notebooks as a CPU user would.
-DROPPED_ENV = ("K2JAX_FULL_PLAN", "K2JAX_CHECKPOINT", "K2JAX_MESH", "XLA_FLAGS")
+# Switches for the slow or accelerator-only cells, device flags, what the test session sets for libtpu, and
+# pytest's marker, which stops ipykernel from showing C libraries' output in the cells: CI runs the notebooks as
+# a CPU user would.
+DROPPED_ENV = ("K2JAX_FULL_PLAN", "K2JAX_CHECKPOINT", "K2JAX_MESH", "XLA_FLAGS", "TPU_HOST_BOUNDS",
+               "TPU_WORKER_HOSTNAMES", "PYTEST_CURRENT_TEST")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # IPython colours its tracebacks
+# What a user must not see: libtpu's start-up errors on a machine without TPU, warnings (compilation cache, tqdm).
+NOISE = re.compile(r"InitGoogle|Source Location Trace|TPU_WORKER_HOSTNAMES|host bounds|Warning|persistent compilation")
 
 
 def kernel_env() -> dict[str, str]:
@@ -52,3 +61,58 @@ def test_notebook_runs_top_to_bottom(path: Path):
         pytest.fail(f"{path.name}: cell {cell} failed:\n{ANSI.sub('', str(e))}", pytrace=False)
     except nbclient.exceptions.CellTimeoutError as e:
         pytest.fail(f"{path.name}: a cell ran over {CELL_TIMEOUT_S} s:\n{e}", pytrace=False)
+    noisy = [(i, o.text) for i, c in enumerate(nb.cells) if c.cell_type == "code" for o in c.outputs
+             if o.output_type == "stream" and o.name == "stderr" and NOISE.search(o.text)]
+    assert not noisy, f"{path.name}: (cell, stderr) with noise: {noisy}"
+
+
+def install_cell(path: Path) -> str:
+    """Source of a notebook's first code cell, which must be its install cell (tagged "install")."""
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    assert "install" in cell.metadata.get("tags", []), f"{path.name}: the first code cell is not the install cell"
+    return cell.source
+
+
+def test_every_notebook_starts_with_the_same_install_cell():
+    assert len({install_cell(path) for path in NOTEBOOKS}) == 1
+
+
+def run_install_cell(source: str, monkeypatch: pytest.MonkeyPatch, installed: bool = False,
+                     tpu: bool = False) -> list[list[str]]:
+    """Run the install cell with K2JAX_SOURCE set as a user edits it; the commands it would run (none are run)."""
+    code = install_cell(NOTEBOOKS[0])
+    assert code.count('K2JAX_SOURCE = ""\n') == 1
+    commands: list[list[str]] = []
+    version = importlib.metadata.version
+
+    def missing(name: str) -> str:
+        if name == "k2jax" and not installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    monkeypatch.setattr(subprocess, "check_call", commands.append)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)  # no nvidia-smi
+    monkeypatch.delenv("COLAB_TPU_ADDR", raising=False)
+    monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
+    if tpu:
+        monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+    exec(code.replace('K2JAX_SOURCE = ""\n', f"K2JAX_SOURCE = {source!r}\n"), {})
+    return commands
+
+
+def test_install_cell_without_a_source_says_what_to_set(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert run_install_cell("", monkeypatch, installed=True) == []
+    with pytest.raises(RuntimeError, match="k2jax is not installed: set K2JAX_SOURCE at the top of this cell"):
+        run_install_cell("", monkeypatch)
+
+
+def test_install_cell_clones_a_url_or_installs_a_wheel(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    url = "https://example.org/k2jax.git"
+    assert run_install_cell(url, monkeypatch) == [["git", "clone", "--depth", "1", url, "k2jax-src"],
+                                                  [*pip, str(tmp_path / "k2jax-src")]]
+    wheel = tmp_path / "k2jax-0.1.0-py3-none-any.whl"
+    assert run_install_cell(str(wheel), monkeypatch, tpu=True) == [[*pip, f"{wheel}[tpu]"]]

@@ -33,3 +33,12 @@ def kernel_env(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv(dispatch.ENV_VAR, mode)
 
     return use
+
+
+@pytest.fixture
+def no_persistent_cache():
+    """Ahead-of-time compiles for abstract devices stay out of the persistent compilation cache."""
+    from k2jax.plan import persistent_cache_off
+
+    with persistent_cache_off():
+        yield

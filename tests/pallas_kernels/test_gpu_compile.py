@@ -92,6 +92,7 @@ needs_cuda_plugin = pytest.mark.skipif(
 
 
 @needs_cuda_plugin
+@pytest.mark.usefixtures("no_persistent_cache")
 def test_kernels_compile_for_sm90():
     grouped = jax.jit(I.grouped_int4_matmul_triton).lower(*_grouped_args(*GROUPED_SHAPES[0], _h200())).compile()
     mla = jax.jit(functools.partial(M.mla_decode_triton, sm_scale=0.1)).lower(*_mla_args(*MLA_SHAPES[0], _h200()))

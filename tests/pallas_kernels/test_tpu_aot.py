@@ -16,6 +16,7 @@ from pallas_kernels import int4_matmul as I
 from pallas_kernels import mla_decode as M
 
 pytest.importorskip("libtpu", reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU AOT compiles")
+pytestmark = pytest.mark.usefixtures("no_persistent_cache")
 
 TOPOLOGIES = ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"]
 HIDDEN, EXPERT_F, TOP_K = 7168, 2048, 8

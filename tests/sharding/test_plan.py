@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+
+import k2jax
 from k2jax.config import Int4Quant, K2Config
 
 # Small but K2-shaped where it matters: INT4 experts over an expert axis, latent cache of 640 lanes.
@@ -35,6 +39,20 @@ def test_planner_compiles_a_sharded_int4_decode_step_for_tpu():
     assert "| TPU v5 lite x4 | expert=4 | 8 x 2048 |" in proc.stdout
     result = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT")).split()[1:]
     assert result == ["True", "True", "0", "0", "True", "True"], proc.stdout
+
+
+def test_plan_cli_is_quiet_and_keeps_tpu_programs_out_of_the_compilation_cache(user_env, tmp_path):
+    """A user's JAX cache is on: the TPU program would be written, and fail to load with a warning on every later run."""
+    pytest.importorskip("libtpu", reason="libtpu is not installed: no TPU AOT compiles")
+    cache = tmp_path / "jax-cache"
+    env = {**user_env, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    command = [sys.executable, "-m", "k2jax.plan", "--config", str(Path(k2jax.__file__).parent / "bundled"),
+               "--topology", "v5e:2x2", "--mesh", "expert=4", "--batch", "8", "--context", "256", "--prefill-chunk", "0"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0 and "| TPU v5 lite x4 | expert=4 | 8 x 256 |" in proc.stdout, proc.stderr[-4000:]
+    assert proc.stderr == ""  # neither libtpu's start-up errors nor cache warnings
+    assert not [p.name for p in cache.glob("jit_step*")]
 
 
 def test_candidate_meshes_put_experts_first_and_the_rest_on_tensor_or_data():
