@@ -92,9 +92,9 @@ class Kernel:
 
 # Every Triton kernel at the K2 shapes that pick its distinct block configurations. One line per compile.
 KERNELS = [
-    Kernel("int4 grouped gate|up, 1 token", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
+    Kernel("int4 grouped gate+up, 1 token", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
            grouped_args(1, EXPERTS, HIDDEN, 2 * EXPERT_F)),
-    Kernel("int4 grouped gate|up, 64 tokens", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
+    Kernel("int4 grouped gate+up, 64 tokens", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
            grouped_args(64, EXPERTS, HIDDEN, 2 * EXPERT_F)),
     Kernel("int4 grouped down, 256 tokens", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
            grouped_args(256, EXPERTS, EXPERT_F, HIDDEN)),
