@@ -30,6 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import int4_layout
 
 TM_MAX = 256
+TM_MIN = 16  # bf16 rows fill a (16, 128) tile
 TK_MAX = 4096
 BLOCK_BYTES = 2 * 1024 * 1024
 VMEM_LIMIT_BYTES = 48 * 1024 * 1024
@@ -44,9 +45,16 @@ def _divisor_tile(dim: int, unit: int, cap: int) -> int:
     return fits[-1] if fits else dim
 
 
-def _tiles(m: int, k: int, n: int) -> tuple[int, int, int]:
-    """Block sizes (tm, tk, tn): whole rows for decode, ~BLOCK_BYTES of packed weight per grid step."""
-    tm = m if m <= TM_MAX else TM_MAX
+def _row_tile(m: int, e: int) -> int:
+    """Rows per visit: at least twice an expert's mean rows (so an expert rarely straddles two row tiles and has
+    its weights read twice), at most TM_MAX; every row multiplies each visited block, so no more than that."""
+    tm = min(TM_MAX, max(TM_MIN, 1 << (2 * -(-m // min(m, e)) - 1).bit_length()))
+    return m if m <= tm else tm
+
+
+def _tiles(m: int, k: int, n: int, e: int = 1) -> tuple[int, int, int]:
+    """Block sizes (tm, tk, tn) for m rows over e experts: rows per _row_tile, ~BLOCK_BYTES of packed weight."""
+    tm = _row_tile(m, e)
     tk = _divisor_tile(k, math.lcm(int4_layout.planar_block(k), LANES), TK_MAX)
     tn = _divisor_tile(n, LANES, max(LANES, BLOCK_BYTES // (tk // 2)))
     return tm, tk, tn
@@ -173,7 +181,7 @@ def _grouped_call(x_MK, packed_LEHN, scale_LEGN, layer_1, group_sizes_E, interpr
     """Run the grouped kernel on one layer of stacked weights; rows past sum(group_sizes) are unspecified."""
     m, k = x_MK.shape
     e, _, n = packed_LEHN.shape[1:]
-    tm, tk, tn = _tiles(m, k, n)
+    tm, tk, tn = _tiles(m, k, n, e)
     schedule = (*_visit_schedule(group_sizes_E, m, tm), layer_1)
     num_visits_max = schedule[2].shape[0]
     x_map, w_map, out_map, const_map = _index_maps(k // tk)

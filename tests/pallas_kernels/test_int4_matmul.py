@@ -91,7 +91,7 @@ def test_reference_is_dequantize_then_matmul(rng):
 
 def _experts_read(sizes, m, k, n) -> set[int]:
     """Experts whose weight blocks the grouped kernel's pipeline fetches, replaying its index maps."""
-    tm, tk, _ = I._tiles(m, k, n)
+    tm, tk, _ = I._tiles(m, k, n, len(sizes))
     schedule = [np.asarray(a) for a in I._visit_schedule(jnp.asarray(sizes, jnp.int32), m, tm)]
     w_map = I._index_maps(k // tk)[1]
     layer = np.zeros(1, np.int32)

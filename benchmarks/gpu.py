@@ -1,0 +1,265 @@
+"""One H200 run: kernel numerics, INT4 grouped matmul and MLA decode timings, and a K2 slice's decode step.
+
+Prints one markdown table. Each kernel row has its error against the pure-jnp reference, its median time, the
+bytes it must read and their time at the HBM floor (4.8 TB/s), and the plain XLA path's time on the same inputs.
+The decode rows run k2jax's own decode step on Kimi K2 Thinking at true width with random INT4 experts, as many
+MoE layers as fit in the GPU's memory, and report the time per MoE layer: (step with L layers - step with 1
+layer) / (L - 1), against the bytes one layer must read (weights of the experts the batch routes to, expected
+under uniform routing, plus attention, shared expert, router and the layer's cache) at the floor.
+Needs no install beyond jax with its CUDA plugin (the project's pins do not matter: it imports this checkout).
+
+    python benchmarks/gpu.py               # on the GPU, under 8 minutes
+    python benchmarks/gpu.py --dry-run     # CPU, tiny shapes, Pallas interpreter: checks the script itself
+
+The attention rows go through attention_case(): swap it to time another attention kernel (e.g. a paged one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--dry-run" in sys.argv:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("K2JAX_KERNELS", "xla")  # the decode slice on plain XLA: no native CPU kernel build
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import k2jax  # noqa: E402
+from k2jax.engine import step  # noqa: E402
+from k2jax.loading import abstract_model  # noqa: E402
+from k2jax.model import init_cache  # noqa: E402
+from pallas_kernels import dispatch, int4_layout  # noqa: E402
+from pallas_kernels import int4_matmul as I  # noqa: E402
+from pallas_kernels import mla_decode as M  # noqa: E402
+
+HBM_BYTES_PER_S = 4.8e12
+SM_SCALE = 0.1447
+# bf16 outputs against fp32 references: the kernels round dequantized weights / probabilities to bf16 (2^-9)
+# before fp32-accumulated dots, so with random signs the error stays far below 1% of the largest output.
+TOLERANCE = 2e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """What one run covers: K2 shapes on the GPU, tiny ones for --dry-run."""
+    hidden: int
+    expert_f: int
+    experts: int
+    top_k: int
+    tokens: tuple[int, ...]
+    mla: tuple[tuple[int, int, int], ...]  # (batch, heads, context)
+    decode_batches: tuple[int, ...]
+    decode_context: int
+    iters: int
+
+
+GPU = Shapes(7168, 2048, 384, 8, (1, 8, 64), ((1, 64, 32768), (1, 64, 262144), (8, 64, 32768), (64, 64, 8192)),
+             (1, 8, 64), 4096, 20)
+DRY = Shapes(128, 32, 8, 2, (2,), ((1, 2, 64),), (2,), 32, 1)
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table."""
+    case: str
+    shape: str
+    seconds: float
+    bytes_read: float
+    err: float | None = None
+    xla_seconds: float | None = None
+
+
+def timed(fn: Callable, *args, iters: int) -> float:
+    """Median seconds of fn(*args) over iters calls, after a compile-and-warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def rel_err(out, ref) -> float:
+    """max |out - ref| / max |ref| in fp32."""
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    return float(np.max(np.abs(out - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+
+
+def routed_sizes(rng: np.random.Generator, tokens: int, experts: int, top_k: int) -> np.ndarray:
+    """Rows per expert when each token picks top_k distinct experts uniformly at random."""
+    picks = np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k]
+    return np.bincount(picks.ravel(), minlength=experts).astype(np.int32)
+
+
+def grouped_reference(x_MK, packed_EHN, scale_EGN, group_sizes_E) -> jax.Array:
+    """fp32 reference that dequantizes only the experts that got rows (the all-expert one needs ~45 GB at K2 size)."""
+    with jax.default_matmul_precision("highest"):
+        return dispatch.grouped_loop_xla(
+            x_MK.astype(jnp.float32),
+            lambda g: int4_layout.dequantize(packed_EHN[g], scale_EGN[g], jnp.float32), group_sizes_E)
+
+
+def grouped_case(rng, sh: Shapes, tokens: int, k: int, n: int, interpret: bool) -> Row:
+    """The INT4 grouped matmul (Triton) on one routed batch: error, time, bytes, XLA path's time."""
+    sizes = routed_sizes(rng, tokens, sh.experts, sh.top_k)
+    x = jnp.asarray(rng.standard_normal((int(sizes.sum()), k)), jnp.bfloat16)
+    packed = jax.random.bits(jax.random.key(int(rng.integers(2**31))), (sh.experts, k // 2, n), jnp.uint8)
+    scale = jnp.asarray(rng.uniform(0.005, 0.05, (sh.experts, k // 32, n)), jnp.bfloat16)
+    gs = jnp.asarray(sizes)
+    kernel = jax.jit(functools.partial(I.grouped_int4_matmul_triton, interpret=interpret))
+    xla = jax.jit(dispatch.grouped_int4_matmul_xla)
+    ref = grouped_reference(x, packed, scale, gs)
+    active = int(np.sum(sizes > 0))
+    nbytes = active * (k // 2 + 2 * k // int4_layout.GROUP) * n + x.nbytes + x.shape[0] * n * 2
+    return Row("int4 grouped matmul", f"{tokens} tok, {active}/{sh.experts} experts, {k}x{n}",
+               timed(kernel, x, packed, scale, gs, iters=sh.iters), nbytes, rel_err(kernel(x, packed, scale, gs), ref),
+               timed(xla, x, packed, scale, gs, iters=sh.iters))
+
+
+def attention_case(rng, b: int, h: int, s: int, iters: int, interpret: bool) -> Row:
+    """The attention kernel under test on full caches: swap this function to time another kernel."""
+    rank, rope, lanes = 512, 64, 640
+    q_lat = jnp.asarray(rng.standard_normal((b, h, rank)), jnp.bfloat16)
+    q_pe = jnp.asarray(rng.standard_normal((b, h, rope)), jnp.bfloat16)
+    kv = jax.random.normal(jax.random.key(int(rng.integers(2**31))), (b, s, lanes), jnp.bfloat16)
+    kv = kv.at[..., rank + rope:].set(0)
+    lengths = jnp.full((b,), s, jnp.int32)
+    kernel = jax.jit(functools.partial(M.mla_decode_triton, sm_scale=SM_SCALE, interpret=interpret))
+    xla = jax.jit(functools.partial(M.mla_decode_reference, sm_scale=SM_SCALE))
+    args = (q_lat, q_pe, kv, lengths)
+    nbytes = b * s * (rank + rope) * 2 + q_lat.nbytes + q_pe.nbytes + q_lat.nbytes
+    return Row("mla decode attention", f"B={b} H={h} S={s}", timed(kernel, *args, iters=iters), nbytes,
+               rel_err(kernel(*args), xla(*args)), timed(xla, *args, iters=iters))
+
+
+def random_state(abstract: Any, seed: int) -> Any:
+    """Concrete parameters for an abstract state: random INT4 bytes, small normal weights, unit norms, zero biases."""
+    leaves, treedef = jax.tree.flatten_with_path(abstract)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+
+    def make(path, leaf, key):
+        name = jax.tree_util.keystr(path)
+        if leaf.dtype == jnp.uint8:
+            return jax.random.bits(key, leaf.shape, jnp.uint8)
+        if "norm" in name:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if "bias" in name:
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        if "scale" in name:
+            return jax.random.uniform(key, leaf.shape, jnp.float32, 0.001, 0.004).astype(leaf.dtype)
+        return (0.02 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(leaf.dtype)
+
+    return jax.tree.unflatten(treedef, [make(path, leaf, key) for (path, leaf), key in zip(leaves, keys)])
+
+
+def layer_bytes(cfg: k2jax.K2Config, batch: int, context: int) -> float:
+    """Bytes one MoE layer's decode reads: expected routed experts, all its dense weights, its cache rows."""
+    graphdef, state = abstract_model(cfg)
+    per_layer = {jax.tree_util.keystr(p): leaf.size * leaf.dtype.itemsize / leaf.shape[0]
+                 for p, leaf in jax.tree.flatten_with_path(state["moe_layers"])[0]}
+    experts = sum(v for name, v in per_layer.items() if "gate" in name or "up" in name or "down" in name
+                  if "packed" in name or "scale" in name)
+    dense = sum(per_layer.values()) - experts
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    expected_active = e * (1 - (1 - k / e) ** batch)
+    return experts * expected_active / e + dense + batch * context * cfg.cache_lanes * 2
+
+
+def fitting_moe_layers(cfg: k2jax.K2Config, budget_bytes: float, cap: int) -> int:
+    """MoE layers whose weights fit the budget next to embeddings, head and the dense layer (at least 2)."""
+    one = dataclasses.replace(cfg, num_hidden_layers=cfg.first_k_dense_replace + 1)
+    two = dataclasses.replace(cfg, num_hidden_layers=cfg.first_k_dense_replace + 2)
+    size = [sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_model(c)[1])) for c in (one, two)]
+    per_layer = size[1] - size[0]
+    return max(2, min(cap, int((budget_bytes - size[0]) // per_layer) + 1))
+
+
+def decode_step_seconds(cfg: k2jax.K2Config, batches: tuple[int, ...], context: int, iters: int) -> list[float]:
+    """Median seconds of one k2jax decode step (one new token per row, cache `context` long) at each batch size."""
+    graphdef, abstract = abstract_model(cfg)
+    state = random_state(abstract, seed=cfg.num_hidden_layers)
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    medians = []
+    for batch in batches:
+        cache = init_cache(cfg, batch, context)
+        tok = jnp.ones((batch, 1), jnp.int32)
+        pos = jnp.full((batch, 1), context - 1, jnp.int32)
+        times = []
+        for _ in range(iters + 1):
+            start = time.perf_counter()
+            logits, cache = step(graphdef, state, tok, pos, cache, cfg, dtype, context)
+            jax.block_until_ready(logits)
+            times.append(time.perf_counter() - start)
+        medians.append(float(np.median(times[1:])))
+        del cache
+    return medians
+
+
+def decode_rows(cfg: k2jax.K2Config, sh: Shapes, layers: int) -> list[Row]:
+    """Per MoE layer decode time at each batch: difference of a 1-MoE-layer and an L-MoE-layer slice."""
+    one, many = (decode_step_seconds(dataclasses.replace(cfg, num_hidden_layers=cfg.first_k_dense_replace + n),
+                                     sh.decode_batches, sh.decode_context, sh.iters) for n in (1, layers))
+    return [Row("decode step, per MoE layer", f"batch {b}, {layers} MoE layers, ctx {sh.decode_context}",
+                (t_many - t_one) / (layers - 1), layer_bytes(cfg, b, sh.decode_context))
+            for b, t_one, t_many in zip(sh.decode_batches, one, many)]
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown table of the rows, with each time against the HBM floor and the XLA path."""
+    lines = ["| case | shape | rel err | time us | floor us | % of 4.8 TB/s | XLA path us | speed-up vs XLA |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        floor = r.bytes_read / HBM_BYTES_PER_S
+        err = f"{r.err:.1e}" if r.err is not None else ""
+        xla = f"{r.xla_seconds * 1e6:.1f} | {r.xla_seconds / r.seconds:.2f}x" if r.xla_seconds else " | "
+        lines.append(f"| {r.case} | {r.shape} | {err} | {r.seconds * 1e6:.1f} | {floor * 1e6:.1f} | "
+                     f"{100 * floor / r.seconds:.0f}% | {xla} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every case; exit 1 when a kernel's error exceeds TOLERANCE."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Pallas interpreter")
+    parser.add_argument("--max-layers", type=int, default=12, help="MoE layers in the decode slice at most")
+    args = parser.parse_args(argv)
+    sh, interpret = (DRY, True) if args.dry_run else (GPU, False)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
+    if not args.dry_run and jax.default_backend() != "gpu":
+        raise SystemExit("no GPU: run with --dry-run on CPU")
+    rng = np.random.default_rng(0)
+    rows = []
+    for tokens in sh.tokens:
+        for k, n in ((sh.hidden, 2 * sh.expert_f), (sh.expert_f, sh.hidden)):
+            rows.append(grouped_case(rng, sh, tokens, k, n, interpret))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    for b, h, s in sh.mla:
+        rows.append(attention_case(rng, b, h, s, sh.iters, interpret))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    full = k2jax.preset("kimi-k2-thinking")
+    cfg = full if not args.dry_run else dataclasses.replace(
+        k2jax.preset("tiny"), hidden_size=sh.hidden, moe_intermediate_size=sh.expert_f, quant=full.quant)
+    free = device.memory_stats()["bytes_limit"] * 0.75 if not args.dry_run else 1e8
+    layers = fitting_moe_layers(cfg, free, args.max_layers if not args.dry_run else 2)
+    rows += decode_rows(cfg, sh, layers)
+    print(table(rows))
+    bad = [r for r in rows if r.err is not None and not r.err <= TOLERANCE]
+    for r in bad:
+        print(f"FAIL: {r.case} {r.shape}: rel err {r.err:.2e} > {TOLERANCE}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

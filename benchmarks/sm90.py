@@ -1,0 +1,270 @@
+"""Compiles every Triton kernel for an H200 (sm_90) down to SASS, with no GPU, and reports what each uses.
+
+Each entry of KERNELS is jitted at Kimi K2 shapes for a deviceless H200 (jax's CUDA 13 plugin and this machine's
+CUDA 13 toolkit) while XLA dumps its artefacts. From them: the kernel's launch (grid, threads per block, dynamic
+shared memory) from XLA's thunk sequence; registers per thread, spills and static shared memory from
+`ptxas -v -arch=sm_90a` on the kernel's PTX; and the occupancy these allow under the sm_90 limits.
+
+The CUDA plugin lives in its own folder (default <venv>/cuda13-plugin, or $K2JAX_CUDA_PLUGIN_DIR), never in the
+main environment: there it would load a 400 MB library into every CPU-only jax process and print a cuDNN
+traceback whenever JAX_PLATFORMS is unset. The compiles therefore run in a child process that puts it on
+PYTHONPATH.
+
+    python benchmarks/sm90.py --install      # once: the plugin that matches the installed jaxlib (~130 MB)
+    python benchmarks/sm90.py [--json]       # table (or JSON rows) of every kernel
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN_DIR = Path(os.environ.get("K2JAX_CUDA_PLUGIN_DIR", Path(sys.prefix) / "cuda13-plugin"))
+PLUGIN_PACKAGES = ("jax-cuda13-plugin", "jax-cuda13-pjrt")
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+# sm_90 (H100/H200) per-SM limits, from NVIDIA's CUDA occupancy calculator tables.
+SM90_REGS_PER_SM = 65536
+SM90_REGS_PER_THREAD = 255
+SM90_REG_UNIT = 256  # registers are allocated per warp in units of 256
+SM90_SUBPARTITIONS = 4  # the register file is split over 4 schedulers; a warp's registers sit in one
+SM90_WARPS_PER_SM = 64
+SM90_BLOCKS_PER_SM = 32
+SM90_SMEM_PER_SM = 233472
+SM90_SMEM_PER_BLOCK = 232448  # the opt-in maximum for one block
+SM90_SMEM_RESERVED_PER_BLOCK = 1024  # the runtime keeps 1 KiB per resident block
+SM90_SMEM_UNIT = 128
+
+# The deviceless H200: the hardware facts XLA's GPU compiler asks a real device for.
+H200_TARGET = """gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 151397597184 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 10 patch: 0 }
+device_description_str: "NVIDIA H200"
+"""
+
+HIDDEN, EXPERT_F, EXPERTS, TOP_K = 7168, 2048, 384, 8
+KV_LORA, ROPE, CACHE_LANES, SM_SCALE = 512, 64, 640, 0.1447
+BF16, U8, I32 = "bfloat16", "uint8", "int32"
+Arg = tuple[tuple[int, ...], str]
+
+
+def grouped_args(tokens: int, experts: int, k: int, n: int) -> list[Arg]:
+    """Rows of `tokens` tokens routed top-8, INT4 experts [E, K//2, N] with scales, group sizes."""
+    return [((tokens * TOP_K, k), BF16), ((experts, k // 2, n), U8), ((experts, k // 32, n), BF16), ((experts,), I32)]
+
+
+def dense_args(m: int, k: int, n: int) -> list[Arg]:
+    """Rows, one INT4 matrix [K//2, N] and its scales."""
+    return [((m, k), BF16), ((k // 2, n), U8), ((k // 32, n), BF16)]
+
+
+def mla_args(b: int, h: int, s: int) -> list[Arg]:
+    """Absorbed queries (latent, rope), a 640-lane latent cache [B, S, 640], lengths."""
+    return [((b, h, KV_LORA), BF16), ((b, h, ROPE), BF16), ((b, s, CACHE_LANES), BF16), ((b,), I32)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One compile: a label, 'module:function' of the kernel entry point, abstract args, static keyword args."""
+    label: str
+    fn: str
+    args: list[Arg]
+    static: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# Every Triton kernel at the K2 shapes that pick its distinct block configurations. One line per compile.
+KERNELS = [
+    Kernel("int4 grouped gate+up, 1 token", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
+           grouped_args(1, EXPERTS, HIDDEN, 2 * EXPERT_F)),
+    Kernel("int4 grouped gate+up, 64 tokens", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
+           grouped_args(64, EXPERTS, HIDDEN, 2 * EXPERT_F)),
+    Kernel("int4 grouped down, 256 tokens", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
+           grouped_args(256, EXPERTS, EXPERT_F, HIDDEN)),
+    Kernel("int4 dense, M=1", "pallas_kernels.int4_matmul:int4_matmul_triton", dense_args(1, HIDDEN, EXPERT_F)),
+    Kernel("int4 dense, M=256", "pallas_kernels.int4_matmul:int4_matmul_triton", dense_args(256, HIDDEN, EXPERT_F)),
+    Kernel("mla decode B=1 H=64 S=256k", "pallas_kernels.mla_decode:mla_decode_triton", mla_args(1, 64, 262144),
+           {"sm_scale": SM_SCALE}),
+    Kernel("mla decode B=64 H=64 S=8k", "pallas_kernels.mla_decode:mla_decode_triton", mla_args(64, 64, 8192),
+           {"sm_scale": SM_SCALE}),
+]
+
+
+def occupancy(regs: int, threads: int, smem: int) -> dict[str, float]:
+    """Resident blocks and warps per SM, and occupancy (warps / 64), for one sm_90 kernel's resources."""
+    warps = -(-threads // 32)
+    regs_per_warp = -(-max(regs, 1) * 32 // SM90_REG_UNIT) * SM90_REG_UNIT
+    warps_by_regs = SM90_SUBPARTITIONS * (SM90_REGS_PER_SM // SM90_SUBPARTITIONS // regs_per_warp)
+    limits = {"registers": warps_by_regs // warps, "warps": SM90_WARPS_PER_SM // warps, "blocks": SM90_BLOCKS_PER_SM}
+    if smem:
+        block_smem = -(-(smem + SM90_SMEM_RESERVED_PER_BLOCK) // SM90_SMEM_UNIT) * SM90_SMEM_UNIT
+        limits["shared memory"] = SM90_SMEM_PER_SM // block_smem
+    blocks = min(limits.values())
+    limiter = min(limits, key=limits.get)
+    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps,
+            "occupancy": blocks * warps / SM90_WARPS_PER_SM, "limited_by": limiter}
+
+
+def ptxas_info(ptx: Path, ptxas: str) -> dict[str, int]:
+    """Registers, spill bytes, static shared memory and stack of the PTX's one entry, from `ptxas -v` for sm_90a."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([ptxas, "-v", "-arch=sm_90a", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, text)
+        return int(found.group(1)) if found else 0
+
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads"), "static_smem": number(r"(\d+) bytes smem"),
+            "stack": number(r"(\d+) bytes stack frame")}
+
+
+def triton_launches(dump: Path) -> list[dict[str, Any]]:
+    """(name, grid, threads, dynamic shared memory) of each Triton kernel in one compile's XLA dump."""
+    hlo = next(dump.glob("*gpu_after_optimizations.txt")).read_text()
+    names = re.findall(re.escape(f'custom_call_target="{TRITON_CALL}"') + r'.*?, name = "([^"]+)"', hlo)
+    thunks = next(dump.glob("*.thunk_sequence.txt")).read_text()
+    launches = []
+    for name in names:
+        found = re.search(re.escape(name) + r" grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+shared_memory: (\d+)",
+                          thunks)
+        if not found:
+            raise RuntimeError(f"no launch of Triton kernel {name} in {dump}")
+        grid, threads = ([int(v) for v in found.group(i).split(",")] for i in (1, 2))
+        launches.append({"kernel": name, "grid": grid, "threads": math.prod(threads),
+                         "dynamic_smem": int(found.group(3))})
+    return launches
+
+
+def kernel_ptx(dump: Path, name: str) -> Path:
+    """The dumped PTX file that defines the entry `name`."""
+    for ptx in dump.glob("*.ptx"):
+        if re.search(rf"\.entry {re.escape(name)}\(", ptx.read_text()):
+            return ptx
+    raise RuntimeError(f"no PTX for Triton kernel {name} in {dump}")
+
+
+def find_ptxas() -> str:
+    """ptxas on PATH, else the CUDA toolkit's."""
+    found = shutil.which("ptxas") or next((str(p) for p in (Path("/usr/local/cuda/bin/ptxas"),) if p.exists()), None)
+    if not found:
+        raise RuntimeError("ptxas not found: install the CUDA 13 toolkit (PATH or /usr/local/cuda/bin)")
+    return found
+
+
+def compile_kernel(kernel: Kernel, sharding, dump: Path) -> None:
+    """AOT-compile one entry for the abstract H200, dumping XLA's artefacts into `dump`."""
+    import importlib
+
+    import jax
+    import jax.numpy as jnp
+
+    module, name = kernel.fn.split(":")
+    fn = getattr(importlib.import_module(module), name)
+    args = [jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding) for shape, dtype in kernel.args]
+    jax.jit(lambda *a: fn(*a, **kernel.static)).lower(*args).compile({"xla_dump_to": str(dump)})
+
+
+def report_rows(kernels: list[Kernel]) -> list[dict[str, Any]]:
+    """In a process where the CUDA plugin is importable: compile every kernel and measure each Triton launch."""
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    from jax.experimental import topologies
+    from jax.sharding import SingleDeviceSharding
+
+    topology = topologies.get_topology_desc("h200", "cuda", target_config=H200_TARGET, topology="1x1x1")
+    sharding = SingleDeviceSharding(topology.devices[0])
+    ptxas = find_ptxas()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, kernel in enumerate(kernels):
+            dump = Path(tmp) / str(i)
+            compile_kernel(kernel, sharding, dump)
+            launches = triton_launches(dump)
+            if not launches:
+                raise RuntimeError(f"{kernel.label}: the compiled program has no Triton kernel")
+            for launch in launches:
+                info = ptxas_info(kernel_ptx(dump, launch["kernel"]), ptxas)
+                smem = launch["dynamic_smem"] + info["static_smem"]
+                rows.append({"label": kernel.label, **launch, **info, "smem": smem,
+                             **occupancy(info["registers"], launch["threads"], smem)})
+    return rows
+
+
+def plugin_env() -> dict[str, str]:
+    """Environment of the compile process: the plugin folder and this checkout first on PYTHONPATH."""
+    path = [str(PLUGIN_DIR), str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "JAX_PLATFORMS": "cpu",
+            "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
+
+
+def plugin_installed() -> bool:
+    """Whether the plugin folder holds jax's CUDA 13 plugin."""
+    return (PLUGIN_DIR / "jax_plugins" / "xla_cuda13").is_dir()
+
+
+def run_report() -> list[dict[str, Any]]:
+    """Rows for every KERNELS entry, computed in a child process that sees the CUDA plugin."""
+    if not plugin_installed():
+        raise RuntimeError(f"no CUDA plugin in {PLUGIN_DIR}: run `python benchmarks/sm90.py --install`")
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, __file__, "--worker", out.name], env=plugin_env(), check=True)
+        return json.loads(Path(out.name).read_text())
+
+
+def install() -> None:
+    """pip-install the CUDA 13 plugin matching this jaxlib into PLUGIN_DIR (no dependencies: jax stays as it is)."""
+    import jaxlib
+
+    pins = [f"{name}=={jaxlib.__version__}" for name in PLUGIN_PACKAGES]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target",
+                    str(PLUGIN_DIR), *pins], check=True)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the report rows."""
+    lines = ["| kernel | Triton function | grid | threads | registers | spills (st/ld B) | shared memory (B) "
+             "| blocks/SM | occupancy | limited by |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['kernel']} | {'x'.join(map(str, r['grid']))} | {r['threads']} | "
+                     f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['smem']} | "
+                     f"{r['blocks_per_sm']} | {100 * r['occupancy']:.0f}% | {r['limited_by']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Install the plugin, or compile every kernel and print the table (or JSON)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--install", action="store_true", help=f"pip-install the CUDA plugin into {PLUGIN_DIR}")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.install:
+        install()
+    elif args.worker:
+        Path(args.worker).write_text(json.dumps(report_rows(KERNELS)))
+    else:
+        rows = run_report()
+        print(json.dumps(rows, indent=1) if args.json else table(rows))
+
+
+if __name__ == "__main__":
+    main()
