@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = Path(os.environ.get("K2JAX_CUDA_PLUGIN_DIR", Path(sys.prefix) / "cuda13-plugin"))
-PLUGIN_PACKAGES = ("jax-cuda13-plugin", "jax-cuda13-pjrt")
+sys.path.insert(0, str(ROOT))
+
+from k2jax.gpu_targets import PLUGIN_DIR, gpu_devices, install, plugin_env, plugin_installed  # noqa: E402
+
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
 # sm_90 (H100/H200) per-SM limits, from NVIDIA's CUDA occupancy calculator tables.
@@ -45,20 +47,6 @@ SM90_SMEM_PER_SM = 233472
 SM90_SMEM_PER_BLOCK = 232448  # the opt-in maximum for one block
 SM90_SMEM_RESERVED_PER_BLOCK = 1024  # the runtime keeps 1 KiB per resident block
 SM90_SMEM_UNIT = 128
-
-# The deviceless H200: the hardware facts XLA's GPU compiler asks a real device for.
-H200_TARGET = """gpu_device_info {
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
-  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: 4800000000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
-  device_memory_size: 151397597184 shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
-}
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 10 patch: 0 }
-device_description_str: "NVIDIA H200"
-"""
 
 HIDDEN, EXPERT_F, EXPERTS, TOP_K = 7168, 2048, 384, 8
 KV_LORA, ROPE, CACHE_LANES, SM_SCALE = 512, 64, 640, 0.1447
@@ -186,12 +174,9 @@ def compile_kernel(kernel: Kernel, sharding, dump: Path) -> None:
 
 def report_rows(kernels: list[Kernel]) -> list[dict[str, Any]]:
     """In a process where the CUDA plugin is importable: compile every kernel and measure each Triton launch."""
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-    from jax.experimental import topologies
     from jax.sharding import SingleDeviceSharding
 
-    topology = topologies.get_topology_desc("h200", "cuda", target_config=H200_TARGET, topology="1x1x1")
-    sharding = SingleDeviceSharding(topology.devices[0])
+    sharding = SingleDeviceSharding(gpu_devices("h200:1")[0])
     ptxas = find_ptxas()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,34 +194,13 @@ def report_rows(kernels: list[Kernel]) -> list[dict[str, Any]]:
     return rows
 
 
-def plugin_env() -> dict[str, str]:
-    """Environment of the compile process: the plugin folder and this checkout first on PYTHONPATH."""
-    path = [str(PLUGIN_DIR), str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "JAX_PLATFORMS": "cpu",
-            "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
-
-
-def plugin_installed() -> bool:
-    """Whether the plugin folder holds jax's CUDA 13 plugin."""
-    return (PLUGIN_DIR / "jax_plugins" / "xla_cuda13").is_dir()
-
-
 def run_report() -> list[dict[str, Any]]:
     """Rows for every KERNELS entry, computed in a child process that sees the CUDA plugin."""
     if not plugin_installed():
         raise RuntimeError(f"no CUDA plugin in {PLUGIN_DIR}: run `python benchmarks/sm90.py --install`")
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([sys.executable, __file__, "--worker", out.name], env=plugin_env(), check=True)
+        subprocess.run([sys.executable, __file__, "--worker", out.name], env=plugin_env(ROOT), check=True)
         return json.loads(Path(out.name).read_text())
-
-
-def install() -> None:
-    """pip-install the CUDA 13 plugin matching this jaxlib into PLUGIN_DIR (no dependencies: jax stays as it is)."""
-    import jaxlib
-
-    pins = [f"{name}=={jaxlib.__version__}" for name in PLUGIN_PACKAGES]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target",
-                    str(PLUGIN_DIR), *pins], check=True)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -287,7 +287,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         d, p, ps = r["decode"], r["prefill"], r["prefill_short"]
         compiled = [c for c in (d, p, ps) if c is not None and not c.error]
-        moved = any(c.cache_moves for c in compiled)
+        moved = any(c.cache_moves for c in (d, p) if c is not None)  # the short context's pool is not the plan's
         kernel = bool(compiled) and all(c.attention_kernels for c in compiled)
         dec = f"error: {d.error}" if d.error else _gb(d.total)
         lines.append(

@@ -1,0 +1,106 @@
+"""Deviceless NVIDIA GPUs for ahead-of-time compiles: their hardware descriptions and jax's CUDA plugin.
+
+The CUDA plugin lives in a folder of its own (default <venv>/cuda13-plugin, or $K2JAX_CUDA_PLUGIN_DIR), never in
+the main environment: there it would load a 400 MB library into every CPU-only jax process and print a cuDNN
+traceback whenever JAX_PLATFORMS is unset. Programs that compile for a GPU run in a process that has the folder
+on PYTHONPATH (plugin_env); compiling to SASS also needs the CUDA 13 toolkit's ptxas on PATH.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+PLUGIN_DIR = Path(os.environ.get("K2JAX_CUDA_PLUGIN_DIR", Path(sys.prefix) / "cuda13-plugin"))
+PLUGIN_PACKAGES = ("jax-cuda13-plugin", "jax-cuda13-pjrt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """What XLA's GPU compiler asks a real device for, and the HBM figures a plan needs (vendor spec sheets)."""
+
+    description: str
+    compute_capability: tuple[int, int]
+    sms: int
+    hbm_bytes: int
+    bandwidth: float
+    l2_bytes: int
+    clock_ghz: float
+
+    def target_config(self) -> str:
+        """The gpu_device_info text proto of jax.experimental.topologies' deviceless CUDA targets."""
+        major, minor = self.compute_capability
+        return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: {self.sms} fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(self.bandwidth)} l2_cache_size: {self.l2_bytes} clock_rate_ghz: {self.clock_ghz}
+  device_memory_size: {self.hbm_bytes} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: {major} minor: {minor} }} registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 patch: 0 }}
+device_description_str: "{self.description}"
+"""
+
+
+GPUS: dict[str, Gpu] = {
+    "h100": Gpu("NVIDIA H100 80GB HBM3", (9, 0), 132, 80 * 10**9, 3.35e12, 50 * 2**20, 1.98),
+    "h200": Gpu("NVIDIA H200", (9, 0), 132, 141 * 10**9, 4.8e12, 50 * 2**20, 1.98),
+    "b200": Gpu("NVIDIA B200", (10, 0), 148, 180 * 10**9, 8.0e12, 126 * 2**20, 1.965),
+}
+
+
+def parse_gpu_topology(name: str) -> tuple[Gpu, int] | None:
+    """"h200:8" -> (the H200, 8); None when the name is not a known GPU."""
+    chip, _, count = name.partition(":")
+    if chip.lower() not in GPUS:
+        return None
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"GPU topology {name!r}: expected NAME:COUNT, e.g. h200:8")
+    return GPUS[chip.lower()], int(count)
+
+
+def gpu_devices(name: str) -> list[Any]:
+    """Abstract devices of `count` GPUs of one host for a name such as "h200:8" (needs the plugin loaded)."""
+    from jax.experimental import topologies
+
+    gpu, count = parse_gpu_topology(name)
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    desc = topologies.get_topology_desc(name.partition(":")[0].lower(), "cuda", target_config=gpu.target_config(),
+                                        topology=f"1x1x{count}")
+    return list(desc.devices)
+
+
+def plugin_loadable() -> bool:
+    """Whether this process can load jax's CUDA 13 plugin."""
+    return importlib.util.find_spec("jax_plugins") is not None and \
+        importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
+
+
+def plugin_installed() -> bool:
+    """Whether the plugin folder holds jax's CUDA 13 plugin."""
+    return (PLUGIN_DIR / "jax_plugins" / "xla_cuda13").is_dir()
+
+
+def plugin_env(root: Path | None = None) -> dict[str, str]:
+    """Environment of a GPU-compiling child process: the plugin folder (and `root`) first on PYTHONPATH."""
+    path = [str(PLUGIN_DIR), *([str(root)] if root else [])]
+    path += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "JAX_PLATFORMS": "cpu",
+            "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
+
+
+def install() -> None:
+    """pip-install the CUDA 13 plugin matching this jaxlib into PLUGIN_DIR (no dependencies: jax stays as it is)."""
+    import jaxlib
+
+    pins = [f"{name}=={jaxlib.__version__}" for name in PLUGIN_PACKAGES]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target",
+                    str(PLUGIN_DIR), *pins], check=True)
