@@ -36,6 +36,7 @@ page id from the table and c_kv / lanes [R, C) as two power-of-two lane slices w
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -145,8 +146,8 @@ def _ragged_kernel(table_ref, kv_len_ref, q_start_ref, layer_ref, first_ref, q_r
     def _prefetch_first():
         page_copies(0, 0, "start")
 
-    rows = q_ref.shape[0]
-    limit_X1 = jnp.minimum(kv_len, q_start + t0 + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0), heads) + 1)
+    t_X1 = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (q_ref.shape[0], 1), 0), heads)
+    limit_X1 = jnp.minimum(kv_len, q_start + t0 + t_X1 + 1)
 
     def block(i, carry):
         slot = jax.lax.rem(i, 2)
@@ -181,8 +182,10 @@ def _ragged_kernel(table_ref, kv_len_ref, q_start_ref, layer_ref, first_ref, q_r
 
 
 def _block_t(t: int, h: int, block_t: int | None) -> int:
-    """Query tokens per TPU program: block_t, else a multiple of 8 giving about BLOCK_ROWS rows; at most t."""
-    return min(t, block_t or max(8, BLOCK_ROWS // h // 8 * 8))
+    """Query tokens per TPU program, at most t: block_t, else about BLOCK_ROWS rows (tokens x heads) in a
+    multiple of 128 rows, so the lane-dense lse block is legal."""
+    unit = LANES // math.gcd(h, LANES)
+    return min(t, block_t or max(unit, BLOCK_ROWS // h // unit * unit))
 
 
 def _scalars(table_BM, kv_len_B, q_start_B, layer, page_first):
