@@ -110,7 +110,7 @@ def test_ragged_mla_paths(rng, kernel_env, monkeypatch, mode, kernel):
     monkeypatch.setattr(R, kernel, lambda *a, **kw: calls.append(kernel) or chosen(*a, **kw))
     o, lse = dispatch.ragged_mla(*args, sm_scale=0.1, rank=512)
     assert calls == [kernel]
-    assert float(jnp.max(jnp.abs(o - o_ref))) < 2e-5 and float(jnp.max(jnp.abs(lse - lse_ref))) < 1e-4
+    assert float(jnp.max(jnp.abs(o - o_ref))) < 1e-4 and float(jnp.max(jnp.abs(lse - lse_ref))) < 1e-4
 
 
 @pytest.mark.parametrize("mode", ["native", "xla", "interpret"])
