@@ -1,14 +1,15 @@
-"""Backend choice for the kernels: the model calls these four functions and nothing else here.
+"""Backend choice for the kernels: the model calls these functions and nothing else here.
 
 TPU -> the Pallas Mosaic kernels; GPU -> the Pallas Triton kernels; CPU -> the native grouped matmul
 (cpu_grouped_matmul, an FFI custom call built on first use; the XLA paths below when it cannot be built).
-`K2JAX_KERNELS=pallas|native|xla|interpret` overrides: `xla` is plain XLA everywhere, `interpret` runs the
-backend's Pallas kernels (Mosaic on CPU) in the Pallas interpreter (slow; for parity tests on CPU). The
-choice is made at trace time, so set the variable before the first call is traced.
+`K2JAX_KERNELS=pallas|native|xla|interpret|interpret-triton` overrides: `xla` is plain XLA everywhere,
+`interpret` runs the Mosaic kernels and `interpret-triton` the Triton kernels in the Pallas interpreter (slow;
+for parity tests on CPU). The choice is made at trace time, so set the variable before the first call is traced.
 
 `layer` (optional int32 scalar) on grouped_int4_matmul and mla_decode: packed/scale are then the stacked
 [L, E, ...] expert weights, kv the stacked cache [L, B, S, C], and the kernels read that layer in place.
 Pass the whole stack rather than a gathered or sliced copy: a copy costs a full extra read and write.
+ragged_mla always takes the stacked page pool [L, P, N, C] and its layer index.
 """
 
 import os
@@ -30,7 +31,9 @@ def kernel_mode(backend: str | None = None) -> str:
     """One of MODES: the env override, else pallas on TPU/GPU and native on CPU (xla if it cannot be built)."""
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced and forced not in MODES:
-        raise ValueError(f"{ENV_VAR}={forced!r}; expected one of {MODES}")
+        raise ValueError(f"{ENV_VAR}={forced!r}; expected one of {MODES} (pallas: the backend's kernels, native: "
+                         "the C++ CPU kernel, xla: plain XLA, interpret / interpret-triton: the Mosaic / Triton "
+                         "kernels in the Pallas interpreter)")
     if forced:
         return forced
     if (backend or jax.default_backend()) in PALLAS_BACKENDS:
@@ -38,9 +41,14 @@ def kernel_mode(backend: str | None = None) -> str:
     return "native" if cpu_grouped_matmul.available() else "xla"
 
 
-def _uses_triton() -> bool:
-    """GPU backends get the Triton kernels; TPU (and the interpreter on CPU) the Mosaic ones."""
-    return jax.default_backend() == "gpu"
+def _uses_triton(mode: str) -> bool:
+    """The Triton kernels for interpret-triton and for pallas on GPU; the Mosaic ones otherwise."""
+    return mode == "interpret-triton" or (mode == "pallas" and jax.default_backend() == "gpu")
+
+
+def _interpret(mode: str) -> bool:
+    """Whether the chosen Pallas kernel runs in the Pallas interpreter."""
+    return mode.startswith("interpret")
 
 
 def row_tile(m: int, e: int) -> int:
@@ -117,9 +125,9 @@ def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=Non
         return grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E, layer=layer)
     if mode == "native":
         return cpu_grouped_matmul.grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, layer=layer)
-    kernel = (int4_matmul_kernels.grouped_int4_matmul_triton if _uses_triton()
+    kernel = (int4_matmul_kernels.grouped_int4_matmul_triton if _uses_triton(mode)
               else int4_matmul_kernels.grouped_int4_matmul)
-    return kernel(x_MK, packed_EHN, scale_EGN, group_sizes_E, layer=layer, interpret=mode == "interpret")
+    return kernel(x_MK, packed_EHN, scale_EGN, group_sizes_E, layer=layer, interpret=_interpret(mode))
 
 
 def int4_matmul(x_MK, packed_HN, scale_GN) -> jax.Array:
@@ -128,8 +136,8 @@ def int4_matmul(x_MK, packed_HN, scale_GN) -> jax.Array:
     if mode in ("xla", "native"):
         sizes_E = jnp.full((1,), x_MK.shape[0], jnp.int32)
         return grouped_int4_matmul(x_MK, packed_HN[None], scale_GN[None], sizes_E)
-    kernel = int4_matmul_kernels.int4_matmul_triton if _uses_triton() else int4_matmul_kernels.int4_matmul
-    return kernel(x_MK, packed_HN, scale_GN, interpret=mode == "interpret")
+    kernel = int4_matmul_kernels.int4_matmul_triton if _uses_triton(mode) else int4_matmul_kernels.int4_matmul
+    return kernel(x_MK, packed_HN, scale_GN, interpret=_interpret(mode))
 
 
 def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, layer=None) -> jax.Array:
@@ -138,19 +146,18 @@ def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, layer
     if mode in ("xla", "native"):
         kv_BSC = kv_BSC if layer is None else kv_BSC[layer]
         return mla_decode_kernels.mla_decode_reference(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale)
-    kernel = mla_decode_kernels.mla_decode_triton if _uses_triton() else mla_decode_kernels.mla_decode
+    kernel = mla_decode_kernels.mla_decode_triton if _uses_triton(mode) else mla_decode_kernels.mla_decode
     return kernel(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale, layer=layer,
-                  interpret=mode == "interpret")
+                  interpret=_interpret(mode))
 
 
 def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first, *, sm_scale: float, rank: int,
-               page_stride: int = 1):
-    """Ragged paged MLA attention -> (o [B, T, H, rank] f32, lse [B, T, H] f32), on the chosen path."""
+               page_stride: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Ragged paged absorbed MLA attention (decode and prefill chunks) -> (o_BTHR, lse_BTH) float32, on the
+    chosen path: the reference (plain XLA) for xla/native, else the Mosaic or Triton kernel."""
     mode = kernel_mode()
     args = (q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first)
-    kw = dict(sm_scale=sm_scale, rank=rank, page_stride=page_stride)
     if mode in ("xla", "native"):
-        return ragged_mla_kernels.ragged_mla_reference(*args, **kw)
-    triton = mode == "interpret-triton" or (mode == "pallas" and _uses_triton())
-    kernel = ragged_mla_kernels.ragged_mla_triton if triton else ragged_mla_kernels.ragged_mla
-    return kernel(*args, **kw, interpret=mode.startswith("interpret"))
+        return ragged_mla_kernels.ragged_mla_reference(*args, sm_scale=sm_scale, rank=rank, page_stride=page_stride)
+    kernel = ragged_mla_kernels.ragged_mla_triton if _uses_triton(mode) else ragged_mla_kernels.ragged_mla
+    return kernel(*args, sm_scale=sm_scale, rank=rank, page_stride=page_stride, interpret=_interpret(mode))

@@ -22,10 +22,11 @@ What it buys: one kernel and one cache format for decode and prefill, no kv_b we
 nothing per head the size of the context. Expanded needs per-head K/V for every visible key: 256 bf16 values
 per key and head, 4.3 GB per layer at S = 131072, H = 64 if written to HBM per chunk, or blocks of
 keys x heads x 256 in VMEM (16 MiB for 512 keys x 64 heads) plus the 16 MiB of W_UK|W_UV for 64 heads.
-The absorbed TPU block here (512 query rows = 8 tokens x 64 heads or 64 x 8, 512 keys) holds q 640 KiB,
-a 512x512 f32 accumulator 1 MiB, two kv buffers 1.25 MiB and 512x512 f32 scores: about 10 MiB with the
-pipeline's double buffers. It is compute-bound at 2304*512/1280 = 922 FLOPs per byte of kv read, above
-the ridge of v5e, v5p and v6e (240, 166 and 560 FLOPs per HBM byte).
+A prefill TPU program here (512 query rows = 8 tokens x 64 heads or 64 x 8, blocks of 512 keys) holds q
+640 KiB, a 512x512 f32 accumulator 1 MiB, two kv buffers 1.25 MiB and 512x512 f32 scores: the v5e AOT
+compile needs 10.0 MiB of VMEM with the pipeline's double buffers (decode programs, 64 or 8 rows over blocks
+of 2048 keys: 15 MiB). It is compute-bound at 2304*512/1280 = 922 FLOPs per byte of kv read, above the
+ridge of v5e, v5p and v6e (240, 166 and 560 FLOPs per HBM byte).
 
 TPU: grid (row, query block, key split); the pool stays in HBM (memory_space=ANY) and each block's whole
 pages are fetched by double-buffered manual DMAs addressed through the scalar-prefetched table and layer;
@@ -36,6 +37,7 @@ page id from the table and c_kv / lanes [R, C) as two power-of-two lane slices w
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-TPU_PAGE_SIZE = 256  # 320 KiB of bf16 per page: DMAs big enough to stream HBM, two pages fill a 512-key block.
-GPU_PAGE_SIZE = 64  # one page is one Triton key block (64 x 640 bf16 = 80 KiB, two fit shared memory).
+TPU_PAGE_SIZE = 256  # 320 KiB bf16 pages: DMAs big enough to stream HBM; 2 per prefill block, 8 per decode block.
+GPU_PAGE_SIZE = 64  # one page = one Triton key block: 64 x 640 bf16 = 80 KiB, 2 pipeline stages fit an SM.
 LANES = 128
 BLOCK_ROWS = 512
 BLOCK_SCORES = 512 * 512
@@ -145,8 +147,8 @@ def _ragged_kernel(table_ref, kv_len_ref, q_start_ref, layer_ref, first_ref, q_r
     def _prefetch_first():
         page_copies(0, 0, "start")
 
-    rows = q_ref.shape[0]
-    limit_X1 = jnp.minimum(kv_len, q_start + t0 + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0), heads) + 1)
+    t_X1 = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (q_ref.shape[0], 1), 0), heads)
+    limit_X1 = jnp.minimum(kv_len, q_start + t0 + t_X1 + 1)
 
     def block(i, carry):
         slot = jax.lax.rem(i, 2)
@@ -181,8 +183,10 @@ def _ragged_kernel(table_ref, kv_len_ref, q_start_ref, layer_ref, first_ref, q_r
 
 
 def _block_t(t: int, h: int, block_t: int | None) -> int:
-    """Query tokens per TPU program: block_t, else a multiple of 8 giving about BLOCK_ROWS rows; at most t."""
-    return min(t, block_t or max(8, BLOCK_ROWS // h // 8 * 8))
+    """Query tokens per TPU program, at most t: block_t, else about BLOCK_ROWS rows (tokens x heads) in a
+    multiple of 128 rows, so the lane-dense lse block is legal."""
+    unit = LANES // math.gcd(h, LANES)
+    return min(t, block_t or max(unit, BLOCK_ROWS // h // unit * unit))
 
 
 def _scalars(table_BM, kv_len_B, q_start_B, layer, page_first):

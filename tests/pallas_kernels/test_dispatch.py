@@ -9,6 +9,7 @@ from kernel_testutils import max_rel_err, random_int4, random_normal
 from pallas_kernels import dispatch
 from pallas_kernels import int4_matmul as I
 from pallas_kernels import mla_decode as M
+from pallas_kernels import ragged_mla as R
 
 
 @pytest.mark.parametrize("backend,mode", [("tpu", "pallas"), ("gpu", "pallas"), ("cpu", "native")])
@@ -75,7 +76,7 @@ def test_xla_loop_forms_each_active_matrix_once(m, e):
     assert seen == [g for g in range(e) if sizes[g]]
 
 
-@pytest.mark.parametrize("mode", ["native", "xla", "interpret"])
+@pytest.mark.parametrize("mode", ["native", "xla", "interpret", "interpret-triton"])
 def test_dense_paths_match_reference(rng, kernel_env, mode):
     kernel_env(mode)
     packed, scale = random_int4(rng, 1, 512, 256)
@@ -84,7 +85,7 @@ def test_dense_paths_match_reference(rng, kernel_env, mode):
     assert max_rel_err(out, I.int4_matmul_reference(x, packed[0], scale[0])) < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["xla", "interpret"])
+@pytest.mark.parametrize("mode", ["xla", "interpret", "interpret-triton"])
 def test_mla_paths_match_reference(rng, kernel_env, mode):
     kernel_env(mode)
     q_lat, q_pe = random_normal(rng, (2, 8, 512)), random_normal(rng, (2, 8, 64))
@@ -93,6 +94,23 @@ def test_mla_paths_match_reference(rng, kernel_env, mode):
     out = dispatch.mla_decode(q_lat, q_pe, kv, lengths, sm_scale=0.1)
     ref = M.mla_decode_reference(q_lat, q_pe, kv, lengths, sm_scale=0.1)
     assert float(jnp.max(jnp.abs(out - ref))) < 2e-5
+
+
+@pytest.mark.parametrize("mode,kernel", [("native", "ragged_mla_reference"), ("xla", "ragged_mla_reference"),
+                                         ("interpret", "ragged_mla"), ("interpret-triton", "ragged_mla_triton")])
+def test_ragged_mla_paths(rng, kernel_env, monkeypatch, mode, kernel):
+    """Each mode reaches its ragged_mla implementation, which matches the reference at K2's cache lanes."""
+    kernel_env(mode)
+    kv = random_normal(rng, (2, 6, 16, 640)).at[..., 576:].set(0)
+    q = random_normal(rng, (2, 3, 4, 640)).at[..., 576:].set(0)
+    args = (q, kv, jnp.asarray([[4, 1, 0], [2, 5, 3]], jnp.int32), jnp.asarray([35, 9], jnp.int32),
+            jnp.asarray([32, 6], jnp.int32), jnp.int32(1), jnp.int32(0))
+    o_ref, lse_ref = R.ragged_mla_reference(*args, sm_scale=0.1, rank=512)
+    chosen, calls = getattr(R, kernel), []
+    monkeypatch.setattr(R, kernel, lambda *a, **kw: calls.append(kernel) or chosen(*a, **kw))
+    o, lse = dispatch.ragged_mla(*args, sm_scale=0.1, rank=512)
+    assert calls == [kernel]
+    assert float(jnp.max(jnp.abs(o - o_ref))) < 1e-4 and float(jnp.max(jnp.abs(lse - lse_ref))) < 1e-4
 
 
 @pytest.mark.parametrize("mode", ["native", "xla", "interpret"])

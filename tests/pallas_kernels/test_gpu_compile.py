@@ -20,10 +20,13 @@ from jax import export
 
 from pallas_kernels import int4_matmul as I
 from pallas_kernels import mla_decode as M
+from pallas_kernels import ragged_mla as R
 
 HIDDEN, EXPERT_F, TOP_K = 7168, 2048, 8
 GROUPED_SHAPES = [(1, 48, HIDDEN, 2 * EXPERT_F), (64, 6, EXPERT_F, HIDDEN), (256, 48, HIDDEN, 2 * EXPERT_F)]
 MLA_SHAPES = [(1, 64, 262144), (1, 8, 262144), (256, 8, 4096)]
+# (batch, query tokens, heads, context per row, layers): decode and 512-token prefill chunks over a page pool.
+RAGGED_SHAPES = [(1, 1, 64, 262144, 1), (64, 1, 8, 8192, 1), (1, 512, 64, 8192, 4), (1, 512, 8, 131072, 1)]
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
@@ -43,6 +46,17 @@ def _mla_args(b, h, s, sharding=None):
             sds((b,), jnp.int32))
 
 
+def _ragged_args(b, t, h, context, layers, sharding=None):
+    """Abstract absorbed queries, a bf16 page pool of GPU_PAGE_SIZE pages, tables, lengths, layer and shard."""
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    n = R.GPU_PAGE_SIZE
+    pages = context // n
+    return (sds((b, t, h, 640), jnp.bfloat16), sds((layers, b * pages, n, 640), jnp.bfloat16),
+            sds((b, pages), jnp.int32), sds((b,), jnp.int32), sds((b,), jnp.int32), sds((), jnp.int32),
+            sds((), jnp.int32))
+
+
 def _export_cuda(fn, args) -> str:
     """StableHLO text of fn exported for CUDA (Triton custom calls allowed)."""
     exported = export.export(jax.jit(fn), platforms=["cuda"],
@@ -59,6 +73,12 @@ def test_grouped_int4_matmul_lowers_for_cuda(tokens, experts, k, n):
 def test_mla_decode_lowers_for_cuda(b, h, s):
     fn = functools.partial(M.mla_decode_triton, sm_scale=0.1)
     assert TRITON_CALL in _export_cuda(fn, _mla_args(b, h, s))
+
+
+@pytest.mark.parametrize("b,t,h,context,layers", RAGGED_SHAPES)
+def test_ragged_mla_lowers_for_cuda(b, t, h, context, layers):
+    fn = functools.partial(R.ragged_mla_triton, sm_scale=0.1, rank=512)
+    assert TRITON_CALL in _export_cuda(fn, _ragged_args(b, t, h, context, layers))
 
 
 def test_stacked_layer_inputs_lower_for_cuda():

@@ -1,4 +1,5 @@
-"""The Mosaic kernels compile for real TPUs (v5e, v5p, v6e) at Kimi K2's decode shapes, with no TPU present.
+"""The Mosaic kernels compile for real TPUs (v5e, v5p, v6e) at Kimi K2's decode and prefill shapes, with no TPU
+present.
 
 Abstract devices come from jax.experimental.topologies and libtpu (pip install "jax[tpu]"); Mosaic checks
 block rules and VMEM at compile time, so a kernel that does not fit fails here rather than on a pod.
@@ -14,6 +15,7 @@ from jax.sharding import SingleDeviceSharding
 
 from pallas_kernels import int4_matmul as I
 from pallas_kernels import mla_decode as M
+from pallas_kernels import ragged_mla as R
 
 pytest.importorskip("libtpu", reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU AOT compiles")
 pytestmark = pytest.mark.usefixtures("no_persistent_cache")
@@ -26,6 +28,11 @@ GROUPED_SHAPES = [(1, 48, HIDDEN, 2 * EXPERT_F), (16, 24, EXPERT_F, HIDDEN), (64
 # (batch, heads on the device, cache length): 64 heads, or 8 per device under 8-way head sharding.
 MLA_SHAPES = [(1, 64, 262144), (1, 8, 262144), (64, 64, 8192), (256, 8, 4096)]
 KV_LORA, ROPE, CACHE_LANES = 512, 64, 640
+# (batch, query tokens, heads on the device, context per row): decode at 64 heads and 8 per device, and 512-token
+# prefill chunks; the pool holds exactly the rows' pages.
+RAGGED_SHAPES = [(1, 1, 64, 262144), (64, 1, 8, 8192), (1, 512, 64, 8192), (1, 512, 8, 8192)]
+# Temporaries of the ragged kernel come from the chunk (split outputs, lse relayout), never from the context.
+RAGGED_TEMP_BYTES = 4 << 20
 
 
 @functools.cache
@@ -74,6 +81,34 @@ def test_mla_decode_compiles(topology, b, h, s):
     assert compiled.memory_analysis().temp_size_in_bytes < b * s * CACHE_LANES * 2 // 8
 
 
+def _compile_ragged(topology: str, b: int, t: int, h: int, context: int, layers: int = 1):
+    """AOT-compile ragged_mla (bf16, K2 lanes, TPU_PAGE_SIZE pages) over a pool of `layers` x b rows' pages."""
+    n = R.TPU_PAGE_SIZE
+    pages = context // n
+    args = [_abstract(topology, (b, t, h, CACHE_LANES), jnp.bfloat16),
+            _abstract(topology, (layers, b * pages, n, CACHE_LANES), jnp.bfloat16),
+            _abstract(topology, (b, pages), jnp.int32), _abstract(topology, (b,), jnp.int32),
+            _abstract(topology, (b,), jnp.int32), _abstract(topology, (), jnp.int32),
+            _abstract(topology, (), jnp.int32)]
+    return jax.jit(functools.partial(R.ragged_mla, sm_scale=0.1, rank=KV_LORA)).lower(*args).compile()
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("b,t,h,context", RAGGED_SHAPES)
+def test_ragged_mla_compiles(topology, b, t, h, context):
+    compiled = _compile_ragged(topology, b, t, h, context)
+    assert "tpu_custom_call" in compiled.as_text()
+    assert compiled.memory_analysis().temp_size_in_bytes <= RAGGED_TEMP_BYTES
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("t,h", [(1, 64), (512, 64)])
+def test_ragged_mla_temp_is_flat_in_context(topology, t, h):
+    """A pool and table sized for 131072 tokens take the same temporaries as for 8192 (16x less)."""
+    short, long = (_compile_ragged(topology, 1, t, h, s).memory_analysis().temp_size_in_bytes for s in (8192, 131072))
+    assert long <= 1.5 * short and short <= RAGGED_TEMP_BYTES
+
+
 def test_oversized_tiles_fail_to_compile(monkeypatch):
     """The compile really checks VMEM: double-buffered ~2 MiB weight blocks do not fit a 2 MiB VMEM limit."""
     monkeypatch.setattr(I, "VMEM_LIMIT_BYTES", 2 * 1024 * 1024)
@@ -97,3 +132,6 @@ def test_stacked_layer_inputs_are_read_in_place(topology):
         _abstract(topology, (b, 64, KV_LORA), jnp.bfloat16), _abstract(topology, (b, 64, ROPE), jnp.bfloat16),
         cache, _abstract(topology, (b,), jnp.int32), layer=_abstract(topology, (), jnp.int32)).compile()
     assert mla.memory_analysis().temp_size_in_bytes < b * s * CACHE_LANES * 2 // 8
+    ragged = _compile_ragged(topology, b, 1, 64, s, layers=layers)
+    layer_pool_bytes = b * s * CACHE_LANES * 2
+    assert ragged.memory_analysis().temp_size_in_bytes <= min(RAGGED_TEMP_BYTES, layer_pool_bytes // 64)
