@@ -11,7 +11,7 @@ Needs no install beyond jax with its CUDA plugin (the project's pins do not matt
     python benchmarks/gpu.py               # on the GPU, under 8 minutes
     python benchmarks/gpu.py --dry-run     # CPU, tiny shapes, Pallas interpreter: checks the script itself
 
-The attention rows go through attention_case(): swap it to time another attention kernel (e.g. a paged one).
+The attention rows go through attention_case(): the ragged paged MLA kernel over each row's pages.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import k2jax  # noqa: E402
-from k2jax.engine import step  # noqa: E402
+from k2jax.engine import Model, step  # noqa: E402
 from k2jax.loading import abstract_model  # noqa: E402
-from k2jax.model import init_cache  # noqa: E402
 from pallas_kernels import dispatch, int4_layout  # noqa: E402
 from pallas_kernels import int4_matmul as I  # noqa: E402
-from pallas_kernels import mla_decode as M  # noqa: E402
+from pallas_kernels import ragged_mla as R  # noqa: E402
+from benchmarks.paged_inputs import RANK, ragged_decode_args, ragged_decode_bytes  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12
 SM_SCALE = 0.1447
@@ -128,19 +128,13 @@ def grouped_case(rng, sh: Shapes, tokens: int, k: int, n: int, interpret: bool) 
 
 
 def attention_case(rng, b: int, h: int, s: int, iters: int, interpret: bool) -> Row:
-    """The attention kernel under test on full caches: swap this function to time another kernel."""
-    rank, rope, lanes = 512, 64, 640
-    q_lat = jnp.asarray(rng.standard_normal((b, h, rank)), jnp.bfloat16)
-    q_pe = jnp.asarray(rng.standard_normal((b, h, rope)), jnp.bfloat16)
-    kv = jax.random.normal(jax.random.key(int(rng.integers(2**31))), (b, s, lanes), jnp.bfloat16)
-    kv = kv.at[..., rank + rope:].set(0)
-    lengths = jnp.full((b,), s, jnp.int32)
-    kernel = jax.jit(functools.partial(M.mla_decode_triton, sm_scale=SM_SCALE, interpret=interpret))
-    xla = jax.jit(functools.partial(M.mla_decode_reference, sm_scale=SM_SCALE))
-    args = (q_lat, q_pe, kv, lengths)
-    nbytes = b * s * (rank + rope) * 2 + q_lat.nbytes + q_pe.nbytes + q_lat.nbytes
-    return Row("mla decode attention", f"B={b} H={h} S={s}", timed(kernel, *args, iters=iters), nbytes,
-               rel_err(kernel(*args), xla(*args)), timed(xla, *args, iters=iters))
+    """The ragged paged MLA kernel (Triton), one new token per row over s keys in shuffled pages: error, time,
+    bytes, and the XLA path's time on the same pages."""
+    args = ragged_decode_args(rng, b, h, s, min(R.GPU_PAGE_SIZE, s))
+    kernel = jax.jit(functools.partial(R.ragged_mla_triton, sm_scale=SM_SCALE, rank=RANK, interpret=interpret))
+    xla = jax.jit(functools.partial(R.ragged_mla_reference, sm_scale=SM_SCALE, rank=RANK))
+    return Row("mla decode attention", f"B={b} H={h} S={s}", timed(kernel, *args, iters=iters),
+               ragged_decode_bytes(b, h, s), rel_err(kernel(*args)[0], xla(*args)[0]), timed(xla, *args, iters=iters))
 
 
 def random_state(abstract: Any, seed: int) -> Any:
@@ -190,19 +184,23 @@ def decode_step_seconds(cfg: k2jax.K2Config, batches: tuple[int, ...], context: 
     graphdef, abstract = abstract_model(cfg)
     state = random_state(abstract, seed=cfg.num_hidden_layers)
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    model = Model(cfg, graphdef, state, dtype=dtype)
     medians = []
     for batch in batches:
-        cache = init_cache(cfg, batch, context)
+        pages, pool = model.paged(batch, context)
+        for row in range(batch):
+            pages.reserve(row, context)
+        cache = model.cache_view(pages, pool, range(batch), [context] * batch)
         tok = jnp.ones((batch, 1), jnp.int32)
         pos = jnp.full((batch, 1), context - 1, jnp.int32)
         times = []
         for _ in range(iters + 1):
             start = time.perf_counter()
-            logits, cache = step(graphdef, state, tok, pos, cache, cfg, dtype, context)
+            logits, cache = step(graphdef, state, tok, pos, cache, cfg, dtype)
             jax.block_until_ready(logits)
             times.append(time.perf_counter() - start)
         medians.append(float(np.median(times[1:])))
-        del cache
+        del cache, pool
     return medians
 
 

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pallas_kernels import dispatch, int4_layout
-from pallas_kernels import int4_matmul as I
-from pallas_kernels import mla_decode as M
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.paged_inputs import RANK, ragged_decode_args, ragged_decode_bytes  # noqa: E402
+from pallas_kernels import dispatch, int4_layout  # noqa: E402
+from pallas_kernels import int4_matmul as I  # noqa: E402
+from pallas_kernels import ragged_mla as R  # noqa: E402
 
 HIDDEN, EXPERT_F, EXPERTS, TOP_K, SM_SCALE = 7168, 2048, 384, 8, 0.1447
 CPU_SCALE_DOWN = 8
@@ -96,20 +101,17 @@ def grouped_rows(rng, kernel, tokens: int, local: int, k: int, n: int, iters: in
 
 
 def mla_rows(rng, kernel, b: int, h: int, s: int, iters: int) -> list[Row]:
-    """MLA decode kernel and the XLA path over full-length caches."""
-    q_lat = jnp.asarray(rng.standard_normal((b, h, 512)), jnp.bfloat16)
-    q_pe = jnp.asarray(rng.standard_normal((b, h, 64)), jnp.bfloat16)
-    kv = jnp.asarray(rng.standard_normal((b, s, 640)), jnp.bfloat16).at[..., 576:].set(0)
-    lengths = jnp.full((b,), s, jnp.int32)
-    nbytes = kv.nbytes + q_lat.nbytes + q_pe.nbytes
-    xla = jax.jit(functools.partial(M.mla_decode_reference, sm_scale=SM_SCALE))
-    ref = xla(q_lat, q_pe, kv, lengths)
+    """Ragged paged MLA decode (one new token per row over s keys in shuffled pages), kernel and XLA path."""
+    page = min(R.TPU_PAGE_SIZE if jax.default_backend() == "tpu" else R.GPU_PAGE_SIZE, s)
+    args = ragged_decode_args(rng, b, h, s, page)
+    nbytes = ragged_decode_bytes(b, h, s)
+    xla = jax.jit(functools.partial(R.ragged_mla_reference, sm_scale=SM_SCALE, rank=RANK))
     shape = f"B={b} H={h} S={s}"
-    rows = [Row("mla decode (XLA)", shape, timed(xla, q_lat, q_pe, kv, lengths, iters=iters), nbytes)]
+    rows = [Row("mla decode (XLA)", shape, timed(xla, *args, iters=iters), nbytes)]
     if kernel is not None:
-        run = jax.jit(functools.partial(kernel, sm_scale=SM_SCALE))
-        rows.append(Row("mla decode (Pallas)", shape, timed(run, q_lat, q_pe, kv, lengths, iters=iters), nbytes,
-                        err=rel_err(run(q_lat, q_pe, kv, lengths), ref)))
+        run = jax.jit(functools.partial(kernel, sm_scale=SM_SCALE, rank=RANK))
+        rows.append(Row("mla decode (Pallas)", shape, timed(run, *args, iters=iters), nbytes,
+                        err=rel_err(run(*args)[0], xla(*args)[0])))
     return rows
 
 
@@ -135,7 +137,7 @@ def main() -> None:
     accelerated = backend in dispatch.PALLAS_BACKENDS
     triton = backend == "gpu"
     grouped = (I.grouped_int4_matmul_triton if triton else I.grouped_int4_matmul) if accelerated else None
-    mla = (M.mla_decode_triton if triton else M.mla_decode) if accelerated else None
+    mla = (R.ragged_mla_triton if triton else R.ragged_mla) if accelerated else None
     div = 1 if accelerated else CPU_SCALE_DOWN
     print(f"backend: {backend} ({jax.devices()[0].device_kind})" if accelerated else
           f"backend: {backend}: no accelerator; XLA paths only, shapes / {div}")

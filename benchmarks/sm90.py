@@ -49,7 +49,7 @@ SM90_SMEM_RESERVED_PER_BLOCK = 1024  # the runtime keeps 1 KiB per resident bloc
 SM90_SMEM_UNIT = 128
 
 HIDDEN, EXPERT_F, EXPERTS, TOP_K = 7168, 2048, 384, 8
-KV_LORA, ROPE, CACHE_LANES, SM_SCALE = 512, 64, 640, 0.1447
+KV_LORA, CACHE_LANES, SM_SCALE, GPU_PAGE = 512, 640, 0.1447, 64
 BF16, U8, I32 = "bfloat16", "uint8", "int32"
 Arg = tuple[tuple[int, ...], str]
 
@@ -64,9 +64,12 @@ def dense_args(m: int, k: int, n: int) -> list[Arg]:
     return [((m, k), BF16), ((k // 2, n), U8), ((k // 32, n), BF16)]
 
 
-def mla_args(b: int, h: int, s: int) -> list[Arg]:
-    """Absorbed queries (latent, rope), a 640-lane latent cache [B, S, 640], lengths."""
-    return [((b, h, KV_LORA), BF16), ((b, h, ROPE), BF16), ((b, s, CACHE_LANES), BF16), ((b,), I32)]
+def ragged_args(b: int, t: int, h: int, context: int) -> list[Arg]:
+    """Absorbed queries [B, T, H, 640], a pool of 64-token pages holding every row's context, page tables,
+    lengths, query starts, the layer and the position shard."""
+    pages = context // GPU_PAGE
+    return [((b, t, h, CACHE_LANES), BF16), ((1, b * pages, GPU_PAGE, CACHE_LANES), BF16), ((b, pages), I32),
+            ((b,), I32), ((b,), I32), ((), I32), ((), I32)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,8 @@ class Kernel:
 
 
 # Every Triton kernel at the K2 shapes that pick its distinct block configurations. One line per compile.
+RAGGED = "pallas_kernels.ragged_mla:ragged_mla_triton"
+RAGGED_STATIC = {"sm_scale": SM_SCALE, "rank": KV_LORA}
 KERNELS = [
     Kernel("int4 grouped gate+up, 1 token", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
            grouped_args(1, EXPERTS, HIDDEN, 2 * EXPERT_F)),
@@ -88,10 +93,10 @@ KERNELS = [
            grouped_args(256, EXPERTS, EXPERT_F, HIDDEN)),
     Kernel("int4 dense, M=1", "pallas_kernels.int4_matmul:int4_matmul_triton", dense_args(1, HIDDEN, EXPERT_F)),
     Kernel("int4 dense, M=256", "pallas_kernels.int4_matmul:int4_matmul_triton", dense_args(256, HIDDEN, EXPERT_F)),
-    Kernel("mla decode B=1 H=64 S=256k", "pallas_kernels.mla_decode:mla_decode_triton", mla_args(1, 64, 262144),
-           {"sm_scale": SM_SCALE}),
-    Kernel("mla decode B=64 H=64 S=8k", "pallas_kernels.mla_decode:mla_decode_triton", mla_args(64, 64, 8192),
-           {"sm_scale": SM_SCALE}),
+    Kernel("ragged mla decode B=1 H=64 S=256k", RAGGED, ragged_args(1, 1, 64, 262144), RAGGED_STATIC),
+    Kernel("ragged mla decode B=64 H=8 S=8k", RAGGED, ragged_args(64, 1, 8, 8192), RAGGED_STATIC),
+    Kernel("ragged mla prefill T=512 H=64 S=8k", RAGGED, ragged_args(1, 512, 64, 8192), RAGGED_STATIC),
+    Kernel("ragged mla prefill T=512 H=8 S=128k", RAGGED, ragged_args(1, 512, 8, 131072), RAGGED_STATIC),
 ]
 
 

@@ -2,14 +2,15 @@
 
 TPU -> the Pallas Mosaic kernels; GPU -> the Pallas Triton kernels; CPU -> the native grouped matmul
 (cpu_grouped_matmul, an FFI custom call built on first use; the XLA paths below when it cannot be built).
-`K2JAX_KERNELS=pallas|native|xla|interpret|interpret-triton` overrides: `xla` is plain XLA everywhere,
-`interpret` runs the Mosaic kernels and `interpret-triton` the Triton kernels in the Pallas interpreter (slow;
-for parity tests on CPU). The choice is made at trace time, so set the variable before the first call is traced.
+`K2JAX_KERNELS=pallas|triton|native|xla|interpret|interpret-triton` overrides: `xla` is plain XLA everywhere,
+`triton` the Triton kernels whatever the host (to compile for a GPU ahead of time), `interpret` runs the Mosaic
+kernels and `interpret-triton` the Triton kernels in the Pallas interpreter (slow; for parity tests on CPU).
+The choice is made at trace time, so set the variable before the first call is traced.
 
-`layer` (optional int32 scalar) on grouped_int4_matmul and mla_decode: packed/scale are then the stacked
-[L, E, ...] expert weights, kv the stacked cache [L, B, S, C], and the kernels read that layer in place.
-Pass the whole stack rather than a gathered or sliced copy: a copy costs a full extra read and write.
-ragged_mla always takes the stacked page pool [L, P, N, C] and its layer index.
+`layer` (optional int32 scalar) on grouped_int4_matmul: packed/scale are then the stacked [L, E, ...] expert
+weights and the kernels read that layer in place. Pass the whole stack rather than a gathered or sliced copy:
+a copy costs a full extra read and write. ragged_mla always takes the stacked page pool [L, P, N, C] and its
+layer index.
 """
 
 import os
@@ -19,11 +20,10 @@ import jax.numpy as jnp
 
 from pallas_kernels import cpu_grouped_matmul, int4_layout
 from pallas_kernels import int4_matmul as int4_matmul_kernels
-from pallas_kernels import mla_decode as mla_decode_kernels
 from pallas_kernels import ragged_mla as ragged_mla_kernels
 
 ENV_VAR = "K2JAX_KERNELS"
-MODES = ("pallas", "native", "xla", "interpret", "interpret-triton")
+MODES = ("pallas", "triton", "native", "xla", "interpret", "interpret-triton")
 PALLAS_BACKENDS = ("tpu", "gpu")
 
 
@@ -31,7 +31,7 @@ def kernel_mode(backend: str | None = None) -> str:
     """One of MODES: the env override, else pallas on TPU/GPU and native on CPU (xla if it cannot be built)."""
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced and forced not in MODES:
-        raise ValueError(f"{ENV_VAR}={forced!r}; expected one of {MODES} (pallas: the backend's kernels, native: "
+        raise ValueError(f"{ENV_VAR}={forced!r}; expected one of {MODES} (pallas: the backend's kernels, triton: the GPU kernels, native: "
                          "the C++ CPU kernel, xla: plain XLA, interpret / interpret-triton: the Mosaic / Triton "
                          "kernels in the Pallas interpreter)")
     if forced:
@@ -42,8 +42,8 @@ def kernel_mode(backend: str | None = None) -> str:
 
 
 def _uses_triton(mode: str) -> bool:
-    """The Triton kernels for interpret-triton and for pallas on GPU; the Mosaic ones otherwise."""
-    return mode == "interpret-triton" or (mode == "pallas" and jax.default_backend() == "gpu")
+    """The Triton kernels for triton, interpret-triton and pallas on GPU; the Mosaic ones otherwise."""
+    return mode in ("triton", "interpret-triton") or (mode == "pallas" and jax.default_backend() == "gpu")
 
 
 def _interpret(mode: str) -> bool:
@@ -138,17 +138,6 @@ def int4_matmul(x_MK, packed_HN, scale_GN) -> jax.Array:
         return grouped_int4_matmul(x_MK, packed_HN[None], scale_GN[None], sizes_E)
     kernel = int4_matmul_kernels.int4_matmul_triton if _uses_triton(mode) else int4_matmul_kernels.int4_matmul
     return kernel(x_MK, packed_HN, scale_GN, interpret=_interpret(mode))
-
-
-def mla_decode(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, *, sm_scale: float, layer=None) -> jax.Array:
-    """Absorbed MLA decode attention over the latent cache -> o_lat [B, H, R], on the chosen path."""
-    mode = kernel_mode()
-    if mode in ("xla", "native"):
-        kv_BSC = kv_BSC if layer is None else kv_BSC[layer]
-        return mla_decode_kernels.mla_decode_reference(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale)
-    kernel = mla_decode_kernels.mla_decode_triton if _uses_triton(mode) else mla_decode_kernels.mla_decode
-    return kernel(q_lat_BHR, q_pe_BHP, kv_BSC, lengths_B, sm_scale=sm_scale, layer=layer,
-                  interpret=_interpret(mode))
 
 
 def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first, *, sm_scale: float, rank: int,

@@ -8,7 +8,6 @@ from kernel_testutils import max_rel_err, random_int4, random_normal
 
 from pallas_kernels import dispatch
 from pallas_kernels import int4_matmul as I
-from pallas_kernels import mla_decode as M
 from pallas_kernels import ragged_mla as R
 
 
@@ -85,17 +84,6 @@ def test_dense_paths_match_reference(rng, kernel_env, mode):
     assert max_rel_err(out, I.int4_matmul_reference(x, packed[0], scale[0])) < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["xla", "interpret", "interpret-triton"])
-def test_mla_paths_match_reference(rng, kernel_env, mode):
-    kernel_env(mode)
-    q_lat, q_pe = random_normal(rng, (2, 8, 512)), random_normal(rng, (2, 8, 64))
-    kv = random_normal(rng, (2, 96, 640)).at[..., 576:].set(0)
-    lengths = jnp.asarray([96, 5], jnp.int32)
-    out = dispatch.mla_decode(q_lat, q_pe, kv, lengths, sm_scale=0.1)
-    ref = M.mla_decode_reference(q_lat, q_pe, kv, lengths, sm_scale=0.1)
-    assert float(jnp.max(jnp.abs(out - ref))) < 2e-5
-
-
 @pytest.mark.parametrize("mode,kernel", [("native", "ragged_mla_reference"), ("xla", "ragged_mla_reference"),
                                          ("interpret", "ragged_mla"), ("interpret-triton", "ragged_mla_triton")])
 def test_ragged_mla_paths(rng, kernel_env, monkeypatch, mode, kernel):
@@ -125,12 +113,6 @@ def test_stacked_layer_paths_match_reference(rng, kernel_env, mode, rows):
     out = jax.jit(lambda layer: dispatch.grouped_int4_matmul(x, packed_LEHN, scale_LEGN, sizes, layer=layer))
     expect = I.grouped_int4_matmul_reference(x, packed_LEHN[1], scale_LEGN[1], sizes)
     assert max_rel_err(out(jnp.int32(1)), expect) < 1e-5
-    q_lat, q_pe = random_normal(rng, (2, 4, 512)), random_normal(rng, (2, 4, 64))
-    kv_LBSC = random_normal(rng, (3, 2, 40, 640)).at[..., 576:].set(0)
-    lengths = jnp.asarray([40, rows], jnp.int32)
-    o = dispatch.mla_decode(q_lat, q_pe, kv_LBSC, lengths, sm_scale=0.1, layer=jnp.int32(2))
-    expect = M.mla_decode_reference(q_lat, q_pe, kv_LBSC[2], lengths, sm_scale=0.1)
-    assert float(jnp.max(jnp.abs(o - expect))) < 2e-5
 
 
 @pytest.mark.parametrize("m, e", [(1, 8), (8, 64), (64, 64), (256, 64), (1000, 16), (37, 5)])

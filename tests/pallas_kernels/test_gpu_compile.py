@@ -19,12 +19,10 @@ import pytest
 from jax import export
 
 from pallas_kernels import int4_matmul as I
-from pallas_kernels import mla_decode as M
 from pallas_kernels import ragged_mla as R
 
 HIDDEN, EXPERT_F, TOP_K = 7168, 2048, 8
 GROUPED_SHAPES = [(1, 48, HIDDEN, 2 * EXPERT_F), (64, 6, EXPERT_F, HIDDEN), (256, 48, HIDDEN, 2 * EXPERT_F)]
-MLA_SHAPES = [(1, 64, 262144), (1, 8, 262144), (256, 8, 4096)]
 # (batch, query tokens, heads, context per row, layers): decode and 512-token prefill chunks over a page pool.
 RAGGED_SHAPES = [(1, 1, 64, 262144, 1), (64, 1, 8, 8192, 1), (1, 512, 64, 8192, 4), (1, 512, 8, 131072, 1)]
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -36,14 +34,6 @@ def _grouped_args(tokens, experts, k, n, sharding=None):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     return (sds((tokens * TOP_K, k), jnp.bfloat16), sds((experts, k // 2, n), jnp.uint8),
             sds((experts, k // 32, n), jnp.bfloat16), sds((experts,), jnp.int32))
-
-
-def _mla_args(b, h, s, sharding=None):
-    """Abstract absorbed queries, a 640-lane latent cache and lengths at a decode shape."""
-    def sds(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-    return (sds((b, h, 512), jnp.bfloat16), sds((b, h, 64), jnp.bfloat16), sds((b, s, 640), jnp.bfloat16),
-            sds((b,), jnp.int32))
 
 
 def _ragged_args(b, t, h, context, layers, sharding=None):
@@ -69,12 +59,6 @@ def test_grouped_int4_matmul_lowers_for_cuda(tokens, experts, k, n):
     assert TRITON_CALL in _export_cuda(I.grouped_int4_matmul_triton, _grouped_args(tokens, experts, k, n))
 
 
-@pytest.mark.parametrize("b,h,s", MLA_SHAPES)
-def test_mla_decode_lowers_for_cuda(b, h, s):
-    fn = functools.partial(M.mla_decode_triton, sm_scale=0.1)
-    assert TRITON_CALL in _export_cuda(fn, _mla_args(b, h, s))
-
-
 @pytest.mark.parametrize("b,t,h,context,layers", RAGGED_SHAPES)
 def test_ragged_mla_lowers_for_cuda(b, t, h, context, layers):
     fn = functools.partial(R.ragged_mla_triton, sm_scale=0.1, rank=512)
@@ -90,13 +74,7 @@ def test_stacked_layer_inputs_lower_for_cuda():
     def grouped(x, packed, scale, sizes, layer):
         return I.grouped_int4_matmul_triton(x, packed, scale, sizes, layer=layer)
 
-    def mla(q_lat, q_pe, kv, lengths, layer):
-        return M.mla_decode_triton(q_lat, q_pe, kv, lengths, sm_scale=0.1, layer=layer)
-
     assert TRITON_CALL in _export_cuda(grouped, (x, *stack, sizes, layer))
-    q_lat, q_pe, kv, lengths = _mla_args(*MLA_SHAPES[0])
-    kv_stack = jax.ShapeDtypeStruct((layers, *kv.shape), kv.dtype)
-    assert TRITON_CALL in _export_cuda(mla, (q_lat, q_pe, kv_stack, lengths, layer))
 
 
 def _load_sm90():
@@ -128,7 +106,7 @@ def sm90_rows() -> list[dict]:
 
 def test_every_triton_kernel_compiles_for_sm90(sm90_rows):
     assert {r["label"] for r in sm90_rows} == {k.label for k in sm90.KERNELS}
-    assert all(r["kernel"] in ("_gmm_triton_kernel", "_mla_triton_kernel") for r in sm90_rows)
+    assert all(r["kernel"] in ("_gmm_triton_kernel", "_ragged_triton_kernel") for r in sm90_rows)
 
 
 def test_no_spills_and_shared_memory_within_sm90(sm90_rows):

@@ -14,7 +14,6 @@ from jax.experimental import topologies
 from jax.sharding import SingleDeviceSharding
 
 from pallas_kernels import int4_matmul as I
-from pallas_kernels import mla_decode as M
 from pallas_kernels import ragged_mla as R
 
 pytest.importorskip("libtpu", reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU AOT compiles")
@@ -26,8 +25,7 @@ HIDDEN, EXPERT_F, TOP_K = 7168, 2048, 8
 GROUPED_SHAPES = [(1, 48, HIDDEN, 2 * EXPERT_F), (16, 24, EXPERT_F, HIDDEN), (64, 6, HIDDEN, EXPERT_F),
                   (256, 48, EXPERT_F, HIDDEN)]
 # (batch, heads on the device, cache length): 64 heads, or 8 per device under 8-way head sharding.
-MLA_SHAPES = [(1, 64, 262144), (1, 8, 262144), (64, 64, 8192), (256, 8, 4096)]
-KV_LORA, ROPE, CACHE_LANES = 512, 64, 640
+KV_LORA, CACHE_LANES = 512, 640
 # (batch, query tokens, heads on the device, context per row): decode at 64 heads and 8 per device, and 512-token
 # prefill chunks; the pool holds exactly the rows' pages.
 RAGGED_SHAPES = [(1, 1, 64, 262144), (64, 1, 8, 8192), (1, 512, 64, 8192), (1, 512, 8, 8192)]
@@ -68,17 +66,6 @@ def test_dense_int4_matmul_compiles(topology):
     args = [_abstract(topology, (256, HIDDEN), jnp.bfloat16), _abstract(topology, (HIDDEN // 2, EXPERT_F), jnp.uint8),
             _abstract(topology, (HIDDEN // 32, EXPERT_F), jnp.bfloat16)]
     assert "tpu_custom_call" in jax.jit(I.int4_matmul).lower(*args).compile().as_text()
-
-
-@pytest.mark.parametrize("topology", TOPOLOGIES)
-@pytest.mark.parametrize("b,h,s", MLA_SHAPES)
-def test_mla_decode_compiles(topology, b, h, s):
-    args = [_abstract(topology, (b, h, KV_LORA), jnp.bfloat16), _abstract(topology, (b, h, ROPE), jnp.bfloat16),
-            _abstract(topology, (b, s, CACHE_LANES), jnp.bfloat16), _abstract(topology, (b,), jnp.int32)]
-    compiled = jax.jit(functools.partial(M.mla_decode, sm_scale=0.1)).lower(*args).compile()
-    assert "tpu_custom_call" in compiled.as_text()
-    # No copy of the cache: temporaries are the per-split partial outputs only.
-    assert compiled.memory_analysis().temp_size_in_bytes < b * s * CACHE_LANES * 2 // 8
 
 
 def _compile_ragged(topology: str, b: int, t: int, h: int, context: int, layers: int = 1):
@@ -127,11 +114,6 @@ def test_stacked_layer_inputs_are_read_in_place(topology):
         _abstract(topology, (TOP_K, k), jnp.bfloat16), *stack, _abstract(topology, (experts,), jnp.int32),
         layer=_abstract(topology, (), jnp.int32)).compile()
     assert grouped.memory_analysis().temp_size_in_bytes <= 2 * TOP_K * (k + n) * 2 + (4 << 20)
-    cache = _abstract(topology, (layers, b, s, CACHE_LANES), jnp.bfloat16)
-    mla = jax.jit(functools.partial(M.mla_decode, sm_scale=0.1)).lower(
-        _abstract(topology, (b, 64, KV_LORA), jnp.bfloat16), _abstract(topology, (b, 64, ROPE), jnp.bfloat16),
-        cache, _abstract(topology, (b,), jnp.int32), layer=_abstract(topology, (), jnp.int32)).compile()
-    assert mla.memory_analysis().temp_size_in_bytes < b * s * CACHE_LANES * 2 // 8
     ragged = _compile_ragged(topology, b, 1, 64, s, layers=layers)
     layer_pool_bytes = b * s * CACHE_LANES * 2
     assert ragged.memory_analysis().temp_size_in_bytes <= min(RAGGED_TEMP_BYTES, layer_pool_bytes // 64)
