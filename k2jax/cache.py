@@ -31,7 +31,7 @@ Array = jax.Array
 
 def default_page_size(backend: str) -> int:
     """Tokens per page for a backend: what its attention kernel reads best."""
-    return {"tpu": TPU_PAGE_SIZE, "gpu": GPU_PAGE_SIZE}.get(backend, CPU_PAGE_SIZE)
+    return {"tpu": TPU_PAGE_SIZE, "gpu": GPU_PAGE_SIZE, "cuda": GPU_PAGE_SIZE}.get(backend, CPU_PAGE_SIZE)
 
 
 class PoolFull(ValueError):

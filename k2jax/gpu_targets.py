@@ -4,6 +4,8 @@ The CUDA plugin lives in a folder of its own (default <venv>/cuda13-plugin, or $
 the main environment: there it would load a 400 MB library into every CPU-only jax process and print a cuDNN
 traceback whenever JAX_PLATFORMS is unset. Programs that compile for a GPU run in a process that has the folder
 on PYTHONPATH (plugin_env); compiling to SASS also needs the CUDA 13 toolkit's ptxas on PATH.
+
+    python -m k2jax.gpu_targets      # install the plugin that matches the installed jaxlib (~130 MB)
 """
 
 from __future__ import annotations
@@ -104,3 +106,8 @@ def install() -> None:
     pins = [f"{name}=={jaxlib.__version__}" for name in PLUGIN_PACKAGES]
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target",
                     str(PLUGIN_DIR), *pins], check=True)
+
+
+if __name__ == "__main__":
+    install()
+    print(f"jax's CUDA plugin is in {PLUGIN_DIR}")

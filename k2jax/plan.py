@@ -1,8 +1,10 @@
 """k2jax-plan: compile the real model for a target topology from abstract parameters and print what fits.
 
     k2jax-plan --preset kimi-k2-thinking --topology v5p:4x4x4 --batch 64 --context 131072
+    k2jax-plan --topology h200:8 --json
 
-Devices come from jax.experimental.topologies (no accelerator needed); parameters, the page pool and tokens
+Devices come from jax.experimental.topologies (no accelerator needed: libtpu for TPUs, jax's CUDA plugin in its
+own folder for GPUs, run in a child process that sees it; see k2jax.gpu_targets); parameters, the page pool and tokens
 are ShapeDtypeStructs placed by sharding.rules, so the compiled decode step (and a prefill chunk) is the
 program a real pod would run. Prints per-device bytes for weights, the pool and compiler temporaries against
 the chip's HBM, the KV tokens that fit in the pages left free, the bandwidth floor of a decode step, and
@@ -18,6 +20,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -31,7 +35,10 @@ from jax.sharding import Mesh, NamedSharding
 from k2jax.cache import PoolLayout, abstract_cache, default_page_size, make_layout
 from k2jax.config import K2Config, preset
 from k2jax.engine import PREFILL_CHUNK, step
+from k2jax.gpu_targets import (GPUS, PLUGIN_DIR, gpu_devices, parse_gpu_topology, plugin_env, plugin_installed,
+                               plugin_loadable)
 from k2jax.loading import abstract_model
+from pallas_kernels import dispatch
 from sharding.mesh import mesh_from_devices
 from sharding.rules import named_sharding, partition_spec, shard_bytes
 
@@ -68,11 +75,20 @@ class Compiled:
         return self.argument + self.output - self.alias + self.temp
 
 
-def topology_devices(name: str, platform: str = "tpu") -> list[Any]:
-    """Abstract devices of a topology such as "v5p:2x4x4" or "v6e:8x8"."""
+def topology_devices(name: str) -> list[Any]:
+    """Abstract devices of a TPU topology such as "v5p:2x4x4", or of one host's GPUs such as "h200:8"."""
+    if parse_gpu_topology(name):
+        return gpu_devices(name)
     from jax.experimental import topologies
 
-    return list(topologies.get_topology_desc(topology_name=name, platform=platform).devices)
+    return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+
+
+def chip_specs(devices: Sequence[Any]) -> tuple[int, float]:
+    """(HBM bytes, HBM bytes per second) of one device of the topology; (0, 0.0) when unknown."""
+    kind = devices[0].device_kind
+    gpu = next((g for g in GPUS.values() if g.description == kind), None)
+    return (gpu.hbm_bytes, gpu.bandwidth) if gpu else CHIPS.get(kind, (0, 0.0))
 
 
 @contextlib.contextmanager
@@ -133,8 +149,8 @@ def hlo_moves(hlo: str, min_bytes: int) -> list[str]:
 
 
 def kernel_calls(hlo: str, name: str) -> int:
-    """Custom calls of the Pallas kernel `name` (the pallas_call's name) in compiled HLO."""
-    return len(re.findall(rf"%{name}[\w.]* = [^\n]* custom-call\(", hlo))
+    """Custom calls of the Pallas kernel `name` in compiled HLO (named after it on TPU, in its metadata on GPU)."""
+    return sum(1 for line in hlo.splitlines() if " custom-call(" in line and name in line)
 
 
 def short_error(message: str) -> str:
@@ -241,7 +257,7 @@ def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: 
     KV tokens count the pages that fit beside the weights and the larger of the two programs' temporaries.
     """
     mesh = mesh_from_devices(devices, spec)
-    chip_hbm, chip_bw = CHIPS.get(devices[0].device_kind, (0, 0.0))
+    chip_hbm, chip_bw = chip_specs(devices)
     hbm, bandwidth = hbm or chip_hbm, bandwidth or chip_bw
     page_size = page_size or default_page_size(devices[0].platform)
     layout = make_layout(mesh, batch, context, page_size)
@@ -314,8 +330,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--preset", default="kimi-k2-thinking", help="model preset (or --config)")
     ap.add_argument("--config", help="a checkpoint dir or config.json to plan instead of a preset")
     ap.add_argument("--topology", action="append", required=True,
-                    help="topology name known to jax.experimental.topologies, e.g. v5p:2x4x4 (repeatable)")
-    ap.add_argument("--platform", default="tpu")
+                    help="a TPU topology known to jax.experimental.topologies (e.g. v5p:2x4x4) or GPUS:COUNT of one "
+                    f"host ({', '.join(GPUS)}, e.g. h200:8); repeatable")
     ap.add_argument("--mesh", help="mesh spec such as expert=32,tensor=2 (default: the candidate that leaves the "
                     "most KV tokens within --max-floor-ms)")
     ap.add_argument("--batch", type=int, default=64)
@@ -331,16 +347,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Plan each topology and print the table (or JSON)."""
+    """Plan each topology and print the table (or JSON); GPU topologies re-run this in a process that sees the
+    CUDA plugin."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    os.environ.setdefault("K2JAX_KERNELS", "pallas")  # the target's kernels, not this host's XLA fallbacks
+    if any(parse_gpu_topology(t) for t in args.topology) and not plugin_loadable():
+        if not plugin_installed():
+            raise SystemExit(f"k2jax-plan: GPU topologies need jax's CUDA plugin in {PLUGIN_DIR}: "
+                             "python -m k2jax.gpu_targets")
+        return subprocess.call([sys.executable, "-m", "k2jax.plan", *argv], env=plugin_env())
     cfg = K2Config.from_json(args.config) if args.config else preset(args.preset)
     if args.layers:
         cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
     rows = []
     for name in args.topology:
-        devices = topology_devices(name, args.platform)
-        chip_hbm, chip_bw = CHIPS.get(devices[0].device_kind, (0, 0.0))
+        devices = topology_devices(name)
+        chip_hbm, chip_bw = chip_specs(devices)
         hbm = int(args.hbm_gib * GIB) if args.hbm_gib else chip_hbm
         bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else chip_bw
         if not hbm:
@@ -348,12 +370,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         page_size = args.page_size or default_page_size(devices[0].platform)
         spec = args.mesh or choose_mesh(cfg, devices, args.batch, args.context, hbm, bandwidth, page_size,
                                         args.max_floor_ms)
-        rows.append(plan(cfg, devices, spec, args.batch, args.context, args.prefill_chunk, hbm=hbm,
-                         bandwidth=bandwidth, page_size=page_size))
+        with target_kernels(devices[0].platform):
+            rows.append(plan(cfg, devices, spec, args.batch, args.context, args.prefill_chunk, hbm=hbm,
+                             bandwidth=bandwidth, page_size=page_size))
         if not args.json:
             print(f"planned {name}: {spec}", flush=True)
     print(json.dumps([as_json(r) for r in rows], indent=1) if args.json else table(rows))
     return 0 if all(r["fits"] for r in rows) else 1
+
+
+@contextlib.contextmanager
+def target_kernels(platform: str) -> Iterator[None]:
+    """Trace the target's Pallas kernels (Triton for GPUs, Mosaic for TPUs), not this host's XLA fallbacks,
+    unless K2JAX_KERNELS says otherwise."""
+    forced = os.environ.get(dispatch.ENV_VAR)
+    os.environ[dispatch.ENV_VAR] = forced or ("triton" if platform == "gpu" else "pallas")
+    try:
+        yield
+    finally:
+        if forced is None:
+            del os.environ[dispatch.ENV_VAR]
 
 
 if __name__ == "__main__":
