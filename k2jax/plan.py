@@ -43,6 +43,7 @@ from sharding.mesh import mesh_from_devices
 from sharding.rules import named_sharding, partition_spec, shard_bytes
 
 GIB = 1 << 30
+DEFAULT_BATCH = 64
 SHORT_CONTEXT = 8192  # the prefill chunk is also compiled at this context: its temp must not grow with context
 # device_kind -> (HBM bytes, HBM bytes per second), from the vendors' spec sheets.
 CHIPS: dict[str, tuple[int, float]] = {
@@ -248,6 +249,14 @@ def choose_mesh(cfg: K2Config, devices: Sequence[Any], batch: int, context: int,
     return min(scored)[-1]
 
 
+def fitting_batch(cfg: K2Config, mesh: Mesh, context: int, hbm: int, page_size: int) -> int:
+    """The most sequences (up to DEFAULT_BATCH, at least 1) whose pages of `context` tokens fit 90% of HBM beside
+    the weights: the planner's default batch."""
+    f = footprint(cfg, mesh, make_layout(mesh, 1, context, page_size))
+    tokens = kv_tokens(cfg, 0.9 * hbm - f.weights, mesh.size, page_size)
+    return max(1, min(DEFAULT_BATCH, tokens // context))
+
+
 def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: int, prefill_chunk: int,
          hbm: int | None = None, bandwidth: float | None = None, page_size: int | None = None) -> dict[str, Any]:
     """Compile decode (and a prefill chunk) on this mesh; per-device bytes, fit, KV tokens and time floor.
@@ -334,7 +343,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     f"host ({', '.join(GPUS)}, e.g. h200:8); repeatable")
     ap.add_argument("--mesh", help="mesh spec such as expert=32,tensor=2 (default: the candidate that leaves the "
                     "most KV tokens within --max-floor-ms)")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, help=f"sequences decoded together (default: the most, up to {DEFAULT_BATCH}, "
+                    "whose pages fit at --context)")
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="0 skips the prefill compiles")
     ap.add_argument("--page-size", type=int, help="tokens per cache page (default: the backend's kernel page)")
@@ -368,10 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hbm:
             raise SystemExit(f"k2jax-plan: unknown chip {devices[0].device_kind!r}: pass --hbm-gib and --bandwidth-gbs")
         page_size = args.page_size or default_page_size(devices[0].platform)
-        spec = args.mesh or choose_mesh(cfg, devices, args.batch, args.context, hbm, bandwidth, page_size,
-                                        args.max_floor_ms)
+        spec = args.mesh or choose_mesh(cfg, devices, args.batch or DEFAULT_BATCH, args.context, hbm, bandwidth,
+                                        page_size, args.max_floor_ms)
+        batch = args.batch or fitting_batch(cfg, mesh_from_devices(devices, spec), args.context, hbm, page_size)
         with target_kernels(devices[0].platform):
-            rows.append(plan(cfg, devices, spec, args.batch, args.context, args.prefill_chunk, hbm=hbm,
+            rows.append(plan(cfg, devices, spec, batch, args.context, args.prefill_chunk, hbm=hbm,
                              bandwidth=bandwidth, page_size=page_size))
         if not args.json:
             print(f"planned {name}: {spec}", flush=True)
