@@ -29,7 +29,8 @@ of 2048 keys: 15 MiB). It is compute-bound at 2304*512/1280 = 922 FLOPs per byte
 ridge of v5e, v5p and v6e (240, 166 and 560 FLOPs per HBM byte).
 
 TPU: grid (row, query block, key split); the pool stays in HBM (memory_space=ANY) and each block's whole
-pages are fetched by double-buffered manual DMAs addressed through the scalar-prefetched table and layer;
+pages are fetched by double-buffered manual DMAs addressed through the table and the scalar-prefetched layer.
+The table comes into SMEM TABLE_ROWS rows at a time (whole [B, M] tables outgrow the 1 MiB of SMEM at B * M > 250k);
 the causal and length masks run only on blocks that need them. Split-K (flash decoding) when there are
 fewer (row, query block) programs than TensorCores; splits are combined by lse in the wrapper.
 GPU: one Triton program per (query-row block, split, row) walks the split's pages one at a time, loading the
@@ -52,6 +53,7 @@ BLOCK_ROWS = 512
 BLOCK_SCORES = 512 * 512
 MAX_BLOCK_KEYS = 2048
 MIN_PROGRAMS = 2
+TABLE_ROWS = 8
 VMEM_LIMIT_BYTES = 32 * 1024 * 1024
 TRITON_MIN_PROGRAMS = 264
 TRITON_NUM_STAGES = 2
@@ -114,7 +116,7 @@ def _attend(q_ref, kv_KC, m_ref, l_ref, acc_ref, pos_of, hi, limit_X1, *, sm_sca
         p_XK.astype(kv_KC.dtype), kv_KC[:, :acc_ref.shape[1]], preferred_element_type=jnp.float32)
 
 
-def _ragged_kernel(table_ref, kv_len_ref, q_start_ref, layer_ref, first_ref, q_ref, kv_hbm, o_ref, lse_ref,
+def _ragged_kernel(kv_len_ref, q_start_ref, layer_ref, first_ref, table_ref, q_ref, kv_hbm, o_ref, lse_ref,
                    kv_buf, sem, m_ref, l_ref, acc_ref, *, sm_scale: float, heads: int, block_t: int, tokens: int,
                    width: int, stride: int, pages_per_block: int):
     """One (row, query block, split) program: double-buffered page DMAs of the split's blocks it can see."""
@@ -136,8 +138,8 @@ def _ragged_kernel(table_ref, kv_len_ref, q_start_ref, layer_ref, first_ref, q_r
         page0 = (block0 + i) * pages_per_block
 
         def one(j, carry):
-            copy = pltpu.make_async_copy(kv_hbm.at[layer, table_ref[b * width + page0 + j]],
-                                         kv_buf.at[slot, pl.ds(j * n, n)], sem.at[slot])
+            page_id = table_ref[jax.lax.rem(b, table_ref.shape[0]), page0 + j]
+            copy = pltpu.make_async_copy(kv_hbm.at[layer, page_id], kv_buf.at[slot, pl.ds(j * n, n)], sem.at[slot])
             getattr(copy, action)()
             return carry
 
@@ -189,9 +191,9 @@ def _block_t(t: int, h: int, block_t: int | None) -> int:
     return min(t, block_t or max(unit, BLOCK_ROWS // h // unit * unit))
 
 
-def _scalars(table_BM, kv_len_B, q_start_B, layer, page_first):
-    """int32 scalar operands: flat table, kv_len, q_start, layer [1], page_first [1]."""
-    return (table_BM.reshape(-1).astype(jnp.int32), kv_len_B.astype(jnp.int32), q_start_B.astype(jnp.int32),
+def _scalars(kv_len_B, q_start_B, layer, page_first):
+    """int32 scalar operands: kv_len, q_start, layer [1], page_first [1]."""
+    return (kv_len_B.astype(jnp.int32), q_start_B.astype(jnp.int32),
             jnp.reshape(layer, (1,)).astype(jnp.int32), jnp.reshape(page_first, (1,)).astype(jnp.int32))
 
 
@@ -209,6 +211,10 @@ def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first
     rows = bt * h
     ppb = min(pages_per_block or max(1, min(MAX_BLOCK_KEYS, BLOCK_SCORES // rows) // n), width)
     splits = min(num_splits or pl.cdiv(MIN_PROGRAMS, b * q_blocks), pl.cdiv(width, ppb))
+    table_rows = min(b, TABLE_ROWS)
+
+    def row_map(b_i, qb, split, *_):
+        return jax.lax.div(b_i, table_rows), 0
 
     def q_map(b_i, qb, split, *_):
         return b_i, qb, 0
@@ -226,9 +232,10 @@ def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first
         out_shape=(jax.ShapeDtypeStruct((b, splits, t * h, rank), jnp.float32),
                    jax.ShapeDtypeStruct((b, splits, 1, t * h), jnp.float32)),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
+            num_scalar_prefetch=4,
             grid=(b, q_blocks, splits),
-            in_specs=[pl.BlockSpec((None, rows, c), q_map), pl.BlockSpec(memory_space=pl.ANY)],
+            in_specs=[pl.BlockSpec((table_rows, width), row_map, memory_space=pltpu.SMEM),
+                      pl.BlockSpec((None, rows, c), q_map), pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=[pl.BlockSpec((None, None, rows, rank), out_map),
                        pl.BlockSpec((None, None, 1, rows), lse_map)],
             scratch_shapes=[pltpu.VMEM((2, ppb * n, c), kv_LPNC.dtype), pltpu.SemaphoreType.DMA((2,)),
@@ -241,7 +248,7 @@ def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first
             bytes_accessed=b * q_blocks * width * n * c * kv_LPNC.dtype.itemsize + q_BTHC.nbytes
             + b * splits * t * h * (rank + 1) * 4),
         interpret=interpret,
-    )(*_scalars(table_BM, kv_len_B, q_start_B, layer, page_first),
+    )(*_scalars(kv_len_B, q_start_B, layer, page_first), table_BM.astype(jnp.int32),
       q_BTHC.reshape(b, t * h, c).astype(kv_LPNC.dtype), kv_LPNC)
     o_BXR, lse_BX = _combine(o_BsXR, lse_Bs1X[:, :, 0])
     return o_BXR.reshape(b, t, h, rank), lse_BX.reshape(b, t, h)
@@ -312,7 +319,7 @@ def ragged_mla_triton(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, pag
     block_rows, warps = _triton_plan(t)
     row_blocks = pl.cdiv(t * h, block_rows)
     splits = min(num_splits or pl.cdiv(TRITON_MIN_PROGRAMS, b * row_blocks), width)
-    table, kv_len, q_start, layer_1, first_1 = _scalars(table_BM, kv_len_B, q_start_B, layer, page_first)
+    kv_len, q_start, layer_1, first_1 = _scalars(kv_len_B, q_start_B, layer, page_first)
     o_BsXR, lse_BsX = pl.pallas_call(
         functools.partial(_ragged_triton_kernel, sm_scale=sm_scale, heads=h, rank=rank, stride=page_stride,
                           block_rows=block_rows),
@@ -321,7 +328,7 @@ def ragged_mla_triton(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, pag
         grid=(row_blocks, splits, b),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=TRITON_NUM_STAGES),
         interpret=interpret,
-    )(table.reshape(b, width), kv_len, q_start, layer_1, first_1, q_BTHC.reshape(b, t * h, c).astype(kv_LPNC.dtype),
+    )(table_BM.astype(jnp.int32), kv_len, q_start, layer_1, first_1, q_BTHC.reshape(b, t * h, c).astype(kv_LPNC.dtype),
       kv_LPNC)
     o_BXR, lse_BX = _combine(o_BsXR, lse_BsX)
     return o_BXR.reshape(b, t, h, rank), lse_BX.reshape(b, t, h)
