@@ -29,11 +29,13 @@ of 2048 keys: 15 MiB). It is compute-bound at 2304*512/1280 = 922 FLOPs per byte
 ridge of v5e, v5p and v6e (240, 166 and 560 FLOPs per HBM byte).
 
 TPU: grid (row, query block, key split); the pool stays in HBM (memory_space=ANY) and each block's whole
-pages are fetched by double-buffered manual DMAs addressed through the scalar-prefetched table and layer;
+pages are fetched by double-buffered manual DMAs addressed through the table and the scalar-prefetched layer.
+The table comes into SMEM TABLE_ROWS rows at a time (whole [B, M] tables outgrow the 1 MiB of SMEM at B * M > 250k);
 the causal and length masks run only on blocks that need them. Split-K (flash decoding) when there are
 fewer (row, query block) programs than TensorCores; splits are combined by lse in the wrapper.
 GPU: one Triton program per (query-row block, split, row) walks the split's pages one at a time, loading the
-page id from the table and c_kv / lanes [R, C) as two power-of-two lane slices with masked loads.
+page id from the table and c_kv and lanes [R, C) as two power-of-two lane blocks with masked loads (the second
+block ends at C and masks off lanes below R, so C - R need not be a power of two).
 """
 
 import functools
@@ -52,6 +54,7 @@ BLOCK_ROWS = 512
 BLOCK_SCORES = 512 * 512
 MAX_BLOCK_KEYS = 2048
 MIN_PROGRAMS = 2
+TABLE_ROWS = 8
 VMEM_LIMIT_BYTES = 32 * 1024 * 1024
 TRITON_MIN_PROGRAMS = 264
 TRITON_NUM_STAGES = 2
@@ -114,7 +117,7 @@ def _attend(q_ref, kv_KC, m_ref, l_ref, acc_ref, pos_of, hi, limit_X1, *, sm_sca
         p_XK.astype(kv_KC.dtype), kv_KC[:, :acc_ref.shape[1]], preferred_element_type=jnp.float32)
 
 
-def _ragged_kernel(table_ref, kv_len_ref, q_start_ref, layer_ref, first_ref, q_ref, kv_hbm, o_ref, lse_ref,
+def _ragged_kernel(kv_len_ref, q_start_ref, layer_ref, first_ref, table_ref, q_ref, kv_hbm, o_ref, lse_ref,
                    kv_buf, sem, m_ref, l_ref, acc_ref, *, sm_scale: float, heads: int, block_t: int, tokens: int,
                    width: int, stride: int, pages_per_block: int):
     """One (row, query block, split) program: double-buffered page DMAs of the split's blocks it can see."""
@@ -136,8 +139,8 @@ def _ragged_kernel(table_ref, kv_len_ref, q_start_ref, layer_ref, first_ref, q_r
         page0 = (block0 + i) * pages_per_block
 
         def one(j, carry):
-            copy = pltpu.make_async_copy(kv_hbm.at[layer, table_ref[b * width + page0 + j]],
-                                         kv_buf.at[slot, pl.ds(j * n, n)], sem.at[slot])
+            page_id = table_ref[jax.lax.rem(b, table_ref.shape[0]), page0 + j]
+            copy = pltpu.make_async_copy(kv_hbm.at[layer, page_id], kv_buf.at[slot, pl.ds(j * n, n)], sem.at[slot])
             getattr(copy, action)()
             return carry
 
@@ -189,9 +192,9 @@ def _block_t(t: int, h: int, block_t: int | None) -> int:
     return min(t, block_t or max(unit, BLOCK_ROWS // h // unit * unit))
 
 
-def _scalars(table_BM, kv_len_B, q_start_B, layer, page_first):
-    """int32 scalar operands: flat table, kv_len, q_start, layer [1], page_first [1]."""
-    return (table_BM.reshape(-1).astype(jnp.int32), kv_len_B.astype(jnp.int32), q_start_B.astype(jnp.int32),
+def _scalars(kv_len_B, q_start_B, layer, page_first):
+    """int32 scalar operands: kv_len, q_start, layer [1], page_first [1]."""
+    return (kv_len_B.astype(jnp.int32), q_start_B.astype(jnp.int32),
             jnp.reshape(layer, (1,)).astype(jnp.int32), jnp.reshape(page_first, (1,)).astype(jnp.int32))
 
 
@@ -209,6 +212,10 @@ def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first
     rows = bt * h
     ppb = min(pages_per_block or max(1, min(MAX_BLOCK_KEYS, BLOCK_SCORES // rows) // n), width)
     splits = min(num_splits or pl.cdiv(MIN_PROGRAMS, b * q_blocks), pl.cdiv(width, ppb))
+    table_rows = min(b, TABLE_ROWS)
+
+    def row_map(b_i, qb, split, *_):
+        return jax.lax.div(b_i, table_rows), 0
 
     def q_map(b_i, qb, split, *_):
         return b_i, qb, 0
@@ -226,9 +233,10 @@ def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first
         out_shape=(jax.ShapeDtypeStruct((b, splits, t * h, rank), jnp.float32),
                    jax.ShapeDtypeStruct((b, splits, 1, t * h), jnp.float32)),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
+            num_scalar_prefetch=4,
             grid=(b, q_blocks, splits),
-            in_specs=[pl.BlockSpec((None, rows, c), q_map), pl.BlockSpec(memory_space=pl.ANY)],
+            in_specs=[pl.BlockSpec((table_rows, width), row_map, memory_space=pltpu.SMEM),
+                      pl.BlockSpec((None, rows, c), q_map), pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=[pl.BlockSpec((None, None, rows, rank), out_map),
                        pl.BlockSpec((None, None, 1, rows), lse_map)],
             scratch_shapes=[pltpu.VMEM((2, ppb * n, c), kv_LPNC.dtype), pltpu.SemaphoreType.DMA((2,)),
@@ -241,7 +249,7 @@ def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first
             bytes_accessed=b * q_blocks * width * n * c * kv_LPNC.dtype.itemsize + q_BTHC.nbytes
             + b * splits * t * h * (rank + 1) * 4),
         interpret=interpret,
-    )(*_scalars(table_BM, kv_len_B, q_start_B, layer, page_first),
+    )(*_scalars(kv_len_B, q_start_B, layer, page_first), table_BM.astype(jnp.int32),
       q_BTHC.reshape(b, t * h, c).astype(kv_LPNC.dtype), kv_LPNC)
     o_BXR, lse_BX = _combine(o_BsXR, lse_Bs1X[:, :, 0])
     return o_BXR.reshape(b, t, h, rank), lse_BX.reshape(b, t, h)
@@ -252,13 +260,18 @@ def _triton_plan(t: int) -> tuple[int, int]:
     return (16, 4) if t == 1 else (32, 8)
 
 
+def _pe_width(c: int, rank: int) -> int:
+    """Lanes of the Triton kernel's second block, [C - width, C): the power of two that covers [rank, C)."""
+    return 1 << max(c - rank - 1, 0).bit_length()
+
+
 def _ragged_triton_kernel(table_ref, kv_len_ref, q_start_ref, layer_ref, first_ref, q_ref, kv_ref, o_ref,
                           lse_ref, *, sm_scale: float, heads: int, rank: int, stride: int, block_rows: int):
     """One (query-row block, split, row) program: online softmax over the split's pages, one page per step."""
     rb, split, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     x, c = q_ref.shape[1], q_ref.shape[2]
     n, width = kv_ref.shape[2], table_ref.shape[1]
-    pe = c - rank
+    pe = _pe_width(c, rank)
     kv_len, q_start, first, layer = kv_len_ref[b], q_start_ref[b], first_ref[0], layer_ref[0]
     row0 = rb * block_rows
     rows = pl.ds(row0, block_rows)
@@ -269,7 +282,8 @@ def _ragged_triton_kernel(table_ref, kv_len_ref, q_start_ref, layer_ref, first_r
     per_split = pl.cdiv(needed, pl.num_programs(1))
     page0 = split * per_split
     q_lat_XR = plgpu.load(q_ref.at[b, rows, pl.ds(0, rank)], mask=row_ok_X[:, None], other=0)
-    q_pe_XE = plgpu.load(q_ref.at[b, rows, pl.ds(rank, pe)], mask=row_ok_X[:, None], other=0)
+    lane_ok_1E = (c - pe + jnp.arange(pe) >= rank)[None, :]  # the block's lanes below rank are c_kv's: left out
+    q_pe_XE = plgpu.load(q_ref.at[b, rows, pl.ds(c - pe, pe)], mask=row_ok_X[:, None] & lane_ok_1E, other=0)
 
     def page(m, carry):
         acc_XR, m_X, l_X = carry
@@ -277,7 +291,7 @@ def _ragged_triton_kernel(table_ref, kv_len_ref, q_start_ref, layer_ref, first_r
         pos_N = (first + m * stride) * n + jnp.arange(n)
         live_N1 = (pos_N < hi)[:, None]
         ckv_NR = plgpu.load(kv_ref.at[layer, page_id, :, pl.ds(0, rank)], mask=live_N1, other=0)
-        kpe_NE = plgpu.load(kv_ref.at[layer, page_id, :, pl.ds(rank, pe)], mask=live_N1, other=0)
+        kpe_NE = plgpu.load(kv_ref.at[layer, page_id, :, pl.ds(c - pe, pe)], mask=live_N1 & lane_ok_1E, other=0)
         s_XN = (jnp.dot(q_lat_XR, ckv_NR.T, preferred_element_type=jnp.float32)
                 + jnp.dot(q_pe_XE, kpe_NE.T, preferred_element_type=jnp.float32)) * sm_scale
         s_XN = jnp.where(pos_N[None, :] < limit_X[:, None], s_XN, -jnp.inf)
@@ -306,13 +320,13 @@ def ragged_mla_triton(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, pag
     _check(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, rank)
     b, t, h, c = q_BTHC.shape
     width = table_BM.shape[1]
-    if (c - rank) & (c - rank - 1) or rank & (rank - 1):
-        raise ValueError(f"Triton loads lanes [0, rank={rank}) and [rank, C={c}) as blocks: both widths must be "
-                         "powers of two")
+    if rank & (rank - 1) or _pe_width(c, rank) > c:
+        raise ValueError(f"Triton loads lanes [0, rank={rank}) and the power-of-two block ending at C={c} that holds "
+                         "[rank, C) as blocks: rank must be a power of two, and so large a block must fit in C")
     block_rows, warps = _triton_plan(t)
     row_blocks = pl.cdiv(t * h, block_rows)
     splits = min(num_splits or pl.cdiv(TRITON_MIN_PROGRAMS, b * row_blocks), width)
-    table, kv_len, q_start, layer_1, first_1 = _scalars(table_BM, kv_len_B, q_start_B, layer, page_first)
+    kv_len, q_start, layer_1, first_1 = _scalars(kv_len_B, q_start_B, layer, page_first)
     o_BsXR, lse_BsX = pl.pallas_call(
         functools.partial(_ragged_triton_kernel, sm_scale=sm_scale, heads=h, rank=rank, stride=page_stride,
                           block_rows=block_rows),
@@ -321,7 +335,7 @@ def ragged_mla_triton(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, pag
         grid=(row_blocks, splits, b),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=TRITON_NUM_STAGES),
         interpret=interpret,
-    )(table.reshape(b, width), kv_len, q_start, layer_1, first_1, q_BTHC.reshape(b, t * h, c).astype(kv_LPNC.dtype),
+    )(table_BM.astype(jnp.int32), kv_len, q_start, layer_1, first_1, q_BTHC.reshape(b, t * h, c).astype(kv_LPNC.dtype),
       kv_LPNC)
     o_BXR, lse_BX = _combine(o_BsXR, lse_BsX)
     return o_BXR.reshape(b, t, h, rank), lse_BX.reshape(b, t, h)

@@ -65,17 +65,22 @@ def _assert_close(got, ref, dtype):
 
 CASES = {
     # T, H, N, table width, kv_len, q_start, dims (R, P, C), Mosaic tuning
-    "decode": (1, 8, 16, 8, [37, 0, 16, 100], [36, 0, 15, 99], (64, 32, 128), {}),
+    # 10 rows: the TPU kernel reads the table 8 rows at a time, the last block partial.
+    "decode": (1, 8, 16, 8, [37, 0, 16, 100, 5, 64, 1, 90, 33, 8], [36, 0, 15, 99, 4, 63, 0, 89, 32, 7],
+               (64, 32, 128), {}),
     # first chunk; a chunk crossing the page boundary at 24 whose last 4 queries pad past kv_len; an idle row.
     "prefill": (12, 4, 8, 6, [12, 29, 0], [0, 21, 0], (64, 32, 128), dict(block_t=4, pages_per_block=2)),
     "decode-split": (1, 16, 8, 32, [150], [149], (64, 32, 128), dict(pages_per_block=2, num_splits=3)),
     "k2-lanes": (3, 8, 16, 4, [40, 7], [37, 4], (512, 64, 640), {}),
+    # C - R = 96, not a power of two: the Triton kernel's second lane block overlaps c_kv and masks it off.
+    "narrow-rope": (2, 4, 8, 4, [20, 9], [18, 7], (32, 8, 128), {}),
 }
 
 
 @pytest.mark.parametrize("kernel", ["mosaic", "triton"])
 @pytest.mark.parametrize("case,dtype", [("decode", jnp.bfloat16), ("prefill", jnp.float32), ("prefill", jnp.bfloat16),
-                                        ("decode-split", jnp.float32), ("k2-lanes", jnp.bfloat16)])
+                                        ("decode-split", jnp.float32), ("k2-lanes", jnp.bfloat16),
+                                        ("narrow-rope", jnp.float32)])
 def test_matches_reference(rng, case, dtype, kernel):
     t, h, n, width, kv_len, q_start, dims, tuning = CASES[case]
     layer = int(rng.integers(1, 3))
@@ -153,5 +158,5 @@ def test_bad_shapes_are_named():
         K.ragged_mla_reference(q, kv, jnp.zeros((3, 3), jnp.int32), *ok[1:], sm_scale=0.1, rank=64)
     with pytest.raises(ValueError, match="kv_len_B"):
         K.ragged_mla_reference(q, kv, ok[0], jnp.zeros(3, jnp.int32), *ok[2:], sm_scale=0.1, rank=64)
-    with pytest.raises(ValueError, match="powers of two"):
+    with pytest.raises(ValueError, match="rank must be a power of two"):
         K.ragged_mla_triton(q, kv, *ok, sm_scale=0.1, rank=48, interpret=True)

@@ -68,12 +68,13 @@ def test_dense_int4_matmul_compiles(topology):
     assert "tpu_custom_call" in jax.jit(I.int4_matmul).lower(*args).compile().as_text()
 
 
-def _compile_ragged(topology: str, b: int, t: int, h: int, context: int, layers: int = 1):
-    """AOT-compile ragged_mla (bf16, K2 lanes, TPU_PAGE_SIZE pages) over a pool of `layers` x b rows' pages."""
+def _compile_ragged(topology: str, b: int, t: int, h: int, context: int, layers: int = 1, pool_pages=None):
+    """AOT-compile ragged_mla (bf16, K2 lanes, TPU_PAGE_SIZE pages) over a pool of `layers` x pool_pages pages
+    (default: every row's pages)."""
     n = R.TPU_PAGE_SIZE
     pages = context // n
     args = [_abstract(topology, (b, t, h, CACHE_LANES), jnp.bfloat16),
-            _abstract(topology, (layers, b * pages, n, CACHE_LANES), jnp.bfloat16),
+            _abstract(topology, (layers, pool_pages or b * pages, n, CACHE_LANES), jnp.bfloat16),
             _abstract(topology, (b, pages), jnp.int32), _abstract(topology, (b,), jnp.int32),
             _abstract(topology, (b,), jnp.int32), _abstract(topology, (), jnp.int32),
             _abstract(topology, (), jnp.int32)]
@@ -94,6 +95,13 @@ def test_ragged_mla_temp_is_flat_in_context(topology, t, h):
     """A pool and table sized for 131072 tokens take the same temporaries as for 8192 (16x less)."""
     short, long = (_compile_ragged(topology, 1, t, h, s).memory_analysis().temp_size_in_bytes for s in (8192, 131072))
     assert long <= 1.5 * short and short <= RAGGED_TEMP_BYTES
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_ragged_mla_compiles_with_a_table_larger_than_smem(topology):
+    """512 rows x 1024 pages of table (2 MiB, twice the SMEM) compile: the kernel reads it 8 rows at a time."""
+    compiled = _compile_ragged(topology, 512, 1, 8, 262144, pool_pages=4096)
+    assert compiled.memory_analysis().temp_size_in_bytes <= RAGGED_TEMP_BYTES
 
 
 def test_oversized_tiles_fail_to_compile(monkeypatch):
