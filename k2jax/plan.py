@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from k2jax.cliargs import Parser, float_in, int_in, mesh_spec
 from k2jax.config import K2Config, preset
 from k2jax.engine import PREFILL_CHUNK, step
 from k2jax.loading import abstract_model
@@ -238,21 +239,23 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line flags."""
-    ap = argparse.ArgumentParser(prog="k2jax-plan", description=__doc__.splitlines()[0])
+    """Command-line flags; a malformed or out-of-range one exits with code 2 and one line naming it."""
+    ap = Parser(prog="k2jax-plan", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="kimi-k2-thinking", help="model preset (or --config)")
     ap.add_argument("--config", help="a checkpoint dir or config.json to plan instead of a preset")
     ap.add_argument("--topology", action="append", required=True,
                     help="topology name known to jax.experimental.topologies, e.g. v5p:2x4x4 (repeatable)")
     ap.add_argument("--platform", default="tpu")
-    ap.add_argument("--mesh", help="mesh spec such as expert=32,tensor=2 (default: the candidate that fits with "
-                    "the lowest bandwidth floor)")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="0 skips the prefill compile")
-    ap.add_argument("--layers", type=int, help="override num_hidden_layers (quick checks)")
-    ap.add_argument("--hbm-gib", type=float, help="HBM per device when the chip is not in the table")
-    ap.add_argument("--bandwidth-gbs", type=float, help="HBM GB/s per device when the chip is not in the table")
+    ap.add_argument("--mesh", type=mesh_spec, help="mesh spec such as expert=32,tensor=2 (default: the candidate "
+                    "that fits with the lowest bandwidth floor)")
+    ap.add_argument("--batch", type=int_in(1), default=64)
+    ap.add_argument("--context", type=int_in(1), default=131072)
+    ap.add_argument("--prefill-chunk", type=int_in(0), default=PREFILL_CHUNK, help="0 skips the prefill compile")
+    ap.add_argument("--layers", type=int_in(1), help="override num_hidden_layers (quick checks)")
+    ap.add_argument("--hbm-gib", type=float_in(0.0, low_open=True),
+                    help="HBM per device when the chip is not in the table")
+    ap.add_argument("--bandwidth-gbs", type=float_in(0.0, low_open=True),
+                    help="HBM GB/s per device when the chip is not in the table")
     return ap.parse_args(argv)
 
 

@@ -330,8 +330,8 @@ MALFORMED = [
     + "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_end|><|tool_calls_section_end|>",
 ]
 MALFORMED_EXPECTED = [
-    (None, "<think>never closed, generation cut off", []),
-    (None, "<think>never closed", []),
+    ("never closed, generation cut off", "", []),  # an unfinished think block is still reasoning
+    ("never closed", "", []),
     (None, "reasoning without an opening tag</think>content", []),
     ("r", MALFORMED[3].removeprefix("<think>r</think>"), []),
     ("r", MALFORMED[4].removeprefix("<think>r</think>"), []),
@@ -370,14 +370,12 @@ def check_stream(text: str, chunks: list[str]) -> None:
     deltas, final = stream(chunks)
     assert final == whole
     assert all(sum(map(bool, (d.reasoning_content, d.content, d.tool_calls))) == 1 for d in deltas)
-    closes_think = not text.startswith("<think>") or "</think>" in text
-    if closes_think:
-        summed = accumulated(deltas)
-        assert (summed.reasoning_content or None, summed.content, summed.tool_calls) == (
-            whole.reasoning_content or None,
-            whole.content,
-            whole.tool_calls,
-        )
+    summed = accumulated(deltas)
+    assert (summed.reasoning_content or None, summed.content, summed.tool_calls) == (
+        whole.reasoning_content or None,
+        whole.content,
+        whole.tool_calls,
+    )
 
 
 @pytest.mark.parametrize("text", [t for t, _ in WELL_FORMED] + MALFORMED)
@@ -399,11 +397,12 @@ def test_stream_reasoning_is_sent_before_the_think_block_closes():
     assert parser.output() == ParsedOutput("step one, step two", "Answer", [])
 
 
-def test_stream_unclosed_think_ends_as_content():
+def test_stream_unclosed_think_stays_reasoning():
     parser = StreamParser()
     assert parser.feed("<think>cut") == [Delta(reasoning_content="cut")]
-    assert parser.finish() == [Delta(content="<think>cut")]
-    assert parser.output() == ParsedOutput(None, "<think>cut", [])
+    assert parser.feed(" off</thi") == [Delta(reasoning_content=" off")]
+    assert parser.finish() == [Delta(reasoning_content="</thi")]
+    assert parser.output() == ParsedOutput("cut off</thi", "", [])
 
 
 fragments = st.lists(
