@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     target.add_argument("--tpu", help="TPU VM name (a pod slice)")
     ap.add_argument("--zone", help="TPU zone (with --tpu)")
     ap.add_argument("--project", default=None, help="GCP project (with --tpu)")
-    ap.add_argument("--coordinator-port", type=int_in(1, 65535), default=8476, help="jax.distributed port on the first host")
+    ap.add_argument("--coordinator-port", type=int_in(1, 65535), default=8476,
+                    help="jax.distributed port on the first host")
     ap.add_argument("--run", action="store_true", help="run the commands instead of printing them")
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="-- then k2jax-serve flags")
     args = ap.parse_args(argv)

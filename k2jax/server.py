@@ -565,7 +565,7 @@ class Job:
         self.cancel()
 
     def cancel(self) -> None:
-        """The client is gone: cancel every request (their slots are freed before the next model call), end outputs()."""
+        """The client is gone: cancel every request (slots freed before the next model call) and end outputs()."""
         if not self.cancelled:
             self.cancelled = True
             self._cancel_requests()

@@ -215,8 +215,9 @@ def check_reserved_ids(config: Mapping[str, Any], num_base: int, tiktoken_path: 
     ids = [int(k) for k in decoder if isinstance(k, str) and k.isdigit()] if isinstance(decoder, Mapping) else []
     if ids and min(ids) > num_base and max(ids) >= num_base + NUM_RESERVED_SPECIAL_TOKENS:
         raise ValueError(
-            f"{tiktoken_path}: holds {num_base} tokens, but {config_path} numbers reserved tokens {min(ids)}..{max(ids)}"
-            f", which must lie in [{num_base}, {num_base + NUM_RESERVED_SPECIAL_TOKENS}): the rank file is truncated"
+            f"{tiktoken_path}: holds {num_base} tokens, but {config_path} numbers reserved tokens "
+            f"{min(ids)}..{max(ids)}, which must lie in [{num_base}, {num_base + NUM_RESERVED_SPECIAL_TOKENS}): "
+            "the rank file is truncated"
         )
 
 
