@@ -7,8 +7,10 @@ only its own shards, whatever mesh the checkpoint was saved from.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,8 +96,19 @@ def _read(params: Path, what: str, read: Callable[[], Any]) -> Any:
         raise
     except Exception as err:  # orbax and TensorStore raise many types; the caller needs one clear error
         detail = str(err).split("See full TensorStore details")[0].strip().splitlines()
-        raise CheckpointError(f"{params}: cannot read the {what}, a file there is missing or damaged: "
-                              f"{type(err).__name__}: {(detail or [''])[0][:300]}") from None
+        message = (f"{params}: cannot read the {what}, a file there is missing or damaged: "
+                   f"{type(err).__name__}: {(detail or [''])[0][:300]}")
+    _collect_quietly()
+    raise CheckpointError(message)
+
+
+def _collect_quietly() -> None:
+    """Collect the reads orbax abandoned after its first failure without printing a traceback for each."""
+    hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 def _target(params: Path, stored: dict, key: tuple, var: nnx.Variable, mesh: Mesh) -> jax.ShapeDtypeStruct:

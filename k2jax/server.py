@@ -225,6 +225,8 @@ def check_tools(tools: Sequence[Tool]) -> None:
         schema = tool.function.parameters
         if schema is None:
             continue
+        if not isinstance(schema.get("$schema", ""), str):
+            raise APIError(400, f"{where}.parameters['$schema'] must be a string", param=f"{where}.parameters")
         try:
             jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
         except jsonschema.SchemaError as err:

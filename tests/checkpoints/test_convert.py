@@ -70,7 +70,6 @@ DAMAGE = {  # name -> (what is done to params/, words the error holds)
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax drops its other reads
 def test_a_damaged_orbax_checkpoint_is_one_named_error(bundled_orbax, tmp_path, damage):
     ckpt = Path(shutil.copytree(bundled_orbax, tmp_path / "ckpt"))
     harm, words = DAMAGE[damage]

@@ -492,6 +492,9 @@ def test_refusals_through_the_openai_client(server, client):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": "a"}}}]
     with pytest.raises(openai.BadRequestError, match="not a valid JSON Schema"):
         client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=2, tools=tools)
+    tools[0]["function"]["parameters"] = {"$schema": ["draft"], "type": "object"}
+    with pytest.raises(openai.BadRequestError, match="must be a string"):
+        client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=2, tools=tools)
     tools[0]["function"]["parameters"] = {"type": "object", "properties": {"a": {"type": "integer"}}}
     assert client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=2, tools=tools).usage
 
@@ -695,8 +698,9 @@ fuzz_messages = st.lists(st.fixed_dictionaries(
                                      max_size=2) | json_values}), max_size=3)
 fuzz_tools = st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
     {"name": st.sampled_from(["f", "get_weather", "bad name", "<|im_end|>"])},
-    optional={"description": texts, "parameters": st.sampled_from([{"type": "object"}, {"type": "nonsense"},
-                                                                  {"properties": 3}]) | json_values})}), max_size=2)
+    optional={"description": texts, "parameters": st.sampled_from(
+        [{"type": "object"}, {"type": "nonsense"}, {"properties": 3}, {"$schema": 5}, {"$schema": [1]},
+         {"pattern": "(a+"}, {"$ref": "http://example.invalid/s"}]) | json_values})}), max_size=2)
 fuzz_fields = {
     "max_tokens": small_ints | json_values,
     "max_completion_tokens": small_ints, "temperature": st.floats(-1, 3) | json_values,
