@@ -203,7 +203,10 @@ def sampling_params(body: GenerationBody, vocab_size: int) -> SamplingParams:
     if body.seed is not None and not SEED_RANGE[0] <= body.seed <= SEED_RANGE[1]:
         raise APIError(400, f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {body.seed}", param="seed")
     seed = uuid.uuid4().int if body.seed is None else body.seed
-    return SamplingParams(float(temperature), top_k, float(top_p), float(min_p), seed & 0xFFFFFFFF)
+    try:
+        return SamplingParams(float(temperature), top_k, float(top_p), float(min_p), seed & 0xFFFFFFFF)
+    except ValueError as err:  # anything the checks above let through that the sampler cannot hold
+        raise APIError(400, str(err)) from None
 
 
 def stop_strings(body: GenerationBody) -> tuple[str, ...]:
@@ -816,9 +819,7 @@ class Service:
         tools, stop_ids, forced = self.tool_setup(body)
         tokenizer, max_context = self.tokenizer, self.scheduler.max_context
         try:
-            marked = chat.render_marked(chat_messages(body), tools, template=tokenizer.chat_template,
-                                        names=tokenizer.reserved_names, bos_token=tokenizer.bos_token,
-                                        eos_token=tokenizer.eos_token)
+            marked = tokenizer.render_marked(chat_messages(body), tools)
         except ValueError as err:
             raise APIError(422, str(err), param="messages") from None
         check_prompt_chars(len(marked) - marked.count(chat.MARK), tokenizer.max_token_chars, max_context, "messages")

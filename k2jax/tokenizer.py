@@ -431,7 +431,17 @@ class Tokenizer:
         Token ids hold reserved tokens only where the template writes them: reserved-token names inside message
         text, names, tool calls, tool results or tool declarations are encoded as plain text.
         """
-        marked = chat.render_marked(
+        marked = self.render_marked(messages, tools, add_generation_prompt)
+        return self.encode_marked(marked) if tokenize else chat.unmark(marked)
+
+    def render_marked(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """The conversation's prompt with its user text marked, for encode_marked (see chat.render_marked)."""
+        return chat.render_marked(
             messages,
             tools,
             add_generation_prompt,
@@ -440,4 +450,3 @@ class Tokenizer:
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
-        return self.encode_marked(marked) if tokenize else chat.unmark(marked)
