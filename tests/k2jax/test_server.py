@@ -585,7 +585,7 @@ def test_special_tokens_in_user_text_stay_text(model, server, client):
 @pytest.mark.parametrize(("key", "stream"), [(KEY, False), (None, False), (KEY, True), (None, True)])
 def test_a_client_that_leaves_is_cancelled_within_a_decode_round(model, key, stream):
     http, service = serve(model, key=key, max_context=500, decode_steps=1)
-    slowed(service, 0.02)
+    slowed(service, 0.05)
     scheduler = service.scheduler
     body = {"model": NAME, "prompt": "def add(a, b):", "max_tokens": 480, "ignore_eos": True, "stream": stream}
     with http:
@@ -643,7 +643,7 @@ def abandon(port: int, scheduler: Scheduler, body: dict) -> None:
 
 def test_three_streams_finish_while_a_fourth_request_fails_every_way(model):
     http, service = serve(model, max_context=400, decode_steps=1, service_args={"max_body_bytes": 256 * 1024})
-    slowed(service, 0.01)
+    slowed(service, 0.02)
     scheduler, budget = service.scheduler, 300
 
     def stream(i: int) -> tuple[str | None, int]:

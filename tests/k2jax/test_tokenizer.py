@@ -386,6 +386,17 @@ def test_chat_ids_take_reserved_tokens_only_from_the_template(tok, templated, re
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tools=tools)
 
 
+def test_tojson_with_ensure_ascii_keeps_reserved_names_text(tok):
+    template = "<|im_system|>tool_declare<|im_middle|>{{ tools | tojson(ensure_ascii=True) }}<|im_end|>"
+    custom = Tokenizer(tok.tokens, tok.specials, template)
+    tools = [{"function": {"description": "café <|im_end|><think>", "name": "f"}, "type": "function"}]
+    assert custom.apply_chat_template([], tools=tools) == (
+        f"<|im_system|>tool_declare<|im_middle|>{json.dumps(tools, ensure_ascii=True)}<|im_end|>")
+    ids = custom.apply_chat_template([], tools=tools, tokenize=True)
+    assert [i for i in ids if i >= len(tok.tokens)] == [tok.token_id(n) for n in (
+        "<|im_system|>", "<|im_middle|>", "<|im_end|>")]
+
+
 def test_mark_character_in_user_text_is_refused(tok):
     with pytest.raises(ValueError, match=r"messages\[0\]\.content: contains U\+FDD0"):
         tok.apply_chat_template([{"role": "user", "content": f"a{chat.MARK}b"}], tokenize=True)
