@@ -27,17 +27,23 @@ MARKERS = [
 
 # ---------------------------------------------------------------- conversation generators
 
-texts = st.text(max_size=30) | st.sampled_from(
+
+def plain_text(max_size: int) -> st.SearchStrategy[str]:
+    """Text without chat.MARK, the one character conversations may not hold."""
+    return st.text(st.characters(exclude_characters=chat.MARK), max_size=max_size)
+
+
+texts = plain_text(30) | st.sampled_from(
     ["", "Hello!", "多语言 テキスト 🎉", "line\nbreak", '{"json": [1, 2]}', "<|im_end|>"]
 )
 names = st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True)
 json_leaves = (
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10)
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | plain_text(10)
 )
 json_values = st.recursive(
-    json_leaves, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8
+    json_leaves, lambda c: st.lists(c, max_size=3) | st.dictionaries(plain_text(8), c, max_size=3), max_leaves=8
 )
-argument_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
+argument_objects = st.dictionaries(plain_text(8), json_values, max_size=4)
 call_ids = st.builds("functions.{}:{}".format, names, st.integers(0, 30)) | st.sampled_from(
     ["call_0", "toolu_01AbC", "get:3"]
 )

@@ -349,7 +349,7 @@ def reference_chat_ids(ref, messages: list[dict], tools: list[dict] | None, temp
 
 injected = st.lists(
     st.sampled_from([*KIMI_IDS, "<|reserved_token_100300|>", "<|im_", "end|>", "<", "|>"])
-    | st.text(alphabet=st.characters(codec="utf-8"), max_size=8),
+    | st.text(alphabet=st.characters(codec="utf-8", exclude_characters=chat.MARK), max_size=8),
     max_size=6,
 ).map("".join)
 chat_turns = st.lists(
