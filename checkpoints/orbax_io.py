@@ -7,9 +7,13 @@ only its own shards, whatever mesh the checkpoint was saved from.
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,7 +27,12 @@ from sharding.rules import named_sharding
 if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs only the type
     from k2jax.config import K2Config
 
+log = logging.getLogger(__name__)
+
 PARAMS_DIR = "params"
+METADATA_FILE = "_METADATA"
+MANIFEST_FILE = "manifest.ocdbt"
+COMMIT_MARKER = "commit_success.txt"
 
 
 def is_orbax_dir(path: Path) -> bool:
@@ -42,16 +51,64 @@ def save_orbax(out_dir: Path, cfg: K2Config, state: nnx.State, tokenizer_dir: Pa
 
 
 def restore_orbax(path: Path, abstract: nnx.State, mesh: Mesh) -> nnx.State:
-    """The parameters of an orbax checkpoint, each restored directly into its sharding on `mesh` (into `abstract`)."""
+    """The parameters of an orbax checkpoint, each restored directly into its sharding on `mesh` (into `abstract`).
+
+    A checkpoint with missing or damaged files raises one CheckpointError naming its directory and what is wrong.
+    """
     params = (path / PARAMS_DIR).absolute()
+    check_orbax_files(params)
     with ocp.StandardCheckpointer() as ckptr:
-        stored = ckptr.metadata(params).item_metadata.tree
+        stored = _read(params, "array metadata", lambda: ckptr.metadata(params).item_metadata)
+        if stored is None:
+            raise CheckpointError(f"{params}: orbax found no array metadata in {METADATA_FILE}")
         flat = nnx.to_flat_state(abstract)
         target = nnx.to_pure_dict(nnx.from_flat_state(
-            [(key, var.replace(_target(params, stored, key, var, mesh))) for key, var in flat]))
-        restored = ckptr.restore(params, target)
+            [(key, var.replace(_target(params, stored.tree, key, var, mesh))) for key, var in flat]))
+        restored = _read(params, "array data", lambda: ckptr.restore(params, target))
     nnx.replace_by_pure_dict(abstract, restored)
     return abstract
+
+
+def check_orbax_files(params: Path) -> None:
+    """CheckpointError unless the orbax directory has readable metadata and its data manifest; a missing commit
+    marker (a save that may not have finished) is a warning."""
+    metadata = params / METADATA_FILE
+    if not metadata.is_file():
+        raise CheckpointError(f"{params}: no {METADATA_FILE}; the orbax checkpoint is incomplete (an unfinished save, "
+                              "or deleted files)")
+    try:
+        tree = json.loads(metadata.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{metadata}: damaged ({err})") from None
+    if not isinstance(tree, dict) or not isinstance(tree.get("tree_metadata"), dict):
+        raise CheckpointError(f"{metadata}: damaged (no tree_metadata object)")
+    if tree.get("use_ocdbt", True) and not (params / MANIFEST_FILE).is_file():
+        raise CheckpointError(f"{params}: no {MANIFEST_FILE}; the array data of the orbax checkpoint is missing")
+    if not (params / COMMIT_MARKER).is_file():
+        log.warning("%s: no %s: the save may not have finished; loading it anyway", params, COMMIT_MARKER)
+
+
+def _read(params: Path, what: str, read: Callable[[], Any]) -> Any:
+    """Run an orbax read; any failure but a CheckpointError becomes one CheckpointError naming the directory."""
+    try:
+        return read()
+    except CheckpointError:
+        raise
+    except Exception as err:  # orbax and TensorStore raise many types; the caller needs one clear error
+        detail = str(err).split("See full TensorStore details")[0].strip().splitlines()
+        message = (f"{params}: cannot read the {what}, a file there is missing or damaged: "
+                   f"{type(err).__name__}: {(detail or [''])[0][:300]}")
+    _collect_quietly()
+    raise CheckpointError(message)
+
+
+def _collect_quietly() -> None:
+    """Collect the reads orbax abandoned after its first failure without printing a traceback for each."""
+    hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 def _target(params: Path, stored: dict, key: tuple, var: nnx.Variable, mesh: Mesh) -> jax.ShapeDtypeStruct:

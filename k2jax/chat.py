@@ -30,6 +30,10 @@ SYSTEM_TAG = "<|im_system|>"
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 GENERATION_PROMPT = "<|im_assistant|>assistant<|im_middle|>"
 TEMPLATE_RESOURCE = "chat_template.jinja"
+ROLES = ("system", "user", "assistant", "tool")
+# A Unicode noncharacter, refused in conversations: it brackets user text in a marked prompt (see mark) and is
+# inserted into every reserved-token name inside user text, so that only the template's own names become tokens.
+MARK = "\ufdd0"
 
 Message = Mapping[str, Any]
 
@@ -86,6 +90,9 @@ def check_message(message: Any, i: int) -> None:
     where = f"messages[{i}]"
     if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
         raise ValueError(f"{where}: must be an object with a string 'role'")
+    if message["role"] not in ROLES:
+        raise ValueError(f"{where}.role: must be one of {', '.join(ROLES)}, got {message['role']!r}")
+    check_unmarked(message, where)
     check_content(message.get("content"), f"{where}.content")
     for key in ("name", "reasoning_content"):
         check_optional_str(message, key, where)
@@ -102,6 +109,87 @@ def check_tools(tools: Any) -> None:
     """Reject tools that are not a list of JSON objects."""
     if not isinstance(tools, (list, tuple)) or not all(isinstance(t, Mapping) for t in tools):
         raise ValueError("tools: must be a list of objects (OpenAI-style function declarations)")
+    check_unmarked(tools, "tools")
+
+
+def check_unmarked(value: Any, where: str) -> None:
+    """Reject MARK anywhere in a message or tool (keys and strings, at any depth), naming where it is."""
+    if isinstance(value, str):
+        if MARK in value:
+            raise ValueError(f"{where}: contains U+FDD0, a Unicode noncharacter that k2jax reserves")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            check_unmarked(key, f"{where} (a key)")
+            check_unmarked(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for j, item in enumerate(value):
+            check_unmarked(item, f"{where}[{j}]")
+
+
+# ---------------------------------------------------------------- user text as data
+
+
+@lru_cache(maxsize=8)
+def names_pattern(names: frozenset[str]) -> re.Pattern[str] | None:
+    """A regex for these reserved-token names, longest first as the tokenizer matches them (None: no names).
+
+    Names shorter than two characters cannot be defused by a MARK inside them, so they are left out: such a
+    name never becomes its id in a chat prompt.
+    """
+    usable = sorted((n for n in names if len(n) >= 2 and MARK not in n), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, usable))) if usable else None
+
+
+def defuse(text: str, names: frozenset[str]) -> str:
+    """`text` with MARK after the first character of every reserved-token name in it, until none is left."""
+    pattern = names_pattern(names)
+    while pattern is not None and (out := pattern.sub(lambda m: m[0][0] + MARK + m[0][1:], text)) != text:
+        text = out
+    return text
+
+
+def mark(text: str, names: frozenset[str]) -> str:
+    """User text as data in a prompt: names defused, MARK at both ends so no name forms across its edges."""
+    return f"{MARK}{defuse(text, names)}{MARK}" if text else text
+
+
+def unmark(text: str) -> str:
+    """A marked prompt as plain text."""
+    return text.replace(MARK, "")
+
+
+def defuse_tree(value: Any, names: frozenset[str]) -> Any:
+    """A JSON value (tools, tool-call arguments) with every key and string defused."""
+    if isinstance(value, str):
+        return defuse(value, names)
+    if isinstance(value, Mapping):
+        return {defuse(key, names) if isinstance(key, str) else key: defuse_tree(item, names)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [defuse_tree(item, names) for item in value]
+    return value
+
+
+def mark_call(call: Mapping[str, Any], names: frozenset[str]) -> dict[str, Any]:
+    """A tool call with its id, function name and arguments marked as user text."""
+    function = call["function"]
+    arguments = function["arguments"]
+    return {**call, "id": mark(call["id"], names), "function": {
+        **function, "name": mark(function["name"], names),
+        "arguments": mark(arguments, names) if isinstance(arguments, str) else defuse_tree(arguments, names)}}
+
+
+def mark_message(message: Message, names: frozenset[str]) -> dict[str, Any]:
+    """A (checked) message with every piece of its text marked: content, name, reasoning, tool-call ids and calls."""
+    out = dict(message)
+    for key in ("content", "name", "reasoning_content", "tool_call_id"):
+        if isinstance(out.get(key), str):
+            out[key] = mark(out[key], names)
+    if isinstance(out.get("content"), (list, tuple)):
+        out["content"] = [{**part, "text": mark(part["text"], names)} for part in out["content"]]
+    if out.get("tool_calls"):
+        out["tool_calls"] = [mark_call(c, names) for c in out["tool_calls"]]
+    return out
 
 
 def content_text(message: Message) -> str:
@@ -169,8 +257,20 @@ def tojson(
     separators: tuple[str, str] | None = None,
     sort_keys: bool = False,
 ) -> str:
-    """JSON as Hugging Face's chat templates define the tojson filter (no HTML escaping, unicode kept)."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    """JSON as Hugging Face's chat templates define the tojson filter (no HTML escaping, unicode kept).
+
+    With ensure_ascii, MARK stays a character (its \\u escape would survive unmark as text).
+    """
+    text = json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    return _NON_ASCII.sub(_ascii_escape, text) if ensure_ascii else text
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _ascii_escape(match: re.Match[str]) -> str:
+    """json's \\u escape of one non-ASCII character (MARK is kept)."""
+    return match[0] if match[0] == MARK else json.dumps(match[0])[1:-1]
 
 
 def raise_exception(message: str) -> None:
@@ -211,6 +311,32 @@ def render_jinja(
         raise ValueError(f"chat template: {e}") from None
 
 
+def render_marked(
+    messages: Sequence[Message],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+    template: str | None = None,
+    names: frozenset[str] = frozenset(),
+    **variables: Any,
+) -> str:
+    """A conversation's prompt with its user text marked (see mark; `names`: the reserved-token names to defuse).
+
+    Checked, tools key-sorted, rendered by `template` or the built-in renderer. Tokenizer.encode_marked turns it
+    into ids where only names the template itself wrote become reserved tokens.
+    """
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError("messages: must be a list of message objects")
+    for i, message in enumerate(messages):
+        check_message(message, i)
+    if tools:
+        check_tools(tools)
+    marked = [mark_message(m, names) for m in messages]
+    sorted_tools = defuse_tree(sort_keys_deep(tools), names) if tools else None
+    if template is None:
+        return render_builtin(marked, sorted_tools, add_generation_prompt)
+    return render_jinja(template, marked, sorted_tools, add_generation_prompt, **variables)
+
+
 def render(
     messages: Sequence[Message],
     tools: Sequence[Mapping[str, Any]] | None = None,
@@ -218,17 +344,12 @@ def render(
     template: str | None = None,
     **variables: Any,
 ) -> str:
-    """Prompt text for a conversation: checked, tools key-sorted, rendered by `template` or the built-in renderer."""
-    if not isinstance(messages, (list, tuple)):
-        raise ValueError("messages: must be a list of message objects")
-    for i, message in enumerate(messages):
-        check_message(message, i)
-    if tools:
-        check_tools(tools)
-    sorted_tools = sort_keys_deep(tools) if tools else None
-    if template is None:
-        return render_builtin(messages, sorted_tools, add_generation_prompt)
-    return render_jinja(template, messages, sorted_tools, add_generation_prompt, **variables)
+    """Prompt text for a conversation: checked, tools key-sorted, rendered by `template` or the built-in renderer.
+
+    Encoding this text with reserved tokens allowed would turn names inside user text into tokens: token ids come
+    from Tokenizer.apply_chat_template(tokenize=True), which keeps them text.
+    """
+    return unmark(render_marked(messages, tools, add_generation_prompt, template, **variables))
 
 
 # ---------------------------------------------------------------- parsing
@@ -306,12 +427,10 @@ class StreamParser:
     """Splits generated text into reasoning / content / tool-call deltas as it arrives.
 
     Text is held back only while it may still be a marker; a tool-calls section is emitted when it closes.
-    A malformed section becomes content. A <think> that never closes becomes content at finish(): its
-    reasoning deltas were already sent, so only output() (like parse_output) is authoritative then.
+    A malformed section becomes content. A <think> that never closes (generation cut inside it) stays reasoning.
     """
 
     def __init__(self) -> None:
-        self._text = ""
         self._buffer = ""
         self._state = "start"
         self._output = ParsedOutput()
@@ -321,7 +440,6 @@ class StreamParser:
         """Deltas that `text`, appended to what came before, makes certain."""
         if self._finished:
             raise RuntimeError("StreamParser.feed() after finish()")
-        self._text += text
         self._buffer += text
         deltas: list[Delta] = []
         while (delta := self._step()) is not None:
@@ -334,12 +452,11 @@ class StreamParser:
         if self._finished:
             return []
         self._finished = True
-        if self._state == "reasoning":
-            self._output = ParsedOutput(content=strip_stop(self._text))
-            return [Delta(content=self._output.content)] if self._output.content else []
         tail = strip_stop(self._buffer)
         self._buffer = ""
-        return [self._record(Delta(content=tail))] if tail else []
+        if not tail:
+            return []
+        return [self._record(Delta(reasoning_content=tail) if self._state == "reasoning" else Delta(content=tail))]
 
     def output(self) -> ParsedOutput:
         """Everything parsed so far (the final result once finish() has run)."""

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from k2jax.agent import Agent, AgentResult, Event, default_capacity
 from k2jax.generate import CompileNotice
+from k2jax.cliargs import Parser, add_sampling_flags, int_in, load_model, mesh_spec
 from k2jax.sampling import SamplingParams
 from k2jax.slots import Slots
 
@@ -85,21 +86,18 @@ def demo_task(i: int) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line flags; argparse exits with code 2 on malformed ones."""
-    ap = argparse.ArgumentParser(prog="k2jax-chat", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Command-line flags; a malformed or out-of-range one exits with code 2 and one line naming it."""
+    ap = Parser(prog="k2jax-chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF or orbax checkpoint directory (default: the bundled model)")
     ap.add_argument("--system", default=None, help="system prompt (default: the template's)")
     ap.add_argument("--tools", action="store_true", help="let the model call demo tools: "
                     + ", ".join(t.__name__ for t in DEMO_TOOLS))
-    ap.add_argument("--max-steps", type=int, default=30, help="model turns per user turn (tool loop limit)")
-    ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--capacity", type=int, default=None, help="tokens the conversation's cache slot holds")
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mesh", default=None, help='device mesh, e.g. "expert=8" (default: all local devices)')
+    ap.add_argument("--max-steps", type=int_in(1), default=30, help="model turns per user turn (tool loop limit)")
+    ap.add_argument("--max-new-tokens", type=int_in(1), default=512)
+    ap.add_argument("--capacity", type=int_in(1), default=None, help="tokens the conversation's cache slot holds")
+    add_sampling_flags(ap, min_p=False)
+    ap.add_argument("--mesh", type=mesh_spec, default=None,
+                    help='device mesh, e.g. "expert=8" (default: all local devices)')
     return ap.parse_args(argv)
 
 
@@ -158,10 +156,8 @@ def repl(make_agent: Callable[[], Agent], max_steps: int, lines: TextIO, out: Te
 def main(argv: list[str] | None = None) -> int:
     """Run the chat; returns the process exit code (2 for bad input)."""
     args = parse_args(argv)
-    import k2jax
-
     try:
-        model = k2jax.load(args.model, mesh=args.mesh)
+        model = load_model(args.model, args.mesh)
         slots = Slots(model, 1, args.capacity or default_capacity(model))
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p, seed=args.seed)
         tools = DEMO_TOOLS if args.tools else ()

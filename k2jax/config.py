@@ -93,6 +93,11 @@ class K2Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> K2Config:
         """Build from an HF DeepseekV3/Kimi K2 config dict (old `rope_scaling` or new `rope_parameters`)."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        for key in ("rope_parameters", "rope_scaling", "quantization_config"):
+            if raw.get(key) is not None and not isinstance(raw[key], dict):
+                raise ConfigError(f"{source}: {key} must be an object or null, got {type(raw[key]).__name__}")
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             if field.name in raw and field.name not in _DERIVED_FIELDS:
@@ -269,18 +274,67 @@ def _quant_dict(quant: Int4Quant) -> dict[str, Any]:
     }
 
 
+_POSITIVE_INTS = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
+    "original_max_position_embeddings",
+)
+# field -> (low, high, low included); every one must also be a finite number
+_REAL_RANGES = {
+    "routed_scaling_factor": (0.0, math.inf, False),
+    "rms_norm_eps": (0.0, 1.0, False),
+    "rope_theta": (0.0, math.inf, False),
+    "rope_factor": (0.0, math.inf, False),
+    "beta_fast": (0.0, math.inf, False),
+    "beta_slow": (0.0, math.inf, False),
+    "mscale": (0.0, math.inf, True),
+    "mscale_all_dim": (0.0, math.inf, True),
+}
+_BOOLS = ("norm_topk_prob", "tie_word_embeddings", "rope_truncate")
+_JSON_NAMES = {  # K2Config fields read from rope_scaling / rope_parameters, as config.json names them
+    "rope_factor": "rope_scaling.factor", "original_max_position_embeddings":
+        "rope_scaling.original_max_position_embeddings", "beta_fast": "rope_scaling.beta_fast",
+    "beta_slow": "rope_scaling.beta_slow", "mscale": "rope_scaling.mscale", "mscale_all_dim":
+        "rope_scaling.mscale_all_dim", "rope_attention_factor": "rope_scaling.attention_factor",
+    "rope_truncate": "rope_scaling.truncate",
+}
+
+
+def _is_int(value: Any) -> bool:
+    """Whether `value` is an integer (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_real(name: str, value: Any, low: float, high: float, low_included: bool) -> None:
+    """ConfigError unless `value` is a finite number in [low, high) or (low, high) (high open unless infinite)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (is_number and math.isfinite(value) and (low <= value if low_included else low < value) and value < high):
+        interval = f"{'[' if low_included else '('}{low:g}, {high:g})"
+        raise ConfigError(f"{_JSON_NAMES.get(name, name)} must be a finite number in {interval}, got {value!r}")
+
+
 def _validate(cfg: K2Config) -> None:
     """Raise ConfigError naming the first field that cannot describe a working model."""
-    positive = [
-        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-        "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
-    ]
-    for name in positive:
+    for name in _POSITIVE_INTS:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if cfg.q_lora_rank is not None and (not isinstance(cfg.q_lora_rank, int) or cfg.q_lora_rank <= 0):
+        if not _is_int(value) or value <= 0:
+            raise ConfigError(f"{_JSON_NAMES.get(name, name)} must be a positive integer, got {value!r}")
+    for name in ("first_k_dense_replace", "n_shared_experts"):
+        if not _is_int(getattr(cfg, name)):
+            raise ConfigError(f"{name} must be an integer, got {getattr(cfg, name)!r}")
+    for name, (low, high, low_included) in _REAL_RANGES.items():
+        _check_real(name, getattr(cfg, name), low, high, low_included)
+    if cfg.rope_attention_factor is not None:
+        _check_real("rope_attention_factor", cfg.rope_attention_factor, 0.0, math.inf, False)
+    for name in _BOOLS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{_JSON_NAMES.get(name, name)} must be true or false, got {getattr(cfg, name)!r}")
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(cfg, name)
+        if value is not None and not (_is_int(value) and 0 <= value < cfg.vocab_size):
+            raise ConfigError(f"{name} must be a token id in [0, vocab_size={cfg.vocab_size}) or null, got {value!r}")
+    if cfg.q_lora_rank is not None and (not _is_int(cfg.q_lora_rank) or cfg.q_lora_rank <= 0):
         raise ConfigError(f"q_lora_rank must be a positive integer or null, got {cfg.q_lora_rank!r}")
     if cfg.qk_rope_head_dim % 2:
         raise ConfigError(f"qk_rope_head_dim must be even (rotary pairs), got {cfg.qk_rope_head_dim}")
@@ -309,10 +363,6 @@ def _validate(cfg: K2Config) -> None:
         raise ConfigError(f"scoring_func={cfg.scoring_func!r} is not supported (only 'sigmoid')")
     if cfg.topk_method != "noaux_tc":
         raise ConfigError(f"topk_method={cfg.topk_method!r} is not supported (only 'noaux_tc')")
-    if not cfg.rms_norm_eps > 0:
-        raise ConfigError(f"rms_norm_eps must be positive, got {cfg.rms_norm_eps!r}")
-    if cfg.rope_type == "yarn" and not cfg.rope_factor > 0:
-        raise ConfigError(f"rope_scaling.factor must be positive, got {cfg.rope_factor!r}")
     if cfg.quant is not None:
         for name in ("hidden_size", "moe_intermediate_size"):
             if getattr(cfg, name) % cfg.quant.group_size:

@@ -7,17 +7,18 @@ import sys
 from pathlib import Path
 
 from checkpoints.orbax_io import save_orbax
+from k2jax.cliargs import Parser, mesh_spec
 from k2jax.config import K2Config
 from k2jax.loading import load_state, make_mesh
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line arguments."""
-    ap = argparse.ArgumentParser(prog="k2jax-convert", description=__doc__)
+    """Command-line arguments; a malformed one exits with code 2 and one line naming it."""
+    ap = Parser(prog="k2jax-convert", description=__doc__)
     ap.add_argument("hf_dir", type=Path, help="Hugging Face checkpoint directory (config.json + safetensors)")
     ap.add_argument("out_dir", type=Path, help="output directory for the orbax checkpoint")
-    ap.add_argument("--mesh", default=None, help='device mesh to stage on, e.g. "expert=8" (default: all local '
-                                                 'devices); the output restores onto any mesh')
+    ap.add_argument("--mesh", type=mesh_spec, default=None, help='device mesh to stage on, e.g. "expert=8" (default: '
+                    'all local devices); the output restores onto any mesh')
     return ap.parse_args(argv)
 
 

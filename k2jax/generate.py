@@ -13,6 +13,7 @@ from typing import TextIO
 import jax
 
 from k2jax.chat import StreamParser
+from k2jax.cliargs import Parser, add_sampling_flags, int_in, load_model, mesh_spec, non_empty
 
 IMPORTED = time.time()
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax.monitoring: at its start and its end
@@ -20,24 +21,21 @@ CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line flags; argparse exits with code 2 on malformed ones."""
-    ap = argparse.ArgumentParser(prog="k2jax-generate", description=__doc__)
+    """Command-line flags; a malformed or out-of-range one exits with code 2 and one line naming it."""
+    ap = Parser(prog="k2jax-generate", description=__doc__)
     ap.add_argument("--model", default=None, help="HF or orbax checkpoint directory (default: the bundled model)")
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt", help="prompt text (reserved-token names in it become reserved tokens)")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids (models without a tokenizer)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template; "
                     "print reasoning and answer separately")
     ap.add_argument("--system", default=None, help="system prompt for --chat")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--min-p", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    ap.add_argument("--mesh", default=None, help='device mesh, e.g. "expert=8" (default: all local devices)')
+    ap.add_argument("--max-new-tokens", type=int_in(1), default=128)
+    add_sampling_flags(ap)
+    ap.add_argument("--stop", type=non_empty, action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--mesh", type=mesh_spec, default=None,
+                    help='device mesh, e.g. "expert=8" (default: all local devices)')
     return ap.parse_args(argv)
 
 
@@ -161,13 +159,11 @@ def chat_printer() -> tuple[StreamParser, callable]:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (2 for bad input)."""
     args = parse_args(argv)
-    import k2jax
-
     echo = None
     try:
         prompt = read_prompt(args)
         load_start = time.perf_counter()
-        model = k2jax.load(args.model, mesh=args.mesh)
+        model = load_model(args.model, args.mesh)
         load_s = time.perf_counter() - load_start
         if args.chat:
             if model.tokenizer is None or not isinstance(prompt, str):

@@ -33,6 +33,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh, NamedSharding
 
 from k2jax.cache import PoolLayout, abstract_cache, default_page_size, make_layout
+from k2jax.cliargs import Parser, float_in, int_in, mesh_spec
 from k2jax.config import K2Config, preset
 from k2jax.engine import PREFILL_CHUNK, step
 from k2jax.gpu_targets import (GPUS, PLUGIN_DIR, gpu_devices, parse_gpu_topology, plugin_env, plugin_installed,
@@ -337,24 +338,27 @@ def as_json(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line flags."""
-    ap = argparse.ArgumentParser(prog="k2jax-plan", description=__doc__.splitlines()[0])
+    """Command-line flags; a malformed or out-of-range one exits with code 2 and one line naming it."""
+    ap = Parser(prog="k2jax-plan", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="kimi-k2-thinking", help="model preset (or --config)")
     ap.add_argument("--config", help="a checkpoint dir or config.json to plan instead of a preset")
     ap.add_argument("--topology", action="append", required=True,
                     help="a TPU topology known to jax.experimental.topologies (e.g. v5p:2x4x4) or GPUS:COUNT of one "
                     f"host ({', '.join(GPUS)}, e.g. h200:8); repeatable")
-    ap.add_argument("--mesh", help="mesh spec such as expert=32,tensor=2 (default: the candidate that leaves the "
-                    "most KV tokens within --max-floor-ms)")
-    ap.add_argument("--batch", type=int, help=f"sequences decoded together (default: the most, up to {DEFAULT_BATCH}, "
-                    "whose pages fit at --context)")
-    ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="0 skips the prefill compiles")
-    ap.add_argument("--page-size", type=int, help="tokens per cache page (default: the backend's kernel page)")
-    ap.add_argument("--max-floor-ms", type=float, help="only meshes whose decode bandwidth floor is within this")
-    ap.add_argument("--layers", type=int, help="override num_hidden_layers (quick checks)")
-    ap.add_argument("--hbm-gib", type=float, help="HBM per device when the chip is not in the table")
-    ap.add_argument("--bandwidth-gbs", type=float, help="HBM GB/s per device when the chip is not in the table")
+    ap.add_argument("--mesh", type=mesh_spec, help="mesh spec such as expert=32,tensor=2 (default: the candidate "
+                    "that leaves the most KV tokens within --max-floor-ms)")
+    ap.add_argument("--batch", type=int_in(1), help=f"sequences decoded together (default: the most, up to "
+                    f"{DEFAULT_BATCH}, whose pages fit at --context)")
+    ap.add_argument("--context", type=int_in(1), default=131072)
+    ap.add_argument("--prefill-chunk", type=int_in(0), default=PREFILL_CHUNK, help="0 skips the prefill compiles")
+    ap.add_argument("--page-size", type=int_in(1), help="tokens per cache page (default: the backend's kernel page)")
+    ap.add_argument("--max-floor-ms", type=float_in(0.0, low_open=True),
+                    help="only meshes whose decode bandwidth floor is within this")
+    ap.add_argument("--layers", type=int_in(1), help="override num_hidden_layers (quick checks)")
+    ap.add_argument("--hbm-gib", type=float_in(0.0, low_open=True),
+                    help="HBM per device when the chip is not in the table")
+    ap.add_argument("--bandwidth-gbs", type=float_in(0.0, low_open=True),
+                    help="HBM GB/s per device when the chip is not in the table")
     ap.add_argument("--json", action="store_true", help="print the plans as JSON instead of a table")
     return ap.parse_args(argv)
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+TOP_K_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1
+ROW_DTYPES = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32,
+              "seed": np.uint32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,25 +27,47 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (np.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not (is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (is_integer(self.top_k) and 0 <= self.top_k <= TOP_K_MAX):
+            raise ValueError(f"top_k must be an integer in [0, {TOP_K_MAX}] (0 disables it), got {self.top_k!r}")
+        if not (is_real(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (is_real(self.min_p) and 0 <= self.min_p <= 1):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not (is_integer(self.seed) and 0 <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
+
+
+def is_integer(value: object) -> bool:
+    """Whether `value` is a Python or numpy integer (not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: object) -> bool:
+    """Whether `value` is a real number (not a bool); NaN and infinities included."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def host_row(params: SamplingParams) -> tuple[np.generic, ...]:
+    """One request's sampling settings cast to the step's dtypes (ROW_DTYPES order); ValueError if one does not fit."""
+    row = []
+    for name, dtype in ROW_DTYPES.items():
+        value = getattr(params, name)
+        try:
+            cast = dtype(value)
+        except (OverflowError, TypeError, ValueError):
+            raise ValueError(f"{name}={value!r} does not fit the sampler's {np.dtype(dtype).name}") from None
+        if not np.isfinite(cast) or (np.issubdtype(dtype, np.integer) and cast != value):
+            raise ValueError(f"{name}={value!r} does not fit the sampler's {np.dtype(dtype).name}")
+        row.append(cast)
+    return tuple(row)
 
 
 def stack_params(params: list[SamplingParams]) -> dict[str, jax.Array]:
     """Per-row device arrays of a batch's sampling settings."""
-    return {
-        "temperature": jnp.asarray([p.temperature for p in params], jnp.float32),
-        "top_k": jnp.asarray([p.top_k for p in params], jnp.int32),
-        "top_p": jnp.asarray([p.top_p for p in params], jnp.float32),
-        "min_p": jnp.asarray([p.min_p for p in params], jnp.float32),
-        "seed": jnp.asarray([p.seed for p in params], jnp.uint32),
-    }
+    columns = zip(*(host_row(p) for p in params))
+    return {name: jnp.asarray(np.array(column, dtype)) for (name, dtype), column in zip(ROW_DTYPES.items(), columns)}
 
 
 def _sorted_floor(scaled_BV: jax.Array, params: dict[str, jax.Array]) -> jax.Array:

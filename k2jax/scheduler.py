@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from k2jax import engine
-from k2jax.sampling import SamplingParams
+from k2jax.sampling import SamplingParams, host_row
 from k2jax.slots import Slots
 from sharding.mesh import broadcast_from_process0
 
@@ -91,7 +91,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def check_request(request: Request, max_context: int, vocab_size: int) -> None:
-    """Reject a request that cannot run: empty prompt, bad ids, no token budget, or over the context."""
+    """Reject a request that cannot run: empty prompt, bad ids, no token budget, over the context, bad sampling."""
     if not request.prompt:
         raise ValueError("empty prompt: give at least one token")
     if request.max_tokens < 1:
@@ -103,6 +103,7 @@ def check_request(request: Request, max_context: int, vocab_size: int) -> None:
     bad = [t for t in request.prompt if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    host_row(request.params)
 
 
 def resolve_context(model: engine.Model, max_context: int | None, decode_steps: int) -> int:
@@ -267,20 +268,23 @@ class Scheduler:
         return reusable if reusable >= MIN_REUSE else 0
 
     def _step(self) -> None:
-        """Prefill up to prefill_chunk prompt tokens, then one decode call over every request that has a token."""
+        """Prefill up to prefill_chunk prompt tokens, then one decode call over every request that has a token.
+
+        A request whose own part of the step fails (its prefill, or its sampling row) ends with an error alone.
+        """
         budget = self.prefill_chunk
         for request in [r for r in self._active.values() if r.prefilled < len(r.prompt)]:
             if budget <= 0:
                 break
             n = min(budget, len(request.prompt) - request.prefilled)
             budget -= n
-            logits = self.slots.prefill(request.slot, request.prompt[request.prefilled:request.prefilled + n],
-                                        start=request.prefilled)
-            request.prefilled += n
-            if request.prefilled == len(request.prompt):
-                token, logprob = self.slots.sample(logits[-1], request.params, len(request.prompt))
-                self._accept(request, [token], [logprob])
-        decoding = {s: r for s, r in self._active.items() if r.generated}
+            try:
+                self._prefill(request, n)
+            except LinkError:
+                raise
+            except Exception as err:  # this request's chunk failed; the others go on
+                self._fail_request(request, "prefill", err)
+        decoding = {s: r for s, r in self._active.items() if r.generated and self._row_ok(r)}
         if not decoding:
             return
         last = np.array([decoding[s].generated[-1] if s in decoding else 0 for s in range(self.slots.n_slots)])
@@ -289,6 +293,29 @@ class Scheduler:
         self.steps += 1
         for slot, request in decoding.items():
             self._accept(request, tokens[slot].tolist(), logprobs[slot].tolist())
+
+    def _prefill(self, request: Request, n: int) -> None:
+        """Prefill the next n prompt tokens of a request; the last chunk samples its first token."""
+        logits = self.slots.prefill(request.slot, request.prompt[request.prefilled:request.prefilled + n],
+                                    start=request.prefilled)
+        request.prefilled += n
+        if request.prefilled == len(request.prompt):
+            token, logprob = self.slots.sample(logits[-1], request.params, len(request.prompt))
+            self._accept(request, [token], [logprob])
+
+    def _row_ok(self, request: Request) -> bool:
+        """Whether a request's sampling row can join the decode call (else the request ends with an error)."""
+        try:
+            host_row(request.params)
+        except Exception as err:  # e.g. a value that does not fit the step's dtypes
+            self._fail_request(request, "sampling settings", err)
+            return False
+        return True
+
+    def _fail_request(self, request: Request, stage: str, err: Exception) -> None:
+        """End one request with an error (its slot's cache is dropped); the other requests are untouched."""
+        log.warning("request failed in %s: %s", stage, err, exc_info=not isinstance(err, ValueError))
+        self._finish(request, Output((), (), "error", f"{stage} failed: {err}"))
 
     def _accept(self, request: Request, tokens: list[int], logprobs: list[float]) -> None:
         """Append sampled tokens up to a stop token or max_tokens, emit them, and free the slot when finished."""

@@ -16,36 +16,49 @@ import time
 from pathlib import Path
 from typing import Any
 
+from k2jax.cliargs import Parser, float_in, int_in, load_model, mesh_spec
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line flags; argparse exits with code 2 on malformed ones."""
-    ap = argparse.ArgumentParser(prog="k2jax-serve", description=__doc__)
+    """Command-line flags; a malformed or out-of-range one exits with code 2 and one line naming it."""
+    ap = Parser(prog="k2jax-serve", description=__doc__)
     ap.add_argument("--model", default=None, help="HF or orbax checkpoint directory (default: the bundled model)")
-    ap.add_argument("--mesh", default=None,
+    ap.add_argument("--mesh", type=mesh_spec, default=None,
                     help='device mesh, e.g. "expert=8" (default: "auto" over the devices of every process)')
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--max-batch", type=int, default=8, help="cache slots: sequences decoded together")
-    ap.add_argument("--max-context", type=int, default=None,
+    ap.add_argument("--port", type=int_in(1, 65535), default=8000)
+    ap.add_argument("--max-batch", type=int_in(1), default=8, help="cache slots: sequences decoded together")
+    ap.add_argument("--max-context", type=int_in(1), default=None,
                     help="tokens per sequence, prompt plus completion (default: the model's context)")
-    ap.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429s")
-    ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled between decode steps")
+    ap.add_argument("--max-queue", type=int_in(1), default=256, help="requests waiting for a slot before 429s")
+    ap.add_argument("--prefill-chunk", type=int_in(1), default=512,
+                    help="prompt tokens prefilled between decode steps")
+    ap.add_argument("--default-max-tokens", type=int_in(1), default=None,
+                    help="max_tokens of a chat completion that sets none (default: all the context left)")
+    ap.add_argument("--max-body-bytes", type=int_in(1), default=None,
+                    help="largest request body accepted, in bytes (default: 8 MiB)")
     ap.add_argument("--served-model-name", default=None, help="model id clients send (default: the model dir name)")
     ap.add_argument("--api-key", default=os.environ.get("K2JAX_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1 routes (default: $K2JAX_API_KEY, else none)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--coordinator", default=None,
                     help="multi-host: HOST:PORT of process 0's jax.distributed service, or 'auto' (TPU pods, SLURM)")
-    ap.add_argument("--num-processes", type=int, default=1, help="multi-host: number of processes (one per host)")
-    ap.add_argument("--process-id", type=int, default=0, help="multi-host: this process's index (0 serves HTTP)")
-    ap.add_argument("--step-timeout", type=float, default=600.0,
+    ap.add_argument("--num-processes", type=int_in(1), default=1,
+                    help="multi-host: number of processes (one per host)")
+    ap.add_argument("--process-id", type=int_in(0), default=0, help="multi-host: this process's index (0 serves HTTP)")
+    ap.add_argument("--step-timeout", type=float_in(0.0, low_open=True), default=600.0,
                     help="multi-host: seconds a step (broadcast + model call, compiles included) may take before "
                          "the process exits on the assumption that a peer is gone")
-    ap.add_argument("--peer-timeout", type=float, default=60.0,
+    ap.add_argument("--peer-timeout", type=float_in(0.0, low_open=True), default=60.0,
                     help="multi-host: seconds an idle process 0 waits for its peers' answer to a no-op step")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.process_id >= args.num_processes:
+        ap.error(f"argument --process-id: must be below --num-processes={args.num_processes}, got {args.process_id}")
+    if args.api_key == "":
+        ap.error("argument --api-key: must not be empty (leave it out to serve without a key)")
+    return args
 
 
 def start_processes(args: argparse.Namespace) -> None:
@@ -81,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import uvicorn
 
-    import k2jax
     from k2jax.scheduler import STOP, LinkError, Scheduler, StepLink, follow
-    from k2jax.server import GRACEFUL_SHUTDOWN_S, Service, create_app
+    from k2jax.server import GRACEFUL_SHUTDOWN_S, MAX_BODY_BYTES, Service, create_app
 
     if args.host not in LOOPBACK and not args.api_key:
         print(f"k2jax-serve: warning: serving on {args.host} without --api-key: anyone who can reach it may use it",
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.coordinator is not None:
             start_processes(args)
-        model = k2jax.load(args.model, mesh=args.mesh)
+        model = load_model(args.model, args.mesh)
         multi = jax.process_count() > 1
         link = StepLink(args.max_batch, args.prefill_chunk, args.step_timeout, args.peer_timeout) if multi else None
         if jax.process_index() != 0:
@@ -100,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         scheduler = Scheduler(model, n_slots=args.max_batch, max_context=args.max_context, max_queue=args.max_queue,
                               prefill_chunk=args.prefill_chunk, link=link)
-        service = Service(model, scheduler, served_name(args), args.api_key)
+        service = Service(model, scheduler, served_name(args), args.api_key,
+                          args.max_body_bytes or MAX_BODY_BYTES, args.default_max_tokens)
     except (ValueError, FileNotFoundError) as err:
         print(f"k2jax-serve: error: {err}", file=sys.stderr)
         if link is not None:  # the other processes must not wait for steps that will never come

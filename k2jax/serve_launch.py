@@ -15,6 +15,8 @@ import shlex
 import subprocess
 import sys
 
+from k2jax.cliargs import Parser, int_in
+
 SERVE = ["python", "-m", "k2jax.serve"]
 
 
@@ -34,14 +36,14 @@ def tpu_command(name: str, zone: str, project: str | None, serve_args: list[str]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Launcher flags; everything after `--` goes to k2jax-serve on every host."""
-    ap = argparse.ArgumentParser(prog="k2jax-serve-launch", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="k2jax-serve-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = ap.add_mutually_exclusive_group(required=True)
     target.add_argument("--hosts", help="comma-separated ssh hosts, process 0 first")
     target.add_argument("--tpu", help="TPU VM name (a pod slice)")
     ap.add_argument("--zone", help="TPU zone (with --tpu)")
     ap.add_argument("--project", default=None, help="GCP project (with --tpu)")
-    ap.add_argument("--coordinator-port", type=int, default=8476, help="jax.distributed port on the first host")
+    ap.add_argument("--coordinator-port", type=int_in(1, 65535), default=8476,
+                    help="jax.distributed port on the first host")
     ap.add_argument("--run", action="store_true", help="run the commands instead of printing them")
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="-- then k2jax-serve flags")
     args = ap.parse_args(argv)

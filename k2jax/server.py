@@ -1,7 +1,13 @@
 """An OpenAI-compatible HTTP server over the Scheduler: chat (tools, reasoning), completions, models, health, metrics.
 
-The model runs only on the scheduler's thread; the event loop turns tokens into text (incremental detokenizing,
-stop strings, the K2 chat parser) and HTTP. Errors follow OpenAI's shape: {"error": {message, type, param, code}}.
+The model runs only on the scheduler's thread; worker threads parse, check, render and tokenize requests; the
+event loop turns tokens into text (incremental detokenizing, stop strings, the K2 chat parser) and HTTP. Errors
+follow OpenAI's shape: {"error": {message, type, param, code}}.
+
+What a client controls is checked at the edge: body size (while it is read), media type, JSON depth and Unicode,
+every value that reaches the model's arrays, tool schemas (jsonschema), and prompt size before tokenizing. Message
+text never becomes reserved tokens (see Tokenizer.apply_chat_template); completions read their prompt as plain text
+unless the request sets allow_special_tokens. A request whose client disconnects is cancelled at once.
 """
 
 from __future__ import annotations
@@ -12,21 +18,27 @@ import functools
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Self
 
+import jsonschema
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from k2jax import chat
 from k2jax.sampling import SamplingParams
@@ -35,8 +47,13 @@ from k2jax.scheduler import Output, QueueFull, Request, Scheduler
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_JSON_DEPTH = 64
 MAX_CHOICES = 16
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+SEED_RANGE = (-(2**63), 2**64 - 1)  # OpenAI's seeds are 64-bit; the sampler keys on the low 32 bits
+PROMPT_WORKERS = 4
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for tool function names
 POLL_S = 0.5
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_WINDOW_S = 10.0
@@ -152,9 +169,11 @@ class ChatBody(GenerationBody):
 
 
 class CompletionBody(GenerationBody):
-    """POST /v1/completions."""
+    """POST /v1/completions; allow_special_tokens (an extension) lets reserved-token names in prompt text become
+    reserved tokens, which by default are plain text."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    allow_special_tokens: bool = False
 
 
 def check_supported(body: GenerationBody) -> None:
@@ -170,7 +189,7 @@ def check_range(name: str, value: float, low: float, high: float, low_open: bool
         raise APIError(400, f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}", param=name)
 
 
-def sampling_params(body: GenerationBody) -> SamplingParams:
+def sampling_params(body: GenerationBody, vocab_size: int) -> SamplingParams:
     """SamplingParams from a body, OpenAI defaults (temperature 1), ranges checked; no seed -> a random one."""
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
@@ -179,18 +198,44 @@ def sampling_params(body: GenerationBody) -> SamplingParams:
     check_range("temperature", temperature, 0.0, 2.0)
     check_range("top_p", top_p, 0.0, 1.0, low_open=True)
     check_range("min_p", min_p, 0.0, 1.0)
-    if top_k < 0:
-        raise APIError(400, f"top_k must be >= 0 (0 disables it), got {top_k}", param="top_k")
+    if not 0 <= top_k <= vocab_size:
+        raise APIError(400, f"top_k must be in [0, {vocab_size}] (0 disables it), got {top_k}", param="top_k")
+    if body.seed is not None and not SEED_RANGE[0] <= body.seed <= SEED_RANGE[1]:
+        raise APIError(400, f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {body.seed}", param="seed")
     seed = uuid.uuid4().int if body.seed is None else body.seed
-    return SamplingParams(temperature, top_k, top_p, min_p, seed & 0xFFFFFFFF)
+    try:
+        return SamplingParams(float(temperature), top_k, float(top_p), float(min_p), seed & 0xFFFFFFFF)
+    except ValueError as err:  # anything the checks above let through that the sampler cannot hold
+        raise APIError(400, str(err)) from None
 
 
 def stop_strings(body: GenerationBody) -> tuple[str, ...]:
-    """The body's stop strings as a tuple (at most MAX_STOP_STRINGS, none empty)."""
+    """The body's stop strings as a tuple (at most MAX_STOP_STRINGS, none empty or over MAX_STOP_CHARS)."""
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if len(stops) > MAX_STOP_STRINGS or not all(stops):
-        raise APIError(400, f"stop: give at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
+    if len(stops) > MAX_STOP_STRINGS or not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"stop: give at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
+                       "characters", param="stop")
     return stops
+
+
+def check_tools(tools: Sequence[Tool]) -> None:
+    """400 for a tool whose function name breaks OpenAI's rule or whose parameters are not a valid JSON Schema."""
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}].function"
+        if not FUNCTION_NAME.fullmatch(tool.function.name):
+            raise APIError(400, f"{where}.name: must match {FUNCTION_NAME.pattern}, got {tool.function.name!r}",
+                           param=f"{where}.name")
+        schema = tool.function.parameters
+        if schema is None:
+            continue
+        if not isinstance(schema.get("$schema", ""), str):
+            raise APIError(400, f"{where}.parameters['$schema'] must be a string", param=f"{where}.parameters")
+        try:
+            jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+        except jsonschema.SchemaError as err:
+            path = "".join(f"[{p!r}]" for p in err.absolute_path)
+            raise APIError(400, f"{where}.parameters{path} is not a valid JSON Schema: {err.message}",
+                           param=f"{where}.parameters") from None
 
 
 def choice_count(body: GenerationBody) -> int:
@@ -201,13 +246,23 @@ def choice_count(body: GenerationBody) -> int:
     return n
 
 
-def token_budget(prompt_len: int, max_tokens: int | None, max_context: int, prompt_param: str) -> int:
-    """max_tokens checked against the context (default: all the room left); a too-long prompt is a 413."""
+def check_prompt_chars(chars: int, max_token_chars: int, max_context: int, prompt_param: str) -> None:
+    """413 before tokenizing for text too long for the context however it is tokenized (a token covers at most
+    max_token_chars characters)."""
+    if chars > max_context * max_token_chars:
+        raise APIError(413, f"the prompt is {chars} characters, at least {-(-chars // max_token_chars)} tokens; this "
+                       f"server's context is {max_context} tokens", param=prompt_param, code="context_length_exceeded")
+
+
+def token_budget(prompt_len: int, max_tokens: int | None, max_context: int, prompt_param: str,
+                 default: int | None = None) -> int:
+    """max_tokens checked against the context (default: `default`, capped by the room left, else all of it);
+    a too-long prompt is a 413."""
     if prompt_len >= max_context:
         raise APIError(413, f"the prompt is {prompt_len} tokens; this server's context is {max_context} tokens",
                        param=prompt_param, code="context_length_exceeded")
     if max_tokens is None:
-        return max_context - prompt_len
+        return min(max_context - prompt_len, default or max_context)
     if max_tokens < 1:
         raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
     if prompt_len + max_tokens > max_context:
@@ -228,13 +283,94 @@ def chat_messages(body: ChatBody) -> list[dict[str, Any]]:
     return out
 
 
-def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    """A completions `prompt` as a list of prompts (text or token ids)."""
+def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]],
+                       vocab_size: int) -> list[str | list[int]]:
+    """A completions `prompt` as a list of prompts (text or token ids, each id checked against the vocabulary)."""
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
         raise APIError(400, "prompt: must not be empty", param="prompt")
-    return [prompt] if isinstance(prompt[0], int) else list(prompt)
+    prompts = [prompt] if isinstance(prompt[0], int) else list(prompt)
+    for p in prompts:
+        bad = [] if isinstance(p, str) else [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
+                           param="prompt")
+    return prompts
+
+
+# ---------------------------------------------------------------- raw bodies
+
+
+def reject_constant(name: str) -> None:
+    """json.loads hook: NaN and Infinity are not JSON."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object: 400 unless it is valid JSON, at most MAX_JSON_DEPTH deep, valid Unicode."""
+    try:
+        data = json.loads(raw, parse_constant=reject_constant)
+    except RecursionError:
+        raise APIError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as err:
+        raise APIError(400, f"request body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    check_json_tree(data)
+    return data
+
+
+def check_json_tree(data: Any) -> None:
+    """400 naming the place where a parsed body nests deeper than MAX_JSON_DEPTH or holds a lone surrogate."""
+    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, str):
+            check_unicode(value, path)
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels (at {path})")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str):
+                check_unicode(key, where)
+            if isinstance(item, (str, dict, list)):
+                stack.append((item, depth + 1, where))
+
+
+def check_unicode(text: str, where: str) -> None:
+    """400 for a string that is not valid Unicode (a lone UTF-16 surrogate such as \\ud800)."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise APIError(400, f"{where}: the string holds a lone surrogate ({text[err.start]!a}); send valid "
+                           "Unicode", param=where) from None
+
+
+async def read_body(request: HTTPRequest, limit: int) -> bytes:
+    """The raw request body, refused with a 413 as soon as it grows past `limit` bytes (chunked bodies too)."""
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(400, "the client disconnected while sending the body") from None
+    return b"".join(chunks)
+
+
+def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
+    """A raw body parsed and validated against `schema` (400 not JSON, 422 wrong shape)."""
+    data = parse_json(raw)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err) from None
 
 
 # ---------------------------------------------------------------- text side
@@ -381,18 +517,20 @@ def cancel_all(scheduler: Scheduler, requests: list[Request]) -> None:
 class Job:
     """The scheduler requests of one HTTP call (n choices, or several prompts) and the queue their outputs reach.
 
-    Its requests are cancelled by close(), or when the Job is garbage-collected, so a response that is dropped
-    (client gone) frees its slots even if its body was never iterated.
+    Its requests are cancelled by close(), when its client disconnects (see watch), or when the Job is
+    garbage-collected, so a response that is dropped frees its slots even if its body was never iterated.
     """
 
     def __init__(self, scheduler: Scheduler, metrics: Metrics):
         self.scheduler, self.metrics = scheduler, metrics
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Output] | None] = asyncio.Queue()
         self.requests: list[Request] = []
         self.pending: set[int] = set()
         self.started = time.monotonic()
-        self.close = weakref.finalize(self, cancel_all, scheduler, self.requests)
+        self.cancelled = False
+        self._watcher: asyncio.Task | None = None
+        self._cancel_requests = weakref.finalize(self, cancel_all, scheduler, self.requests)
 
     def add(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: frozenset[int],
             force_before_stop: tuple[int, ...] = (), sample: int = 0) -> None:
@@ -421,6 +559,29 @@ class Job:
         self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in self.requests))
         self.started = time.monotonic()
 
+    def watch(self, receive: Receive) -> None:
+        """Cancel this job the moment the ASGI channel reports that the client has gone (the body is read)."""
+        self._watcher = self.loop.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        """Wait for http.disconnect, then cancel."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.cancel()
+
+    def cancel(self) -> None:
+        """The client is gone: cancel every request (slots freed before the next model call) and end outputs()."""
+        if not self.cancelled:
+            self.cancelled = True
+            self._cancel_requests()
+            self.queue.put_nowait(None)
+
+    def close(self) -> None:
+        """The response is over: stop watching the client and cancel whatever still runs."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self._cancel_requests()
+
     def stop(self, index: int) -> None:
         """End one sequence early (its stop string was found): no more outputs are awaited for it."""
         if index in self.pending:
@@ -428,22 +589,19 @@ class Job:
             self.scheduler.cancel(self.requests[index])
             self.metrics.requests.labels("stop").inc()
 
-    async def outputs(self, disconnected: Callable[[], Any] | None = None) -> AsyncIterator[tuple[int, Output]]:
-        """(index, Output) until every request finished; stops early if the client disconnects or the scheduler dies."""
+    async def outputs(self) -> AsyncIterator[tuple[int, Output]]:
+        """(index, Output) until every request finished or the job is cancelled; 503 if the scheduler dies."""
         seen: set[int] = set()
-        next_check = time.monotonic() + POLL_S
-        while self.pending:
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + POLL_S
-                if not self.scheduler.alive:
-                    raise APIError(503, "the model thread has stopped", type="server_error")
-                if disconnected is not None and await disconnected():
-                    self.close()
-                    return
+        while self.pending and not self.cancelled:
             try:
-                index, out = await asyncio.wait_for(self.queue.get(), POLL_S)
+                item = await asyncio.wait_for(self.queue.get(), POLL_S)
             except TimeoutError:
+                if not self.scheduler.alive:
+                    raise APIError(503, "the model thread has stopped", type="server_error") from None
                 continue
+            if item is None:
+                return
+            index, out = item
             if index not in seen:
                 seen.add(index)
                 self.metrics.ttft.observe(time.monotonic() - self.started)
@@ -516,9 +674,9 @@ class Call:
             self.job.stop(index)
         return deltas if choice.parser else ([chat.Delta(content=text)] if text else [])
 
-    async def collect(self, disconnected: Callable[[], Any]) -> None:
+    async def collect(self) -> None:
         """Run to the end (non-streaming responses)."""
-        async for index, out in self.job.outputs(disconnected):
+        async for index, out in self.job.outputs():
             self.take(index, out)
         raise_choice_error(self.choices)
 
@@ -545,6 +703,8 @@ class Call:
                 if choice.finish is not None:
                     raise_choice_error([choice])
                     yield self.chunk(index, None, choice.finish_reason())
+            if self.job.cancelled:
+                return
             if self.include_usage:
                 yield sse({**self.head, "choices": [], "usage": usage(self.prompt_tokens, self.choices)})
             yield sse("[DONE]")
@@ -568,19 +728,45 @@ class Call:
 # ---------------------------------------------------------------- service
 
 
-class Service:
-    """What the HTTP routes need: the model's tokenizer, the scheduler, the served name, the key, the metrics."""
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A checked, tokenized generation request: its sequences (n samples of each prompt) and how to answer."""
 
-    def __init__(self, model: Any, scheduler: Scheduler, name: str = "k2jax", api_key: str | None = None):
+    prompts: list[list[int]]
+    budgets: list[int]
+    n: int
+    params: SamplingParams
+    stops: tuple[str, ...]
+    stop_ids: frozenset[int]
+    forced: tuple[int, ...]
+    is_chat: bool
+    stream: bool
+    include_usage: bool
+
+
+class Service:
+    """What the HTTP routes need: the model's tokenizer, the scheduler, the served name, the key, the metrics.
+
+    default_max_tokens: a chat completion's max_tokens when it sets none (None: all the context left).
+    """
+
+    def __init__(self, model: Any, scheduler: Scheduler, name: str = "k2jax", api_key: str | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int | None = None):
         if model.tokenizer is None:
             raise ValueError("serving needs a checkpoint with a tokenizer (tiktoken.model)")
         self.tokenizer, self.scheduler, self.name, self.api_key = model.tokenizer, scheduler, name, api_key
+        self.vocab_size = model.config.vocab_size
+        self.max_body_bytes, self.default_max_tokens = max_body_bytes, default_max_tokens
         self.created = int(time.time())
         self.metrics = Metrics(scheduler)
+        self.workers = ThreadPoolExecutor(PROMPT_WORKERS, thread_name_prefix="k2jax-prompt")
 
     def authorized(self, header: str | None) -> bool:
-        """Whether an Authorization header carries the API key (always, when the server has none)."""
-        return self.api_key is None or hmac.compare_digest((header or "").encode(), f"Bearer {self.api_key}".encode())
+        """Whether an Authorization header carries the API key ("Bearer" in any case); always, without a key."""
+        if self.api_key is None:
+            return True
+        scheme, _, token = (header or "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
     def check_model(self, name: str) -> None:
         """404 unless `name` is the served model."""
@@ -595,6 +781,7 @@ class Service:
 
     def tool_setup(self, body: ChatBody) -> tuple[list[dict[str, Any]] | None, frozenset[int], tuple[int, ...]]:
         """Tools to render, stop ids and forced tokens for tool_choice: none / auto / required / a named function."""
+        check_tools(body.tools or [])
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
         choice = body.tool_choice or ("auto" if tools else "none")
         stop_ids = frozenset(self.tokenizer.stop_ids)
@@ -606,89 +793,93 @@ class Service:
             return tools, stop_ids, ()
         opening = f"{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions."
         if choice == "required":
-            return tools, stop_ids, tuple(self.tokenizer.encode(opening))
+            return tools, stop_ids, tuple(self.tokenizer.encode_marked(opening))
         names = [t["function"]["name"] for t in tools]
         if choice.function.name not in names:
             raise APIError(400, f"tool_choice names `{choice.function.name}`, which is not in tools {names}",
                            param="tool_choice")
-        forced = f"{opening}{choice.function.name}:0{chat.ARGUMENT_BEGIN}"
-        return tools, stop_ids, tuple(self.tokenizer.encode(forced))
+        name = chat.mark(choice.function.name, self.tokenizer.reserved_names)
+        return tools, stop_ids, tuple(self.tokenizer.encode_marked(f"{opening}{name}:0{chat.ARGUMENT_BEGIN}"))
 
     def head(self, kind: str) -> dict[str, Any]:
         """The id/object/created/model envelope of a response."""
         prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": self.name}
 
-    def chat_call(self, body: ChatBody) -> Call:
-        """A validated, submitted chat completion."""
+    def prepare(self, raw: bytes, schema: type[ChatBody] | type[CompletionBody]) -> Prepared:
+        """Parse, check and tokenize a raw body (runs on a worker thread, off the event loop)."""
+        body = parse_body(raw, schema)
         self.check_model(body.model)
         check_supported(body)
-        n, params, stops = choice_count(body), sampling_params(body), stop_strings(body)
+        return self.prepare_chat(body) if isinstance(body, ChatBody) else self.prepare_completion(body)
+
+    def prepare_chat(self, body: ChatBody) -> Prepared:
+        """A chat completion's prompt ids (user text stays text), budget, sampling and tool setup."""
+        n, params, stops = choice_count(body), sampling_params(body, self.vocab_size), stop_strings(body)
         tools, stop_ids, forced = self.tool_setup(body)
+        tokenizer, max_context = self.tokenizer, self.scheduler.max_context
         try:
-            ids = self.tokenizer.apply_chat_template(chat_messages(body), tools=tools, tokenize=True)
+            marked = tokenizer.render_marked(chat_messages(body), tools)
         except ValueError as err:
             raise APIError(422, str(err), param="messages") from None
+        check_prompt_chars(len(marked) - marked.count(chat.MARK), tokenizer.max_token_chars, max_context, "messages")
+        ids = tokenizer.encode_marked(marked)
         requested = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        max_tokens = token_budget(len(ids), requested, self.scheduler.max_context, "messages")
-        job = Job(self.scheduler, self.metrics)
-        for j in range(n):
-            job.add(ids, max_tokens, params, stop_ids, forced, sample=j)
-        job.submit()
-        choices = [Choice(TextStream(self.tokenizer, stops), chat.StreamParser()) for _ in range(n)]
-        kind = "chat.completion.chunk" if body.stream else "chat.completion"
-        return Call(job, choices, len(ids), self.head(kind), body.stream, bool(body.stream_options and
-                                                                                 body.stream_options.include_usage))
+        budget = token_budget(len(ids), requested, max_context, "messages", self.default_max_tokens)
+        return Prepared([ids], [budget], n, params, stops, stop_ids, forced, True, body.stream,
+                        bool(body.stream_options and body.stream_options.include_usage))
 
-    def completion_call(self, body: CompletionBody) -> Call:
-        """A validated, submitted text completion (several prompts and n choices each)."""
-        self.check_model(body.model)
-        check_supported(body)
-        n, params, stops = choice_count(body), sampling_params(body), stop_strings(body)
-        prompts = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in completion_prompts(body.prompt)]
-        if len(prompts) * n > MAX_CHOICES:
-            raise APIError(400, f"{len(prompts)} prompts x n={n} exceeds {MAX_CHOICES} choices", param="prompt")
+    def prepare_completion(self, body: CompletionBody) -> Prepared:
+        """A text completion's prompts (plain text unless allow_special_tokens), budgets and sampling."""
+        n, params, stops = choice_count(body), sampling_params(body, self.vocab_size), stop_strings(body)
+        texts = completion_prompts(body.prompt, self.vocab_size)
+        if len(texts) * n > MAX_CHOICES:
+            raise APIError(400, f"{len(texts)} prompts x n={n} exceeds {MAX_CHOICES} choices", param="prompt")
+        max_context = self.scheduler.max_context
+        for text in texts:
+            if isinstance(text, str):
+                check_prompt_chars(len(text), self.tokenizer.max_token_chars, max_context, "prompt")
+        prompts = [p if isinstance(p, list) else self.tokenizer.encode(p, body.allow_special_tokens) for p in texts]
         if not all(prompts):
             raise APIError(400, "prompt: every prompt needs at least one token", param="prompt")
         requested = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
-        budgets = [token_budget(len(p), requested, self.scheduler.max_context, "prompt") for p in prompts]
-        job = Job(self.scheduler, self.metrics)
+        budgets = [token_budget(len(p), requested, max_context, "prompt") for p in prompts]
         stop_ids = frozenset() if body.ignore_eos else frozenset(self.tokenizer.stop_ids)
-        for ids, max_tokens in zip(prompts, budgets):
-            for j in range(n):
-                job.add(ids, max_tokens, params, stop_ids, sample=j)
+        return Prepared(prompts, budgets, n, params, stops, stop_ids, (), False, body.stream,
+                        bool(body.stream_options and body.stream_options.include_usage))
+
+    def start(self, prepared: Prepared) -> Call:
+        """Submit a prepared request to the scheduler (on the event loop): its Call."""
+        job = Job(self.scheduler, self.metrics)
+        for ids, budget in zip(prepared.prompts, prepared.budgets):
+            for j in range(prepared.n):
+                job.add(ids, budget, prepared.params, prepared.stop_ids, prepared.forced, sample=j)
         job.submit()
-        choices = [Choice(TextStream(self.tokenizer, stops)) for _ in range(len(prompts) * n)]
-        return Call(job, choices, sum(len(p) for p in prompts), self.head("text_completion"), body.stream,
-                    bool(body.stream_options and body.stream_options.include_usage))
+        choices = [Choice(TextStream(self.tokenizer, prepared.stops), chat.StreamParser() if prepared.is_chat else None)
+                   for _ in range(len(prepared.prompts) * prepared.n)]
+        kind = ("chat.completion.chunk" if prepared.stream else "chat.completion") if prepared.is_chat \
+            else "text_completion"
+        return Call(job, choices, sum(map(len, prepared.prompts)), self.head(kind), prepared.stream,
+                    prepared.include_usage)
+
+    async def call(self, request: HTTPRequest, schema: type[ChatBody] | type[CompletionBody]) -> Call:
+        """Read the body, prepare it on a worker thread, submit it."""
+        raw = await read_body(request, self.max_body_bytes)
+        prepared = await asyncio.get_running_loop().run_in_executor(self.workers, self.prepare, raw, schema)
+        return self.start(prepared)
 
 
 # ---------------------------------------------------------------- app
 
 
-async def read_body(request: HTTPRequest, schema: type[BaseModel]) -> Any:
-    """The request's JSON body validated against `schema`: 413 too large, 400 not JSON, 422 wrong shape."""
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body is {len(raw)} bytes, over the limit of {MAX_BODY_BYTES}")
-    try:
-        data = json.loads(raw)
-    except ValueError as err:
-        raise APIError(400, f"request body is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object")
-    try:
-        return schema.model_validate(data)
-    except ValidationError as err:
-        raise validation_error(err) from None
-
-
 async def respond(request: HTTPRequest, call: Call) -> Response:
-    """A server-sent event stream, or the whole response once every choice has finished."""
+    """A server-sent event stream, or the whole response once every choice has finished; either way the job is
+    cancelled as soon as the client disconnects."""
+    call.job.watch(request.receive)
     if call.stream:
         return StreamingResponse(call.events(), media_type="text/event-stream")
     try:
-        await call.collect(request.is_disconnected)
+        await call.collect()
     finally:
         call.job.close()
     return JSONResponse(call.response())
@@ -697,6 +888,41 @@ async def respond(request: HTTPRequest, call: Call) -> Response:
 def error_response(err: APIError) -> JSONResponse:
     """An APIError as a JSON response."""
     return JSONResponse(err.body(), status_code=err.status)
+
+
+def media_type(headers: Headers) -> str:
+    """The Content-Type without parameters, lower-case."""
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+class Gate:
+    """ASGI middleware before the routes: the API key on /v1 routes, then JSON bodies only, no larger than the limit
+    they declare. Pure ASGI (the receive channel passes untouched), so a client's disconnect reaches the handlers."""
+
+    def __init__(self, app: ASGIApp, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self.refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope: Scope) -> APIError | None:
+        """Why a request is refused before its route runs, or None."""
+        headers = Headers(scope=scope)
+        if scope["path"].startswith("/v1") and not self.service.authorized(headers.get("authorization")):
+            return APIError(401, "Incorrect API key provided", code="invalid_api_key")
+        if scope["method"] != "POST":
+            return None
+        if media_type(headers) != "application/json":
+            return APIError(415, f"request body must be sent as application/json, not {media_type(headers) or 'none'}",
+                            code="unsupported_media_type")
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.service.max_body_bytes):
+            return APIError(413, f"request body is {length} bytes, over the limit of {self.service.max_body_bytes}")
+        return None
 
 
 def create_app(service: Service) -> FastAPI:
@@ -717,13 +943,7 @@ def create_app(service: Service) -> FastAPI:
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
-
-    @app.middleware("http")
-    async def check_key(request: HTTPRequest, call_next: Callable) -> Response:
-        """401 for /v1 routes without the right bearer key."""
-        if request.url.path.startswith("/v1") and not service.authorized(request.headers.get("authorization")):
-            return error_response(APIError(401, "Incorrect API key provided", code="invalid_api_key"))
-        return await call_next(request)
+    app.add_middleware(Gate, service=service)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -750,12 +970,12 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest) -> Response:
         """OpenAI chat completions, streaming or not."""
-        return await respond(request, service.chat_call(await read_body(request, ChatBody)))
+        return await respond(request, await service.call(request, ChatBody))
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Response:
         """OpenAI text completions, streaming or not."""
-        return await respond(request, service.completion_call(await read_body(request, CompletionBody)))
+        return await respond(request, await service.call(request, CompletionBody))
 
     return app
 

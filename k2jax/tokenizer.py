@@ -208,6 +208,19 @@ def config_specials(config: Mapping[str, Any], num_base: int, where: str) -> lis
     return list(specials.values())
 
 
+def check_reserved_ids(config: Mapping[str, Any], num_base: int, tiktoken_path: Path, config_path: Path) -> None:
+    """Reject a rank file shorter than the reserved ids the config numbers after it (a truncated tiktoken.model),
+    naming the rank file rather than the config."""
+    decoder = config.get("added_tokens_decoder")
+    ids = [int(k) for k in decoder if isinstance(k, str) and k.isdigit()] if isinstance(decoder, Mapping) else []
+    if ids and min(ids) > num_base and max(ids) >= num_base + NUM_RESERVED_SPECIAL_TOKENS:
+        raise ValueError(
+            f"{tiktoken_path}: holds {num_base} tokens, but {config_path} numbers reserved tokens "
+            f"{min(ids)}..{max(ids)}, which must lie in [{num_base}, {num_base + NUM_RESERVED_SPECIAL_TOKENS}): "
+            "the rank file is truncated"
+        )
+
+
 def config_template(config: Mapping[str, Any], where: str) -> str | None:
     """The chat template inside tokenizer_config.json (a string, or HF's list of named templates), if any."""
     template = config.get("chat_template")
@@ -275,6 +288,7 @@ class Tokenizer:
         config_path = root / CONFIG_FILE
         config = read_config(config_path)
         tokens = read_tiktoken_file(root / TIKTOKEN_FILE)
+        check_reserved_ids(config, len(tokens), root / TIKTOKEN_FILE, config_path)
         specials = config_specials(config, len(tokens), str(config_path))
         template_path = root / TEMPLATE_FILE
         if template_path.is_file():
@@ -360,12 +374,38 @@ class Tokenizer:
         return self._tokenizer if allow_special else self._plain_tokenizer
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
-        """Ids of `text`; reserved-token strings become their ids unless allow_special is False."""
-        return self._backend(allow_special).encode(text, add_special_tokens=False).ids
+        """Ids of `text`; reserved-token strings become their ids unless allow_special is False.
+
+        Runs as a batch of one: the batch call lets other Python threads run meanwhile (the plain call holds the GIL).
+        """
+        return self.encode_batch([text], allow_special)[0]
 
     def encode_batch(self, texts: Iterable[str], allow_special: bool = True) -> list[list[int]]:
         """Ids of many texts, encoded in parallel by the tokenizers library."""
         return [e.ids for e in self._backend(allow_special).encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (a base token's bytes, or a reserved token's name)."""
+        return max(max(map(len, self.tokens)), max(len(s.content) for s in self.specials))
+
+    @cached_property
+    def reserved_names(self) -> frozenset[str]:
+        """The text of every reserved token (what chat.mark defuses inside user text)."""
+        return frozenset(self.special_tokens)
+
+    def encode_marked(self, text: str) -> list[int]:
+        """Ids of a marked prompt (chat.render_marked, chat.mark): reserved-token names outside marked user text
+        become their ids; the text between them, marks removed, is encoded as plain text."""
+        pattern = chat.names_pattern(self.reserved_names)
+        matches = list(pattern.finditer(text)) if pattern is not None else []
+        bounds = [0, *(i for m in matches for i in m.span()), len(text)]
+        pieces = [chat.unmark(text[a:b]) for a, b in zip(bounds[::2], bounds[1::2])]
+        encoded = self.encode_batch(pieces, allow_special=False)
+        ids = encoded[0]
+        for match, piece in zip(matches, encoded[1:]):
+            ids += [self.special_tokens[match[0]], *piece]
+        return ids
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special: bool = False) -> str:
         """Text of a 1-D sequence of ids; skip_special drops e.g. <|im_end|> but keeps think and tool-call tokens."""
@@ -386,13 +426,27 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tokenize: bool = False,
     ) -> str | list[int]:
-        """The K2 Thinking prompt for a conversation (the checkpoint's jinja template if it has one)."""
-        text = chat.render(
+        """The K2 Thinking prompt for a conversation (the checkpoint's jinja template if it has one).
+
+        Token ids hold reserved tokens only where the template writes them: reserved-token names inside message
+        text, names, tool calls, tool results or tool declarations are encoded as plain text.
+        """
+        marked = self.render_marked(messages, tools, add_generation_prompt)
+        return self.encode_marked(marked) if tokenize else chat.unmark(marked)
+
+    def render_marked(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """The conversation's prompt with its user text marked, for encode_marked (see chat.render_marked)."""
+        return chat.render_marked(
             messages,
             tools,
             add_generation_prompt,
             template=self.chat_template,
+            names=self.reserved_names,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
-        return self.encode(text) if tokenize else text

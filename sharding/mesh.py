@@ -19,14 +19,21 @@ ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "K2JAX_COORDINATOR", "K2JAX
 
 
 def parse_spec(spec: str) -> dict[str, int]:
-    """"data=2,expert=4" -> {"data": 2, "expert": 4}; names must be known mesh axes."""
+    """"data=2,expert=4" -> {"data": 2, "expert": 4}; names must be known mesh axes, each given once, sizes >= 1."""
     try:
-        axes = {name.strip(): int(size) for name, size in (part.split("=") for part in spec.split(","))}
+        pairs = [(name.strip(), int(size)) for name, size in (part.split("=") for part in spec.split(","))]
     except ValueError:
         raise ValueError(f"mesh spec {spec!r}: expected NAME=SIZE[,NAME=SIZE...], e.g. 'expert=8'") from None
+    axes = dict(pairs)
     unknown = set(axes) - set(AXIS_ORDER)
     if unknown:
         raise ValueError(f"mesh spec {spec!r}: unknown axis {sorted(unknown)}; axes are {AXIS_ORDER}")
+    if len(axes) != len(pairs):
+        repeated = next(name for i, (name, _) in enumerate(pairs) if name in dict(pairs[:i]))
+        raise ValueError(f"mesh spec {spec!r}: axis {repeated!r} is given more than once")
+    small = [name for name, size in pairs if size < 1]
+    if small:
+        raise ValueError(f"mesh spec {spec!r}: axis {small[0]!r} has size {axes[small[0]]}; sizes must be >= 1")
     return axes
 
 

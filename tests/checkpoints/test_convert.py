@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import k2jax
+from checkpoints.safetensors_io import CheckpointError
 from k2jax.config import K2Config
 from k2jax.convert import main
 
@@ -40,3 +41,50 @@ def test_help_exits_cleanly():
     with pytest.raises(SystemExit) as caught:
         main(["--help"])
     assert caught.value.code == 0
+
+
+@pytest.fixture(scope="module")
+def bundled_orbax(tmp_path_factory) -> Path:
+    """The bundled model converted to orbax, to damage copies of."""
+    out = tmp_path_factory.mktemp("orbax") / "bundled"
+    assert main([str(Path(k2jax.__file__).parent / "bundled"), str(out)]) == 0
+    return out
+
+
+def largest_data_file(params: Path) -> Path:
+    return max((f for f in params.rglob("*") if f.is_file() and f.parent.name == "d"), key=lambda f: f.stat().st_size)
+
+
+def truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+DAMAGE = {  # name -> (what is done to params/, words the error holds)
+    "empty params": (lambda p: [shutil.rmtree(p), p.mkdir()], "no _METADATA"),
+    "truncated data file": (lambda p: truncate(largest_data_file(p)), "cannot read the array data"),
+    "deleted data file": (lambda p: largest_data_file(p).unlink(), "cannot read the array data"),
+    "half the files gone": (lambda p: [f.unlink() for f in sorted(p.rglob("*"))[::2] if f.is_file()], "params"),
+    "damaged _METADATA": (lambda p: (p / "_METADATA").write_text("{nope"), "_METADATA: damaged"),
+    "no manifest": (lambda p: (p / "manifest.ocdbt").unlink(), "no manifest.ocdbt"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_orbax_checkpoint_is_one_named_error(bundled_orbax, tmp_path, damage):
+    ckpt = Path(shutil.copytree(bundled_orbax, tmp_path / "ckpt"))
+    harm, words = DAMAGE[damage]
+    harm(ckpt / "params")
+    with pytest.raises(CheckpointError) as caught:
+        k2jax.load(ckpt)
+    message = str(caught.value)
+    assert message.startswith(str(ckpt / "params")) and words in message and "\n" not in message
+
+
+def test_a_missing_commit_marker_is_a_warning(bundled_orbax, tmp_path, caplog):
+    ckpt = Path(shutil.copytree(bundled_orbax, tmp_path / "ckpt"))
+    (ckpt / "params" / "commit_success.txt").unlink()
+    with caplog.at_level("WARNING", logger="checkpoints.orbax_io"):
+        model = k2jax.load(ckpt)
+    assert model.config == K2Config.from_json(ckpt)
+    assert any("commit_success.txt" in r.getMessage() and "may not have finished" in r.getMessage()
+               for r in caplog.records)

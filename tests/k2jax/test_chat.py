@@ -27,17 +27,23 @@ MARKERS = [
 
 # ---------------------------------------------------------------- conversation generators
 
-texts = st.text(max_size=30) | st.sampled_from(
+
+def plain_text(max_size: int) -> st.SearchStrategy[str]:
+    """Text without chat.MARK, the one character conversations may not hold."""
+    return st.text(st.characters(exclude_characters=chat.MARK), max_size=max_size)
+
+
+texts = plain_text(30) | st.sampled_from(
     ["", "Hello!", "多语言 テキスト 🎉", "line\nbreak", '{"json": [1, 2]}', "<|im_end|>"]
 )
 names = st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True)
 json_leaves = (
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10)
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | plain_text(10)
 )
 json_values = st.recursive(
-    json_leaves, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8
+    json_leaves, lambda c: st.lists(c, max_size=3) | st.dictionaries(plain_text(8), c, max_size=3), max_leaves=8
 )
-argument_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
+argument_objects = st.dictionaries(plain_text(8), json_values, max_size=4)
 call_ids = st.builds("functions.{}:{}".format, names, st.integers(0, 30)) | st.sampled_from(
     ["call_0", "toolu_01AbC", "get:3"]
 )
@@ -330,8 +336,8 @@ MALFORMED = [
     + "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_end|><|tool_calls_section_end|>",
 ]
 MALFORMED_EXPECTED = [
-    (None, "<think>never closed, generation cut off", []),
-    (None, "<think>never closed", []),
+    ("never closed, generation cut off", "", []),  # an unfinished think block is still reasoning
+    ("never closed", "", []),
     (None, "reasoning without an opening tag</think>content", []),
     ("r", MALFORMED[3].removeprefix("<think>r</think>"), []),
     ("r", MALFORMED[4].removeprefix("<think>r</think>"), []),
@@ -370,14 +376,12 @@ def check_stream(text: str, chunks: list[str]) -> None:
     deltas, final = stream(chunks)
     assert final == whole
     assert all(sum(map(bool, (d.reasoning_content, d.content, d.tool_calls))) == 1 for d in deltas)
-    closes_think = not text.startswith("<think>") or "</think>" in text
-    if closes_think:
-        summed = accumulated(deltas)
-        assert (summed.reasoning_content or None, summed.content, summed.tool_calls) == (
-            whole.reasoning_content or None,
-            whole.content,
-            whole.tool_calls,
-        )
+    summed = accumulated(deltas)
+    assert (summed.reasoning_content or None, summed.content, summed.tool_calls) == (
+        whole.reasoning_content or None,
+        whole.content,
+        whole.tool_calls,
+    )
 
 
 @pytest.mark.parametrize("text", [t for t, _ in WELL_FORMED] + MALFORMED)
@@ -399,11 +403,12 @@ def test_stream_reasoning_is_sent_before_the_think_block_closes():
     assert parser.output() == ParsedOutput("step one, step two", "Answer", [])
 
 
-def test_stream_unclosed_think_ends_as_content():
+def test_stream_unclosed_think_stays_reasoning():
     parser = StreamParser()
     assert parser.feed("<think>cut") == [Delta(reasoning_content="cut")]
-    assert parser.finish() == [Delta(content="<think>cut")]
-    assert parser.output() == ParsedOutput(None, "<think>cut", [])
+    assert parser.feed(" off</thi") == [Delta(reasoning_content=" off")]
+    assert parser.finish() == [Delta(reasoning_content="</thi")]
+    assert parser.output() == ParsedOutput("cut off</thi", "", [])
 
 
 fragments = st.lists(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -62,6 +65,42 @@ def test_hf_dict_round_trip():
 def test_bad_fields_are_named(field, value, message):
     with pytest.raises(ConfigError, match=message):
         K2Config.from_dict({**KIMI_K2_CONFIG, field: value}, source="ckpt/config.json")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rope_theta", -1, "rope_theta must be a finite number in \\(0, inf\\), got -1"),
+    ("routed_scaling_factor", float("nan"), "routed_scaling_factor must be a finite number in \\(0, inf\\), got nan"),
+    ("routed_scaling_factor", float("inf"), "routed_scaling_factor must be a finite number"),
+    ("rms_norm_eps", 0.0, "rms_norm_eps must be a finite number in \\(0, 1\\)"),
+    ("rms_norm_eps", 2.0, "rms_norm_eps must be a finite number in \\(0, 1\\)"),
+    ("rope_theta", "50000", "rope_theta must be a finite number"),
+    ("norm_topk_prob", "yes", "norm_topk_prob must be true or false"),
+    ("eos_token_id", 163840, "eos_token_id must be a token id in \\[0, vocab_size=163840\\)"),
+    ("n_shared_experts", 1.5, "n_shared_experts must be an integer"),
+    ("rope_scaling", {**KIMI_K2_CONFIG["rope_scaling"], "factor": -64.0}, "rope_scaling.factor must be a finite"),
+    ("rope_scaling", {**KIMI_K2_CONFIG["rope_scaling"], "beta_fast": float("inf")}, "rope_scaling.beta_fast must"),
+    ("rope_scaling", {**KIMI_K2_CONFIG["rope_scaling"], "mscale_all_dim": -1.0}, "rope_scaling.mscale_all_dim must"),
+    ("rope_scaling", {**KIMI_K2_CONFIG["rope_scaling"], "original_max_position_embeddings": 0},
+     "rope_scaling.original_max_position_embeddings must be a positive integer"),
+    ("rope_scaling", "yarn", "rope_scaling must be an object or null"),
+])
+def test_numeric_ranges_are_named(field, value, message):
+    with pytest.raises(ConfigError, match=f"^ckpt/config.json: {message}"):
+        K2Config.from_dict({**KIMI_K2_CONFIG, field: value}, source="ckpt/config.json")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('"rope_theta": -1', "rope_theta must be a finite number"),
+    ('"routed_scaling_factor": NaN', "routed_scaling_factor must be a finite number"),
+])
+def test_k2jax_load_refuses_out_of_range_config(tmp_path, text, message):
+    bundled = Path(k2jax.__file__).parent / "bundled"
+    ckpt = Path(shutil.copytree(bundled, tmp_path / "ckpt"))
+    raw = json.loads((bundled / "config.json").read_text())
+    key = text.split('"')[1]
+    (ckpt / "config.json").write_text(json.dumps(raw).replace(f'"{key}": {json.dumps(raw[key])}', text))
+    with pytest.raises(ConfigError, match=f"{ckpt / 'config.json'}: {message}"):
+        k2jax.load(ckpt)
 
 
 @pytest.mark.parametrize("key, value", [("group_size", 128), ("num_bits", 8), ("symmetric", False)])

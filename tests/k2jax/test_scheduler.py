@@ -165,6 +165,39 @@ def test_queue_bound_and_request_checks(model, rng):
         Scheduler(model, max_context=10**6)
 
 
+def forged(params: SamplingParams, **values) -> SamplingParams:
+    """SamplingParams holding values its checks refuse (as a caller bypassing them could): a row that cannot build."""
+    for name, value in values.items():
+        object.__setattr__(params, name, value)
+    return params
+
+
+@pytest.mark.parametrize("bad", [{"top_k": 2**40}, {"seed": -1}, {"temperature": float("nan")}])
+def test_a_row_that_fails_to_prepare_fails_only_its_request(model, scheduler, rng, bad):
+    good = [request(rng.integers(3, 250, 6).tolist(), 40, stop_ids=frozenset(),
+                    params=SamplingParams(temperature=0.8, seed=i)) for i in range(2)]
+    for req, _ in good:
+        scheduler.submit(req)
+    assert all(sink.first.wait(TIMEOUT_S) for _, sink in good)
+    broken, broken_sink = request(rng.integers(3, 250, 6).tolist(), 40)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        scheduler.submit(request([3], 4, params=forged(SamplingParams(), **bad))[0])  # refused at submit
+    scheduler.submit(broken)
+    forged(broken.params, **bad)  # broken after its checks, while the others decode
+    assert broken_sink.wait().finish == "error"
+    for req, sink in good:
+        assert sink.wait().finish == "length" and len(sink.tokens) == 40
+    wait_until(lambda: scheduler.running == 0)
+    assert scheduler.free_slots == 3
+
+
+def test_sampling_params_refuse_values_the_sampler_cannot_hold():
+    for bad in ({"top_k": 2**31}, {"top_k": -1}, {"seed": 2**32}, {"seed": -1}, {"temperature": float("inf")},
+                {"top_p": float("nan")}, {"min_p": 1.5}, {"top_k": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+
+
 def test_sampling_settings_survive_the_step_message():
     params = [SamplingParams(0.7, 40, 0.9, 0.05, 2**32 - 1), None, SamplingParams(), SamplingParams(seed=12345)]
     back = unpack_params(pack_params(params), len(params))

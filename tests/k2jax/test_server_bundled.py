@@ -78,3 +78,13 @@ def test_tool_choice_none_never_calls(client):
     _, _, calls, finish, _ = stream_turn(client, [{"role": "user", "content": "What is the capital of Japan?"}],
                                          max_tokens=48, tool_choice="none")
     assert not calls and finish in ("stop", "length")
+
+
+def test_reasoning_cut_by_max_tokens_stays_reasoning(client):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    content, reasoning, calls, finish, tokens = stream_turn(client, messages, max_tokens=6)
+    whole = client.chat.completions.create(model=NAME, messages=messages, tools=make_corpus.TOOLS, temperature=0,
+                                           max_tokens=6).choices[0]
+    assert finish == whole.finish_reason == "length" and tokens == 6 and not calls
+    assert reasoning and reasoning == whole.message.reasoning_content  # the unfinished think block, in both modes
+    assert content == "" and not whole.message.content and "<think>" not in reasoning

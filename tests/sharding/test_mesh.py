@@ -20,6 +20,14 @@ def test_parse_and_auto_specs():
     assert auto_spec(8) == "expert=8"
     with pytest.raises(ValueError, match="unknown axis"):
         parse_spec("model=2")
+    with pytest.raises(ValueError, match="axis 'expert' is given more than once"):
+        parse_spec("expert=1, data=1,expert=1")
+    for spec in ("expert=0", "data=-2,expert=1"):
+        with pytest.raises(ValueError, match="sizes must be >= 1"):
+            parse_spec(spec)
+    for spec in ("", "expert", "expert=x", "expert=1=2"):
+        with pytest.raises(ValueError, match="expected NAME=SIZE"):
+            parse_spec(spec)
 
 
 def test_spec_orders_axes_and_counts_devices():
