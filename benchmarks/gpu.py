@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if "--dry-run" in sys.argv:
@@ -40,7 +40,7 @@ from k2jax.loading import abstract_model  # noqa: E402
 from pallas_kernels import dispatch, int4_layout  # noqa: E402
 from pallas_kernels import int4_matmul as I  # noqa: E402
 from pallas_kernels import ragged_mla as R  # noqa: E402
-from benchmarks.paged_inputs import RANK, ragged_decode_args, ragged_decode_bytes  # noqa: E402
+from benchmarks.common import RANK, ragged_decode_args, ragged_decode_bytes, timed  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12
 SM_SCALE = 0.1447
@@ -77,17 +77,6 @@ class Row:
     bytes_read: float
     err: float | None = None
     xla_seconds: float | None = None
-
-
-def timed(fn: Callable, *args, iters: int) -> float:
-    """Median seconds of fn(*args) over iters calls, after a compile-and-warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def rel_err(out, ref) -> float:

@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -25,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.paged_inputs import RANK, ragged_decode_args, ragged_decode_bytes  # noqa: E402
+from benchmarks.common import RANK, ragged_decode_args, ragged_decode_bytes, timed  # noqa: E402
 from pallas_kernels import dispatch, int4_layout  # noqa: E402
 from pallas_kernels import int4_matmul as I  # noqa: E402
 from pallas_kernels import ragged_mla as R  # noqa: E402
@@ -43,17 +41,6 @@ class Row:
     bytes_read: int
     err: float | None = None
     baseline_s: float | None = None
-
-
-def timed(fn: Callable, *args, iters: int) -> float:
-    """Median wall time of a jitted call over iters runs, after one compile-and-warm-up run."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def copy_bandwidth(nbytes: int, iters: int) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from k2jax.cache import PagedCache, PoolLayout, pool_sharding
 from k2jax.config import K2Config, yarn_mscale

@@ -1,12 +1,27 @@
-"""Random decode inputs for the ragged paged MLA kernel at Kimi K2's lanes: each row's context in shuffled pages."""
+"""What the kernel benchmarks share: a timer, and random decode inputs for the ragged paged MLA kernel at Kimi K2's
+lanes (each row's context in shuffled pages)."""
 
 from __future__ import annotations
+
+import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 RANK, LANES = 512, 640
+
+
+def timed(fn: Callable, *args, iters: int) -> float:
+    """Median seconds of fn(*args) over iters calls, after a compile-and-warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def ragged_decode_args(rng: np.random.Generator, b: int, h: int, s: int, page: int) -> tuple[jax.Array, ...]:
