@@ -262,12 +262,14 @@ def fitting_batch(cfg: K2Config, mesh: Mesh, context: int, hbm: int, page_size: 
 
 
 def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: int, prefill_chunk: int,
-         hbm: int | None = None, bandwidth: float | None = None, page_size: int | None = None) -> dict[str, Any]:
+         hbm: int | None = None, bandwidth: float | None = None, page_size: int | None = None,
+         name: str = "") -> dict[str, Any]:
     """Compile decode (and a prefill chunk) on this mesh; per-device bytes, fit, KV tokens and time floor.
 
     The prefill chunk is one row's `prefill_chunk` new tokens with a page table covering the whole context (as a
     server prefills), compiled again at SHORT_CONTEXT to show its temporaries do not grow with the context.
     KV tokens count the pages that fit beside the weights and the larger of the two programs' temporaries.
+    `name` (the topology as given on the command line) leads the row's label.
     """
     mesh = mesh_from_devices(devices, spec)
     chip_hbm, chip_bw = chip_specs(devices)
@@ -286,7 +288,7 @@ def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: 
     tokens = kv_tokens(cfg, free, len(devices), page_size) if not decode.error else 0
     step_read = f.step_read(cfg, batch // mesh.shape.get("data", 1))
     return {
-        "topology": f"{devices[0].device_kind} x{len(devices)}", "mesh": spec, "batch": batch, "context": context,
+        "topology": f"{name + ': ' if name else ''}{len(devices)} x {devices[0].device_kind}", "mesh": spec, "batch": batch, "context": context,
         "page_size": page_size, "hbm": hbm, "weights": f.weights, "experts": f.experts, "cache": f.cache,
         "decode": decode, "prefill": prefill, "prefill_short": prefill_short,
         "fits": not decode.error and decode.total + temp - decode.temp <= hbm,
@@ -390,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = args.batch or fitting_batch(cfg, mesh_from_devices(devices, spec), args.context, hbm, page_size)
         with target_kernels(devices[0].platform):
             rows.append(plan(cfg, devices, spec, batch, args.context, args.prefill_chunk, hbm=hbm,
-                             bandwidth=bandwidth, page_size=page_size))
+                             bandwidth=bandwidth, page_size=page_size, name=name))
         if not args.json:
             print(f"planned {name}: {spec}", flush=True)
     print(json.dumps([as_json(r) for r in rows], indent=1) if args.json else table(rows))

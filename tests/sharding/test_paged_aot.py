@@ -62,7 +62,7 @@ def test_gpu_programs_run_the_triton_kernel_in_place(tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (r,) = json.loads(proc.stdout)
-    assert r["topology"] == "NVIDIA H200 x2" and r["fits"]
+    assert r["topology"] == "h200:2: 2 x NVIDIA H200" and r["fits"]
     for name in ("decode", "prefill", "prefill_short"):
         assert not r[name]["error"] and r[name]["attention_kernels"] == 2, (name, r[name])
     assert r["decode"]["cache_moves"] == r["prefill"]["cache_moves"] == 0

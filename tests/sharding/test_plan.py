@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def test_planner_compiles_a_sharded_int4_decode_step_for_tpu():
     env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # other AOT compiles may hold libtpu's lockfile
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "| TPU v5 lite x4 | expert=4 | 8 x 2048 |" in proc.stdout
+    assert "| 4 x TPU v5 lite | expert=4 | 8 x 2048 |" in proc.stdout
     result = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT")).split()[1:]
     assert result == ["True", "True", "0", "0", "True", "True"], proc.stdout
 
@@ -50,7 +51,7 @@ def test_plan_cli_is_quiet_and_keeps_tpu_programs_out_of_the_compilation_cache(u
     command = [sys.executable, "-m", "k2jax.plan", "--config", str(Path(k2jax.__file__).parent / "bundled"),
                "--topology", "v5e:2x2", "--mesh", "expert=4", "--batch", "8", "--context", "256", "--prefill-chunk", "0"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0 and "| TPU v5 lite x4 | expert=4 | 8 x 256 |" in proc.stdout, proc.stderr[-4000:]
+    assert proc.returncode == 0 and "| v5e:2x2: 4 x TPU v5 lite | expert=4 | 8 x 256 |" in proc.stdout, proc.stderr[-4000:]
     assert proc.stderr == ""  # neither libtpu's start-up errors nor cache warnings
     assert not [p.name for p in cache.glob("jit_step*")]
 
@@ -61,3 +62,26 @@ def test_candidate_meshes_put_experts_first_and_the_rest_on_tensor_or_data():
     assert candidate_specs(256, 384) == ["data=2,expert=128", "expert=128,tensor=2", "expert=64,tensor=4",
                                          "expert=32,tensor=8"]
     assert candidate_specs(6, 16) == ["data=3,expert=2", "data=3,tensor=2"]
+
+
+def test_readme_plan_table_is_what_its_command_prints():
+    """The README's pod table: the planner's own columns, one row per topology of its command, labelled as the
+    planner labels them (topology, chip count, chip). Its figures come from running that command."""
+    from k2jax.gpu_targets import parse_gpu_topology
+    from k2jax.plan import table, topology_devices
+
+    readme = (Path(k2jax.__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Kimi K2 Thinking on TPU pods and GPU boxes"):]
+    command = next(line for line in section.splitlines() if line.startswith("k2jax-plan "))
+    topologies = command.split("--topology ")[1:]
+    rows = [line for line in section.split("\n\n") if line.startswith("| topology |")][0].splitlines()
+    assert rows[0] == table([]).splitlines()[0]
+    labels = [row.split(" | ")[0].removeprefix("| ") for row in rows[2:]]
+    assert [label.split(":")[0] + ":" + label.split(":")[1] for label in labels] == [t.strip() for t in topologies]
+    for label, name in zip(labels, topologies):
+        gpu = parse_gpu_topology(name.strip())
+        if gpu:
+            assert label == f"{name.strip()}: {gpu[1]} x {gpu[0].description}"
+        elif importlib.util.find_spec("libtpu"):
+            devices = topology_devices(name.strip())
+            assert label == f"{name.strip()}: {len(devices)} x {devices[0].device_kind}"
