@@ -7,6 +7,7 @@ import pytest
 
 import k2jax
 from k2jax.sampling import SamplingParams
+from k2jax.cache import PoolFull
 from k2jax.slots import Slots
 
 RTOL = 1e-4  # float32 against float32, summation order only
@@ -61,3 +62,14 @@ def test_slot_limits(model):
         slots.prefill(0, [3, 4], start=4)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         Slots(model, 1, 10**6)
+
+
+def test_a_slot_that_outgrows_the_pool_is_named_and_others_keep_their_pages(model, rng):
+    slots = Slots(model, n_slots=2, capacity=128, num_pages=3)  # 3 pages of 32 tokens for both slots
+    slots.prefill(0, rng.integers(3, 250, 40).tolist())
+    held = slots.pages.pages(0).tolist()
+    with pytest.raises(PoolFull, match=r"slot 1 \(holding 0 tokens\): row 1: 70 tokens need 3 more pages of 32, "
+                                       r"the pool has 1 free"):
+        slots.prefill(1, rng.integers(3, 250, 70).tolist())
+    assert slots.pages.pages(0).tolist() == held and slots.lengths[1] == 0
+    slots.pages.check()
