@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from k2jax.cache import PageAllocator, PagedCache, copy_pages, default_page_size, init_pool, make_layout
+from k2jax.cache import PageAllocator, PagedCache, PoolLayout, copy_pages, default_page_size, init_pool, make_layout
 from k2jax.config import K2Config
 from k2jax.model import forward
 from k2jax.sampling import SamplingParams, sample, stack_params
@@ -41,6 +41,20 @@ def enable_compilation_cache() -> None:
 def bucket(n: int, minimum: int = 16) -> int:
     """The smallest power of two >= n (and >= minimum): the shapes programs are compiled for."""
     return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def table_width(layout: PoolLayout, columns: int, tokens: int) -> int:
+    """Page-table columns a step reads for rows of up to `tokens` positions: those of their power-of-two bucket."""
+    return min(columns, layout.pages_for(bucket(tokens)))
+
+
+def table_widths(layout: PoolLayout, columns: int, tokens: int) -> list[int]:
+    """Every table width a step over rows of `tokens` positions or more may read (one per power of two)."""
+    widths, n = [], bucket(tokens)
+    while not widths or widths[-1] < columns:
+        widths.append(table_width(layout, columns, n))
+        n *= 2
+    return sorted(set(widths))
 
 
 @dataclasses.dataclass
@@ -164,11 +178,12 @@ class Model:
         return PageAllocator(layout, tokens_per_row), init_pool(self.config, layout, self.dtype, self.mesh)
 
     def cache_view(self, pages: PageAllocator, pool: dict[str, jax.Array], rows: Sequence[int],
-                   kv_len: Sequence[int]) -> PagedCache:
-        """The cache a step over `rows` reads: their page tables cut to the position bucket covering kv_len."""
-        width = min(pages.table.shape[1], pages.layout.pages_for(bucket(int(max(kv_len)))))
-        return PagedCache(pool, jnp.asarray(pages.table[np.asarray(rows), :width]), jnp.asarray(kv_len, jnp.int32),
-                          pages.layout)
+                   kv_len: Sequence[int], width: int | None = None) -> PagedCache:
+        """The cache a step over `rows` reads: their page tables cut to `width` columns (default: the position
+        bucket covering kv_len). Host arrays go over as plain transfers, which compile nothing."""
+        width = width or table_width(pages.layout, pages.table.shape[1], int(max(kv_len)))
+        return PagedCache(pool, jax.device_put(np.ascontiguousarray(pages.table[np.asarray(rows), :width])),
+                          jax.device_put(np.asarray(kv_len, np.int32)), pages.layout)
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_p: float = 0.0,
