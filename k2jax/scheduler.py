@@ -372,7 +372,8 @@ class Scheduler:
         tokens, logprobs = self.slots.decode(last, params, self.decode_steps)
         self.steps += 1
         for slot, request in decoding.items():
-            self._accept(request, tokens[slot].tolist(), logprobs[slot].tolist())
+            if self._active.get(slot) is request:  # not preempted for another's forced tokens meanwhile
+                self._accept(request, tokens[slot].tolist(), logprobs[slot].tolist())
         return len(decoding)
 
     @staticmethod

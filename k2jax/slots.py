@@ -147,7 +147,7 @@ class Slots:
         """Compile (and run once, writing nothing) every program that prefill calls of up to `prefill_tokens` tokens,
         decode calls of `decode_steps` steps, sample and a page copy can need; returns how many there are."""
         layout, columns = self.pages.layout, self.pages.table.shape[1]
-        top = min(engine.bucket(prefill_tokens), engine.PREFILL_CHUNK)
+        top = min(engine.bucket(min(prefill_tokens, self.capacity)), engine.PREFILL_CHUNK)
         chunks = [16 << k for k in range(top.bit_length()) if 16 << k <= top]
         programs = [("prefill", c, w) for c in chunks for w in engine.table_widths(layout, columns, c)]
         programs += [("decode", decode_steps, w) for w in engine.table_widths(layout, columns, decode_steps + 1)]
