@@ -2,7 +2,8 @@
 
 Prefill runs prompts in chunks of at most PREFILL_CHUNK tokens, padded to power-of-two buckets, so a long
 prompt never compiles a new program; decode runs DECODE_STEPS sampled steps per host round trip. Page tables
-are cut to a power-of-two bucket of positions that covers the longest row, so short contexts stay cheap.
+are cut to a power-of-two bucket of positions that covers the longest row (at most MAX_TABLE_WIDTHS widths), so
+short contexts stay cheap.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sharding.mesh import mesh_of
 
 PREFILL_CHUNK = 512
 DECODE_STEPS = 8
+MAX_TABLE_WIDTHS = 6
 
 
 def enable_compilation_cache() -> None:
@@ -43,18 +45,21 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
-def table_width(layout: PoolLayout, columns: int, tokens: int) -> int:
-    """Page-table columns a step reads for rows of up to `tokens` positions: those of their power-of-two bucket."""
-    return min(columns, layout.pages_for(bucket(tokens)))
-
-
-def table_widths(layout: PoolLayout, columns: int, tokens: int) -> list[int]:
-    """Every table width a step over rows of `tokens` positions or more may read (one per power of two)."""
-    widths, n = [], bucket(tokens)
-    while not widths or widths[-1] < columns:
-        widths.append(table_width(layout, columns, n))
+@functools.lru_cache(maxsize=64)
+def table_widths(layout: PoolLayout, columns: int) -> tuple[int, ...]:
+    """The page-table widths steps read: one per power-of-two bucket of positions, only the MAX_TABLE_WIDTHS widest
+    (attention kernels stop at each row's length, so a wider table costs accelerators next to nothing)."""
+    widths, n = {min(columns, layout.pages_for(bucket(1)))}, bucket(1)
+    while max(widths) < columns:
         n *= 2
-    return sorted(set(widths))
+        widths.add(min(columns, layout.pages_for(n)))
+    return tuple(sorted(widths))[-MAX_TABLE_WIDTHS:]
+
+
+def table_width(layout: PoolLayout, columns: int, tokens: int) -> int:
+    """The page-table width a step over rows of up to `tokens` positions reads: the narrowest that covers them."""
+    need = min(columns, layout.pages_for(bucket(tokens)))
+    return next(w for w in table_widths(layout, columns) if w >= need)
 
 
 @dataclasses.dataclass

@@ -149,8 +149,10 @@ class Slots:
         layout, columns = self.pages.layout, self.pages.table.shape[1]
         top = min(engine.bucket(min(prefill_tokens, self.capacity)), engine.PREFILL_CHUNK)
         chunks = [16 << k for k in range(top.bit_length()) if 16 << k <= top]
-        programs = [("prefill", c, w) for c in chunks for w in engine.table_widths(layout, columns, c)]
-        programs += [("decode", decode_steps, w) for w in engine.table_widths(layout, columns, decode_steps + 1)]
+        widths = engine.table_widths(layout, columns)
+        programs = [("prefill", c, w) for c in chunks for w in widths if w >= engine.table_width(layout, columns, c)]
+        programs += [("decode", decode_steps, w) for w in widths
+                     if w >= engine.table_width(layout, columns, decode_steps + 1)]
         programs += [("sample", 1, 0), ("copy", 1, 0)]
         if progress:
             from tqdm import tqdm

@@ -252,14 +252,17 @@ def tight(model):
     sched.close()
 
 
-def test_a_pool_too_small_for_the_load_preempts_and_changes_no_output(model, tight, rng):
+def test_a_pool_too_small_for_the_load_preempts_and_changes_no_output(model, scheduler, tight, rng):
     prompts = [rng.integers(3, 250, int(rng.integers(30, 60))).tolist() for _ in range(6)]
-    jobs = [(p, 120 - len(p)) for p in prompts]  # four pages each, at the end
-    reqs = run_all(tight, jobs)
-    assert tight.preemptions > 0
-    for req, (prompt, n) in zip(reqs, jobs):
-        ref = model.generate([prompt], max_new_tokens=n)
-        assert (req.emit.tokens, req.emit.finish) == (ref.ids[0], ref.finish_reasons[0])
+    jobs = [(p, 120 - len(p)) for p in prompts]  # no stop id: four pages each at the end, twelve in the pool
+    preemptions = tight.preemptions
+    loaded = run_all(tight, jobs, stop_ids=frozenset())
+    assert tight.preemptions > preemptions
+    alone = [run_all(scheduler, [job], stop_ids=frozenset())[0] for job in jobs]  # a full pool, one at a time
+    for req, ref, (prompt, n) in zip(loaded, alone, jobs):
+        assert req.emit.tokens == ref.emit.tokens and len(req.emit.tokens) == n
+        until_eos = model.generate([prompt], max_new_tokens=n).ids[0]
+        assert req.emit.tokens[: len(until_eos)] == until_eos
     no_page_leaks(tight)
 
 

@@ -429,6 +429,10 @@ def test_two_processes_serve_like_one_and_fail_loudly_without_a_peer(checkpoint,
         with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: they share steps on both processes
             got = list(pool.map(lambda p: complete(both, p), prompts))
         assert got == [complete(client, p) for p in prompts]
+        shared = "import json\n" * 6  # over a page: the second request maps the first one's pages on both processes
+        again = [both.completions.create(model=NAME, prompt=shared, max_tokens=10, temperature=0) for _ in range(2)]
+        assert again[1].usage.prompt_tokens_details.cached_tokens > 0
+        assert [a.choices[0].text for a in again] == [complete(client, shared)] * 2
         procs[1].kill()
         assert procs[0].wait(TIMEOUT_S) == 1, "process 0 must stop, and say so, when its peer is gone"
     finally:
