@@ -241,9 +241,9 @@ class Scheduler:
         need = layout.pages_for(tokens + self.decode_steps)
         if need > self.row_pages:
             raise ValueError(f"prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_tokens}) is {tokens}"
-                             f" tokens, which need {need} KV pages of {layout.page_size} tokens (with {self.decode_steps}"
-                             f" decode steps of headroom); the KV pool holds {layout.num_pages} pages, at most "
-                             f"{self.row_pages} for one sequence")
+                             f" tokens, which need {need} KV pages of {layout.page_size} tokens (with "
+                             f"{self.decode_steps} decode steps of headroom); the KV pool holds {layout.num_pages} "
+                             f"pages, at most {self.row_pages} for one sequence")
 
     def submit(self, request: Request) -> None:
         """Queue a request; raises ValueError if it cannot run, QueueFull if the queue is at its bound."""

@@ -495,7 +495,7 @@ class Metrics:
         }
         for name, (doc, value) in gauges.items():
             Gauge(name, doc, registry=self.registry).set_function(value)
-        self.step_time = Histogram("k2jax_step_seconds", "Time of one scheduler step (prefill chunks and a decode call)",
+        self.step_time = Histogram("k2jax_step_seconds", "Time of one scheduler step (prefill chunks, a decode call)",
                                    buckets=STEP_BUCKETS, registry=self.registry)
         self.step_rows = Histogram("k2jax_step_decode_rows", "Requests decoded by one scheduler step",
                                    buckets=tuple(2.0**k for k in range(11)), registry=self.registry)

@@ -181,8 +181,8 @@ def test_a_mixed_load_compiles_nothing_and_shows_in_metrics(server, client):
     def one(i: int) -> None:
         words = " ".join(["add"] * (1 + 37 * i % 70))
         if i % 3:
-            client.completions.create(model=NAME, prompt=words, max_tokens=1 + i % 9, temperature=0.7, seed=i, n=1 + i % 2,
-                                      stop=["\n\n"], stream=i % 2 == 0)
+            client.completions.create(model=NAME, prompt=words, max_tokens=1 + i % 9, temperature=0.7, seed=i,
+                                      n=1 + i % 2, stop=["\n\n"], stream=i % 2 == 0)
         else:
             client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": words}], max_tokens=5,
                                            temperature=0, top_p=0.9)
