@@ -5,7 +5,9 @@ On a mesh the pool's page axis is split over every mesh axis: rows over the 'bat
 (data-parallel attention) and each row's pages over the rest (context parallel), striped so that page m
 of row r lives in device group (row shard of r, m mod position shards). The allocator keeps that
 placement; the model finds a device's own pages by their ids (see model.paged_attention).
-Pages shared by several rows (a common prefix) are ref-counted; a shared page is never written.
+Pages shared by several rows (a common prefix) are ref-counted; a shared page is never written. Pages may also be
+pinned by a holder outside the tables (the prefix cache, k2jax.prefix_cache): a pinned page that no row holds is
+reclaimable, and the allocator asks its `reclaim` hook to free such pages when a free list runs short.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import collections
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -165,7 +168,8 @@ class PageAllocator:
     """Host-side page tables, ref-counts and per-group free lists for `layout.n_rows` rows.
 
     Every row may hold up to `max_tokens` positions. All methods keep the tables, counts and free lists
-    consistent or raise before changing anything.
+    consistent or raise before changing anything (but what `reclaim` frees). refs counts a page's table entries
+    plus its pins; `reclaim(short)`, when set, frees reclaimable pages for {group: pages short}.
     """
 
     def __init__(self, layout: PoolLayout, max_tokens: int):
@@ -173,12 +177,33 @@ class PageAllocator:
         self.table = np.zeros((layout.n_rows, layout.pages_for(max_tokens)), np.int32)
         self.held = np.zeros(layout.n_rows, np.int32)  # pages each row holds (its table's first entries)
         self.refs = np.zeros(layout.num_pages, np.int32)
+        self.pinned = np.zeros(layout.num_pages, np.int32)  # references held outside the tables
+        self.reclaim: Callable[[dict[int, int]], None] | None = None
         self._free = [collections.deque(range(g * layout.pages_per_group, (g + 1) * layout.pages_per_group))
                       for g in range(layout.groups)]
 
     @property
     def free_pages(self) -> int:
         return sum(len(f) for f in self._free)
+
+    @property
+    def reclaimable(self) -> np.ndarray:
+        """Per page: pinned and held by no row (the prefix cache may free it)."""
+        return (self.pinned > 0) & (self.refs == self.pinned)
+
+    def spare(self) -> np.ndarray:
+        """Pages per group that are free or reclaimable."""
+        reclaimable = np.bincount(np.flatnonzero(self.reclaimable) // self.layout.pages_per_group,
+                                  minlength=self.layout.groups)
+        return reclaimable + np.array([len(f) for f in self._free])
+
+    def shortfall(self, wants: Mapping[int, int]) -> int:
+        """Pages missing (free or reclaimable, summed over groups) for each row of `wants` to hold its tokens."""
+        need = np.zeros(self.layout.groups, np.int64)
+        for row, tokens in wants.items():
+            for m in range(int(self.held[row]), math.ceil(tokens / self.layout.page_size)):
+                need[self.layout.group(row, m)] += 1
+        return int(np.maximum(need - self.spare(), 0).sum())
 
     def pages(self, row: int) -> np.ndarray:
         """The page ids row `row` holds, in position order."""
@@ -191,7 +216,10 @@ class PageAllocator:
         need = math.ceil(tokens / self.layout.page_size)
         new = range(int(self.held[row]), need)
         wanted = collections.Counter(self.layout.group(row, m) for m in new)
-        short = {g: n - len(self._free[g]) for g, n in wanted.items() if n > len(self._free[g])}
+        short = self._short(wanted)
+        if short and self.reclaim is not None:
+            self.reclaim(short)
+            short = self._short(wanted)
         if short:
             raise PoolFull(f"row {row}: {tokens} tokens need {len(new)} more pages of {self.layout.page_size}, "
                            f"the pool has {self.free_pages} free ({sum(short.values())} short on the devices "
@@ -216,7 +244,10 @@ class PageAllocator:
         if tokens % self.layout.page_size == 0 or last >= self.held[row] or self.refs[self.table[row, last]] == 1:
             return []
         src = int(self.table[row, last])
-        free = self._free[self.layout.group(row, last)]
+        group = self.layout.group(row, last)
+        free = self._free[group]
+        if not free and self.reclaim is not None:
+            self.reclaim({group: 1})
         if not free:
             raise PoolFull(f"row {row}: no free page to copy its shared page {src} into (pool: {self.free_pages} free)")
         dst = free.popleft()
@@ -246,19 +277,51 @@ class PageAllocator:
             raise
         return [(int(self.table[src, m]), int(self.table[dst, m])) for m in range(shared, int(self.held[dst]))]
 
+    def share(self, row: int, pages: Sequence[int]) -> None:
+        """Make empty row `row` hold `pages` (held pages of its row shard, in position order) as its first pages."""
+        if self.held[row]:
+            raise ValueError(f"row {row} already holds {self.held[row]} pages; release it before sharing into it")
+        if len(pages) * self.layout.page_size > self.max_tokens:
+            raise PoolFull(f"row {row}: {len(pages)} shared pages exceed its page table of {self.max_tokens} tokens")
+        for m, page in enumerate(pages):
+            if self.refs[page] <= 0 or page // self.layout.pages_per_group != self.layout.group(row, m):
+                raise ValueError(f"row {row} cannot share page {page} at position {m}: it is free or on other devices")
+        self.table[row, : len(pages)] = pages
+        self.refs[np.asarray(pages, np.int64)] += 1
+        self.held[row] = len(pages)
+
+    def pin(self, page: int) -> None:
+        """Add a reference from outside the tables to a held page."""
+        if self.refs[page] <= 0:
+            raise ValueError(f"page {page} is free; only a held page can be pinned")
+        self.refs[page] += 1
+        self.pinned[page] += 1
+
+    def unpin(self, page: int) -> None:
+        """Drop a reference `pin` added; the page is freed when nothing else holds it."""
+        if self.pinned[page] <= 0:
+            raise RuntimeError(f"page {page} is not pinned")
+        self.pinned[page] -= 1
+        self._unref(page)
+
     def check(self) -> None:
-        """Raise if a table lists a freed page, a count disagrees with the tables, or a page is both free and held."""
+        """Raise if a table lists a freed page, a count disagrees with the tables and pins, or a page is both free
+        and held."""
         counts = np.bincount(np.concatenate([self.pages(r) for r in range(self.layout.n_rows)] + [np.zeros(0, int)]),
-                             minlength=self.layout.num_pages)
+                             minlength=self.layout.num_pages) + self.pinned
         freed = np.flatnonzero((counts > 0) & (self.refs == 0))
         if freed.size:
             raise RuntimeError(f"page {freed[0]} is listed by a row's table but was freed")
         if not np.array_equal(counts, self.refs):
             bad = np.flatnonzero(counts != self.refs)[0]
-            raise RuntimeError(f"page ref-counts disagree with the tables at page {bad}")
+            raise RuntimeError(f"page ref-counts disagree with the tables and pins at page {bad}")
         free = [p for f in self._free for p in f]
         if len(set(free)) != len(free) or (self.refs[free] != 0).any():
             raise RuntimeError("a page is on a free list twice, or both free and held")
+
+    def _short(self, wanted: Mapping[int, int]) -> dict[int, int]:
+        """{group: pages missing} for `wanted` new pages per group."""
+        return {g: n - len(self._free[g]) for g, n in wanted.items() if n > len(self._free[g])}
 
     def _unref(self, page: int) -> None:
         """Drop one reference; the page returns to its group's free list at zero."""

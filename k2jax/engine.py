@@ -2,7 +2,8 @@
 
 Prefill runs prompts in chunks of at most PREFILL_CHUNK tokens, padded to power-of-two buckets, so a long
 prompt never compiles a new program; decode runs DECODE_STEPS sampled steps per host round trip. Page tables
-are cut to a power-of-two bucket of positions that covers the longest row, so short contexts stay cheap.
+are cut to a power-of-two bucket of positions that covers the longest row (at most MAX_TABLE_WIDTHS widths), so
+short contexts stay cheap.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from k2jax.cache import PageAllocator, PagedCache, copy_pages, default_page_size, init_pool, make_layout
+from k2jax.cache import PageAllocator, PagedCache, PoolLayout, copy_pages, default_page_size, init_pool, make_layout
 from k2jax.config import K2Config
 from k2jax.model import forward
 from k2jax.sampling import SamplingParams, sample, stack_params
@@ -28,6 +29,7 @@ from sharding.mesh import mesh_of
 
 PREFILL_CHUNK = 512
 DECODE_STEPS = 8
+MAX_TABLE_WIDTHS = 6
 
 
 def enable_compilation_cache() -> None:
@@ -41,6 +43,23 @@ def enable_compilation_cache() -> None:
 def bucket(n: int, minimum: int = 16) -> int:
     """The smallest power of two >= n (and >= minimum): the shapes programs are compiled for."""
     return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+@functools.lru_cache(maxsize=64)
+def table_widths(layout: PoolLayout, columns: int) -> tuple[int, ...]:
+    """The page-table widths steps read: one per power-of-two bucket of positions, only the MAX_TABLE_WIDTHS widest
+    (attention kernels stop at each row's length, so a wider table costs accelerators next to nothing)."""
+    widths, n = {min(columns, layout.pages_for(bucket(1)))}, bucket(1)
+    while max(widths) < columns:
+        n *= 2
+        widths.add(min(columns, layout.pages_for(n)))
+    return tuple(sorted(widths))[-MAX_TABLE_WIDTHS:]
+
+
+def table_width(layout: PoolLayout, columns: int, tokens: int) -> int:
+    """The page-table width a step over rows of up to `tokens` positions reads: the narrowest that covers them."""
+    need = min(columns, layout.pages_for(bucket(tokens)))
+    return next(w for w in table_widths(layout, columns) if w >= need)
 
 
 @dataclasses.dataclass
@@ -164,11 +183,12 @@ class Model:
         return PageAllocator(layout, tokens_per_row), init_pool(self.config, layout, self.dtype, self.mesh)
 
     def cache_view(self, pages: PageAllocator, pool: dict[str, jax.Array], rows: Sequence[int],
-                   kv_len: Sequence[int]) -> PagedCache:
-        """The cache a step over `rows` reads: their page tables cut to the position bucket covering kv_len."""
-        width = min(pages.table.shape[1], pages.layout.pages_for(bucket(int(max(kv_len)))))
-        return PagedCache(pool, jnp.asarray(pages.table[np.asarray(rows), :width]), jnp.asarray(kv_len, jnp.int32),
-                          pages.layout)
+                   kv_len: Sequence[int], width: int | None = None) -> PagedCache:
+        """The cache a step over `rows` reads: their page tables cut to `width` columns (default: the position
+        bucket covering kv_len). Host arrays go over as plain transfers, which compile nothing."""
+        width = width or table_width(pages.layout, pages.table.shape[1], int(max(kv_len)))
+        return PagedCache(pool, jax.device_put(np.ascontiguousarray(pages.table[np.asarray(rows), :width])),
+                          jax.device_put(np.asarray(kv_len, np.int32)), pages.layout)
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_p: float = 0.0,

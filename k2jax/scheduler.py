@@ -1,12 +1,19 @@
 """Continuous batching over cache slots: one background thread owns the model; requests join and leave between steps.
 
+Before serving, the thread compiles every program a step can need (warmup), so no request waits for a compile.
 Each iteration frees the slots of cancelled requests, admits queued requests into free slots, prefills at most
 `prefill_chunk` prompt tokens (so a long prompt is prefilled in chunks between decode calls), then runs one
 multi-step decode of every slot that has its first token. Requests see tokens through their `emit` callback,
 called on the scheduler thread; stop strings and text are the caller's business (see k2jax.server).
 
-A finished request leaves its tokens in its slot's cache: a later request is given the free slot whose cached
-tokens share the longest prefix with its prompt, and only the rest is prefilled (multi-turn chats, tool loops).
+Prefix cache: every full page a request prefills or ends with stays cached (k2jax.prefix_cache); when a request
+starts prefilling, the longest cached page-aligned prefix of its prompt is mapped into its slot and only the rest
+is prefilled (shared system prompts, multi-turn chats, tool loops, resumed requests).
+
+Preemption: the pool may hold fewer pages than every slot at full context. When a prefill chunk or a decode call
+needs pages that are neither free nor cached-and-unused, the newest running request is preempted (its slot
+released, its full pages left in the prefix cache) and queued first; it resumes by prefilling its prompt and what
+it had generated, which the prefix cache mostly absorbs, so its output is the same.
 
 Multi-host: process 0 runs the Scheduler over LinkedSlots, which broadcast every prefill / decode / release
 (through jax.distributed) before running it; every other process runs follow(), replaying the same calls, so all
@@ -25,11 +32,13 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from k2jax import engine
+from k2jax.cache import PoolFull
 from k2jax.sampling import SamplingParams, host_row
 from k2jax.slots import Slots
 from sharding.mesh import broadcast_from_process0
@@ -40,7 +49,7 @@ IDLE_S = 1.0
 MIN_REUSE = 16  # shorter cached prefixes are not worth a prefill program of a new shape
 STEP_TIMEOUT_S = 600.0
 PEER_TIMEOUT_S = 60.0
-NOOP, PREFILL, DECODE, RELEASE, STOP = range(5)
+NOOP, PREFILL, DECODE, RELEASE, STOP, ATTACH = range(6)
 HEADER = 4
 PARAM_FIELDS = 6  # per slot: active, temperature bits, top_k, top_p bits, min_p bits, seed bits
 
@@ -68,6 +77,9 @@ class Request:
 
     force_before_stop: tokens generated in place of the first stop token when force_before_stop[0] has not been
     generated yet (how tool_choice "required" makes the model open a tool call instead of ending its turn).
+    The scheduler fills in the rest: context (what to prefill: the prompt, after a preemption also what was
+    generated), prefilled (how much of it the slot holds), cached_tokens (prompt tokens the prefix cache gave it
+    when it first started).
     """
 
     prompt: Sequence[int]
@@ -81,13 +93,10 @@ class Request:
     generated: list[int] = dataclasses.field(default_factory=list)
     finished: bool = False
     cancelled: bool = False
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(differ[0]) if differ.size else n
+    context: list[int] = dataclasses.field(default_factory=list)
+    attached: bool = False
+    admitted: int = 0
+    cached_tokens: int | None = None
 
 
 def check_request(request: Request, max_context: int, vocab_size: int) -> None:
@@ -119,23 +128,40 @@ def resolve_context(model: engine.Model, max_context: int | None, decode_steps: 
 class Scheduler:
     """Continuous batching of Requests over `n_slots` cache slots, run by one background thread.
 
+    num_pages: KV pool size in pages (default: every slot at full context); prefix_cache: share cached prompt
+    prefixes across requests; warmup: compile every program before serving (`ready` is set after).
     With a StepLink (multi-host, process 0), every model call is broadcast to the processes running follow().
     """
 
     def __init__(self, model: engine.Model, n_slots: int = 8, max_context: int | None = None, max_queue: int = 256,
                  prefill_chunk: int = engine.PREFILL_CHUNK, decode_steps: int = engine.DECODE_STEPS,
-                 link: StepLink | None = None):
+                 link: StepLink | None = None, num_pages: int | None = None, prefix_cache: bool = True,
+                 warmup: bool = True, progress: bool = False):
         if max_queue < 1 or prefill_chunk < 1 or decode_steps < 1:
             raise ValueError("max_queue, prefill_chunk and decode_steps must all be >= 1")
+        if num_pages is not None and num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         self.max_context = resolve_context(model, max_context, decode_steps)
         self.model, self.max_queue, self.link = model, max_queue, link
         self.prefill_chunk, self.decode_steps = prefill_chunk, decode_steps
+        self.warmup, self.progress = warmup, progress
         capacity = self.max_context + decode_steps
-        self.slots = Slots(model, n_slots, capacity) if link is None else LinkedSlots(model, n_slots, capacity, link)
+        self.slots = (Slots(model, n_slots, capacity, num_pages, prefix_cache) if link is None
+                      else LinkedSlots(model, n_slots, capacity, link, num_pages, prefix_cache))
+        layout = self.slots.pages.layout
+        self.row_pages = layout.pages_per_group * layout.seq_shards  # the most pages one sequence can hold
+        if max_context is None:
+            self.max_context = min(self.max_context, self.row_pages * layout.page_size - decode_steps)
+        if self.max_context < 1:
+            raise ValueError(f"a pool of {layout.num_pages} pages of {layout.page_size} tokens cannot hold a sequence")
         self.failure: Exception | None = None
-        self._cached: list[list[int]] = [[] for _ in range(n_slots)]
-        self._last_used = [0] * n_slots
+        self.ready = threading.Event()
+        self.programs = 0
         self.reused_tokens = 0
+        self.looked_up_tokens = 0
+        self.preemptions = 0
+        self.on_step: Callable[[float, int], None] | None = None
+        self._admissions = 0
         self._active: dict[int, Request] = {}
         self._waiting: collections.deque[Request] = collections.deque()
         self._cancelled: list[Request] = []
@@ -188,9 +214,42 @@ class Scheduler:
         """Slots not held by any request."""
         return self.slots.n_slots - len(self._active)
 
+    @property
+    def total_pages(self) -> int:
+        """Pages in the KV pool."""
+        return self.slots.pages.layout.num_pages
+
+    @property
+    def free_pages(self) -> int:
+        """Pages on the free lists (cached pages no request holds are not counted)."""
+        return self.slots.pages.free_pages
+
+    @property
+    def cached_pages(self) -> int:
+        """Pages the prefix cache holds, of which `evictable_pages` no request holds."""
+        return int(np.count_nonzero(self.slots.pages.pinned))
+
+    @property
+    def evictable_pages(self) -> int:
+        """Cached pages that no request holds (freed when pages run short)."""
+        return int(np.count_nonzero(self.slots.pages.reclaimable))
+
+    def check_fits(self, request: Request) -> None:
+        """ValueError naming the request's length and the pool's size when the pool could never hold it."""
+        layout = self.slots.pages.layout
+        tokens = len(request.prompt) + request.max_tokens
+        need = layout.pages_for(tokens + self.decode_steps)
+        if need > self.row_pages:
+            raise ValueError(f"prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_tokens}) is {tokens}"
+                             f" tokens, which need {need} KV pages of {layout.page_size} tokens (with "
+                             f"{self.decode_steps} decode steps of headroom); the KV pool holds {layout.num_pages} "
+                             f"pages, at most {self.row_pages} for one sequence")
+
     def submit(self, request: Request) -> None:
         """Queue a request; raises ValueError if it cannot run, QueueFull if the queue is at its bound."""
         check_request(request, self.max_context, self.model.config.vocab_size)
+        self.check_fits(request)
+        request.context = list(request.prompt)
         with self._cond:
             if not self.alive:
                 raise RuntimeError("the scheduler is not running")
@@ -213,7 +272,16 @@ class Scheduler:
             self._cond.notify()
 
     def _loop(self) -> None:
-        """The scheduler thread: wait for work, then admit, prefill and decode until closed (or a peer is lost)."""
+        """The scheduler thread: compile, then wait for work, admit, prefill and decode until closed (or a peer is
+        lost)."""
+        if self.warmup:
+            try:
+                self.programs = self.slots.warmup(self.prefill_chunk, self.decode_steps, self.progress)
+            except Exception as err:  # nothing can be served: end the thread, so health reports it
+                log.exception("compiling the serving programs failed")
+                self._fail_all(f"compiling the serving programs failed: {err}")
+                return
+        self.ready.set()
         while True:
             with self._cond:
                 if not (self._closed or self._waiting or self._active or self._cancelled):
@@ -224,9 +292,12 @@ class Scheduler:
                 self._admit()
             try:
                 for request in cancelled:
-                    self._release(request, keep_cache=False)
+                    self._release(request)
                 if self._active:
-                    self._step()
+                    started = time.perf_counter()
+                    rows = self._step()
+                    if self.on_step is not None:
+                        self.on_step(time.perf_counter() - started, rows)
                 elif self.link is not None:
                     with self.link.deadline(idle=True):
                         self.link.send(NOOP)
@@ -242,6 +313,10 @@ class Scheduler:
         """A peer process is gone: end every request and stop serving (alive turns False, health reports it)."""
         log.critical("multi-host step broadcast failed; the scheduler stops: %s", err)
         self.failure = err
+        self._fail_all(f"a peer process failed: {err}")
+
+    def _fail_all(self, message: str) -> None:
+        """Stop serving and end every queued and running request with `message`."""
         with self._cond:
             self._closed = True
             requests = [*self._waiting, *self._active.values()]
@@ -249,58 +324,101 @@ class Scheduler:
             self._active.clear()
         for request in requests:
             request.finished = True
-            self._emit(request, Output((), (), "error", f"a peer process failed: {err}"))
+            self._emit(request, Output((), (), "error", message))
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots, oldest first, each where most of its prompt is cached (else LRU)."""
+        """Move waiting requests into free slots, oldest (and preempted) first."""
         free = [s for s in range(self.slots.n_slots) if s not in self._active]
         while free and self._waiting:
             request = self._waiting.popleft()
-            slot = max(free, key=lambda s: (self._reusable(s, request.prompt), -self._last_used[s]))
-            free.remove(slot)
-            request.slot, request.prefilled = slot, self._reusable(slot, request.prompt)
-            self.reused_tokens += request.prefilled
-            self._active[slot] = request
+            request.slot, request.prefilled, request.attached = free.pop(0), 0, False
+            self._admissions += 1
+            request.admitted = self._admissions
+            self._active[request.slot] = request
 
-    def _reusable(self, slot: int, prompt: Sequence[int]) -> int:
-        """Prompt tokens already in a slot's cache (all but the last, whose logits the request needs), or 0."""
-        reusable = min(common_prefix(self._cached[slot], prompt), len(prompt) - 1)
-        return reusable if reusable >= MIN_REUSE else 0
-
-    def _step(self) -> None:
-        """Prefill up to prefill_chunk prompt tokens, then one decode call over every request that has a token.
+    def _step(self) -> int:
+        """Prefill up to prefill_chunk prompt tokens, then one decode call over every request that has a token;
+        returns the rows decoded.
 
         A request whose own part of the step fails (its prefill, or its sampling row) ends with an error alone.
         """
         budget = self.prefill_chunk
-        for request in [r for r in self._active.values() if r.prefilled < len(r.prompt)]:
+        for request in [r for r in self._active.values() if not self._prefilled(r)]:
             if budget <= 0:
                 break
-            n = min(budget, len(request.prompt) - request.prefilled)
-            budget -= n
+            if request.slot is None:  # preempted for an older request's chunk in this loop
+                continue
             try:
+                if not request.attached:
+                    self._attach(request)
+                n = min(budget, len(request.context) - request.prefilled)
+                self._make_room({request.slot: request.prefilled + n})
+                if request.slot is None:  # it was the newest: it waits for pages
+                    continue
+                budget -= n
                 self._prefill(request, n)
             except LinkError:
                 raise
             except Exception as err:  # this request's chunk failed; the others go on
                 self._fail_request(request, "prefill", err)
-        decoding = {s: r for s, r in self._active.items() if r.generated and self._row_ok(r)}
+        decoding = {s: r for s, r in self._active.items() if self._prefilled(r) and self._row_ok(r)}
+        wants = {s: int(self.slots.lengths[s]) + self.decode_steps for s in decoding}
+        self._make_room(wants)
+        decoding = {s: decoding[s] for s in wants}
         if not decoding:
-            return
+            return 0
         last = np.array([decoding[s].generated[-1] if s in decoding else 0 for s in range(self.slots.n_slots)])
         params = [decoding[s].params if s in decoding else None for s in range(self.slots.n_slots)]
         tokens, logprobs = self.slots.decode(last, params, self.decode_steps)
         self.steps += 1
         for slot, request in decoding.items():
-            self._accept(request, tokens[slot].tolist(), logprobs[slot].tolist())
+            if self._active.get(slot) is request:  # not preempted for another's forced tokens meanwhile
+                self._accept(request, tokens[slot].tolist(), logprobs[slot].tolist())
+        return len(decoding)
+
+    @staticmethod
+    def _prefilled(request: Request) -> bool:
+        """Whether a running request's slot holds its whole context (it decodes from here on)."""
+        return request.attached and request.prefilled == len(request.context)
+
+    def _attach(self, request: Request) -> None:
+        """Start a request's slot with the longest cached prefix of its context."""
+        request.prefilled = self.slots.attach(request.slot, request.context)
+        request.attached = True
+        self.looked_up_tokens += len(request.context)
+        self.reused_tokens += request.prefilled
+        if request.cached_tokens is None:
+            request.cached_tokens = min(request.prefilled, len(request.prompt))
+
+    def _make_room(self, wants: dict[int, int], keep: Request | None = None) -> None:
+        """Preempt the newest running requests (never `keep`) until the slots left in `wants` can hold that many
+        tokens; preempted slots leave `wants`."""
+        while wants and self.slots.shortfall(wants):
+            victim = max((r for r in self._active.values() if r is not keep), key=lambda r: r.admitted, default=None)
+            if victim is None:
+                raise PoolFull(f"{self.slots.shortfall(wants)} KV pages short with no request left to preempt")
+            wants.pop(victim.slot, None)
+            self._preempt(victim)
+
+    def _preempt(self, request: Request) -> None:
+        """Free a running request's slot and queue it first; it resumes by prefilling prompt and generated tokens."""
+        log.info("preempting a request of %d + %d tokens: the KV pool is full", len(request.prompt),
+                 len(request.generated))
+        self._release(request)
+        self.preemptions += 1
+        request.slot, request.prefilled, request.attached = None, 0, False
+        request.context = [*request.prompt, *request.generated]
+        with self._cond:
+            if not request.cancelled:
+                self._waiting.appendleft(request)
 
     def _prefill(self, request: Request, n: int) -> None:
-        """Prefill the next n prompt tokens of a request; the last chunk samples its first token."""
-        logits = self.slots.prefill(request.slot, request.prompt[request.prefilled:request.prefilled + n],
+        """Prefill the next n context tokens of a request; the last chunk samples its next token."""
+        logits = self.slots.prefill(request.slot, request.context[request.prefilled:request.prefilled + n],
                                     start=request.prefilled)
         request.prefilled += n
-        if request.prefilled == len(request.prompt):
-            token, logprob = self.slots.sample(logits[-1], request.params, len(request.prompt))
+        if request.prefilled == len(request.context):
+            token, logprob = self.slots.sample(logits[-1], request.params, len(request.context))
             self._accept(request, [token], [logprob])
 
     def _row_ok(self, request: Request) -> bool:
@@ -355,6 +473,7 @@ class Scheduler:
         """Write the forced tokens after the accepted ones and sample the token that follows them."""
         start = len(request.prompt) + len(request.generated)
         forced = list(request.force_before_stop)
+        self._make_room({request.slot: start + len(forced)}, keep=request)
         logits = self.slots.prefill(request.slot, forced, start=start)
         return self.slots.sample(logits[-1], request.params, start + len(forced))
 
@@ -371,22 +490,16 @@ class Scheduler:
     def _finish(self, request: Request, output: Output) -> None:
         """Emit a request's last Output and free its slot (keeping its cache unless it failed)."""
         request.finished = True
-        self._release(request, keep_cache=output.finish != "error")
+        self._release(request)
         self._emit(request, output)
 
-    def _release(self, request: Request, keep_cache: bool) -> None:
-        """Give a request's slot back; keep_cache leaves its tokens there for a request with the same prefix."""
+    def _release(self, request: Request) -> None:
+        """Give a request's slot back (its full pages stay in the prefix cache)."""
         slot = request.slot
         if slot is None or self._active.get(slot) is not request:
             return
         del self._active[slot]
-        self._last_used[slot] = max(self._last_used) + 1
-        if keep_cache:  # the last generated token was never fed back, so it is not in the cache
-            self._cached[slot] = [*request.prompt, *request.generated[:-1]][: int(self.slots.lengths[slot])]
-        else:
-            self._cached[slot] = []
-            self.slots.release(slot)
-
+        self.slots.release(slot)
 
 
 # ---------------------------------------------------------------- multi-host
@@ -475,11 +588,18 @@ class StepLink:
 
 
 class LinkedSlots(Slots):
-    """Slots whose every prefill, decode and release is first broadcast to the processes running follow()."""
+    """Slots whose every prefill, attach, decode and release is first broadcast to the processes running follow()."""
 
-    def __init__(self, model: engine.Model, n_slots: int, capacity: int, link: StepLink):
-        super().__init__(model, n_slots, capacity)
+    def __init__(self, model: engine.Model, n_slots: int, capacity: int, link: StepLink, num_pages: int | None = None,
+                 prefix_cache: bool = False):
+        super().__init__(model, n_slots, capacity, num_pages, prefix_cache)
         self.link = link
+
+    def attach_cached(self, slot: int, page: int) -> int:
+        """Broadcast, then attach."""
+        with self.link.deadline():
+            self.link.send(ATTACH, (slot, page))
+        return super().attach_cached(slot, page)
 
     def prefill(self, slot: int, tokens: Sequence[int], start: int = 0) -> np.ndarray:
         """Broadcast, then prefill, within the link's deadline."""
@@ -502,9 +622,16 @@ class LinkedSlots(Slots):
 
 
 def follow(model: engine.Model, n_slots: int, max_context: int | None, link: StepLink,
-           decode_steps: int = engine.DECODE_STEPS) -> None:
-    """Replay process 0's model calls on this process until it stops; raises LinkError if process 0 is gone."""
-    slots = Slots(model, n_slots, resolve_context(model, max_context, decode_steps) + decode_steps)
+           decode_steps: int = engine.DECODE_STEPS, num_pages: int | None = None, prefix_cache: bool = True,
+           prefill_chunk: int = engine.PREFILL_CHUNK, warmup: bool = True) -> None:
+    """Replay process 0's model calls on this process until it stops; raises LinkError if process 0 is gone.
+
+    The arguments must be process 0's Scheduler's, so both hold the same slots, pool, prefix cache and programs.
+    """
+    slots = Slots(model, n_slots, resolve_context(model, max_context, decode_steps) + decode_steps, num_pages,
+                  prefix_cache)
+    if warmup:
+        slots.warmup(prefill_chunk, decode_steps)
     while True:
         with link.deadline():
             message = link.receive()
@@ -518,5 +645,7 @@ def follow(model: engine.Model, n_slots: int, max_context: int | None, link: Ste
                     slots.decode(payload[:n_slots], unpack_params(payload[n_slots:], n_slots), a)
                 elif op == RELEASE:
                     slots.release(a)
+                elif op == ATTACH:
+                    slots.attach_cached(a, b)
             except ValueError:  # process 0 met the same error and went on
                 log.warning("replayed step %d failed as it did on process 0", op, exc_info=True)

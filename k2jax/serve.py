@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int_in(1), default=8, help="cache slots: sequences decoded together")
     ap.add_argument("--max-context", type=int_in(1), default=None,
                     help="tokens per sequence, prompt plus completion (default: the model's context)")
+    ap.add_argument("--kv-pages", type=int_in(1), default=None,
+                    help="KV cache pool size in pages (default: every slot at full context); when a smaller pool "
+                         "runs out, the newest running request is preempted and resumed later")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="do not share cached prompt prefixes between requests")
     ap.add_argument("--max-queue", type=int_in(1), default=256, help="requests waiting for a slot before 429s")
     ap.add_argument("--prefill-chunk", type=int_in(1), default=512,
                     help="prompt tokens prefilled between decode steps")
@@ -108,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         multi = jax.process_count() > 1
         link = StepLink(args.max_batch, args.prefill_chunk, args.step_timeout, args.peer_timeout) if multi else None
         if jax.process_index() != 0:
-            follow(model, args.max_batch, args.max_context, link)
+            follow(model, args.max_batch, args.max_context, link, num_pages=args.kv_pages,
+                   prefix_cache=not args.no_prefix_cache, prefill_chunk=args.prefill_chunk)
             return 0
         scheduler = Scheduler(model, n_slots=args.max_batch, max_context=args.max_context, max_queue=args.max_queue,
-                              prefill_chunk=args.prefill_chunk, link=link)
+                              prefill_chunk=args.prefill_chunk, link=link, num_pages=args.kv_pages,
+                              prefix_cache=not args.no_prefix_cache, progress=True)
         service = Service(model, scheduler, served_name(args), args.api_key,
                           args.max_body_bytes or MAX_BODY_BYTES, args.default_max_tokens)
     except (ValueError, FileNotFoundError) as err:

@@ -56,6 +56,7 @@ PROMPT_WORKERS = 4
 FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for tool function names
 POLL_S = 0.5
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RATE_WINDOW_S = 10.0
 GRACEFUL_SHUTDOWN_S = 5
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {  # option -> the values that mean "not used"
@@ -467,18 +468,38 @@ class Choice:
 
 
 class Metrics:
-    """Prometheus metrics of one server: queue depth, running requests, tokens, tokens/s, time to first token."""
+    """Prometheus metrics of one server: queue depth, running requests, tokens, tokens/s, time to first token,
+    KV pages, prefix-cache hits, preemptions, step times and decode rows per step."""
 
     def __init__(self, scheduler: Scheduler):
         self.registry = CollectorRegistry()
-        Gauge("k2jax_queue_depth", "Requests waiting for a slot", registry=self.registry).set_function(
-            lambda: scheduler.queue_depth)
-        Gauge("k2jax_running_requests", "Requests holding a cache slot", registry=self.registry).set_function(
-            lambda: scheduler.running)
-        Gauge("k2jax_generation_tokens_per_second", f"Generated tokens per second over the last {RATE_WINDOW_S:g} s",
-              registry=self.registry).set_function(self.tokens_per_second)
-        Gauge("k2jax_prefix_reused_tokens", "Prompt tokens found in a slot's cache instead of prefilled (total)",
-              registry=self.registry).set_function(lambda: scheduler.reused_tokens)
+        gauges = {
+            "k2jax_queue_depth": ("Requests waiting for a slot", lambda: scheduler.queue_depth),
+            "k2jax_running_requests": ("Requests holding a cache slot", lambda: scheduler.running),
+            "k2jax_generation_tokens_per_second": (f"Generated tokens per second over the last {RATE_WINDOW_S:g} s",
+                                                   self.tokens_per_second),
+            "k2jax_kv_pages_total": ("Pages in the KV pool", lambda: scheduler.total_pages),
+            "k2jax_kv_pages_free": ("KV pages on the free lists", lambda: scheduler.free_pages),
+            "k2jax_kv_pages_used": ("KV pages held by requests or the prefix cache",
+                                    lambda: scheduler.total_pages - scheduler.free_pages),
+            "k2jax_kv_pages_cached": ("KV pages held by the prefix cache", lambda: scheduler.cached_pages),
+            "k2jax_kv_pages_evictable": ("Cached KV pages no request holds", lambda: scheduler.evictable_pages),
+            "k2jax_prefix_cache_hit_tokens": ("Tokens the prefix cache gave to starting requests (total)",
+                                              lambda: scheduler.reused_tokens),
+            "k2jax_prefix_cache_lookup_tokens": ("Tokens of starting requests looked up in the prefix cache (total)",
+                                                 lambda: scheduler.looked_up_tokens),
+            "k2jax_prefix_cache_hit_rate": ("Prefix-cache hit tokens over looked-up tokens",
+                                            lambda: scheduler.reused_tokens / max(scheduler.looked_up_tokens, 1)),
+            "k2jax_preemptions": ("Requests preempted because the KV pool was full (total)",
+                                  lambda: scheduler.preemptions),
+        }
+        for name, (doc, value) in gauges.items():
+            Gauge(name, doc, registry=self.registry).set_function(value)
+        self.step_time = Histogram("k2jax_step_seconds", "Time of one scheduler step (prefill chunks, a decode call)",
+                                   buckets=STEP_BUCKETS, registry=self.registry)
+        self.step_rows = Histogram("k2jax_step_decode_rows", "Requests decoded by one scheduler step",
+                                   buckets=tuple(2.0**k for k in range(11)), registry=self.registry)
+        scheduler.on_step = self.observe_step
         self.prompt_tokens = Counter("k2jax_prompt_tokens", "Prompt tokens admitted", registry=self.registry)
         self.generation_tokens = Counter("k2jax_generation_tokens", "Tokens generated", registry=self.registry)
         self.requests = Counter("k2jax_requests", "Finished requests by finish reason", ["finish_reason"],
@@ -487,6 +508,11 @@ class Metrics:
                               buckets=TTFT_BUCKETS, registry=self.registry)
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
+
+    def observe_step(self, seconds: float, rows: int) -> None:
+        """Record one scheduler step (called on the scheduler thread)."""
+        self.step_time.observe(seconds)
+        self.step_rows.observe(rows)
 
     def add_tokens(self, n: int) -> None:
         """Count n generated tokens now."""
@@ -582,6 +608,10 @@ class Job:
             self._watcher.cancel()
         self._cancel_requests()
 
+    def cached_tokens(self, n: int) -> int:
+        """Prompt tokens the prefix cache gave, counting each prompt once (its requests come in groups of n)."""
+        return sum(r.cached_tokens or 0 for r in self.requests[::n])
+
     def stop(self, index: int) -> None:
         """End one sequence early (its stop string was found): no more outputs are awaited for it."""
         if index in self.pending:
@@ -623,10 +653,12 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-def usage(prompt_tokens: int, choices: Sequence[Choice]) -> dict[str, int]:
-    """OpenAI usage: prompt tokens counted once per prompt, completion tokens summed over choices."""
+def usage(prompt_tokens: int, choices: Sequence[Choice], cached_tokens: int) -> dict[str, Any]:
+    """OpenAI usage: prompt tokens counted once per prompt (cached_tokens of them from the prefix cache),
+    completion tokens summed over choices."""
     completion = sum(c.tokens for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def chat_message(choice: Choice) -> dict[str, Any]:
@@ -665,6 +697,7 @@ class Call:
     head: dict[str, Any]
     stream: bool
     include_usage: bool
+    n_prompts: int = 1
 
     def take(self, index: int, out: Output) -> list[chat.Delta]:
         """Feed one Output to its choice; a stop string ends that choice. Returns chat deltas (or text as content)."""
@@ -706,7 +739,7 @@ class Call:
             if self.job.cancelled:
                 return
             if self.include_usage:
-                yield sse({**self.head, "choices": [], "usage": usage(self.prompt_tokens, self.choices)})
+                yield sse({**self.head, "choices": [], "usage": self.usage()})
             yield sse("[DONE]")
         except APIError as err:
             yield sse(err.body())
@@ -722,7 +755,11 @@ class Call:
         """The non-streaming body: a chat.completion or a text_completion."""
         choices = [{"index": i, **({"message": chat_message(c)} if self.is_chat else {"text": c.text.text}),
                     "logprobs": None, "finish_reason": c.finish_reason()} for i, c in enumerate(self.choices)]
-        return {**self.head, "choices": choices, "usage": usage(self.prompt_tokens, self.choices)}
+        return {**self.head, "choices": choices, "usage": self.usage()}
+
+    def usage(self) -> dict[str, Any]:
+        """The usage block; a prompt's cached tokens are those of its first choice."""
+        return usage(self.prompt_tokens, self.choices, self.job.cached_tokens(len(self.choices) // self.n_prompts))
 
 
 # ---------------------------------------------------------------- service
@@ -860,7 +897,7 @@ class Service:
         kind = ("chat.completion.chunk" if prepared.stream else "chat.completion") if prepared.is_chat \
             else "text_completion"
         return Call(job, choices, sum(map(len, prepared.prompts)), self.head(kind), prepared.stream,
-                    prepared.include_usage)
+                    prepared.include_usage, len(prepared.prompts))
 
     async def call(self, request: HTTPRequest, schema: type[ChatBody] | type[CompletionBody]) -> Call:
         """Read the body, prepare it on a worker thread, submit it."""
@@ -947,9 +984,13 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 while the model thread runs, else 503."""
-        alive = service.scheduler.alive
-        return JSONResponse({"status": "ok" if alive else "model thread stopped"}, status_code=200 if alive else 503)
+        """200 once the serving programs are compiled and while the model thread runs, else 503."""
+        scheduler = service.scheduler
+        if not scheduler.alive:
+            return JSONResponse({"status": "model thread stopped"}, status_code=503)
+        if not scheduler.ready.is_set():
+            return JSONResponse({"status": "compiling"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -3,6 +3,8 @@
 Each slot is one row of a shared page pool: a page table that grows as the slot's sequence does. A slot
 is prefilled on its own (from any position, so a conversation keeps its cached prefix and only new tokens
 are computed), then all slots decode together; only active slots write, and only into their own pages.
+With a prefix cache (k2jax.prefix_cache), every full page a slot prefills or ends with is cached, and a new
+sequence starts by mapping the longest cached prefix of its prompt into its table (attach).
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ import numpy as np
 
 from k2jax import engine
 from k2jax.cache import PoolFull, copy_pages, read_pages, write_pages
+from k2jax.prefix_cache import PrefixCache
 from k2jax.sampling import SamplingParams, sample, stack_params
 
 
 _sample = jax.jit(sample)
+
+
+def on_device(x: np.ndarray | Sequence, dtype: np.dtype | type) -> jax.Array:
+    """A host array on the default device as `dtype` (a plain transfer: jnp.asarray compiles a program per shape)."""
+    return jax.device_put(np.asarray(x, dtype))
 
 
 def host_value(x: jax.Array) -> np.ndarray:
@@ -35,9 +43,13 @@ def host_value(x: jax.Array) -> np.ndarray:
 
 class Slots:
     """`n_slots` cached sequences of up to `capacity` tokens over one model, in a pool of `num_pages` pages
-    (default: enough for every slot at capacity)."""
+    (default: enough for every slot at capacity), with a prefix cache over the pool if `prefix_cache`.
 
-    def __init__(self, model: engine.Model, n_slots: int, capacity: int, num_pages: int | None = None):
+    tokens[s] lists the tokens whose latents slot s holds (None once `write` put pages of unknown tokens there).
+    """
+
+    def __init__(self, model: engine.Model, n_slots: int, capacity: int, num_pages: int | None = None,
+                 prefix_cache: bool = False):
         limit = model.config.max_position_embeddings
         if not 0 < capacity <= limit:
             raise ValueError(f"slot capacity must be in [1, {limit}] (max_position_embeddings), got {capacity}")
@@ -46,6 +58,8 @@ class Slots:
         self.model, self.capacity = model, capacity
         self.pages, self.pool = model.paged(n_slots, capacity, num_pages)
         self.lengths = np.zeros(n_slots, np.int32)
+        self.tokens: list[list[int] | None] = [[] for _ in range(n_slots)]
+        self.prefix = PrefixCache(self.pages) if prefix_cache else None
 
     @property
     def n_slots(self) -> int:
@@ -56,33 +70,56 @@ class Slots:
 
         Returns float32 logits [len(tokens), vocab]; the slot then holds start + len(tokens) tokens.
         """
-        m = self.model
         if not 0 <= start <= self.lengths[slot]:
             raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens; cannot keep a prefix of {start}")
         end = start + len(tokens)
         if not tokens or end > self.capacity:
             raise ValueError(f"slot {slot}: {end} tokens do not fit its capacity of {self.capacity} (or none given)")
-        m._check_ids(list(tokens), end)
+        self.model._check_ids(list(tokens), end)
         self._copy(self.pages.truncate(slot, start))
         self.lengths[slot] = start
+        held = self.tokens[slot]
+        self.tokens[slot] = None if held is None else held[:start]
         self._reserve(slot, end)
         chunk = min(engine.bucket(len(tokens)), engine.PREFILL_CHUNK)
         padded = np.zeros(-(-len(tokens) // chunk) * chunk, np.int32)
         padded[: len(tokens)] = tokens
-        out = []
-        for lo in range(0, len(tokens), chunk):
-            pos = np.arange(start + lo, start + lo + chunk, dtype=np.int32)[None]
-            cache = m.cache_view(self.pages, self.pool, [slot], [min(end, start + lo + chunk)])
-            logits, cache = m._call(engine.step, m.graphdef, m.state, jnp.asarray(padded[None, lo:lo + chunk]),
-                                    jnp.asarray(pos), cache, m.config, m.dtype)
-            self.pool = cache.pool
-            out.append(host_value(logits)[0])
+        out = [host_value(self._step(slot, padded[lo:lo + chunk], start + lo, min(end, start + lo + chunk)))[0]
+               for lo in range(0, len(tokens), chunk)]
         self.lengths[slot] = end
+        if self.tokens[slot] is not None:
+            self.tokens[slot] += [int(t) for t in tokens]
+            if self.prefix is not None:
+                self.prefix.insert(slot, self.tokens[slot], start // self.pages.layout.page_size)
         return np.concatenate(out)[: len(tokens)]
+
+    def attach(self, slot: int, prompt: Sequence[int]) -> int:
+        """Map the longest cached page-aligned prefix of `prompt` into empty `slot`, short of the prompt's last
+        token (whose logits the caller needs); returns the tokens it holds then (0 without a prefix cache)."""
+        nodes = self.prefix.match(slot, prompt[: len(prompt) - 1]) if self.prefix is not None else []
+        return self.attach_cached(slot, nodes[-1].page if nodes else -1)
+
+    def attach_cached(self, slot: int, page: int) -> int:
+        """Make empty `slot` hold the cached prefix that ends with page `page` (-1: none); returns its tokens."""
+        if self.lengths[slot] or self.pages.held[slot]:
+            raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens; release it before attaching to it")
+        nodes = self.prefix.path(page) if page >= 0 else []
+        self.pages.share(slot, [n.page for n in nodes])
+        if self.prefix is not None:
+            self.prefix.touch(nodes)
+        self.tokens[slot] = [t for n in nodes for t in n.block]
+        self.lengths[slot] = len(self.tokens[slot])
+        return int(self.lengths[slot])
+
+    def shortfall(self, wants: dict[int, int]) -> int:
+        """Pages missing for each slot of `wants` to hold that many tokens, after evicting every cached page
+        that no slot holds."""
+        return self.pages.shortfall(wants)
 
     def sample(self, logits_V: np.ndarray, params: SamplingParams, position: int) -> tuple[int, float]:
         """One token (and its log-prob) from a row of logits, keyed by the request seed and its position."""
-        tok, logp = _sample(jnp.asarray(logits_V)[None], stack_params([params]), jnp.asarray([position]))
+        tok, logp = _sample(on_device(logits_V[None], np.float32), stack_params([params]),
+                            on_device([position], np.int32))
         return int(tok[0]), float(logp[0])
 
     def decode(self, tokens: np.ndarray, params: Sequence[SamplingParams | None],
@@ -92,7 +129,6 @@ class Slots:
         A slot is active where params is not None; inactive slots write nothing and keep their cached prefix
         (their returned tokens are junk).
         """
-        m = self.model
         active = np.array([p is not None for p in params])
         if not active.any():
             raise ValueError("decode needs at least one active slot")
@@ -100,19 +136,47 @@ class Slots:
             raise ValueError(f"decoding {n_steps} more tokens would overflow a slot's capacity of {self.capacity}")
         for slot in np.flatnonzero(active):
             self._reserve(int(slot), int(self.lengths[slot]) + n_steps)
-        cache = m.cache_view(self.pages, self.pool, range(self.n_slots), np.where(active, self.lengths + n_steps, 0))
-        sampling = stack_params([p or SamplingParams() for p in params])
-        toks, logps, cache = m._call(engine.decode, m.graphdef, m.state, jnp.asarray(tokens, jnp.int32),
-                                     jnp.asarray(self.lengths), jnp.asarray(active), cache, sampling, m.config,
-                                     m.dtype, n_steps)
-        self.pool = cache.pool
+        toks, logps = map(host_value, self._decode(tokens, active, params, n_steps))
+        for slot in np.flatnonzero(active):  # written: the fed token, then every sampled one but the last
+            if self.tokens[slot] is not None:
+                self.tokens[slot] += [int(tokens[slot]), *toks[slot, :-1].tolist()]
         self.lengths = np.where(active, self.lengths + n_steps, self.lengths).astype(np.int32)
-        return host_value(toks), host_value(logps)
+        return toks, logps
+
+    def warmup(self, prefill_tokens: int, decode_steps: int, progress: bool = False) -> int:
+        """Compile (and run once, writing nothing) every program that prefill calls of up to `prefill_tokens` tokens,
+        decode calls of `decode_steps` steps, sample and a page copy can need; returns how many there are."""
+        layout, columns = self.pages.layout, self.pages.table.shape[1]
+        top = min(engine.bucket(min(prefill_tokens, self.capacity)), engine.PREFILL_CHUNK)
+        chunks = [16 << k for k in range(top.bit_length()) if 16 << k <= top]
+        widths = engine.table_widths(layout, columns)
+        programs = [("prefill", c, w) for c in chunks for w in widths if w >= engine.table_width(layout, columns, c)]
+        programs += [("decode", decode_steps, w) for w in widths
+                     if w >= engine.table_width(layout, columns, decode_steps + 1)]
+        programs += [("sample", 1, 0), ("copy", 1, 0)]
+        if progress:
+            from tqdm import tqdm
+
+            programs = tqdm(programs, desc="compiling", unit="program")
+        idle = np.zeros(self.n_slots, bool)
+        for kind, size, width in programs:
+            if kind == "prefill":
+                self._step(0, np.zeros(size, np.int32), 0, 0, width)
+            elif kind == "decode":
+                self._decode(np.zeros(self.n_slots, np.int32), idle, [None] * self.n_slots, size, width)
+            elif kind == "sample":
+                self.sample(np.zeros(self.model.config.vocab_size, np.float32), SamplingParams(), 0)
+            else:
+                self._copy([(0, 0)])
+        return len(programs)
 
     def release(self, slot: int) -> None:
-        """Forget a slot's sequence and give its pages back, so a new one can use it."""
+        """Forget a slot's sequence and give its pages back (its full pages stay in the prefix cache, if any)."""
+        if self.prefix is not None and self.tokens[slot]:
+            self.prefix.insert(slot, self.tokens[slot])
         self.pages.release(slot)
         self.lengths[slot] = 0
+        self.tokens[slot] = []
 
     def read(self, slot: int) -> dict[str, np.ndarray]:
         """A host copy of the pages holding the slot's tokens, [L, pages, page_size, C] per layer stack."""
@@ -125,6 +189,30 @@ class Slots:
         self._reserve(slot, length)
         self.pool = write_pages(self.pool, jnp.asarray(self.pages.pages(slot)), pages)
         self.lengths[slot] = length
+        self.tokens[slot] = None
+
+    def _step(self, slot: int, tokens: np.ndarray, start: int, kv_len: int, width: int | None = None) -> jax.Array:
+        """One prefill chunk of `slot` at positions start..: its logits [1, chunk, vocab] (kv_len 0 writes nothing)."""
+        m = self.model
+        pos = np.arange(start, start + len(tokens), dtype=np.int32)[None]
+        cache = m.cache_view(self.pages, self.pool, [slot], [kv_len], width)
+        logits, cache = m._call(engine.step, m.graphdef, m.state, on_device(tokens[None], np.int32),
+                                on_device(pos, np.int32), cache, m.config, m.dtype)
+        self.pool = cache.pool
+        return logits
+
+    def _decode(self, tokens: np.ndarray, active: np.ndarray, params: Sequence[SamplingParams | None], n_steps: int,
+                width: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """The decode call on device: ([slots, n_steps] tokens, log-probs); inactive slots write nothing."""
+        m = self.model
+        cache = m.cache_view(self.pages, self.pool, range(self.n_slots), np.where(active, self.lengths + n_steps, 0),
+                             width)
+        sampling = stack_params([p or SamplingParams() for p in params])
+        toks, logps, cache = m._call(engine.decode, m.graphdef, m.state, on_device(tokens, np.int32),
+                                     on_device(self.lengths, np.int32), on_device(active, bool), cache, sampling,
+                                     m.config, m.dtype, n_steps)
+        self.pool = cache.pool
+        return toks, logps
 
     def _reserve(self, slot: int, tokens: int) -> None:
         """Pages for the slot's first `tokens` positions; PoolFull names the slot and what it holds."""
@@ -137,4 +225,4 @@ class Slots:
         """Apply the allocator's page copies on device."""
         if copies:
             src, dst = np.array(copies, np.int32).T
-            self.pool = copy_pages(self.pool, jnp.asarray(src), jnp.asarray(dst))
+            self.pool = copy_pages(self.pool, on_device(src, np.int32), on_device(dst, np.int32))

@@ -1,10 +1,12 @@
-"""Scheduler: continuous batching gives each request what generate() gives it alone; slots never leak."""
+"""Scheduler: continuous batching gives each request what generate() gives it alone, with or without the prefix cache
+and under preemption; slots and pages never leak; serving compiles nothing."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -107,7 +109,8 @@ def test_a_prompt_extending_a_finished_one_reuses_its_cache(model, scheduler, rn
     second, sink = request(follow_up, 5)
     scheduler.submit(second)
     assert sink.wait().tokens == model.generate([follow_up], max_new_tokens=5).ids[0]
-    assert scheduler.reused_tokens - reused == len(prompt) + len(first_sink.tokens) - 1
+    page = scheduler.slots.pages.layout.page_size  # whole pages of what the first request's cache held
+    assert scheduler.reused_tokens - reused == second.cached_tokens == (len(prompt) + 6 - 1) // page * page > 0
 
 
 def test_cancel_frees_the_slot_at_once(scheduler, rng):
@@ -145,7 +148,7 @@ def test_forced_tokens_replace_the_first_stop(model, scheduler, rng):
 
 
 def test_queue_bound_and_request_checks(model, rng):
-    sched = Scheduler(model, n_slots=1, max_context=64, max_queue=1).start()
+    sched = Scheduler(model, n_slots=1, max_context=64, max_queue=1, warmup=False).start()
     try:
         accepted = 0
         with pytest.raises(QueueFull, match="max_queue 1"):
@@ -162,7 +165,7 @@ def test_queue_bound_and_request_checks(model, rng):
     finally:
         sched.close()
     with pytest.raises(ValueError, match="max_context must be in"):
-        Scheduler(model, max_context=10**6)
+        Scheduler(model, max_context=10**6, warmup=False)
 
 
 def forged(params: SamplingParams, **values) -> SamplingParams:
@@ -203,3 +206,104 @@ def test_sampling_settings_survive_the_step_message():
     back = unpack_params(pack_params(params), len(params))
     assert back[1] is None and back[2:] == params[2:]
     assert np.float32(back[0].temperature) == np.float32(0.7) and back[0].top_k == 40 and back[0].seed == 2**32 - 1
+
+
+def run_all(sched: Scheduler, jobs: list[tuple[list[int], int]], **kw) -> list[Request]:
+    """Submit every (prompt, max_tokens) at once and wait for all; the requests, their tokens in their sinks."""
+    reqs = [request(p, n, **kw) for p, n in jobs]
+    for req, _ in reqs:
+        sched.submit(req)
+    for req, sink in reqs:
+        sink.wait()
+        req.emit = sink
+    return [req for req, _ in reqs]
+
+
+def no_page_leaks(sched: Scheduler) -> None:
+    """Every page is free or cached for nobody; the allocator agrees with itself; the cache empties."""
+    wait_until(lambda: sched.running == 0)
+    sched.slots.pages.check()
+    assert sched.free_pages + sched.evictable_pages == sched.total_pages and sched.free_slots == sched.slots.n_slots
+    sched.slots.prefix.clear()
+    assert sched.free_pages == sched.total_pages
+
+
+def test_shared_prefixes_are_cached_and_change_no_output(model, scheduler, rng):
+    page = scheduler.slots.pages.layout.page_size
+    system = rng.integers(3, 250, 2 * page + 5).tolist()
+    jobs = [(system + rng.integers(3, 250, n).tolist(), 6) for n in (4, 9, 1)]
+    first = run_all(scheduler, jobs[:1])[0]  # the others start once its pages are cached
+    cached = run_all(scheduler, jobs[1:])
+    plain = Scheduler(scheduler.model, n_slots=3, max_context=120, prefill_chunk=16, prefix_cache=False).start()
+    try:
+        uncached = run_all(plain, jobs)
+    finally:
+        plain.close()
+    assert [r.cached_tokens for r in cached] == [2 * page, 2 * page] and not any(r.cached_tokens for r in uncached)
+    assert [r.emit.tokens for r in [first, *cached]] == [r.emit.tokens for r in uncached]
+    assert [r.emit.tokens for r in uncached] == [model.generate([p], max_new_tokens=n).ids[0] for p, n in jobs]
+
+
+@pytest.fixture(scope="module")
+def tight(model):
+    """Six slots over a pool of twelve pages (room for three sequences of 120 tokens): requests get preempted."""
+    sched = Scheduler(model, n_slots=6, max_context=120, max_queue=256, prefill_chunk=64, num_pages=12).start()
+    yield sched
+    sched.close()
+
+
+def test_a_pool_too_small_for_the_load_preempts_and_changes_no_output(model, scheduler, tight, rng):
+    prompts = [rng.integers(3, 250, int(rng.integers(30, 60))).tolist() for _ in range(6)]
+    jobs = [(p, 120 - len(p)) for p in prompts]  # no stop id: four pages each at the end, twelve in the pool
+    preemptions = tight.preemptions
+    loaded = run_all(tight, jobs, stop_ids=frozenset())
+    assert tight.preemptions > preemptions
+    alone = [run_all(scheduler, [job], stop_ids=frozenset())[0] for job in jobs]  # a full pool, one at a time
+    for req, ref, (prompt, n) in zip(loaded, alone, jobs):
+        assert req.emit.tokens == ref.emit.tokens and len(req.emit.tokens) == n
+        until_eos = model.generate([prompt], max_new_tokens=n).ids[0]
+        assert req.emit.tokens[: len(until_eos)] == until_eos
+    no_page_leaks(tight)
+
+
+def test_200_requests_with_random_cancels_leak_no_page(tight, rng):
+    reqs = [request(rng.integers(3, 250, int(rng.integers(1, 90))).tolist(), int(rng.integers(1, 24)),
+                    stop_ids=frozenset()) for _ in range(200)]
+    cancel_after = rng.random(200) < 0.4
+    cancelled = tight.cancelled
+    for (req, _), cancel in zip(reqs, cancel_after):
+        tight.submit(req)
+        if cancel:
+            time.sleep(float(rng.random()) * 0.02)
+            tight.cancel(req)
+    for (req, sink), cancel in zip(reqs, cancel_after):
+        assert cancel or sink.wait().finish == "length"
+    assert tight.cancelled > cancelled  # some left before finishing
+    no_page_leaks(tight)
+
+
+def test_a_request_the_pool_can_never_hold_is_refused_naming_both(model):
+    sched = Scheduler(model, n_slots=2, max_context=200, num_pages=4, warmup=False)  # 128 tokens for one sequence
+    with pytest.raises(ValueError, match=r"prompt \(100 tokens\) plus max_tokens \(40\) is 140 tokens, which need 5 "
+                                         r"KV pages of 32 tokens .* the KV pool holds 4 pages"):
+        sched.check_fits(Request([3] * 100, 40, print))
+    assert Scheduler(model, n_slots=2, num_pages=4, warmup=False).max_context == 4 * 32 - sched.decode_steps
+
+
+def test_serving_a_mixed_load_compiles_nothing(model, scheduler, rng):
+    assert scheduler.ready.wait(TIMEOUT_S) and scheduler.programs > 0
+    events: list[str] = []
+
+    def on_event(event: str, _seconds: float, **kw) -> None:
+        if event.startswith("/jax/core/compile/"):
+            events.append(f"{event} {kw.get('fun_name')}")
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        lengths = [1, 2, 15, 16, 17, 33, 64, 100, 119]
+        jobs = [(rng.integers(3, 250, n).tolist(), int(rng.integers(1, 121 - n))) for n in lengths]
+        run_all(scheduler, jobs, params=SamplingParams(temperature=0.9, top_k=5, seed=1))
+        run_all(scheduler, jobs[:3], force_before_stop=(7, 8), stop_ids=frozenset(range(3, 250)))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert events == []

@@ -14,11 +14,13 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -78,16 +80,19 @@ def model(checkpoint):
 
 
 def serve(model, key: str | None = KEY, service_args: dict | None = None, **scheduler_args):
-    """A started scheduler and an HTTP server over it (a context manager yielding (server, service))."""
-    scheduler = Scheduler(model, **{"n_slots": SLOTS, "max_context": CONTEXT, "prefill_chunk": 64, **scheduler_args})
+    """A started scheduler and an HTTP server over it (a context manager yielding (server, service)); programs
+    compile on first use unless warmup=True."""
+    scheduler = Scheduler(model, **{"n_slots": SLOTS, "max_context": CONTEXT, "prefill_chunk": 64, "warmup": False,
+                                    **scheduler_args})
     service = Service(model, scheduler.start(), NAME, key, **(service_args or {}))
     return BackgroundServer(create_app(service)), service
 
 
 @pytest.fixture(scope="module")
 def server(model):
-    http, service = serve(model)
+    http, service = serve(model, warmup=True)
     with http:
+        assert service.scheduler.ready.wait(TIMEOUT_S)
         yield http, service
     service.scheduler.close()
 
@@ -121,6 +126,20 @@ def test_models_health_metrics(server, client):
         assert name in metrics
 
 
+def test_health_says_compiling_until_the_programs_are_ready(model):
+    compiled = threading.Event()
+    scheduler = Scheduler(model, n_slots=SLOTS, max_context=CONTEXT, prefill_chunk=64)
+    scheduler.slots.warmup = lambda *_args: compiled.wait(TIMEOUT_S) and 0
+    with BackgroundServer(create_app(Service(model, scheduler.start(), NAME))) as http:
+        health = f"http://127.0.0.1:{http.port}/health"
+        reply = httpx.get(health, timeout=10)
+        assert (reply.status_code, reply.json()) == (503, {"status": "compiling"})
+        compiled.set()
+        assert scheduler.ready.wait(TIMEOUT_S)
+        assert httpx.get(health, timeout=10).json() == {"status": "ok"}
+    scheduler.close()
+
+
 def test_chat_equals_generate(model, client):
     ids = model.tokenizer.apply_chat_template(MESSAGES, tokenize=True)
     ref = model.generate([ids], max_new_tokens=12)
@@ -131,6 +150,60 @@ def test_chat_equals_generate(model, client):
     assert getattr(message, "reasoning_content", None) == parsed.reasoning_content
     assert out.choices[0].finish_reason == ref.finish_reasons[0]
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), len(ref.ids[0]))
+
+
+def test_a_repeated_prefix_is_cached_and_changes_no_output(model, server, client):
+    messages = [{"role": "system", "content": "You answer in Python, with tests. " * 6}, *MESSAGES]
+    prompt_len = len(model.tokenizer.apply_chat_template(messages, tokenize=True))
+    page = server[1].scheduler.slots.pages.layout.page_size
+    kw = {"model": NAME, "messages": messages, "max_tokens": 8, "temperature": 0}
+    cached = [client.chat.completions.create(**kw) for _ in range(2)]
+    http, service = serve(model, prefix_cache=False)
+    with http:
+        plain = openai.OpenAI(base_url=http.url, api_key=KEY, max_retries=0, timeout=TIMEOUT_S)
+        uncached = plain.chat.completions.create(**kw)
+    service.scheduler.close()
+    assert cached[1].usage.prompt_tokens_details.cached_tokens == (prompt_len - 1) // page * page > 0
+    assert uncached.usage.prompt_tokens_details.cached_tokens == 0 and uncached.usage.prompt_tokens == prompt_len
+    for out in cached:
+        assert out.choices[0].message == uncached.choices[0].message
+
+
+def test_a_mixed_load_compiles_nothing_and_shows_in_metrics(server, client):
+    http, service = server
+    assert service.scheduler.ready.wait(TIMEOUT_S) and service.scheduler.programs > 0
+    events: list[str] = []
+
+    def on_event(event: str, _seconds: float, **kw) -> None:
+        if event.startswith("/jax/core/compile/"):
+            events.append(f"{event} {kw.get('fun_name')}")
+
+    def one(i: int) -> None:
+        words = " ".join(["add"] * (1 + 37 * i % 70))
+        if i % 3:
+            client.completions.create(model=NAME, prompt=words, max_tokens=1 + i % 9, temperature=0.7, seed=i,
+                                      n=1 + i % 2, stop=["\n\n"], stream=i % 2 == 0)
+        else:
+            client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": words}], max_tokens=5,
+                                           temperature=0, top_p=0.9)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(one, range(12)))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert events == []
+    no_leaks(service)
+    metrics = {s.name: s.value for family in text_string_to_metric_families(
+        httpx.get(f"http://127.0.0.1:{http.port}/metrics", timeout=10).text) for s in family.samples}
+    scheduler = service.scheduler
+    assert metrics["k2jax_kv_pages_total"] == scheduler.total_pages
+    assert metrics["k2jax_kv_pages_free"] + metrics["k2jax_kv_pages_used"] == scheduler.total_pages
+    assert metrics["k2jax_kv_pages_used"] == metrics["k2jax_kv_pages_cached"] == metrics["k2jax_kv_pages_evictable"]
+    assert metrics["k2jax_prefix_cache_lookup_tokens"] >= metrics["k2jax_prefix_cache_hit_tokens"] > 0
+    assert 0 < metrics["k2jax_prefix_cache_hit_rate"] <= 1 and metrics["k2jax_preemptions"] == 0
+    assert metrics["k2jax_step_seconds_count"] >= 12 and metrics["k2jax_step_decode_rows_sum"] > 0
 
 
 def test_chat_stream_equals_non_stream(client):
@@ -328,7 +401,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 def test_cli_serves_on_localhost(checkpoint):
     port = free_port()
-    proc = start_cli(checkpoint, "--port", str(port), "--max-batch", "2", "--max-context", "64")
+    proc = start_cli(checkpoint, "--port", str(port), "--max-batch", "2", "--max-context", "64", "--kv-pages", "5")
     try:
         wait_for_health(port, [proc])
         base = f"http://127.0.0.1:{port}"
@@ -356,6 +429,10 @@ def test_two_processes_serve_like_one_and_fail_loudly_without_a_peer(checkpoint,
         with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: they share steps on both processes
             got = list(pool.map(lambda p: complete(both, p), prompts))
         assert got == [complete(client, p) for p in prompts]
+        shared = "import json\n" * 6  # over a page: the second request maps the first one's pages on both processes
+        again = [both.completions.create(model=NAME, prompt=shared, max_tokens=10, temperature=0) for _ in range(2)]
+        assert again[1].usage.prompt_tokens_details.cached_tokens > 0
+        assert [a.choices[0].text for a in again] == [complete(client, shared)] * 2
         procs[1].kill()
         assert procs[0].wait(TIMEOUT_S) == 1, "process 0 must stop, and say so, when its peer is gone"
     finally:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="
 @pytest.fixture(scope="module")
 def client():
     model = k2jax.load(BUNDLED)
-    scheduler = Scheduler(model, n_slots=2, max_context=1024).start()
+    scheduler = Scheduler(model, n_slots=2, max_context=1024, warmup=False).start()
     with BackgroundServer(create_app(Service(model, scheduler, NAME))) as http:
         yield openai.OpenAI(base_url=http.url, api_key="unused", max_retries=0, timeout=TIMEOUT_S)
     scheduler.close()
