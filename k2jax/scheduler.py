@@ -2,8 +2,12 @@
 
 Each iteration frees the slots of cancelled requests, admits queued requests into free slots, prefills at most
 `prefill_chunk` prompt tokens (so a long prompt is prefilled in chunks between decode calls), then runs one
-multi-step decode of every slot that has its first token. Requests see tokens through their `emit` callback,
-called on the scheduler thread; stop strings and text are the caller's business (see k2jax.server).
+multi-step decode of every slot that has its first token. A request with a constraint (k2jax.grammar: tool calls,
+JSON, a reasoning budget) samples under its row's mask; its run of tokens is checked against the constraint and cut
+where the mask changed (the slot's cache is rewound to match), and while any such row's mask changes token by token
+the decode call takes one step instead of decode_steps. Rows without a constraint sample exactly as they would alone.
+Requests see tokens through their `emit` callback, called on the scheduler thread; stop strings and text are the
+caller's business (see k2jax.server).
 
 A finished request leaves its tokens in its slot's cache: a later request is given the free slot whose cached
 tokens share the longest prefix with its prompt, and only the rest is prefilled (multi-turn chats, tool loops).
@@ -30,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from k2jax import engine
+from k2jax.grammar import RowConstraint
 from k2jax.sampling import SamplingParams, host_row
 from k2jax.slots import Slots
 from sharding.mesh import broadcast_from_process0
@@ -67,7 +72,8 @@ class Request:
     """One sequence to continue: prompt ids, token budget, sampling, stop ids, and where its outputs go.
 
     force_before_stop: tokens generated in place of the first stop token when force_before_stop[0] has not been
-    generated yet (how tool_choice "required" makes the model open a tool call instead of ending its turn).
+    generated yet (how tool_choice "required" makes the model open a tool call instead of ending its turn, when tool
+    calls are not enforced). constraint: what the request may generate (k2jax.grammar); None allows anything.
     """
 
     prompt: Sequence[int]
@@ -76,11 +82,25 @@ class Request:
     params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     stop_ids: frozenset[int] = frozenset()
     force_before_stop: tuple[int, ...] = ()
+    constraint: RowConstraint | None = None
     slot: int | None = None
     prefilled: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
     finished: bool = False
     cancelled: bool = False
+
+
+def row_masks(constraints: dict[int, RowConstraint], n_slots: int, decode_steps: int
+              ) -> tuple[np.ndarray | None, int]:
+    """The decode call's masks (None without constraints; all tokens for unconstrained slots) and its step count:
+    1 while some constrained row's mask changes from token to token, else decode_steps."""
+    if not constraints:
+        return None, decode_steps
+    first = next(iter(constraints.values())).vocab
+    masks = np.tile(first.all_allowed(), (n_slots, 1))
+    for slot, constraint in constraints.items():
+        masks[slot] = constraint.mask()
+    return masks, decode_steps if all(c.steady for c in constraints.values()) else 1
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -289,10 +309,15 @@ class Scheduler:
             return
         last = np.array([decoding[s].generated[-1] if s in decoding else 0 for s in range(self.slots.n_slots)])
         params = [decoding[s].params if s in decoding else None for s in range(self.slots.n_slots)]
-        tokens, logprobs = self.slots.decode(last, params, self.decode_steps)
+        constrained = {s: r.constraint for s, r in decoding.items() if r.constraint is not None}
+        masks, n_steps = row_masks(constrained, self.slots.n_slots, self.decode_steps)
+        tokens, logprobs = self.slots.decode(last, params, n_steps, masks)
         self.steps += 1
         for slot, request in decoding.items():
-            self._accept(request, tokens[slot].tolist(), logprobs[slot].tolist())
+            taken = n_steps if request.constraint is None else request.constraint.accept(tokens[slot].tolist())
+            if taken < n_steps:
+                self.slots.rewind(slot, int(self.slots.lengths[slot]) - (n_steps - taken))
+            self._accept(request, tokens[slot, :taken].tolist(), logprobs[slot, :taken].tolist())
 
     def _prefill(self, request: Request, n: int) -> None:
         """Prefill the next n prompt tokens of a request; the last chunk samples its first token."""
@@ -300,7 +325,11 @@ class Scheduler:
                                     start=request.prefilled)
         request.prefilled += n
         if request.prefilled == len(request.prompt):
-            token, logprob = self.slots.sample(logits[-1], request.params, len(request.prompt))
+            constraint = request.constraint
+            token, logprob = self.slots.sample(logits[-1], request.params, len(request.prompt),
+                                               None if constraint is None else constraint.mask())
+            if constraint is not None:
+                constraint.accept([token])
             self._accept(request, [token], [logprob])
 
     def _row_ok(self, request: Request) -> bool:
@@ -488,8 +517,10 @@ class LinkedSlots(Slots):
             return super().prefill(slot, tokens, start)
 
     def decode(self, tokens: np.ndarray, params: Sequence[SamplingParams | None],
-               n_steps: int = engine.DECODE_STEPS) -> tuple[np.ndarray, np.ndarray]:
-        """Broadcast, then decode, within the link's deadline."""
+               n_steps: int = engine.DECODE_STEPS, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Broadcast, then decode, within the link's deadline (token masks are not broadcast: single-host only)."""
+        if masks is not None:
+            raise ValueError("constrained decoding (token masks) is not available when serving over several processes")
         with self.link.deadline():
             self.link.send(DECODE, (n_steps,), np.concatenate([np.asarray(tokens, np.int32), pack_params(params)]))
             return super().decode(tokens, params, n_steps)

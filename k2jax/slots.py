@@ -80,17 +80,20 @@ class Slots:
         self.lengths[slot] = end
         return np.concatenate(out)[: len(tokens)]
 
-    def sample(self, logits_V: np.ndarray, params: SamplingParams, position: int) -> tuple[int, float]:
-        """One token (and its log-prob) from a row of logits, keyed by the request seed and its position."""
-        tok, logp = _sample(jnp.asarray(logits_V)[None], stack_params([params]), jnp.asarray([position]))
+    def sample(self, logits_V: np.ndarray, params: SamplingParams, position: int,
+               mask_W: np.ndarray | None = None) -> tuple[int, float]:
+        """One token (and its log-prob) from a row of logits, keyed by the request seed and its position; mask_W
+        (packed allowed tokens, see k2jax.grammar) limits the choice."""
+        mask = None if mask_W is None else jnp.asarray(mask_W, jnp.int32)[None]
+        tok, logp = _sample(jnp.asarray(logits_V)[None], stack_params([params]), jnp.asarray([position]), mask)
         return int(tok[0]), float(logp[0])
 
     def decode(self, tokens: np.ndarray, params: Sequence[SamplingParams | None],
-               n_steps: int = engine.DECODE_STEPS) -> tuple[np.ndarray, np.ndarray]:
+               n_steps: int = engine.DECODE_STEPS, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Feed each active slot its last token and sample n_steps more: ([slots, n] tokens, log-probs).
 
         A slot is active where params is not None; inactive slots write nothing and keep their cached prefix
-        (their returned tokens are junk).
+        (their returned tokens are junk). masks [slots, words] (packed allowed tokens) holds for all n steps.
         """
         m = self.model
         active = np.array([p is not None for p in params])
@@ -102,12 +105,20 @@ class Slots:
             self._reserve(int(slot), int(self.lengths[slot]) + n_steps)
         cache = m.cache_view(self.pages, self.pool, range(self.n_slots), np.where(active, self.lengths + n_steps, 0))
         sampling = stack_params([p or SamplingParams() for p in params])
+        mask = None if masks is None else jnp.asarray(masks, jnp.int32)
         toks, logps, cache = m._call(engine.decode, m.graphdef, m.state, jnp.asarray(tokens, jnp.int32),
                                      jnp.asarray(self.lengths), jnp.asarray(active), cache, sampling, m.config,
-                                     m.dtype, n_steps)
+                                     m.dtype, n_steps, mask)
         self.pool = cache.pool
         self.lengths = np.where(active, self.lengths + n_steps, self.lengths).astype(np.int32)
         return host_value(toks), host_value(logps)
+
+    def rewind(self, slot: int, length: int) -> None:
+        """Keep only the slot's first `length` cached tokens (the rest of a decoded run was not taken)."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens; cannot rewind it to {length}")
+        self._copy(self.pages.truncate(slot, length))
+        self.lengths[slot] = length
 
     def release(self, slot: int) -> None:
         """Forget a slot's sequence and give its pages back, so a new one can use it."""
