@@ -30,6 +30,7 @@ REASONING_EFFORT = {"low": 1024, "medium": 4096, "high": 16384}  # reasoning_eff
 # JSON is written as json.dumps writes it, with or without the spaces after separators: no other whitespace, so a
 # weak model cannot pad its arguments with blanks indefinitely.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ?", "key_separator": ": ?"}
+SAFE_INTEGER = 2**53
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -95,15 +96,32 @@ def check_schema(schema: Mapping[str, Any], where: str, what: str) -> None:
         raise GrammarError(f"{where} ({what}): the grammar library cannot enforce this schema: {messages[0]}", where)
 
 
+def safe_integers(schema: Any) -> Any:
+    """`schema` with every integer that has no bound kept within +-2**53 (what a JSON parser's doubles hold exactly),
+    so a model cannot write digits forever; the values it allows stay valid under the original schema."""
+    if isinstance(schema, list):
+        return [safe_integers(item) for item in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {key: safe_integers(value) for key, value in schema.items()}
+    if out.get("type") == "integer":
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -SAFE_INTEGER
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = SAFE_INTEGER
+    return out
+
+
 def json_value(schema: Mapping[str, Any]) -> str:
-    """The Lark rule body of a JSON value matching `schema`, laid out as JSON_LAYOUT says."""
-    return f"%json {json.dumps({**schema, 'x-guidance': JSON_LAYOUT})}"
+    """The Lark rule body of a JSON value matching `schema`, laid out as JSON_LAYOUT says, integers kept safe."""
+    return f"%json {json.dumps({**safe_integers(schema), 'x-guidance': JSON_LAYOUT})}"
 
 
 def tool_calls_grammar(tools: Sequence[Mapping[str, Any]], choice: str = "auto", function: str | None = None,
                        parallel: bool = True, first_index: int = 0) -> str:
     """The Lark grammar of an assistant turn that may ("auto"), must ("required", or when `function` names the one
-    tool to call) or must not ("none") end with a tool-calls section; call k's id is functions.NAME:{first_index + k}.
+    tool to call: then the section follows the reasoning at once) or must not ("none") end with a tool-calls section;
+    call k's id is functions.NAME:{first_index + k}.
 
     Raises GrammarError naming the tool whose parameters cannot be compiled.
     """
@@ -126,8 +144,8 @@ def tool_calls_grammar(tools: Sequence[Mapping[str, Any]], choice: str = "auto",
                            for i in callable_)
         more = f" calls_{k + 1}?" if k + 1 < count else ""
         rules.append(f"calls_{k}: {chat.CALL_BEGIN} ({heads}) {chat.CALL_END}{more}")
-    section = "section?" if choice == "auto" and function is None else "section"
-    return (f"start: think? CONTENT {section}\n{TURN_HEAD}"
+    answer = "CONTENT section?" if choice == "auto" and function is None else "section"
+    return (f"start: think? {answer}\n{TURN_HEAD}"
             f"section: {chat.SECTION_BEGIN} calls_0 {chat.SECTION_END}\n" + "\n".join(rules) + "\n")
 
 

@@ -144,6 +144,7 @@ def test_sections_hold_at_most_max_calls(vocab, tok):
     ("none", None, True, THINK + section(call("ping", 0, "{}")), False),
     ("required", None, True, THINK + "Just text.", False),
     ("required", None, True, THINK + section(call("ping", 0, "{}")), True),
+    ("required", None, True, THINK + "Text first." + section(call("ping", 0, "{}")), False),
     ("required", "multiply", True, THINK + section(call("ping", 0, "{}")), False),
     ("required", "multiply", True, THINK + section(call("multiply", 0, '{"a": 2, "b": 3}')), True),
     ("required", "multiply", True, THINK + "text", False),
@@ -279,3 +280,9 @@ def test_masks_have_the_vocabulary_layout(vocab, tok):
     ids = [0, 31, 32, tok.vocab_size - 1]
     mask = vocab.only(ids)
     assert [t for t in range(tok.vocab_size) if allows(mask, t)] == ids
+
+
+def test_unbounded_integers_stop_at_what_doubles_hold(vocab, tok):
+    rules = tool_calls_grammar([MULTIPLY])
+    assert allowed(vocab, tok, rules, section(call("multiply", 0, '{"a": 9007199254740992, "b": -9007199254740992}')))
+    assert not allowed(vocab, tok, rules, section(call("multiply", 0, '{"a": 90071992547409930, "b": 1}')))

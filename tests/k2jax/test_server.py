@@ -844,5 +844,6 @@ def test_history_call_ids_become_k2_ids(wide):
     prepared = service.prepare(body, ChatBody)
     prompt = service.tokenizer.decode(prepared.prompts[0])
     assert "call_abc123" not in prompt and "call_def456" not in prompt
-    assert "## Return of functions.get_weather:1\nsunny" in prompt and "## Return of functions.get_weather:0\nrain" in prompt
+    assert "## Return of functions.get_weather:1\nsunny" in prompt
+    assert "## Return of functions.get_weather:0\nrain" in prompt
     assert prepared.call_offset == 2  # this turn's calls are functions.NAME:2, :3, ...
