@@ -109,6 +109,20 @@ def as_tool(tool: Callable[..., Any] | Tool) -> Tool:
     return Tool(tool, declare(tool))
 
 
+def enforced_declaration(tool: Tool) -> dict[str, Any]:
+    """The declaration the tool grammar enforces: a function without **kwargs takes no arguments beyond its
+    declared ones (additionalProperties false, unless its declaration says otherwise)."""
+    parameters = tool.declaration["function"].get("parameters")
+    try:
+        open_ended = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(tool.fn).parameters.values())
+    except (TypeError, ValueError):  # a callable without a signature: keep its declaration as it is
+        open_ended = True
+    if open_ended or not isinstance(parameters, dict) or "additionalProperties" in parameters:
+        return tool.declaration
+    function = {**tool.declaration["function"], "parameters": {**parameters, "additionalProperties": False}}
+    return {**tool.declaration, "function": function}
+
+
 def tool_table(tools: Sequence[Callable[..., Any] | Tool]) -> dict[str, Tool]:
     """Tools by name; two tools with one name are an error."""
     table: dict[str, Tool] = {}
@@ -369,10 +383,10 @@ class Agent:
             raise ValueError(f"slot capacity {slots.capacity} leaves no room for a prompt with "
                              f"max_new_tokens={max_new_tokens}")
         self.model, self.tools = model, tool_table(tools)
-        declarations = [t.declaration for t in self.tools.values()]
-        self.tool_grammar = tool_grammar and any(map(grammar.is_strict, declarations))
+        self.enforced = [enforced_declaration(t) for t in self.tools.values()]
+        self.tool_grammar = tool_grammar and any(map(grammar.is_strict, self.enforced))
         if self.tool_grammar:
-            grammar.tool_calls_grammar(declarations)  # GrammarError now, naming a tool that cannot be enforced
+            grammar.tool_calls_grammar(self.enforced)  # GrammarError now, naming a tool that cannot be enforced
         self.max_reasoning_tokens = grammar.reasoning_budget(max_reasoning_tokens, None)
         self.sampling, self.max_new_tokens, self.tool_timeout = sampling, max_new_tokens, tool_timeout
         self.on_event = on_event or (lambda event: None)
@@ -418,8 +432,7 @@ class Agent:
         reasoning budget; None when neither applies."""
         rules = None
         if self.tool_grammar:
-            rules = grammar.tool_calls_grammar([t.declaration for t in self.tools.values()],
-                                               first_index=call_count(self.messages))
+            rules = grammar.tool_calls_grammar(self.enforced, first_index=call_count(self.messages))
         if rules is None and self.max_reasoning_tokens is None:
             return None
         vocab = grammar.vocabulary(self.model.tokenizer, self.model.config.vocab_size)
