@@ -166,7 +166,7 @@ def make_requests(n: int, seed: int) -> list[dict]:
 def score(requests: list[dict], responses: list[Any]) -> dict[str, Any]:
     """The verifier's counts over all requests."""
     s = {"requests": len(requests), "calls": 0, "parsed": 0, "valid": 0, "undeclared": 0, "finish_ok": 0,
-         "malformed_sections": 0, "ids_ok": 0, "tool_tasks": 0, "right_name": 0, "exact": 0, "no_tool_tasks": 0,
+         "malformed_sections": 0, "cut_sections": 0, "ids_ok": 0, "tool_tasks": 0, "right_name": 0, "exact": 0, "no_tool_tasks": 0,
          "no_tool_called": 0, "errors": 0}
     for req, resp in zip(requests, responses):
         if isinstance(resp, Exception):
@@ -176,7 +176,8 @@ def score(requests: list[dict], responses: list[Any]) -> dict[str, Any]:
         calls = choice.message.tool_calls or []
         schemas = {t["function"]["name"]: t["function"]["parameters"] for t in req["body"]["tools"]}
         s["finish_ok"] += (choice.finish_reason == "tool_calls") == bool(calls)
-        s["malformed_sections"] += chat.SECTION_BEGIN in (choice.message.content or "")
+        if chat.SECTION_BEGIN in (choice.message.content or ""):  # a section the parser could not read
+            s["cut_sections" if choice.finish_reason == "length" else "malformed_sections"] += 1
         for k, call in enumerate(calls):
             s["calls"] += 1
             s["ids_ok"] += call.id == f"functions.{call.function.name}:{req['first_index'] + k}"
@@ -237,7 +238,8 @@ def print_scores(scores: dict[str, dict]) -> None:
             ("calls to undeclared tools", lambda s: str(s["undeclared"])),
             ("call ids functions.NAME:IDX (running)", lambda s: pct(s["ids_ok"], s["calls"])),
             ("finish_reason tool_calls iff a call", lambda s: pct(s["finish_ok"], s["requests"] - s["errors"])),
-            ("malformed sections left in content", lambda s: str(s["malformed_sections"])),
+            ("malformed sections left in content (turn ended)", lambda s: str(s["malformed_sections"])),
+            ("sections cut by max_tokens", lambda s: str(s["cut_sections"])),
             ("tool tasks: right tool", lambda s: pct(s["right_name"], s["tool_tasks"])),
             ("tool tasks: exact arguments", lambda s: pct(s["exact"], s["tool_tasks"])),
             ("no-tool tasks that called a tool", lambda s: f"{s['no_tool_called']} of {s['no_tool_tasks']}")]

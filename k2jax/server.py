@@ -864,7 +864,10 @@ class Service:
             raise APIError(400, "max_reasoning_tokens and reasoning_effort are not available when serving over "
                            "several processes", param="max_reasoning_tokens")
         vocab = grammar.vocabulary(self.tokenizer, self.vocab_size)
-        return tuple(RowConstraint(vocab, rules, budget) for _ in range(n))
+        try:
+            return tuple(RowConstraint(vocab, rules, budget) for _ in range(n))
+        except GrammarError as err:  # e.g. over the library's size limits, though each schema compiled alone
+            raise APIError(400, f"the tools cannot be enforced together: {err}", param="tools") from None
 
     def head(self, kind: str) -> dict[str, Any]:
         """The id/object/created/model envelope of a response."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import jax
+import jsonschema
 import numpy as np
 import pytest
 from tokenizers import Regex, models, pre_tokenizers, trainers
@@ -346,8 +347,6 @@ def test_reserved_names_in_user_text_reach_the_model_as_text(tiny):
 def test_agent_calls_only_declared_tools_with_valid_arguments(bundled):
     """The issue's case: with only `multiply` declared, the enforced agent calls multiply (never the demo tool
     `calculate` it was trained on), with integer arguments, ids counting on across steps, at temperature 1 too."""
-    jsonschema = pytest.importorskip("jsonschema")
-
     def multiply(a: int, b: int) -> int:
         """Multiply two integers."""
         return a * b

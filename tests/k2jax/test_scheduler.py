@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
+import jsonschema
 import numpy as np
 import pytest
 
 import k2jax
+from k2jax.grammar import RowConstraint, json_grammar, vocabulary
 from k2jax.sampling import SamplingParams
 from k2jax.scheduler import Output, QueueFull, Request, Scheduler, pack_params, unpack_params
 
@@ -209,12 +212,6 @@ def test_constrained_rows_sample_exactly_and_leave_other_rows_alone():
     """A row under a JSON grammar (its mask changing token by token) beside plain rows: the plain rows give
     generate()'s greedy tokens, and the constrained row's tokens, sampled in runs of decode_steps that are cut where
     its mask changed, equal those sampled one token per step under each token's own mask."""
-    import json
-
-    import jsonschema
-
-    from k2jax.grammar import RowConstraint, json_grammar, vocabulary
-
     model = k2jax.load()  # the bundled model: it has a tokenizer
     tok = model.tokenizer
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
