@@ -31,6 +31,7 @@ REASONING_EFFORT = {"low": 1024, "medium": 4096, "high": 16384}  # reasoning_eff
 # weak model cannot pad its arguments with blanks indefinitely.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ?", "key_separator": ": ?"}
 SAFE_INTEGER = 2**53
+VALUE_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # their values are data, not schemas
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -103,7 +104,7 @@ def safe_integers(schema: Any) -> Any:
         return [safe_integers(item) for item in schema]
     if not isinstance(schema, Mapping):
         return schema
-    out = {key: safe_integers(value) for key, value in schema.items()}
+    out = {key: value if key in VALUE_KEYWORDS else safe_integers(value) for key, value in schema.items()}
     if out.get("type") == "integer":
         if "minimum" not in out and "exclusiveMinimum" not in out:
             out["minimum"] = -SAFE_INTEGER

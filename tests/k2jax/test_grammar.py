@@ -286,3 +286,9 @@ def test_unbounded_integers_stop_at_what_doubles_hold(vocab, tok):
     rules = tool_calls_grammar([MULTIPLY])
     assert allowed(vocab, tok, rules, section(call("multiply", 0, '{"a": 9007199254740992, "b": -9007199254740992}')))
     assert not allowed(vocab, tok, rules, section(call("multiply", 0, '{"a": 90071992547409930, "b": 1}')))
+
+
+def test_integer_bounds_leave_constants_alone(vocab, tok):
+    schema = {"type": "object", "properties": {"kind": {"const": {"type": "integer"}}}, "required": ["kind"]}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    assert allowed(vocab, tok, tool_calls_grammar([tool]), section(call("f", 0, '{"kind": {"type": "integer"}}')))
