@@ -2,7 +2,9 @@
 
 Each step renders the conversation with the chat template, finds the longest common token prefix with what
 the conversation's cache slot already holds, prefills only the rest, decodes in that slot, parses reasoning,
-content and tool calls, and runs the tools. Tool failures become tool results the model reads. When the
+content and tool calls, and runs the tools. Tool failures become tool results the model reads. Tool calls are
+enforced by a grammar (k2jax.grammar): the model can only call the declared tools, with arguments that match their
+declarations, and never inside its reasoning. When the
 conversation outgrows its slot, the oldest turns (then the oldest steps of the current loop) leave the window
 in one batch, down to half the budget, so the recompute this forces stays rare. `PrefixCache` keeps host
 copies of conversations' cached rows (LRU, byte-limited) so a server can resume follow-up requests.
@@ -24,9 +26,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from k2jax import engine
-from k2jax.chat import Delta, ParsedOutput, StreamParser
+from k2jax import engine, grammar
+from k2jax.chat import Delta, ParsedOutput, StreamParser, call_count
 from k2jax.engine import Model
+from k2jax.grammar import RowConstraint
 from k2jax.sampling import SamplingParams
 from k2jax.slots import Slots
 
@@ -104,6 +107,20 @@ def as_tool(tool: Callable[..., Any] | Tool) -> Tool:
     if not callable(tool):
         raise TypeError(f"a tool must be a callable or a k2jax.agent.Tool, got {type(tool).__name__}")
     return Tool(tool, declare(tool))
+
+
+def enforced_declaration(tool: Tool) -> dict[str, Any]:
+    """The declaration the tool grammar enforces: a function without **kwargs takes no arguments beyond its
+    declared ones (additionalProperties false, unless its declaration says otherwise)."""
+    parameters = tool.declaration["function"].get("parameters")
+    try:
+        open_ended = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(tool.fn).parameters.values())
+    except (TypeError, ValueError):  # a callable without a signature: keep its declaration as it is
+        open_ended = True
+    if open_ended or not isinstance(parameters, dict) or "additionalProperties" in parameters:
+        return tool.declaration
+    function = {**tool.declaration["function"], "parameters": {**parameters, "additionalProperties": False}}
+    return {**tool.declaration, "function": function}
 
 
 def tool_table(tools: Sequence[Callable[..., Any] | Tool]) -> dict[str, Tool]:
@@ -204,14 +221,18 @@ class SlotSession:
         return start, logits
 
     def generate(self, prompt: Sequence[int], params: SamplingParams, max_new_tokens: int,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
-        """Continue `prompt` in this slot until <|im_end|> / EOS, max_new_tokens, or the slot's capacity."""
+                 on_text: Callable[[str], None] | None = None, constraint: RowConstraint | None = None) -> Generation:
+        """Continue `prompt` in this slot until <|im_end|> / EOS, max_new_tokens, or the slot's capacity; only with
+        tokens `constraint` allows, if given."""
         model = self.slots.model
         if model.tokenizer is None:
             raise ValueError("generating text in a slot needs a model with a tokenizer")
         start, logits = self.prefill(prompt)
         ids: list[int] = []
-        pending = [self.slots.sample(logits[-1], params, len(prompt))[0]]
+        mask = None if constraint is None else constraint.mask()
+        pending = [self.slots.sample(logits[-1], params, len(prompt), mask)[0]]
+        if constraint is not None:
+            constraint.accept(pending)
         stream, stop_ids = TextStream(model.tokenizer, on_text), model._stop_ids()
 
         def done(finish: str) -> Generation:
@@ -227,15 +248,25 @@ class SlotSession:
             stream.update(ids)
             if len(self.held) + engine.DECODE_STEPS > self.slots.capacity:
                 return done("length")
-            pending = self._decode(ids[-1], params)
+            pending = self._decode(ids[-1], params, constraint)
 
-    def _decode(self, last: int, params: SamplingParams) -> list[int]:
-        """Feed `last` and sample DECODE_STEPS tokens in this slot alone; the cache then holds last + all but one."""
+    def _decode(self, last: int, params: SamplingParams, constraint: RowConstraint | None = None) -> list[int]:
+        """Feed `last` and sample DECODE_STEPS tokens in this slot alone (one while a constraint's mask changes token
+        by token; a run is cut where it did); the cache then holds last + all but the last token returned."""
         tokens = np.zeros(self.slots.n_slots, np.int32)
         tokens[self.slot] = last
         active = [params if s == self.slot else None for s in range(self.slots.n_slots)]
-        out = self.slots.decode(tokens, active)[0][self.slot].tolist()
+        n_steps, masks = engine.DECODE_STEPS, None
+        if constraint is not None:
+            n_steps = engine.DECODE_STEPS if constraint.steady else 1
+            masks = np.tile(constraint.vocab.all_allowed(), (self.slots.n_slots, 1))
+            masks[self.slot] = constraint.mask()
+        out = self.slots.decode(tokens, active, n_steps, masks)[0][self.slot].tolist()
+        if constraint is not None:
+            out = out[:constraint.accept(out)]
         self.held += [last, *out[:-1]]
+        if len(out) < n_steps:
+            self.slots.rewind(self.slot, len(self.held))
         return out
 
 
@@ -332,13 +363,16 @@ class Agent:
     """A conversation with tools in one cache slot; `run(task)` loops generate -> tools until an answer.
 
     Follow-up `run` calls continue the same conversation and reuse its cache. The window of messages the model
-    sees is cut when the prompt plus max_new_tokens would not fit the slot's capacity.
+    sees is cut when the prompt plus max_new_tokens would not fit the slot's capacity. With tool_grammar (the
+    default) tool calls are enforced (a tool declared with "strict": false keeps free arguments);
+    max_reasoning_tokens bounds each step's reasoning.
     """
 
     def __init__(self, model: Model, tools: Sequence[Callable[..., Any] | Tool] = (), *, system: str | None = None,
                  sampling: SamplingParams = GREEDY, max_new_tokens: int = 512, capacity: int | None = None,
                  tool_timeout: float | None = 30.0, reuse: bool = True, on_event: Callable[[Event], None] | None = None,
-                 slots: Slots | None = None, slot: int = 0):
+                 slots: Slots | None = None, slot: int = 0, tool_grammar: bool = True,
+                 max_reasoning_tokens: int | None = None):
         if model.tokenizer is None:
             raise ValueError("the agent needs a model with a tokenizer (its checkpoint ships tiktoken.model)")
         if max_new_tokens < 1:
@@ -349,6 +383,11 @@ class Agent:
             raise ValueError(f"slot capacity {slots.capacity} leaves no room for a prompt with "
                              f"max_new_tokens={max_new_tokens}")
         self.model, self.tools = model, tool_table(tools)
+        self.enforced = [enforced_declaration(t) for t in self.tools.values()]
+        self.tool_grammar = tool_grammar and any(map(grammar.is_strict, self.enforced))
+        if self.tool_grammar:
+            grammar.tool_calls_grammar(self.enforced)  # GrammarError now, naming a tool that cannot be enforced
+        self.max_reasoning_tokens = grammar.reasoning_budget(max_reasoning_tokens, None)
         self.sampling, self.max_new_tokens, self.tool_timeout = sampling, max_new_tokens, tool_timeout
         self.on_event = on_event or (lambda event: None)
         self.session = SlotSession(slots, slot, reuse)
@@ -374,7 +413,8 @@ class Agent:
         evicted, prompt = self._fit()
         parser = StreamParser()
         emit = functools.partial(self._emit_deltas, step)
-        gen = self.session.generate(prompt, self.sampling, self.max_new_tokens, lambda text: emit(parser.feed(text)))
+        gen = self.session.generate(prompt, self.sampling, self.max_new_tokens, lambda text: emit(parser.feed(text)),
+                                    self._constraint())
         emit(parser.finish())
         reply = assistant_message(parser.output())
         self.messages.append(reply)
@@ -386,6 +426,17 @@ class Agent:
         self.steps.append(StepStats(len(prompt), gen.reused_tokens, gen.prefilled_tokens, len(gen.ids), evicted,
                                     len(reply.get("tool_calls", [])), time.perf_counter() - began))
         return reply, gen.finish
+
+    def _constraint(self) -> RowConstraint | None:
+        """This step's constraint: the tool grammar (call ids counting on from the conversation's calls) and the
+        reasoning budget; None when neither applies."""
+        rules = None
+        if self.tool_grammar:
+            rules = grammar.tool_calls_grammar(self.enforced, first_index=call_count(self.messages))
+        if rules is None and self.max_reasoning_tokens is None:
+            return None
+        vocab = grammar.vocabulary(self.model.tokenizer, self.model.config.vocab_size)
+        return RowConstraint(vocab, rules, self.max_reasoning_tokens)
 
     def prompt_tokens(self, start: int | None = None) -> list[int]:
         """The rendered, tokenized prompt of the window from `start` (default: the current window)."""
@@ -427,7 +478,8 @@ def run_agent(model: Model, task: str, tools: Sequence[Callable[..., Any] | Tool
               **options: Any) -> AgentResult:
     """Solve `task` with `tools` in a fresh conversation: K2 Thinking's interleaved reasoning and tool calls.
 
-    Options are Agent's: system, sampling, max_new_tokens, capacity, tool_timeout, reuse, on_event, slots, slot.
+    Options are Agent's: system, sampling, max_new_tokens, capacity, tool_timeout, reuse, on_event, slots, slot,
+    tool_grammar, max_reasoning_tokens.
     """
     return Agent(model, tools, **options).run(task, max_steps)
 

@@ -352,6 +352,64 @@ def render(
     return unmark(render_marked(messages, tools, add_generation_prompt, template, **variables))
 
 
+# ---------------------------------------------------------------- tool-call ids
+
+
+def call_id(name: str, index: int) -> str:
+    """K2's id of a tool call: functions.NAME:IDX, IDX counting the conversation's calls from 0."""
+    return f"functions.{name}:{index}"
+
+
+def is_call_id(value: str, name: str) -> bool:
+    """Whether `value` is K2's id form for a call of function `name`."""
+    head = f"functions.{name}:"
+    return value.startswith(head) and value[len(head):].isdigit() and value[len(head):].isascii()
+
+
+def call_parts(call: Any) -> tuple[str, str] | None:
+    """A tool call's (id, function name), or None if it lacks either (the renderer's checks report that)."""
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if isinstance(function, Mapping) and isinstance(call.get("id"), str) and isinstance(function.get("name"), str):
+        return call["id"], function["name"]
+    return None
+
+
+def normalize_call_ids(messages: Sequence[Message]) -> list[Message]:
+    """Messages whose tool-call ids are all in K2's form, for histories from OpenAI-style clients (`call_abc123`).
+
+    A call whose id is not functions.NAME:IDX (NAME its own function) gets functions.NAME:IDX, IDX its position
+    among the conversation's calls, which is also what K2 itself numbers; tool results follow their call's new id
+    (a reused id means its latest call). Ids already in K2's form are kept, so ids this server returned map to
+    themselves and a conversation renders the same on every turn.
+    """
+    out: list[Message] = []
+    renamed: dict[str, str] = {}
+    count = 0
+    for message in messages:
+        calls = message.get("tool_calls") if isinstance(message, Mapping) else None
+        if isinstance(calls, (list, tuple)):
+            new_calls = []
+            for call in calls:
+                parts = call_parts(call)
+                if parts is not None:
+                    old, name = parts
+                    renamed[old] = old if is_call_id(old, name) else call_id(name, count)
+                    call = {**call, "id": renamed[old]}
+                    count += 1
+                new_calls.append(call)
+            message = {**message, "tool_calls": new_calls}
+        elif isinstance(message, Mapping) and message.get("tool_call_id") in renamed:
+            message = {**message, "tool_call_id": renamed[message["tool_call_id"]]}
+        out.append(message)
+    return out
+
+
+def call_count(messages: Sequence[Message]) -> int:
+    """Tool calls in a conversation: the IDX of the next call K2 makes."""
+    calls = (m.get("tool_calls") for m in messages if isinstance(m, Mapping))
+    return sum(len(c) for c in calls if isinstance(c, (list, tuple)))
+
+
 # ---------------------------------------------------------------- parsing
 
 _CALL = re.compile(

@@ -1,5 +1,8 @@
 """k2jax-chat: an interactive chat with a Kimi K2 model; `--tools` lets it call demo tools through the agent loop.
 
+Tool calls are grammar-enforced (only the demo tools, with arguments that match their signatures) unless
+--no-tool-grammar; --max-reasoning-tokens ends each step's reasoning after that many tokens.
+
 Each line you type is a user turn; the conversation keeps its cache slot, so a turn prefills only what it adds.
 Commands: /reset starts a new conversation, /exit (or end of input) quits.
 """
@@ -92,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--system", default=None, help="system prompt (default: the template's)")
     ap.add_argument("--tools", action="store_true", help="let the model call demo tools: "
                     + ", ".join(t.__name__ for t in DEMO_TOOLS))
+    ap.add_argument("--no-tool-grammar", action="store_true", help="do not enforce tool calls with a grammar")
+    ap.add_argument("--max-reasoning-tokens", type=int_in(0), default=None,
+                    help="reasoning tokens per step before </think> is forced (default: no limit)")
     ap.add_argument("--max-steps", type=int_in(1), default=30, help="model turns per user turn (tool loop limit)")
     ap.add_argument("--max-new-tokens", type=int_in(1), default=512)
     ap.add_argument("--capacity", type=int_in(1), default=None, help="tokens the conversation's cache slot holds")
@@ -164,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def make_agent() -> Agent:
             return Agent(model, tools, system=args.system, sampling=sampling, max_new_tokens=args.max_new_tokens,
-                         slots=slots, on_event=event_printer(sys.stdout))
+                         slots=slots, on_event=event_printer(sys.stdout), tool_grammar=not args.no_tool_grammar,
+                         max_reasoning_tokens=args.max_reasoning_tokens)
 
         print("k2jax-chat: type a message; /reset starts over, /exit quits", file=sys.stderr)
         with CompileNotice("k2jax-chat: compiling ...", sys.stderr):

@@ -90,10 +90,11 @@ def step(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, pos_BT:
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype", "n_steps"), donate_argnames=("cache",))
 def decode(graphdef: nnx.GraphDef, state: nnx.State, tok_B: jax.Array, pos_B: jax.Array, live_B: jax.Array,
            cache: PagedCache, sampling: dict[str, jax.Array], cfg: K2Config, dtype: Any,
-           n_steps: int) -> tuple[jax.Array, jax.Array, PagedCache]:
+           n_steps: int, mask_BW: jax.Array | None = None) -> tuple[jax.Array, jax.Array, PagedCache]:
     """n_steps sampled decode steps on device: tokens [B, n], their log-probs [B, n], the updated cache.
 
-    Rows that are not live write nothing (their kv_len is 0) and their tokens are junk.
+    Rows that are not live write nothing (their kv_len is 0) and their tokens are junk. mask_BW (packed allowed
+    tokens, see k2jax.sampling) holds for every one of the n steps.
     """
     model = nnx.merge(graphdef, state)
 
@@ -101,7 +102,7 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, tok_B: jax.Array, pos_B: ja
         tok_B, pos_B, cache = carry
         cache = dataclasses.replace(cache, kv_len_B=jnp.where(live_B, pos_B + 1, 0))
         logits_B1V, cache = forward(model, tok_B[:, None], pos_B[:, None], cache, cfg, dtype)
-        nxt_B, logp_B = sample(logits_B1V[:, 0], sampling, pos_B + 1)
+        nxt_B, logp_B = sample(logits_B1V[:, 0], sampling, pos_B + 1, mask_BW)
         return (nxt_B, pos_B + 1, cache), (nxt_B, logp_B)
 
     (_, _, cache), (toks_NB, logp_NB) = jax.lax.scan(body, (tok_B, pos_B, cache), None, length=n_steps)

@@ -1,4 +1,8 @@
-"""Per-row token sampling: greedy, temperature, top-k, top-p and min-p, with a seeded key per request."""
+"""Per-row token sampling: greedy, temperature, top-k, top-p and min-p, with a seeded key per request.
+
+An optional packed mask [B, ceil(V/32)] int32 (bit k of word j allows token 32j + k; see k2jax.grammar) limits each
+row to its allowed tokens before any of that, so every sampling setting only ever picks an allowed token.
+"""
 
 from __future__ import annotations
 
@@ -104,11 +108,21 @@ def _draw(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array) 
     return jax.vmap(jax.random.categorical)(keys, filter_logits(logits_BV, params)).astype(jnp.int32)
 
 
-def sample(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Next token per row and its log-probability under the model; all-greedy batches skip the sampler."""
+def unpack_mask(mask_BW: jax.Array, vocab: int) -> jax.Array:
+    """Packed allowed-token words [B, W] int32 -> bool [B, vocab]."""
+    bits_BW32 = (mask_BW.astype(jnp.uint32)[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return bits_BW32.reshape(mask_BW.shape[0], -1)[:, :vocab].astype(bool)
+
+
+def sample(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array,
+           mask_BW: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Next token per row (among the tokens mask_BW allows, if given) and its log-probability under the model;
+    all-greedy batches skip the sampler."""
+    logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    if mask_BW is not None:
+        logits_BV = jnp.where(unpack_mask(mask_BW, logits_BV.shape[-1]), logits_BV, -jnp.inf)
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     hot_B = params["temperature"] > 0
     drawn_B = jax.lax.cond(jnp.any(hot_B), _draw, lambda *_: greedy_B, logits_BV, params, pos_B)
     tokens_B = jnp.where(hot_B, drawn_B, greedy_B)
-    logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     return tokens_B, jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]

@@ -3,8 +3,12 @@
 Before serving, the thread compiles every program a step can need (warmup), so no request waits for a compile.
 Each iteration frees the slots of cancelled requests, admits queued requests into free slots, prefills at most
 `prefill_chunk` prompt tokens (so a long prompt is prefilled in chunks between decode calls), then runs one
-multi-step decode of every slot that has its first token. Requests see tokens through their `emit` callback,
-called on the scheduler thread; stop strings and text are the caller's business (see k2jax.server).
+multi-step decode of every slot that has its first token. A request with a constraint (k2jax.grammar: tool calls,
+JSON, a reasoning budget) samples under its row's mask; its run of tokens is checked against the constraint and cut
+where the mask changed (the slot's cache is rewound to match), and while any such row's mask changes token by token
+the decode call takes one step instead of decode_steps. Rows without a constraint sample exactly as they would alone.
+Requests see tokens through their `emit` callback, called on the scheduler thread; stop strings and text are the
+caller's business (see k2jax.server).
 
 Prefix cache: every full page a request prefills or ends with stays cached (k2jax.prefix_cache); when a request
 starts prefilling, the longest cached page-aligned prefix of its prompt is mapped into its slot and only the rest
@@ -39,6 +43,7 @@ import numpy as np
 
 from k2jax import engine
 from k2jax.cache import PoolFull
+from k2jax.grammar import RowConstraint
 from k2jax.sampling import SamplingParams, host_row
 from k2jax.slots import Slots
 from sharding.mesh import broadcast_from_process0
@@ -76,7 +81,8 @@ class Request:
     """One sequence to continue: prompt ids, token budget, sampling, stop ids, and where its outputs go.
 
     force_before_stop: tokens generated in place of the first stop token when force_before_stop[0] has not been
-    generated yet (how tool_choice "required" makes the model open a tool call instead of ending its turn).
+    generated yet (how tool_choice "required" makes the model open a tool call instead of ending its turn, when tool
+    calls are not enforced). constraint: what the request may generate (k2jax.grammar); None allows anything.
     The scheduler fills in the rest: context (what to prefill: the prompt, after a preemption also what was
     generated), prefilled (how much of it the slot holds), cached_tokens (prompt tokens the prefix cache gave it
     when it first started).
@@ -88,6 +94,7 @@ class Request:
     params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     stop_ids: frozenset[int] = frozenset()
     force_before_stop: tuple[int, ...] = ()
+    constraint: RowConstraint | None = None
     slot: int | None = None
     prefilled: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
@@ -97,6 +104,19 @@ class Request:
     attached: bool = False
     admitted: int = 0
     cached_tokens: int | None = None
+
+
+def row_masks(constraints: dict[int, RowConstraint], n_slots: int, decode_steps: int
+              ) -> tuple[np.ndarray | None, int]:
+    """The decode call's masks (None without constraints; all tokens for unconstrained slots) and its step count:
+    1 while some constrained row's mask changes from token to token, else decode_steps."""
+    if not constraints:
+        return None, decode_steps
+    first = next(iter(constraints.values())).vocab
+    masks = np.tile(first.all_allowed(), (n_slots, 1))
+    for slot, constraint in constraints.items():
+        masks[slot] = constraint.mask()
+    return masks, decode_steps if all(c.steady for c in constraints.values()) else 1
 
 
 def check_request(request: Request, max_context: int, vocab_size: int) -> None:
@@ -369,11 +389,17 @@ class Scheduler:
             return 0
         last = np.array([decoding[s].generated[-1] if s in decoding else 0 for s in range(self.slots.n_slots)])
         params = [decoding[s].params if s in decoding else None for s in range(self.slots.n_slots)]
-        tokens, logprobs = self.slots.decode(last, params, self.decode_steps)
+        constrained = {s: r.constraint for s, r in decoding.items() if r.constraint is not None}
+        masks, n_steps = row_masks(constrained, self.slots.n_slots, self.decode_steps)
+        tokens, logprobs = self.slots.decode(last, params, n_steps, masks)
         self.steps += 1
         for slot, request in decoding.items():
-            if self._active.get(slot) is request:  # not preempted for another's forced tokens meanwhile
-                self._accept(request, tokens[slot].tolist(), logprobs[slot].tolist())
+            if self._active.get(slot) is not request:  # preempted for another's forced tokens meanwhile
+                continue
+            taken = n_steps if request.constraint is None else request.constraint.accept(tokens[slot].tolist())
+            if taken < n_steps:
+                self.slots.rewind(slot, int(self.slots.lengths[slot]) - (n_steps - taken))
+            self._accept(request, tokens[slot, :taken].tolist(), logprobs[slot, :taken].tolist())
         return len(decoding)
 
     @staticmethod
@@ -418,7 +444,11 @@ class Scheduler:
                                     start=request.prefilled)
         request.prefilled += n
         if request.prefilled == len(request.context):
-            token, logprob = self.slots.sample(logits[-1], request.params, len(request.context))
+            constraint = request.constraint
+            token, logprob = self.slots.sample(logits[-1], request.params, len(request.context),
+                                               None if constraint is None else constraint.mask())
+            if constraint is not None:
+                constraint.accept([token])
             self._accept(request, [token], [logprob])
 
     def _row_ok(self, request: Request) -> bool:
@@ -608,8 +638,10 @@ class LinkedSlots(Slots):
             return super().prefill(slot, tokens, start)
 
     def decode(self, tokens: np.ndarray, params: Sequence[SamplingParams | None],
-               n_steps: int = engine.DECODE_STEPS) -> tuple[np.ndarray, np.ndarray]:
-        """Broadcast, then decode, within the link's deadline."""
+               n_steps: int = engine.DECODE_STEPS, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Broadcast, then decode, within the link's deadline (token masks are not broadcast: single-host only)."""
+        if masks is not None:
+            raise ValueError("constrained decoding (token masks) is not available when serving over several processes")
         with self.link.deadline():
             self.link.send(DECODE, (n_steps,), np.concatenate([np.asarray(tokens, np.int32), pack_params(params)]))
             return super().decode(tokens, params, n_steps)

@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="max_tokens of a chat completion that sets none (default: all the context left)")
     ap.add_argument("--max-body-bytes", type=int_in(1), default=None,
                     help="largest request body accepted, in bytes (default: 8 MiB)")
+    ap.add_argument("--no-tool-grammar", action="store_true",
+                    help="do not enforce tool calls with a grammar (by default a call can only name a declared tool "
+                         "and carry arguments that match its schema)")
     ap.add_argument("--served-model-name", default=None, help="model id clients send (default: the model dir name)")
     ap.add_argument("--api-key", default=os.environ.get("K2JAX_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1 routes (default: $K2JAX_API_KEY, else none)")
@@ -119,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         scheduler = Scheduler(model, n_slots=args.max_batch, max_context=args.max_context, max_queue=args.max_queue,
                               prefill_chunk=args.prefill_chunk, link=link, num_pages=args.kv_pages,
                               prefix_cache=not args.no_prefix_cache, progress=True)
+        if multi and not args.no_tool_grammar:
+            print("k2jax-serve: warning: tool calls are not grammar-enforced when serving over several processes",
+                  file=sys.stderr)
         service = Service(model, scheduler, served_name(args), args.api_key,
-                          args.max_body_bytes or MAX_BODY_BYTES, args.default_max_tokens)
+                          args.max_body_bytes or MAX_BODY_BYTES, args.default_max_tokens, not args.no_tool_grammar)
     except (ValueError, FileNotFoundError) as err:
         print(f"k2jax-serve: error: {err}", file=sys.stderr)
         if link is not None:  # the other processes must not wait for steps that will never come

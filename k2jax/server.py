@@ -4,6 +4,12 @@ The model runs only on the scheduler's thread; worker threads parse, check, rend
 event loop turns tokens into text (incremental detokenizing, stop strings, the K2 chat parser) and HTTP. Errors
 follow OpenAI's shape: {"error": {message, type, param, code}}.
 
+Tool calls are enforced whenever tools are declared: a grammar (k2jax.grammar) lets the model call only declared
+tools, with K2's ids and arguments that match each tool's schema, and honours tool_choice and parallel_tool_calls;
+`"strict": false` on a tool lifts its schema (on every tool: no enforcement), as does Service(enforce_tools=False).
+Call ids of a client's history that are not K2's `functions.NAME:IDX` are renumbered into that form for the prompt,
+and responses carry K2 ids. max_reasoning_tokens / reasoning_effort bound the reasoning block.
+
 What a client controls is checked at the edge: body size (while it is read), media type, JSON depth and Unicode,
 every value that reaches the model's arrays, tool schemas (jsonschema), and prompt size before tokenizing. Message
 text never becomes reserved tokens (see Tokenizer.apply_chat_template); completions read their prompt as plain text
@@ -40,7 +46,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from k2jax import chat
+from k2jax import chat, grammar
+from k2jax.grammar import GrammarError, RowConstraint
 from k2jax.sampling import SamplingParams
 from k2jax.scheduler import Output, QueueFull, Request, Scheduler
 
@@ -105,6 +112,7 @@ class FunctionDef(BaseModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class Tool(BaseModel):
@@ -166,7 +174,10 @@ class ChatBody(GenerationBody):
     messages: list[Message]
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = None
+    max_reasoning_tokens: int | None = None
+    reasoning_effort: str | None = None
 
 
 class CompletionBody(GenerationBody):
@@ -273,7 +284,7 @@ def token_budget(prompt_len: int, max_tokens: int | None, max_context: int, prom
 
 
 def chat_messages(body: ChatBody) -> list[dict[str, Any]]:
-    """Messages as plain dicts for the chat template ('developer' is rendered as 'system')."""
+    """Messages as plain dicts for the chat template ('developer' is rendered as 'system'), call ids in K2's form."""
     if not body.messages:
         raise APIError(422, "messages: give at least one message", param="messages")
     out = []
@@ -281,7 +292,7 @@ def chat_messages(body: ChatBody) -> list[dict[str, Any]]:
         item = message.model_dump(exclude_none=True)
         item["role"] = "system" if item["role"] == "developer" else item["role"]
         out.append(item)
-    return out
+    return chat.normalize_call_ids(out)
 
 
 def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]],
@@ -559,14 +570,14 @@ class Job:
         self._cancel_requests = weakref.finalize(self, cancel_all, scheduler, self.requests)
 
     def add(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: frozenset[int],
-            force_before_stop: tuple[int, ...] = (), sample: int = 0) -> None:
+            force_before_stop: tuple[int, ...] = (), sample: int = 0, constraint: RowConstraint | None = None) -> None:
         """Add one sequence (sample j of its prompt draws with seed + j); its outputs arrive tagged with its index."""
         index = len(self.requests)
         params = dataclasses.replace(params, seed=(params.seed + sample) & 0xFFFFFFFF)
         emit = functools.partial(self.loop.call_soon_threadsafe, self.queue.put_nowait)
         self.pending.add(index)
         self.requests.append(Request(prompt, max_tokens, lambda out: emit((index, out)), params, stop_ids,
-                                     force_before_stop))
+                                     force_before_stop, constraint))
 
     def submit(self) -> None:
         """Queue every request; a full queue (429) or a rejected request (400) cancels those already queued."""
@@ -661,20 +672,27 @@ def usage(prompt_tokens: int, choices: Sequence[Choice], cached_tokens: int) -> 
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chat_message(choice: Choice) -> dict[str, Any]:
-    """The assistant message of a finished chat choice: content, reasoning_content, tool_calls."""
+def numbered(calls: Sequence[dict[str, Any]], first: int) -> list[dict[str, Any]]:
+    """Tool calls with K2's ids functions.NAME:IDX, IDX counting from `first` (the conversation's earlier calls)."""
+    return [{**call, "id": chat.call_id(call["function"]["name"], first + k)} for k, call in enumerate(calls)]
+
+
+def chat_message(choice: Choice, call_offset: int = 0) -> dict[str, Any]:
+    """The assistant message of a finished chat choice: content, reasoning_content, tool_calls (K2 ids from
+    call_offset on)."""
     parsed = choice.parser.output()
     message: dict[str, Any] = {"role": "assistant", "content": parsed.content or (None if parsed.tool_calls else ""),
                                "reasoning_content": parsed.reasoning_content}
     if parsed.tool_calls:
-        message["tool_calls"] = parsed.tool_calls
+        message["tool_calls"] = numbered(parsed.tool_calls, call_offset)
     return message
 
 
-def chat_delta(delta: chat.Delta, first_call: int) -> dict[str, Any]:
-    """A chat.Delta as an OpenAI stream delta; tool calls are numbered from first_call."""
+def chat_delta(delta: chat.Delta, first_call: int, call_offset: int = 0) -> dict[str, Any]:
+    """A chat.Delta as an OpenAI stream delta; tool calls are numbered from first_call (ids from call_offset on)."""
     if delta.tool_calls:
-        return {"tool_calls": [{"index": first_call + k, **call} for k, call in enumerate(delta.tool_calls)]}
+        calls = numbered(delta.tool_calls, call_offset + first_call)
+        return {"tool_calls": [{"index": first_call + k, **call} for k, call in enumerate(calls)]}
     if delta.reasoning_content:
         return {"reasoning_content": delta.reasoning_content}
     return {"content": delta.content}
@@ -698,6 +716,7 @@ class Call:
     stream: bool
     include_usage: bool
     n_prompts: int = 1
+    call_offset: int = 0
 
     def take(self, index: int, out: Output) -> list[chat.Delta]:
         """Feed one Output to its choice; a stop string ends that choice. Returns chat deltas (or text as content)."""
@@ -730,7 +749,7 @@ class Call:
             calls_sent = [0] * len(self.choices)
             async for index, out in self.job.outputs():
                 for delta in self.take(index, out):
-                    yield self.chunk(index, chat_delta(delta, calls_sent[index]))
+                    yield self.chunk(index, chat_delta(delta, calls_sent[index], self.call_offset))
                     calls_sent[index] += len(delta.tool_calls)
                 choice = self.choices[index]
                 if choice.finish is not None:
@@ -753,7 +772,8 @@ class Call:
 
     def response(self) -> dict[str, Any]:
         """The non-streaming body: a chat.completion or a text_completion."""
-        choices = [{"index": i, **({"message": chat_message(c)} if self.is_chat else {"text": c.text.text}),
+        choices = [{"index": i, **({"message": chat_message(c, self.call_offset)} if self.is_chat
+                                   else {"text": c.text.text}),
                     "logprobs": None, "finish_reason": c.finish_reason()} for i, c in enumerate(self.choices)]
         return {**self.head, "choices": choices, "usage": self.usage()}
 
@@ -779,21 +799,28 @@ class Prepared:
     is_chat: bool
     stream: bool
     include_usage: bool
+    constraints: tuple[RowConstraint | None, ...] = ()
+    call_offset: int = 0
 
 
 class Service:
     """What the HTTP routes need: the model's tokenizer, the scheduler, the served name, the key, the metrics.
 
     default_max_tokens: a chat completion's max_tokens when it sets none (None: all the context left).
+    enforce_tools: whether declared tools are enforced by a grammar (each tool may still opt out with strict false).
+    Token masks (tool grammars, reasoning budgets) need a single-process scheduler.
     """
 
     def __init__(self, model: Any, scheduler: Scheduler, name: str = "k2jax", api_key: str | None = None,
-                 max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int | None = None):
+                 max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int | None = None,
+                 enforce_tools: bool = True):
         if model.tokenizer is None:
             raise ValueError("serving needs a checkpoint with a tokenizer (tiktoken.model)")
         self.tokenizer, self.scheduler, self.name, self.api_key = model.tokenizer, scheduler, name, api_key
         self.vocab_size = model.config.vocab_size
         self.max_body_bytes, self.default_max_tokens = max_body_bytes, default_max_tokens
+        self.masks = scheduler.link is None
+        self.enforce_tools = enforce_tools and self.masks
         self.created = int(time.time())
         self.metrics = Metrics(scheduler)
         self.workers = ThreadPoolExecutor(PROMPT_WORKERS, thread_name_prefix="k2jax-prompt")
@@ -816,27 +843,68 @@ class Service:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "k2jax",
                 "max_model_len": self.scheduler.max_context}
 
+    def enforced(self, tools: Sequence[dict[str, Any]]) -> bool:
+        """Whether a request's tools are enforced: the server enforces tools and some tool is strict."""
+        return self.enforce_tools and any(map(grammar.is_strict, tools))
+
     def tool_setup(self, body: ChatBody) -> tuple[list[dict[str, Any]] | None, frozenset[int], tuple[int, ...]]:
-        """Tools to render, stop ids and forced tokens for tool_choice: none / auto / required / a named function."""
+        """Tools to render, stop ids and forced tokens for tool_choice: none / auto / required / a named function
+        (no forced tokens when a grammar enforces the tools)."""
         check_tools(body.tools or [])
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
         choice = body.tool_choice or ("auto" if tools else "none")
         stop_ids = frozenset(self.tokenizer.stop_ids)
+        enforced = self.enforced(tools)
+        tools = [{**t, "function": {k: v for k, v in t["function"].items() if k != "strict"}} for t in tools]
         if choice == "none":
-            return None, stop_ids | {self.tokenizer.token_id(chat.SECTION_BEGIN)}, ()
+            return None, stop_ids if enforced else stop_ids | {self.tokenizer.token_id(chat.SECTION_BEGIN)}, ()
         if not tools:
             raise APIError(400, "tool_choice needs a non-empty `tools` list", param="tool_choice")
-        if choice == "auto":
+        names = [t["function"]["name"] for t in tools]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise APIError(400, f"tool_choice names `{choice.function.name}`, which is not in tools {names}",
+                           param="tool_choice")
+        if choice == "auto" or enforced:
             return tools, stop_ids, ()
         opening = f"{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions."
         if choice == "required":
             return tools, stop_ids, tuple(self.tokenizer.encode_marked(opening))
-        names = [t["function"]["name"] for t in tools]
-        if choice.function.name not in names:
-            raise APIError(400, f"tool_choice names `{choice.function.name}`, which is not in tools {names}",
-                           param="tool_choice")
         name = chat.mark(choice.function.name, self.tokenizer.reserved_names)
         return tools, stop_ids, tuple(self.tokenizer.encode_marked(f"{opening}{name}:0{chat.ARGUMENT_BEGIN}"))
+
+    def tool_grammar(self, body: ChatBody, call_offset: int) -> str | None:
+        """The grammar that enforces the request's tools (None when none are declared or enforced); a schema the
+        grammar library cannot compile is a 400 naming the tool."""
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        if not self.enforced(tools):
+            return None
+        choice = body.tool_choice or "auto"
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        try:
+            return grammar.tool_calls_grammar(tools, "required" if named else choice, named,
+                                              body.parallel_tool_calls is not False, call_offset)
+        except GrammarError as err:
+            raise APIError(400, f"{err}; send the tool with \"strict\": false to skip enforcing it",
+                           param=err.where) from None
+
+    def constraints(self, body: ChatBody, n: int, call_offset: int) -> tuple[RowConstraint | None, ...]:
+        """One constraint per choice: the tool grammar and the reasoning budget, if any."""
+        try:
+            budget = grammar.reasoning_budget(body.max_reasoning_tokens, body.reasoning_effort)
+        except ValueError as err:
+            param = "max_reasoning_tokens" if body.max_reasoning_tokens is not None else "reasoning_effort"
+            raise APIError(400, str(err), param=param) from None
+        rules = self.tool_grammar(body, call_offset)
+        if rules is None and budget is None:
+            return (None,) * n
+        if not self.masks:
+            raise APIError(400, "max_reasoning_tokens and reasoning_effort are not available when serving over "
+                           "several processes", param="max_reasoning_tokens")
+        vocab = grammar.vocabulary(self.tokenizer, self.vocab_size)
+        try:
+            return tuple(RowConstraint(vocab, rules, budget) for _ in range(n))
+        except GrammarError as err:  # e.g. over the library's size limits, though each schema compiled alone
+            raise APIError(400, f"the tools cannot be enforced together: {err}", param="tools") from None
 
     def head(self, kind: str) -> dict[str, Any]:
         """The id/object/created/model envelope of a response."""
@@ -854,9 +922,12 @@ class Service:
         """A chat completion's prompt ids (user text stays text), budget, sampling and tool setup."""
         n, params, stops = choice_count(body), sampling_params(body, self.vocab_size), stop_strings(body)
         tools, stop_ids, forced = self.tool_setup(body)
+        messages = chat_messages(body)
+        call_offset = chat.call_count(messages)
+        constraints = self.constraints(body, n, call_offset)
         tokenizer, max_context = self.tokenizer, self.scheduler.max_context
         try:
-            marked = tokenizer.render_marked(chat_messages(body), tools)
+            marked = tokenizer.render_marked(messages, tools)
         except ValueError as err:
             raise APIError(422, str(err), param="messages") from None
         check_prompt_chars(len(marked) - marked.count(chat.MARK), tokenizer.max_token_chars, max_context, "messages")
@@ -864,7 +935,7 @@ class Service:
         requested = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
         budget = token_budget(len(ids), requested, max_context, "messages", self.default_max_tokens)
         return Prepared([ids], [budget], n, params, stops, stop_ids, forced, True, body.stream,
-                        bool(body.stream_options and body.stream_options.include_usage))
+                        bool(body.stream_options and body.stream_options.include_usage), constraints, call_offset)
 
     def prepare_completion(self, body: CompletionBody) -> Prepared:
         """A text completion's prompts (plain text unless allow_special_tokens), budgets and sampling."""
@@ -888,16 +959,18 @@ class Service:
     def start(self, prepared: Prepared) -> Call:
         """Submit a prepared request to the scheduler (on the event loop): its Call."""
         job = Job(self.scheduler, self.metrics)
+        constraints = iter(prepared.constraints)
         for ids, budget in zip(prepared.prompts, prepared.budgets):
             for j in range(prepared.n):
-                job.add(ids, budget, prepared.params, prepared.stop_ids, prepared.forced, sample=j)
+                job.add(ids, budget, prepared.params, prepared.stop_ids, prepared.forced, sample=j,
+                        constraint=next(constraints, None))
         job.submit()
         choices = [Choice(TextStream(self.tokenizer, prepared.stops), chat.StreamParser() if prepared.is_chat else None)
                    for _ in range(len(prepared.prompts) * prepared.n)]
         kind = ("chat.completion.chunk" if prepared.stream else "chat.completion") if prepared.is_chat \
             else "text_completion"
         return Call(job, choices, sum(map(len, prepared.prompts)), self.head(kind), prepared.stream,
-                    prepared.include_usage, len(prepared.prompts))
+                    prepared.include_usage, len(prepared.prompts), prepared.call_offset)
 
     async def call(self, request: HTTPRequest, schema: type[ChatBody] | type[CompletionBody]) -> Call:
         """Read the body, prepare it on a worker thread, submit it."""

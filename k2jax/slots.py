@@ -116,18 +116,21 @@ class Slots:
         that no slot holds."""
         return self.pages.shortfall(wants)
 
-    def sample(self, logits_V: np.ndarray, params: SamplingParams, position: int) -> tuple[int, float]:
-        """One token (and its log-prob) from a row of logits, keyed by the request seed and its position."""
+    def sample(self, logits_V: np.ndarray, params: SamplingParams, position: int,
+               mask_W: np.ndarray | None = None) -> tuple[int, float]:
+        """One token (and its log-prob) from a row of logits, keyed by the request seed and its position; mask_W
+        (packed allowed tokens, see k2jax.grammar) limits the choice."""
+        mask = None if mask_W is None else on_device(np.asarray(mask_W)[None], np.int32)
         tok, logp = _sample(on_device(logits_V[None], np.float32), stack_params([params]),
-                            on_device([position], np.int32))
+                            on_device([position], np.int32), mask)
         return int(tok[0]), float(logp[0])
 
     def decode(self, tokens: np.ndarray, params: Sequence[SamplingParams | None],
-               n_steps: int = engine.DECODE_STEPS) -> tuple[np.ndarray, np.ndarray]:
+               n_steps: int = engine.DECODE_STEPS, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Feed each active slot its last token and sample n_steps more: ([slots, n] tokens, log-probs).
 
         A slot is active where params is not None; inactive slots write nothing and keep their cached prefix
-        (their returned tokens are junk).
+        (their returned tokens are junk). masks [slots, words] (packed allowed tokens) holds for all n steps.
         """
         active = np.array([p is not None for p in params])
         if not active.any():
@@ -136,7 +139,7 @@ class Slots:
             raise ValueError(f"decoding {n_steps} more tokens would overflow a slot's capacity of {self.capacity}")
         for slot in np.flatnonzero(active):
             self._reserve(int(slot), int(self.lengths[slot]) + n_steps)
-        toks, logps = map(host_value, self._decode(tokens, active, params, n_steps))
+        toks, logps = map(host_value, self._decode(tokens, active, params, n_steps, masks=masks))
         for slot in np.flatnonzero(active):  # written: the fed token, then every sampled one but the last
             if self.tokens[slot] is not None:
                 self.tokens[slot] += [int(tokens[slot]), *toks[slot, :-1].tolist()]
@@ -145,30 +148,44 @@ class Slots:
 
     def warmup(self, prefill_tokens: int, decode_steps: int, progress: bool = False) -> int:
         """Compile (and run once, writing nothing) every program that prefill calls of up to `prefill_tokens` tokens,
-        decode calls of `decode_steps` steps, sample and a page copy can need; returns how many there are."""
+        decode calls of `decode_steps` steps (and, with a grammar's token masks, of 1 step), sample and a page copy
+        can need; returns how many there are."""
         layout, columns = self.pages.layout, self.pages.table.shape[1]
         top = min(engine.bucket(min(prefill_tokens, self.capacity)), engine.PREFILL_CHUNK)
         chunks = [16 << k for k in range(top.bit_length()) if 16 << k <= top]
         widths = engine.table_widths(layout, columns)
         programs = [("prefill", c, w) for c in chunks for w in widths if w >= engine.table_width(layout, columns, c)]
-        programs += [("decode", decode_steps, w) for w in widths
-                     if w >= engine.table_width(layout, columns, decode_steps + 1)]
-        programs += [("sample", 1, 0), ("copy", 1, 0)]
+        programs += [(kind, steps, w) for kind, steps in (("decode", decode_steps), ("masked", decode_steps),
+                                                          ("masked", 1)) for w in widths
+                     if w >= engine.table_width(layout, columns, steps + 1)]
+        programs += [("sample", 1, 0), ("sample-masked", 1, 0), ("copy", 1, 0)]
         if progress:
             from tqdm import tqdm
 
             programs = tqdm(programs, desc="compiling", unit="program")
         idle = np.zeros(self.n_slots, bool)
+        all_tokens = np.full((self.n_slots, -(-self.model.config.vocab_size // 32)), -1, np.int32)  # grammar rows
         for kind, size, width in programs:
             if kind == "prefill":
                 self._step(0, np.zeros(size, np.int32), 0, 0, width)
-            elif kind == "decode":
-                self._decode(np.zeros(self.n_slots, np.int32), idle, [None] * self.n_slots, size, width)
-            elif kind == "sample":
-                self.sample(np.zeros(self.model.config.vocab_size, np.float32), SamplingParams(), 0)
+            elif kind in ("decode", "masked"):
+                masks = all_tokens if kind == "masked" else None
+                self._decode(np.zeros(self.n_slots, np.int32), idle, [None] * self.n_slots, size, width, masks)
+            elif kind.startswith("sample"):
+                self.sample(np.zeros(self.model.config.vocab_size, np.float32), SamplingParams(), 0,
+                            all_tokens[0] if kind == "sample-masked" else None)
             else:
                 self._copy([(0, 0)])
         return len(programs)
+
+    def rewind(self, slot: int, length: int) -> None:
+        """Keep only the slot's first `length` cached tokens (the rest of a decoded run was not taken)."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens; cannot rewind it to {length}")
+        self._copy(self.pages.truncate(slot, length))
+        self.lengths[slot] = length
+        if self.tokens[slot] is not None:
+            del self.tokens[slot][length:]
 
     def release(self, slot: int) -> None:
         """Forget a slot's sequence and give its pages back (its full pages stay in the prefix cache, if any)."""
@@ -202,15 +219,16 @@ class Slots:
         return logits
 
     def _decode(self, tokens: np.ndarray, active: np.ndarray, params: Sequence[SamplingParams | None], n_steps: int,
-                width: int | None = None) -> tuple[jax.Array, jax.Array]:
+                width: int | None = None, masks: np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
         """The decode call on device: ([slots, n_steps] tokens, log-probs); inactive slots write nothing."""
         m = self.model
         cache = m.cache_view(self.pages, self.pool, range(self.n_slots), np.where(active, self.lengths + n_steps, 0),
                              width)
         sampling = stack_params([p or SamplingParams() for p in params])
+        mask = None if masks is None else on_device(masks, np.int32)
         toks, logps, cache = m._call(engine.decode, m.graphdef, m.state, on_device(tokens, np.int32),
                                      on_device(self.lengths, np.int32), on_device(active, bool), cache, sampling,
-                                     m.config, m.dtype, n_steps)
+                                     m.config, m.dtype, n_steps, mask)
         self.pool = cache.pool
         return toks, logps
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import jax
+import jsonschema
 import numpy as np
 import pytest
 from tokenizers import Regex, models, pre_tokenizers, trainers
@@ -341,3 +342,25 @@ def test_reserved_names_in_user_text_reach_the_model_as_text(tiny):
     start = ids.index(tok.token_id("<|im_middle|>"), ids.index(tok.token_id("<|im_user|>"))) + 1
     end = next(k for k in range(start, len(ids)) if ids[k] >= len(tok.tokens))
     assert ids[start:end] == tok.encode(f"Hi{injection}", allow_special=False)  # the user's span, as plain text
+
+
+def test_agent_calls_only_declared_tools_with_valid_arguments(bundled):
+    """The issue's case: with only `multiply` declared, the enforced agent calls multiply (never the demo tool
+    `calculate` it was trained on), with integer arguments, ids counting on across steps, at temperature 1 too."""
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    schema = declare(multiply)["function"]["parameters"]
+    for sampling in (SamplingParams(), SamplingParams(temperature=1.0, seed=4)):
+        result = run_agent(bundled, "What is 37 times 41?", [multiply], max_steps=3, max_new_tokens=NEW_TOKENS,
+                           capacity=CAPACITY, sampling=sampling, max_reasoning_tokens=32)
+        calls = [c for m in result.messages for c in m.get("tool_calls", [])]
+        assert calls, "the agent made no call"
+        for k, call in enumerate(calls):
+            assert call["id"] == f"functions.multiply:{k}"
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+        check_result_ids(result.messages)
+    with pytest.raises(ValueError, match="tools\\[0\\].function.parameters"):
+        Agent(bundled, [Tool(multiply, {"type": "function", "function": {
+            "name": "multiply", "parameters": {"type": "object", "properties": {"a": {"not": {}}}}}})])

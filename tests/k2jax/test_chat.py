@@ -441,3 +441,52 @@ def test_rendered_assistant_turn_parses_back(reasoning, content, calls, stop):
     ]
     text = f"<think>{reasoning}</think>{content}" + (chat.render_tool_calls(sent) if sent else "") + stop
     assert normalized(parse_output(text)) == (reasoning, content, tool_calls)
+
+
+# ---------------------------------------------------------------- call ids from OpenAI-style clients
+
+
+def openai_call(call_id: str, name: str, arguments: str = "{}") -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def test_client_call_ids_are_renumbered_in_k2_form_and_results_follow():
+    history = [
+        {"role": "user", "content": "Weather in Paris and Rome, then the time?"},
+        {"role": "assistant", "content": None, "tool_calls": [openai_call("call_abc123", "weather"),
+                                                              openai_call("toolu_01XyZ", "weather")]},
+        {"role": "tool", "tool_call_id": "toolu_01XyZ", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_abc123", "content": "rain"},
+        {"role": "assistant", "content": "", "tool_calls": [openai_call("functions.clock:2", "clock")]},
+        {"role": "tool", "tool_call_id": "functions.clock:2", "content": "noon"},
+        {"role": "assistant", "content": "", "tool_calls": [openai_call("call_0", "clock")]},  # ids reused per turn,
+        {"role": "tool", "tool_call_id": "call_0", "content": "one"},
+        {"role": "assistant", "content": "", "tool_calls": [openai_call("call_0", "weather")]},  # as some clients do
+        {"role": "tool", "tool_call_id": "call_0", "content": "snow"},
+    ]
+    normal = chat.normalize_call_ids(history)
+    ids = [c["id"] for m in normal for c in m.get("tool_calls") or []]
+    assert ids == ["functions.weather:0", "functions.weather:1", "functions.clock:2", "functions.clock:3",
+                   "functions.weather:4"]
+    results = [(m["tool_call_id"], m["content"]) for m in normal if m["role"] == "tool"]
+    assert results == [("functions.weather:1", "sunny"), ("functions.weather:0", "rain"),
+                       ("functions.clock:2", "noon"), ("functions.clock:3", "one"), ("functions.weather:4", "snow")]
+    assert chat.call_count(normal) == 5 and history[1]["tool_calls"][0]["id"] == "call_abc123"  # input untouched
+    prompt = chat.render(normal)
+    assert "call_abc" not in prompt and "call_0" not in prompt and "toolu" not in prompt
+    assert "## Return of functions.weather:0\nrain" in prompt
+
+
+def test_k2_ids_map_to_themselves_and_earlier_turns_render_the_same():
+    """Ids this server returned come back unchanged, so each turn's prompt extends the last one's (prefix reuse)."""
+    turn1 = [{"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "", "tool_calls": [openai_call("call_x", "f")]},
+             {"role": "tool", "tool_call_id": "call_x", "content": "1"}]
+    turn2 = turn1 + [{"role": "assistant", "content": "", "tool_calls": [openai_call("functions.f:1", "f"),
+                                                                          openai_call("functions.g:7", "f")]},
+                     {"role": "tool", "tool_call_id": "functions.g:7", "content": "2"}]
+    first, second = chat.normalize_call_ids(turn1), chat.normalize_call_ids(turn2)
+    assert second[: len(first)] == first
+    assert [c["id"] for c in second[3]["tool_calls"]] == ["functions.f:1", "functions.f:2"]  # g is not f's id
+    assert second[4]["tool_call_id"] == "functions.f:2"
+    assert chat.render(second, add_generation_prompt=False).startswith(chat.render(first, add_generation_prompt=False))

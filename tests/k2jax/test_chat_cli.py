@@ -12,7 +12,7 @@ import pytest
 
 import k2jax
 from k2jax.agent import Event
-from k2jax.chat_cli import calculate, convert_units, demo_task, event_printer, lookup_capital, main
+from k2jax.chat_cli import calculate, convert_units, demo_task, event_printer, lookup_capital, main, parse_args
 
 BUNDLED = Path(k2jax.__file__).parent / "bundled"
 
@@ -62,3 +62,12 @@ def test_repl_with_tools_on_the_bundled_model(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "[tool call] calculate(" in out and "[tool call] lookup_capital(" in out and "[tool result] " in out
     assert err.count(" step(s) | prefilled") == 2 and "-- new conversation" in err
+
+
+def test_grammar_flags(capsys):
+    args = parse_args(["--tools", "--no-tool-grammar", "--max-reasoning-tokens", "0"])
+    assert args.no_tool_grammar and args.max_reasoning_tokens == 0
+    assert not parse_args(["--tools"]).no_tool_grammar and parse_args([]).max_reasoning_tokens is None
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--max-reasoning-tokens", "-1"])
+    assert exit_.value.code == 2 and "--max-reasoning-tokens" in capsys.readouterr().err

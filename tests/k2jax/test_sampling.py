@@ -1,12 +1,13 @@
-"""Sampling filters on known distributions, and seeded reproducibility."""
+"""Sampling filters on known distributions, seeded reproducibility, and allowed-token masks."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k2jax.sampling import SamplingParams, filter_logits, sample, stack_params
+from k2jax.sampling import SamplingParams, filter_logits, sample, stack_params, unpack_mask
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 
@@ -70,3 +71,51 @@ def test_top_k_one_and_zero_temperature_are_greedy(rng):
 def test_bad_values_are_named(kw, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kw)
+
+
+# ---------------------------------------------------------------- allowed-token masks
+
+
+def random_masks(rng, rows: int, vocab: int) -> np.ndarray:
+    """Packed int32 masks [rows, ceil(vocab/32)] allowing a random non-empty set of tokens per row."""
+    allowed = rng.random((rows, vocab)) < rng.uniform(0.01, 0.5, (rows, 1))
+    allowed[np.arange(rows), rng.integers(0, vocab, rows)] = True
+    padded = np.zeros((rows, -(-vocab // 32) * 32), bool)
+    padded[:, :vocab] = allowed
+    return np.packbits(padded.reshape(rows, -1, 32)[:, :, ::-1], axis=-1).view(">u4").astype(np.uint32).view(
+        np.int32).reshape(rows, -1)
+
+
+def test_unpacked_mask_matches_llguidance_layout(rng):
+    llg_numpy = pytest.importorskip("llguidance.numpy")
+    vocab = 1000
+    masks = random_masks(rng, 5, vocab)
+    reference = np.zeros((5, vocab), np.float32)
+    llg_numpy.apply_token_bitmask_inplace(reference, masks)  # the library's own reading of its layout: -inf = banned
+    np.testing.assert_array_equal(np.asarray(unpack_mask(jnp.asarray(masks), vocab)), np.isfinite(reference))
+
+
+@pytest.mark.parametrize("kw", [{"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 1.5, "top_k": 5},
+                                {"temperature": 1.0, "top_p": 0.5}, {"temperature": 1.0, "min_p": 0.3}])
+def test_masked_rows_only_pick_allowed_tokens(rng, kw):
+    rows, vocab = 64, 300
+    masks = random_masks(rng, rows, vocab)
+    allowed = np.asarray(unpack_mask(jnp.asarray(masks), vocab))
+    logits = jnp.asarray(rng.normal(size=(rows, vocab)) * 3)
+    params = stack_params([SamplingParams(seed=int(s), **kw) for s in rng.integers(0, 2**31, rows)])
+    toks, logp = sample(logits, params, jnp.arange(rows), jnp.asarray(masks))
+    toks = np.asarray(toks)
+    assert allowed[np.arange(rows), toks].all()
+    model_logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))[np.arange(rows), toks]
+    np.testing.assert_allclose(np.asarray(logp), model_logp, rtol=1e-5)  # the model's log-prob, not the mask's
+    if kw["temperature"] == 0:
+        best = np.where(allowed, np.asarray(logits), -np.inf).argmax(-1)
+        assert (toks == best).all()
+
+
+def test_an_all_allowed_mask_changes_nothing(rng):
+    logits = jnp.asarray(rng.normal(size=(8, 100)))
+    params = stack_params([SamplingParams(temperature=1.0, top_p=0.9, seed=s) for s in range(8)])
+    full = jnp.full((8, 4), -1, jnp.int32)
+    plain, masked = sample(logits, params, jnp.arange(8)), sample(logits, params, jnp.arange(8), full)
+    np.testing.assert_array_equal(np.asarray(plain[0]), np.asarray(masked[0]))

@@ -3,14 +3,17 @@ and under preemption; slots and pages never leak; serving compiles nothing."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import jax
+import jsonschema
 import numpy as np
 import pytest
 
 import k2jax
+from k2jax.grammar import RowConstraint, json_grammar, vocabulary
 from k2jax.sampling import SamplingParams
 from k2jax.scheduler import Output, QueueFull, Request, Scheduler, pack_params, unpack_params
 
@@ -307,3 +310,38 @@ def test_serving_a_mixed_load_compiles_nothing(model, scheduler, rng):
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
     assert events == []
+
+
+def test_constrained_rows_sample_exactly_and_leave_other_rows_alone():
+    """A row under a JSON grammar (its mask changing token by token) beside plain rows: the plain rows give
+    generate()'s greedy tokens, and the constrained row's tokens, sampled in runs of decode_steps that are cut where
+    its mask changed, equal those sampled one token per step under each token's own mask."""
+    model = k2jax.load()  # the bundled model: it has a tokenizer
+    tok = model.tokenizer
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "days": {"type": "integer"}}, "required": ["city", "days"]}
+    vocab = vocabulary(tok, model.config.vocab_size)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Plan a trip as JSON."}], tokenize=True)
+    plain = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)
+             for q in ("What is the capital of Peru?", "Compute 12 * 3.")]
+    runs = []
+    for steps in (8, 1):
+        sched = Scheduler(model, n_slots=3, max_context=512, decode_steps=steps).start()
+        jobs = [request(prompt, 48, stop_ids=frozenset(tok.stop_ids), params=SamplingParams(temperature=1.0, seed=3),
+                        constraint=RowConstraint(vocab, json_grammar(schema), reasoning_budget=6))]
+        jobs += [request(p, 24, stop_ids=frozenset(tok.stop_ids)) for p in plain]
+        for req, _ in jobs:
+            sched.submit(req)
+        runs.append([sink.wait() for _, sink in jobs])
+        sched.close()
+    (constrained, *beside), (one_by_one, *_) = runs
+    assert constrained.tokens == one_by_one.tokens
+    for sink, p in zip(beside, plain):
+        assert sink.tokens == model.generate([p], max_new_tokens=24).ids[0]
+    text = tok.decode(constrained.tokens)
+    reasoning, _, answer = text.partition("</think>")
+    assert len(tok.encode(reasoning, allow_special=True)) <= 1 + 6  # <think> and at most 6 reasoning tokens
+    if constrained.finish == "stop":
+        jsonschema.validate(json.loads(answer), schema)
+    else:  # cut by max_tokens: what there is is a prefix of the grammar's JSON
+        assert answer.startswith("{")

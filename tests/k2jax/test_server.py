@@ -348,8 +348,15 @@ def test_tool_call_output_becomes_tool_calls(model, server):
     assert choice.finish_reason() == "tool_calls"
     message = chat_message(choice)
     assert message["content"] == "Checking." and message["tool_calls"][0]["function"] == call["function"]
+    assert chat_message(choice, 3)["tool_calls"][0]["id"] == "functions.get_weather:3"  # after 3 earlier calls
 
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    enforced = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    for choice in ("auto", "required", "none", {"type": "function", "function": {"name": "get_weather"}}):
+        body = ChatBody(model=NAME, messages=MESSAGES, tools=enforced, tool_choice=choice)
+        assert service.tool_setup(body)[1:] == (frozenset(model.tokenizer.stop_ids), ())  # the grammar does it
+    # Without enforcement (every tool strict false) tool_choice works through stop ids and forced tokens.
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"},
+                                               "strict": False}}]
     forced = {choice: model.tokenizer.decode(service.tool_setup(
         ChatBody(model=NAME, messages=MESSAGES, tools=tools, tool_choice=choice))[2])
         for choice in ("auto", "required")}
@@ -837,3 +844,83 @@ def test_after_fuzzing_a_normal_request_succeeds(fuzz_server):
     api = openai.OpenAI(base_url=http.url, api_key=KEY, max_retries=0, timeout=TIMEOUT_S)
     assert api.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=3).choices[0].finish_reason
     no_leaks(service)
+
+
+# ---------------------------------------------------------------- enforced tool calls
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"c": {"type": "string"}}, "required": ["c"]}}}
+WIDE = 480  # tool declarations take many of the tiny tokenizer's tokens
+
+
+@pytest.fixture(scope="module")
+def wide(model):
+    """A keyless server with most of the tiny model's context, and an openai client for it."""
+    http, service = serve(model, key=None, max_context=WIDE)
+    with http:
+        yield service, openai.OpenAI(base_url=http.url, api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+    service.scheduler.close()
+
+
+def test_a_grammar_row_never_changes_the_rows_beside_it(model, wide):
+    """Plain greedy requests give the same tokens alone and beside constrained requests sampling at temperature 1."""
+    service, client = wide
+    prompts = [[{"role": "user", "content": f"Question {i}: {'why ' * i}"}] for i in range(3)]
+
+    def plain(messages):
+        out = client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, temperature=0)
+        return out.choices[0].message.content, out.choices[0].message.reasoning_content
+
+    alone = [plain(m) for m in prompts]
+    with ThreadPoolExecutor(6) as pool:
+        constrained = [pool.submit(client.chat.completions.create, model=NAME, messages=MESSAGES, max_tokens=24,
+                                   temperature=1.0, seed=s, tools=[WEATHER], tool_choice="required",
+                                   extra_body={"max_reasoning_tokens": 2}) for s in range(3)]
+        beside = list(pool.map(plain, prompts))
+        for future in constrained:
+            for call in future.result().choices[0].message.tool_calls or []:
+                assert call.function.name == "get_weather" and "c" in json.loads(call.function.arguments)
+    assert beside == alone
+    no_leaks(service)
+
+
+def test_tool_schemas_the_grammar_cannot_compile(wide):
+    _, client = wide
+    bad = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"i": {"pattern": "(?<=x)y"}}}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=NAME, messages=MESSAGES, tools=[WEATHER, bad], max_tokens=4)
+    body = err.value.body
+    assert "`lookup`" in body["message"] and "look-around" in body["message"] and '"strict": false' in body["message"]
+    assert body["param"] == "tools[1].function.parameters"
+    loose = {"type": "function", "function": {**bad["function"], "strict": False}}
+    out = client.chat.completions.create(model=NAME, messages=MESSAGES, tools=[WEATHER, loose], max_tokens=4)
+    assert out.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    with pytest.raises(openai.BadRequestError, match="tool_choice names `nope`"):
+        client.chat.completions.create(model=NAME, messages=MESSAGES, tools=[WEATHER], max_tokens=4,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    for extra, param in (({"reasoning_effort": "maximal"}, "reasoning_effort"),
+                         ({"max_reasoning_tokens": -1}, "max_reasoning_tokens")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4, extra_body=extra)
+        assert err.value.body["param"] == param
+
+
+def test_history_call_ids_become_k2_ids(wide):
+    service, _ = wide
+    history = [{"role": "user", "content": "Weather in Paris and Rome?"},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"id": "call_abc123", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                   {"id": "call_def456", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+               {"role": "tool", "tool_call_id": "call_def456", "content": "sunny"},
+               {"role": "tool", "tool_call_id": "call_abc123", "content": "rain"}]
+    body = json.dumps({"model": NAME, "messages": history, "tools": [WEATHER]}).encode()
+    prepared = service.prepare(body, ChatBody)
+    prompt = service.tokenizer.decode(prepared.prompts[0])
+    assert "call_abc123" not in prompt and "call_def456" not in prompt
+    assert "## Return of functions.get_weather:1\nsunny" in prompt
+    assert "## Return of functions.get_weather:0\nrain" in prompt
+    assert prepared.call_offset == 2  # this turn's calls are functions.NAME:2, :3, ...

@@ -1,0 +1,294 @@
+"""Tool-call and JSON grammars against hand-written token sequences, jsonschema as the reference for arguments.
+
+Token sequences are the bundled tokenizer's encoding of K2-format text (tool and think markers as their reserved
+tokens, everything else as ordinary text tokens): a sequence is allowed when every token is in the mask of the
+state before it and the stop token is allowed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import k2jax
+from k2jax import chat
+from k2jax.grammar import (MAX_CALLS, REASONING_EFFORT, GrammarError, RowConstraint, allows, json_grammar,
+                           reasoning_budget, tool_calls_grammar, vocabulary)
+from k2jax.tokenizer import Tokenizer
+
+BUNDLED = Path(k2jax.__file__).parent / "bundled"
+MULTIPLY = {"type": "function", "function": {"name": "multiply", "description": "Multiply two integers.",
+            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                           "required": ["a", "b"], "additionalProperties": False}}}
+BOOK = {"type": "function", "function": {"name": "book_room", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["room", "guests"],
+    "properties": {"room": {"type": "string", "enum": ["single", "double", "suite"]},
+                   "guests": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                                         "properties": {"name": {"type": "string"},
+                                                                        "age": {"type": "integer", "minimum": 0}},
+                                                         "additionalProperties": False}, "minItems": 1},
+                   "nights": {"type": "number"}, "breakfast": {"type": "boolean"}}}}}
+PING = {"type": "function", "function": {"name": "ping"}}
+TOOLS = [MULTIPLY, BOOK, PING]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_dir(BUNDLED)
+
+
+@pytest.fixture(scope="module")
+def vocab(tok):
+    return vocabulary(tok, tok.vocab_size)
+
+
+def call(name: str, index: int, arguments: str) -> str:
+    return f"{chat.CALL_BEGIN}functions.{name}:{index}{chat.ARGUMENT_BEGIN}{arguments}{chat.CALL_END}"
+
+
+def section(*calls: str) -> str:
+    return chat.SECTION_BEGIN + "".join(calls) + chat.SECTION_END
+
+
+def allowed(vocab, tok, rules: str | None, text: str, budget: int | None = None) -> bool:
+    """Whether the constraint allows `text` (encoded with reserved tokens) followed by <|im_end|>."""
+    row = RowConstraint(vocab, rules, budget)
+    for token in [*tok.encode(text), tok.im_end_id]:
+        if not allows(row.mask(), token):
+            return False
+        row.accept([token])
+    return True
+
+
+THINK = f"{chat.THINK_BEGIN}The user wants a product.{chat.THINK_END}"
+GOOD_BOOKING = '{"room": "suite", "guests": [{"name": "Ann", "age": 30}, {"name": "Bo"}], "nights": 2.5}'
+
+
+@pytest.mark.parametrize("text", [
+    THINK + section(call("multiply", 0, '{"a": 37, "b": 41}')),
+    THINK + "Let me compute." + section(call("multiply", 0, '{"a":-3,"b":0}')),
+    section(call("multiply", 0, '{"a": 1, "b": 2}'), call("book_room", 1, GOOD_BOOKING), call("ping", 2, "{}")),
+    THINK + "No tool is needed: 4.",
+    "Plain answer, no reasoning block.",
+    THINK + section(call("book_room", 0, '{"room": "single", "guests": [{"name": "Zoë"}], "breakfast": true}')),
+])
+def test_valid_turns_are_allowed(vocab, tok, text):
+    assert allowed(vocab, tok, tool_calls_grammar(TOOLS), text)
+
+
+@pytest.mark.parametrize("text, why", [
+    (THINK + section(call("calculate", 0, '{"expression": "37 * 41"}')), "undeclared tool"),
+    (THINK + section(call("multiply", 1, '{"a": 37, "b": 41}')), "IDX is not the running count"),
+    (THINK + section(call("multiply", 0, '{"a": 1, "b": 2}'), call("multiply", 0, '{"a": 1, "b": 2}')),
+     "second call repeats IDX 0"),
+    (THINK + section(call("multiply", 0, '{"a": 37}')), "required property missing"),
+    (THINK + section(call("multiply", 0, '{"a": 37, "b": "41"}')), "wrong type"),
+    (THINK + section(call("multiply", 0, '{"a": 3.5, "b": 1}')), "number for an integer"),
+    (THINK + section(call("multiply", 0, '{"a": 1, "b": 2, "c": 3}')), "additionalProperties false"),
+    (THINK + section(call("multiply", 0, '[1, 2]')), "arguments not an object"),
+    (THINK + section(call("multiply", 0, '{"a": 1, "b": 2')), "unclosed JSON"),
+    (THINK + section(call("book_room", 0, '{"room": "attic", "guests": [{"name": "A"}]}')), "enum"),
+    (THINK + section(call("book_room", 0, '{"room": "suite", "guests": []}')), "minItems"),
+    (THINK + section(call("book_room", 0, '{"room": "suite", "guests": [{"age": 3}]}')), "nested required"),
+    (THINK + section(call("book_room", 0, '{"room": "suite", "guests": [{"name": "A", "age": -1}]}')), "minimum"),
+    (THINK + section(call("ping", 0, '{"x": 1}')), "no parameters means no arguments"),
+    (chat.THINK_BEGIN + "thinking" + section(call("multiply", 0, '{"a": 1, "b": 2}')) + chat.THINK_END,
+     "section inside reasoning"),
+    (f"{chat.THINK_BEGIN}never closed", "stop inside reasoning"),
+    (THINK + section(call("multiply", 0, '{"a": 1, "b": 2}')) + "more text", "text after the section"),
+    (THINK + section(call("multiply", 0, '{"a": 1, "b": 2}')) + section(call("ping", 1, "{}")), "second section"),
+    (THINK + chat.SECTION_BEGIN + chat.SECTION_END, "empty section"),
+    (THINK + chat.THINK_BEGIN + "again" + chat.THINK_END, "second think block"),
+    (THINK + "<|im_user|>", "another reserved token"),
+])
+def test_invalid_turns_are_refused(vocab, tok, text, why):
+    """Each sequence breaks the grammar somewhere, so some token (or the final stop) is outside its mask."""
+    assert not allowed(vocab, tok, tool_calls_grammar(TOOLS), text), why
+
+
+@pytest.mark.parametrize("head, spelled", [
+    (THINK, section(call("multiply", 0, '{"a": 1, "b": 2}'))),  # the chat parser would read a call from text
+    (chat.THINK_BEGIN, f"a{chat.THINK_END}b"),  # ... or end reasoning early, leaking it into content
+])
+def test_markers_spelled_as_text_are_refused(vocab, tok, head, spelled):
+    row = RowConstraint(vocab, tool_calls_grammar(TOOLS))
+    tokens = [*tok.encode(head), *tok.encode(spelled, allow_special=False)]
+    assert tok.decode(tokens) == head + spelled
+    taken = 0
+    while taken < len(tokens) and allows(row.mask(), tokens[taken]):
+        row.accept([tokens[taken]])
+        taken += 1
+    assert taken < len(tokens) and tok.decode(tokens[:taken + 1]).endswith(tok.decode([tokens[taken]]))
+
+
+def test_call_ids_count_on_from_the_conversation(vocab, tok):
+    rules = tool_calls_grammar(TOOLS, first_index=5)
+    assert allowed(vocab, tok, rules, section(call("ping", 5, "{}"), call("multiply", 6, '{"a": 1, "b": 1}')))
+    assert not allowed(vocab, tok, rules, section(call("ping", 0, "{}")))
+
+
+def test_sections_hold_at_most_max_calls(vocab, tok):
+    calls = [call("ping", k, "{}") for k in range(MAX_CALLS + 1)]
+    assert allowed(vocab, tok, tool_calls_grammar(TOOLS), section(*calls[:MAX_CALLS]))
+    assert not allowed(vocab, tok, tool_calls_grammar(TOOLS), section(*calls))
+
+
+@pytest.mark.parametrize("choice, function, parallel, text, ok", [
+    ("none", None, True, THINK + "Just text.", True),
+    ("none", None, True, THINK + section(call("ping", 0, "{}")), False),
+    ("required", None, True, THINK + "Just text.", False),
+    ("required", None, True, THINK + section(call("ping", 0, "{}")), True),
+    ("required", None, True, THINK + "Text first." + section(call("ping", 0, "{}")), False),
+    ("required", "multiply", True, THINK + section(call("ping", 0, "{}")), False),
+    ("required", "multiply", True, THINK + section(call("multiply", 0, '{"a": 2, "b": 3}')), True),
+    ("required", "multiply", True, THINK + "text", False),
+    ("auto", None, False, section(call("ping", 0, "{}")), True),
+    ("auto", None, False, section(call("ping", 0, "{}"), call("ping", 1, "{}")), False),
+])
+def test_tool_choice_and_parallel_calls(vocab, tok, choice, function, parallel, text, ok):
+    assert allowed(vocab, tok, tool_calls_grammar(TOOLS, choice, function, parallel), text) == ok
+
+
+def test_after_the_only_parallel_call_the_section_must_close(vocab, tok):
+    row = RowConstraint(vocab, tool_calls_grammar(TOOLS, parallel=False))
+    for token in tok.encode(section(call("ping", 0, "{}"))[: -len(chat.SECTION_END)]):
+        row.accept([token])
+    assert np.flatnonzero(np.unpackbits(row.mask().view(np.uint8), bitorder="little")).tolist() == [
+        tok.token_id(chat.SECTION_END)]
+
+
+@pytest.mark.parametrize("tool, construct", [
+    ({"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"not": {"type": "string"}}}}}}, "not"),
+    ({"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "pattern": "(?=a)b"}}}}}, "look-around"),
+    ({"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}, "JSON object"),
+])
+def test_schemas_the_library_cannot_compile_name_the_tool_and_construct(tool, construct):
+    with pytest.raises(GrammarError, match=construct) as err:
+        tool_calls_grammar([MULTIPLY, tool])
+    assert "tools[1].function.parameters" in str(err.value) and "`f`" in str(err.value)
+    assert err.value.where == "tools[1].function.parameters"
+
+
+def test_strict_false_frees_the_arguments_but_not_the_name(vocab, tok):
+    loose = {**MULTIPLY, "function": {**MULTIPLY["function"], "strict": False,
+                                      "parameters": {"type": "object", "properties": {"x": {"not": {}}}}}}
+    rules = tool_calls_grammar([loose])  # its uncompilable schema is not compiled
+    assert allowed(vocab, tok, rules, section(call("multiply", 0, '{"anything": [1, "two"]}')))
+    assert not allowed(vocab, tok, rules, section(call("calculate", 0, "{}")))
+
+
+def test_unknown_tool_choice_function():
+    with pytest.raises(GrammarError, match="not among the tools") as err:
+        tool_calls_grammar(TOOLS, "required", "divide")
+    assert err.value.where == "tool_choice"
+
+
+# ---------------------------------------------------------------- arguments against jsonschema
+
+
+def booking_values():
+    """Candidate booking arguments, about half of them valid: keys in the schema's order (the grammar fixes it)."""
+    name = st.text(max_size=6)
+    guest = st.fixed_dictionaries({"name": name}, optional={"age": st.integers(0, 120)}) | st.fixed_dictionaries(
+        {}, optional={"name": name | st.integers(), "age": st.integers(-3, 120) | st.booleans(), "pet": st.none()})
+    room = st.sampled_from(["single", "double", "suite"]) | st.sampled_from(["attic", "SUITE"]) | st.none()
+    optional = {"nights": st.integers(0, 9) | st.floats(0, 30, allow_nan=False) | st.just("two"),
+                "breakfast": st.booleans() | st.integers(0, 1)}
+    guests = st.lists(guest, min_size=1, max_size=3) | st.lists(guest, max_size=0) | st.text(max_size=3)
+    whole = st.fixed_dictionaries({"room": room, "guests": guests}, optional=optional)
+    order = list(BOOK["function"]["parameters"]["properties"])
+    return (whole | st.fixed_dictionaries({}, optional={"room": room, "guests": guests, **optional})).map(
+        lambda d: {key: d[key] for key in order if key in d})
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(booking_values(), st.booleans())
+def test_arguments_are_allowed_exactly_when_jsonschema_validates_them(vocab, tok, arguments, compact):
+    text = json.dumps(arguments, separators=(",", ":") if compact else None, ensure_ascii=False)
+    expected = jsonschema.Draft202012Validator(BOOK["function"]["parameters"]).is_valid(arguments)
+    assert allowed(vocab, tok, tool_calls_grammar([BOOK]), section(call("book_room", 0, text))) == expected
+
+
+# ---------------------------------------------------------------- JSON answers and the reasoning budget
+
+
+def test_json_answers(vocab, tok):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    assert allowed(vocab, tok, json_grammar(), THINK + '{"any": [1, {"x": null}]}')
+    assert not allowed(vocab, tok, json_grammar(), THINK + "Sure: {}")
+    assert allowed(vocab, tok, json_grammar(schema), THINK + '{"city": "Paris"}')
+    assert not allowed(vocab, tok, json_grammar(schema), THINK + '{"town": "Paris"}')
+    with pytest.raises(GrammarError, match="response_format"):
+        json_grammar({"type": "object", "properties": {"x": {"not": {}}}})
+
+
+@pytest.mark.parametrize("rules", [None, "tools"])
+def test_reasoning_budget_forces_the_end_of_reasoning(vocab, tok, rules):
+    grammar_text = tool_calls_grammar(TOOLS) if rules else None
+    row = RowConstraint(vocab, grammar_text, reasoning_budget=3)
+    think_end = tok.token_id(chat.THINK_END)
+    row.accept([tok.token_id(chat.THINK_BEGIN)])
+    for token in tok.encode(" one two three")[:3]:
+        assert allows(row.mask(), token) and allows(row.mask(), think_end)
+        row.accept([token])
+    only = np.flatnonzero(np.unpackbits(row.mask().view(np.uint8), bitorder="little"))
+    assert only.tolist() == [think_end]
+    row.accept([think_end])
+    assert not allows(row.mask(), think_end) and not allows(row.mask(), tok.token_id(chat.THINK_BEGIN))
+    assert allows(row.mask(), tok.encode("Paris")[0]) and allows(row.mask(), tok.im_end_id)
+
+
+def test_budget_zero_closes_reasoning_at_once(vocab, tok):
+    row = RowConstraint(vocab, None, reasoning_budget=0)
+    row.accept([tok.token_id(chat.THINK_BEGIN)])
+    assert np.count_nonzero(np.unpackbits(row.mask().view(np.uint8))) == 1
+
+
+def test_reasoning_effort_budgets():
+    assert [reasoning_budget(None, e) for e in ("low", "medium", "high")] == list(REASONING_EFFORT.values())
+    assert reasoning_budget(7, "high") == 7 and reasoning_budget(None, None) is None
+    with pytest.raises(ValueError, match="reasoning_effort"):
+        reasoning_budget(None, "maximal")
+    with pytest.raises(ValueError, match="max_reasoning_tokens"):
+        reasoning_budget(-1, None)
+
+
+# ---------------------------------------------------------------- runs sampled under one mask
+
+
+def test_a_run_is_cut_where_the_mask_changed(vocab, tok):
+    """Free text keeps one mask (the whole run is taken); entering the section changes it (the run is cut)."""
+    row = RowConstraint(vocab, tool_calls_grammar(TOOLS))
+    text = tok.encode(f"{chat.THINK_BEGIN}I will call a tool now")
+    assert row.accept(text[:1]) == 1
+    assert row.accept(text[1:3]) == 2 and row.accept(text[3:]) == len(text) - 3 and row.steady
+    rest = tok.encode(f"{chat.THINK_END}{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions")
+    taken = row.accept(rest)
+    assert 1 <= taken < len(rest) and not row.steady
+
+
+def test_masks_have_the_vocabulary_layout(vocab, tok):
+    assert vocab.words == -(-tok.vocab_size // 32) and vocab.all_allowed().dtype == np.int32
+    ids = [0, 31, 32, tok.vocab_size - 1]
+    mask = vocab.only(ids)
+    assert [t for t in range(tok.vocab_size) if allows(mask, t)] == ids
+
+
+def test_unbounded_integers_stop_at_what_doubles_hold(vocab, tok):
+    rules = tool_calls_grammar([MULTIPLY])
+    assert allowed(vocab, tok, rules, section(call("multiply", 0, '{"a": 9007199254740992, "b": -9007199254740992}')))
+    assert not allowed(vocab, tok, rules, section(call("multiply", 0, '{"a": 90071992547409930, "b": 1}')))
+
+
+def test_integer_bounds_leave_constants_alone(vocab, tok):
+    schema = {"type": "object", "properties": {"kind": {"const": {"type": "integer"}}}, "required": ["kind"]}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    assert allowed(vocab, tok, tool_calls_grammar([tool]), section(call("f", 0, '{"kind": {"type": "integer"}}')))
