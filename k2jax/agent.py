@@ -364,8 +364,8 @@ class Agent:
 
     Follow-up `run` calls continue the same conversation and reuse its cache. The window of messages the model
     sees is cut when the prompt plus max_new_tokens would not fit the slot's capacity. With tool_grammar (the
-    default) tool calls are enforced (a tool declared with "strict": false keeps free arguments);
-    max_reasoning_tokens bounds each step's reasoning.
+    default) tool calls are enforced (a tool declared with "strict": false keeps free arguments), and an agent
+    without tools never opens a tool-call section; max_reasoning_tokens bounds each step's reasoning.
     """
 
     def __init__(self, model: Model, tools: Sequence[Callable[..., Any] | Tool] = (), *, system: str | None = None,
@@ -384,9 +384,9 @@ class Agent:
                              f"max_new_tokens={max_new_tokens}")
         self.model, self.tools = model, tool_table(tools)
         self.enforced = [enforced_declaration(t) for t in self.tools.values()]
-        self.tool_grammar = tool_grammar and any(map(grammar.is_strict, self.enforced))
+        self.tool_grammar = tool_grammar and (not self.enforced or any(map(grammar.is_strict, self.enforced)))
         if self.tool_grammar:
-            grammar.tool_calls_grammar(self.enforced)  # GrammarError now, naming a tool that cannot be enforced
+            self._tool_rules()  # GrammarError now, naming a tool that cannot be enforced
         self.max_reasoning_tokens = grammar.reasoning_budget(max_reasoning_tokens, None)
         self.sampling, self.max_new_tokens, self.tool_timeout = sampling, max_new_tokens, tool_timeout
         self.on_event = on_event or (lambda event: None)
@@ -427,12 +427,16 @@ class Agent:
                                     len(reply.get("tool_calls", [])), time.perf_counter() - began))
         return reply, gen.finish
 
+    def _tool_rules(self, first_index: int = 0) -> str:
+        """The tool-call grammar: calls to the declared tools, or (with none declared) no tool-call section."""
+        return grammar.tool_calls_grammar(self.enforced, "auto" if self.enforced else "none", first_index=first_index)
+
     def _constraint(self) -> RowConstraint | None:
         """This step's constraint: the tool grammar (call ids counting on from the conversation's calls) and the
         reasoning budget; None when neither applies."""
         rules = None
         if self.tool_grammar:
-            rules = grammar.tool_calls_grammar(self.enforced, first_index=call_count(self.messages))
+            rules = self._tool_rules(call_count(self.messages))
         if rules is None and self.max_reasoning_tokens is None:
             return None
         vocab = grammar.vocabulary(self.model.tokenizer, self.model.config.vocab_size)

@@ -364,3 +364,14 @@ def test_agent_calls_only_declared_tools_with_valid_arguments(bundled):
     with pytest.raises(ValueError, match="tools\\[0\\].function.parameters"):
         Agent(bundled, [Tool(multiply, {"type": "function", "function": {
             "name": "multiply", "parameters": {"type": "object", "properties": {"a": {"not": {}}}}}})])
+
+
+def test_agent_without_tools_never_opens_a_tool_call_section(bundled):
+    """The bundled model was trained to call its demo tools for arithmetic; with no tools declared, the grammar keeps
+    the section (and text spelling its markers) out of every reply, greedy and sampled."""
+    markers = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>", "</think>", "<think>")
+    for sampling in (SamplingParams(), SamplingParams(temperature=1.0, seed=3)):
+        result = run_agent(bundled, "What is 12 plus 30?", (), max_steps=2, max_new_tokens=NEW_TOKENS,
+                           capacity=CAPACITY, sampling=sampling)
+        assert len(result.steps) == 1 and not result.messages[-1].get("tool_calls")
+        assert not any(m in result.answer for m in markers), result.answer

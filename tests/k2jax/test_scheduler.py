@@ -326,7 +326,7 @@ def test_constrained_rows_sample_exactly_and_leave_other_rows_alone():
              for q in ("What is the capital of Peru?", "Compute 12 * 3.")]
     runs = []
     for steps in (8, 1):
-        sched = Scheduler(model, n_slots=3, max_context=512, decode_steps=steps).start()
+        sched = Scheduler(model, n_slots=3, max_context=512, decode_steps=steps, warmup=False).start()
         jobs = [request(prompt, 48, stop_ids=frozenset(tok.stop_ids), params=SamplingParams(temperature=1.0, seed=3),
                         constraint=RowConstraint(vocab, json_grammar(schema), reasoning_budget=6))]
         jobs += [request(p, 24, stop_ids=frozenset(tok.stop_ids)) for p in plain]
