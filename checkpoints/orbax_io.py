@@ -11,6 +11,7 @@ import gc
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,9 @@ if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs o
     from k2jax.config import K2Config
 
 log = logging.getLogger(__name__)
+ABANDONED_READ = "_read_array_index_and_device_put"  # orbax's per-shard read coroutine
+ABANDONED_ERROR = "Encountered error while reading array index"  # what its failed reads raise
+ABANDONED_SETTLE_ROUNDS = 10  # 0.5 s for the reads still running on orbax's threads to end
 
 PARAMS_DIR = "params"
 METADATA_FILE = "_METADATA"
@@ -102,13 +106,39 @@ def _read(params: Path, what: str, read: Callable[[], Any]) -> Any:
     raise CheckpointError(message)
 
 
+def _abandoned(obj: Any, error: BaseException | None) -> bool:
+    """Whether an error comes from a read orbax abandoned: its coroutine, its failure, or a callback into its closed
+    event loop."""
+    closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    failed_read = error is not None and ABANDONED_ERROR in str(error)
+    return getattr(obj, "__qualname__", "") == ABANDONED_READ or closed_loop or failed_read
+
+
+class _DropAbandonedReads(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" and concurrent.futures' "exception calling callback" records
+    for reads orbax abandoned."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _abandoned(None, record.exc_info[1] if record.exc_info else None)
+
+
 def _collect_quietly() -> None:
-    """Collect the reads orbax abandoned after its first failure without printing a traceback for each."""
-    hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
-    try:
-        gc.collect()
-    finally:
+    """Orbax abandons its other reads after the first failure; collect them now (they finish on orbax's threads for
+    a moment), and keep the tracebacks they would print, now or later, out of the user's way. Other unraisable
+    exceptions and log records still get through."""
+    previous = sys.unraisablehook
+    if not getattr(previous, "drops_abandoned_reads", False):
+        def hook(unraisable: Any) -> None:
+            if not _abandoned(unraisable.object, unraisable.exc_value):
+                previous(unraisable)
+
+        hook.drops_abandoned_reads = True
         sys.unraisablehook = hook
+        for name in ("asyncio", "concurrent.futures"):
+            logging.getLogger(name).addFilter(_DropAbandonedReads())
+    for _ in range(ABANDONED_SETTLE_ROUNDS):
+        gc.collect()
+        time.sleep(0.05)
 
 
 def _target(params: Path, stored: dict, key: tuple, var: nnx.Variable, mesh: Mesh) -> jax.ShapeDtypeStruct:
