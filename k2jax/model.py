@@ -220,6 +220,8 @@ def mla(p: MLA, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: Pag
         return jax.shard_map(attend, mesh=mesh, check_vma=False, out_specs=P(b),
                              in_specs=(P(b, None, h), P(b, None, h), P(b), P(b), P(None, h), P(h)))(*args), None
     layout = cache.layout
+    # A step over all the layout's rows splits them as the pages are split; a step over other rows (one slot's
+    # prefill) runs on every device, each attending over the pages it holds.
     row_axes = layout.row_axes if pos_BT.shape[0] == layout.n_rows else ()
     combine_axes = tuple(a for a in layout.pool_axes if a not in row_axes)
     attend = functools.partial(paged_attention, cfg=cfg, layout=layout, head_axes=head_axes, combine_axes=combine_axes)
