@@ -152,6 +152,15 @@ def copy_pages(pool: dict[str, Array], src: Array, dst: Array) -> dict[str, Arra
     return {name: p.at[:, dst].set(p[:, src]) for name, p in pool.items()}
 
 
+def apply_copies(pool: dict[str, Array], copies: list[tuple[int, int]]) -> dict[str, Array]:
+    """The pool after the allocator's (src, dst) page copies (fork, copy-on-write); host ids go over as plain
+    transfers, which compile nothing."""
+    if not copies:
+        return pool
+    src, dst = np.array(copies, np.int32).T
+    return copy_pages(pool, jax.device_put(src), jax.device_put(dst))
+
+
 @jax.jit
 def read_pages(pool: dict[str, Array], ids: Array) -> dict[str, Array]:
     """The contents of pages `ids`, [L, len(ids), N, C] per stack."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from k2jax.cache import PageAllocator, PagedCache, PoolLayout, copy_pages, default_page_size, init_pool, make_layout
+from k2jax.cache import PageAllocator, PagedCache, PoolLayout, apply_copies, default_page_size, init_pool, make_layout
 from k2jax.config import K2Config
 from k2jax.model import forward
 from k2jax.sampling import SamplingParams, sample, stack_params
@@ -249,11 +249,8 @@ class Model:
         for row, length in zip(firsts, lengths):
             pages.reserve(row, int(length))
         pool, last_BV = self._prefill(ids, lengths, pages, pool, firsts)
-        copies = [c for row, length in zip(firsts, lengths) for j in range(1, n)
-                  for c in pages.fork(row, row + j, int(length))]
-        if copies:
-            src, dst = np.array(copies, np.int32).T
-            pool = copy_pages(pool, jnp.asarray(src), jnp.asarray(dst))
+        pool = apply_copies(pool, [c for row, length in zip(firsts, lengths) for j in range(1, n)
+                                   for c in pages.fork(row, row + j, int(length))])
         lengths, last_BV = np.repeat(lengths, n), jnp.repeat(last_BV, n, axis=0)
         for row, length in enumerate(lengths):
             pages.reserve(row, int(length) + max_new_tokens + DECODE_STEPS)

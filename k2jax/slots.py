@@ -13,11 +13,10 @@ import math
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from k2jax import engine
-from k2jax.cache import PoolFull, copy_pages, read_pages, write_pages
+from k2jax.cache import PoolFull, apply_copies, read_pages, write_pages
 from k2jax.prefix_cache import PrefixCache
 from k2jax.sampling import SamplingParams, sample, stack_params
 
@@ -198,13 +197,13 @@ class Slots:
     def read(self, slot: int) -> dict[str, np.ndarray]:
         """A host copy of the pages holding the slot's tokens, [L, pages, page_size, C] per layer stack."""
         held = math.ceil(int(self.lengths[slot]) / self.pages.layout.page_size)
-        return {k: host_value(v) for k, v in read_pages(self.pool, jnp.asarray(self.pages.pages(slot)[:held])).items()}
+        return {k: host_value(v) for k, v in read_pages(self.pool, on_device(self.pages.pages(slot)[:held], np.int32)).items()}
 
     def write(self, slot: int, pages: dict[str, np.ndarray], length: int) -> None:
         """Make the slot hold `length` tokens from pages as `read` returned them (its old sequence is dropped)."""
         self.release(slot)
         self._reserve(slot, length)
-        self.pool = write_pages(self.pool, jnp.asarray(self.pages.pages(slot)), pages)
+        self.pool = write_pages(self.pool, on_device(self.pages.pages(slot), np.int32), pages)
         self.lengths[slot] = length
         self.tokens[slot] = None
 
@@ -241,6 +240,4 @@ class Slots:
 
     def _copy(self, copies: list[tuple[int, int]]) -> None:
         """Apply the allocator's page copies on device."""
-        if copies:
-            src, dst = np.array(copies, np.int32).T
-            self.pool = copy_pages(self.pool, on_device(src, np.int32), on_device(dst, np.int32))
+        self.pool = apply_copies(self.pool, copies)
