@@ -1,39 +1,51 @@
-"""Serving throughput and time to first token of k2jax-serve at several numbers of concurrent streaming clients.
+"""k2jax-serve against llama.cpp's llama-server on the same float32 weights, under the same streaming client load.
 
-Starts the server in-process on 127.0.0.1 (free port), warms every concurrency level once (compiles), then each
-client sends `--requests` streaming completions one after another. Prints a markdown table: generated tokens/s
-over the wall time of a level, and TTFT (request sent -> first streamed token) p50/p99. Every request has its own
-random prompt, so prefill is never skipped by the prefix cache.
+Each server runs as its own process on 127.0.0.1 with `--slots` sequences decoded together; one client process
+(the official openai client, asyncio) drives both with the same requests. Loads:
+- random: prompts of 128-1024 random tokens, each request its own (no prefix to reuse);
+- shared: every prompt is one fixed 1,024-token prefix plus 32-128 random tokens (an agent's system prompt and
+  tools), so a prefix cache can skip most prefill.
+At each number of clients, every client sends `--requests` streaming completions of exactly `--max-tokens` tokens
+one after another. Reported per server: output tokens/s over the level's wall time, time to first token (TTFT)
+and time per output token after the first (TPOT), p50 and p99; then k2jax / llama-server.
 
-    python benchmarks/serve.py [--model DIR] [--clients 1,8,32] [--requests 4] [--prompt-tokens 128] [--max-tokens 64]
+    python benchmarks/serve.py [--models bundled,small] [--loads random,shared] [--clients 1,8,32,64]
 
-Without --model it serves the bundled model when installed, else a random model of `--preset` with a byte-level
-tokenizer (numbers then measure the serving stack, not a useful model).
+Models: "bundled" (k2jax/bundled, experts dequantised to float32) and any preset name (random weights, byte-level
+tokenizer). Both servers are given the same float32 HF checkpoint (llama.cpp its GGUF conversion); prompts are
+token ids, so tokenization does not enter. llama.cpp is built on first use (see benchmarks/llamacpp.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import k2jax
+from benchmarks import llamacpp
 from k2jax import chat
-from k2jax.scheduler import Scheduler
-from k2jax.server import BackgroundServer, Service, create_app
 from k2jax.tokenizer import Tokenizer, kimi_specials
 
 BUNDLED = Path(k2jax.__file__).parent / "bundled"
+PROMPT_RANGE = (128, 1024)
+SHARED_PREFIX = 1024
+SUFFIX_RANGE = (32, 128)
+PROMPT_ID_RANGE = 256  # prompt ids are drawn below this: valid, non-special tokens in every vocabulary used here
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -42,101 +54,136 @@ def byte_tokenizer() -> Tokenizer:
     return Tokenizer(tokens, kimi_specials(len(tokens)), chat.bundled_template())
 
 
-def synthetic_model(preset: str, root: Path) -> k2jax.Model:
-    """A random checkpoint of `preset` (vocab resized to the byte tokenizer), written and loaded like a real one."""
+def load_model(name: str, root: Path) -> k2jax.Model:
+    """The bundled model, or a random model of preset `name` with a byte-level tokenizer."""
+    if name == "bundled":
+        return k2jax.load(BUNDLED)
     from checkpoints.hf_writer import write_hf_checkpoint
     from checkpoints.synthetic import random_state
 
     tok = byte_tokenizer()
-    cfg = dataclasses.replace(k2jax.preset(preset), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+    cfg = dataclasses.replace(k2jax.preset(name), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                               eos_token_id=tok.eos_id)
     tok.save(root / "tokenizer")
-    write_hf_checkpoint(root / "model", cfg, random_state(cfg, seed=0, dtype=np.float32), root / "tokenizer")
-    return k2jax.load(root / "model")
+    write_hf_checkpoint(root / "random", cfg, random_state(cfg, seed=0, dtype=np.float32), root / "tokenizer")
+    return k2jax.load(root / "random")
+
+
+def prompts(load: str, clients: int, n_requests: int, seed: int) -> list[list[list[int]]]:
+    """Token-id prompts per client and request for `load` ("random" or "shared")."""
+    rng = np.random.default_rng(seed)
+    prefix = np.random.default_rng(10**6).integers(0, PROMPT_ID_RANGE, SHARED_PREFIX).tolist()
+
+    def one() -> list[int]:
+        if load == "random":
+            return rng.integers(0, PROMPT_ID_RANGE, rng.integers(*PROMPT_RANGE, endpoint=True)).tolist()
+        return prefix + rng.integers(0, PROMPT_ID_RANGE, rng.integers(*SUFFIX_RANGE, endpoint=True)).tolist()
+
+    return [[one() for _ in range(n_requests)] for _ in range(clients)]
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank) of values."""
-    return float(np.percentile(np.asarray(values), q, method="nearest"))
+    """The q-th percentile (nearest rank) of values, nan if none."""
+    return float(np.percentile(np.asarray(values), q, method="nearest")) if values else float("nan")
 
 
-def random_prompt(seed: int, length: int) -> list[int]:
-    """A prompt of random byte tokens, distinct per seed, so no request finds another's prompt cached."""
-    return np.random.default_rng(seed).integers(0, 256, length).tolist()
-
-
-async def one_client(client, name: str, prompt_tokens: int, n_requests: int, max_tokens: int,
-                     seed: int) -> tuple[list[float], int]:
-    """Send n_requests streaming completions of exactly max_tokens in a row: (TTFT of each, generated tokens)."""
-    ttfts, tokens = [], 0
-    for r in range(n_requests):
-        prompt = random_prompt(seed * 1000 + r, prompt_tokens)
+async def one_client(client, requests: list[list[int]], max_tokens: int, seed: int) -> list[tuple[float, float, int]]:
+    """Send the requests one after another, streaming: (TTFT s, TPOT s, output tokens) per request."""
+    out = []
+    for r, prompt in enumerate(requests):
         start = time.perf_counter()
-        stream = await client.completions.create(model=name, prompt=prompt, max_tokens=max_tokens, temperature=1.0,
-                                                 seed=seed * 1000 + r, stream=True,
+        stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens,
+                                                 temperature=1.0, seed=seed + r, stream=True,
                                                  stream_options={"include_usage": True},
                                                  extra_body={"ignore_eos": True})
-        first = None
+        first = last = None
+        chunks, usage = 0, None
         async for chunk in stream:
-            if first is None and chunk.choices:
-                first = time.perf_counter() - start
-            if chunk.usage:
-                tokens += chunk.usage.completion_tokens
-        ttfts.append(first if first is not None else time.perf_counter() - start)
-    return ttfts, tokens
+            if chunk.choices and chunk.choices[0].text:
+                last = time.perf_counter()
+                first = first or last
+                chunks += 1
+            usage = chunk.usage or usage
+        tokens = usage.completion_tokens if usage else chunks
+        first = first or time.perf_counter()
+        out.append((first - start, (last - first) / max(tokens - 1, 1) if last else 0.0, tokens))
+    return out
 
 
-async def run_level(url: str, name: str, prompt_tokens: int, clients: int, n_requests: int, max_tokens: int,
-                    seed: int) -> dict[str, float]:
-    """One concurrency level: wall time, tokens/s, TTFT p50/p99."""
+async def run_level(url: str, requests: list[list[list[int]]], max_tokens: int, seed: int) -> dict[str, float]:
+    """One load level (a client per entry of `requests`): tokens/s, TTFT and TPOT p50/p99."""
     import openai
 
-    async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600) as client:
+    async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=1800) as client:
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_client(client, name, prompt_tokens, n_requests, max_tokens, seed + c)
-                                         for c in range(clients)))
+        results = await asyncio.gather(*(one_client(client, reqs, max_tokens, seed + 1000 * c)
+                                         for c, reqs in enumerate(requests)))
         wall = time.perf_counter() - start
-    ttfts = [t for ts, _ in results for t in ts]
-    tokens = sum(n for _, n in results)
-    return {"clients": clients, "requests": len(ttfts), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "ttft_p50_ms": 1e3 * percentile(ttfts, 50), "ttft_p99_ms": 1e3 * percentile(ttfts, 99)}
+    done = [r for rs in results for r in rs]
+    ttft, tpot = [r[0] for r in done], [r[1] for r in done]
+    return {"tok_s": sum(r[2] for r in done) / wall, "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+            "tpot_p50": percentile(tpot, 50), "tpot_p99": percentile(tpot, 99)}
+
+
+@contextlib.contextmanager
+def k2jax_server(model_dir: Path, slots: int, context: int, timeout_s: float = 900) -> Iterator[str]:
+    """k2jax-serve in its own process, ready (every program compiled) before this yields its base URL."""
+    port = llamacpp.free_port()
+    args = [sys.executable, "-m", "k2jax.serve", "--model", str(model_dir), "--port", str(port), "--max-batch",
+            str(slots), "--max-context", str(context), "--served-model-name", "bench", "--log-level", "warning"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        llamacpp.wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout_s)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def measure(url: str, loads: list[str], levels: list[int], n_requests: int, max_tokens: int) -> dict[tuple, dict]:
+    """Warm a server at every level once, then measure every (load, clients)."""
+    for clients in levels:
+        asyncio.run(run_level(url, prompts("random", clients, 1, 99), max_tokens, 99))
+    return {(load, clients): asyncio.run(run_level(url, prompts(load, clients, n_requests, clients), max_tokens, 0))
+            for load in loads for clients in levels}
 
 
 def main() -> int:
-    """Run every level and print the table."""
+    """Convert, serve, load, print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="checkpoint dir (default: bundled, else a random --preset model)")
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--clients", default="1,8,32")
-    ap.add_argument("--requests", type=int, default=4, help="requests per client, sent one after another")
-    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--models", default="bundled,small", help="bundled and/or preset names (random weights)")
+    ap.add_argument("--loads", default="random,shared")
+    ap.add_argument("--clients", default="1,8,32,64")
+    ap.add_argument("--slots", type=int, default=None, help="sequences decoded together (default: most clients)")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client, sent one after another")
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.model or (BUNDLED / "config.json").exists():
-            path = args.model or BUNDLED
-            model, label = k2jax.load(path), Path(path).name
-        else:
-            model, label = synthetic_model(args.preset, Path(tmp)), f"random {args.preset} preset"
-        scheduler = Scheduler(model, n_slots=max(levels), max_context=args.prompt_tokens + args.max_tokens + 8)
-        service = Service(model, scheduler.start(), "bench")
-        rows = []
-        with BackgroundServer(create_app(service)) as http:
-            for clients in levels:  # warm-up: compile every program these batches use
-                asyncio.run(run_level(http.url, "bench", args.prompt_tokens, clients, 1, args.max_tokens, 10**6))
-            for clients in levels:
-                rows.append(asyncio.run(run_level(http.url, "bench", args.prompt_tokens, clients, args.requests,
-                                                  args.max_tokens, 0)))
-        scheduler.close()
-    print(f"\nk2jax-serve, {label}, {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
-          f"{max(levels)} slots; prompt {args.prompt_tokens} tokens, max_tokens {args.max_tokens}, "
-          f"{args.requests} streaming completions per client\n")
-    print("| clients | requests | tokens | wall s | tokens/s | TTFT p50 ms | TTFT p99 ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} | {r['tok_s']:.0f} | "
-              f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} |")
+    loads = args.loads.split(",")
+    slots = args.slots or max(levels)
+    context = max(PROMPT_RANGE[1], SHARED_PREFIX + SUFFIX_RANGE[1]) + args.max_tokens + 64
+    tables = []
+    for name in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            hf = llamacpp.write_f32_hf(load_model(name, root), root / "f32")
+            gguf = llamacpp.to_gguf(hf, root / "f32.gguf")
+            with k2jax_server(hf, slots, context) as url:
+                ours = measure(url, loads, levels, args.requests, args.max_tokens)
+            with llamacpp.server(gguf, slots, context) as url:
+                theirs = measure(url, loads, levels, args.requests, args.max_tokens)
+        tables.append((name, ours, theirs))
+    print(f"\n{slots} slots each, 2 threads for llama-server; {args.requests} streaming completions of "
+          f"{args.max_tokens} tokens per client; float32 weights on both sides\n")
+    print("| model | load | clients | server | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | k2jax / llama |")
+    print("|---|---|---:|---|---:|---:|---:|---:|")
+    for name, ours, theirs in tables:
+        for key in ours:
+            for label, r in (("k2jax-serve", ours[key]), ("llama-server", theirs[key])):
+                ratio = f"{ours[key]['tok_s'] / theirs[key]['tok_s']:.2f}x" if label == "k2jax-serve" else ""
+                print(f"| {name} | {key[0]} | {key[1]} | {label} | {r['tok_s']:.0f} | "
+                      f"{1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | "
+                      f"{1e3 * r['tpot_p50']:.1f} / {1e3 * r['tpot_p99']:.1f} | {ratio} |")
     return 0
 
 

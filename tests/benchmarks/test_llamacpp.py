@@ -1,0 +1,42 @@
+"""benchmarks/llamacpp.py: the float32 HF dir given to llama.cpp's converter holds the bundled model's own weights
+and tokenizer (checked with transformers and `tokenizers`, not with our loader)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import k2jax  # noqa: E402
+from benchmarks import llamacpp  # noqa: E402
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def bundled_and_f32(tmp_path_factory):
+    model = k2jax.load(Path(k2jax.__file__).parent / "bundled")
+    return model, llamacpp.write_f32_hf(model, tmp_path_factory.mktemp("f32"))
+
+
+def test_f32_dir_has_the_same_logits(bundled_and_f32, rng):
+    model, hf_dir = bundled_and_f32
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokens = rng.integers(0, model.config.vocab_size, 48)
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)[None]).logits[0].numpy()
+    got = np.asarray(model.logits(tokens[None]))[0]
+    # float32 on both sides, different summation orders over 8 layers: 1e-4 of the logits' spread
+    np.testing.assert_allclose(got, want, atol=1e-4 * float(np.abs(want).max()), rtol=0)
+
+
+def test_f32_dir_tokenizer_matches(bundled_and_f32):
+    model, hf_dir = bundled_and_f32
+    fast = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    text = "Hello, world! 37 * 41 = ?\n  def f(x):\n\treturn x ** 2  # ünïcødé 漢字"
+    assert fast.encode(text, add_special_tokens=False) == model.tokenizer.encode(text, allow_special=False)
