@@ -30,7 +30,8 @@ import numpy as np
 import k2jax
 from k2jax import chat
 from k2jax.scheduler import Scheduler
-from k2jax.server import BackgroundServer, Service, create_app
+from k2jax.server import BackgroundServer, create_app
+from k2jax.service import Service
 from k2jax.tokenizer import Tokenizer, kimi_specials
 
 BUNDLED = Path(k2jax.__file__).parent / "bundled"
@@ -45,7 +46,7 @@ def byte_tokenizer() -> Tokenizer:
 def synthetic_model(preset: str, root: Path) -> k2jax.Model:
     """A random checkpoint of `preset` (vocab resized to the byte tokenizer), written and loaded like a real one."""
     from checkpoints.hf_writer import write_hf_checkpoint
-    from checkpoints.synthetic import random_state
+    from k2jax.synthetic import random_state
 
     tok = byte_tokenizer()
     cfg = dataclasses.replace(k2jax.preset(preset), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
