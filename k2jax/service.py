@@ -60,7 +60,7 @@ class Service:
 
     default_max_tokens: a chat completion's max_tokens when it sets none (None: all the context left).
     enforce_tools: whether declared tools are enforced by a grammar (each tool may still opt out with strict false).
-    Token masks (tool grammars, reasoning budgets) need a single-process scheduler.
+    Token masks (tool grammars, response formats, reasoning budgets) need a single-process scheduler.
     """
 
     def __init__(self, model: Any, scheduler: Scheduler, name: str = "k2jax", api_key: str | None = None,
