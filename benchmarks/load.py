@@ -46,7 +46,7 @@ def _status_mib(field: str) -> float:
 def write(path: Path) -> float:
     """Write the synthetic HF checkpoint (unless present); returns seconds spent."""
     from checkpoints.hf_writer import write_hf_checkpoint
-    from checkpoints.synthetic import random_state
+    from k2jax.synthetic import random_state
 
     start = time.perf_counter()
     cfg = _config()

@@ -59,7 +59,7 @@ def load_model(name: str, root: Path) -> k2jax.Model:
     if name == "bundled":
         return k2jax.load(BUNDLED)
     from checkpoints.hf_writer import write_hf_checkpoint
-    from checkpoints.synthetic import random_state
+    from k2jax.synthetic import random_state
 
     tok = byte_tokenizer()
     cfg = dataclasses.replace(k2jax.preset(name), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,

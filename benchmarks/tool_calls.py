@@ -41,7 +41,8 @@ from k2jax import chat, grammar
 from k2jax.grammar import RowConstraint
 from k2jax.sampling import SamplingParams
 from k2jax.scheduler import Request, Scheduler
-from k2jax.server import BackgroundServer, Service, create_app
+from k2jax.server import BackgroundServer, create_app
+from k2jax.service import Service
 from k2jax.tokenizer import Tokenizer, kimi_specials
 
 NAME = "bundled"

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from checkpoints.model_config import ModelConfig
 from checkpoints.safetensors_io import DTYPES
 from pallas_kernels import int4_layout
 
-if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs only the type
-    from k2jax.config import K2Config
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 
@@ -111,7 +109,7 @@ def repack_int4(words: np.ndarray) -> np.ndarray:
     return np.asarray(_repack_jit(jax.device_put(words, cpu)))
 
 
-def _attention(cfg: K2Config, stack: str, layers: tuple[int, ...]) -> list[Source]:
+def _attention(cfg: ModelConfig, stack: str, layers: tuple[int, ...]) -> list[Source]:
     """The MLA weights of one layer stack."""
     H, M, R = cfg.num_attention_heads, cfg.hidden_size, cfg.kv_lora_rank
     Dq, Dkv, Dv = cfg.qk_head_dim, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.v_head_dim
@@ -146,7 +144,7 @@ def _mlp(path: tuple[str, ...], prefix: str, layers: tuple[int, ...]) -> list[So
             for proj in ("gate", "up", "down")]
 
 
-def expert_sources(cfg: K2Config, layers: tuple[int, ...]) -> list[Source]:
+def expert_sources(cfg: ModelConfig, layers: tuple[int, ...]) -> list[Source]:
     """Routed experts: one [out, in] matrix per expert, or compressed-tensors INT4 (packed words + scales)."""
     pre = "model.layers.{layer}.mlp.experts.{expert}."
     E = cfg.n_routed_experts
@@ -169,7 +167,7 @@ def int4_shape_name(packed_name: str) -> str:
     return packed_name.removesuffix("weight_packed") + "weight_shape"
 
 
-def sources(cfg: K2Config) -> list[Source]:
+def sources(cfg: ModelConfig) -> list[Source]:
     """The HF source of every k2jax parameter."""
     dense = tuple(range(cfg.first_k_dense_replace))
     moe = tuple(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))

@@ -12,15 +12,13 @@ import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from checkpoints.hf_names import Source, int4_shape_name, sources
+from checkpoints.model_config import ModelConfig
 from checkpoints.safetensors_io import DTYPES, CheckpointError, TensorInfo, read_header, read_tensor
 
-if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs only the type
-    from k2jax.config import K2Config
 
 INDEX_FILE = "model.safetensors.index.json"
 GROUP_BYTES = 32 << 20  # HF bytes read and converted at once
@@ -69,7 +67,7 @@ def open_checkpoint(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def plan(path: Path, tensors: dict[str, TensorInfo], cfg: K2Config,
+def plan(path: Path, tensors: dict[str, TensorInfo], cfg: ModelConfig,
          params: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[str | None, ...]]]) -> list[ParamPlan]:
     """Check every tensor behind `params` (k2jax path -> (shape, axes)) and return the read plan."""
     by_path = {src.path: src for src in sources(cfg)}

@@ -12,7 +12,6 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from flax import nnx
@@ -20,9 +19,8 @@ from safetensors.numpy import save_file
 
 from checkpoints.hf_names import Source, int4_shape_name, sources
 from checkpoints.hf_reader import INDEX_FILE
+from checkpoints.model_config import ModelConfig
 
-if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs only the type
-    from k2jax.config import K2Config
 
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "tokenization_kimi.py", "generation_config.json")
@@ -30,7 +28,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 SHAPE_DTYPE = np.int64  # compressed-tensors stores weight_shape as torch.tensor(weight.shape): int64
 
 
-def write_hf_checkpoint(out_dir: str | Path, cfg: K2Config, state: nnx.State, tokenizer_dir: str | Path | None = None,
+def write_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: nnx.State, tokenizer_dir: str | Path | None = None,
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Write `state` (k2jax parameters, as from k2jax.loading) as a K2-format HF checkpoint in `out_dir`."""
     out_dir = Path(out_dir)

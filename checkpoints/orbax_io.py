@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,11 +22,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from checkpoints.hf_writer import copy_tokenizer_files
+from checkpoints.model_config import ModelConfig
 from checkpoints.safetensors_io import CheckpointError
 from sharding.rules import named_sharding
 
-if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs only the type
-    from k2jax.config import K2Config
 
 log = logging.getLogger(__name__)
 ABANDONED_READ = "_read_array_index_and_device_put"  # orbax's per-shard read coroutine
@@ -44,7 +43,7 @@ def is_orbax_dir(path: Path) -> bool:
     return (path / PARAMS_DIR).is_dir()
 
 
-def save_orbax(out_dir: Path, cfg: K2Config, state: nnx.State, tokenizer_dir: Path | None = None) -> None:
+def save_orbax(out_dir: Path, cfg: ModelConfig, state: nnx.State, tokenizer_dir: Path | None = None) -> None:
     """Write params (orbax), config.json and the tokenizer files to `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -21,16 +21,15 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from checkpoints.hf_reader import Index, ParamPlan, open_checkpoint, plan, read_block
+from checkpoints.model_config import ModelConfig
 from checkpoints.safetensors_io import TensorInfo
 from sharding.rules import named_sharding
 
-if TYPE_CHECKING:  # k2jax imports checkpoints at load time; checkpoints needs only the type
-    from k2jax.config import K2Config
 
 DEFAULT_CHUNK_BYTES = 1 << 30
 
 
-def load_hf_state(path: Path, cfg: K2Config, abstract: nnx.State, mesh: Mesh,
+def load_hf_state(path: Path, cfg: ModelConfig, abstract: nnx.State, mesh: Mesh,
                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool | None = None) -> nnx.State:
     """Fill `abstract` (shapes + `axes` metadata) from the HF checkpoint at `path`, sharded over `mesh`."""
     flat = nnx.to_flat_state(abstract)

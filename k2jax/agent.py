@@ -32,6 +32,7 @@ from k2jax.engine import Model
 from k2jax.grammar import RowConstraint
 from k2jax.sampling import SamplingParams
 from k2jax.slots import Slots
+from k2jax.tokenizer import TextStream
 
 Message = dict[str, Any]
 JSON_TYPES: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
@@ -233,19 +234,24 @@ class SlotSession:
         pending = [self.slots.sample(logits[-1], params, len(prompt), mask)[0]]
         if constraint is not None:
             constraint.accept(pending)
-        stream, stop_ids = TextStream(model.tokenizer, on_text), model._stop_ids()
+        stream, stop_ids = TextStream(model.tokenizer), model._stop_ids()
+
+        def show(text: str) -> None:
+            if on_text and text:
+                on_text(text)
 
         def done(finish: str) -> Generation:
-            return Generation(ids, stream.flush(ids), finish, len(prompt), start)
+            show(stream.feed([], final=True))
+            return Generation(ids, stream.text, finish, len(prompt), start)
 
         while True:
             for tok in pending:
                 if tok in stop_ids:
                     return done("stop")
                 ids.append(tok)
+                show(stream.feed([tok]))
                 if len(ids) >= max_new_tokens:
                     return done("length")
-            stream.update(ids)
             if len(self.held) + engine.DECODE_STEPS > self.slots.capacity:
                 return done("length")
             pending = self._decode(ids[-1], params, constraint)
@@ -268,28 +274,6 @@ class SlotSession:
         if len(out) < n_steps:
             self.slots.rewind(self.slot, len(self.held))
         return out
-
-
-class TextStream:
-    """Sends the new text of a growing id list to a callback, holding back an incomplete UTF-8 character."""
-
-    def __init__(self, tokenizer: Any, on_text: Callable[[str], None] | None):
-        self.tokenizer, self.on_text, self.shown = tokenizer, on_text, 0
-
-    def update(self, ids: Sequence[int]) -> None:
-        """Decode `ids` and send what was not sent yet, unless it ends mid-character."""
-        text = self.tokenizer.decode(ids)
-        if self.on_text and len(text) > self.shown and not text.endswith("\ufffd"):
-            self.on_text(text[self.shown:])
-            self.shown = len(text)
-
-    def flush(self, ids: Sequence[int]) -> str:
-        """Send everything left at the end of generation; returns the whole text."""
-        text = self.tokenizer.decode(ids)
-        if self.on_text and len(text) > self.shown:
-            self.on_text(text[self.shown:])
-        self.shown = len(text)
-        return text
 
 
 # ---------------------------------------------------------------- the agent

@@ -577,8 +577,3 @@ def parse_output(text: str) -> ParsedOutput:
     parser.feed(text)
     parser.finish()
     return parser.output()
-
-
-if __name__ == "__main__":
-    from k2jax.chat_cli import main
-    raise SystemExit(main())

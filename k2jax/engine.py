@@ -24,7 +24,8 @@ from flax import nnx
 from k2jax.cache import PageAllocator, PagedCache, PoolLayout, apply_copies, default_page_size, init_pool, make_layout
 from k2jax.config import K2Config
 from k2jax.model import forward
-from k2jax.sampling import SamplingParams, sample, stack_params
+from k2jax.sampling import Logprobs, SamplingParams, sample, stack_params
+from k2jax.tokenizer import TextStream
 from sharding.mesh import mesh_of
 
 PREFILL_CHUNK = 512
@@ -90,8 +91,9 @@ def step(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, pos_BT:
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype", "n_steps"), donate_argnames=("cache",))
 def decode(graphdef: nnx.GraphDef, state: nnx.State, tok_B: jax.Array, pos_B: jax.Array, live_B: jax.Array,
            cache: PagedCache, sampling: dict[str, jax.Array], cfg: K2Config, dtype: Any,
-           n_steps: int, mask_BW: jax.Array | None = None) -> tuple[jax.Array, jax.Array, PagedCache]:
-    """n_steps sampled decode steps on device: tokens [B, n], their log-probs [B, n], the updated cache.
+           n_steps: int, mask_BW: jax.Array | None = None) -> tuple[jax.Array, Logprobs, PagedCache]:
+    """n_steps sampled decode steps on device: tokens [B, n], their Logprobs ([B, n] and [B, n, TOP_LOGPROBS]),
+    the updated cache.
 
     Rows that are not live write nothing (their kv_len is 0) and their tokens are junk. mask_BW (packed allowed
     tokens, see k2jax.sampling) holds for every one of the n steps.
@@ -106,7 +108,7 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, tok_B: jax.Array, pos_B: ja
         return (nxt_B, pos_B + 1, cache), (nxt_B, logp_B)
 
     (_, _, cache), (toks_NB, logp_NB) = jax.lax.scan(body, (tok_B, pos_B, cache), None, length=n_steps)
-    return toks_NB.T, logp_NB.T, cache
+    return toks_NB.T, Logprobs(*(jnp.swapaxes(x, 0, 1) for x in logp_NB)), cache
 
 
 _sample = jax.jit(sample)
@@ -114,35 +116,39 @@ _sample = jax.jit(sample)
 
 @dataclasses.dataclass
 class _Row:
-    """Host-side state of one sequence: its tokens so far and whether, and why, it stopped."""
+    """Host-side state of one sequence: its tokens so far, its text (when there is a tokenizer) and whether, and why,
+    it stopped."""
 
     max_new: int
     stop_ids: frozenset[int]
-    stop_strings: tuple[str, ...]
+    text: TextStream | None
     ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish: str | None = None
 
-    def add(self, tokens: np.ndarray, logps: np.ndarray, tokenizer: Any) -> None:
-        """Append new tokens until a stop id, a stop string or the token limit ends the row."""
+    def add(self, tokens: np.ndarray, logps: np.ndarray) -> str:
+        """Append new tokens until a stop id, a stop string or the token limit ends the row; returns the new text
+        (a tail that could start a stop string waits until it is decided)."""
+        if self.finish is not None:
+            return ""
+        pieces = []
         for tok, lp in zip(tokens.tolist(), logps.tolist()):
-            if self.finish is not None:
-                return
             if tok in self.stop_ids:
                 self.finish = "stop"
-                return
+                break
             self.ids.append(tok)
             self.logprobs.append(lp)
-            if self.stop_strings and any(s in tokenizer.decode(self.ids[-64:]) for s in self.stop_strings):
-                self.finish = "stop"
-            elif len(self.ids) >= self.max_new:
+            if self.text is not None:
+                pieces.append(self.text.feed([tok]))
+                if self.text.stopped:
+                    self.finish = "stop"
+                    break
+            if len(self.ids) >= self.max_new:
                 self.finish = "length"
-
-    def text(self, tokenizer: Any) -> str:
-        """Decoded text, cut before the first stop string."""
-        text = tokenizer.decode(self.ids)
-        cuts = [text.find(s) for s in self.stop_strings if s in text]
-        return text[: min(cuts)] if cuts else text
+                break
+        if self.finish is not None and self.text is not None:
+            pieces.append(self.text.feed([], final=True))
+        return "".join(pieces)
 
 
 class Model:
@@ -210,9 +216,9 @@ class Model:
             raise ValueError("stop strings and streamed text need a tokenizer")
         ids = [self._encode(p) for p in prompts]
         params = [SamplingParams(temperature, top_k, top_p, min_p, seed + j) for _ in ids for j in range(n)]
-        rows = [_Row(max_new_tokens, self._stop_ids(), tuple(stop)) for _ in params]
+        rows = [_Row(max_new_tokens, self._stop_ids(), TextStream(self.tokenizer, stop) if self.tokenizer else None)
+                for _ in params]
         stats: dict[str, float] = {"prompt_tokens": sum(len(p) for p in ids)}
-        shown = [0] * len(rows)
         self._compile_s = 0.0
         start = time.perf_counter()
         for i, (toks, logps) in enumerate(self._decode_loop(ids, params, n, max_new_tokens)):
@@ -220,13 +226,15 @@ class Model:
                 stats["time_to_first_token_s"] = time.perf_counter() - start
                 stats["compile_before_first_token_s"] = self._compile_s
             for r, (row, t, lp) in enumerate(zip(rows, toks, logps)):
-                row.add(t, lp, self.tokenizer)
-                text = row.text(self.tokenizer) if on_text else ""
-                if len(text) > shown[r] and not text.endswith("\ufffd"):
-                    on_text(r, text[shown[r]:])
-                    shown[r] = len(text)
+                text = row.add(t, lp)
+                if on_text and text:
+                    on_text(r, text)
             if all(r.finish for r in rows):
                 break
+        for r, row in enumerate(rows):
+            rest = row.text.feed([], final=True) if row.text is not None else ""
+            if on_text and rest:
+                on_text(r, rest)
         elapsed = time.perf_counter() - start
         stats["generated_tokens"] = sum(len(r.ids) for r in rows)
         stats["compile_s"] = self._compile_s
@@ -234,7 +242,7 @@ class Model:
         decode_s = elapsed - stats["time_to_first_token_s"] - decode_compile_s
         stats["decode_tokens_per_s"] = (stats["generated_tokens"] - len(rows)) / max(decode_s, 1e-9)
         stats["total_s"] = elapsed
-        texts = [r.text(self.tokenizer) for r in rows] if self.tokenizer is not None else None
+        texts = [r.text.text for r in rows] if self.tokenizer is not None else None
         return GenerateOutput(ids=[r.ids for r in rows], texts=texts, stats=stats,
                               finish_reasons=[r.finish or "length" for r in rows],
                               logprobs=[r.logprobs for r in rows] if logprobs else None)
@@ -256,7 +264,7 @@ class Model:
             pages.reserve(row, int(length) + max_new_tokens + DECODE_STEPS)
         sampling = stack_params(params)
         tok_B, logp_B = _sample(last_BV, sampling, jnp.asarray(lengths))
-        yield np.asarray(tok_B)[:, None], np.asarray(logp_B)[:, None]
+        yield np.asarray(tok_B)[:, None], np.asarray(logp_B.chosen)[:, None]
         pos_B, live_B = jnp.asarray(lengths), jnp.ones(len(lengths), bool)
         rows = range(len(lengths))
         for done in range(1, max_new_tokens, DECODE_STEPS):
@@ -264,7 +272,7 @@ class Model:
             toks, logps, cache = self._call(decode, self.graphdef, self.state, tok_B, pos_B, live_B, cache, sampling,
                                             self.config, self.dtype, DECODE_STEPS)
             pool, tok_B, pos_B = cache.pool, toks[:, -1], pos_B + DECODE_STEPS
-            yield np.asarray(toks), np.asarray(logps)
+            yield np.asarray(toks), np.asarray(logps.chosen)
 
     def _prefill(self, ids: list[list[int]], lengths: np.ndarray, pages: PageAllocator, pool: dict[str, jax.Array],
                  rows: Sequence[int]) -> tuple[dict[str, jax.Array], jax.Array]:

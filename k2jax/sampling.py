@@ -1,4 +1,5 @@
-"""Per-row token sampling: greedy, temperature, top-k, top-p and min-p, with a seeded key per request.
+"""Per-row token sampling: greedy, temperature, top-k, top-p and min-p, with a seeded key per request; the sampled
+token's log-probability under the model and, for rows that ask, the TOP_LOGPROBS most likely tokens come back with it.
 
 An optional packed mask [B, ceil(V/32)] int32 (bit k of word j allows token 32j + k; see k2jax.grammar) limits each
 row to its allowed tokens before any of that, so every sampling setting only ever picks an allowed token.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,19 +18,22 @@ import numpy as np
 
 TOP_K_MAX = 2**31 - 1
 SEED_MAX = 2**32 - 1
+TOP_LOGPROBS = 20  # most likely tokens a row can ask for with each sampled token
 ROW_DTYPES = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32,
-              "seed": np.uint32}
+              "seed": np.uint32, "top_logprobs": np.int32}
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """One request's sampling settings; temperature 0 means greedy, top_k 0 and top_p 1 disable those filters."""
+    """One request's sampling settings; temperature 0 means greedy, top_k 0 and top_p 1 disable those filters;
+    top_logprobs > 0 asks for that many most likely tokens (with their log-probs) beside each sampled one."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int = 0
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if not (is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
@@ -41,6 +46,28 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not (is_integer(self.seed) and 0 <= self.seed <= SEED_MAX):
             raise ValueError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
+        if not (is_integer(self.top_logprobs) and 0 <= self.top_logprobs <= TOP_LOGPROBS):
+            raise ValueError(f"top_logprobs must be an integer in [0, {TOP_LOGPROBS}], got {self.top_logprobs!r}")
+
+
+class Logprobs(NamedTuple):
+    """Log-probabilities under the model (log_softmax of its raw logits, before temperature, filters and masks): of
+    each sampled token [...], and each row's TOP_LOGPROBS most likely token ids and theirs, most likely first
+    [..., TOP_LOGPROBS] (zeros when no row of the batch asked for them)."""
+
+    chosen: jax.Array | np.ndarray
+    top_ids: jax.Array | np.ndarray
+    top: jax.Array | np.ndarray
+
+
+def token_logprobs(logprobs: Logprobs, n_top: int) -> tuple[list[float], list[tuple[tuple[int, float], ...]]]:
+    """One row's host Logprobs ([n] and [n, TOP_LOGPROBS]) as lists: each token's log-prob and its n_top
+    (id, log-prob) pairs (empty tuples when n_top is 0)."""
+    chosen = np.asarray(logprobs.chosen, np.float64).tolist()
+    if not n_top:
+        return chosen, [()] * len(chosen)
+    ids, top = np.asarray(logprobs.top_ids)[:, :n_top].tolist(), np.asarray(logprobs.top, np.float64)[:, :n_top].tolist()
+    return chosen, [tuple(zip(i, v)) for i, v in zip(ids, top)]
 
 
 def is_integer(value: object) -> bool:
@@ -114,15 +141,30 @@ def unpack_mask(mask_BW: jax.Array, vocab: int) -> jax.Array:
     return bits_BW32.reshape(mask_BW.shape[0], -1)[:, :vocab].astype(bool)
 
 
+def _top(logp_BV: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's TOP_LOGPROBS most likely ids and their log-probs (fewer columns, zero-padded, for a tiny vocab)."""
+    k = min(TOP_LOGPROBS, logp_BV.shape[-1])
+    top_BK, ids_BK = jax.lax.top_k(logp_BV, k)
+    pad = ((0, 0), (0, TOP_LOGPROBS - k))
+    return jnp.pad(ids_BK.astype(jnp.int32), pad), jnp.pad(top_BK, pad)
+
+
+def _no_top(logp_BV: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Zeros in _top's shapes (no row asked for top tokens)."""
+    B = logp_BV.shape[0]
+    return jnp.zeros((B, TOP_LOGPROBS), jnp.int32), jnp.zeros((B, TOP_LOGPROBS), jnp.float32)
+
+
 def sample(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array,
-           mask_BW: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Next token per row (among the tokens mask_BW allows, if given) and its log-probability under the model;
-    all-greedy batches skip the sampler."""
+           mask_BW: jax.Array | None = None) -> tuple[jax.Array, Logprobs]:
+    """Next token per row (among the tokens mask_BW allows, if given) and its Logprobs, from the same logits;
+    all-greedy batches skip the sampler, batches where no row asks for top tokens skip the top-k."""
     logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    top_ids_BK, top_BK = jax.lax.cond(jnp.any(params["top_logprobs"] > 0), _top, _no_top, logp_BV)
     if mask_BW is not None:
         logits_BV = jnp.where(unpack_mask(mask_BW, logits_BV.shape[-1]), logits_BV, -jnp.inf)
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     hot_B = params["temperature"] > 0
     drawn_B = jax.lax.cond(jnp.any(hot_B), _draw, lambda *_: greedy_B, logits_BV, params, pos_B)
     tokens_B = jnp.where(hot_B, drawn_B, greedy_B)
-    return tokens_B, jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]
+    return tokens_B, Logprobs(jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0], top_ids_BK, top_BK)

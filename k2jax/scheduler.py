@@ -8,7 +8,7 @@ JSON, a reasoning budget) samples under its row's mask; its run of tokens is che
 where the mask changed (the slot's cache is rewound to match), and while any such row's mask changes token by token
 the decode call takes one step instead of decode_steps. Rows without a constraint sample exactly as they would alone.
 Requests see tokens through their `emit` callback, called on the scheduler thread; stop strings and text are the
-caller's business (see k2jax.server).
+caller's business (see k2jax.responses).
 
 Prefix cache: every full page a request prefills or ends with stays cached (k2jax.prefix_cache); when a request
 starts prefilling, the longest cached page-aligned prefix of its prompt is mapped into its slot and only the rest
@@ -44,7 +44,7 @@ import numpy as np
 from k2jax import engine
 from k2jax.cache import PoolFull
 from k2jax.grammar import RowConstraint
-from k2jax.sampling import SamplingParams, host_row
+from k2jax.sampling import Logprobs, SamplingParams, host_row, token_logprobs
 from k2jax.slots import Slots
 from sharding.mesh import broadcast_from_process0
 
@@ -56,7 +56,7 @@ STEP_TIMEOUT_S = 600.0
 PEER_TIMEOUT_S = 60.0
 NOOP, PREFILL, DECODE, RELEASE, STOP, ATTACH = range(6)
 HEADER = 4
-PARAM_FIELDS = 6  # per slot: active, temperature bits, top_k, top_p bits, min_p bits, seed bits
+PARAM_FIELDS = 7  # per slot: active, temperature bits, top_k, top_p bits, min_p bits, seed bits, top_logprobs
 
 
 class QueueFull(Exception):
@@ -68,12 +68,15 @@ class Output:
     """New tokens of a request with their log-probs; the last Output carries the finish reason.
 
     finish is "stop" (a stop token, not included), "length" (max_tokens reached) or "error" (then `error` says why).
+    top_logprobs: per token, its request's params.top_logprobs most likely (id, log-prob) pairs (empty when it asks
+    for none, and for tokens the scheduler forced).
     """
 
     tokens: tuple[int, ...]
     logprobs: tuple[float, ...]
     finish: str | None = None
     error: str | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
 @dataclasses.dataclass(eq=False)
@@ -399,7 +402,8 @@ class Scheduler:
             taken = n_steps if request.constraint is None else request.constraint.accept(tokens[slot].tolist())
             if taken < n_steps:
                 self.slots.rewind(slot, int(self.slots.lengths[slot]) - (n_steps - taken))
-            self._accept(request, tokens[slot, :taken].tolist(), logprobs[slot, :taken].tolist())
+            row = Logprobs(*(x[slot, :taken] for x in logprobs))
+            self._accept(request, tokens[slot, :taken].tolist(), *token_logprobs(row, request.params.top_logprobs))
         return len(decoding)
 
     @staticmethod
@@ -449,7 +453,7 @@ class Scheduler:
                                                None if constraint is None else constraint.mask())
             if constraint is not None:
                 constraint.accept([token])
-            self._accept(request, [token], [logprob])
+            self._accept(request, [token], *token_logprobs(logprob, request.params.top_logprobs))
 
     def _row_ok(self, request: Request) -> bool:
         """Whether a request's sampling row can join the decode call (else the request ends with an error)."""
@@ -465,29 +469,36 @@ class Scheduler:
         log.warning("request failed in %s: %s", stage, err, exc_info=not isinstance(err, ValueError))
         self._finish(request, Output((), (), "error", f"{stage} failed: {err}"))
 
-    def _accept(self, request: Request, tokens: list[int], logprobs: list[float]) -> None:
-        """Append sampled tokens up to a stop token or max_tokens, emit them, and free the slot when finished."""
+    def _accept(self, request: Request, tokens: list[int], logprobs: list[float],
+                tops: list[tuple[tuple[int, float], ...]]) -> None:
+        """Append sampled tokens (with their log-probs and top tokens) up to a stop token or max_tokens, emit them,
+        and free the slot when finished."""
         new_tokens: list[int] = []
         new_logprobs: list[float] = []
+        new_tops: list[tuple[tuple[int, float], ...]] = []
         finish = None
         i = 0
         while i < len(tokens) and finish is None:
-            token, logprob = tokens[i], logprobs[i]
+            token, logprob, top = tokens[i], logprobs[i], tops[i]
             i += 1
             if token in request.stop_ids:
                 if not self._can_force(request):
                     finish = "stop"
                     continue
-                forced_next, forced_logprob = self._force(request)
+                forced_next, forced_logprobs = self._force(request)
+                forced_logprob, forced_top = token_logprobs(forced_logprobs, request.params.top_logprobs)
                 tokens[i:] = [*request.force_before_stop[1:], forced_next]
-                logprobs[i:] = [*(0.0,) * (len(request.force_before_stop) - 1), forced_logprob]
-                token, logprob = request.force_before_stop[0], 0.0
+                logprobs[i:] = [*(0.0,) * (len(request.force_before_stop) - 1), *forced_logprob]
+                tops[i:] = [*((),) * (len(request.force_before_stop) - 1), *forced_top]
+                token, logprob, top = request.force_before_stop[0], 0.0, ()
             request.generated.append(token)
             new_tokens.append(token)
             new_logprobs.append(logprob)
+            new_tops.append(top)
             if len(request.generated) >= request.max_tokens:
                 finish = "length"
-        output = Output(tuple(new_tokens), tuple(new_logprobs), finish)
+        output = Output(tuple(new_tokens), tuple(new_logprobs), finish,
+                        top_logprobs=tuple(new_tops) if request.params.top_logprobs else ())
         if finish is not None:
             self._finish(request, output)
         else:
@@ -499,7 +510,7 @@ class Scheduler:
         return bool(forced) and forced[0] not in request.generated and (
             len(request.generated) + len(forced) < request.max_tokens)
 
-    def _force(self, request: Request) -> tuple[int, float]:
+    def _force(self, request: Request) -> tuple[int, Logprobs]:
         """Write the forced tokens after the accepted ones and sample the token that follows them."""
         start = len(request.prompt) + len(request.generated)
         forced = list(request.force_before_stop)
@@ -558,7 +569,8 @@ def pack_params(params: Sequence[SamplingParams | None]) -> np.ndarray:
     return np.concatenate([
         np.array([p is not None for p in params], np.int32), float_bits([p.temperature for p in real]),
         np.array([p.top_k for p in real], np.int32), float_bits([p.top_p for p in real]),
-        float_bits([p.min_p for p in real]), np.array([p.seed & 0xFFFFFFFF for p in real], np.uint32).view(np.int32)])
+        float_bits([p.min_p for p in real]), np.array([p.seed & 0xFFFFFFFF for p in real], np.uint32).view(np.int32),
+        np.array([p.top_logprobs for p in real], np.int32)])
 
 
 def unpack_params(packed: np.ndarray, n_slots: int) -> list[SamplingParams | None]:
@@ -566,8 +578,8 @@ def unpack_params(packed: np.ndarray, n_slots: int) -> list[SamplingParams | Non
     rows = np.ascontiguousarray(packed[: PARAM_FIELDS * n_slots], np.int32).reshape(PARAM_FIELDS, n_slots)
     temp, top_p, min_p = (rows[k].view(np.float32) for k in (1, 3, 4))
     seed = rows[5].view(np.uint32)
-    return [SamplingParams(float(temp[i]), int(rows[2, i]), float(top_p[i]), float(min_p[i]), int(seed[i]))
-            if rows[0, i] else None for i in range(n_slots)]
+    return [SamplingParams(float(temp[i]), int(rows[2, i]), float(top_p[i]), float(min_p[i]), int(seed[i]),
+                           int(rows[6, i])) if rows[0, i] else None for i in range(n_slots)]
 
 
 class StepLink:

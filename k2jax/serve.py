@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from k2jax.scheduler import STOP, LinkError, Scheduler, StepLink, follow
-    from k2jax.server import GRACEFUL_SHUTDOWN_S, MAX_BODY_BYTES, Service, create_app
+    from k2jax.api_schema import MAX_BODY_BYTES
+    from k2jax.server import GRACEFUL_SHUTDOWN_S, create_app
+    from k2jax.service import Service
 
     if args.host not in LOOPBACK and not args.api_key:
         print(f"k2jax-serve: warning: serving on {args.host} without --api-key: anyone who can reach it may use it",

@@ -18,7 +18,7 @@ import numpy as np
 from k2jax import engine
 from k2jax.cache import PoolFull, apply_copies, read_pages, write_pages
 from k2jax.prefix_cache import PrefixCache
-from k2jax.sampling import SamplingParams, sample, stack_params
+from k2jax.sampling import Logprobs, SamplingParams, sample, stack_params
 
 
 _sample = jax.jit(sample)
@@ -116,17 +116,17 @@ class Slots:
         return self.pages.shortfall(wants)
 
     def sample(self, logits_V: np.ndarray, params: SamplingParams, position: int,
-               mask_W: np.ndarray | None = None) -> tuple[int, float]:
-        """One token (and its log-prob) from a row of logits, keyed by the request seed and its position; mask_W
-        (packed allowed tokens, see k2jax.grammar) limits the choice."""
+               mask_W: np.ndarray | None = None) -> tuple[int, Logprobs]:
+        """One token and its host Logprobs ([1] and [1, TOP_LOGPROBS]) from a row of logits, keyed by the request
+        seed and its position; mask_W (packed allowed tokens, see k2jax.grammar) limits the choice."""
         mask = None if mask_W is None else on_device(np.asarray(mask_W)[None], np.int32)
         tok, logp = _sample(on_device(logits_V[None], np.float32), stack_params([params]),
                             on_device([position], np.int32), mask)
-        return int(tok[0]), float(logp[0])
+        return int(tok[0]), Logprobs(*map(np.asarray, logp))
 
     def decode(self, tokens: np.ndarray, params: Sequence[SamplingParams | None],
-               n_steps: int = engine.DECODE_STEPS, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Feed each active slot its last token and sample n_steps more: ([slots, n] tokens, log-probs).
+               n_steps: int = engine.DECODE_STEPS, masks: np.ndarray | None = None) -> tuple[np.ndarray, Logprobs]:
+        """Feed each active slot its last token and sample n_steps more: [slots, n] tokens and their host Logprobs.
 
         A slot is active where params is not None; inactive slots write nothing and keep their cached prefix
         (their returned tokens are junk). masks [slots, words] (packed allowed tokens) holds for all n steps.
@@ -138,7 +138,8 @@ class Slots:
             raise ValueError(f"decoding {n_steps} more tokens would overflow a slot's capacity of {self.capacity}")
         for slot in np.flatnonzero(active):
             self._reserve(int(slot), int(self.lengths[slot]) + n_steps)
-        toks, logps = map(host_value, self._decode(tokens, active, params, n_steps, masks=masks))
+        toks, logps = self._decode(tokens, active, params, n_steps, masks=masks)
+        toks, logps = host_value(toks), Logprobs(*map(host_value, logps))
         for slot in np.flatnonzero(active):  # written: the fed token, then every sampled one but the last
             if self.tokens[slot] is not None:
                 self.tokens[slot] += [int(tokens[slot]), *toks[slot, :-1].tolist()]
@@ -218,8 +219,8 @@ class Slots:
         return logits
 
     def _decode(self, tokens: np.ndarray, active: np.ndarray, params: Sequence[SamplingParams | None], n_steps: int,
-                width: int | None = None, masks: np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
-        """The decode call on device: ([slots, n_steps] tokens, log-probs); inactive slots write nothing."""
+                width: int | None = None, masks: np.ndarray | None = None) -> tuple[jax.Array, Logprobs]:
+        """The decode call on device: [slots, n_steps] tokens and their Logprobs; inactive slots write nothing."""
         m = self.model
         cache = m.cache_view(self.pages, self.pool, range(self.n_slots), np.where(active, self.lengths + n_steps, 0),
                              width)

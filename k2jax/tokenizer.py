@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -363,6 +364,15 @@ class Tokenizer:
         return (self.im_end_id, self.eos_id)
 
     @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes as decode joins them: a base token's bytes, a reserved token's name as the ByteLevel
+        decoder spells it (its characters mapped back to bytes when all are in the byte alphabet, else UTF-8)."""
+        byte_of = {c: b for b, c in byte_to_unicode().items()}
+        names = [s.content for s in self.specials]
+        return [*self.tokens, *(bytes(byte_of[c] for c in name) if all(c in byte_of for c in name) else name.encode()
+                                for name in names)]
+
+    @cached_property
     def _plain_tokenizer(self) -> HFTokenizer:
         """A copy that encodes reserved-token strings as ordinary text."""
         plain = HFTokenizer.from_str(self._tokenizer.to_str())
@@ -450,3 +460,71 @@ class Tokenizer:
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
+
+
+class Detokenizer:
+    """Text of a growing id sequence in O(new ids): each id's bytes go through an incremental UTF-8 decoder that
+    holds back an incomplete character, so the pieces `add` returns, then `flush`, join to exactly `decode(ids)`."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self.token_bytes = tokenizer.token_bytes
+        self.skipped = tokenizer._skipped_ids if skip_special else frozenset()
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, ids: Iterable[int]) -> str:
+        """The text these ids complete (a character whose bytes are not all here yet waits)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < len(self.token_bytes)]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {len(self.token_bytes)})")
+        return self.decoder.decode(b"".join(self.token_bytes[i] for i in ids if i not in self.skipped))
+
+    def flush(self) -> str:
+        """What is left at the end: an incomplete character becomes U+FFFD, as decode writes it."""
+        return self.decoder.decode(b"", final=True)
+
+
+class TextStream:
+    """One sequence's text as ids arrive, in O(new ids): incrementally decoded, cut at the first stop string, with a
+    tail that could still grow into a stop string held back until it is decided.
+
+    Ids are taken one at a time, so `used` counts exactly the ids up to the one that completed a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()):
+        self.stops = tuple(stops)
+        self.detokenizer = Detokenizer(tokenizer)
+        self.used = 0
+        self.stopped = self.finished = False
+        self._parts: list[str] = []
+        self._held = ""
+
+    @property
+    def text(self) -> str:
+        """The text handed out so far (before the stop string, once one is found)."""
+        return "".join(self._parts)
+
+    def feed(self, ids: Iterable[int], final: bool = False) -> str:
+        """The text these new ids make certain (all of the rest when final)."""
+        pieces = []
+        for token in ids:
+            if self.stopped:
+                break
+            self.used += 1
+            pieces.append(self._take(self.detokenizer.add((token,)), final=False))
+        if final and not self.finished:
+            self.finished = True
+            if not self.stopped:
+                pieces.append(self._take(self.detokenizer.flush(), final=True))
+        return "".join(pieces)
+
+    def _take(self, new: str, final: bool) -> str:
+        """Cut new text (after what was held) at a stop string and hand out all but a possible stop-string prefix."""
+        text = self._held + new
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            text, self.stopped = text[: min(hits)], True
+        held = 0 if self.stopped or final else chat.held_suffix(text, self.stops)
+        out, self._held = text[: len(text) - held], text[len(text) - held:]
+        self._parts.append(out)
+        return out

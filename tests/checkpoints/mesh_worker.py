@@ -19,11 +19,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import checkpoints.hf_reader
-from checkpoints.synthetic import random_state
 from k2jax.config import K2Config
 from k2jax.convert import main as convert_main
 from k2jax.engine import Model
 from k2jax.loading import load_state
+from k2jax.synthetic import random_state
 
 
 def _status_kib(field: str) -> int:

@@ -16,8 +16,8 @@ import k2jax
 from checkpoints.hf_reader import INDEX_FILE
 from checkpoints.hf_writer import write_hf_checkpoint
 from checkpoints.safetensors_io import CheckpointError, read_header, read_tensor
-from checkpoints.synthetic import random_state
 from k2jax.config import ConfigError, Int4Quant, preset
+from k2jax.synthetic import random_state
 
 CFG = dataclasses.replace(preset("tiny"), moe_intermediate_size=64, quant=Int4Quant())
 PACKED = "model.layers.1.mlp.experts.3.up_proj.weight_packed"

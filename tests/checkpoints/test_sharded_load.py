@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from checkpoints.hf_writer import write_hf_checkpoint
-from checkpoints.synthetic import random_state
 from k2jax.config import Int4Quant, K2Config
+from k2jax.synthetic import random_state
 
 WORKER = Path(__file__).with_name("mesh_worker.py")
 REPO = WORKER.parents[2]

@@ -10,9 +10,9 @@ from flax import nnx
 
 import checkpoints.streaming
 from checkpoints.hf_writer import write_hf_checkpoint
-from checkpoints.synthetic import random_state
 from k2jax.config import Int4Quant, preset
 from k2jax.loading import load_state, make_mesh
+from k2jax.synthetic import random_state
 
 CFG = dataclasses.replace(preset("tiny"), moe_intermediate_size=64, num_hidden_layers=5, quant=Int4Quant())
 LAYER_BYTES = CFG.n_routed_experts * CFG.hidden_size * CFG.moe_intermediate_size // 2  # one layer of packed INT4

@@ -17,7 +17,6 @@ from tokenizers import Tokenizer as HFTokenizer
 
 import k2jax
 from checkpoints.hf_writer import write_hf_checkpoint
-from checkpoints.synthetic import random_state
 from k2jax import chat
 from k2jax.agent import (
     Agent,
@@ -35,6 +34,7 @@ from k2jax.agent import (
 from k2jax.chat_cli import DEMO_TOOLS, calculate, demo_task
 from k2jax.sampling import SamplingParams
 from k2jax.slots import Slots
+from k2jax.synthetic import random_state
 from k2jax.tokenizer import KIMI_PATTERN, Tokenizer, byte_to_unicode, kimi_specials
 
 RTOL = 1e-4  # float32 against float32, summation order only

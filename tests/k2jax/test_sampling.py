@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k2jax.sampling import SamplingParams, filter_logits, sample, stack_params, unpack_mask
+from k2jax.sampling import TOP_LOGPROBS, SamplingParams, filter_logits, sample, stack_params, token_logprobs, unpack_mask
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 
@@ -43,7 +43,7 @@ def test_draws_follow_the_filtered_distribution(rng):
     freq = np.bincount(np.asarray(toks), minlength=4) / n
     expected = np.array([0.5, 0.3, 0.15, 0]) / 0.95
     assert np.abs(freq - expected).max() < 4 * np.sqrt(0.25 / n)  # four standard deviations
-    np.testing.assert_allclose(np.asarray(logp), np.log(PROBS)[np.asarray(toks)], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(logp.chosen), np.log(PROBS)[np.asarray(toks)], rtol=1e-5)
 
 
 def test_seeds_reproduce_and_differ(rng):
@@ -107,7 +107,7 @@ def test_masked_rows_only_pick_allowed_tokens(rng, kw):
     toks = np.asarray(toks)
     assert allowed[np.arange(rows), toks].all()
     model_logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))[np.arange(rows), toks]
-    np.testing.assert_allclose(np.asarray(logp), model_logp, rtol=1e-5)  # the model's log-prob, not the mask's
+    np.testing.assert_allclose(np.asarray(logp.chosen), model_logp, rtol=1e-5)  # the model's, not the mask's
     if kw["temperature"] == 0:
         best = np.where(allowed, np.asarray(logits), -np.inf).argmax(-1)
         assert (toks == best).all()
@@ -119,3 +119,24 @@ def test_an_all_allowed_mask_changes_nothing(rng):
     full = jnp.full((8, 4), -1, jnp.int32)
     plain, masked = sample(logits, params, jnp.arange(8)), sample(logits, params, jnp.arange(8), full)
     np.testing.assert_array_equal(np.asarray(plain[0]), np.asarray(masked[0]))
+
+
+@pytest.mark.parametrize("vocab", [300, 7])
+def test_top_logprobs_are_the_models_most_likely_tokens(rng, vocab):
+    rows = 6
+    logits = jnp.asarray(rng.normal(size=(rows, vocab)) * 3)
+    masks = jnp.asarray(random_masks(rng, rows, vocab))
+    asks = [0, 1, 5, TOP_LOGPROBS, 0, 3]
+    params = stack_params([SamplingParams(temperature=1.0, seed=k, top_logprobs=n) for k, n in enumerate(asks)])
+    toks, logp = sample(logits, params, jnp.arange(rows), masks)
+    model_logp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+    for row, n in enumerate(asks):
+        chosen, tops = token_logprobs(type(logp)(*(np.asarray(x)[row:row + 1] for x in logp)), n)
+        np.testing.assert_allclose(chosen, model_logp[row, [int(toks[row])]], rtol=1e-5)
+        best = np.argsort(-model_logp[row], kind="stable")[:min(n, vocab)]  # under the model, masks aside
+        assert [i for i, _ in tops[0]][:len(best)] == best.tolist() and len(tops[0]) == n
+        np.testing.assert_allclose([v for _, v in tops[0]][:len(best)], model_logp[row, best], rtol=1e-5)
+    none = stack_params([SamplingParams(temperature=1.0, seed=k) for k in range(rows)])
+    toks_none, logp_none = sample(logits, none, jnp.arange(rows), masks)
+    assert not np.asarray(logp_none.top).any()  # nobody asked: the top-k is skipped
+    np.testing.assert_array_equal(np.asarray(toks_none), np.asarray(toks))  # and the draw is the same

@@ -199,16 +199,17 @@ def test_a_row_that_fails_to_prepare_fails_only_its_request(model, scheduler, rn
 
 def test_sampling_params_refuse_values_the_sampler_cannot_hold():
     for bad in ({"top_k": 2**31}, {"top_k": -1}, {"seed": 2**32}, {"seed": -1}, {"temperature": float("inf")},
-                {"top_p": float("nan")}, {"min_p": 1.5}, {"top_k": True}):
+                {"top_p": float("nan")}, {"min_p": 1.5}, {"top_k": True}, {"top_logprobs": 21}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
 
 
 def test_sampling_settings_survive_the_step_message():
-    params = [SamplingParams(0.7, 40, 0.9, 0.05, 2**32 - 1), None, SamplingParams(), SamplingParams(seed=12345)]
+    params = [SamplingParams(0.7, 40, 0.9, 0.05, 2**32 - 1, 20), None, SamplingParams(), SamplingParams(seed=12345)]
     back = unpack_params(pack_params(params), len(params))
     assert back[1] is None and back[2:] == params[2:]
     assert np.float32(back[0].temperature) == np.float32(0.7) and back[0].top_k == 40 and back[0].seed == 2**32 - 1
+    assert back[0].top_logprobs == 20
 
 
 def run_all(sched: Scheduler, jobs: list[tuple[list[int], int]], **kw) -> list[Request]:

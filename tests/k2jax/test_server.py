@@ -29,12 +29,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import k2jax
 from checkpoints.hf_writer import write_hf_checkpoint
-from checkpoints.synthetic import random_state
 from k2jax import chat
+from k2jax.api_schema import ChatBody
+from k2jax.responses import Choice, chat_delta, chat_message
 from k2jax.sampling import SamplingParams
 from k2jax.scheduler import Output, Request, Scheduler
-from k2jax.server import BackgroundServer, ChatBody, Choice, Service, TextStream, chat_delta, chat_message, create_app
-from k2jax.tokenizer import KIMI_PATTERN, Tokenizer, byte_to_unicode, kimi_specials
+from k2jax.server import BackgroundServer, create_app
+from k2jax.service import Service
+from k2jax.synthetic import random_state
+from k2jax.tokenizer import KIMI_PATTERN, TextStream, Tokenizer, byte_to_unicode, kimi_specials
 
 openai = pytest.importorskip("openai")
 
@@ -246,7 +249,15 @@ def test_completions_and_stop_strings(model, client):
     ({"model": NAME, "messages": "hello"}, 422, "messages"),
     ({"model": NAME, "messages": [{"role": "user", "content": "x " * 600}]}, 413, "context is 248 tokens"),
     ({"model": NAME, "messages": MESSAGES, "tool_choice": "required"}, 400, "needs a non-empty `tools`"),
-    ({"model": NAME, "messages": MESSAGES, "logprobs": True}, 400, "logprobs is not supported"),
+    ({"model": NAME, "messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs must be in [0, 20]"),
+    ({"model": NAME, "messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    ({"model": NAME, "messages": MESSAGES, "presence_penalty": 1}, 400, "presence_penalty is not supported"),
+    ({"model": NAME, "messages": MESSAGES, "max_completion_tokens": 0, "max_tokens": 5}, 400,
+     "max_completion_tokens must be >= 1"),
+    ({"model": NAME, "messages": MESSAGES, "response_format": {"type": "xml"}}, 400, "response_format.type must be"),
+    ({"model": NAME, "messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": 5}}}}, 400, "response_format.json_schema.schema['type'] is not a valid JSON"),
+    ({"model": NAME, "messages": MESSAGES, "stop_token_ids": [10**9]}, 400, "stop_token_ids: token id"),
 ])
 def test_errors_are_openai_shaped(server, client, body, status, match):
     http, service = server
@@ -924,3 +935,116 @@ def test_history_call_ids_become_k2_ids(wide):
     assert "## Return of functions.get_weather:1\nsunny" in prompt
     assert "## Return of functions.get_weather:0\nrain" in prompt
     assert prepared.call_offset == 2  # this turn's calls are functions.NAME:2, :3, ...
+
+
+# ---------------------------------------------------------------- log-probs, structured output, OpenAI options
+
+
+def model_logprobs(model, ids: list[int]) -> np.ndarray:
+    """log_softmax of the model's logits over a whole sequence [T, V] (float64)."""
+    logits = model.logits(np.asarray([ids])).astype(np.float64)[0]
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def token_ids(model, entries) -> list[int]:
+    """Ids of chat log-prob entries, found by their exact bytes."""
+    by_bytes = {b: i for i, b in enumerate(model.tokenizer.token_bytes)}
+    return [by_bytes[bytes(e.bytes)] for e in entries]
+
+
+def test_chat_logprobs_are_the_models_streamed_or_not(model, client):
+    prompt = model.tokenizer.apply_chat_template(MESSAGES, tokenize=True)
+    kw = {"model": NAME, "messages": MESSAGES, "max_tokens": 8, "temperature": 1.0, "seed": 11, "logprobs": True,
+          "top_logprobs": 5}
+    out = client.chat.completions.create(**kw)
+    entries = out.choices[0].logprobs.content
+    ids = token_ids(model, entries)
+    assert len(ids) == out.usage.completion_tokens > 0
+    ref = model_logprobs(model, prompt + ids)[len(prompt) - 1: len(prompt) - 1 + len(ids)]
+    np.testing.assert_allclose([e.logprob for e in entries], ref[np.arange(len(ids)), ids], atol=1e-4)
+    for entry, row in zip(entries, ref):
+        top = np.argsort(-row)[:5]
+        assert token_ids(model, entry.top_logprobs) == top.tolist()
+        np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], row[top], atol=1e-4)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert token_ids(model, streamed) == ids
+    np.testing.assert_allclose([e.logprob for e in streamed], [e.logprob for e in entries], atol=1e-5)
+    plain = client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == out.choices[0].message.content
+
+
+def test_completion_logprobs_follow_the_greedy_path(model, client):
+    prompt = model.tokenizer.encode("def add(a, b):")
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0, logprobs=3,
+                                    extra_body={"ignore_eos": True})
+    ids = list(prompt)
+    for _ in range(5):  # the greedy continuation, one full prefill per token
+        ids.append(int(np.argmax(model_logprobs(model, ids)[-1])))
+    ref = model_logprobs(model, ids)[len(prompt) - 1: -1]
+    lp = out.choices[0].logprobs
+    assert lp.tokens == [model.tokenizer.token_bytes[i].decode("utf-8", "replace") for i in ids[len(prompt):]]
+    np.testing.assert_allclose(lp.token_logprobs, ref.max(axis=-1), atol=1e-4)
+    for top, row in zip(lp.top_logprobs, ref):
+        np.testing.assert_allclose(sorted(top.values(), reverse=True), np.sort(row)[::-1][:len(top)], atol=1e-4)
+        assert 1 <= len(top) <= 3
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=NAME, prompt="x", max_tokens=2, logprobs=21)
+    assert err.value.body["param"] == "logprobs"
+
+
+def test_seed_stop_token_ids_and_max_completion_tokens(model, client):
+    kw = {"model": NAME, "messages": MESSAGES, "max_tokens": 12, "temperature": 1.0}
+    texts = [client.chat.completions.create(**kw, seed=seed).choices[0].message for seed in (5, 5, 6)]
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+    capped = client.chat.completions.create(**{**kw, "max_tokens": 40}, max_completion_tokens=3)
+    assert capped.usage.completion_tokens <= 3
+    prompt = "def add(a, b):"
+    ref = model.generate([prompt], max_new_tokens=12).ids[0]
+    k = next(k for k in range(1, len(ref)) if ref[k] not in ref[:k])
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0,
+                                    extra_body={"stop_token_ids": [ref[k]]})
+    assert out.choices[0].finish_reason == "stop" and out.choices[0].text == model.tokenizer.decode(ref[:k])
+
+
+ANSWER_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "n", "color"],
+                 "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                "color": {"enum": ["red", "green", "blue"]}}}
+
+
+def test_json_schema_answers_always_validate(wide):
+    service, client = wide
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA, "strict": True}}
+
+    def ask(seed: int):
+        return client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=64, temperature=1.0, seed=seed,
+                                              response_format=fmt, extra_body={"max_reasoning_tokens": 2})
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(ask, range(50)))
+    assert [o.choices[0].finish_reason for o in outs] == ["stop"] * len(outs)
+    answers = [json.loads(o.choices[0].message.content) for o in outs]
+    for answer in answers:
+        jsonschema.validate(answer, ANSWER_SCHEMA)
+    assert len({json.dumps(a, sort_keys=True) for a in answers}) > 5  # sampled, not one forced answer
+    free = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=48, temperature=1.0, seed=1,
+                                          response_format={"type": "json_object"},
+                                          extra_body={"max_reasoning_tokens": 2})
+    if free.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(free.choices[0].message.content), dict)
+    no_leaks(service)
+
+
+def test_response_format_refusals_name_the_field(wide):
+    _, client = wide
+    lookaround = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"i": {"type": "string", "pattern": "(?<=x)y"}}}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4, response_format=lookaround)
+    assert err.value.body["param"] == "response_format.json_schema.schema"
+    assert "look-around" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4, tools=[WEATHER],
+                                       response_format={"type": "json_object"})
+    assert err.value.body["param"] == "response_format"

@@ -15,7 +15,8 @@ import pytest
 
 import k2jax
 from k2jax.scheduler import Scheduler
-from k2jax.server import BackgroundServer, Service, create_app
+from k2jax.server import BackgroundServer, create_app
+from k2jax.service import Service
 from k2jax.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")

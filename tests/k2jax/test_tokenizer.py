@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from k2jax import chat
-from k2jax.tokenizer import Tokenizer, byte_to_unicode, read_tiktoken_file, write_tiktoken_file
+from k2jax.tokenizer import Detokenizer, TextStream, Tokenizer, byte_to_unicode, read_tiktoken_file, write_tiktoken_file
 
 tiktoken = pytest.importorskip("tiktoken")
 tiktoken_load = pytest.importorskip("tiktoken.load")
@@ -262,6 +262,49 @@ def test_decode_round_trip(tok, ref, corpus):
     ids = tok.encode_batch(corpus)
     assert [tok.decode(i) for i in ids] == corpus
     assert [tok.decode(i) for i in ids[::10]] == [ref.decode(i) for i in ids[::10]]
+
+
+def split_utf8_ids(tok: Tokenizer, rng: np.random.Generator) -> list[int]:
+    """Random ids weighted to single bytes of multi-byte UTF-8 (lead and continuation bytes) and reserved tokens."""
+    single = [i for i, t in enumerate(tok.tokens) if len(t) == 1 and t[0] >= 0x80]
+    pool = [rng.integers(tok.vocab_size, size=8), rng.choice(single, 24), rng.integers(len(tok.tokens), tok.vocab_size, 4)]
+    return rng.permutation(np.concatenate(pool))[: rng.integers(1, 36)].tolist()
+
+
+@pytest.mark.parametrize("skip_special", [False, True])
+def test_detokenizer_pieces_join_to_the_full_decode(tok, ref, corpus, skip_special):
+    rng = np.random.default_rng(7)
+    texts = [t for t in corpus if not t.isascii() and "\ufffd" not in t][:60]
+    sequences = [*tok.encode_batch(texts), *(split_utf8_ids(tok, rng) for _ in range(300))]
+    for ids in sequences:
+        detok = Detokenizer(tok, skip_special)
+        cuts = np.sort(rng.choice(len(ids) + 1, size=min(len(ids), 4), replace=False)).tolist()
+        pieces = [detok.add(ids[a:b]) for a, b in zip([0, *cuts], [*cuts, len(ids)])]
+        assert "".join(pieces) + detok.flush() == tok.decode(ids, skip_special)
+    for ids in tok.encode_batch(texts):  # text that decodes cleanly never shows a half character on the way
+        detok = Detokenizer(tok)
+        assert "\ufffd" not in "".join(detok.add([i]) for i in ids) and detok.flush() == ""
+        detok = Detokenizer(tok)
+        assert "".join(detok.add([i]) for i in ids) == ref.decode(ids)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        Detokenizer(tok).add([tok.vocab_size])
+
+
+def test_text_stream_cuts_at_stop_strings_across_tokens(tok, corpus):
+    rng = np.random.default_rng(3)
+    for text in [t for t in corpus[:100] if "\ufffd" not in t]:  # so a prefix's U+FFFD means a split character
+        ids = tok.encode(text)
+        stop = text[len(text) // 2: len(text) // 2 + 3] or "x"
+        stream = TextStream(tok, [stop, "\u2603\u2603"])
+        cuts = np.sort(rng.choice(len(ids) + 1, size=min(len(ids), 5), replace=False)).tolist()
+        pieces = [stream.feed(ids[a:b]) for a, b in zip([0, *cuts], [*cuts, len(ids)])]
+        pieces.append(stream.feed([], final=True))
+        full = tok.decode(ids)
+        expected = full[: full.find(stop)] if stop in full else full
+        assert "".join(pieces) == stream.text == expected[: len("".join(pieces))]
+        if stop in full:
+            assert stream.stopped and "".join(pieces) == expected
+            assert stream.used == next(k for k in range(1, len(ids) + 1) if stop in tok.decode(ids[:k]))
 
 
 texts_with_specials = st.lists(
