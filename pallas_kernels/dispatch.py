@@ -7,8 +7,8 @@ TPU -> the Pallas Mosaic kernels; GPU -> the Pallas Triton kernels; CPU -> the n
 kernels and `interpret-triton` the Triton kernels in the Pallas interpreter (slow; for parity tests on CPU).
 The choice is made at trace time, so set the variable before the first call is traced.
 
-`layer` (optional int32 scalar) on grouped_int4_matmul: packed/scale are then the stacked [L, E, ...] expert
-weights and the kernels read that layer in place. Pass the whole stack rather than a gathered or sliced copy:
+`layer` (optional int32 scalar) on grouped_int4_matmul, grouped_matmul and stacked_matmul: the weights are then the
+stacked [L, ...] weights of all layers and the kernels read that layer in place. Pass the whole stack rather than a gathered or sliced copy:
 a copy costs a full extra read and write. ragged_mla always takes the stacked page pool [L, P, N, C] and its
 layer index.
 """
@@ -108,6 +108,51 @@ def grouped_matmul(x_MK, w_EKN, group_sizes_E, *, layer=None) -> jax.Array:
     if kernel_mode() == "native":
         return cpu_grouped_matmul.grouped_matmul(x_MK, w_EKN, group_sizes_E, layer=layer)
     return grouped_matmul_xla(x_MK, w_EKN, group_sizes_E, layer=layer)
+
+
+def _gspmd_partitioned() -> bool:
+    """Whether this trace is split over several devices by XLA's partitioner (a multi-device mesh outside a
+    shard_map): a custom call there would have its operands gathered onto every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1 and not mesh.are_all_axes_manual
+
+
+def stacked_matmul(x_GMK, w_GKN, *, layer=None, out_dtype=None) -> jax.Array:
+    """x[g] @ w[g] for each group g -> [G, M, N] in out_dtype (default x's; w [G, K, N], or [L, G, K, N] with
+    layer), accumulated in float32.
+
+    On CPU the native kernel reads w (float32 or bfloat16) in place and widens bf16 inside its loop (derivatives
+    go through the XLA form); elsewhere, or under a partitioned mesh, one einsum on that layer's weights.
+    """
+    out_dtype = out_dtype or x_GMK.dtype
+    if kernel_mode() != "native" or _gspmd_partitioned():
+        y = _stacked_matmul_xla(x_GMK, w_GKN, layer)
+    elif layer is None:
+        y = _stacked_matmul_native(x_GMK, w_GKN[None], jnp.zeros((), jnp.int32))
+    else:
+        y = _stacked_matmul_native(x_GMK, w_GKN, jnp.asarray(layer, jnp.int32))
+    return y.astype(out_dtype)
+
+
+def _stacked_matmul_xla(x_GMK, w_GKN, layer) -> jax.Array:
+    """stacked_matmul as one einsum on w[layer] cast to x's dtype -> float32."""
+    w = w_GKN if layer is None else w_GKN[layer]
+    return jnp.einsum("gmk,gkn->gmn", x_GMK, w.astype(x_GMK.dtype), preferred_element_type=jnp.float32)
+
+
+@jax.custom_jvp
+def _stacked_matmul_native(x_GMK, w_LGKN, layer) -> jax.Array:
+    """stacked_matmul on the native kernel (float32 out): the G groups as G experts of M rows each."""
+    G, M, K = x_GMK.shape
+    sizes_G = jnp.full((G,), M, jnp.int32)
+    y = cpu_grouped_matmul.grouped_matmul(x_GMK.reshape(G * M, K), w_LGKN, sizes_G, layer=layer)
+    return y.astype(jnp.float32).reshape(G, M, -1)
+
+
+@_stacked_matmul_native.defjvp
+def _stacked_matmul_native_jvp(primals, tangents) -> tuple[jax.Array, jax.Array]:
+    """Derivatives (training) of the XLA form, which computes the same product."""
+    return jax.jvp(_stacked_matmul_xla, primals, tangents)
 
 
 def grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None) -> jax.Array:
