@@ -188,17 +188,16 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 def _proj(x_K: Array, w: Array, layer: Array | None, out_dims: int = 1, out_dtype: Any = None) -> Array:
     """x [..., K] times layer `layer` of the weight stack w [L, *in, *out] ([*in, *out] when layer is None), its
     `out_dims` trailing axes the output: [..., *out] in out_dtype (default x's). Weights are read in place."""
-    lead = 0 if layer is None else 1
     out = w.shape[w.ndim - out_dims:]
-    w_1KN = w.reshape(*w.shape[:lead], 1, x_K.shape[-1], math.prod(out))
-    y_1XN = dispatch.stacked_matmul(x_K.reshape(1, -1, x_K.shape[-1]), w_1KN, layer=layer, out_dtype=out_dtype)
-    return y_1XN.reshape(*x_K.shape[:-1], *out)
+    w_KN = w.reshape(*w.shape[:0 if layer is None else 1], x_K.shape[-1], math.prod(out))
+    y_XN = dispatch.matmul(x_K.reshape(-1, x_K.shape[-1]), w_KN, layer=layer, out_dtype=out_dtype)
+    return y_XN.reshape(*x_K.shape[:-1], *out)
 
 
 def _per_head(x_BTHK: Array, w_LHKN: Array, layer: Array) -> Array:
     """Each head's rows times its own matrix of layer `layer`: x [B, T, H, K] -> [B, T, H, N]."""
     B, T, H, K = x_BTHK.shape
-    y_HXN = dispatch.stacked_matmul(x_BTHK.reshape(B * T, H, K).transpose(1, 0, 2), w_LHKN, layer=layer)
+    y_HXN = dispatch.head_matmul(x_BTHK.reshape(B * T, H, K).transpose(1, 0, 2), w_LHKN, layer=layer)
     return y_HXN.transpose(1, 0, 2).reshape(B, T, H, -1)
 
 

@@ -1,6 +1,7 @@
 // Grouped matmul for the CPU backend, an XLA FFI custom call: rows sorted by expert times their expert's
 // matrix, read in place from the stacked [L, E, ...] weights (XLA:CPU copies every dynamically sliced matrix
-// before a dot, which costs more than the dot at decode sizes). Dense f32/bf16 weights [L, E, K, N], or INT4
+// before a dot, which costs more than the dot at decode sizes). Dense f32/bf16 weights [L, E, K, N] (also
+// [L, K, N] and [K, N]: one expert; bf16 is widened a row chunk at a time inside the loop), or INT4
 // in the planar layout of pallas_kernels/int4_layout.py (packed u8 [L, E, K/2, N], bf16 scales [L, E, K/32, N]).
 // Experts (or, when there are few, their columns) are split among XLA's intra-op threads; each streams its
 // matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1.
@@ -214,19 +215,21 @@ ffi::Error grouped(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 
 ffi::Error DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
                      ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
-  auto dims = w.dimensions();  // [L, E, K, N]
-  if (dims.size() != 4 || dims[2] != x.dimensions()[1] || dims[1] != sizes.dimensions()[0]) {
-    return ffi::Error::InvalidArgument("weights must be [L, E, K, N] matching x [M, K] and sizes [E]");
+  auto dims = w.dimensions();  // [L, E, K, N], [L, K, N] or [K, N]
+  int64_t rank = dims.size();
+  if (rank < 2 || rank > 4) return ffi::Error::InvalidArgument("weights must be [L, E, K, N], [L, K, N] or [K, N]");
+  int64_t n_layers = rank >= 3 ? dims[0] : 1, e = rank == 4 ? dims[1] : 1, k = dims[rank - 2], n = dims[rank - 1];
+  if (k != x.dimensions()[1] || e != sizes.dimensions()[0]) {
+    return ffi::Error::InvalidArgument("weights [.., E, K, N] must match x [M, K] and sizes [E]");
   }
-  int64_t k = dims[2], n = dims[3];
   if (w.element_type() == ffi::F32) {
     const float* base = w.typed_data<float>();
-    return grouped(pool, x, layer, sizes, dims[0], n,
+    return grouped(pool, x, layer, sizes, n_layers, n,
                    [&](int64_t i) { return Dense<float>{base + i * k * n, k, n}; }, y);
   }
   if (w.element_type() == ffi::BF16) {
     const uint16_t* base = reinterpret_cast<const uint16_t*>(w.untyped_data());
-    return grouped(pool, x, layer, sizes, dims[0], n,
+    return grouped(pool, x, layer, sizes, n_layers, n,
                    [&](int64_t i) { return Dense<uint16_t>{base + i * k * n, k, n}; }, y);
   }
   return ffi::Error::InvalidArgument("dense weights must be float32 or bfloat16");

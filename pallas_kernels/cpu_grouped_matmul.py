@@ -97,6 +97,15 @@ def grouped_matmul(x_MK, w_EKN, group_sizes_E, *, layer=None) -> jax.Array:
     return y.astype(x_MK.dtype)
 
 
+def matmul(x_MK, w_KN, *, layer=None) -> jax.Array:
+    """x @ w[layer] for a stacked [L, K, N] dense weight (f32 or bf16; [K, N] without layer), read in place."""
+    _require()
+    layer = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
+    y = jax.ffi.ffi_call(TARGETS["dense"], jax.ShapeDtypeStruct((x_MK.shape[0], w_KN.shape[-1]), jnp.float32))(
+        x_MK.astype(jnp.float32), w_KN, layer, jnp.full((1,), x_MK.shape[0], jnp.int32))
+    return y.astype(x_MK.dtype)
+
+
 def grouped_int4_matmul(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None) -> jax.Array:
     """Rows sorted by expert times their expert's INT4 matrix (int4_layout's planar format), read in place."""
     _require()

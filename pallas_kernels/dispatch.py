@@ -7,7 +7,7 @@ TPU -> the Pallas Mosaic kernels; GPU -> the Pallas Triton kernels; CPU -> the n
 kernels and `interpret-triton` the Triton kernels in the Pallas interpreter (slow; for parity tests on CPU).
 The choice is made at trace time, so set the variable before the first call is traced.
 
-`layer` (optional int32 scalar) on grouped_int4_matmul, grouped_matmul and stacked_matmul: the weights are then the
+`layer` (optional int32 scalar) on grouped_int4_matmul, grouped_matmul, matmul and head_matmul: the weights are then the
 stacked [L, ...] weights of all layers and the kernels read that layer in place. Pass the whole stack rather than a gathered or sliced copy:
 a copy costs a full extra read and write. ragged_mla always takes the stacked page pool [L, P, N, C] and its
 layer index.
@@ -117,42 +117,55 @@ def _gspmd_partitioned() -> bool:
     return not mesh.empty and mesh.size > 1 and not mesh.are_all_axes_manual
 
 
-def stacked_matmul(x_GMK, w_GKN, *, layer=None, out_dtype=None) -> jax.Array:
-    """x[g] @ w[g] for each group g -> [G, M, N] in out_dtype (default x's; w [G, K, N], or [L, G, K, N] with
-    layer), accumulated in float32.
-
-    On CPU the native kernel reads w (float32 or bfloat16) in place and widens bf16 inside its loop (derivatives
-    go through the XLA form); elsewhere, or under a partitioned mesh, one einsum on that layer's weights.
-    """
-    out_dtype = out_dtype or x_GMK.dtype
-    if kernel_mode() != "native" or _gspmd_partitioned():
-        y = _stacked_matmul_xla(x_GMK, w_GKN, layer)
-    elif layer is None:
-        y = _stacked_matmul_native(x_GMK, w_GKN[None], jnp.zeros((), jnp.int32))
-    else:
-        y = _stacked_matmul_native(x_GMK, w_GKN, jnp.asarray(layer, jnp.int32))
-    return y.astype(out_dtype)
+def _native_dense() -> bool:
+    """Whether dense matmuls take the native CPU kernel here (not under a partitioned mesh)."""
+    return kernel_mode() == "native" and not _gspmd_partitioned()
 
 
-def _stacked_matmul_xla(x_GMK, w_GKN, layer) -> jax.Array:
-    """stacked_matmul as one einsum on w[layer] cast to x's dtype -> float32."""
+def _xla_derivatives(native, xla):
+    """`native` (a custom call, which has no derivatives) differentiated as `xla`, which computes the same."""
+    fn = jax.custom_jvp(native)
+    fn.defjvp(lambda primals, tangents: jax.jvp(xla, primals, tangents))
+    return fn
+
+
+def _matmul_xla(x_MK, w_KN, layer) -> jax.Array:
+    """x @ w[layer] in x's dtype (weights cast at use) -> float32."""
+    w = w_KN if layer is None else w_KN[layer]
+    return jnp.dot(x_MK, w.astype(x_MK.dtype), preferred_element_type=jnp.float32)
+
+
+def _head_matmul_xla(x_GMK, w_GKN, layer) -> jax.Array:
+    """x[g] @ w[layer, g] for each g, in x's dtype (weights cast at use) -> float32."""
     w = w_GKN if layer is None else w_GKN[layer]
     return jnp.einsum("gmk,gkn->gmn", x_GMK, w.astype(x_GMK.dtype), preferred_element_type=jnp.float32)
 
 
-@jax.custom_jvp
-def _stacked_matmul_native(x_GMK, w_LGKN, layer) -> jax.Array:
-    """stacked_matmul on the native kernel (float32 out): the G groups as G experts of M rows each."""
+def _head_matmul_native(x_GMK, w_GKN, layer) -> jax.Array:
+    """The G groups as G experts of M rows each on the native kernel -> float32."""
     G, M, K = x_GMK.shape
-    sizes_G = jnp.full((G,), M, jnp.int32)
-    y = cpu_grouped_matmul.grouped_matmul(x_GMK.reshape(G * M, K), w_LGKN, sizes_G, layer=layer)
-    return y.astype(jnp.float32).reshape(G, M, -1)
+    y = cpu_grouped_matmul.grouped_matmul(x_GMK.reshape(G * M, K).astype(jnp.float32), w_GKN,
+                                          jnp.full((G,), M, jnp.int32), layer=layer)
+    return y.reshape(G, M, -1)
 
 
-@_stacked_matmul_native.defjvp
-def _stacked_matmul_native_jvp(primals, tangents) -> tuple[jax.Array, jax.Array]:
-    """Derivatives (training) of the XLA form, which computes the same product."""
-    return jax.jvp(_stacked_matmul_xla, primals, tangents)
+_matmul_native = _xla_derivatives(
+    lambda x_MK, w_KN, layer: cpu_grouped_matmul.matmul(x_MK.astype(jnp.float32), w_KN, layer=layer), _matmul_xla)
+_head_matmul_native = _xla_derivatives(_head_matmul_native, _head_matmul_xla)
+
+
+def matmul(x_MK, w_KN, *, layer=None, out_dtype=None) -> jax.Array:
+    """x @ w[layer] -> [M, N] in out_dtype (default x's), accumulated in float32; w [L, K, N], or [K, N] without
+    layer. The native CPU kernel reads w (float32 or bfloat16) in place, widening bf16 inside its loop;
+    elsewhere (and for derivatives) one dot on the layer's weights cast to x's dtype."""
+    y = (_matmul_native if _native_dense() else _matmul_xla)(x_MK, w_KN, layer)
+    return y.astype(out_dtype or x_MK.dtype)
+
+
+def head_matmul(x_GMK, w_GKN, *, layer=None, out_dtype=None) -> jax.Array:
+    """x[g] @ w[layer, g] for each head g -> [G, M, N], as `matmul` (w [L, G, K, N], or [G, K, N] without layer)."""
+    y = (_head_matmul_native if _native_dense() else _head_matmul_xla)(x_GMK, w_GKN, layer)
+    return y.astype(out_dtype or x_GMK.dtype)
 
 
 def grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None) -> jax.Array:

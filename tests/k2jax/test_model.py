@@ -105,3 +105,22 @@ def test_forward_has_one_loop_per_layer_stack():
     deep = str(jax.make_jaxpr(lambda s, t: k2jax.engine._logits(deep_graph, s, t, deep_cfg, jnp.float32))(deep_state, tok))
     assert deep.count("scan[") == shallow.count("scan[") == 2  # the dense stack and the MoE stack
     assert abs(len(deep) - len(shallow)) < 0.01 * len(shallow)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_step_reads_weights_in_place(monkeypatch, dtype):
+    """The compiled CPU decode step ("small" config, native kernels) neither copies a layer's weights out of their
+    stacks nor widens bf16 weights as whole arrays: its temporaries stay far below one layer's attention weights.
+
+    (Slicing each layer in the scan made temp >= one layer's non-expert weights, 16.4 MB in float32, and
+    widening bf16 at use 290 MB.)
+    """
+    monkeypatch.setenv("K2JAX_KERNELS", "native")
+    jax.clear_caches()
+    cfg = k2jax.preset("small")
+    graphdef, state = abstract_model(cfg, dtype)
+    cache = abstract_cache(cfg, make_layout(None, 1, 64, 32), 1, 2, jnp.float32)
+    tok = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    temp = step.lower(graphdef, state, tok, tok, cache, cfg, jnp.float32).compile().memory_analysis().temp_size_in_bytes
+    attn_layer = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["moe_layers"]["attn"])) // cfg.num_moe_layers
+    assert temp < attn_layer / 8, (temp, attn_layer)

@@ -42,6 +42,19 @@ def test_dense_layer_of_stack_equals_ragged_dot(m, e, k, n, dtype):
     assert not jnp.any(got[int(sizes.sum()):])
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 384, 1000), (4, 96, 40), (70, 64, 520), (3, 32, 5)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_matmul_reads_layer_of_stack_in_its_dtype(m, k, n, dtype, stacked):
+    """x @ w[layer] for [L, K, N] (and plain [K, N]) weights equals numpy's float64 product of the stored values."""
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, k, n)), dtype)
+    got = jax.jit(lambda x, w, layer: C.matmul(x, w, layer=layer))(x, w, jnp.int32(2)) if stacked else C.matmul(x, w[2])
+    ref = np.asarray(x, np.float64) @ np.asarray(w[2].astype(jnp.float32), np.float64)
+    assert got.shape == (m, n) and max_rel_err(got, ref) < 1e-5
+
+
 @pytest.mark.parametrize("m,e,k,n", [s for s in SHAPES if s[2] % 32 == 0])
 def test_int4_equals_reference(m, e, k, n):
     rng = np.random.default_rng()
