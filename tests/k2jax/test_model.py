@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import k2jax
 from k2jax.engine import step
@@ -80,6 +81,30 @@ def test_greedy_generate_matches_transformers(hf_checkpoint, rng):
             assert ref[len(got)] == model.config.eos_token_id
             ref = ref[: len(got)]
         assert got == ref
+
+
+def test_bf16_checkpoint_stays_bf16_and_matches_transformers(hf_checkpoint, rng, tmp_path):
+    """A bf16 checkpoint loads bf16 (compute float32, the weights widened inside the kernels) and matches
+    transformers on the same bf16 weights in float32: prefill logits and greedy decoding through the pages."""
+    hf, path = hf_checkpoint(**CONFIGS["group_limited_n4_k2"])
+    hf.to(torch.bfloat16).save_pretrained(tmp_path)
+    hf.to(torch.float32)  # the session's cached reference stays float32
+    ref = type(hf).from_pretrained(tmp_path, dtype=torch.float32).eval()
+    model = k2jax.load(tmp_path)
+    assert model.dtype == jnp.float32
+    dtypes = {"/".join(map(str, k)): v.get_value().dtype for k, v in nnx.to_flat_state(model.state)}
+    assert all(d == jnp.bfloat16 for name, d in dtypes.items() if not name.endswith("router_bias")), dtypes
+    ids = rng.integers(0, model.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        expected = ref(torch.tensor(ids)).logits.numpy()
+    assert rel_err(model.logits(ids), expected) <= RTOL
+    prompt = rng.integers(3, model.config.vocab_size, 9).tolist()
+    got = model.generate([prompt], max_new_tokens=10).ids[0]
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+    if len(got) < len(want):  # k2jax ends the sequence before EOS; HF keeps it
+        assert want[len(got)] == model.config.eos_token_id
+    assert got == want[:len(got)]
 
 
 def test_decode_step_updates_pool_in_place():
