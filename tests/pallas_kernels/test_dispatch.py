@@ -1,5 +1,10 @@
 """Backend dispatch: mode selection, and the XLA and interpreted-kernel paths against the references."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import jax.numpy as jnp
@@ -149,3 +154,26 @@ def test_dense_and_head_matmuls_read_layer_and_differentiate(rng, kernel_env, mo
         x_MK, w_LKN.astype(jnp.float32))
     for g, e in zip(grads, expect):
         assert max_rel_err(g, e) < 1e-5
+
+
+def test_without_a_compiler_the_xla_path_runs_and_says_why_once(tmp_path):
+    """No C++ compiler (CXX names none, empty kernel cache): kernels run on the XLA path; stderr says once how much
+    slower and why."""
+    script = (
+        "import jax, jax.numpy as jnp\n"
+        "from pallas_kernels import dispatch\n"
+        "x, w = jnp.ones((2, 64)), jnp.ones((3, 64, 16), jnp.bfloat16)\n"
+        "for _ in range(3):\n"
+        "    y = jax.jit(lambda x, w: dispatch.matmul(x, w, layer=1))(x, w)\n"
+        "    z = dispatch.grouped_matmul(x, w, jnp.asarray([1, 0, 1], jnp.int32))\n"
+        "    jax.clear_caches()\n"
+        "assert dispatch.kernel_mode() == 'xla' and float(y[0, 0]) == 64 and float(z[1, 0]) == 64\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "K2JAX_CPU_KERNEL_CACHE": str(tmp_path),
+           "JAX_PLATFORMS": "cpu"}
+    env.pop(dispatch.ENV_VAR, None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("cannot be built") == 1, proc.stderr
+    assert "XLA path" in proc.stderr and "slower" in proc.stderr and "no-such-compiler" in proc.stderr
