@@ -218,8 +218,8 @@ def mla(p: MLA, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: Pag
     Dn = cfg.qk_nope_head_dim
     q_nope_BTHD, q_pe_BTHP = q_BTHD[..., :Dn], apply_rope(q_BTHD[..., Dn:], cos, sin)
     kv_BTX = _proj(x_BTM, p.kv_a[...], layer)
-    new_BTC = jnp.concatenate([rms_norm(kv_BTX[..., :R], p.kv_a_norm[...][layer], eps), apply_rope(kv_BTX[..., R:], cos, sin)],
-                              axis=-1)
+    new_BTC = jnp.concatenate([rms_norm(kv_BTX[..., :R], p.kv_a_norm[...][layer], eps),
+                               apply_rope(kv_BTX[..., R:], cos, sin)], axis=-1)
     mesh = context_mesh()
     h = None if mesh is None else partition_spec(("heads",), mesh)[0]
     head_axes = tuple(a for a in spec_axes(h) if mesh.shape[a] > 1)
@@ -277,8 +277,7 @@ def project_out(o_BTHD: Array, o_proj_LHDM: Array, layer: Array, head_axes: tupl
 
 def paged_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT: Array, pool_LPNC: Array,
                     table_BM: Array, kv_len_B: Array, layer: Array, w_uk_LHDR: Array, w_uv_LHRD: Array,
-                    o_proj_LHDM: Array, *,
-                    cfg: K2Config, layout: PoolLayout, head_axes: tuple[str, ...],
+                    o_proj_LHDM: Array, *, cfg: K2Config, layout: PoolLayout, head_axes: tuple[str, ...],
                     combine_axes: tuple[str, ...]) -> tuple[Array, Array]:
     """Write new latents into this device's pages, attend over them with the ragged kernel, combine shards.
 

@@ -7,9 +7,9 @@ TPU -> the Pallas Mosaic kernels; GPU -> the Pallas Triton kernels; CPU -> the n
 kernels and `interpret-triton` the Triton kernels in the Pallas interpreter (slow; for parity tests on CPU).
 The choice is made at trace time, so set the variable before the first call is traced.
 
-`layer` (optional int32 scalar) on grouped_int4_matmul, grouped_matmul, matmul and head_matmul: the weights are then the
-stacked [L, ...] weights of all layers and the kernels read that layer in place. Pass the whole stack rather than a gathered or sliced copy:
-a copy costs a full extra read and write. ragged_mla always takes the stacked page pool [L, P, N, C] and its
+`layer` (optional int32 scalar) on grouped_int4_matmul, grouped_matmul, matmul and head_matmul: the weights are
+then the stacked [L, ...] weights of all layers and the kernels read that layer in place. Pass the whole stack
+rather than a gathered or sliced copy: a copy costs a full extra read and write. ragged_mla always takes the stacked page pool [L, P, N, C] and its
 layer index.
 """
 

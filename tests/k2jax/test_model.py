@@ -147,5 +147,6 @@ def test_decode_step_reads_weights_in_place(monkeypatch, dtype):
     cache = abstract_cache(cfg, make_layout(None, 1, 64, 32), 1, 2, jnp.float32)
     tok = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     temp = step.lower(graphdef, state, tok, tok, cache, cfg, jnp.float32).compile().memory_analysis().temp_size_in_bytes
-    attn_layer = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["moe_layers"]["attn"])) // cfg.num_moe_layers
+    attn_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["moe_layers"]["attn"]))
+    attn_layer = attn_bytes // cfg.num_moe_layers
     assert temp < attn_layer / 8, (temp, attn_layer)
