@@ -28,6 +28,8 @@ constexpr int64_t kStride = kChunk + 24;  // accumulator row stride, off 4 KiB m
 constexpr int kPass = 8;         // K rows of the weights per accumulation pass
 constexpr int kMaxRows = 4;      // rows of x per pass over the weights
 constexpr int kGroup = 32;       // INT4 scale group along K
+constexpr int64_t kTileK = 128;  // K rows of a widened weight tile: 128 x 512 floats (256 KiB) stay in L2
+constexpr int64_t kTiledRows = 3 * kMaxRows;  // from this many rows, weight tiles are widened once for all rows
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;
@@ -121,9 +123,58 @@ void block(const W& w, const float* x, int64_t c0, int64_t width, float* y) {
   for (int r = 0; r < R; ++r) std::memcpy(y + r * w.n + c0, acc[r], sizeof(float) * width);
 }
 
+// y[0:R, c0:c0+width] (+)= x[0:R, :] @ one tile's n_rows weight rows (row j at K index ks[j]), accumulators in L1.
+template <int R>
+void tile_block(const float* const* rows, const int64_t* ks, int64_t n_rows, const float* x, int64_t k, int64_t n,
+                int64_t c0, int64_t width, bool add, float* y) {
+  alignas(32) float acc[R][kStride];
+  const float* x_rows[R];
+  for (int r = 0; r < R; ++r) {
+    x_rows[r] = x + r * k;
+    if (add) {
+      std::memcpy(acc[r], y + r * n + c0, sizeof(float) * width);
+    } else {
+      std::memset(acc[r], 0, sizeof(float) * width);
+    }
+  }
+  int64_t j = 0;
+  for (; j + kPass <= n_rows; j += kPass) accumulate<R, kPass>(rows + j, x_rows, ks + j, width, acc);
+  for (; j < n_rows; ++j) accumulate<R, 1>(rows + j, x_rows, ks + j, width, acc);
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * n + c0, acc[r], sizeof(float) * width);
+}
+
+// Many rows: each tile of kTileK weight rows (one column chunk) is widened to f32 once (f32 rows are read in
+// place) and kept in L2 while every block of rows accumulates it, instead of each block streaming all of K.
+template <typename W>
+void group_columns_tiled(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  alignas(32) static thread_local float tile[kTileK][kChunk];
+  constexpr int64_t kTileSteps = kTileK / W::kRowsPerStep;
+  for (int64_t c = c0; c < c1; c += kChunk) {
+    int64_t width = std::min(kChunk, c1 - c);
+    for (int64_t step0 = 0; step0 < w.steps(); step0 += kTileSteps) {
+      const float* tile_rows[kTileK];
+      int64_t ks[kTileK];
+      int64_t n_rows = 0;
+      for (int64_t step = step0; step < std::min(step0 + kTileSteps, w.steps()); ++step) {
+        for (int s = 0; s < W::kRowsPerStep; ++s, ++n_rows) {
+          tile_rows[n_rows] = w.row(step, s, c, width, tile[n_rows]);
+          ks[n_rows] = w.k_of(step, s);
+        }
+      }
+      bool add = step0 > 0;
+      int64_t r = 0;
+      for (; r + kMaxRows <= rows; r += kMaxRows) {
+        tile_block<kMaxRows>(tile_rows, ks, n_rows, x + r * w.k, w.k, w.n, c, width, add, y + r * w.n);
+      }
+      for (; r < rows; ++r) tile_block<1>(tile_rows, ks, n_rows, x + r * w.k, w.k, w.n, c, width, add, y + r * w.n);
+    }
+  }
+}
+
 // All rows of one expert group times its matrix, for columns [c0, c1).
 template <typename W>
 void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  if (rows >= kTiledRows) return group_columns_tiled(w, x, rows, y, c0, c1);
   for (int64_t c = c0; c < c1; c += kChunk) {
     int64_t width = std::min(kChunk, c1 - c);
     int64_t r = 0;

@@ -14,8 +14,10 @@ from pallas_kernels import int4_matmul as I
 
 pytestmark = pytest.mark.skipif(not C.available(), reason="no C++ compiler: the native kernel cannot be built")
 
-# (rows, experts, K, N): decode (1 row per expert), a few rows, prefill-sized groups, N not a multiple of 8.
-SHAPES = [(8, 64, 256, 128), (64, 16, 128, 256), (300, 4, 64, 96), (37, 5, 96, 40), (5, 3, 32, 20)]
+# (rows, experts, K, N): decode (1 row per expert), a few rows, prefill-sized groups, N not a multiple of 8,
+# groups of 12+ rows (widened weight tiles) with K over one 128-row tile and N over one 512-column chunk.
+SHAPES = [(8, 64, 256, 128), (64, 16, 128, 256), (300, 4, 64, 96), (37, 5, 96, 40), (5, 3, 32, 20),
+          (90, 3, 320, 600)]
 
 
 def _sizes(rng: np.random.Generator, m: int, e: int) -> jnp.ndarray:
