@@ -1,15 +1,19 @@
 """Decode and prefill throughput of k2jax against HF transformers (PyTorch eager), same weights, same machine.
 
-Also k2jax on its plain XLA path (K2JAX_KERNELS=xla, without the native CPU grouped-matmul kernel), the
-memory-bandwidth floor of a batch-1 decode step (bytes it must read / measured copy bandwidth) and the cold
-start to first token of `k2jax-generate` with the bundled model. Prints a markdown table.
+Two checkpoints of the same config: float32 weights on both sides; and the native format (routed experts INT4,
+compressed-tensors pack-quantized, the rest bf16), which k2jax runs as stored while transformers runs it
+decompressed to float32, its fastest mode on a CPU without bf16 instructions. Also k2jax on its plain XLA path
+(K2JAX_KERNELS=xla, without the native CPU kernel), each side's memory-bandwidth floor of a batch-1 decode step
+(bytes it must read / measured copy bandwidth), and the cold start to first token of `k2jax-generate` with the
+bundled model, first run on a new machine (kernel build, empty caches) and with warm caches. Prints markdown tables.
 
-    python benchmarks/decode.py [--preset small] [--new-tokens 64] [--batches 1,8,32]
+    python benchmarks/decode.py [--preset small] [--new-tokens 64] [--batches 1,8,32] [--formats float32,int4]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,22 +29,62 @@ import numpy as np
 import torch
 
 import k2jax
-from k2jax.config import K2Config
+from k2jax.config import Int4Quant, K2Config
 
 
 def random_checkpoint(cfg: K2Config, path: str):
     """Random k2jax weights (float32) written as an HF checkpoint; returns transformers' model of it."""
     import jax.numpy as jnp
     from flax import nnx
-    from transformers import DeepseekV3ForCausalLM
 
     from checkpoints.hf_writer import write_hf_checkpoint
     from k2jax.model import K2Model
 
     write_hf_checkpoint(path, cfg, nnx.state(K2Model(cfg, nnx.Rngs(0), jnp.float32)))
+    return transformers_model(path)
+
+
+def transformers_model(path: str):
+    """transformers' DeepseekV3ForCausalLM of a float32 HF checkpoint written by k2jax, in float32."""
+    from transformers import DeepseekV3ForCausalLM
+
     config = Path(path) / "config.json"  # transformers maps per-expert tensors only for model_type deepseek_v3
     config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "deepseek_v3"}))
     return DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def native_checkpoint(cfg: K2Config, path: str) -> None:
+    """Random weights in the checkpoint's own format: routed experts INT4 (compressed-tensors), the rest bf16."""
+    from checkpoints.hf_writer import write_hf_checkpoint
+    from checkpoints.synthetic import random_state
+
+    cfg = dataclasses.replace(cfg, quant=Int4Quant())
+    write_hf_checkpoint(path, cfg, random_state(cfg))
+
+
+def decompressed_checkpoint(model, path: str):
+    """The native-format model's weights decompressed to float32 (experts dequantized) as an HF checkpoint, and
+    transformers' model of it."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from checkpoints.hf_writer import write_hf_checkpoint
+    from k2jax.loading import abstract_model
+    from pallas_kernels import int4_layout
+
+    cfg = dataclasses.replace(model.config, quant=None)
+    stored = {tuple(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(model.state)}
+    _, state = abstract_model(cfg, jnp.float32)
+    flat = nnx.to_flat_state(state)
+    for key, var in flat:
+        key = tuple(map(str, key))
+        if key[-1] == "weight" and key[:2] == ("moe_layers", "mlp"):
+            value = int4_layout.dequantize(stored[(*key[:-1], "packed")], stored[(*key[:-1], "scale")], jnp.float32)
+        else:
+            value = stored[key].astype(jnp.float32)
+        var.set_value(np.asarray(value))
+    write_hf_checkpoint(path, cfg, nnx.from_flat_state(flat))
+    return transformers_model(path)
 
 
 def copy_bandwidth() -> float:
@@ -57,18 +101,24 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def step_bytes(cfg: K2Config, context: int, itemsize: int = 4) -> int:
-    """Bytes one batch-1 decode step must read: non-expert weights, top-k experts per layer, one logits row, cache."""
+def step_bytes(cfg: K2Config, context: int, itemsize: float = 4, expert_itemsize: float | None = None,
+               cache_itemsize: float = 4) -> int:
+    """Bytes one batch-1 decode step must read: non-expert weights, top-k experts per layer, one logits row, cache.
+
+    Routed experts take expert_itemsize bytes per parameter (default itemsize; 0.5625 for INT4 with scales).
+    """
     H, M = cfg.num_attention_heads, cfg.hidden_size
     q = M * cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim if cfg.q_lora_rank else M * H * cfg.qk_head_dim
     attn = q + M * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * H * (
         cfg.qk_nope_head_dim + cfg.v_head_dim) + H * cfg.v_head_dim * M
     expert = 3 * M * cfg.moe_intermediate_size
-    moe = (cfg.num_experts_per_tok + cfg.n_shared_experts) * expert + M * cfg.n_routed_experts
+    moe = cfg.n_shared_experts * expert + M * cfg.n_routed_experts
     params = (cfg.num_hidden_layers * attn + cfg.first_k_dense_replace * 3 * M * cfg.intermediate_size
               + cfg.num_moe_layers * moe + M * cfg.vocab_size + M)
+    routed = cfg.num_moe_layers * cfg.num_experts_per_tok * expert
     cache = cfg.num_hidden_layers * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    return (params + cache) * itemsize
+    expert_itemsize = itemsize if expert_itemsize is None else expert_itemsize
+    return int(params * itemsize + routed * expert_itemsize + cache * cache_itemsize)
 
 
 def k2jax_decode(model, prompts: list[list[int]], new_tokens: int, kernels: str = "") -> tuple[float, float]:
@@ -105,28 +155,22 @@ def prefill_rates(model, hf, length: int, rng: np.random.Generator) -> tuple[flo
     return k2, ref
 
 
-def cold_start() -> str:
-    """Seconds from launching `k2jax-generate` (bundled model, no compilation cache) to its exit after 1 token."""
-    env = {**os.environ, "K2JAX_COMPILATION_CACHE": ""}
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "k2jax.generate", "--max-new-tokens", "1"], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode:
-        return f"n/a ({proc.stderr.strip().splitlines()[-1]})"
-    return f"{time.perf_counter() - start:.1f} s"
+def cold_start(caches: str) -> tuple[str, str]:
+    """Seconds from launching `k2jax-generate` (bundled model) to its exit after 1 token: the first run on a new
+    machine (empty kernel and compilation caches under `caches`: the kernel build included), then with both warm."""
+    env = {**os.environ, "K2JAX_COMPILATION_CACHE": f"{caches}/xla", "K2JAX_CPU_KERNEL_CACHE": f"{caches}/kernels"}
+    runs = []
+    for _ in range(2):
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "k2jax.generate", "--max-new-tokens", "1"], env=env,
+                              capture_output=True, text=True)
+        runs.append(f"n/a ({proc.stderr.strip().splitlines()[-1]})" if proc.returncode
+                    else f"{time.perf_counter() - start:.1f} s")
+    return runs[0], runs[1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--prefill", type=int, default=1024)
-    args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    cfg = k2jax.preset(args.preset)
-    rng = np.random.default_rng(0)
+def float32_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Generator, bw: float) -> None:
+    """float32 weights on both sides, k2jax also on its XLA path."""
     with tempfile.TemporaryDirectory() as path:
         hf = random_checkpoint(cfg, path)
         model = k2jax.load(path)
@@ -142,19 +186,80 @@ def main() -> None:
         ref = hf_decode(hf, prompts, args.new_tokens)
         step_s = seconds if batch == 1 else step_s
         print(f"| {batch} | {rate:.1f} | {ref:.1f} | {rate / ref:.2f}x | {xla:.1f} |", flush=True)
-    bw = copy_bandwidth()
     floor = step_bytes(cfg, args.prompt_len + args.new_tokens // 2) / bw
     k2_pre, hf_pre = prefill_rates(model, hf, args.prefill, rng)
     print()
     print("| measure | value |")
     print("|---|---|")
-    print(f"| copy bandwidth (read + write) | {bw / 1e9:.1f} GB/s |")
     if step_s is not None:
         print(f"| batch-1 step: bandwidth floor / k2jax | {floor * 1e3:.2f} ms / {step_s * 1e3:.2f} ms "
               f"= {floor / step_s:.0%} of floor speed ({step_s / floor:.1f}x the floor) |")
     print(f"| prefill 1 x {args.prefill}: k2jax / transformers | {k2_pre:.0f} / {hf_pre:.0f} tok/s "
           f"= {k2_pre / hf_pre:.1f}x |")
-    print(f"| cold start to first token, `k2jax-generate` (bundled model) | {cold_start()} |")
+    print(flush=True)
+
+
+def native_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Generator, bw: float) -> None:
+    """The INT4 + bf16 checkpoint: k2jax as stored against transformers on it decompressed to float32."""
+    with tempfile.TemporaryDirectory() as native, tempfile.TemporaryDirectory() as dense:
+        native_checkpoint(cfg, native)
+        model = k2jax.load(native)
+        hf = decompressed_checkpoint(model, dense)
+    print(f"| {args.preset} config, native format (INT4 experts, bf16 rest): k2jax as stored, transformers "
+          "decompressed to float32 | | | | |")
+    print("| batch | k2jax tok/s | transformers tok/s | ratio | k2jax, XLA path only, tok/s |")
+    print("|---|---|---|---|---|")
+    step_s = hf_step_s = None
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = rng.integers(2, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+        rate, seconds = k2jax_decode(model, prompts, args.new_tokens)
+        xla, _ = k2jax_decode(model, prompts, args.new_tokens, kernels="xla")
+        ref = hf_decode(hf, prompts, args.new_tokens)
+        if batch == 1:
+            step_s, hf_step_s = seconds, 1 / ref
+        print(f"| {batch} | {rate:.1f} | {ref:.1f} | {rate / ref:.2f}x | {xla:.1f} |", flush=True)
+    context = args.prompt_len + args.new_tokens // 2
+    k2_floor = step_bytes(cfg, context, itemsize=2, expert_itemsize=0.5625) / bw
+    hf_floor = step_bytes(cfg, context) / bw
+    k2_pre, hf_pre = prefill_rates(model, hf, args.prefill, rng)
+    print()
+    print("| measure | value |")
+    print("|---|---|")
+    if step_s is not None:
+        print(f"| batch-1 step, k2jax: its bytes floor (bf16 + INT4) / measured | {k2_floor * 1e3:.2f} ms / "
+              f"{step_s * 1e3:.2f} ms ({step_s / k2_floor:.2f}x the floor) |")
+        print(f"| batch-1 step, transformers: its bytes floor (float32) / measured | {hf_floor * 1e3:.2f} ms / "
+              f"{hf_step_s * 1e3:.2f} ms ({hf_step_s / hf_floor:.2f}x the floor) |")
+    print(f"| prefill 1 x {args.prefill}: k2jax / transformers | {k2_pre:.0f} / {hf_pre:.0f} tok/s "
+          f"= {k2_pre / hf_pre:.1f}x |")
+    print(flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--prefill", type=int, default=1024)
+    ap.add_argument("--formats", default="float32,int4", help="checkpoints to run: float32 and/or int4 (native)")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = dataclasses.replace(k2jax.preset(args.preset), quant=None)
+    rng = np.random.default_rng(0)
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    bw = copy_bandwidth()
+    print(f"copy bandwidth (read + write): {bw / 1e9:.1f} GB/s\n")
+    formats = args.formats.split(",")
+    if "float32" in formats:
+        float32_section(cfg, args, rng, bw)
+    if "int4" in formats:
+        native_section(cfg, args, rng, bw)
+    with tempfile.TemporaryDirectory() as caches:
+        first, warm = cold_start(caches)
+    print(f"| cold start to first token, `k2jax-generate` (bundled model): first run on a new machine (kernel build, "
+          f"empty caches) / warm caches | {first} / {warm} |")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

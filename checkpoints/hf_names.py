@@ -31,6 +31,9 @@ class Source:
     when `layers` is not None) and e < `experts` (stacked next, when `experts` is not None), each reshaped
     by `k2_shape` after an optional transpose (`flat_shape` is the 2-D shape between the two). `dtypes` are
     the HF dtypes accepted; `int4` marks compressed-tensors packed words, repacked for the kernels.
+    `head_rows` = (rows per head, start, stop): the parameter [H, stop - start, in] (transposed: [H, in,
+    stop - start]) is rows start..stop of each head's block of an HF [H * rows per head, in] tensor, which
+    other parameters share (kv_b_proj holds both absorbed-attention matrices).
     """
 
     path: tuple[str, ...]
@@ -42,6 +45,7 @@ class Source:
     flat_shape: tuple[int, int] | None = None
     dtypes: tuple[str, ...] = FLOAT_DTYPES
     int4: bool = False
+    head_rows: tuple[int, int, int] | None = None
 
     @property
     def stack_shape(self) -> tuple[int, ...]:
@@ -62,6 +66,8 @@ class Source:
         """Shape of one HF tensor, given the k2jax parameter's shape without its stack axes."""
         if self.int4:
             return (inner[1], inner[0] // 4)
+        if self.head_rows is not None:
+            return (inner[0] * self.head_rows[0], inner[1] if self.transpose else inner[2])
         flat = self.flat_shape if self.flat_shape is not None else inner
         return tuple(reversed(flat)) if self.transpose else tuple(flat)
 
@@ -73,11 +79,22 @@ class Source:
         """HF tensors [..., *hf_shape] (one, or a stack of them) -> their slices of the k2jax parameter."""
         if self.int4:
             return repack_int4(hf)
+        if self.head_rows is not None:
+            rows, start, stop = self.head_rows
+            part = hf.reshape(*hf.shape[:-2], -1, rows, hf.shape[-1])[..., start:stop, :]
+            return np.swapaxes(part, -1, -2) if self.transpose else part
         out = np.swapaxes(hf, -1, -2) if self.transpose else hf
         return out.reshape(out.shape[:-2] + self.k2_shape) if self.k2_shape is not None else out
 
-    def to_hf(self, k2: np.ndarray) -> np.ndarray:
-        """One slice of the k2jax parameter -> the HF tensor (inverse of to_k2)."""
+    def to_hf(self, k2: np.ndarray, into: np.ndarray | None = None) -> np.ndarray:
+        """One slice of the k2jax parameter -> the HF tensor (inverse of to_k2). With head_rows, its rows are
+        written into `into` (the HF tensor the sharing parameters fill; a new zero one when None)."""
+        if self.head_rows is not None:
+            rows, start, stop = self.head_rows
+            part = np.swapaxes(k2, -1, -2) if self.transpose else k2
+            hf = np.zeros((part.shape[0] * rows, part.shape[-1]), part.dtype) if into is None else into
+            hf.reshape(part.shape[0], rows, part.shape[-1])[:, start:stop] = part
+            return hf
         if self.int4:
             return np.ascontiguousarray(int4_layout.to_compressed_tensors(k2, _no_scales(k2.shape[-1]).T)[0])
         if self.flat_shape is not None:
@@ -120,8 +137,9 @@ def _attention(cfg: ModelConfig, stack: str, layers: tuple[int, ...]) -> list[So
         Source((stack, "mlp_norm"), pre + "post_attention_layernorm.weight", layers),
         Source((stack, "attn", "kv_a"), att + "kv_a_proj_with_mqa.weight", layers, transpose=True),
         Source((stack, "attn", "kv_a_norm"), att + "kv_a_layernorm.weight", layers),
-        Source((stack, "attn", "kv_b"), att + "kv_b_proj.weight", layers, transpose=True,
-               k2_shape=(R, H, Dkv), flat_shape=(R, H * Dkv)),
+        Source((stack, "attn", "w_uk"), att + "kv_b_proj.weight", layers, head_rows=(Dkv, 0, Dkv - Dv)),
+        Source((stack, "attn", "w_uv"), att + "kv_b_proj.weight", layers, transpose=True,
+               head_rows=(Dkv, Dkv - Dv, Dkv)),
         Source((stack, "attn", "o_proj"), att + "o_proj.weight", layers, transpose=True,
                k2_shape=(H, Dv, M), flat_shape=(H * Dv, M)),
     ]

@@ -64,13 +64,17 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
 
 
 def _units(table: list[Source], params: dict) -> list[tuple[list[str], int]]:
-    """(HF tensor names, bytes) in writing order; an INT4 weight_packed and its weight_shape form one unit."""
-    units = []
+    """(HF tensor names, bytes) in writing order, each tensor once (parameters may share one); an INT4
+    weight_packed and its weight_shape form one unit."""
+    units, seen = [], set()
     for src in table:
         value = params[src.path]
         inner = value.shape[len(src.stack_shape):]
         per = int(np.prod(src.hf_shape(inner), dtype=np.int64)) * (4 if src.int4 else value.dtype.itemsize)
         for name in src.names():
+            if name in seen:
+                continue
+            seen.add(name)
             if src.int4:
                 units.append(([name, int4_shape_name(name)], per + 2 * np.dtype(SHAPE_DTYPE).itemsize))
             else:
@@ -92,14 +96,25 @@ def _split(units: list[tuple[list[str], int]], max_bytes: int) -> list[list[str]
 
 
 def _tensors(table: list[Source], params: dict, names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """The HF tensors among `names`, converted from their k2jax parameters (one parameter on host at a time)."""
+    """The HF tensors among `names`, converted from their k2jax parameters (one parameter on host at a time; a
+    tensor that several parameters share is yielded once all of them have filled it)."""
+    owners: dict[str, int] = {}
+    for src in table:
+        for name in src.names():
+            owners[name] = owners.get(name, 0) + 1
+    partial: dict[str, np.ndarray] = {}
     for src in table:
         wanted = [(pos, name) for pos, name in zip(np.ndindex(*src.stack_shape), src.names()) if name in names]
         if not wanted:
             continue
         value = np.asarray(params[src.path])
         for pos, name in wanted:
-            hf = src.to_hf(value[pos])
+            hf = src.to_hf(value[pos], partial.get(name))
+            owners[name] -= 1
+            if owners[name]:
+                partial[name] = hf
+                continue
+            partial.pop(name, None)
             yield name, hf
             if src.int4:
                 yield int4_shape_name(name), np.array([hf.shape[0], hf.shape[1] * 8], SHAPE_DTYPE)

@@ -60,8 +60,9 @@ class MLA(nnx.Module):
             self.q_proj = _param(rngs, (M, H, cfg.qk_head_dim), ("embed", "heads", "head_dim"), dtype, stack)
         self.kv_a = _param(rngs, (M, R + P), ("embed", "kv_lora"), dtype, stack)
         self.kv_a_norm = _param(rngs, (R,), ("kv_lora",), dtype, stack, fill=1.0)
-        kv_b_dim = cfg.qk_nope_head_dim + cfg.v_head_dim
-        self.kv_b = _param(rngs, (R, H, kv_b_dim), ("kv_lora", "heads", "head_dim"), dtype, stack)
+        # kv_b_proj split into the two per-head matrices of the absorbed path, each [in, out] per head.
+        self.w_uk = _param(rngs, (H, cfg.qk_nope_head_dim, R), ("heads", "head_dim", "kv_lora"), dtype, stack)
+        self.w_uv = _param(rngs, (H, R, cfg.v_head_dim), ("heads", "kv_lora", "head_dim"), dtype, stack)
         self.o_proj = _param(rngs, (H, cfg.v_head_dim, M), ("heads", "head_dim", "embed"), dtype, stack)
 
 
@@ -184,9 +185,20 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return out.astype(x.dtype)
 
 
-def _mm(x: Array, w: Array, spec: str) -> Array:
-    """einsum in the activations' dtype (weights cast at use), accumulating in float32."""
-    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+def _proj(x_K: Array, w: Array, layer: Array | None, out_dims: int = 1, out_dtype: Any = None) -> Array:
+    """x [..., K] times layer `layer` of the weight stack w [L, *in, *out] ([*in, *out] when layer is None), its
+    `out_dims` trailing axes the output: [..., *out] in out_dtype (default x's). Weights are read in place."""
+    out = w.shape[w.ndim - out_dims:]
+    w_KN = w.reshape(*w.shape[:0 if layer is None else 1], x_K.shape[-1], math.prod(out))
+    y_XN = dispatch.matmul(x_K.reshape(-1, x_K.shape[-1]), w_KN, layer=layer, out_dtype=out_dtype)
+    return y_XN.reshape(*x_K.shape[:-1], *out)
+
+
+def _per_head(x_BTHK: Array, w_LHKN: Array, layer: Array) -> Array:
+    """Each head's rows times its own matrix of layer `layer`: x [B, T, H, K] -> [B, T, H, N]."""
+    B, T, H, K = x_BTHK.shape
+    y_HXN = dispatch.head_matmul(x_BTHK.reshape(B * T, H, K).transpose(1, 0, 2), w_LHKN, layer=layer)
+    return y_HXN.transpose(1, 0, 2).reshape(B, T, H, -1)
 
 
 def mla(p: MLA, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: PagedCache | None, layer: Array,
@@ -198,69 +210,74 @@ def mla(p: MLA, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: Pag
     """
     eps, R = cfg.rms_norm_eps, cfg.kv_lora_rank
     if cfg.q_lora_rank is not None:
-        q_BTHD = _mm(rms_norm(_mm(x_BTM, p.q_a[...], "btm,mq->btq"), p.q_a_norm[...], eps), p.q_b[...],
-                     "btq,qhd->bthd")
+        q_BTQ = rms_norm(_proj(x_BTM, p.q_a[...], layer), p.q_a_norm[...][layer], eps)
+        q_BTHD = _proj(q_BTQ, p.q_b[...], layer, out_dims=2)
     else:
-        q_BTHD = _mm(x_BTM, p.q_proj[...], "btm,mhd->bthd")
+        q_BTHD = _proj(x_BTM, p.q_proj[...], layer, out_dims=2)
     cos, sin = rope_cos_sin(cfg, pos_BT)
     Dn = cfg.qk_nope_head_dim
     q_nope_BTHD, q_pe_BTHP = q_BTHD[..., :Dn], apply_rope(q_BTHD[..., Dn:], cos, sin)
-    kv_BTX = _mm(x_BTM, p.kv_a[...], "btm,mx->btx")
-    new_BTC = jnp.concatenate([rms_norm(kv_BTX[..., :R], p.kv_a_norm[...], eps), apply_rope(kv_BTX[..., R:], cos, sin)],
-                              axis=-1)
+    kv_BTX = _proj(x_BTM, p.kv_a[...], layer)
+    new_BTC = jnp.concatenate([rms_norm(kv_BTX[..., :R], p.kv_a_norm[...][layer], eps),
+                               apply_rope(kv_BTX[..., R:], cos, sin)], axis=-1)
     mesh = context_mesh()
     h = None if mesh is None else partition_spec(("heads",), mesh)[0]
     head_axes = tuple(a for a in spec_axes(h) if mesh.shape[a] > 1)
     if pool_LPNC is None:
         attend = functools.partial(causal_attention, cfg=cfg, head_axes=head_axes)
-        args = (q_nope_BTHD, q_pe_BTHP, new_BTC, pos_BT, p.kv_b[...], p.o_proj[...])
+        args = (q_nope_BTHD, q_pe_BTHP, new_BTC, pos_BT, layer, p.w_uk[...], p.w_uv[...], p.o_proj[...])
         if mesh is None:
             return attend(*args), None
         b = partition_spec(("batch",), mesh, pos_BT.shape[:1])[0]
         return jax.shard_map(attend, mesh=mesh, check_vma=False, out_specs=P(b),
-                             in_specs=(P(b, None, h), P(b, None, h), P(b), P(b), P(None, h), P(h)))(*args), None
+                             in_specs=(P(b, None, h), P(b, None, h), P(b), P(b), P(), P(None, h), P(None, h),
+                                       P(None, h)))(*args), None
     layout = cache.layout
     # A step over all the layout's rows splits them as the pages are split; a step over other rows (one slot's
     # prefill) runs on every device, each attending over the pages it holds.
     row_axes = layout.row_axes if pos_BT.shape[0] == layout.n_rows else ()
     combine_axes = tuple(a for a in layout.pool_axes if a not in row_axes)
     attend = functools.partial(paged_attention, cfg=cfg, layout=layout, head_axes=head_axes, combine_axes=combine_axes)
-    args = (q_nope_BTHD, q_pe_BTHP, new_BTC, pos_BT, pool_LPNC, cache.table_BM, cache.kv_len_B, layer, p.kv_b[...],
-            p.o_proj[...])
+    args = (q_nope_BTHD, q_pe_BTHP, new_BTC, pos_BT, pool_LPNC, cache.table_BM, cache.kv_len_B, layer, p.w_uk[...],
+            p.w_uv[...], p.o_proj[...])
     if mesh is None:
         return attend(*args)
     b = row_axes if len(row_axes) > 1 else (row_axes[0] if row_axes else None)
     pool_spec = pool_sharding(layout, mesh).spec
     return jax.shard_map(attend, mesh=mesh, check_vma=False,
                          in_specs=(P(b, None, h), P(b, None, h), P(b), P(b), pool_spec, P(b), P(b), P(),
-                                   P(None, h), P(h)),
+                                   P(None, h), P(None, h), P(None, h)),
                          out_specs=(P(b), pool_spec))(*args)
 
 
-def causal_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT: Array, kv_b_RHX: Array,
-                     o_proj_HDM: Array, *, cfg: K2Config, head_axes: tuple[str, ...]) -> Array:
+def causal_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT: Array, layer: Array,
+                     w_uk_LHDR: Array, w_uv_LHRD: Array, o_proj_LHDM: Array, *, cfg: K2Config,
+                     head_axes: tuple[str, ...]) -> Array:
     """The chunk attending to itself (no cache): keys and values expanded per head; o_proj partials summed."""
-    R, Dn, dtype = cfg.kv_lora_rank, cfg.qk_nope_head_dim, q_nope_BTHD.dtype
+    R, dtype = cfg.kv_lora_rank, q_nope_BTHD.dtype
     ckv_BSR, kpe_BSP = new_BTC[..., :R], new_BTC[..., R:]
-    k_nope_BSHD = _mm(ckv_BSR, kv_b_RHX[..., :Dn], "bsr,rhd->bshd")
-    v_BSHD = _mm(ckv_BSR, kv_b_RHX[..., Dn:], "bsr,rhd->bshd")
+    k_nope_BSHD = jnp.einsum("bsr,hdr->bshd", ckv_BSR, w_uk_LHDR[layer].astype(dtype),
+                             preferred_element_type=jnp.float32).astype(dtype)
+    v_BSHD = jnp.einsum("bsr,hrd->bshd", ckv_BSR, w_uv_LHRD[layer].astype(dtype),
+                        preferred_element_type=jnp.float32).astype(dtype)
     scores_BHTS = (jnp.einsum("bthd,bshd->bhts", q_nope_BTHD, k_nope_BSHD, preferred_element_type=jnp.float32)
                    + jnp.einsum("bthp,bsp->bhts", q_pe_BTHP, kpe_BSP, preferred_element_type=jnp.float32))
     visible_B1TS = (pos_BT[:, None, :] <= pos_BT[:, :, None])[:, None]
     probs_BHTS = jax.nn.softmax(jnp.where(visible_B1TS, scores_BHTS * cfg.softmax_scale, -jnp.inf), axis=-1)
     o_BTHD = jnp.einsum("bhts,bshd->bthd", probs_BHTS.astype(dtype), v_BSHD)
-    return project_out(o_BTHD, o_proj_HDM, head_axes)
+    return project_out(o_BTHD, o_proj_LHDM, layer, head_axes)
 
 
-def project_out(o_BTHD: Array, o_proj_HDM: Array, head_axes: tuple[str, ...]) -> Array:
-    """o_proj over this shard's heads, partial sums added over `head_axes`."""
-    o_BTM = jnp.einsum("bthd,hdm->btm", o_BTHD, o_proj_HDM.astype(o_BTHD.dtype), preferred_element_type=jnp.float32)
+def project_out(o_BTHD: Array, o_proj_LHDM: Array, layer: Array, head_axes: tuple[str, ...]) -> Array:
+    """o_proj of layer `layer` over this shard's heads, partial sums added over `head_axes` (in float32)."""
+    B, T = o_BTHD.shape[:2]
+    o_BTM = _proj(o_BTHD.reshape(B, T, -1), o_proj_LHDM, layer, out_dtype=jnp.float32)
     return (jax.lax.psum(o_BTM, head_axes) if head_axes else o_BTM).astype(o_BTHD.dtype)
 
 
 def paged_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT: Array, pool_LPNC: Array,
-                    table_BM: Array, kv_len_B: Array, layer: Array, kv_b_RHX: Array, o_proj_HDM: Array, *,
-                    cfg: K2Config, layout: PoolLayout, head_axes: tuple[str, ...],
+                    table_BM: Array, kv_len_B: Array, layer: Array, w_uk_LHDR: Array, w_uv_LHRD: Array,
+                    o_proj_LHDM: Array, *, cfg: K2Config, layout: PoolLayout, head_axes: tuple[str, ...],
                     combine_axes: tuple[str, ...]) -> tuple[Array, Array]:
     """Write new latents into this device's pages, attend over them with the ragged kernel, combine shards.
 
@@ -270,7 +287,7 @@ def paged_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT
     this step's rows). When heads are split over a combining axis, queries of all heads are gathered and the
     combined outputs reduce-scattered back to this shard's heads.
     """
-    R, Dn, N, ppg = cfg.kv_lora_rank, cfg.qk_nope_head_dim, layout.page_size, layout.pages_per_group
+    R, N, ppg = cfg.kv_lora_rank, layout.page_size, layout.pages_per_group
     dtype = q_nope_BTHD.dtype
     first = (jax.lax.axis_index(layout.pool_axes) if layout.pool_axes else 0) * ppg
     shard = jax.lax.axis_index(layout.seq_axes) if layout.seq_axes else 0
@@ -284,8 +301,7 @@ def paged_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT
     stripe_BM = jax.lax.dynamic_index_in_dim(local_BM.reshape(B, M // layout.seq_shards, layout.seq_shards), shard,
                                              axis=2, keepdims=False)
     holds_B = (stripe_BM[:, 0] >= 0) & (stripe_BM[:, 0] < ppg)
-    w_uk_RHD, w_uv_RHD = kv_b_RHX[..., :Dn], kv_b_RHX[..., Dn:]
-    q_lat_BTHR = _mm(q_nope_BTHD, w_uk_RHD, "bthd,rhd->bthr")
+    q_lat_BTHR = _per_head(q_nope_BTHD, w_uk_LHDR, layer)
     gathered = head_axes if set(head_axes) & set(combine_axes) else ()
     if gathered:
         q_lat_BTHR, q_pe_BTHP = (jax.lax.all_gather(q, gathered, axis=2, tiled=True) for q in (q_lat_BTHR, q_pe_BTHP))
@@ -297,8 +313,8 @@ def paged_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT
         page_stride=layout.seq_shards)
     if combine_axes:
         o_BTHR = combine_shards(o_BTHR, lse_BTH, combine_axes, gathered)
-    o_BTHD = _mm(o_BTHR.astype(dtype), w_uv_RHD, "bthr,rhd->bthd")
-    return project_out(o_BTHD, o_proj_HDM, head_axes), pool_LPNC
+    o_BTHD = _per_head(o_BTHR.astype(dtype), w_uv_LHRD, layer)
+    return project_out(o_BTHD, o_proj_LHDM, layer, head_axes), pool_LPNC
 
 
 def combine_shards(o_BTHR: Array, lse_BTH: Array, axes: tuple[str, ...], scatter_axes: tuple[str, ...]) -> Array:
@@ -318,16 +334,16 @@ def combine_shards(o_BTHR: Array, lse_BTH: Array, axes: tuple[str, ...], scatter
     return num_BTHR / jnp.where(w_BTH > 0, w_BTH, 1)[..., None]
 
 
-def mlp(p: MLP, x_NM: Array) -> Array:
-    """down(silu(gate x) * up x)."""
-    return _mm(jax.nn.silu(_mm(x_NM, p.gate[...], "...m,mf->...f")) * _mm(x_NM, p.up[...], "...m,mf->...f"),
-               p.down[...], "...f,fm->...m")
+def mlp(p: MLP, x_NM: Array, layer: Array) -> Array:
+    """down(silu(gate x) * up x) with layer `layer`'s weights."""
+    h_NF = jax.nn.silu(_proj(x_NM, p.gate[...], layer)) * _proj(x_NM, p.up[...], layer)
+    return _proj(h_NF, p.down[...], layer)
 
 
-def route(p: MoE, x_NM: Array, cfg: K2Config) -> tuple[Array, Array]:
+def route(p: MoE, x_NM: Array, layer: Array, cfg: K2Config) -> tuple[Array, Array]:
     """noaux_tc sigmoid routing in float32: biased choice (group-limited), unbiased normalised weights."""
-    scores_NE = jax.nn.sigmoid(x_NM.astype(jnp.float32) @ p.router[...].astype(jnp.float32))
-    choice_NE = scores_NE + p.router_bias[...]
+    scores_NE = jax.nn.sigmoid(_proj(x_NM.astype(jnp.float32), p.router[...], layer))
+    choice_NE = scores_NE + p.router_bias[...][layer]
     if cfg.n_group > 1:
         N, E, G = choice_NE.shape[0], cfg.n_routed_experts, cfg.n_group
         grouped_NGX = choice_NE.reshape(N, G, E // G)
@@ -413,45 +429,37 @@ def moe(p: MoE, x_BTM: Array, layer: Array, cfg: K2Config) -> Array:
     """Routed experts (rows sorted by expert, grouped matmuls) weighted and summed, plus the shared expert."""
     B, T, M = x_BTM.shape
     x_NM = x_BTM.reshape(B * T, M)
-    w_NK, idx_NK = route(p, x_NM, cfg)
+    w_NK, idx_NK = route(p, x_NM, layer, cfg)
     y_NM = routed_experts(p, x_NM, w_NK, idx_NK, layer, cfg).astype(x_BTM.dtype)
     if p.shared is not None:
-        y_NM = y_NM + mlp(p.shared, x_NM)
+        y_NM = y_NM + mlp(p.shared, x_NM, layer)
     return y_NM.reshape(B, T, M)
 
 
 def block(p: Block, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: PagedCache | None, layer: Array,
           cfg: K2Config) -> tuple[Array, Array | None]:
-    """Pre-norm residual layer: x + attn(norm x), then + mlp_or_moe(norm x)."""
-    h_BTM, pool_LPNC = mla(p.attn, rms_norm(x_BTM, p.attn_norm[...], cfg.rms_norm_eps), pos_BT, pool_LPNC, cache,
-                           layer, cfg)
+    """Pre-norm residual layer `layer` of the stack p: x + attn(norm x), then + mlp_or_moe(norm x)."""
+    h_BTM, pool_LPNC = mla(p.attn, rms_norm(x_BTM, p.attn_norm[...][layer], cfg.rms_norm_eps), pos_BT, pool_LPNC,
+                           cache, layer, cfg)
     x_BTM = x_BTM + h_BTM
-    h_BTM = rms_norm(x_BTM, p.mlp_norm[...], cfg.rms_norm_eps)
-    h_BTM = moe(p.mlp, h_BTM, layer, cfg) if isinstance(p.mlp, MoE) else mlp(p.mlp, h_BTM)
+    h_BTM = rms_norm(x_BTM, p.mlp_norm[...][layer], cfg.rms_norm_eps)
+    h_BTM = moe(p.mlp, h_BTM, layer, cfg) if isinstance(p.mlp, MoE) else mlp(p.mlp, h_BTM, layer)
     return x_BTM + h_BTM, pool_LPNC
-
-
-def _is_routed_expert(path: tuple, _value: Any) -> bool:
-    """Routed-expert weights stay whole (all layers) in the scan, so a layer reads only the experts it uses."""
-    return len(path) >= 3 and path[0] == "mlp" and path[1] in ("gate", "up", "down")
 
 
 def run_stack(layers: Block, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: PagedCache | None,
               cfg: K2Config) -> tuple[Array, Array | None]:
     """Scan one stacked module over its layers; the pool rides in the carry and is updated in place.
 
-    Per-layer weights are scanned slices; routed experts and the pool are indexed by layer instead, since
-    slicing them out would copy a whole layer's experts (or cache) every step.
+    The scan runs over layer indices only: every weight is read from the whole stack at its layer (matmul
+    weights in place by the kernels), never sliced out per layer, which would copy each layer's weights every step.
     """
-    graphdef, experts, rest = nnx.split(layers, _is_routed_expert, ...)
-
     def step(carry, layer):
         x_BTM, pool_LPNC = carry
-        rest_l, i = layer
-        return block(nnx.merge(graphdef, experts, rest_l), x_BTM, pos_BT, pool_LPNC, cache, i, cfg), None
+        return block(layers, x_BTM, pos_BT, pool_LPNC, cache, layer, cfg), None
 
-    n_layers = jax.tree.leaves(rest)[0].shape[0]
-    (x_BTM, pool_LPNC), _ = jax.lax.scan(step, (x_BTM, pool_LPNC), (rest, jnp.arange(n_layers)))
+    n_layers = layers.attn_norm.shape[0]
+    (x_BTM, pool_LPNC), _ = jax.lax.scan(step, (x_BTM, pool_LPNC), jnp.arange(n_layers))
     return x_BTM, pool_LPNC
 
 
@@ -469,6 +477,5 @@ def forward(model: K2Model, tokens_BT: Array, pos_BT: Array, cache: PagedCache |
             x_BTM, pool[name] = run_stack(layers, x_BTM, pos_BT, None if cache is None else cache.pool[name], cache,
                                           cfg)
     x_BTM = rms_norm(x_BTM, model.final_norm[...], cfg.rms_norm_eps)
-    logits_BTV = jnp.einsum("btm,mv->btv", x_BTM, model.lm_head[...].astype(dtype),
-                            preferred_element_type=jnp.float32)
+    logits_BTV = _proj(x_BTM, model.lm_head[...], None, out_dtype=jnp.float32)
     return logits_BTV, (None if cache is None else dataclasses.replace(cache, pool=pool))

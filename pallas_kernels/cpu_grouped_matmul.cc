@@ -1,6 +1,7 @@
 // Grouped matmul for the CPU backend, an XLA FFI custom call: rows sorted by expert times their expert's
 // matrix, read in place from the stacked [L, E, ...] weights (XLA:CPU copies every dynamically sliced matrix
-// before a dot, which costs more than the dot at decode sizes). Dense f32/bf16 weights [L, E, K, N], or INT4
+// before a dot, which costs more than the dot at decode sizes). Dense f32/bf16 weights [L, E, K, N] (also
+// [L, K, N] and [K, N]: one expert; bf16 is widened a row chunk at a time inside the loop), or INT4
 // in the planar layout of pallas_kernels/int4_layout.py (packed u8 [L, E, K/2, N], bf16 scales [L, E, K/32, N]).
 // Experts (or, when there are few, their columns) are split among XLA's intra-op threads; each streams its
 // matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1.
@@ -27,6 +28,8 @@ constexpr int64_t kStride = kChunk + 24;  // accumulator row stride, off 4 KiB m
 constexpr int kPass = 8;         // K rows of the weights per accumulation pass
 constexpr int kMaxRows = 4;      // rows of x per pass over the weights
 constexpr int kGroup = 32;       // INT4 scale group along K
+constexpr int64_t kTileK = 128;  // K rows of a widened weight tile: 128 x 512 floats (256 KiB) stay in L2
+constexpr int64_t kTiledRows = 3 * kMaxRows;  // from this many rows, weight tiles are widened once for all rows
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;
@@ -120,9 +123,58 @@ void block(const W& w, const float* x, int64_t c0, int64_t width, float* y) {
   for (int r = 0; r < R; ++r) std::memcpy(y + r * w.n + c0, acc[r], sizeof(float) * width);
 }
 
+// y[0:R, c0:c0+width] (+)= x[0:R, :] @ one tile's n_rows weight rows (row j at K index ks[j]), accumulators in L1.
+template <int R>
+void tile_block(const float* const* rows, const int64_t* ks, int64_t n_rows, const float* x, int64_t k, int64_t n,
+                int64_t c0, int64_t width, bool add, float* y) {
+  alignas(32) float acc[R][kStride];
+  const float* x_rows[R];
+  for (int r = 0; r < R; ++r) {
+    x_rows[r] = x + r * k;
+    if (add) {
+      std::memcpy(acc[r], y + r * n + c0, sizeof(float) * width);
+    } else {
+      std::memset(acc[r], 0, sizeof(float) * width);
+    }
+  }
+  int64_t j = 0;
+  for (; j + kPass <= n_rows; j += kPass) accumulate<R, kPass>(rows + j, x_rows, ks + j, width, acc);
+  for (; j < n_rows; ++j) accumulate<R, 1>(rows + j, x_rows, ks + j, width, acc);
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * n + c0, acc[r], sizeof(float) * width);
+}
+
+// Many rows: each tile of kTileK weight rows (one column chunk) is widened to f32 once (f32 rows are read in
+// place) and kept in L2 while every block of rows accumulates it, instead of each block streaming all of K.
+template <typename W>
+void group_columns_tiled(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  alignas(32) static thread_local float tile[kTileK][kChunk];
+  constexpr int64_t kTileSteps = kTileK / W::kRowsPerStep;
+  for (int64_t c = c0; c < c1; c += kChunk) {
+    int64_t width = std::min(kChunk, c1 - c);
+    for (int64_t step0 = 0; step0 < w.steps(); step0 += kTileSteps) {
+      const float* tile_rows[kTileK];
+      int64_t ks[kTileK];
+      int64_t n_rows = 0;
+      for (int64_t step = step0; step < std::min(step0 + kTileSteps, w.steps()); ++step) {
+        for (int s = 0; s < W::kRowsPerStep; ++s, ++n_rows) {
+          tile_rows[n_rows] = w.row(step, s, c, width, tile[n_rows]);
+          ks[n_rows] = w.k_of(step, s);
+        }
+      }
+      bool add = step0 > 0;
+      int64_t r = 0;
+      for (; r + kMaxRows <= rows; r += kMaxRows) {
+        tile_block<kMaxRows>(tile_rows, ks, n_rows, x + r * w.k, w.k, w.n, c, width, add, y + r * w.n);
+      }
+      for (; r < rows; ++r) tile_block<1>(tile_rows, ks, n_rows, x + r * w.k, w.k, w.n, c, width, add, y + r * w.n);
+    }
+  }
+}
+
 // All rows of one expert group times its matrix, for columns [c0, c1).
 template <typename W>
 void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  if (rows >= kTiledRows) return group_columns_tiled(w, x, rows, y, c0, c1);
   for (int64_t c = c0; c < c1; c += kChunk) {
     int64_t width = std::min(kChunk, c1 - c);
     int64_t r = 0;
@@ -214,19 +266,21 @@ ffi::Error grouped(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 
 ffi::Error DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
                      ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
-  auto dims = w.dimensions();  // [L, E, K, N]
-  if (dims.size() != 4 || dims[2] != x.dimensions()[1] || dims[1] != sizes.dimensions()[0]) {
-    return ffi::Error::InvalidArgument("weights must be [L, E, K, N] matching x [M, K] and sizes [E]");
+  auto dims = w.dimensions();  // [L, E, K, N], [L, K, N] or [K, N]
+  int64_t rank = dims.size();
+  if (rank < 2 || rank > 4) return ffi::Error::InvalidArgument("weights must be [L, E, K, N], [L, K, N] or [K, N]");
+  int64_t n_layers = rank >= 3 ? dims[0] : 1, e = rank == 4 ? dims[1] : 1, k = dims[rank - 2], n = dims[rank - 1];
+  if (k != x.dimensions()[1] || e != sizes.dimensions()[0]) {
+    return ffi::Error::InvalidArgument("weights [.., E, K, N] must match x [M, K] and sizes [E]");
   }
-  int64_t k = dims[2], n = dims[3];
   if (w.element_type() == ffi::F32) {
     const float* base = w.typed_data<float>();
-    return grouped(pool, x, layer, sizes, dims[0], n,
+    return grouped(pool, x, layer, sizes, n_layers, n,
                    [&](int64_t i) { return Dense<float>{base + i * k * n, k, n}; }, y);
   }
   if (w.element_type() == ffi::BF16) {
     const uint16_t* base = reinterpret_cast<const uint16_t*>(w.untyped_data());
-    return grouped(pool, x, layer, sizes, dims[0], n,
+    return grouped(pool, x, layer, sizes, n_layers, n,
                    [&](int64_t i) { return Dense<uint16_t>{base + i * k * n, k, n}; }, y);
   }
   return ffi::Error::InvalidArgument("dense weights must be float32 or bfloat16");

@@ -4,7 +4,7 @@ XLA:CPU copies each dynamically sliced expert (or layer) matrix before its dot, 
 several times the dot; the custom call reads the active experts of the stacked weights in place. It is
 compiled on first use with the system C++ compiler against jaxlib's FFI headers, cached under
 ~/.cache/k2jax/cpu_kernels (K2JAX_CPU_KERNEL_CACHE overrides), and registered with jax.ffi. `available()`
-is False when no compiler or build works; dispatch then keeps the plain XLA path.
+is False when no compiler or build works; dispatch then keeps the plain XLA path and says so once on stderr.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import jax
@@ -27,6 +27,10 @@ from pallas_kernels import int4_layout
 SOURCE = Path(__file__).with_suffix(".cc")
 TARGETS = {"dense": "K2jaxGroupedMatmulDense", "int4": "K2jaxGroupedMatmulInt4"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+# What the XLA path costs (benchmarks/decode.py, "small" config, batch 1 / 8 / 32; see benchmarks/RESULTS.md).
+XLA_PATH_COST = ("decode runs about 1.3x / 1.8x / 1.7x slower at batch 1 / 8 / 32 with float32 weights and "
+                 "about 2x slower with a bf16 + INT4 checkpoint, because XLA:CPU copies every layer's and "
+                 "expert's weights out of their stacks, and widens bf16 weights to float32 whole, before each matmul")
 
 
 def _cache_dir() -> Path:
@@ -55,6 +59,8 @@ def build() -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         lib = Path(tmp) / out.name
         cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(lib)]
+        print(f"k2jax: building the native CPU kernel from {SOURCE.name} with {compiler} (once per machine and "
+              "version, about 10 s)", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -64,11 +70,12 @@ def build() -> Path:
 
 @functools.cache
 def available() -> bool:
-    """Build and register the custom calls once per process; False (with one warning) when that fails."""
+    """Build and register the custom calls once per process; False (saying why on stderr, once) when that fails."""
     try:
         lib = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError) as err:
-        warnings.warn(f"k2jax CPU grouped-matmul kernel unavailable, using the slower XLA path: {err}")
+        print(f"k2jax: the native CPU kernel cannot be built ({err}); running on the plain XLA path instead: "
+              f"{XLA_PATH_COST}. Install a C++ compiler (or set CXX) for full speed.", file=sys.stderr, flush=True)
         return False
     for target in TARGETS.values():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
@@ -94,6 +101,15 @@ def grouped_matmul(x_MK, w_EKN, group_sizes_E, *, layer=None) -> jax.Array:
     w_LEKN, layer = _stacked(w_EKN, layer)
     y = jax.ffi.ffi_call(TARGETS["dense"], jax.ShapeDtypeStruct((x_MK.shape[0], w_LEKN.shape[-1]), jnp.float32))(
         x_MK.astype(jnp.float32), w_LEKN, layer, group_sizes_E.astype(jnp.int32))
+    return y.astype(x_MK.dtype)
+
+
+def matmul(x_MK, w_KN, *, layer=None) -> jax.Array:
+    """x @ w[layer] for a stacked [L, K, N] dense weight (f32 or bf16; [K, N] without layer), read in place."""
+    _require()
+    layer = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
+    y = jax.ffi.ffi_call(TARGETS["dense"], jax.ShapeDtypeStruct((x_MK.shape[0], w_KN.shape[-1]), jnp.float32))(
+        x_MK.astype(jnp.float32), w_KN, layer, jnp.full((1,), x_MK.shape[0], jnp.int32))
     return y.astype(x_MK.dtype)
 
 

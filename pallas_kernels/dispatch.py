@@ -7,9 +7,9 @@ TPU -> the Pallas Mosaic kernels; GPU -> the Pallas Triton kernels; CPU -> the n
 kernels and `interpret-triton` the Triton kernels in the Pallas interpreter (slow; for parity tests on CPU).
 The choice is made at trace time, so set the variable before the first call is traced.
 
-`layer` (optional int32 scalar) on grouped_int4_matmul: packed/scale are then the stacked [L, E, ...] expert
-weights and the kernels read that layer in place. Pass the whole stack rather than a gathered or sliced copy:
-a copy costs a full extra read and write. ragged_mla always takes the stacked page pool [L, P, N, C] and its
+`layer` (optional int32 scalar) on grouped_int4_matmul, grouped_matmul, matmul and head_matmul: the weights are
+then the stacked [L, ...] weights of all layers and the kernels read that layer in place. Pass the whole stack
+rather than a gathered or sliced copy: a copy costs a full extra read and write. ragged_mla always takes the stacked page pool [L, P, N, C] and its
 layer index.
 """
 
@@ -108,6 +108,70 @@ def grouped_matmul(x_MK, w_EKN, group_sizes_E, *, layer=None) -> jax.Array:
     if kernel_mode() == "native":
         return cpu_grouped_matmul.grouped_matmul(x_MK, w_EKN, group_sizes_E, layer=layer)
     return grouped_matmul_xla(x_MK, w_EKN, group_sizes_E, layer=layer)
+
+
+def _gspmd_partitioned() -> bool:
+    """Whether this trace is split over several devices by XLA's partitioner (a multi-device mesh outside a
+    shard_map): a custom call there would have its operands gathered onto every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1 and not mesh.are_all_axes_manual
+
+
+# Rows per matrix from which dense matmuls leave the native kernel for XLA's GEMM (prefill chunks): there the
+# product is compute-bound, XLA:CPU's register-blocked GEMM outruns the kernel (1.4-2.3x at 1024 rows, measured
+# on a busy 2-core box), and its per-matmul copy or widening of one layer's matrix is spread over the rows.
+NATIVE_MAX_ROWS = 64
+
+
+def _native_dense(rows: int) -> bool:
+    """Whether a dense matmul of `rows` rows per matrix takes the native CPU kernel (not under a partitioned mesh)."""
+    return kernel_mode() == "native" and rows < NATIVE_MAX_ROWS and not _gspmd_partitioned()
+
+
+def _xla_derivatives(native, xla):
+    """`native` (a custom call, which has no derivatives) differentiated as `xla`, which computes the same."""
+    fn = jax.custom_jvp(native)
+    fn.defjvp(lambda primals, tangents: jax.jvp(xla, primals, tangents))
+    return fn
+
+
+def _matmul_xla(x_MK, w_KN, layer) -> jax.Array:
+    """x @ w[layer] in x's dtype (weights cast at use) -> float32."""
+    w = w_KN if layer is None else w_KN[layer]
+    return jnp.dot(x_MK, w.astype(x_MK.dtype), preferred_element_type=jnp.float32)
+
+
+def _head_matmul_xla(x_GMK, w_GKN, layer) -> jax.Array:
+    """x[g] @ w[layer, g] for each g, in x's dtype (weights cast at use) -> float32."""
+    w = w_GKN if layer is None else w_GKN[layer]
+    return jnp.einsum("gmk,gkn->gmn", x_GMK, w.astype(x_GMK.dtype), preferred_element_type=jnp.float32)
+
+
+def _head_matmul_native(x_GMK, w_GKN, layer) -> jax.Array:
+    """The G groups as G experts of M rows each on the native kernel -> float32."""
+    G, M, K = x_GMK.shape
+    y = cpu_grouped_matmul.grouped_matmul(x_GMK.reshape(G * M, K).astype(jnp.float32), w_GKN,
+                                          jnp.full((G,), M, jnp.int32), layer=layer)
+    return y.reshape(G, M, -1)
+
+
+_matmul_native = _xla_derivatives(
+    lambda x_MK, w_KN, layer: cpu_grouped_matmul.matmul(x_MK.astype(jnp.float32), w_KN, layer=layer), _matmul_xla)
+_head_matmul_native = _xla_derivatives(_head_matmul_native, _head_matmul_xla)
+
+
+def matmul(x_MK, w_KN, *, layer=None, out_dtype=None) -> jax.Array:
+    """x @ w[layer] -> [M, N] in out_dtype (default x's), accumulated in float32; w [L, K, N], or [K, N] without
+    layer. Below NATIVE_MAX_ROWS rows on CPU the native kernel reads w (float32 or bfloat16) in place, widening
+    bf16 inside its loop; otherwise (and for derivatives) one dot on the layer's weights cast to x's dtype."""
+    y = (_matmul_native if _native_dense(x_MK.shape[0]) else _matmul_xla)(x_MK, w_KN, layer)
+    return y.astype(out_dtype or x_MK.dtype)
+
+
+def head_matmul(x_GMK, w_GKN, *, layer=None, out_dtype=None) -> jax.Array:
+    """x[g] @ w[layer, g] for each head g -> [G, M, N], as `matmul` (w [L, G, K, N], or [G, K, N] without layer)."""
+    y = (_head_matmul_native if _native_dense(x_GMK.shape[1]) else _head_matmul_xla)(x_GMK, w_GKN, layer)
+    return y.astype(out_dtype or x_GMK.dtype)
 
 
 def grouped_int4_matmul_xla(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None) -> jax.Array:

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import checkpoints.hf_reader
+from checkpoints.hf_names import int4_shape_name, sources
 from k2jax.config import K2Config
 from k2jax.convert import main as convert_main
 from k2jax.engine import Model
@@ -57,6 +58,8 @@ def shard(path: Path, seed: int, chunk_bytes: int) -> dict:
     before = _status_kib("VmRSS")
     _, state = load_state(path, cfg, mesh, chunk_bytes=chunk_bytes, progress=False)
     peak = _status_kib("VmHWM")
+    owners = collections.Counter(name for src in sources(cfg) for name in src.names())  # kv_b_proj feeds two
+    owners.update({int4_shape_name(name): 1 for src in sources(cfg) if src.int4 for name in src.names()})
     expected = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(random_state(cfg, seed))}
     experts = {}
     values_ok = True
@@ -71,7 +74,7 @@ def shard(path: Path, seed: int, chunk_bytes: int) -> dict:
         "device_bytes": sum(s.data.nbytes for _, v in nnx.to_flat_state(state) for s in v.get_value().addressable_shards),
         "experts": experts,
         "values_ok": bool(values_ok),
-        "max_reads_per_tensor": max(counts.values()),
+        "max_reads_per_tensor_and_parameter": max(n / owners[name] for name, n in counts.items()),
         "tensors_read": len(counts),
     }
 

@@ -62,7 +62,7 @@ def test_experts_sharded_8_ways_and_peak_host_memory_bounded(synthetic_checkpoin
             (i * per_device, (i + 1) * per_device) for i in range(DEVICES)], name
         assert len({device for device, *_ in shards}) == DEVICES
         assert all(shape[1] == per_device for *_, shape in shards), name
-    assert result["max_reads_per_tensor"] == 1
+    assert result["max_reads_per_tensor_and_parameter"] == 1
     assert result["peak_growth_bytes"] <= result["device_bytes"] + SLACK_BYTES, result
 
 

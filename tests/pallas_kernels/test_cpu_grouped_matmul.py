@@ -14,8 +14,10 @@ from pallas_kernels import int4_matmul as I
 
 pytestmark = pytest.mark.skipif(not C.available(), reason="no C++ compiler: the native kernel cannot be built")
 
-# (rows, experts, K, N): decode (1 row per expert), a few rows, prefill-sized groups, N not a multiple of 8.
-SHAPES = [(8, 64, 256, 128), (64, 16, 128, 256), (300, 4, 64, 96), (37, 5, 96, 40), (5, 3, 32, 20)]
+# (rows, experts, K, N): decode (1 row per expert), a few rows, prefill-sized groups, N not a multiple of 8,
+# groups of 12+ rows (widened weight tiles) with K over one 128-row tile and N over one 512-column chunk.
+SHAPES = [(8, 64, 256, 128), (64, 16, 128, 256), (300, 4, 64, 96), (37, 5, 96, 40), (5, 3, 32, 20),
+          (90, 3, 320, 600)]
 
 
 def _sizes(rng: np.random.Generator, m: int, e: int) -> jnp.ndarray:
@@ -40,6 +42,19 @@ def test_dense_layer_of_stack_equals_ragged_dot(m, e, k, n, dtype):
     # float32 sums of K products in another order: relative error a few ulps times sqrt(K).
     assert max_rel_err(got, ref) < 1e-5
     assert not jnp.any(got[int(sizes.sum()):])
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 384, 1000), (4, 96, 40), (70, 64, 520), (3, 32, 5)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_matmul_reads_layer_of_stack_in_its_dtype(m, k, n, dtype, stacked):
+    """x @ w[layer] for [L, K, N] (and plain [K, N]) weights equals numpy's float64 product of the stored values."""
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, k, n)), dtype)
+    got = jax.jit(lambda x, w, layer: C.matmul(x, w, layer=layer))(x, w, jnp.int32(2)) if stacked else C.matmul(x, w[2])
+    ref = np.asarray(x, np.float64) @ np.asarray(w[2].astype(jnp.float32), np.float64)
+    assert got.shape == (m, n) and max_rel_err(got, ref) < 1e-5
 
 
 @pytest.mark.parametrize("m,e,k,n", [s for s in SHAPES if s[2] % 32 == 0])

@@ -1,5 +1,10 @@
 """Backend dispatch: mode selection, and the XLA and interpreted-kernel paths against the references."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import jax.numpy as jnp
@@ -126,3 +131,49 @@ def test_grouped_matmul_xla_equals_ragged_dot(m, e):
     ref = jnp.where(jnp.arange(m)[:, None] < sizes.sum(), jax.lax.ragged_dot(x, w, jnp.asarray(sizes)), 0)
     got = dispatch.grouped_matmul_xla(x, w, jnp.asarray(sizes))
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)  # float32 sums of 24 terms
+
+
+@pytest.mark.parametrize("mode", ["native", "xla"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_and_head_matmuls_read_layer_and_differentiate(rng, kernel_env, mode, dtype):
+    """matmul / head_matmul on layer 1 of a stack equal float64 numpy products of the stored values; their
+    gradients (the XLA form's on the native path) equal the XLA path's."""
+    kernel_env(mode)
+    x_MK, w_LKN = random_normal(rng, (5, 96)), random_normal(rng, (3, 96, 72), dtype)
+    x_GMK, w_LGKN = random_normal(rng, (4, 3, 32)), random_normal(rng, (2, 4, 32, 24), dtype)
+    w64 = lambda w: np.asarray(w.astype(jnp.float32), np.float64)
+    layer = jnp.int32(1)
+    got = jax.jit(lambda x, w: dispatch.matmul(x, w, layer=layer))(x_MK, w_LKN)
+    assert max_rel_err(got, np.asarray(x_MK, np.float64) @ w64(w_LKN[1])) < 1e-5
+    got = jax.jit(lambda x, w: dispatch.head_matmul(x, w, layer=layer))(x_GMK, w_LGKN)
+    assert max_rel_err(got, np.einsum("gmk,gkn->gmn", np.asarray(x_GMK, np.float64), w64(w_LGKN[1]))) < 1e-5
+    assert max_rel_err(dispatch.matmul(x_MK, w_LKN[2]), np.asarray(x_MK, np.float64) @ w64(w_LKN[2])) < 1e-5
+    loss = lambda x, w: jnp.sum(jnp.sin(dispatch.matmul(x, w, layer=layer)))
+    grads = jax.grad(loss, argnums=(0, 1))(x_MK, w_LKN.astype(jnp.float32))
+    expect = jax.grad(lambda x, w: jnp.sum(jnp.sin(dispatch._matmul_xla(x, w, layer))), argnums=(0, 1))(
+        x_MK, w_LKN.astype(jnp.float32))
+    for g, e in zip(grads, expect):
+        assert max_rel_err(g, e) < 1e-5
+
+
+def test_without_a_compiler_the_xla_path_runs_and_says_why_once(tmp_path):
+    """No C++ compiler (CXX names none, empty kernel cache): kernels run on the XLA path; stderr says once how much
+    slower and why."""
+    script = (
+        "import jax, jax.numpy as jnp\n"
+        "from pallas_kernels import dispatch\n"
+        "x, w = jnp.ones((2, 64)), jnp.ones((3, 64, 16), jnp.bfloat16)\n"
+        "for _ in range(3):\n"
+        "    y = jax.jit(lambda x, w: dispatch.matmul(x, w, layer=1))(x, w)\n"
+        "    z = dispatch.grouped_matmul(x, w, jnp.asarray([1, 0, 1], jnp.int32))\n"
+        "    jax.clear_caches()\n"
+        "assert dispatch.kernel_mode() == 'xla' and float(y[0, 0]) == 64 and float(z[1, 0]) == 64\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "K2JAX_CPU_KERNEL_CACHE": str(tmp_path),
+           "JAX_PLATFORMS": "cpu"}
+    env.pop(dispatch.ENV_VAR, None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("cannot be built") == 1, proc.stderr
+    assert "XLA path" in proc.stderr and "slower" in proc.stderr and "no-such-compiler" in proc.stderr
