@@ -56,7 +56,7 @@ def transformers_model(path: str):
 def native_checkpoint(cfg: K2Config, path: str) -> None:
     """Random weights in the checkpoint's own format: routed experts INT4 (compressed-tensors), the rest bf16."""
     from checkpoints.hf_writer import write_hf_checkpoint
-    from checkpoints.synthetic import random_state
+    from k2jax.synthetic import random_state
 
     cfg = dataclasses.replace(cfg, quant=Int4Quant())
     write_hf_checkpoint(path, cfg, random_state(cfg))
