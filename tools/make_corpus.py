@@ -237,6 +237,7 @@ class ToolTask:
 
     @property
     def name(self) -> str:
+        """The called tool's name."""
         return self.tool["function"]["name"]
 
 

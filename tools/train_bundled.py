@@ -8,11 +8,9 @@ reported for the bf16 model, INT4 post-training quantization of it, and the QAT 
 experts) to k2jax/bundled/ with its tokenizer. With `--init DIR` the runs start from a K2 checkpoint (its
 tokenizer, its weights with the experts dequantised) instead of a new BPE and a fresh model.
 
-The shipped model is made in four rounds (each run checkpoints every `--save-every` steps and resumes). The
+The shipped model is made in three rounds (each run checkpoints every `--save-every` steps and resumes). The
 third adds echo drills (copy tasks in the chat format, see make_corpus.echo_drill) and less code, then extends
-the QAT model on a code-heavier mix. The fourth starts from the third's model and trains on conversations whose
-tools are drawn at random (make_corpus.random_tool_chat), half of each batch's windows starting at a document's
-start so that a window holds a whole conversation, and exports with the third's held-out windows (384 tokens):
+the QAT model on a code-heavier mix and exports it:
 
     python -m tools.train_bundled --chats 6000 --peak-lr 3e-3 --trunk-steps 520 --branch-steps 180 \
         --extend-steps 700 --work build/bundled/v1 --out build/bundled/v1/model
@@ -22,14 +20,18 @@ start so that a window holds a whole conversation, and exports with the third's 
     python -m tools.train_bundled --work build/bundled/v3 --stage extend --extend-steps 300 --echoes 20000 \
         --seq-len 384 --batch 6 --trunk-steps 2200 --branch-steps 150 --peak-lr 1e-3
     python -m tools.train_bundled --work build/bundled/v3 --stage export --extend-steps 300 --seq-len 384
+
+A fourth round, not shipped (benchmarks/RESULTS.md, "Tool calls", says why), starts from the shipped model and
+trains on conversations whose tools are drawn at random (make_corpus.random_tool_chat), half of each batch's
+windows starting at a document's start so that a window holds a whole conversation:
+
     python -m tools.train_bundled --init k2jax/bundled --work build/bundled/v4 --stage train \
         --tool-chats 10000 --echoes 4000 --code-chars 3000000 --seq-len 512 --batch 6 --aligned 0.5 \
         --trunk-steps 450 --branch-steps 30 --peak-lr 1e-3 --save-every 50
-    python -m tools.train_bundled --work build/bundled/v4 --stage export --seq-len 384
+    python -m tools.train_bundled --work build/bundled/v4 --stage export --seq-len 384 --out build/bundled/v4/model
 
-The shipped fourth round ran its first 250 trunk steps with --trunk-steps 500 and an earlier draft of
-random_tool_chat (echo requests one time in eight, answered after "The user wants..." reasoning; histories always
-with the real result), then resumed with the command above.
+Its first 250 trunk steps ran with --trunk-steps 500 and an earlier draft of random_tool_chat (echo requests one
+time in eight, reasoned "The user wants..."; histories always with the real result), then it resumed as above.
 """
 
 from __future__ import annotations
