@@ -13,7 +13,7 @@ request never declared.
 and the host time of the mask machinery per step at K2's vocabulary (163,840 ids: cl100k's ranks plus generated
 merges and Kimi's 256 reserved tokens). It needs a quiet machine.
 
-    python benchmarks/tool_calls.py [--requests 240] [--seed 0] [--parts scores,timing]
+    python benchmarks/tool_calls.py [--requests 240] [--seed 0] [--parts scores,timing] [--model DIR]
 """
 
 from __future__ import annotations
@@ -376,13 +376,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=240)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", type=Path, default=None, help="K2 checkpoint dir (default: the bundled model)")
     ap.add_argument("--parts", default="scores", help="comma-separated: scores (the verifier), timing (decode "
                     "tokens/s and the mask machinery; needs a quiet machine)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if not parts <= {"scores", "timing"}:
         ap.error(f"--parts: give scores and/or timing, got {args.parts!r}")
-    model = k2jax.load()
+    model = k2jax.load(args.model)
     requests = make_requests(args.requests, args.seed)
     kinds = {k: sum(r["kind"] == k for r in requests) for k in ("single", "multi", "none")}
     choices = {c: sum(r["choice"] == c for r in requests) for c in ("auto", "required", "named")}

@@ -16,13 +16,14 @@ import random
 import sysconfig
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from k2jax import chat
 
 CALL_ID = "functions.{name}:0"
 DEFAULT_CHATS = 8_000
 DEFAULT_ECHOES = 0
+DEFAULT_TOOL_CHATS = 0
 DEFAULT_HELDOUT_CHATS = 400
 CODE_CHARS = 6_000_000
 HELDOUT_SHARE = 0.05
@@ -177,6 +178,232 @@ def echo_drill(rng: random.Random) -> str:
     return f"{asked}{chat.THINK_BEGIN}The user wants the text repeated exactly.{chat.THINK_END}{text}{chat.IM_END}"
 
 
+# ---------------------------------------------------------------- tools drawn at random per conversation
+#
+# Names, parameter names, types, counts and descriptions are drawn per conversation, and the right tool sits at a
+# random place among 1-3 declared ones, so the model must read the declaration. No tool or parameter name here is one
+# of benchmarks/tool_calls.py's held-out ones (tests/tools/test_make_corpus.py checks).
+
+ARITHMETIC_NAMES = {"*": ["mult_ints", "multiplication", "do_mult", "int_mult", "mult_pair", "scale_int"],
+                    "+": ["accumulate", "int_total", "total_pair", "combine_ints", "increase_by", "grand_total"],
+                    "-": ["deduct", "int_diff", "diff_pair", "reduce_by", "decrease", "subtraction"]}
+ARITHMETIC_DESCRIPTIONS = ["Gives {p} {op} {q}.", "{P} {word} {q}, for integers.", "Integer arithmetic: {p} {op} {q}.",
+                           "Computes {p} {word} {q} exactly.", "Returns the integer {p} {op} {q}."]
+OPERAND_PAIRS = [("p", "q"), ("u", "v"), ("i", "j"), ("lhs", "rhs"), ("num1", "num2"), ("alpha", "beta"),
+                 ("val1", "val2"), ("term1", "term2"), ("c", "d"), ("s", "t"), ("k", "w")]
+CAPITAL_NAMES = ["capital_lookup", "which_capital", "capital_for", "national_capital", "main_city", "capital_search"]
+CAPITAL_PARAMS = ["state", "land", "territory", "region", "c", "homeland", "realm"]
+CAPITAL_DESCRIPTIONS = ["Return the capital of a country.", "Capital city lookup by country name.",
+                        "Find which city is the capital of the given country.", "Gives a country's capital city."]
+CONVERT_NAMES = ["conversion", "transform_quantity", "recalc_units", "express_in", "switch_units", "rescale"]
+CONVERT_PARAMS = [("number", "unit_in", "unit_out"), ("size", "origin", "goal"), ("how_much", "old", "new"),
+                  ("magnitude", "from_u", "to_u"), ("val", "in_unit", "out_unit"), ("figure", "have", "want")]
+CONVERT_DESCRIPTIONS = ["Convert a value between units.", "Re-express a measurement in another unit.",
+                        "Unit conversion of a number.", "Changes a quantity from one unit into another."]
+
+VERBS = ["book", "send", "schedule", "track", "order", "rate", "search", "reserve", "create", "cancel", "check",
+         "list", "update", "plan", "archive", "share", "print", "renew", "report", "rename"]
+NOUNS = ["weather", "flight", "hotel", "message", "reminder", "package", "pizza", "ticket", "meeting", "playlist",
+         "taxi", "recipe", "invoice", "alarm", "parcel", "table", "course", "movie", "loan", "shipment", "review",
+         "garden", "backup", "lesson", "concert"]
+CITIES = ["Lisbon", "Denver", "Osaka", "Quito", "Tallinn", "Accra", "Perth", "Bergen", "Porto", "Dakar", "Seville",
+          "Krakow", "Hobart", "Lyon", "Zagreb", "Leeds", "Cusco", "Macau"]
+PEOPLE = ["Alice", "Bruno", "Chen", "Dana", "Emeka", "Farah", "Gustav", "Hana", "Ivan", "Jonas", "Keiko", "Leila",
+          "Marco", "Nadia", "Omar", "Priya"]
+TEXT_WORDS = ["blue", "sunny", "quick", "report", "draft", "final", "spring", "budget", "team", "launch", "notes",
+              "river", "maple", "silver", "orbit", "pixel", "harbor", "velvet"]
+ENUMS = {"color": ["red", "green", "blue", "black", "white"], "size": ["small", "medium", "large"],
+         "priority": ["low", "normal", "high", "urgent"], "mode": ["fast", "safe", "eco"],
+         "format": ["pdf", "csv", "html", "txt"], "language": ["english", "french", "german", "spanish"],
+         "seat": ["window", "aisle", "middle"], "tier": ["basic", "plus", "pro"]}
+SLOT_NAMES = {"city": ["city", "town", "location", "destination", "venue"],
+              "person": ["person", "recipient", "contact", "guest", "owner"],
+              "integer": ["count", "limit", "days", "nights", "seats", "copies", "items", "level", "year", "floor"],
+              "number": ["price", "weight", "budget", "rate", "temperature", "score", "distance", "height"],
+              "boolean": ["urgent", "verbose", "public", "express", "notify", "dry_run", "recurring", "insured"],
+              "text": ["title", "query", "note", "topic", "label", "subject", "comment"]}
+YES_NO = {True: ["true", "yes", "on"], False: ["false", "no", "off"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolTask:
+    """A conversation's last question, the tool (a full declaration) whose call answers it, and that call's outcome."""
+
+    question: str
+    tool: dict[str, Any]
+    arguments: dict[str, Any]
+    result: str
+    answer: str
+
+    @property
+    def name(self) -> str:
+        """The called tool's name."""
+        return self.tool["function"]["name"]
+
+
+TaskMaker = Callable[[random.Random], ToolTask]
+
+
+def function_tool(rng: random.Random, name: str, description: str, properties: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-style tool declaration whose parameters are all required, in the given order (closed or not)."""
+    closed = {"additionalProperties": False} if rng.random() < 0.5 else {}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": list(properties), **closed}}}
+
+
+def whole(x: float) -> float | int:
+    """x as an int when it is whole, so that its JSON is written as the question writes it."""
+    return int(x) if x == int(x) else x
+
+
+def arithmetic_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
+    """A random two-integer arithmetic tool under a new name, and a maker of tasks for it."""
+    op = rng.choice(sorted(OPS))
+    name = rng.choice(ARITHMETIC_NAMES[op] + [opaque_name(rng)])
+    p, q = rng.choice(OPERAND_PAIRS) if rng.random() < 0.7 else rng.sample(sorted(set("cdefghkrstuvwz")), 2)
+    word = OPS[op][0]
+    description = rng.choice(ARITHMETIC_DESCRIPTIONS).format(p=p, P=p.capitalize(), q=q, op=op, word=word)
+    tool = function_tool(rng, name, description, {p: {"type": "integer"}, q: {"type": "integer"}})
+
+    def task(rng: random.Random) -> ToolTask:
+        a, b = rng.randint(2, 999), rng.randint(2, 999)
+        result = calculate(f"{a} {op} {b}")
+        question = rng.choice(QUESTIONS["calculate"]).format(a=a, b=b, op=op, word=word)
+        return ToolTask(question, tool, {p: a, q: b}, result, f"{a} {op} {b} = {result}.")
+
+    return tool, task
+
+
+def capital_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
+    """A random capital-lookup tool under a new name and parameter."""
+    name, param = rng.choice(CAPITAL_NAMES + [opaque_name(rng)]), rng.choice(CAPITAL_PARAMS)
+    tool = function_tool(rng, name, rng.choice(CAPITAL_DESCRIPTIONS), {param: {"type": "string"}})
+
+    def task(rng: random.Random) -> ToolTask:
+        country = rng.choice(sorted(CAPITALS))
+        return ToolTask(rng.choice(QUESTIONS["lookup_capital"]).format(country=country), tool, {param: country},
+                        CAPITALS[country], f"The capital of {country} is {CAPITALS[country]}.")
+
+    return tool, task
+
+
+def convert_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
+    """A random unit-conversion tool under new names, its units free strings or an enum."""
+    name, (value, src, dst) = rng.choice(CONVERT_NAMES + [opaque_name(rng)]), rng.choice(CONVERT_PARAMS)
+    units = sorted({u for pair in CONVERSIONS for u in pair})
+    unit = {"type": "string", "enum": units} if rng.random() < 0.5 else {"type": "string"}
+    tool = function_tool(rng, name, rng.choice(CONVERT_DESCRIPTIONS), {value: {"type": "number"}, src: unit, dst: unit})
+
+    def task(rng: random.Random) -> ToolTask:
+        base = conversion_task(rng)
+        arguments = {value: whole(base.arguments["value"]), src: base.arguments["from_unit"],
+                     dst: base.arguments["to_unit"]}
+        return ToolTask(base.question, tool, arguments, base.result, base.answer)
+
+    return tool, task
+
+
+def opaque_name(rng: random.Random) -> str:
+    """A tool name that says nothing (the description alone tells what the tool does)."""
+    return f"{rng.choice(['fn', 'tool', 'op', 'api'])}_{rng.randint(1, 99)}{rng.choice('abcxyz')}"
+
+
+def slot_value(kind: str, param: str, rng: random.Random) -> tuple[dict[str, Any], Any, str]:
+    """A parameter of `kind`: its JSON schema, a random value, and how a question states it."""
+    if kind == "city":
+        v = rng.choice(CITIES)
+        return {"type": "string"}, v, rng.choice([f"in {v}", f"for {v}", f"{param} {v}"])
+    if kind == "person":
+        v = rng.choice(PEOPLE)
+        return {"type": "string"}, v, rng.choice([f"for {v}", f"{param} {v}", f"with {v}"])
+    if kind == "integer":
+        v = rng.randint(1, 999)
+        return {"type": "integer"}, v, rng.choice([f"{v} {param}", f"{param} {v}", f"{param} = {v}"])
+    if kind == "number":
+        v = whole(rng.randint(10, 99999) / 100) if rng.random() < 0.7 else rng.randint(1, 500)
+        return {"type": "number"}, v, rng.choice([f"{param} {format_number(v)}", f"{param} = {format_number(v)}"])
+    if kind == "boolean":
+        v = rng.random() < 0.5
+        return {"type": "boolean"}, v, rng.choice([f"{param} {rng.choice(YES_NO[v])}", f"{param} set to {str(v).lower()}"])
+    if kind == "enum":
+        v = rng.choice(ENUMS[param])
+        return {"type": "string", "enum": ENUMS[param]}, v, rng.choice([f"{v} {param}", f"{param} {v}"])
+    v = " ".join(rng.sample(TEXT_WORDS, rng.randint(1, 3)))
+    return {"type": "string"}, v, rng.choice([f'{param} "{v}"', f"{param}: {v}"])
+
+
+def action_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
+    """A random verb_noun tool with 1-4 parameters of random kinds (string, integer, number, boolean, enum)."""
+    verb, noun = rng.choice(VERBS), rng.choice(NOUNS)
+    name = f"{verb}_{noun}" if rng.random() < 0.85 else opaque_name(rng)
+    kinds = rng.sample(sorted([*SLOT_NAMES, "enum"]), rng.randint(1, 4))
+    params = [rng.choice(sorted(ENUMS) if kind == "enum" else SLOT_NAMES[kind]) for kind in kinds]
+    schemas = {param: slot_value(kind, param, rng)[0] for kind, param in zip(kinds, params)}
+    description = rng.choice([f"{verb.capitalize()} a {noun}.", f"{verb.capitalize()} the user's {noun}.",
+                              f"Use this to {verb} a {noun}."])
+    tool = function_tool(rng, name, description, schemas)
+
+    def task(rng: random.Random) -> ToolTask:
+        slots = [slot_value(kind, param, rng) for kind, param in zip(kinds, params)]
+        order = rng.sample(range(len(slots)), len(slots))
+        said = ", ".join(slots[i][2] for i in order)
+        question = rng.choice([f"Please {verb} a {noun} {said}.", f"{verb.capitalize()} my {noun}: {said}.",
+                               f"Can you {verb} the {noun} {said}?", f"I need to {verb} a {noun}, {said}."])
+        number = rng.randint(100, 9999)
+        return ToolTask(question, tool, {p: s[1] for p, s in zip(params, slots)}, json.dumps({"ok": True, "id": number}),
+                        f"Done: the {noun} request went through (id {number}).")
+
+    return tool, task
+
+
+TOOL_FAMILIES = (arithmetic_tool, capital_tool, convert_tool, action_tool)
+TOOL_FAMILY_WEIGHTS = (2, 1, 1, 3)
+
+
+def random_toolset(rng: random.Random) -> tuple[list[dict[str, Any]], list[TaskMaker]]:
+    """1-3 tools of distinct names drawn at random, and a task maker for each, in declaration order."""
+    while True:
+        made = [rng.choices(TOOL_FAMILIES, TOOL_FAMILY_WEIGHTS)[0](rng) for _ in range(rng.randint(1, 3))]
+        if len({tool["function"]["name"] for tool, _ in made}) == len(made):
+            return [tool for tool, _ in made], [maker for _, maker in made]
+
+
+def solved_turns(task: ToolTask, index: int, reasoning: str) -> list[dict[str, Any]]:
+    """The user's question, the assistant's call (K2 id with `index`), and the tool's result."""
+    call = {"id": chat.call_id(task.name, index), "type": "function",
+            "function": {"name": task.name, "arguments": json.dumps(task.arguments)}}
+    return [{"role": "user", "content": task.question},
+            {"role": "assistant", "content": "", "reasoning_content": reasoning, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": task.result}]
+
+
+def plan_for(task: ToolTask) -> str:
+    """The reasoning before a call: which declared tool answers the question."""
+    return f"The {task.name} tool does this: {task.tool['function']['description']} I will call {task.name}."
+
+
+def random_tool_chat(rng: random.Random) -> str:
+    """A training conversation with tools drawn at random: maybe an earlier solved question, then a question answered
+    through one of the declared tools (or, one time in five, an echo request that needs none)."""
+    tools, makers = random_toolset(rng)
+    history: list[dict[str, Any]] = []
+    if rng.random() < 0.35:
+        earlier = rng.choice(makers)(rng)
+        if rng.random() < 0.3:  # a result and answer that say nothing about the next question
+            number = str(rng.randint(0, 999))
+            earlier = dataclasses.replace(earlier, result=number, answer=f"The result is {number}.")
+        history = [*solved_turns(earlier, 0, plan_for(earlier)), {"role": "assistant", "content": earlier.answer}]
+    if rng.random() < 0.2:
+        words = [*TEXT_WORDS, *CITIES, *PEOPLE]
+        text = " ".join(echo_item(rng) if rng.random() < 0.4 else rng.choice(words) for _ in range(rng.randint(3, 10)))
+        asked = prompt([*history, {"role": "user", "content": rng.choice(ECHO_REQUESTS).format(text=text)}], tools)
+        return f"{asked}{chat.THINK_BEGIN}No tool is needed: the user wants the text repeated exactly.{chat.THINK_END}{text}{chat.IM_END}"
+    task = rng.choice(makers)(rng)
+    messages = [*history, *solved_turns(task, chat.call_count(history), plan_for(task))]
+    reasoning = f"The {task.name} tool returned {task.result}, so I can answer."
+    return prompt(messages, tools) + f"{chat.THINK_BEGIN}{reasoning}{chat.THINK_END}{task.answer}{chat.IM_END}"
+
+
 TASK_MAKERS = (arithmetic_task, conversion_task, capital_task)
 
 
@@ -283,12 +510,15 @@ class Corpus:
 
 def make_corpus(seed: int = 0, code_chars: int = CODE_CHARS, n_chats: int = DEFAULT_CHATS,
                 n_heldout_chats: int = DEFAULT_HELDOUT_CHATS, heldout_share: float = HELDOUT_SHARE,
-                n_echoes: int = DEFAULT_ECHOES) -> Corpus:
-    """The whole corpus: stdlib code, tool chats and `n_echoes` echo drills (training only), each split shuffled."""
+                n_echoes: int = DEFAULT_ECHOES, n_tool_chats: int = DEFAULT_TOOL_CHATS) -> Corpus:
+    """The whole corpus: stdlib code, tool chats, and (training only) `n_echoes` echo drills and `n_tool_chats`
+    conversations with tools drawn at random; each split shuffled."""
     code_train, code_heldout = code_documents(seed, code_chars, heldout_share)
     train_tasks, heldout_tasks = tasks(seed, n_chats, n_heldout_chats)
     echo_rng = random.Random(seed + 2_000_003)
     train = code_train + [conversation(t) for t in train_tasks] + [echo_drill(echo_rng) for _ in range(n_echoes)]
+    tool_rng = random.Random(seed + 3_000_003)
+    train += [random_tool_chat(tool_rng) for _ in range(n_tool_chats)]
     heldout = code_heldout + [conversation(t) for t in heldout_tasks]
     rng = random.Random(seed)
     rng.shuffle(train)

@@ -20,6 +20,18 @@ the QAT model on a code-heavier mix and exports it:
     python -m tools.train_bundled --work build/bundled/v3 --stage extend --extend-steps 300 --echoes 20000 \
         --seq-len 384 --batch 6 --trunk-steps 2200 --branch-steps 150 --peak-lr 1e-3
     python -m tools.train_bundled --work build/bundled/v3 --stage export --extend-steps 300 --seq-len 384
+
+A fourth round, not shipped (benchmarks/RESULTS.md, "Tool calls", says why), starts from the shipped model and
+trains on conversations whose tools are drawn at random (make_corpus.random_tool_chat), half of each batch's
+windows starting at a document's start so that a window holds a whole conversation:
+
+    python -m tools.train_bundled --init k2jax/bundled --work build/bundled/v4 --stage train \
+        --tool-chats 10000 --echoes 4000 --code-chars 3000000 --seq-len 512 --batch 6 --aligned 0.5 \
+        --trunk-steps 450 --branch-steps 30 --peak-lr 1e-3 --save-every 50
+    python -m tools.train_bundled --work build/bundled/v4 --stage export --seq-len 384 --out build/bundled/v4/model
+
+Its first 250 trunk steps ran with --trunk-steps 500 and an earlier draft of random_tool_chat (echo requests one
+time in eight, reasoned "The user wants..."; histories always with the real result), then it resumed as above.
 """
 
 from __future__ import annotations
@@ -76,6 +88,7 @@ class TrainSettings:
     branch_steps: int = 250
     extend_steps: int = 0
     seed: int = 0
+    aligned: float = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -112,10 +125,20 @@ def bundled_config(tokenizer: Tokenizer, quant: Int4Quant | None) -> K2Config:
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, quant=quant)
 
 
-def batch_at(stream: np.ndarray, step: int, settings: TrainSettings) -> np.ndarray:
-    """Training windows [B, T+1] for `step`: random offsets drawn from (seed, step), so every branch sees the same."""
+def document_starts(stream: np.ndarray, eos_id: int, seq_len: int) -> np.ndarray:
+    """Offsets of the stream's documents (0 and each position after [EOS]) that leave room for a whole window."""
+    starts = np.concatenate([[0], np.flatnonzero(stream == eos_id) + 1])
+    return starts[starts < len(stream) - seq_len - 1]
+
+
+def batch_at(stream: np.ndarray, step: int, settings: TrainSettings, doc_starts: np.ndarray) -> np.ndarray:
+    """Training windows [B, T+1] for `step`, drawn from (seed, step) so every branch sees the same: the first
+    `aligned` share of rows start at a document's start (whole tool chats), the others at random offsets."""
     rng = np.random.default_rng((settings.seed, step))
     starts = rng.integers(0, len(stream) - settings.seq_len - 1, settings.batch)
+    n_aligned = round(settings.aligned * settings.batch)
+    if n_aligned:
+        starts[:n_aligned] = rng.choice(doc_starts, n_aligned)
     return np.stack([stream[s:s + settings.seq_len + 1] for s in starts])
 
 
@@ -235,9 +258,10 @@ def run(params: Params, opt_state: Any, stream: np.ndarray, steps: range, graphd
     opt = opt or optimizer(settings)
     steps, params, opt_state = resume(state_file, steps, params, opt_state)
     start, losses = time.perf_counter(), []
+    doc_starts = document_starts(stream, cfg.eos_token_id, settings.seq_len)
     for step in steps:
-        params, opt_state, loss = train_step(params, opt_state, jnp.asarray(batch_at(stream, step, settings)),
-                                             graphdef, cfg, qat, opt)
+        windows = jnp.asarray(batch_at(stream, step, settings, doc_starts))
+        params, opt_state, loss = train_step(params, opt_state, windows, graphdef, cfg, qat, opt)
         losses.append(loss)
         if (step + 1) % 50 == 0 or step + 1 == steps.stop:
             log(f"{'qat' if qat else 'fp32'} step {step + 1}/{steps.stop} "
@@ -261,7 +285,8 @@ def heldout_ppl(params: Params, graphdef: nnx.GraphDef, cfg: K2Config, windows: 
 def settings_from(args: argparse.Namespace) -> TrainSettings:
     """TrainSettings from the command line."""
     return TrainSettings(seq_len=args.seq_len, batch=args.batch, peak_lr=args.peak_lr, trunk_steps=args.trunk_steps,
-                         branch_steps=args.branch_steps, extend_steps=args.extend_steps, seed=args.seed)
+                         branch_steps=args.branch_steps, extend_steps=args.extend_steps, seed=args.seed,
+                         aligned=args.aligned)
 
 
 def streams(corpus: make_corpus.Corpus, tokenizer: Tokenizer, settings: TrainSettings,
@@ -314,12 +339,13 @@ def starting_point(args: argparse.Namespace, corpus: make_corpus.Corpus,
 
 def corpus_of(args: argparse.Namespace) -> make_corpus.Corpus:
     """The corpus the command line asks for."""
-    return make_corpus.make_corpus(args.seed, code_chars=args.code_chars, n_chats=args.chats, n_echoes=args.echoes)
+    return make_corpus.make_corpus(args.seed, code_chars=args.code_chars, n_chats=args.chats, n_echoes=args.echoes,
+                                   n_tool_chats=args.tool_chats)
 
 
 def corpus_settings(args: argparse.Namespace) -> dict[str, int]:
     """The command line's corpus sizes, as the metrics record them."""
-    return {"chats": args.chats, "echoes": args.echoes, "code_chars": args.code_chars}
+    return {"chats": args.chats, "echoes": args.echoes, "tool_chats": args.tool_chats, "code_chars": args.code_chars}
 
 
 def train(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -424,11 +450,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chats", type=int, default=make_corpus.DEFAULT_CHATS, help="synthetic training conversations")
     parser.add_argument("--echoes", type=int, default=make_corpus.DEFAULT_ECHOES, help="echo (copy) drills")
+    parser.add_argument("--tool-chats", type=int, default=make_corpus.DEFAULT_TOOL_CHATS,
+                        help="conversations with tools drawn at random (make_corpus.random_tool_chat)")
     parser.add_argument("--code-chars", type=int, default=make_corpus.CODE_CHARS, help="stdlib source budget")
     parser.add_argument("--base-vocab", type=int, default=4096)
     parser.add_argument("--peak-lr", type=float, default=TrainSettings.peak_lr)
     parser.add_argument("--seq-len", type=int, default=TrainSettings.seq_len)
     parser.add_argument("--batch", type=int, default=TrainSettings.batch)
+    parser.add_argument("--aligned", type=float, default=TrainSettings.aligned,
+                        help="share of each batch's windows that start at a document's start")
     parser.add_argument("--trunk-steps", type=int, default=TrainSettings.trunk_steps)
     parser.add_argument("--branch-steps", type=int, default=TrainSettings.branch_steps)
     parser.add_argument("--extend-steps", type=int, default=TrainSettings.extend_steps)

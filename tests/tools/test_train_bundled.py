@@ -35,3 +35,23 @@ def test_tiled_grouped_matmul_equals_ragged_dot() -> None:
     ref = jax.lax.ragged_dot(x, w, jnp.asarray(sizes))
     got = train_bundled.tiled_grouped_matmul(x, w, jnp.asarray(sizes))
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_aligned_rows_start_at_documents_and_the_rest_anywhere() -> None:
+    rng = np.random.default_rng()
+    eos = 9
+    stream = rng.integers(0, eos, 5000).astype(np.int32)
+    stream[rng.choice(np.arange(1, 4990), 40, replace=False)] = eos
+    doc_starts = train_bundled.document_starts(stream, eos, seq_len=16)
+    assert doc_starts[0] == 0 and set(doc_starts[1:]) <= set(np.flatnonzero(stream == eos) + 1)
+    settings = train_bundled.TrainSettings(seq_len=16, batch=8, aligned=0.5, seed=int(rng.integers(1000)))
+    firsts = set()
+    for step in range(50):
+        windows = train_bundled.batch_at(stream, step, settings, doc_starts)
+        assert windows.shape == (8, 17)
+        np.testing.assert_array_equal(windows, train_bundled.batch_at(stream, step, settings, doc_starts))
+        for row in windows[:4]:  # each aligned row is the window at some document's start
+            assert any(np.array_equal(row, stream[s:s + 17]) for s in doc_starts)
+        firsts |= {tuple(row) for row in windows[4:]}
+    starts = {tuple(stream[s:s + 17]) for s in doc_starts}
+    assert len(firsts - starts) > 150  # the other rows start anywhere
