@@ -52,7 +52,8 @@ def _divisor_tile(dim: int, unit: int, cap: int) -> int:
 
 def _row_tile(m: int, e: int) -> int:
     """Rows per visit of the TPU kernel: an expert's mean rows rounded down to a power of two, TM_MIN to TM_MAX
-    (every row multiplies each visited block; the padding of each expert to whole tiles stays under m rows)."""
+    (every row multiplies each visited block; padding each expert to whole tiles adds under max(m, e * TM_MIN)
+    rows)."""
     return min(TM_MAX, max(TM_MIN, 1 << ((m // min(m, e)).bit_length() - 1)))
 
 
