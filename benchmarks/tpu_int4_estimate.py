@@ -3,7 +3,8 @@
 No TPU needed: libtpu compiles the kernel for an abstract chip (jax.experimental.topologies) and dumps its final
 LLO schedule. The kernel body runs once per grid step as straight-line code inside one loop, so the program's
 scheduled bundle count is the cycles a step issues (an upper bound: it includes the few prologue bundles). A step
-also waits for its DMAs, so it takes max(bundles / clock, bytes DMA'd / HBM bandwidth). A layer takes
+also waits for its DMAs, so it takes max(bundles / clock, bytes DMA'd / its TensorCore's share of HBM bandwidth:
+all of it, or half on v5p whose two TensorCores stream at once). A layer takes
 (column tiles / TensorCores) x visits x K steps, and the figure of merit is the time to read the active experts'
 weights at HBM bandwidth over that. Routing is random top-8 of 384 experts, all on one chip (expert parallelism
 gives each chip the same rows per expert); visits are counted on that routing as the kernel's schedule does.
@@ -71,11 +72,8 @@ def routed_sizes(rng: np.random.Generator, tokens: int) -> np.ndarray:
 
 
 def visits(sizes: np.ndarray, tm: int) -> int:
-    """(expert, row tile) pairs the grouped kernel visits: each expert's rows span whole tiles of tm rows."""
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    active = sizes > 0
-    return int(np.sum((ends[active] - 1) // tm - starts[active] // tm + 1))
+    """Row tiles the grouped kernel visits: each expert's rows start a tile of their own (int4_matmul._padded_rows)."""
+    return int(np.sum(-(-sizes // tm)))
 
 
 def bundles_per_step(chip: Chip, m: int, k: int, n: int) -> int:
@@ -106,13 +104,13 @@ def estimate(chip_name: str, tokens: int, projection: str, rng: np.random.Genera
     bundles = bundles_per_step(chip, m, k, n)
     weight_bytes = tk // 2 * tn + tk // int4_layout.GROUP * tn * 2
     step_bytes = weight_bytes + tm * tk * 2  # x's block moves with K, so it is fetched every step
-    step_s = max(bundles / chip.clock_hz, step_bytes / chip.hbm_bytes_per_s)
+    step_s = max(bundles / chip.clock_hz, step_bytes / (chip.hbm_bytes_per_s / chip.cores))
     sizes = routed_sizes(rng, tokens)
     active = int(np.sum(sizes > 0))
     steps = -(-(n // tn) // chip.cores) * visits(sizes, tm) * (k // tk)
     floor_s = active * (k // 2 + 2 * k // int4_layout.GROUP) * n / chip.hbm_bytes_per_s
     return {"chip": chip_name, "tokens": tokens, "projection": projection, "tiles": f"{tm}x{tk}x{tn}",
-            "bundles": bundles, "compute_share": step_bytes / chip.hbm_bytes_per_s / (bundles / chip.clock_hz),
+            "bundles": bundles, "compute_share": step_bytes / (chip.hbm_bytes_per_s / chip.cores) / (bundles / chip.clock_hz),
             "active": active, "steps": steps, "us": 1e6 * steps * step_s, "floor_us": 1e6 * floor_s,
             "bandwidth_share": floor_s / (steps * step_s)}
 

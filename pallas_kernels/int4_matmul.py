@@ -1,20 +1,25 @@
 """W4A16 matmul (dense and grouped/ragged for MoE) as Pallas kernels for TPU (Mosaic) and GPU (Triton).
 
 Weights use int4_layout's format: planar uint8 nibbles [E, K//2, N] and bf16 group-32 scales [E, K//32, N].
-Each TPU grid step DMAs one [tk//2, tn] packed block, dequantizes it planar block by planar block in VMEM
-(scales applied inside the K loop) and accumulates x @ w in fp32. The dequantization is what bounds the
-TPU kernel (VALU slots, per the compiled bundles), so it is kept to a shift, a mask, a convert and a
-multiply per weight: bytes are read as int32 words (x's K axis is permuted to match, outside the kernel)
-and the -8 offset is folded into one small per-tile matmul of group sums of x with the scales.
-Byte row r = 4w + b of a planar half lands in byte b of int32 word w, so a block's 8 nibble slabs hold, in
-order, k = half * P/2 + 4w + b for b = 0..3 and w = 0..P/8-1: _word_order permutes x to that order.
+Each TPU grid step DMAs one [tk//2, tn] packed block and accumulates x @ w in fp32. The dequantization bounds
+the TPU kernel (VALU slots, per the compiled bundles), so it turns two nibbles into bf16 per 32-bit op: bytes
+are read as int32 words, and ((word >> s) & 0x000F000F) | 0x43004300 is two bf16 values 128 + nibble (exact).
+Those feed the MXU as they are; the group scale is applied after the dot, on each group's partial sums (x is
+made block-diagonal per 128 rows of K, one row block per scale group), and the 128 + 8 offset is one small
+matmul of x's group sums (computed outside the kernel, split into three bf16 parts) with the scales.
+Byte row r = 4w + b of a planar half lands in byte b of int32 word w, and bf16 row 2w + i of a shifted word
+holds byte b0 + 2i (b0 = s // 8): _word_order permutes x's K axis to the kernel's weight rows, in which each
+scale group is 32 contiguous rows.
 `layer` (optional int32 scalar): packed/scale are stacked [L, E, ...]; the index maps (TPU) or pointer
 offsets (Triton) pick the layer, so the stack is read in place. layer_ref is read only by those.
 
-The grouped kernel walks a schedule of (expert, row tile) visits built from group_sizes: only experts that
-received rows are visited, and steps past the last visit keep the previous block indices, so the pipeline
-issues no DMA for them. Decode (a few rows per expert) therefore reads exactly the active experts' weights.
-The Triton kernel runs one program per (visit, column tile) on the same schedule; programs past the last
+The TPU kernel pads each expert's rows to whole row tiles (x is gathered into that padded row space and the
+output gathered back), so a visit is one expert's tile: no tile holds two experts, and no expert's weights are
+read twice for a tile boundary. It walks only the visited tiles, and steps past the last visit keep the
+previous block indices, so the pipeline issues no DMA for them. Decode therefore reads exactly the active
+experts' weights, once per row tile.
+The Triton kernel walks a schedule of (expert, row tile) visits over the unpadded rows (an expert straddling two
+tiles is visited twice, with masked stores): one program per (visit, column tile); programs past the last
 visit exit at once, and each program walks K one 32-row scale group at a time with masked row loads.
 """
 
@@ -30,9 +35,9 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import int4_layout
 
 TM_MAX = 256
-TM_MIN = 16  # bf16 rows fill a (16, 128) tile
+TM_MIN = 8
 TK_MAX = 4096
-BLOCK_BYTES = 2 * 1024 * 1024
+BLOCK_BYTES = 4 * 1024 * 1024
 VMEM_LIMIT_BYTES = 48 * 1024 * 1024
 LANES = 128
 TRITON_NUM_WARPS = 4
@@ -46,10 +51,10 @@ def _divisor_tile(dim: int, unit: int, cap: int) -> int:
 
 
 def _row_tile(m: int, e: int) -> int:
-    """Rows per visit: at least twice an expert's mean rows (so an expert rarely straddles two row tiles and has
-    its weights read twice), at most TM_MAX; every row multiplies each visited block, so no more than that."""
-    tm = min(TM_MAX, max(TM_MIN, 1 << (2 * -(-m // min(m, e)) - 1).bit_length()))
-    return m if m <= tm else tm
+    """Rows per visit of the TPU kernel: an expert's mean rows rounded down to a power of two, TM_MIN to TM_MAX
+    (every row multiplies each visited block; padding each expert to whole tiles adds under max(m, e * TM_MIN)
+    rows)."""
+    return min(TM_MAX, max(TM_MIN, 1 << ((m // min(m, e)).bit_length() - 1)))
 
 
 def _tiles(m: int, k: int, n: int, e: int = 1) -> tuple[int, int, int]:
@@ -80,51 +85,122 @@ def _visit_schedule(group_sizes_E: jax.Array, m: int, tm: int):
 
 
 WORD_ROWS = 4  # packed byte rows per int32 word after pltpu.bitcast
+BF16_MAGIC = 0x43004300  # two bf16 128.0 in one int32 word: OR-ing a nibble into each mantissa gives 128 + nibble
+NIBBLE_PAIR_MASK = 0x000F000F
+BF16_BIAS = 128 - int4_layout.QMIN  # 128 + nibble = q + 136
+GROUP_WORDS = int4_layout.GROUP // WORD_ROWS  # word rows holding one scale group of one planar half
+COLUMN_CHUNK = 256  # columns dequantized and scaled at a time (see _column_chunk)
+DOT_ROWS = 128  # K rows per block-diagonal dot: 4 scale groups, one 128-deep MXU pass
 
 
 def _word_order(x_MK: jax.Array, planar: int) -> jax.Array:
-    """Permute x's K axis to the kernel's nibble order: per planar block, (half, byte of word, word row)."""
+    """Permute x's K axis to the kernel's weight rows: per planar block (half, word group, byte, word, pair)."""
     m, k = x_MK.shape
-    x = x_MK.reshape(m, k // planar, 2, planar // 2 // WORD_ROWS, WORD_ROWS)
-    return jnp.swapaxes(x, -1, -2).reshape(m, k)
+    words = planar // 2 // WORD_ROWS
+    wl = min(words, GROUP_WORDS)
+    # Natural k in a block = half * P/2 + 4 * (wg * wl + w) + 2 * pair + byte.
+    x = x_MK.reshape(m, k // planar, 2, words // wl, wl, 2, 2)
+    return jnp.transpose(x, (0, 1, 2, 3, 6, 4, 5)).reshape(m, k)
 
 
-def _group_indicator(tk: int, planar: int, dtype) -> jax.Array:
-    """[tk, tk/32] 0/1 matrix: word-ordered column c of a K tile belongs to scale group g."""
-    natural_k = _word_order(jnp.arange(tk)[None, :], planar)[0]
-    groups = jnp.arange(tk // int4_layout.GROUP)
-    return (natural_k[:, None] // int4_layout.GROUP == groups[None, :]).astype(dtype)
+def _group_sums(x_MK: jax.Array, tk: int) -> jax.Array:
+    """fp32 sums of x over each scale group, split into three bf16-exact parts (hi + mid + lo is the sum to fp32
+    precision) and laid out per K tile: [K/tk, 3, M, tk/32]."""
+    m, k = x_MK.shape
+    rest_MG = jnp.sum(x_MK.astype(jnp.float32).reshape(m, k // int4_layout.GROUP, int4_layout.GROUP), axis=-1)
+    parts = []
+    for _ in range(3):
+        parts.append(rest_MG.astype(jnp.bfloat16).astype(jnp.float32))
+        rest_MG = rest_MG - parts[-1]
+    return jnp.stack(parts).reshape(3, m, k // tk, -1).transpose(2, 0, 1, 3)
 
 
-def _dequant_dot(x_MK: jax.Array, ones_KG: jax.Array, packed_ref, scale_ref, planar: int) -> jax.Array:
-    """fp32 x @ dequantize(block) for word-ordered x: q * scale per weight, -8 * group sums of x @ scale once."""
+def _bf16_rows(words_WN: jax.Array, shift: int) -> jax.Array:
+    """128 + nibble as bf16 [2W, N]: row 2w from bits shift.. of word w, row 2w+1 from bits 16+shift.."""
+    bits_WN = (words_WN if shift == 0 else jax.lax.shift_right_logical(words_WN, shift)) & NIBBLE_PAIR_MASK
+    return pltpu.bitcast(bits_WN | BF16_MAGIC, jnp.bfloat16)
+
+
+def _column_chunk(tn: int) -> int:
+    """Columns dequantized and multiplied at a time: 256 (one v6e MXU width) keeps a chunk's sums in registers."""
+    return COLUMN_CHUNK if tn % COLUMN_CHUNK == 0 else tn
+
+
+def _dequant_dot(x_MK: jax.Array, xsum_3MG: jax.Array, packed_ref, scale_ref, scale32_ref, acc_ref,
+                 planar: int) -> None:
+    """acc += fp32 x @ dequantize(block) for word-ordered x: a dot per scale group on 128 + nibble, scaled after
+    the dot, column chunk by column chunk; the 136 offset is one small matmul of group sums of x with the scales."""
     tk = x_MK.shape[1]
     tn = packed_ref.shape[-1]
-    half_groups = planar // 2 // int4_layout.GROUP
-    slab_groups = max(half_groups, 1)  # a 32-row planar block has both halves in one group
+    group = int4_layout.GROUP
+    words = planar // 2 // WORD_ROWS
+    wl = min(words, GROUP_WORDS)
+    x_dtype = x_MK.dtype
+    lanes = scale32_ref.shape[-1]
     scale_GN = scale_ref[...].astype(jnp.float32)
-    xsum_MG = jnp.dot(x_MK, ones_KG, preferred_element_type=jnp.float32)
-    acc_MN = jnp.dot(xsum_MG, scale_GN, preferred_element_type=jnp.float32,
-                     precision=jax.lax.Precision.HIGHEST) * float(int4_layout.QMIN)
+    for t in range(tn // lanes):  # f32 scales, one lane tile each: a row loads as a sublane broadcast
+        scale32_ref[t] = scale_GN[:, t * lanes:(t + 1) * lanes]
+    m = x_MK.shape[0]
+    parts_RN = jnp.dot(xsum_3MG.reshape(3 * m, -1).astype(jnp.bfloat16), scale_ref[...],
+                       preferred_element_type=jnp.float32)
+    acc_ref[...] += (parts_RN[:m] + parts_RN[m:2 * m] + parts_RN[2 * m:]) * float(-BF16_BIAS)
+    span = min(planar, DOT_ROWS)  # K rows per dot
+    groups = span // group  # scale groups per dot
+    col_group_1S = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (1, span), 1), group)
     x_MK = x_MK.astype(jnp.float32)
-    for j in range(tk // planar):
-        words_WN = pltpu.bitcast(packed_ref[j * planar // 2:(j + 1) * planar // 2, :], jnp.int32)
-        slabs = []
-        for half in range(2):
-            g0 = j * planar // int4_layout.GROUP + half * half_groups
-            s_G1N = scale_GN[g0:g0 + slab_groups, None, :]
-            for byte in range(WORD_ROWS):
-                nib_WN = jax.lax.shift_right_logical(words_WN, 8 * byte + 4 * half) & 0xF
-                q_GwN = nib_WN.astype(jnp.float32).reshape(slab_groups, -1, tn)
-                slabs.append((q_GwN * s_G1N).reshape(-1, tn))
-        acc_MN += jnp.dot(x_MK[:, j * planar:(j + 1) * planar], jnp.concatenate(slabs, axis=0),
-                          preferred_element_type=jnp.float32)
-    return acc_MN
+    # Block-diagonal x per dot: row block i keeps only group i's columns, so one dot gives every group's partial
+    # sums [groups * M, C] and each is scaled on its own.
+    xbd = [jnp.concatenate([jnp.where(col_group_1S == i, x_MK[:, d * span:(d + 1) * span], 0.0)
+                            for i in range(groups)], axis=0).astype(x_dtype) for d in range(tk // span)]
+    chunk = _column_chunk(tn)
+    for c in range(0, tn, chunk):
+        acc_MC = jnp.zeros((m, chunk), jnp.float32)
+        for j in range(tk // planar):
+            words_WC = pltpu.bitcast(packed_ref[j * planar // 2:(j + 1) * planar // 2, c:c + chunk], jnp.int32)
+            rows = []
+            for half in range(2):
+                lo_RC, hi_RC = (_bf16_rows(words_WC, 8 * byte + 4 * half) for byte in range(2))
+                for wg in range(words // wl):
+                    rows += [lo_RC[2 * wl * wg:2 * wl * (wg + 1)], hi_RC[2 * wl * wg:2 * wl * (wg + 1)]]
+            w_PC = jnp.concatenate(rows, axis=0).astype(x_dtype)
+            for h in range(planar // span):
+                d = j * planar // span + h
+                part_RC = jnp.dot(xbd[d], w_PC[h * span:(h + 1) * span], preferred_element_type=jnp.float32)
+                for i in range(groups):
+                    g = d * groups + i
+                    s_MC = jnp.broadcast_to(jnp.concatenate(
+                        [scale32_ref[t, g:g + 1, :] for t in range(c // lanes, (c + chunk) // lanes)], axis=1),
+                        (m, chunk))
+                    acc_MC += part_RC[i * m:(i + 1) * m] * s_MC
+        acc_ref[:, c:c + chunk] += acc_MC
 
 
-def _gmm_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref, layer_ref,
-                x_ref, ones_ref, packed_ref, scale_ref, out_ref, acc_ref, *, planar: int):
-    """One (column tile, visit, K tile) step: accumulate, then store the visiting expert's rows."""
+def _padded_rows(group_sizes_E: jax.Array, m: int, tm: int):
+    """Each expert's rows start a fresh row tile of a padded row space, so every visit is one expert's tile:
+    (expert per visit, [number of visits], source row per padded row (m: none), padded row per row)."""
+    e = group_sizes_E.shape[0]
+    num_visits_max = pl.cdiv(m, tm) + min(e, m) - 1
+    sizes_E = group_sizes_E.astype(jnp.int32)
+    ends_E = jnp.cumsum(sizes_E)
+    starts_E = ends_E - sizes_E
+    tile_ends_E = jnp.cumsum(-(-sizes_E // tm))
+    first_tile_E = tile_ends_E + sizes_E // -tm
+    num_visits = tile_ends_E[-1]
+    v_V = jnp.minimum(jnp.arange(num_visits_max), jnp.maximum(num_visits - 1, 0))
+    expert_V = jnp.minimum(jnp.searchsorted(tile_ends_E, v_V, side="right"), e - 1).astype(jnp.int32)
+    p_P = jnp.arange(num_visits_max * tm)
+    expert_P = jnp.minimum(jnp.searchsorted(tile_ends_E, p_P // tm, side="right"), e - 1)
+    local_P = p_P - first_tile_E[expert_P] * tm
+    src_P = jnp.where((p_P // tm < num_visits) & (local_P < sizes_E[expert_P]), starts_E[expert_P] + local_P, m)
+    row_M = jnp.arange(m)
+    expert_M = jnp.minimum(jnp.searchsorted(ends_E, row_M, side="right"), e - 1)
+    dest_M = jnp.minimum(first_tile_E[expert_M] * tm + row_M - starts_E[expert_M], num_visits_max * tm - 1)
+    return expert_V, num_visits[None].astype(jnp.int32), src_P, dest_M
+
+
+def _gmm_kernel(expert_ref, num_visits_ref, layer_ref,
+                x_ref, xsum_ref, packed_ref, scale_ref, out_ref, acc_ref, scale32_ref, *, planar: int):
+    """One (column tile, visit, K tile) step: accumulate, then store the visiting expert's row tile."""
     v, k_i = pl.program_id(1), pl.program_id(2)
     active = v < num_visits_ref[0]
 
@@ -134,15 +210,11 @@ def _gmm_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref, laye
 
     @pl.when(active)
     def _accumulate():
-        acc_ref[...] += _dequant_dot(x_ref[...], ones_ref[...], packed_ref, scale_ref, planar)
+        _dequant_dot(x_ref[...], xsum_ref[...], packed_ref, scale_ref, scale32_ref, acc_ref, planar)
 
     @pl.when(active & (k_i == pl.num_programs(2) - 1))
     def _store():
-        tm = out_ref.shape[0]
-        expert = expert_ref[v]
-        row_M1 = tile_ref[v] * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
-        mine_M1 = (row_M1 >= starts_ref[expert]) & (row_M1 < ends_ref[expert])
-        out_ref[...] = jnp.where(mine_M1, acc_ref[...].astype(out_ref.dtype), out_ref[...])
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
 def _index_maps(num_k: int):
@@ -150,19 +222,22 @@ def _index_maps(num_k: int):
     def k_eff(v, k_i, num_visits_ref):
         return jnp.where(v < num_visits_ref[0], k_i, num_k - 1)
 
-    def x_map(n_i, v, k_i, starts, ends, expert, tile, nv, layer):
-        return tile[v], k_eff(v, k_i, nv)
+    def v_eff(v, num_visits_ref):
+        return jnp.minimum(v, jnp.maximum(num_visits_ref[0] - 1, 0))
 
-    def w_map(n_i, v, k_i, starts, ends, expert, tile, nv, layer):
+    def x_map(n_i, v, k_i, expert, nv, layer):
+        return v_eff(v, nv), k_eff(v, k_i, nv)
+
+    def w_map(n_i, v, k_i, expert, nv, layer):
         return layer[0], expert[v], k_eff(v, k_i, nv), n_i
 
-    def out_map(n_i, v, k_i, starts, ends, expert, tile, nv, layer):
-        return tile[v], n_i
+    def out_map(n_i, v, k_i, expert, nv, layer):
+        return v_eff(v, nv), n_i
 
-    def const_map(n_i, v, k_i, starts, ends, expert, tile, nv, layer):
-        return 0, 0
+    def xsum_map(n_i, v, k_i, expert, nv, layer):
+        return k_eff(v, k_i, nv), 0, v_eff(v, nv), 0
 
-    return x_map, w_map, out_map, const_map
+    return x_map, w_map, out_map, xsum_map
 
 
 def _with_layer_axis(packed, scale, layer):
@@ -182,32 +257,39 @@ def _grouped_call(x_MK, packed_LEHN, scale_LEGN, layer_1, group_sizes_E, interpr
     m, k = x_MK.shape
     e, _, n = packed_LEHN.shape[1:]
     tm, tk, tn = _tiles(m, k, n, e)
-    schedule = (*_visit_schedule(group_sizes_E, m, tm), layer_1)
-    num_visits_max = schedule[2].shape[0]
-    x_map, w_map, out_map, const_map = _index_maps(k // tk)
+    expert_V, num_visits_1, src_P, dest_M = _padded_rows(group_sizes_E, m, tm)
+    schedule = (expert_V, num_visits_1, layer_1)
+    num_visits_max = expert_V.shape[0]
+    x_map, w_map, out_map, xsum_map = _index_maps(k // tk)
     planar = int4_layout.planar_block(k)
-    ones_KG = _group_indicator(tk, planar, x_MK.dtype)
+    # Padded rows gather from x in the kernel's K order with a zero row appended (index m): no padded copy of x
+    # goes through the permutation.
+    x_PK = jnp.concatenate([_word_order(x_MK, planar), jnp.zeros((1, k), x_MK.dtype)])[src_P]
+    xsum_K3PG = jnp.take(jnp.pad(_group_sums(x_MK, tk), ((0, 0), (0, 0), (0, 1), (0, 0))), src_P, axis=2)
     cost = pl.CostEstimate(
         flops=2 * m * k * n, transcendentals=0,
         bytes_accessed=min(e, num_visits_max) * (k // 2 + 2 * k // int4_layout.GROUP) * n
-        + (n // tn) * x_MK.nbytes + m * n * x_MK.dtype.itemsize)
-    return pl.pallas_call(
+        + (n // tn) * x_PK.nbytes + x_PK.shape[0] * n * x_MK.dtype.itemsize)
+    out_PN = pl.pallas_call(
         functools.partial(_gmm_kernel, planar=planar),
-        out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
+        out_shape=jax.ShapeDtypeStruct((x_PK.shape[0], n), x_MK.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(schedule),
             grid=(n // tn, num_visits_max, k // tk),
             in_specs=[pl.BlockSpec((tm, tk), x_map),
-                      pl.BlockSpec(ones_KG.shape, const_map),
+                      pl.BlockSpec((None, 3, tm, tk // int4_layout.GROUP), xsum_map),
                       pl.BlockSpec((None, None, tk // 2, tn), w_map),
                       pl.BlockSpec((None, None, tk // int4_layout.GROUP, tn), w_map)],
             out_specs=pl.BlockSpec((tm, tn), out_map),
-            scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32),
+                            pltpu.VMEM((tn // min(tn, LANES), tk // int4_layout.GROUP, min(tn, LANES)),
+                                       jnp.float32)]),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES),
         cost_estimate=cost,
         interpret=interpret,
-    )(*schedule, _word_order(x_MK, planar), ones_KG, packed_LEHN, scale_LEGN)
+    )(*schedule, x_PK, xsum_K3PG, packed_LEHN, scale_LEGN)
+    return out_PN[dest_M]
 
 
 @functools.partial(jax.jit, static_argnames="interpret")

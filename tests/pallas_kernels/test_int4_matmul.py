@@ -92,10 +92,10 @@ def test_reference_is_dequantize_then_matmul(rng):
 def _experts_read(sizes, m, k, n) -> set[int]:
     """Experts whose weight blocks the grouped kernel's pipeline fetches, replaying its index maps."""
     tm, tk, _ = I._tiles(m, k, n, len(sizes))
-    schedule = [np.asarray(a) for a in I._visit_schedule(jnp.asarray(sizes, jnp.int32), m, tm)]
+    expert, num_visits = (np.asarray(a) for a in I._padded_rows(jnp.asarray(sizes, jnp.int32), m, tm)[:2])
     w_map = I._index_maps(k // tk)[1]
     layer = np.zeros(1, np.int32)
-    return {int(w_map(0, v, k_i, *schedule, layer)[1]) for v in range(len(schedule[2])) for k_i in range(k // tk)}
+    return {int(w_map(0, v, k_i, expert, num_visits, layer)[1]) for v in range(len(expert)) for k_i in range(k // tk)}
 
 
 @pytest.mark.parametrize("sizes", [[0, 0, 3, 0, 0, 1, 0, 0], [1] + [0] * 46 + [1], [0, 2, 0, 2, 0, 2, 0, 2]])
@@ -110,6 +110,19 @@ def test_schedule_covers_each_expert_row_tile_once():
     expect = [(e, t) for e in range(7) for t in range(70 // 16 + 1)
               if ends[e] > starts[e] and t * 16 < ends[e] and (t + 1) * 16 > starts[e]]
     assert visits == expect
+
+
+def test_padded_rows_give_each_expert_whole_tiles():
+    """Mosaic's row space: each expert's rows start a tile of their own, in order; other padded rows read none."""
+    sizes = [5, 0, 40, 3, 0, 0, 17]
+    m, tm = 70, 16
+    expert, num_visits, src, dest = (np.asarray(a) for a in I._padded_rows(jnp.asarray(sizes, jnp.int32), m, tm))
+    tiles = [-(-s // tm) for s in sizes]
+    assert num_visits[0] == sum(tiles) and list(expert[:sum(tiles)]) == [e for e, t in enumerate(tiles) for _ in range(t)]
+    assert np.array_equal(src[dest[:sum(sizes)]], np.arange(sum(sizes)))
+    owners = np.repeat(np.arange(len(sizes)), sizes)
+    assert np.array_equal(expert[dest[:sum(sizes)] // tm], owners)
+    assert np.sum(src < m) == sum(sizes) and np.all(src[src < m] < sum(sizes))
 
 
 def test_kernel_inside_outer_jit_with_traced_group_sizes(rng):

@@ -56,9 +56,10 @@ def _compile_grouped(topology: str, m: int, e: int, k: int, n: int):
 def test_grouped_int4_matmul_compiles(topology, tokens, experts, k, n):
     compiled = _compile_grouped(topology, tokens * TOP_K, experts, k, n)
     assert "tpu_custom_call" in compiled.as_text()
-    # No copy of the weights: temporaries are x in the kernel's K order, the output rows and small constants.
+    # No copy of the weights: temporaries are x in the kernel's K order, x and the output in the padded row space
+    # (each expert's rows padded to whole row tiles: under twice the rows, or 8 per expert) and small constants.
     x_and_out_bytes = tokens * TOP_K * (k + n) * 2
-    assert compiled.memory_analysis().temp_size_in_bytes <= 2 * x_and_out_bytes + (4 << 20)
+    assert compiled.memory_analysis().temp_size_in_bytes <= 3 * x_and_out_bytes + (4 << 20)
 
 
 @pytest.mark.parametrize("topology", TOPOLOGIES)
