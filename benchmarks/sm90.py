@@ -3,7 +3,10 @@
 Each entry of KERNELS is jitted at Kimi K2 shapes for a deviceless H200 (jax's CUDA 13 plugin and this machine's
 CUDA 13 toolkit) while XLA dumps its artefacts. From them: the kernel's launch (grid, threads per block, dynamic
 shared memory) from XLA's thunk sequence; registers per thread, spills and static shared memory from
-`ptxas -v -arch=sm_90a` on the kernel's PTX; and the occupancy these allow under the sm_90 limits.
+`ptxas -v -arch=sm_90a` on the kernel's PTX; the occupancy these allow under the sm_90 limits; and, from
+nvdisasm's SASS listing, the instructions of the kernel's main loop. For the INT4 kernels these give warp
+instructions per weight byte, and the share of H200's HBM bandwidth that the SMs' issue rate allows at that count
+(132 SMs x 4 schedulers x 1.98 GHz warp instructions/s against 4.8 TB/s: at most 0.218 per byte).
 
 The CUDA plugin lives in its own folder (default <venv>/cuda13-plugin, or $K2JAX_CUDA_PLUGIN_DIR), never in the
 main environment: there it would load a 400 MB library into every CPU-only jax process and print a cuDNN
@@ -31,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from k2jax.gpu_targets import PLUGIN_DIR, gpu_devices, install, plugin_env, plugin_installed  # noqa: E402
+from k2jax.gpu_targets import NVDISASM, PLUGIN_DIR, gpu_devices, install, plugin_env, plugin_installed  # noqa: E402
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -46,6 +49,8 @@ SM90_SMEM_PER_SM = 233472
 SM90_SMEM_PER_BLOCK = 232448  # the opt-in maximum for one block
 SM90_SMEM_RESERVED_PER_BLOCK = 1024  # the runtime keeps 1 KiB per resident block
 SM90_SMEM_UNIT = 128
+H200_WARP_ISSUE_PER_S = 132 * 4 * 1.98e9  # SMs x schedulers (one warp instruction per clock each) x boost clock
+H200_HBM_BYTES_PER_S = 4.8e12
 
 HIDDEN, EXPERT_F, EXPERTS, TOP_K = 7168, 2048, 384, 8
 KV_LORA, CACHE_LANES, SM_SCALE, GPU_PAGE = 512, 640, 0.1447, 64
@@ -78,6 +83,15 @@ class Kernel:
     fn: str
     args: list[Arg]
     static: dict[str, Any] = dataclasses.field(default_factory=dict)
+    loop_bytes: int = 0  # weight bytes one program reads per trip of its main loop (0: not a weight-streaming kernel)
+
+
+def int4_loop_bytes(m: int, k: int) -> int:
+    """Packed weight bytes per main-loop trip of one INT4 Triton program: a planar block of K by its column tile."""
+    from pallas_kernels.int4_layout import planar_block
+    from pallas_kernels.int4_matmul import _triton_blocks
+
+    return planar_block(k) // 2 * _triton_blocks(m)[1]
 
 
 # Every Triton kernel at the K2 shapes that pick its distinct block configurations. One line per compile.
@@ -85,13 +99,15 @@ RAGGED = "pallas_kernels.ragged_mla:ragged_mla_triton"
 RAGGED_STATIC = {"sm_scale": SM_SCALE, "rank": KV_LORA}
 KERNELS = [
     Kernel("int4 grouped gate+up, 1 token", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
-           grouped_args(1, EXPERTS, HIDDEN, 2 * EXPERT_F)),
+           grouped_args(1, EXPERTS, HIDDEN, 2 * EXPERT_F), loop_bytes=int4_loop_bytes(TOP_K, HIDDEN)),
     Kernel("int4 grouped gate+up, 64 tokens", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
-           grouped_args(64, EXPERTS, HIDDEN, 2 * EXPERT_F)),
+           grouped_args(64, EXPERTS, HIDDEN, 2 * EXPERT_F), loop_bytes=int4_loop_bytes(64 * TOP_K, HIDDEN)),
     Kernel("int4 grouped down, 256 tokens", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
-           grouped_args(256, EXPERTS, EXPERT_F, HIDDEN)),
-    Kernel("int4 dense, M=1", "pallas_kernels.int4_matmul:int4_matmul_triton", dense_args(1, HIDDEN, EXPERT_F)),
-    Kernel("int4 dense, M=256", "pallas_kernels.int4_matmul:int4_matmul_triton", dense_args(256, HIDDEN, EXPERT_F)),
+           grouped_args(256, EXPERTS, EXPERT_F, HIDDEN), loop_bytes=int4_loop_bytes(256 * TOP_K, EXPERT_F)),
+    Kernel("int4 dense, M=1", "pallas_kernels.int4_matmul:int4_matmul_triton", dense_args(1, HIDDEN, EXPERT_F),
+           loop_bytes=int4_loop_bytes(1, HIDDEN)),
+    Kernel("int4 dense, M=256", "pallas_kernels.int4_matmul:int4_matmul_triton", dense_args(256, HIDDEN, EXPERT_F),
+           loop_bytes=int4_loop_bytes(256, HIDDEN)),
     Kernel("ragged mla decode B=1 H=64 S=256k", RAGGED, ragged_args(1, 1, 64, 262144), RAGGED_STATIC),
     Kernel("ragged mla decode B=64 H=8 S=8k", RAGGED, ragged_args(64, 1, 8, 8192), RAGGED_STATIC),
     Kernel("ragged mla prefill T=512 H=64 S=8k", RAGGED, ragged_args(1, 512, 64, 8192), RAGGED_STATIC),
@@ -114,11 +130,11 @@ def occupancy(regs: int, threads: int, smem: int) -> dict[str, float]:
             "occupancy": blocks * warps / SM90_WARPS_PER_SM, "limited_by": limiter}
 
 
-def ptxas_info(ptx: Path, ptxas: str) -> dict[str, int]:
-    """Registers, spill bytes, static shared memory and stack of the PTX's one entry, from `ptxas -v` for sm_90a."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([ptxas, "-v", "-arch=sm_90a", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True, check=True)
+def ptxas_info(ptx: Path, ptxas: str, cubin: Path) -> dict[str, int]:
+    """Registers, spill bytes, static shared memory and stack of the PTX's one entry, from `ptxas -v` for sm_90a
+    (which writes the SASS to `cubin`)."""
+    out = subprocess.run([ptxas, "-v", "-arch=sm_90a", str(ptx), "-o", str(cubin)], capture_output=True, text=True,
+                         check=True)
     text = out.stdout + out.stderr
 
     def number(pattern: str) -> int:
@@ -128,6 +144,35 @@ def ptxas_info(ptx: Path, ptxas: str) -> dict[str, int]:
     return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
             "spill_loads": number(r"(\d+) bytes spill loads"), "static_smem": number(r"(\d+) bytes smem"),
             "stack": number(r"(\d+) bytes stack frame")}
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions in the longest loop of a SASS listing: from a label to the last branch back to it."""
+    lines = [line.strip() for line in sass.splitlines()]
+    labels = {line[:-1]: i for i, line in enumerate(lines) if re.fullmatch(r"\.L_x_\d+:", line)}
+    longest = 0
+    for i, line in enumerate(lines):
+        found = re.search(r"BRA `?\((\.L_x_\d+)\)", line)
+        if found and labels.get(found.group(1), i) < i:
+            start = labels[found.group(1)]
+            longest = max(longest, sum(1 for x in lines[start:i + 1] if re.match(r"/\*[0-9a-f]{4,}\*/", x)))
+    return longest
+
+
+def sass_of(cubin: Path) -> str:
+    """nvdisasm's listing of a cubin."""
+    if not NVDISASM.exists():
+        raise RuntimeError(f"no nvdisasm at {NVDISASM}: run `python benchmarks/sm90.py --install`")
+    return subprocess.run([str(NVDISASM), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
+def issue_fields(loop: int, threads: int, loop_bytes: int) -> dict[str, float]:
+    """Warp instructions per weight byte of a weight-streaming loop, and the HBM share H200's issue rate allows."""
+    if not loop_bytes:
+        return {"instr_per_byte": 0.0, "issue_bound_bw": 0.0}
+    per_byte = loop * -(-threads // 32) / loop_bytes
+    return {"instr_per_byte": per_byte,
+            "issue_bound_bw": min(1.0, H200_WARP_ISSUE_PER_S / H200_HBM_BYTES_PER_S / per_byte)}
 
 
 def triton_launches(dump: Path) -> list[dict[str, Any]]:
@@ -191,9 +236,12 @@ def report_rows(kernels: list[Kernel]) -> list[dict[str, Any]]:
             if not launches:
                 raise RuntimeError(f"{kernel.label}: the compiled program has no Triton kernel")
             for launch in launches:
-                info = ptxas_info(kernel_ptx(dump, launch["kernel"]), ptxas)
+                cubin = dump / f"{launch['kernel']}.cubin"
+                info = ptxas_info(kernel_ptx(dump, launch["kernel"]), ptxas, cubin)
                 smem = launch["dynamic_smem"] + info["static_smem"]
-                rows.append({"label": kernel.label, **launch, **info, "smem": smem,
+                loop = loop_instructions(sass_of(cubin))
+                rows.append({"label": kernel.label, **launch, **info, "smem": smem, "loop_instructions": loop,
+                             **issue_fields(loop, launch["threads"], kernel.loop_bytes),
                              **occupancy(info["registers"], launch["threads"], smem)})
     return rows
 
@@ -210,11 +258,15 @@ def run_report() -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of the report rows."""
     lines = ["| kernel | Triton function | grid | threads | registers | spills (st/ld B) | shared memory (B) "
-             "| blocks/SM | occupancy | limited by |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| blocks/SM | occupancy | limited by | loop SASS instr | warp instr / weight B | issue allows |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
+        per_byte = f"{r['instr_per_byte']:.3f} | {100 * r['issue_bound_bw']:.0f}% of HBM" if r["instr_per_byte"] \
+            else "– | –"
         lines.append(f"| {r['label']} | {r['kernel']} | {'x'.join(map(str, r['grid']))} | {r['threads']} | "
                      f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['smem']} | "
-                     f"{r['blocks_per_sm']} | {100 * r['occupancy']:.0f}% | {r['limited_by']} |")
+                     f"{r['blocks_per_sm']} | {100 * r['occupancy']:.0f}% | {r['limited_by']} | "
+                     f"{r['loop_instructions']} | {per_byte} |")
     return "\n".join(lines)
 
 

@@ -20,6 +20,11 @@ from typing import Any
 
 PLUGIN_DIR = Path(os.environ.get("K2JAX_CUDA_PLUGIN_DIR", Path(sys.prefix) / "cuda13-plugin"))
 PLUGIN_PACKAGES = ("jax-cuda13-plugin", "jax-cuda13-pjrt")
+# nvdisasm (SASS listings of the compiled kernels) in a folder of its own: an `nvidia` package beside the plugin
+# would change where the plugin looks for CUDA libraries.
+TOOLS_DIR = PLUGIN_DIR.with_name(PLUGIN_DIR.name + "-tools")
+TOOLS_PACKAGES = ("nvidia-cuda-nvdisasm==13.5.37",)
+NVDISASM = TOOLS_DIR / "nvidia" / "cu13" / "bin" / "nvdisasm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +107,14 @@ def plugin_env(root: Path | None = None) -> dict[str, str]:
 
 
 def install() -> None:
-    """pip-install the CUDA 13 plugin matching this jaxlib into PLUGIN_DIR (no dependencies: jax stays as it is)."""
+    """pip-install the CUDA 13 plugin matching this jaxlib into PLUGIN_DIR (no dependencies: jax stays as it is),
+    and nvdisasm into TOOLS_DIR."""
     import jaxlib
 
     pins = [f"{name}=={jaxlib.__version__}" for name in PLUGIN_PACKAGES]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target",
-                    str(PLUGIN_DIR), *pins], check=True)
+    for target, packages in ((PLUGIN_DIR, pins), (TOOLS_DIR, TOOLS_PACKAGES)):
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target",
+                        str(target), *packages], check=True)
 
 
 if __name__ == "__main__":

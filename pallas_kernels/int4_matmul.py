@@ -41,6 +41,8 @@ BLOCK_BYTES = 4 * 1024 * 1024
 VMEM_LIMIT_BYTES = 48 * 1024 * 1024
 LANES = 128
 TRITON_NUM_WARPS = 4
+BF16_128 = 0x4300  # bf16 bits of 128.0: OR-ing a nibble u (0..15) into its mantissa gives exactly 128 + u
+OFFSET = 128 - int4_layout.QMIN  # (128 + u) - OFFSET = u + QMIN, the weight's integer, exact in bf16
 TRITON_NUM_STAGES = 3
 
 
@@ -332,14 +334,14 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
             x_MG = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, rows)], mask=mine_M[:, None], other=0)
             s_1N = plgpu.load(scale_ref.at[layer, expert, pl.ds(k0 // group, 1), cols], mask=col_ok_N[None, :],
                               other=0)
-            q_GN = ((byte_GN >> shift) & 0xF).astype(jnp.float32) + float(int4_layout.QMIN)
-            w_GN = (q_GN * s_1N.astype(jnp.float32)).astype(x_MG.dtype)
+            u_GN = jax.lax.bitcast_convert_type(((byte_GN >> shift) & 0xF) | BF16_128, jnp.bfloat16)  # 128 + u
+            w_GN = ((u_GN - OFFSET) * s_1N).astype(x_MG.dtype)  # exact (u + QMIN), one rounding by the scale
             return jnp.dot(x_MG, w_GN, preferred_element_type=jnp.float32)
 
         def planar_block(j, acc_MN):
             for g in range(planar // 2 // rows):
                 byte_GN = plgpu.load(packed_ref.at[layer, expert, pl.ds(j * planar // 2 + g * rows, rows), cols],
-                                     mask=col_ok_N[None, :], other=0).astype(jnp.int32)
+                                     mask=col_ok_N[None, :], other=0).astype(jnp.uint16)
                 acc_MN += group_dot(j * planar + g * rows, byte_GN, 0)
                 acc_MN += group_dot(j * planar + planar // 2 + g * rows, byte_GN, 4)
             return acc_MN

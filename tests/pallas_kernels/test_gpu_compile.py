@@ -126,9 +126,10 @@ def test_ptxas_report_is_read(tmp_path):
         pytest.skip(str(err))
     ptx = tmp_path / "k.ptx"
     ptx.write_text(PTX_WITH_SHARED_BUFFER)
-    info = sm90.ptxas_info(ptx, ptxas)
+    info = sm90.ptxas_info(ptx, ptxas, tmp_path / "k.cubin")
     assert info["static_smem"] == 4096 and 1 <= info["registers"] <= 16
     assert info["spill_stores"] == info["spill_loads"] == 0
+    assert "EXIT" in sm90.sass_of(tmp_path / "k.cubin")
 
 
 PTX_WITH_SHARED_BUFFER = """.version 8.0
@@ -165,3 +166,25 @@ def test_occupancy(regs, threads, smem, blocks, limited_by):
     got = sm90.occupancy(regs, threads, smem)
     assert (got["blocks_per_sm"], got["limited_by"]) == (blocks, limited_by)
     assert got["occupancy"] == blocks * (threads // 32) / 64
+
+
+def test_loop_instructions_counts_the_longest_loop():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDS R2, [R3] ;
+.L_x_1:
+        /*0020*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0030*/               @P0 BRA `(.L_x_1) ;
+        /*0040*/                   IADD3 R3, R3, 0x10, RZ ;
+        /*0050*/               @P1 BRA `(.L_x_0) ;
+        /*0060*/                   BRA `(.L_x_2);
+.L_x_2:
+        /*0070*/                   EXIT ;
+"""
+    assert sm90.loop_instructions(sass) == 5  # .L_x_0 through its branch back; the forward BRA is no loop
+
+
+def test_int4_kernels_report_instructions_per_weight_byte(sm90_rows):
+    int4 = [r for r in sm90_rows if r["label"].startswith("int4")]
+    assert int4 and all(r["loop_instructions"] > 0 and 0 < r["instr_per_byte"] < 10 for r in int4)
