@@ -335,7 +335,8 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
             s_1N = plgpu.load(scale_ref.at[layer, expert, pl.ds(k0 // group, 1), cols], mask=col_ok_N[None, :],
                               other=0)
             u_GN = jax.lax.bitcast_convert_type(((byte_GN >> shift) & 0xF) | BF16_128, jnp.bfloat16)  # 128 + u
-            w_GN = ((u_GN - OFFSET) * s_1N).astype(x_MG.dtype)  # exact (u + QMIN), one rounding by the scale
+            dt = x_MG.dtype  # bf16 on a GPU: packed HADD2 / HMUL2; the subtraction is exact, the scale rounds once
+            w_GN = (u_GN.astype(dt) - OFFSET) * s_1N.astype(dt)
             return jnp.dot(x_MG, w_GN, preferred_element_type=jnp.float32)
 
         def planar_block(j, acc_MN):
