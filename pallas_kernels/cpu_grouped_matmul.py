@@ -28,9 +28,9 @@ SOURCE = Path(__file__).with_suffix(".cc")
 TARGETS = {"dense": "K2jaxGroupedMatmulDense", "int4": "K2jaxGroupedMatmulInt4"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # What the XLA path costs (benchmarks/decode.py, "small" config, batch 1 / 8 / 32; see benchmarks/RESULTS.md).
-XLA_PATH_COST = ("decode runs about 1.3x / 1.8x / 1.7x slower at batch 1 / 8 / 32 with float32 weights and "
-                 "about 2x slower with a bf16 + INT4 checkpoint, because XLA:CPU copies every layer's and "
-                 "expert's weights out of their stacks, and widens bf16 weights to float32 whole, before each matmul")
+XLA_PATH_COST = ("decode runs about 1.3-1.8x slower with float32 weights and 4-7x slower with a bf16 + INT4 "
+                 "checkpoint, because XLA:CPU copies every layer's and expert's weights out of their stacks, and "
+                 "widens bf16 and INT4 weights to float32 whole, before each matmul")
 
 
 def _cache_dir() -> Path:
