@@ -81,6 +81,35 @@ def table_width(layout: PoolLayout, columns: int, tokens: int) -> int:
     return next(w for w in table_widths(layout, columns) if w >= need)
 
 
+def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens: Sequence[int],
+                positions: Sequence[int], params: Sequence[SamplingParams], masks: np.ndarray | None, D: int,
+                width: int, pad_row: int, words: int) -> DecodeRows:
+    """The decode segment on device: row rows[i] at index idx[i] of D (the rest padding over row pad_row's table,
+    or, when D is every row, each row at its own index), `width` columns of its page table, masks of `words` words
+    (default: every token allowed)."""
+    n_rows = table.shape[0]
+    table_rows = np.arange(n_rows) if D == n_rows else np.full(D, pad_row)
+    table_rows[idx] = rows
+    tok, pos, live = np.zeros(D, np.int32), np.zeros(D, np.int32), np.zeros(D, bool)
+    tok[idx], pos[idx], live[idx] = tokens, positions, True
+    row_params = [SamplingParams()] * D
+    for i, p in zip(idx, params):
+        row_params[i] = p
+    mask = np.full((D, words), -1, np.int32)
+    if masks is not None:
+        mask[idx] = masks
+    return DecodeRows(_put(tok), _put(pos), _put(live), _put(table[table_rows, :width]), stack_params(row_params),
+                      _put(mask))
+
+
+def prefill_chunk(table: np.ndarray, chunk: Chunk, T: int, width: int) -> PrefillChunk:
+    """The prefill segment on device: the chunk's tokens padded to T, `width` columns of its row's page table."""
+    padded = np.zeros((1, T), np.int32)
+    padded[0, : len(chunk.tokens)] = chunk.tokens
+    return PrefillChunk(_put(padded), _put(np.array([chunk.start], np.int32)),
+                        _put(np.array([chunk.start + len(chunk.tokens)], np.int32)), _put(table[[chunk.row], :width]))
+
+
 @dataclasses.dataclass
 class GenerateOutput:
     """Generated ids and texts per sequence (prompt excluded, stop token excluded), and run statistics."""
@@ -315,25 +344,10 @@ class Model:
         need = max([int(p) + n_steps for p in positions] + ([chunk.start + T] if chunk else []) + [1])
         width = width or table_width(layout, columns, need)
         idx = np.asarray(rows, np.int64) if D == n_rows else np.arange(n_real)
-        table_rows = np.arange(n_rows) if D == n_rows else np.full(D, rows[0] if rows else chunk.row if chunk else 0)
-        table_rows[idx] = rows
-        tok, pos, live = np.zeros(D, np.int32), np.zeros(D, np.int32), np.zeros(D, bool)
-        tok[idx], pos[idx], live[idx] = tokens, positions, True
-        row_params = [SamplingParams()] * D
-        for i, p in zip(idx, params):
-            row_params[i] = p
-        mask = np.full((D, -(-self.config.vocab_size // 32)), -1, np.int32)
-        if masks is not None:
-            mask[idx] = masks
-        decode = DecodeRows(_put(tok), _put(pos), _put(live), _put(pages.table[table_rows, :width]),
-                            stack_params(row_params), _put(mask))
-        prefill = None
-        if chunk is not None:
-            padded = np.zeros((1, T), np.int32)
-            padded[0, : len(chunk.tokens)] = chunk.tokens
-            prefill = PrefillChunk(_put(padded), _put(np.array([chunk.start], np.int32)),
-                                   _put(np.array([chunk.start + len(chunk.tokens)], np.int32)),
-                                   _put(pages.table[[chunk.row], :width]))
+        pad_row = rows[0] if rows else chunk.row if chunk else 0
+        decode = decode_rows(pages.table, idx, rows, tokens, positions, params, masks, D, width, pad_row,
+                             -(-self.config.vocab_size // 32))
+        prefill = None if chunk is None else prefill_chunk(pages.table, chunk, T, width)
         toks, logps, pool = self._call(run_step, self.graphdef, self.state, pool, decode, prefill,
                                        _put(np.int32(n_steps)), self.config, self.dtype, layout, max_steps)
         return pool, host_value(toks)[idx, :n_steps], host_value(logps)[idx, :n_steps]

@@ -32,7 +32,8 @@ def on_device(x: np.ndarray | Sequence, dtype: np.dtype | type) -> jax.Array:
 class Slots:
     """`n_slots` cached sequences of up to `capacity` tokens over one model, in a pool of `num_pages` pages
     (default: enough for every slot at capacity), with a prefix cache over the pool if `prefix_cache`; steps write
-    chunks of at most `max_chunk` tokens and decode up to `max_steps` tokens per row (defaults: engine's).
+    chunks of at most `max_chunk` tokens (and capacity) and decode up to `max_steps` tokens per row (defaults: the
+    engine's).
 
     tokens[s] lists the tokens whose latents slot s holds (None once `write` put pages of unknown tokens there).
     """
@@ -45,7 +46,7 @@ class Slots:
         if n_slots < 1:
             raise ValueError(f"need at least one slot, got {n_slots}")
         self.model, self.capacity = model, capacity
-        self.max_chunk = max_chunk or engine.PREFILL_CHUNK
+        self.max_chunk = min(max_chunk or engine.PREFILL_CHUNK, capacity)
         self.max_steps = max_steps or engine.DECODE_STEPS
         self.pages, self.pool = model.paged(n_slots, capacity, num_pages)
         self.lengths = np.zeros(n_slots, np.int32)
@@ -153,7 +154,7 @@ class Slots:
         table width, a decode step (of up to max(decode_steps, max_steps) steps: one program for every count) and a
         step beside each chunk length of up to `prefill_tokens` tokens; and a page copy. Returns how many."""
         layout, columns = self.pages.layout, self.pages.table.shape[1]
-        top = engine.chunk_bucket(min(prefill_tokens, self.capacity, self.max_chunk), self.max_chunk)
+        top = engine.chunk_bucket(min(prefill_tokens, self.max_chunk), self.max_chunk)
         chunks = [c for c in engine.chunk_sizes(self.max_chunk) if c <= top]
         widths = engine.table_widths(layout, columns)
         programs = [(d, c, w) for c in [0, *chunks] for d in engine.row_buckets(self.n_slots, c > 0) for w in widths

@@ -241,9 +241,14 @@ def test_window_cuts_at_turns_then_steps_and_keeps_system_and_task():
 
 
 def spy_prompts(agent: Agent) -> list[list[int]]:
-    """Record every prompt the agent's session prefills."""
-    prompts, prefill = [], agent.session.prefill
-    agent.session.prefill = lambda tokens: (prompts.append(list(tokens)), prefill(tokens))[1]
+    """Record every prompt the agent's session continues."""
+    prompts, generate = [], agent.session.generate
+
+    def spy(prompt, *args, **kw):
+        prompts.append(list(prompt))
+        return generate(prompt, *args, **kw)
+
+    agent.session.generate = spy
     return prompts
 
 

@@ -384,7 +384,7 @@ def start_cli(checkpoint: Path, *args: str) -> subprocess.Popen:
 
 
 def wait_for_health(port: int, procs: list[subprocess.Popen]) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + WARMUP_S
     while True:
         assert all(p.poll() is None for p in procs), "k2jax-serve exited"
         assert time.monotonic() < deadline, "k2jax-serve did not come up"
