@@ -211,29 +211,31 @@ class SlotSession:
         self.held: list[int] = []
         slots.release(slot)
 
-    def prefill(self, tokens: Sequence[int]) -> tuple[int, np.ndarray]:
-        """Make the slot hold `tokens`, computing only past their common prefix with what it holds: (start, logits)."""
+    def prefill(self, tokens: Sequence[int]) -> int:
+        """Make the slot hold `tokens`, computing only past their common prefix with what it holds; returns the
+        length of that prefix."""
         tokens = list(tokens)
-        if not tokens:
-            raise ValueError("cannot prefill an empty prompt")
-        start = min(common_prefix(self.held, tokens), len(tokens) - 1) if self.reuse else 0
-        logits = self.slots.prefill(self.slot, tokens[start:], start=start)
+        start = common_prefix(self.held, tokens) if self.reuse else 0
+        if start < len(tokens):
+            self.slots.prefill(self.slot, tokens[start:], start=start)
+        else:
+            self.slots.rewind(self.slot, start)
         self.held = tokens
-        return start, logits
+        return start
 
     def generate(self, prompt: Sequence[int], params: SamplingParams, max_new_tokens: int,
                  on_text: Callable[[str], None] | None = None, constraint: RowConstraint | None = None) -> Generation:
         """Continue `prompt` in this slot until <|im_end|> / EOS, max_new_tokens, or the slot's capacity; only with
-        tokens `constraint` allows, if given."""
+        tokens `constraint` allows, if given. The slot holds all of the prompt but its last token, which the first
+        decode step feeds."""
         model = self.slots.model
         if model.tokenizer is None:
             raise ValueError("generating text in a slot needs a model with a tokenizer")
-        start, logits = self.prefill(prompt)
+        if not prompt:
+            raise ValueError("cannot generate from an empty prompt")
+        start = self.prefill(prompt[:-1])
         ids: list[int] = []
-        mask = None if constraint is None else constraint.mask()
-        pending = [self.slots.sample(logits[-1], params, len(prompt), mask)[0]]
-        if constraint is not None:
-            constraint.accept(pending)
+        pending: list[int] = []
         stream, stop_ids = TextStream(model.tokenizer), model._stop_ids()
 
         def show(text: str) -> None:
@@ -254,7 +256,7 @@ class SlotSession:
                     return done("length")
             if len(self.held) + engine.DECODE_STEPS > self.slots.capacity:
                 return done("length")
-            pending = self._decode(ids[-1], params, constraint)
+            pending = self._decode(ids[-1] if ids else prompt[-1], params, constraint)
 
     def _decode(self, last: int, params: SamplingParams, constraint: RowConstraint | None = None) -> list[int]:
         """Feed `last` and sample DECODE_STEPS tokens in this slot alone (one while a constraint's mask changes token

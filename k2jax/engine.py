@@ -1,9 +1,12 @@
-"""The user-facing model: bucketed, chunked prefill and a multi-step jitted decode loop over a donated page pool.
+"""The user-facing model and the engine step that every caller drives (generate, the agent's slots, the server).
 
-Prefill runs prompts in chunks of at most PREFILL_CHUNK tokens, padded to power-of-two buckets, so a long
-prompt never compiles a new program; decode runs DECODE_STEPS sampled steps per host round trip. Page tables
-are cut to a power-of-two bucket of positions that covers the longest row (at most MAX_TABLE_WIDTHS widths), so
-short contexts stay cheap.
+The step (run_step) runs a ragged batch over the donated page pool: at most one prompt chunk (one row's tokens,
+padded to a chunk_sizes length, at most PREFILL_CHUNK for generate) and the decode rows of the running sequences
+only (padded to a row bucket), their tokens through the dense and MoE layers together, attention per segment.
+Decode rows sample on device; a prompt's last token is fed as a decode row (in the step whose chunk ends the
+prompt, or later), so no logits go to the host. Decode-only steps loop up to DECODE_STEPS sampled steps on device
+per host round trip. Page tables are cut to a power-of-two bucket of positions that covers the longest row (at
+most MAX_TABLE_WIDTHS widths), so short contexts stay cheap.
 """
 
 from __future__ import annotations
@@ -23,14 +26,30 @@ from flax import nnx
 
 from k2jax.cache import PageAllocator, PagedCache, PoolLayout, apply_copies, default_page_size, init_pool, make_layout
 from k2jax.config import K2Config
-from k2jax.model import forward
-from k2jax.sampling import Logprobs, SamplingParams, sample, stack_params
+from k2jax.model import forward, hidden, lm_head
+from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams, sample, stack_params
 from k2jax.tokenizer import TextStream
 from sharding.mesh import mesh_of
 
 PREFILL_CHUNK = 512
 DECODE_STEPS = 8
 MAX_TABLE_WIDTHS = 6
+
+
+def _put(x: np.ndarray) -> jax.Array:
+    """A host array on the default device (a plain transfer: jnp.asarray compiles a program per shape)."""
+    return jax.device_put(np.asarray(x))
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+    """An output's value on this host, also when it spans several processes (multi-host serving)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def enable_compilation_cache() -> None:
@@ -63,6 +82,35 @@ def table_width(layout: PoolLayout, columns: int, tokens: int) -> int:
     return next(w for w in table_widths(layout, columns) if w >= need)
 
 
+def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens: Sequence[int],
+                positions: Sequence[int], params: Sequence[SamplingParams], masks: np.ndarray | None, D: int,
+                width: int, pad_row: int, words: int) -> DecodeRows:
+    """The decode segment on device: row rows[i] at index idx[i] of D (the rest padding over row pad_row's table,
+    or, when D is every row, each row at its own index), `width` columns of its page table, masks of `words` words
+    (default: every token allowed)."""
+    n_rows = table.shape[0]
+    table_rows = np.arange(n_rows) if D == n_rows else np.full(D, pad_row)
+    table_rows[idx] = rows
+    tok, pos, live = np.zeros(D, np.int32), np.zeros(D, np.int32), np.zeros(D, bool)
+    tok[idx], pos[idx], live[idx] = tokens, positions, True
+    row_params = [SamplingParams()] * D
+    for i, p in zip(idx, params):
+        row_params[i] = p
+    mask = np.full((D, words), -1, np.int32)
+    if masks is not None:
+        mask[idx] = masks
+    return DecodeRows(_put(tok), _put(pos), _put(live), _put(table[table_rows, :width]), stack_params(row_params),
+                      _put(mask))
+
+
+def prefill_chunk(table: np.ndarray, chunk: Chunk, T: int, width: int) -> PrefillChunk:
+    """The prefill segment on device: the chunk's tokens padded to T, `width` columns of its row's page table."""
+    padded = np.zeros((1, T), np.int32)
+    padded[0, : len(chunk.tokens)] = chunk.tokens
+    return PrefillChunk(_put(padded), _put(np.array([chunk.start], np.int32)),
+                        _put(np.array([chunk.start + len(chunk.tokens)], np.int32)), _put(table[[chunk.row], :width]))
+
+
 @dataclasses.dataclass
 class GenerateOutput:
     """Generated ids and texts per sequence (prompt excluded, stop token excluded), and run statistics."""
@@ -84,34 +132,118 @@ def _logits(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, cfg:
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype"), donate_argnames=("cache",))
 def step(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, pos_BT: jax.Array, cache: PagedCache,
          cfg: K2Config, dtype: Any) -> tuple[jax.Array, PagedCache]:
-    """Run T new tokens per row at positions pos_BT through the model, writing their latents into the pages."""
+    """Run T new tokens per row at positions pos_BT through the model, writing their latents into the pages (the
+    model-level building block: full logits, no sampling; serving runs `run_step`)."""
     return forward(nnx.merge(graphdef, state), tokens_BT, pos_BT, cache, cfg, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype", "n_steps"), donate_argnames=("cache",))
-def decode(graphdef: nnx.GraphDef, state: nnx.State, tok_B: jax.Array, pos_B: jax.Array, live_B: jax.Array,
-           cache: PagedCache, sampling: dict[str, jax.Array], cfg: K2Config, dtype: Any,
-           n_steps: int, mask_BW: jax.Array | None = None) -> tuple[jax.Array, Logprobs, PagedCache]:
-    """n_steps sampled decode steps on device: tokens [B, n], their Logprobs ([B, n] and [B, n, TOP_LOGPROBS]),
-    the updated cache.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeRows:
+    """The decode segment of a step: row d feeds tok_D[d] at position pos_D[d] through page table table_DM[d] and
+    samples the next token among those mask_DW[d] allows (packed, see k2jax.sampling; all bits set: any token).
+    Rows not live write and read nothing; their tokens are junk."""
 
-    Rows that are not live write nothing (their kv_len is 0) and their tokens are junk. mask_BW (packed allowed
-    tokens, see k2jax.sampling) holds for every one of the n steps.
+    tok_D: jax.Array
+    pos_D: jax.Array
+    live_D: jax.Array
+    table_DM: jax.Array
+    sampling: dict[str, jax.Array]
+    mask_DW: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrefillChunk:
+    """The prefill segment of a step: prompt tokens tok_PT of row table_PM at positions start_P.., of which those
+    below kv_len_P are written (the rest is padding); nothing is sampled from them."""
+
+    tok_PT: jax.Array
+    start_P: jax.Array
+    kv_len_P: jax.Array
+    table_PM: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype", "layout", "max_steps"),
+                   donate_argnames=("pool",))
+def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array], rows: DecodeRows,
+             chunk: PrefillChunk | None, n_steps: jax.Array, cfg: K2Config, dtype: Any, layout: PoolLayout,
+             max_steps: int) -> tuple[jax.Array, Logprobs, dict[str, jax.Array]]:
+    """The engine step. With a chunk: the chunk and one step of the decode rows in one pass. Without: n_steps (a
+    device scalar, at most max_steps: one program for every count) steps of the decode rows, looped on device.
+    Returns sampled tokens [D, max_steps] (the first n_steps are real; one with a chunk), their Logprobs, the pool.
+
+    The chunk attends first in every layer, so a decode row may feed the last prompt token of a chunk that ends in
+    this step (its first token is sampled here); the dense and MoE layers run over both segments' tokens at once.
+    Masks hold for every step; the unmasked sampler runs when every row allows every token.
     """
     model = nnx.merge(graphdef, state)
 
-    def body(carry, _):
-        tok_B, pos_B, cache = carry
-        cache = dataclasses.replace(cache, kv_len_B=jnp.where(live_B, pos_B + 1, 0))
-        logits_B1V, cache = forward(model, tok_B[:, None], pos_B[:, None], cache, cfg, dtype)
-        nxt_B, logp_B = sample(logits_B1V[:, 0], sampling, pos_B + 1, mask_BW)
-        return (nxt_B, pos_B + 1, cache), (nxt_B, logp_B)
+    def one(tok_D: jax.Array, pos_D: jax.Array, pool: dict[str, jax.Array], chunk: PrefillChunk | None):
+        segments = [(tok_D[:, None], pos_D[:, None],
+                     PagedCache(pool, rows.table_DM, jnp.where(rows.live_D, pos_D + 1, 0), layout))]
+        if chunk is not None:
+            pos_PT = chunk.start_P[:, None] + jnp.arange(chunk.tok_PT.shape[1], dtype=jnp.int32)
+            segments.insert(0, (chunk.tok_PT, pos_PT, PagedCache(pool, chunk.table_PM, chunk.kv_len_P, layout)))
+        tokens, positions, caches = zip(*segments)
+        xs_BTM, pool = hidden(model, tokens, positions, caches, cfg, dtype)
+        logits_DV = lm_head(model, xs_BTM[-1][:, 0])
+        nxt_D, logp_D = jax.lax.cond(jnp.all(rows.mask_DW == -1),
+                                     lambda: sample(logits_DV, rows.sampling, pos_D + 1),
+                                     lambda: sample(logits_DV, rows.sampling, pos_D + 1, rows.mask_DW))
+        return nxt_D, logp_D, pool
 
-    (_, _, cache), (toks_NB, logp_NB) = jax.lax.scan(body, (tok_B, pos_B, cache), None, length=n_steps)
-    return toks_NB.T, Logprobs(*(jnp.swapaxes(x, 0, 1) for x in logp_NB)), cache
+    if chunk is not None:
+        nxt_D, logp_D, pool = one(rows.tok_D, rows.pos_D, pool, chunk)
+        return nxt_D[:, None], jax.tree.map(lambda x: x[:, None], logp_D), pool
+
+    def body(i, carry):
+        tok_D, pos_D, pool, toks_DN, logp_DN = carry
+        nxt_D, logp_D, pool = one(tok_D, pos_D, pool, None)
+        logp_DN = jax.tree.map(lambda acc, x: acc.at[:, i].set(x), logp_DN, logp_D)
+        return nxt_D, pos_D + 1, pool, toks_DN.at[:, i].set(nxt_D), logp_DN
+
+    D = rows.tok_D.shape[0]
+    logp_DN = Logprobs(jnp.zeros((D, max_steps), jnp.float32), jnp.zeros((D, max_steps, TOP_LOGPROBS), jnp.int32),
+                       jnp.zeros((D, max_steps, TOP_LOGPROBS), jnp.float32))
+    init = (rows.tok_D, rows.pos_D, pool, jnp.zeros((D, max_steps), jnp.int32), logp_DN)
+    _, _, pool, toks_DN, logp_DN = jax.lax.fori_loop(0, n_steps, body, init)
+    return toks_DN, logp_DN, pool
 
 
-_sample = jax.jit(sample)
+def row_buckets(n_rows: int, chunk: bool = False) -> tuple[int, ...]:
+    """The decode-row counts steps are compiled for: powers of two below n_rows, and n_rows; beside a prefill chunk
+    (whose tokens outnumber a few padded rows) powers of four, so there are fewer programs to compile."""
+    base = 4 if chunk else 2
+    return tuple(sorted({min(base ** k, n_rows) for k in range(n_rows.bit_length() + 1)}))
+
+
+def row_bucket(n: int, n_rows: int, chunk: bool = False) -> int:
+    """The decode-row count a step over n running rows pads to (beside a prefill chunk if `chunk`)."""
+    return next(b for b in row_buckets(n_rows, chunk) if b >= n)
+
+
+def chunk_sizes(limit: int) -> tuple[int, ...]:
+    """The prefill-chunk lengths steps are compiled for when chunks hold at most `limit` tokens: 16, 64, 256, ...
+    (x4: a chunk pads to under 4x its tokens) up to the power of two covering limit."""
+    top, sizes = bucket(limit), []
+    while not sizes or sizes[-1] < top:
+        sizes.append(min(16 * 4 ** len(sizes), top))
+    return tuple(sizes)
+
+
+def chunk_bucket(n: int, limit: int) -> int:
+    """The length a chunk of n <= limit tokens pads to."""
+    return next(s for s in chunk_sizes(limit) if s >= n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens for row `row` at positions start.. (the row must hold pages for them)."""
+
+    row: int
+    tokens: Sequence[int]
+    start: int
 
 
 @dataclasses.dataclass
@@ -197,6 +329,37 @@ class Model:
         return PagedCache(pool, jax.device_put(np.ascontiguousarray(pages.table[np.asarray(rows), :width])),
                           jax.device_put(np.asarray(kv_len, np.int32)), pages.layout)
 
+    def run(self, pages: PageAllocator, pool: dict[str, jax.Array], rows: Sequence[int], tokens: Sequence[int],
+            positions: Sequence[int], params: Sequence[SamplingParams], n_steps: int, masks: np.ndarray | None = None,
+            chunk: Chunk | None = None, chunk_limit: int | None = None, max_steps: int | None = None,
+            shape: tuple[int, int, int] | None = None) -> tuple[dict[str, jax.Array], np.ndarray, Logprobs]:
+        """One engine step: `chunk` (prompt tokens of one row) is written, and in the same pass row rows[i] feeds
+        tokens[i] at positions[i] and samples n_steps tokens (with a chunk: one) under masks[i] (packed allowed
+        tokens), each row's pages covering what it writes. Returns the pool, [len(rows), n] tokens and their Logprobs.
+
+        Decode rows pad to a row bucket (only running rows are in the step; all the layout's rows in their own order
+        when the bucket is all of them, so the pages' row split holds), the chunk to a chunk_sizes(chunk_limit)
+        length, the step count to max_steps (default max(n_steps, DECODE_STEPS)); shape (rows, chunk length, table
+        width) forces the buckets (to compile ahead: warmup).
+        """
+        layout, columns = pages.layout, pages.table.shape[1]
+        n_rows, n_real = layout.n_rows, len(rows)
+        max_steps = 1 if chunk is not None else max_steps or max(n_steps, DECODE_STEPS)
+        if not 0 < n_steps <= max_steps:
+            raise ValueError(f"a step samples 1 to {max_steps} tokens per row (1 with a prefill chunk), not {n_steps}")
+        D, T, width = shape or (row_bucket(max(n_real, 1), n_rows, chunk is not None),
+                                chunk_bucket(len(chunk.tokens), chunk_limit or PREFILL_CHUNK) if chunk else 0, 0)
+        need = max([int(p) + n_steps for p in positions] + ([chunk.start + T] if chunk else []) + [1])
+        width = width or table_width(layout, columns, need)
+        idx = np.asarray(rows, np.int64) if D == n_rows else np.arange(n_real)
+        pad_row = rows[0] if rows else chunk.row if chunk else 0
+        decode = decode_rows(pages.table, idx, rows, tokens, positions, params, masks, D, width, pad_row,
+                             -(-self.config.vocab_size // 32))
+        prefill = None if chunk is None else prefill_chunk(pages.table, chunk, T, width)
+        toks, logps, pool = self._call(run_step, self.graphdef, self.state, pool, decode, prefill,
+                                       _put(np.int32(n_steps)), self.config, self.dtype, layout, max_steps)
+        return pool, host_value(toks)[idx, :n_steps], Logprobs(*(host_value(x)[idx, :n_steps] for x in logps))
+
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_p: float = 0.0,
                  n: int = 1, stop: Sequence[str] = (), logprobs: bool = False,
@@ -221,16 +384,14 @@ class Model:
         stats: dict[str, float] = {"prompt_tokens": sum(len(p) for p in ids)}
         self._compile_s = 0.0
         start = time.perf_counter()
-        for i, (toks, logps) in enumerate(self._decode_loop(ids, params, n, max_new_tokens)):
+        for i, (live, toks, logps) in enumerate(self._rounds(ids, params, n, max_new_tokens, rows)):
             if i == 0:
                 stats["time_to_first_token_s"] = time.perf_counter() - start
                 stats["compile_before_first_token_s"] = self._compile_s
-            for r, (row, t, lp) in enumerate(zip(rows, toks, logps)):
-                text = row.add(t, lp)
+            for r, t, lp in zip(live, toks, logps):
+                text = rows[r].add(t, lp)
                 if on_text and text:
                     on_text(r, text)
-            if all(r.finish for r in rows):
-                break
         for r, row in enumerate(rows):
             rest = row.text.feed([], final=True) if row.text is not None else ""
             if on_text and rest:
@@ -247,53 +408,28 @@ class Model:
                               finish_reasons=[r.finish or "length" for r in rows],
                               logprobs=[r.logprobs for r in rows] if logprobs else None)
 
-    def _decode_loop(self, ids: list[list[int]], params: list[SamplingParams], n: int,
-                     max_new_tokens: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Prefill the prompts once, fork each into n rows, then yield ([rows, k] tokens, log-probs) per round."""
+    def _rounds(self, ids: list[list[int]], params: list[SamplingParams], n: int, max_new_tokens: int,
+                rows: list[_Row]) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+        """Write each prompt but its last token in chunks, fork it into n rows, then run decode steps of the rows
+        not yet finished, each feeding its last token: yields (rows, [rows, k] tokens, log-probs) per step."""
         lengths = np.array([len(p) for p in ids], np.int32)
         self._check_ids([t for p in ids for t in p], int(lengths.max()) + max_new_tokens)
-        firsts = list(range(0, len(ids) * n, n))
         pages, pool = self.paged(len(ids) * n, int(lengths.max()) + max_new_tokens + DECODE_STEPS)
-        for row, length in zip(firsts, lengths):
-            pages.reserve(row, int(length))
-        pool, last_BV = self._prefill(ids, lengths, pages, pool, firsts)
-        pool = apply_copies(pool, [c for row, length in zip(firsts, lengths) for j in range(1, n)
-                                   for c in pages.fork(row, row + j, int(length))])
-        lengths, last_BV = np.repeat(lengths, n), jnp.repeat(last_BV, n, axis=0)
-        for row, length in enumerate(lengths):
-            pages.reserve(row, int(length) + max_new_tokens + DECODE_STEPS)
-        sampling = stack_params(params)
-        tok_B, logp_B = _sample(last_BV, sampling, jnp.asarray(lengths))
-        yield np.asarray(tok_B)[:, None], np.asarray(logp_B.chosen)[:, None]
-        pos_B, live_B = jnp.asarray(lengths), jnp.ones(len(lengths), bool)
-        rows = range(len(lengths))
-        for done in range(1, max_new_tokens, DECODE_STEPS):
-            cache = self.cache_view(pages, pool, rows, lengths + done + DECODE_STEPS)
-            toks, logps, cache = self._call(decode, self.graphdef, self.state, tok_B, pos_B, live_B, cache, sampling,
-                                            self.config, self.dtype, DECODE_STEPS)
-            pool, tok_B, pos_B = cache.pool, toks[:, -1], pos_B + DECODE_STEPS
-            yield np.asarray(toks), np.asarray(logps.chosen)
-
-    def _prefill(self, ids: list[list[int]], lengths: np.ndarray, pages: PageAllocator, pool: dict[str, jax.Array],
-                 rows: Sequence[int]) -> tuple[dict[str, jax.Array], jax.Array]:
-        """Chunked prefill of right-padded prompts into `rows`; returns the pool and each row's last-position logits."""
-        B, T = len(ids), int(lengths.max())
-        chunk = min(bucket(T), PREFILL_CHUNK)
-        tokens = np.zeros((B, -(-T // chunk) * chunk), np.int32)
-        for b, p in enumerate(ids):
-            tokens[b, : len(p)] = p
-        last_BV = jnp.zeros((B, self.config.vocab_size), jnp.float32)
-        for start in range(0, T, chunk):
-            pos = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (B, chunk))
-            cache = self.cache_view(pages, pool, rows, np.minimum(lengths, start + chunk))
-            logits_BTV, cache = self._call(step, self.graphdef, self.state, jnp.asarray(tokens[:, start:start + chunk]),
-                                           jnp.asarray(pos), cache, self.config, self.dtype)
-            pool = cache.pool
-            idx = lengths - 1 - start
-            here = jnp.asarray((idx >= 0) & (idx < chunk))
-            last_BV = jnp.where(here[:, None], logits_BTV[jnp.arange(B), jnp.asarray(np.clip(idx, 0, chunk - 1))],
-                                last_BV)
-        return pool, last_BV
+        for i, prompt in enumerate(ids):
+            pages.reserve(i * n, len(prompt) - 1)
+            for lo in range(0, len(prompt) - 1, PREFILL_CHUNK):
+                chunk = Chunk(i * n, prompt[lo:min(lo + PREFILL_CHUNK, len(prompt) - 1)], lo)
+                pool = self.run(pages, pool, [], [], [], [], 1, chunk=chunk)[0]
+            pool = apply_copies(pool, [c for j in range(1, n) for c in pages.fork(i * n, i * n + j, len(prompt) - 1)])
+        last = np.repeat([p[-1] for p in ids], n)
+        pos = np.repeat(lengths - 1, n)
+        for row, length in enumerate(pos):
+            pages.reserve(row, int(length) + 1 + max_new_tokens + DECODE_STEPS)
+        while live := [r for r, row in enumerate(rows) if row.finish is None]:
+            pool, toks, logps = self.run(pages, pool, live, last[live], pos[live], [params[r] for r in live],
+                                         DECODE_STEPS)
+            last[live], pos[live] = toks[:, -1], pos[live] + DECODE_STEPS
+            yield live, toks, logps.chosen
 
     def _call(self, fn: Callable, *args: Any) -> Any:
         """Call a jitted entry point; the first call of each shape is timed (blocking) as compile time."""

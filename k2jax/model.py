@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -436,31 +437,58 @@ def moe(p: MoE, x_BTM: Array, layer: Array, cfg: K2Config) -> Array:
     return y_NM.reshape(B, T, M)
 
 
-def block(p: Block, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: PagedCache | None, layer: Array,
-          cfg: K2Config) -> tuple[Array, Array | None]:
-    """Pre-norm residual layer `layer` of the stack p: x + attn(norm x), then + mlp_or_moe(norm x)."""
-    h_BTM, pool_LPNC = mla(p.attn, rms_norm(x_BTM, p.attn_norm[...][layer], cfg.rms_norm_eps), pos_BT, pool_LPNC,
-                           cache, layer, cfg)
-    x_BTM = x_BTM + h_BTM
-    h_BTM = rms_norm(x_BTM, p.mlp_norm[...][layer], cfg.rms_norm_eps)
-    h_BTM = moe(p.mlp, h_BTM, layer, cfg) if isinstance(p.mlp, MoE) else mlp(p.mlp, h_BTM, layer)
-    return x_BTM + h_BTM, pool_LPNC
+def block(p: Block, xs_BTM: tuple[Array, ...], pos_BT: tuple[Array, ...], pool_LPNC: Array | None,
+          caches: tuple[PagedCache | None, ...], layer: Array, cfg: K2Config) -> tuple[tuple[Array, ...], Array | None]:
+    """Pre-norm residual layer `layer` of the stack p over segments of rows (e.g. a prefill chunk and decode rows):
+    attention per segment in order (a later segment reads what an earlier one wrote into the pool), then the MLP or
+    MoE once over all tokens."""
+    hs_BTM = []
+    for x_BTM, pos, cache in zip(xs_BTM, pos_BT, caches):
+        h_BTM, pool_LPNC = mla(p.attn, rms_norm(x_BTM, p.attn_norm[...][layer], cfg.rms_norm_eps), pos, pool_LPNC,
+                               cache, layer, cfg)
+        hs_BTM.append(x_BTM + h_BTM)
+    x_NM = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in hs_BTM])
+    h_NM = rms_norm(x_NM, p.mlp_norm[...][layer], cfg.rms_norm_eps)
+    h_NM = moe(p.mlp, h_NM[None], layer, cfg)[0] if isinstance(p.mlp, MoE) else mlp(p.mlp, h_NM, layer)
+    ends = list(itertools.accumulate(math.prod(x.shape[:2]) for x in hs_BTM))
+    return tuple(y.reshape(x.shape) for x, y in zip(hs_BTM, jnp.split(x_NM + h_NM, ends[:-1]))), pool_LPNC
 
 
-def run_stack(layers: Block, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: PagedCache | None,
-              cfg: K2Config) -> tuple[Array, Array | None]:
+def run_stack(layers: Block, xs_BTM: tuple[Array, ...], pos_BT: tuple[Array, ...], pool_LPNC: Array | None,
+              caches: tuple[PagedCache | None, ...], cfg: K2Config) -> tuple[tuple[Array, ...], Array | None]:
     """Scan one stacked module over its layers; the pool rides in the carry and is updated in place.
 
     The scan runs over layer indices only: every weight is read from the whole stack at its layer (matmul
     weights in place by the kernels), never sliced out per layer, which would copy each layer's weights every step.
     """
     def step(carry, layer):
-        x_BTM, pool_LPNC = carry
-        return block(layers, x_BTM, pos_BT, pool_LPNC, cache, layer, cfg), None
+        xs_BTM, pool_LPNC = carry
+        return block(layers, xs_BTM, pos_BT, pool_LPNC, caches, layer, cfg), None
 
     n_layers = layers.attn_norm.shape[0]
-    (x_BTM, pool_LPNC), _ = jax.lax.scan(step, (x_BTM, pool_LPNC), jnp.arange(n_layers))
-    return x_BTM, pool_LPNC
+    (xs_BTM, pool_LPNC), _ = jax.lax.scan(step, (xs_BTM, pool_LPNC), jnp.arange(n_layers))
+    return xs_BTM, pool_LPNC
+
+
+def hidden(model: K2Model, tokens_BT: tuple[Array, ...], pos_BT: tuple[Array, ...],
+           caches: tuple[PagedCache | None, ...], cfg: K2Config, dtype: Any
+           ) -> tuple[tuple[Array, ...], dict[str, Array] | None]:
+    """Final-normed hidden states [B, T, M] of segments of rows that run together (one pool: caches[0].pool; the
+    caches differ in their rows' page tables and lengths), and the updated pool (None without caches)."""
+    xs_BTM = tuple(model.embed[...][t].astype(dtype) for t in tokens_BT)
+    pool = None if caches[0] is None else {}
+    for name, layers in (("dense", model.dense_layers), ("moe", model.moe_layers)):
+        if layers is not None:
+            xs_BTM, layer_pool = run_stack(layers, xs_BTM, pos_BT, None if pool is None else caches[0].pool[name],
+                                           caches, cfg)
+            if pool is not None:
+                pool[name] = layer_pool
+    return tuple(rms_norm(x, model.final_norm[...], cfg.rms_norm_eps) for x in xs_BTM), pool
+
+
+def lm_head(model: K2Model, x_NM: Array) -> Array:
+    """float32 logits [..., V] of final hidden states (the head's weights read in place)."""
+    return _proj(x_NM, model.lm_head[...], None, out_dtype=jnp.float32)
 
 
 def forward(model: K2Model, tokens_BT: Array, pos_BT: Array, cache: PagedCache | None, cfg: K2Config,
@@ -470,12 +498,5 @@ def forward(model: K2Model, tokens_BT: Array, pos_BT: Array, cache: PagedCache |
     With a cache, row b's tokens at positions below cache.kv_len_B[b] are written into its pages and attend to
     all its cached positions up to their own; the rest of the chunk is padding (not written, logits unused).
     """
-    x_BTM = model.embed[...][tokens_BT].astype(dtype)
-    pool = {}
-    for name, layers in (("dense", model.dense_layers), ("moe", model.moe_layers)):
-        if layers is not None:
-            x_BTM, pool[name] = run_stack(layers, x_BTM, pos_BT, None if cache is None else cache.pool[name], cache,
-                                          cfg)
-    x_BTM = rms_norm(x_BTM, model.final_norm[...], cfg.rms_norm_eps)
-    logits_BTV = _proj(x_BTM, model.lm_head[...], None, out_dtype=jnp.float32)
-    return logits_BTV, (None if cache is None else dataclasses.replace(cache, pool=pool))
+    (x_BTM,), pool = hidden(model, (tokens_BT,), (pos_BT,), (cache,), cfg, dtype)
+    return lm_head(model, x_BTM), (None if cache is None else dataclasses.replace(cache, pool=pool))

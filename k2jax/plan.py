@@ -30,18 +30,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from k2jax.cache import PoolLayout, abstract_cache, default_page_size, make_layout
 from k2jax.cliargs import Parser, float_in, int_in, mesh_spec
 from k2jax.config import K2Config, preset
-from k2jax.engine import PREFILL_CHUNK, step
+from k2jax.engine import DECODE_STEPS, PREFILL_CHUNK, DecodeRows, PrefillChunk, run_step
 from k2jax.gpu_targets import (GPUS, PLUGIN_DIR, gpu_devices, parse_gpu_topology, plugin_env, plugin_installed,
                                plugin_loadable)
 from k2jax.loading import abstract_model
+from k2jax.sampling import ROW_DTYPES
 from pallas_kernels import dispatch
 from sharding.mesh import mesh_from_devices
-from sharding.rules import named_sharding, partition_spec, shard_bytes
+from sharding.rules import named_sharding, shard_bytes
 
 GIB = 1 << 30
 DEFAULT_BATCH = 64
@@ -119,12 +120,6 @@ def abstract_state(cfg: K2Config, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, jax.tree.map(place, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def abstract_tokens(mesh: Mesh, batch: int, length: int) -> jax.ShapeDtypeStruct:
-    """int32 [batch, length] token ids (or positions), rows split like the cache's."""
-    spec = partition_spec(("batch", None), mesh, (batch, length))
-    return jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=NamedSharding(mesh, spec))
-
-
 def per_device_bytes(tree: Any) -> int:
     """Bytes one device holds of a pytree of placed ShapeDtypeStructs."""
     return sum(shard_bytes(x.shape, x.dtype.itemsize, x.sharding) for x in jax.tree.leaves(tree))
@@ -161,21 +156,41 @@ def short_error(message: str) -> str:
     return f"out of HBM (needs {hbm[1]} of {hbm[2]})" if hbm else message.splitlines()[0][:120]
 
 
-def compile_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, tokens: int, context: int) -> Compiled:
-    """Compile engine.step for [rows, tokens] new tokens whose page tables cover `context` positions."""
+def abstract_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chunk: int, width: int
+                  ) -> tuple[dict[str, jax.ShapeDtypeStruct], DecodeRows, PrefillChunk | None]:
+    """ShapeDtypeStructs of an engine step's pool, `rows` decode rows and a `chunk`-token prefill chunk (0: none)
+    with `width`-page tables; the step's host inputs come over replicated."""
+    cache = abstract_cache(cfg, layout, rows, width, jnp.bfloat16, mesh)
+    replicated = NamedSharding(mesh, P())
+
+    def sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
+    decode = DecodeRows(sds((rows,), jnp.int32), sds((rows,), jnp.int32), sds((rows,), jnp.bool_), cache.table_BM,
+                        {name: sds((rows,), dtype) for name, dtype in ROW_DTYPES.items()},
+                        sds((rows, -(-cfg.vocab_size // 32)), jnp.int32))
+    prefill = None if not chunk else PrefillChunk(sds((1, chunk), jnp.int32), sds((1,), jnp.int32),
+                                                  sds((1,), jnp.int32), sds((1, width), jnp.int32))
+    return cache.pool, decode, prefill
+
+
+def compile_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chunk: int, context: int) -> Compiled:
+    """Compile the engine step for `rows` decode rows beside a `chunk`-token prefill chunk (0: a decode-only step of
+    up to DECODE_STEPS steps), page tables covering `context` positions."""
     graphdef, state = abstract_state(cfg, mesh)
-    cache = abstract_cache(cfg, layout, rows, layout.pages_for(context), jnp.bfloat16, mesh)
-    tok = abstract_tokens(mesh, rows, tokens)
-    pool = cache.pool["moe"]
+    pool_in, decode, prefill = abstract_step(cfg, mesh, layout, rows, chunk, layout.pages_for(context))
+    pool = pool_in["moe"]
     layer_bytes = math.prod(pool.sharding.shard_shape(pool.shape)[1:]) * pool.dtype.itemsize
     # Attention's queries and outputs over all heads (f32) may be relaid out around the kernel; a move counts as
     # cache bytes only when it is at least one layer's pages and larger than those.
-    activations = rows * tokens * cfg.num_attention_heads * cfg.cache_lanes * 4
+    activations = (rows + chunk) * cfg.num_attention_heads * cfg.cache_lanes * 4
     packed = state["moe_layers"]["mlp"]["gate"]["packed"].get_value()
+    n_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     start = time.perf_counter()
     try:
         with jax.set_mesh(mesh), persistent_cache_off():
-            compiled = step.lower(graphdef, state, tok, tok, cache, cfg, jnp.bfloat16).compile()
+            compiled = run_step.lower(graphdef, state, pool_in, decode, prefill, n_steps, cfg, jnp.bfloat16, layout,
+                                      1 if chunk else DECODE_STEPS).compile()
     except Exception as e:  # noqa: BLE001 - a compiler refusal (e.g. out of HBM) is a result to report
         return Compiled(0, 0, 0, 0, time.perf_counter() - start, 0, 0, error=short_error(str(e)))
     seconds = time.perf_counter() - start
@@ -264,10 +279,12 @@ def fitting_batch(cfg: K2Config, mesh: Mesh, context: int, hbm: int, page_size: 
 def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: int, prefill_chunk: int,
          hbm: int | None = None, bandwidth: float | None = None, page_size: int | None = None,
          name: str = "") -> dict[str, Any]:
-    """Compile decode (and a prefill chunk) on this mesh; per-device bytes, fit, KV tokens and time floor.
+    """Compile the engine step, decode-only and with a prefill chunk, on this mesh; per-device bytes, fit, KV tokens
+    and time floor.
 
-    The prefill chunk is one row's `prefill_chunk` new tokens with a page table covering the whole context (as a
-    server prefills), compiled again at SHORT_CONTEXT to show its temporaries do not grow with the context.
+    The prefill step is one row's `prefill_chunk` new tokens beside `batch` decode rows, page tables covering the
+    whole context (as a server steps), compiled again at SHORT_CONTEXT to show its temporaries do not grow with the
+    context.
     KV tokens count the pages that fit beside the weights and the larger of the two programs' temporaries.
     `name` (the topology as given on the command line) leads the row's label.
     """
@@ -277,12 +294,13 @@ def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: 
     page_size = page_size or default_page_size(devices[0].platform)
     layout = make_layout(mesh, batch, context, page_size)
     f = footprint(cfg, mesh, layout)
-    decode = compile_step(cfg, mesh, layout, batch, 1, context)
+    decode = compile_step(cfg, mesh, layout, batch, 0, context)
     prefill = prefill_short = None
     if prefill_chunk:
-        prefill = compile_step(cfg, mesh, layout, 1, prefill_chunk, context)
+        prefill = compile_step(cfg, mesh, layout, batch, prefill_chunk, context)
         short = min(context, SHORT_CONTEXT)
-        prefill_short = compile_step(cfg, mesh, make_layout(mesh, batch, short, page_size), 1, prefill_chunk, short)
+        prefill_short = compile_step(cfg, mesh, make_layout(mesh, batch, short, page_size), batch, prefill_chunk,
+                                     short)
     temp = max([decode.temp] + [p.temp for p in (prefill, prefill_short) if p is not None])
     free = hbm - f.weights - temp - (decode.argument - f.weights - f.cache)  # pages fit in what is left
     tokens = kv_tokens(cfg, free, len(devices), page_size) if not decode.error else 0

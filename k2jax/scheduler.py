@@ -1,25 +1,28 @@
 """Continuous batching over cache slots: one background thread owns the model; requests join and leave between steps.
 
 Before serving, the thread compiles every program a step can need (warmup), so no request waits for a compile.
-Each iteration frees the slots of cancelled requests, admits queued requests into free slots, prefills at most
-`prefill_chunk` prompt tokens (so a long prompt is prefilled in chunks between decode calls), then runs one
-multi-step decode of every slot that has its first token. A request with a constraint (k2jax.grammar: tool calls,
-JSON, a reasoning budget) samples under its row's mask; its run of tokens is checked against the constraint and cut
-where the mask changed (the slot's cache is rewound to match), and while any such row's mask changes token by token
-the decode call takes one step instead of decode_steps. Rows without a constraint sample exactly as they would alone.
-Requests see tokens through their `emit` callback, called on the scheduler thread; stop strings and text are the
-caller's business (see k2jax.responses).
+Each iteration frees the slots of cancelled requests, admits queued requests into free slots, then runs one engine
+step (k2jax.engine.run_step): the next chunk of at most `prefill_chunk` tokens of the oldest request still
+prefilling, beside the decode rows of every request that decodes, so a running stream gets a token in every step,
+also while a long prompt is prefilled. A prompt's last token is not prefilled: the request's first decode row feeds
+it (in the step whose chunk ends its prefill) and samples its first token on device. Steps with a chunk sample one
+token per row; decode-only steps sample decode_steps tokens per row, scanned on device. A request with a constraint
+(k2jax.grammar: tool calls, JSON, a reasoning budget) samples under its row's mask; its run of tokens is checked
+against the constraint and cut where the mask changed (the slot's cache is rewound to match), and while any such
+row's mask changes token by token the step takes one step instead of decode_steps. Rows without a constraint sample
+exactly as they would alone. Requests see tokens through their `emit` callback, called on the scheduler thread; stop
+strings and text are the caller's business (see k2jax.responses).
 
 Prefix cache: every full page a request prefills or ends with stays cached (k2jax.prefix_cache); when a request
 starts prefilling, the longest cached page-aligned prefix of its prompt is mapped into its slot and only the rest
 is prefilled (shared system prompts, multi-turn chats, tool loops, resumed requests).
 
-Preemption: the pool may hold fewer pages than every slot at full context. When a prefill chunk or a decode call
-needs pages that are neither free nor cached-and-unused, the newest running request is preempted (its slot
-released, its full pages left in the prefix cache) and queued first; it resumes by prefilling its prompt and what
-it had generated, which the prefix cache mostly absorbs, so its output is the same.
+Preemption: the pool may hold fewer pages than every slot at full context. When a step needs pages that are neither
+free nor cached-and-unused, the newest running request is preempted (its slot released, its full pages left in the
+prefix cache) and queued first; it resumes by prefilling its prompt and what it had generated, which the prefix
+cache mostly absorbs, so its output is the same.
 
-Multi-host: process 0 runs the Scheduler over LinkedSlots, which broadcast every prefill / decode / release
+Multi-host: process 0 runs the Scheduler over LinkedSlots, which broadcast every step / attach / rewind / release
 (through jax.distributed) before running it; every other process runs follow(), replaying the same calls, so all
 processes run the same jitted steps over the global mesh. A collective with a dead peer can block forever and
 cannot be interrupted, so every broadcast runs under a deadline and a process whose deadline passes exits
@@ -54,8 +57,8 @@ IDLE_S = 1.0
 MIN_REUSE = 16  # shorter cached prefixes are not worth a prefill program of a new shape
 STEP_TIMEOUT_S = 600.0
 PEER_TIMEOUT_S = 60.0
-NOOP, PREFILL, DECODE, RELEASE, STOP, ATTACH = range(6)
-HEADER = 4
+NOOP, STEP, RELEASE, STOP, ATTACH, REWIND = range(6)
+HEADER = 5
 PARAM_FIELDS = 7  # per slot: active, temperature bits, top_k, top_p bits, min_p bits, seed bits, top_logprobs
 
 
@@ -169,8 +172,9 @@ class Scheduler:
         self.prefill_chunk, self.decode_steps = prefill_chunk, decode_steps
         self.warmup, self.progress = warmup, progress
         capacity = self.max_context + decode_steps
-        self.slots = (Slots(model, n_slots, capacity, num_pages, prefix_cache) if link is None
-                      else LinkedSlots(model, n_slots, capacity, link, num_pages, prefix_cache))
+        self.slots = (Slots(model, n_slots, capacity, num_pages, prefix_cache, prefill_chunk, decode_steps)
+                      if link is None else LinkedSlots(model, n_slots, capacity, link, num_pages, prefix_cache,
+                                                       prefill_chunk, decode_steps))
         layout = self.slots.pages.layout
         self.row_pages = layout.pages_per_group * layout.seq_shards  # the most pages one sequence can hold
         if max_context is None:
@@ -360,56 +364,90 @@ class Scheduler:
             self._active[request.slot] = request
 
     def _step(self) -> int:
-        """Prefill up to prefill_chunk prompt tokens, then one decode call over every request that has a token;
-        returns the rows decoded.
+        """One engine step: the next chunk of at most prefill_chunk tokens of the oldest request still prefilling,
+        beside every request that decodes (a request whose chunk ends its prefill decodes in the same step); returns
+        the rows decoded.
 
-        A request whose own part of the step fails (its prefill, or its sampling row) ends with an error alone.
+        A request whose own part of the step fails (its chunk, or its sampling row) ends with an error alone.
         """
-        budget = self.prefill_chunk
-        for request in [r for r in self._active.values() if not self._prefilled(r)]:
-            if budget <= 0:
-                break
-            if request.slot is None:  # preempted for an older request's chunk in this loop
-                continue
-            try:
-                if not request.attached:
-                    self._attach(request)
-                n = min(budget, len(request.context) - request.prefilled)
-                self._make_room({request.slot: request.prefilled + n})
-                if request.slot is None:  # it was the newest: it waits for pages
-                    continue
-                budget -= n
-                self._prefill(request, n)
-            except LinkError:
-                raise
-            except Exception as err:  # this request's chunk failed; the others go on
-                self._fail_request(request, "prefill", err)
+        chunk, request = self._next_chunk()
+        completes = request is not None and request.prefilled + len(chunk.tokens) == len(request.context) - 1
+        if chunk is not None:
+            self._make_room({chunk.row: chunk.start + len(chunk.tokens) + completes})
+            if request.slot is None:  # it was the newest: it waits for pages
+                chunk = request = None
         decoding = {s: r for s, r in self._active.items() if self._prefilled(r) and self._row_ok(r)}
-        wants = {s: int(self.slots.lengths[s]) + self.decode_steps for s in decoding}
-        self._make_room(wants)
-        decoding = {s: decoding[s] for s in wants}
-        if not decoding:
-            return 0
-        last = np.array([decoding[s].generated[-1] if s in decoding else 0 for s in range(self.slots.n_slots)])
-        params = [decoding[s].params if s in decoding else None for s in range(self.slots.n_slots)]
+        if request is not None and completes:
+            if self._row_ok(request):
+                decoding[request.slot] = request
+            else:  # it failed alone
+                chunk = request = None
         constrained = {s: r.constraint for s, r in decoding.items() if r.constraint is not None}
         masks, n_steps = row_masks(constrained, self.slots.n_slots, self.decode_steps)
-        tokens, logprobs = self.slots.decode(last, params, n_steps, masks)
+        n_steps = 1 if chunk is not None else n_steps
+        wants = {s: int(self.slots.lengths[s]) + n_steps for s in decoding}
+        if chunk is not None:
+            wants[chunk.row] = chunk.start + len(chunk.tokens) + (n_steps if chunk.row in decoding else 0)
+        self._make_room(wants)
+        if chunk is not None and request.slot is None:  # preempted: it waits for pages
+            chunk = request = None
+        decoding = {s: decoding[s] for s in wants if s in decoding}
+        if not decoding and chunk is None:
+            return 0
+        last = np.zeros(self.slots.n_slots, np.int32)
+        for slot, r in decoding.items():
+            last[slot] = self._last(r)
+        params = [decoding[s].params if s in decoding else None for s in range(self.slots.n_slots)]
+        try:
+            tokens, logprobs = self.slots.step(last, params, n_steps, masks, chunk)
+        except LinkError:
+            raise
+        except Exception as err:
+            if request is None:
+                raise
+            self._fail_request(request, "prefill", err)  # its chunk failed; the others go on next step
+            return 0
         self.steps += 1
-        for slot, request in decoding.items():
-            if self._active.get(slot) is not request:  # preempted for another's forced tokens meanwhile
+        if request is not None:
+            request.prefilled += len(chunk.tokens)
+        for slot, r in decoding.items():
+            if self._active.get(slot) is not r:  # preempted for another's forced tokens meanwhile
                 continue
-            taken = n_steps if request.constraint is None else request.constraint.accept(tokens[slot].tolist())
+            taken = n_steps if r.constraint is None else r.constraint.accept(tokens[slot].tolist())
             if taken < n_steps:
                 self.slots.rewind(slot, int(self.slots.lengths[slot]) - (n_steps - taken))
             row = Logprobs(*(x[slot, :taken] for x in logprobs))
-            self._accept(request, tokens[slot, :taken].tolist(), *token_logprobs(row, request.params.top_logprobs))
+            self._accept(r, tokens[slot, :taken].tolist(), *token_logprobs(row, r.params.top_logprobs))
         return len(decoding)
+
+    def _next_chunk(self) -> tuple[engine.Chunk | None, Request | None]:
+        """The next prefill chunk and its request: the oldest running request with context left to write (all of it
+        but its last token, which its first decode row feeds), its slot started from the prefix cache if new."""
+        for request in [r for r in self._active.values() if not self._prefilled(r)]:
+            try:
+                if not request.attached:
+                    self._attach(request)
+                n = min(self.prefill_chunk, len(request.context) - 1 - request.prefilled)
+                if n > 0:
+                    return engine.Chunk(request.slot, request.context[request.prefilled:request.prefilled + n],
+                                        request.prefilled), request
+            except LinkError:
+                raise
+            except Exception as err:  # this request could not start; the others go on
+                self._fail_request(request, "prefill", err)
+        return None, None
+
+    @staticmethod
+    def _last(request: Request) -> int:
+        """The token a decoding request feeds next: its newest generated token, or its context's last one before its
+        first step since it was (re)admitted."""
+        since = len(request.generated) - (len(request.context) - len(request.prompt))
+        return request.generated[-1] if since > 0 else request.context[-1]
 
     @staticmethod
     def _prefilled(request: Request) -> bool:
-        """Whether a running request's slot holds its whole context (it decodes from here on)."""
-        return request.attached and request.prefilled == len(request.context)
+        """Whether a running request's slot holds all its context but the last token (it decodes from here on)."""
+        return request.attached and request.prefilled == len(request.context) - 1
 
     def _attach(self, request: Request) -> None:
         """Start a request's slot with the longest cached prefix of its context."""
@@ -442,19 +480,6 @@ class Scheduler:
             if not request.cancelled:
                 self._waiting.appendleft(request)
 
-    def _prefill(self, request: Request, n: int) -> None:
-        """Prefill the next n context tokens of a request; the last chunk samples its next token."""
-        logits = self.slots.prefill(request.slot, request.context[request.prefilled:request.prefilled + n],
-                                    start=request.prefilled)
-        request.prefilled += n
-        if request.prefilled == len(request.context):
-            constraint = request.constraint
-            token, logprob = self.slots.sample(logits[-1], request.params, len(request.context),
-                                               None if constraint is None else constraint.mask())
-            if constraint is not None:
-                constraint.accept([token])
-            self._accept(request, [token], *token_logprobs(logprob, request.params.top_logprobs))
-
     def _row_ok(self, request: Request) -> bool:
         """Whether a request's sampling row can join the decode call (else the request ends with an error)."""
         try:
@@ -485,11 +510,10 @@ class Scheduler:
                 if not self._can_force(request):
                     finish = "stop"
                     continue
-                forced_next, forced_logprobs = self._force(request)
-                forced_logprob, forced_top = token_logprobs(forced_logprobs, request.params.top_logprobs)
-                tokens[i:] = [*request.force_before_stop[1:], forced_next]
-                logprobs[i:] = [*(0.0,) * (len(request.force_before_stop) - 1), *forced_logprob]
-                tops[i:] = [*((),) * (len(request.force_before_stop) - 1), *forced_top]
+                self._force(request)
+                tokens[i:] = request.force_before_stop[1:]
+                logprobs[i:] = (0.0,) * (len(request.force_before_stop) - 1)
+                tops[i:] = ((),) * (len(request.force_before_stop) - 1)
                 token, logprob, top = request.force_before_stop[0], 0.0, ()
             request.generated.append(token)
             new_tokens.append(token)
@@ -510,13 +534,15 @@ class Scheduler:
         return bool(forced) and forced[0] not in request.generated and (
             len(request.generated) + len(forced) < request.max_tokens)
 
-    def _force(self, request: Request) -> tuple[int, Logprobs]:
-        """Write the forced tokens after the accepted ones and sample the token that follows them."""
+    def _force(self, request: Request) -> None:
+        """Make the slot hold the accepted tokens and all forced tokens but the last (the next decode step feeds it)."""
         start = len(request.prompt) + len(request.generated)
         forced = list(request.force_before_stop)
-        self._make_room({request.slot: start + len(forced)}, keep=request)
-        logits = self.slots.prefill(request.slot, forced, start=start)
-        return self.slots.sample(logits[-1], request.params, start + len(forced))
+        if len(forced) > 1:
+            self._make_room({request.slot: start + len(forced) - 1}, keep=request)
+            self.slots.prefill(request.slot, forced[:-1], start=start)
+        else:
+            self.slots.rewind(request.slot, start)
 
     def _emit(self, request: Request, output: Output) -> None:
         """Hand an Output to the request's consumer (none once cancelled); a failing consumer cancels its request."""
@@ -585,13 +611,13 @@ def unpack_params(packed: np.ndarray, n_slots: int) -> list[SamplingParams | Non
 class StepLink:
     """One fixed-size int32 message per model call, broadcast from process 0 to all (compiles once).
 
-    Message: [op, a, b, c] then the payload (prefill tokens, or decode's last tokens and packed sampling settings).
+    Message: [op, a, b, c, d] then the payload (a step's decode tokens, packed sampling settings and chunk tokens).
     """
 
     def __init__(self, n_slots: int, max_prefill: int, step_timeout_s: float = STEP_TIMEOUT_S,
                  peer_timeout_s: float = PEER_TIMEOUT_S):
         self.n_slots, self.step_timeout_s, self.peer_timeout_s = n_slots, step_timeout_s, peer_timeout_s
-        self.size = HEADER + max(max_prefill, (1 + PARAM_FIELDS) * n_slots)
+        self.size = HEADER + (1 + PARAM_FIELDS) * n_slots + max_prefill
         self._worked = False
 
     @contextlib.contextmanager
@@ -630,11 +656,11 @@ class StepLink:
 
 
 class LinkedSlots(Slots):
-    """Slots whose every prefill, attach, decode and release is first broadcast to the processes running follow()."""
+    """Slots whose every step, attach, rewind and release is first broadcast to the processes running follow()."""
 
     def __init__(self, model: engine.Model, n_slots: int, capacity: int, link: StepLink, num_pages: int | None = None,
-                 prefix_cache: bool = False):
-        super().__init__(model, n_slots, capacity, num_pages, prefix_cache)
+                 prefix_cache: bool = False, max_chunk: int | None = None, max_steps: int | None = None):
+        super().__init__(model, n_slots, capacity, num_pages, prefix_cache, max_chunk, max_steps)
         self.link = link
 
     def attach_cached(self, slot: int, page: int) -> int:
@@ -643,20 +669,24 @@ class LinkedSlots(Slots):
             self.link.send(ATTACH, (slot, page))
         return super().attach_cached(slot, page)
 
-    def prefill(self, slot: int, tokens: Sequence[int], start: int = 0) -> np.ndarray:
-        """Broadcast, then prefill, within the link's deadline."""
-        with self.link.deadline():
-            self.link.send(PREFILL, (slot, start, len(tokens)), tokens)
-            return super().prefill(slot, tokens, start)
-
-    def decode(self, tokens: np.ndarray, params: Sequence[SamplingParams | None],
-               n_steps: int = engine.DECODE_STEPS, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Broadcast, then decode, within the link's deadline (token masks are not broadcast: single-host only)."""
+    def step(self, tokens: np.ndarray, params: Sequence[SamplingParams | None], n_steps: int = engine.DECODE_STEPS,
+             masks: np.ndarray | None = None, chunk: engine.Chunk | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Broadcast, then step, within the link's deadline (token masks are not broadcast: single-host only)."""
         if masks is not None:
             raise ValueError("constrained decoding (token masks) is not available when serving over several processes")
+        header = (n_steps, -1, 0, 0) if chunk is None else (n_steps, chunk.row, chunk.start, len(chunk.tokens))
+        payload = [np.asarray(tokens, np.int32), pack_params(params)]
+        if chunk is not None:
+            payload.append(np.asarray(chunk.tokens, np.int32))
         with self.link.deadline():
-            self.link.send(DECODE, (n_steps,), np.concatenate([np.asarray(tokens, np.int32), pack_params(params)]))
-            return super().decode(tokens, params, n_steps)
+            self.link.send(STEP, header, np.concatenate(payload))
+            return super().step(tokens, params, n_steps, chunk=chunk)
+
+    def rewind(self, slot: int, length: int) -> None:
+        """Broadcast, then rewind."""
+        with self.link.deadline():
+            self.link.send(REWIND, (slot, length))
+        super().rewind(slot, length)
 
     def release(self, slot: int) -> None:
         """Broadcast, then release."""
@@ -673,23 +703,25 @@ def follow(model: engine.Model, n_slots: int, max_context: int | None, link: Ste
     The arguments must be process 0's Scheduler's, so both hold the same slots, pool, prefix cache and programs.
     """
     slots = Slots(model, n_slots, resolve_context(model, max_context, decode_steps) + decode_steps, num_pages,
-                  prefix_cache)
+                  prefix_cache, prefill_chunk, decode_steps)
     if warmup:
         slots.warmup(prefill_chunk, decode_steps)
     while True:
         with link.deadline():
             message = link.receive()
-            op, (a, b, c), payload = int(message[0]), message[1:HEADER].tolist(), message[HEADER:]
+            op, (a, b, c, d), payload = int(message[0]), message[1:HEADER].tolist(), message[HEADER:]
             if op == STOP:
                 return
             try:
-                if op == PREFILL:
-                    slots.prefill(a, payload[:c].tolist(), start=b)
-                elif op == DECODE:
-                    slots.decode(payload[:n_slots], unpack_params(payload[n_slots:], n_slots), a)
+                if op == STEP:
+                    fields = (1 + PARAM_FIELDS) * n_slots
+                    chunk = None if b < 0 else engine.Chunk(b, payload[fields:fields + d].tolist(), c)
+                    slots.step(payload[:n_slots], unpack_params(payload[n_slots:fields], n_slots), a, chunk=chunk)
                 elif op == RELEASE:
                     slots.release(a)
                 elif op == ATTACH:
                     slots.attach_cached(a, b)
+                elif op == REWIND:
+                    slots.rewind(a, b)
             except ValueError:  # process 0 met the same error and went on
                 log.warning("replayed step %d failed as it did on process 0", op, exc_info=True)

@@ -1,8 +1,10 @@
-"""Cache slots: a fixed batch of sequences that join and leave between decode steps (serving, agents).
+"""Cache slots: a fixed batch of sequences that join and leave between engine steps (serving, agents).
 
-Each slot is one row of a shared page pool: a page table that grows as the slot's sequence does. A slot
-is prefilled on its own (from any position, so a conversation keeps its cached prefix and only new tokens
-are computed), then all slots decode together; only active slots write, and only into their own pages.
+Each slot is one row of a shared page pool: a page table that grows as the slot's sequence does. Every model call
+is one engine step (k2jax.engine.run_step): a prefill chunk of one slot (from any position, so a conversation keeps
+its cached prefix and only new tokens are computed) beside the decode rows of the active slots; only those rows are
+in the step, and each writes only into its own pages. A prompt's last token is not prefilled: the first decode
+step feeds it and samples the first new token (so no logits ever go to the host).
 With a prefix cache (k2jax.prefix_cache), every full page a slot prefills or ends with is cached, and a new
 sequence starts by mapping the longest cached prefix of its prompt into its table (attach).
 """
@@ -17,11 +19,9 @@ import numpy as np
 
 from k2jax import engine
 from k2jax.cache import PoolFull, apply_copies, read_pages, write_pages
+from k2jax.engine import host_value
 from k2jax.prefix_cache import PrefixCache
-from k2jax.sampling import Logprobs, SamplingParams, sample, stack_params
-
-
-_sample = jax.jit(sample)
+from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams
 
 
 def on_device(x: np.ndarray | Sequence, dtype: np.dtype | type) -> jax.Array:
@@ -29,32 +29,25 @@ def on_device(x: np.ndarray | Sequence, dtype: np.dtype | type) -> jax.Array:
     return jax.device_put(np.asarray(x, dtype))
 
 
-def host_value(x: jax.Array) -> np.ndarray:
-    """An output's value on this host, also when it spans several processes (multi-host serving)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    if x.is_fully_replicated:
-        return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 class Slots:
     """`n_slots` cached sequences of up to `capacity` tokens over one model, in a pool of `num_pages` pages
-    (default: enough for every slot at capacity), with a prefix cache over the pool if `prefix_cache`.
+    (default: enough for every slot at capacity), with a prefix cache over the pool if `prefix_cache`; steps write
+    chunks of at most `max_chunk` tokens (and capacity) and decode up to `max_steps` tokens per row (defaults: the
+    engine's).
 
     tokens[s] lists the tokens whose latents slot s holds (None once `write` put pages of unknown tokens there).
     """
 
     def __init__(self, model: engine.Model, n_slots: int, capacity: int, num_pages: int | None = None,
-                 prefix_cache: bool = False):
+                 prefix_cache: bool = False, max_chunk: int | None = None, max_steps: int | None = None):
         limit = model.config.max_position_embeddings
         if not 0 < capacity <= limit:
             raise ValueError(f"slot capacity must be in [1, {limit}] (max_position_embeddings), got {capacity}")
         if n_slots < 1:
             raise ValueError(f"need at least one slot, got {n_slots}")
         self.model, self.capacity = model, capacity
+        self.max_chunk = min(max_chunk or engine.PREFILL_CHUNK, capacity)
+        self.max_steps = max_steps or engine.DECODE_STEPS
         self.pages, self.pool = model.paged(n_slots, capacity, num_pages)
         self.lengths = np.zeros(n_slots, np.int32)
         self.tokens: list[list[int] | None] = [[] for _ in range(n_slots)]
@@ -64,37 +57,19 @@ class Slots:
     def n_slots(self) -> int:
         return len(self.lengths)
 
-    def prefill(self, slot: int, tokens: Sequence[int], start: int = 0) -> np.ndarray:
-        """Write `tokens` at positions start.. of `slot`, keeping its first `start` cached tokens.
-
-        Returns float32 logits [len(tokens), vocab]; the slot then holds start + len(tokens) tokens.
-        """
-        if not 0 <= start <= self.lengths[slot]:
-            raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens; cannot keep a prefix of {start}")
+    def prefill(self, slot: int, tokens: Sequence[int], start: int = 0) -> None:
+        """Write `tokens` at positions start.. of `slot`, keeping its first `start` cached tokens, in steps of at most
+        max_chunk tokens; the slot then holds start + len(tokens) tokens (sample from them by decoding the next)."""
         end = start + len(tokens)
         if not tokens or end > self.capacity:
             raise ValueError(f"slot {slot}: {end} tokens do not fit its capacity of {self.capacity} (or none given)")
-        self.model._check_ids(list(tokens), end)
-        self._copy(self.pages.truncate(slot, start))
-        self.lengths[slot] = start
-        held = self.tokens[slot]
-        self.tokens[slot] = None if held is None else held[:start]
-        self._reserve(slot, end)
-        chunk = min(engine.bucket(len(tokens)), engine.PREFILL_CHUNK)
-        padded = np.zeros(-(-len(tokens) // chunk) * chunk, np.int32)
-        padded[: len(tokens)] = tokens
-        out = [host_value(self._step(slot, padded[lo:lo + chunk], start + lo, min(end, start + lo + chunk)))[0]
-               for lo in range(0, len(tokens), chunk)]
-        self.lengths[slot] = end
-        if self.tokens[slot] is not None:
-            self.tokens[slot] += [int(t) for t in tokens]
-            if self.prefix is not None:
-                self.prefix.insert(slot, self.tokens[slot], start // self.pages.layout.page_size)
-        return np.concatenate(out)[: len(tokens)]
+        for lo in range(0, len(tokens), self.max_chunk):
+            self.step(np.zeros(self.n_slots, np.int32), [None] * self.n_slots, 1,
+                      chunk=engine.Chunk(slot, tokens[lo:lo + self.max_chunk], start + lo))
 
     def attach(self, slot: int, prompt: Sequence[int]) -> int:
         """Map the longest cached page-aligned prefix of `prompt` into empty `slot`, short of the prompt's last
-        token (whose logits the caller needs); returns the tokens it holds then (0 without a prefix cache)."""
+        token (which the first decode step feeds); returns the tokens it holds then (0 without a prefix cache)."""
         nodes = self.prefix.match(slot, prompt[: len(prompt) - 1]) if self.prefix is not None else []
         return self.attach_cached(slot, nodes[-1].page if nodes else -1)
 
@@ -115,67 +90,93 @@ class Slots:
         that no slot holds."""
         return self.pages.shortfall(wants)
 
-    def sample(self, logits_V: np.ndarray, params: SamplingParams, position: int,
-               mask_W: np.ndarray | None = None) -> tuple[int, Logprobs]:
-        """One token and its host Logprobs ([1] and [1, TOP_LOGPROBS]) from a row of logits, keyed by the request
-        seed and its position; mask_W (packed allowed tokens, see k2jax.grammar) limits the choice."""
-        mask = None if mask_W is None else on_device(np.asarray(mask_W)[None], np.int32)
-        tok, logp = _sample(on_device(logits_V[None], np.float32), stack_params([params]),
-                            on_device([position], np.int32), mask)
-        return int(tok[0]), Logprobs(*map(np.asarray, logp))
-
     def decode(self, tokens: np.ndarray, params: Sequence[SamplingParams | None],
                n_steps: int = engine.DECODE_STEPS, masks: np.ndarray | None = None) -> tuple[np.ndarray, Logprobs]:
-        """Feed each active slot its last token and sample n_steps more: [slots, n] tokens and their host Logprobs.
+        """Feed each active slot its last token and sample n_steps more: a step with no chunk (see `step`)."""
+        return self.step(tokens, params, n_steps, masks)
 
-        A slot is active where params is not None; inactive slots write nothing and keep their cached prefix
-        (their returned tokens are junk). masks [slots, words] (packed allowed tokens) holds for all n steps.
+    def step(self, tokens: np.ndarray, params: Sequence[SamplingParams | None], n_steps: int = engine.DECODE_STEPS,
+             masks: np.ndarray | None = None, chunk: engine.Chunk | None = None) -> tuple[np.ndarray, Logprobs]:
+        """One engine step: write `chunk` (up to max_chunk tokens of one slot at positions start.., keeping its first
+        start tokens), and feed each active slot (params not None; the chunk's slot may be one) tokens[slot] at its
+        length, sampling n_steps tokens (one with a chunk): [slots, n] tokens and their Logprobs (junk for inactive
+        slots).
+
+        Only active slots are in the step's decode rows; they write nothing else and other slots keep their cache.
+        masks [slots, words] (packed allowed tokens) hold for all n steps.
         """
-        active = np.array([p is not None for p in params])
-        if not active.any():
-            raise ValueError("decode needs at least one active slot")
-        if (self.lengths[active] + n_steps > self.capacity).any():
+        active = [s for s, p in enumerate(params) if p is not None]
+        lengths = self.lengths.copy()
+        if chunk is not None:
+            slot, start, end = chunk.row, chunk.start, chunk.start + len(chunk.tokens)
+            if not 0 <= start <= self.lengths[slot]:
+                raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens; cannot keep a prefix of {start}")
+            if not chunk.tokens or end > self.capacity or len(chunk.tokens) > self.max_chunk:
+                raise ValueError(f"slot {slot}: a chunk of {len(chunk.tokens)} tokens (at most {self.max_chunk}) "
+                                 f"ending at {end} does not fit its capacity of {self.capacity} (or is empty)")
+            if n_steps != 1:
+                raise ValueError(f"a step with a prefill chunk samples one token per row, not {n_steps}")
+            self.model._check_ids(list(chunk.tokens), end)
+            lengths[slot] = end
+        elif not active:
+            raise ValueError("a step needs a prefill chunk or at least one active slot")
+        if (lengths[active] + n_steps > self.capacity).any():
             raise ValueError(f"decoding {n_steps} more tokens would overflow a slot's capacity of {self.capacity}")
-        for slot in np.flatnonzero(active):
-            self._reserve(int(slot), int(self.lengths[slot]) + n_steps)
-        toks, logps = self._decode(tokens, active, params, n_steps, masks=masks)
-        toks, logps = host_value(toks), Logprobs(*map(host_value, logps))
-        for slot in np.flatnonzero(active):  # written: the fed token, then every sampled one but the last
+        if chunk is not None:
+            self._copy(self.pages.truncate(slot, start))
+            self.lengths[slot] = start
+            held = self.tokens[slot]
+            self.tokens[slot] = None if held is None else held[:start]
+            self._reserve(slot, end)
+        for s in active:
+            self._reserve(s, int(lengths[s]) + n_steps)
+        pool, toks, logps = self.model.run(
+            self.pages, self.pool, active, np.asarray(tokens)[active], lengths[active], [params[s] for s in active],
+            n_steps, None if masks is None else np.asarray(masks)[active], chunk, self.max_chunk,
+            max(n_steps, self.max_steps))
+        self.pool = pool
+        if chunk is not None:
+            self.lengths[slot] = end
             if self.tokens[slot] is not None:
-                self.tokens[slot] += [int(tokens[slot]), *toks[slot, :-1].tolist()]
-        self.lengths = np.where(active, self.lengths + n_steps, self.lengths).astype(np.int32)
-        return toks, logps
+                self.tokens[slot] += [int(t) for t in chunk.tokens]
+                if self.prefix is not None:
+                    self.prefix.insert(slot, self.tokens[slot], start // self.pages.layout.page_size)
+        for s, row in zip(active, toks):  # written: the fed token, then every sampled one but the last
+            if self.tokens[s] is not None:
+                self.tokens[s] += [int(tokens[s]), *row[:-1].tolist()]
+            self.lengths[s] += n_steps
+        out_toks = np.zeros((self.n_slots, n_steps), np.int32)
+        out_logps = Logprobs(np.zeros((self.n_slots, n_steps), np.float32),
+                             np.zeros((self.n_slots, n_steps, TOP_LOGPROBS), np.int32),
+                             np.zeros((self.n_slots, n_steps, TOP_LOGPROBS), np.float32))
+        out_toks[active] = toks
+        for out, got in zip(out_logps, logps):
+            out[active] = got
+        return out_toks, out_logps
 
     def warmup(self, prefill_tokens: int, decode_steps: int, progress: bool = False) -> int:
-        """Compile (and run once, writing nothing) every program that prefill calls of up to `prefill_tokens` tokens,
-        decode calls of `decode_steps` steps (and, with a grammar's token masks, of 1 step), sample and a page copy
-        can need; returns how many there are."""
+        """Compile (and run once, writing nothing) every step a caller can need: for each count of decode rows and
+        table width, a decode step (of up to max(decode_steps, max_steps) steps: one program for every count) and a
+        step beside each chunk length of up to `prefill_tokens` tokens; and a page copy. Returns how many."""
         layout, columns = self.pages.layout, self.pages.table.shape[1]
-        top = min(engine.bucket(min(prefill_tokens, self.capacity)), engine.PREFILL_CHUNK)
-        chunks = [16 << k for k in range(top.bit_length()) if 16 << k <= top]
+        top = engine.chunk_bucket(min(prefill_tokens, self.max_chunk), self.max_chunk)
+        chunks = [c for c in engine.chunk_sizes(self.max_chunk) if c <= top]
         widths = engine.table_widths(layout, columns)
-        programs = [("prefill", c, w) for c in chunks for w in widths if w >= engine.table_width(layout, columns, c)]
-        programs += [(kind, steps, w) for kind, steps in (("decode", decode_steps), ("masked", decode_steps),
-                                                          ("masked", 1)) for w in widths
-                     if w >= engine.table_width(layout, columns, steps + 1)]
-        programs += [("sample", 1, 0), ("sample-masked", 1, 0), ("copy", 1, 0)]
+        programs = [(d, c, w) for c in [0, *chunks] for d in engine.row_buckets(self.n_slots, c > 0) for w in widths
+                    if w >= engine.table_width(layout, columns, max(c, 1))]
+        programs.append(None)  # the page copy
         if progress:
             from tqdm import tqdm
 
             programs = tqdm(programs, desc="compiling", unit="program")
-        idle = np.zeros(self.n_slots, bool)
-        all_tokens = np.full((self.n_slots, -(-self.model.config.vocab_size // 32)), -1, np.int32)  # grammar rows
-        for kind, size, width in programs:
-            if kind == "prefill":
-                self._step(0, np.zeros(size, np.int32), 0, 0, width)
-            elif kind in ("decode", "masked"):
-                masks = all_tokens if kind == "masked" else None
-                self._decode(np.zeros(self.n_slots, np.int32), idle, [None] * self.n_slots, size, width, masks)
-            elif kind.startswith("sample"):
-                self.sample(np.zeros(self.model.config.vocab_size, np.float32), SamplingParams(), 0,
-                            all_tokens[0] if kind == "sample-masked" else None)
-            else:
+        steps = max(decode_steps, self.max_steps)
+        for shape in programs:
+            if shape is None:
                 self._copy([(0, 0)])
+                continue
+            chunk = engine.Chunk(0, [], 0) if shape[1] else None  # writes nothing
+            self.pool = self.model.run(self.pages, self.pool, [], [], [], [], 1, None, chunk, self.max_chunk, steps,
+                                       shape)[0]
         return len(programs)
 
     def rewind(self, slot: int, length: int) -> None:
@@ -207,30 +208,6 @@ class Slots:
         self.pool = write_pages(self.pool, on_device(self.pages.pages(slot), np.int32), pages)
         self.lengths[slot] = length
         self.tokens[slot] = None
-
-    def _step(self, slot: int, tokens: np.ndarray, start: int, kv_len: int, width: int | None = None) -> jax.Array:
-        """One prefill chunk of `slot` at positions start..: its logits [1, chunk, vocab] (kv_len 0 writes nothing)."""
-        m = self.model
-        pos = np.arange(start, start + len(tokens), dtype=np.int32)[None]
-        cache = m.cache_view(self.pages, self.pool, [slot], [kv_len], width)
-        logits, cache = m._call(engine.step, m.graphdef, m.state, on_device(tokens[None], np.int32),
-                                on_device(pos, np.int32), cache, m.config, m.dtype)
-        self.pool = cache.pool
-        return logits
-
-    def _decode(self, tokens: np.ndarray, active: np.ndarray, params: Sequence[SamplingParams | None], n_steps: int,
-                width: int | None = None, masks: np.ndarray | None = None) -> tuple[jax.Array, Logprobs]:
-        """The decode call on device: [slots, n_steps] tokens and their Logprobs; inactive slots write nothing."""
-        m = self.model
-        cache = m.cache_view(self.pages, self.pool, range(self.n_slots), np.where(active, self.lengths + n_steps, 0),
-                             width)
-        sampling = stack_params([p or SamplingParams() for p in params])
-        mask = None if masks is None else on_device(masks, np.int32)
-        toks, logps, cache = m._call(engine.decode, m.graphdef, m.state, on_device(tokens, np.int32),
-                                     on_device(self.lengths, np.int32), on_device(active, bool), cache, sampling,
-                                     m.config, m.dtype, n_steps, mask)
-        self.pool = cache.pool
-        return toks, logps
 
     def _reserve(self, slot: int, tokens: int) -> None:
         """Pages for the slot's first `tokens` positions; PoolFull names the slot and what it holds."""

@@ -37,7 +37,7 @@ from k2jax.slots import Slots
 from k2jax.synthetic import random_state
 from k2jax.tokenizer import KIMI_PATTERN, Tokenizer, byte_to_unicode, kimi_specials
 
-RTOL = 1e-4  # float32 against float32, summation order only
+LOGPROB_ATOL = 1e-4  # float32 against float32, summation order only
 CAPACITY, NEW_TOKENS = 512, 64  # bundled-model runs: a slot of 512 tokens, replies of at most 64
 BUNDLED = Path(k2jax.__file__).parent / "bundled"
 CORPUS = ["What is 12 plus 30? The calculate tool returned 42, so the answer is 42.",
@@ -76,8 +76,22 @@ def bundled():
     return k2jax.load(BUNDLED)
 
 
-def close(a: np.ndarray, b: np.ndarray) -> bool:
-    return float(np.abs(a - b).max() / np.abs(b).max()) <= RTOL
+def continues_like_recompute(model, session: SlotSession, tokens: list[int], n: int = 6) -> int:
+    """Make the session hold all of `tokens` but the last (returns where its prefill started), then decode n greedy
+    tokens feeding the last: each is the argmax of a full recompute's logits, with the same log-prob, so the slot's
+    cache equals recomputing it. The slot is rewound after."""
+    start = session.prefill(tokens[:-1])
+    slots, slot = session.slots, session.slot
+    feed = np.zeros(slots.n_slots, np.int32)
+    feed[slot] = tokens[-1]
+    toks, logps = slots.decode(feed, [SamplingParams() if s == slot else None for s in range(slots.n_slots)], n)
+    slots.rewind(slot, len(tokens) - 1)
+    logits = model.logits(np.array([tokens + toks[slot, :-1].tolist()]))[0, len(tokens) - 1:]
+    ref = logits - logits.max(-1, keepdims=True)
+    ref -= np.log(np.exp(ref).sum(-1, keepdims=True))
+    assert toks[slot].tolist() == ref.argmax(-1).tolist()
+    np.testing.assert_allclose(logps[slot], ref[np.arange(n), toks[slot]], atol=LOGPROB_ATOL, rtol=0)
+    return start
 
 
 def spread(values: list[int]) -> int:
@@ -166,18 +180,17 @@ def conversation(final: bool) -> list[dict]:
     return messages + tail * final
 
 
-def test_prefix_reuse_logits_equal_recompute(tiny):
+def test_prefix_reuse_continues_like_recompute(tiny):
     tools = [declare(calculate)]
     session = SlotSession(Slots(tiny, n_slots=2, capacity=512), slot=1)
     first = tiny.tokenizer.apply_chat_template(conversation(False), tools, tokenize=True)
     session.prefill(first)
     rewritten = tiny.tokenizer.apply_chat_template(conversation(True), tools, tokenize=True)
-    start, logits = session.prefill(rewritten)
+    start = continues_like_recompute(tiny, session, rewritten)
     assert 0 < start == common_prefix(first, rewritten) < len(first)  # the dropped reasoning forces a recompute
-    assert close(logits, tiny.logits(np.array([rewritten]))[0, start:])
+    session.prefill(rewritten)
     appended = rewritten + tiny.tokenizer.encode("<|im_assistant|>assistant<|im_middle|>")
-    start, logits = session.prefill(appended)
-    assert start == len(rewritten) and close(logits, tiny.logits(np.array([appended]))[0, start:])
+    assert continues_like_recompute(tiny, session, appended) == len(rewritten)
 
 
 def test_generation_after_reuse_equals_fresh_generate(tiny):
@@ -210,8 +223,7 @@ def test_prefix_cache_restores_rows_within_its_byte_budget(tiny):
 
     follow_up = convs[3] + tok.encode("<|im_assistant|>assistant<|im_middle|>It is in France.")
     assert cache.restore(session, follow_up) == len(convs[3])
-    start, logits = session.prefill(follow_up)
-    assert start == len(convs[3]) and close(logits, tiny.logits(np.array([follow_up]))[0, start:])
+    assert continues_like_recompute(tiny, session, follow_up) == len(convs[3])
     session.prefill(follow_up)
     cache.save(session)
     assert list(cache.entries)[-1] == tuple(follow_up) and tuple(convs[3]) not in cache.entries  # superseded
@@ -229,9 +241,14 @@ def test_window_cuts_at_turns_then_steps_and_keeps_system_and_task():
 
 
 def spy_prompts(agent: Agent) -> list[list[int]]:
-    """Record every prompt the agent's session prefills."""
-    prompts, prefill = [], agent.session.prefill
-    agent.session.prefill = lambda tokens: (prompts.append(list(tokens)), prefill(tokens))[1]
+    """Record every prompt the agent's session continues."""
+    prompts, generate = [], agent.session.generate
+
+    def spy(prompt, *args, **kw):
+        prompts.append(list(prompt))
+        return generate(prompt, *args, **kw)
+
+    agent.session.generate = spy
     return prompts
 
 

@@ -19,6 +19,7 @@ from k2jax.scheduler import Output, QueueFull, Request, Scheduler, pack_params, 
 
 EOS = 255
 TIMEOUT_S = 120.0
+WARMUP_S = 900.0  # compiling every step bucket, on a loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def model(hf_checkpoint):
 @pytest.fixture(scope="module")
 def scheduler(model):
     sched = Scheduler(model, n_slots=3, max_context=120, max_queue=64, prefill_chunk=16).start()
+    assert sched.ready.wait(WARMUP_S)
     yield sched
     sched.close()
 
@@ -83,7 +85,15 @@ def test_batched_requests_match_generate(model, scheduler, rng):
     assert scheduler.free_slots == 3 and scheduler.queue_depth == 0
 
 
-def test_long_prompt_prefill_interleaves_with_decoding(scheduler, rng):
+def test_a_running_stream_gets_a_token_in_every_step_that_prefills(scheduler, rng, monkeypatch):
+    steps: list[tuple[bool, list[int]]] = []  # per step: whether it held a prefill chunk, the slots decoding
+    step = scheduler.slots.step
+
+    def spy(tokens, params, n_steps=1, masks=None, chunk=None):
+        steps.append((chunk is not None, [s for s, p in enumerate(params) if p is not None]))
+        return step(tokens, params, n_steps, masks, chunk)
+
+    monkeypatch.setattr(scheduler.slots, "step", spy)
     decoding, decoding_sink = request(rng.integers(3, 250, 5).tolist(), 110, stop_ids=frozenset())
     scheduler.submit(decoding)
     assert decoding_sink.first.wait(TIMEOUT_S)
@@ -96,10 +106,14 @@ def test_long_prompt_prefill_interleaves_with_decoding(scheduler, rng):
         long_sink(out)
 
     long.emit = on_long_output
-    scheduler.submit(long)  # 100 tokens in chunks of 16: 7 iterations, each with a decode step of the other
+    first_step = len(steps)
+    scheduler.submit(long)  # 99 tokens to prefill in chunks of 16: 7 steps, each with a decode row of the other
     long_sink.wait()
     decoding_sink.wait()
-    assert seen_at_first[0] >= 1 + 6 * scheduler.decode_steps
+    chunked = [active for has_chunk, active in steps[first_step:] if has_chunk]
+    assert len(chunked) == 7
+    assert all(decoding.slot in active for active in chunked) and long.slot in chunked[-1]
+    assert seen_at_first[0] >= 1 + 6  # and the first of `long` came in the step of its last chunk
 
 
 def test_a_prompt_extending_a_finished_one_reuses_its_cache(model, scheduler, rng):
@@ -252,6 +266,7 @@ def test_shared_prefixes_are_cached_and_change_no_output(model, scheduler, rng):
 def tight(model):
     """Six slots over a pool of twelve pages (room for three sequences of 120 tokens): requests get preempted."""
     sched = Scheduler(model, n_slots=6, max_context=120, max_queue=256, prefill_chunk=64, num_pages=12).start()
+    assert sched.ready.wait(WARMUP_S)
     yield sched
     sched.close()
 
@@ -295,7 +310,7 @@ def test_a_request_the_pool_can_never_hold_is_refused_naming_both(model):
 
 
 def test_serving_a_mixed_load_compiles_nothing(model, scheduler, rng):
-    assert scheduler.ready.wait(TIMEOUT_S) and scheduler.programs > 0
+    assert scheduler.ready.wait(WARMUP_S) and scheduler.programs > 0
     events: list[str] = []
 
     def on_event(event: str, _seconds: float, **kw) -> None:

@@ -46,6 +46,7 @@ NAME = "tiny-k2"
 SLOTS = 8
 CONTEXT = 248
 TIMEOUT_S = 120.0
+WARMUP_S = 900.0  # compiling every step bucket, on a loaded 2-core machine
 MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers."}]
 
 
@@ -95,7 +96,7 @@ def serve(model, key: str | None = KEY, service_args: dict | None = None, **sche
 def server(model):
     http, service = serve(model, warmup=True)
     with http:
-        assert service.scheduler.ready.wait(TIMEOUT_S)
+        assert service.scheduler.ready.wait(WARMUP_S)
         yield http, service
     service.scheduler.close()
 
@@ -174,7 +175,7 @@ def test_a_repeated_prefix_is_cached_and_changes_no_output(model, server, client
 
 def test_a_mixed_load_compiles_nothing_and_shows_in_metrics(server, client):
     http, service = server
-    assert service.scheduler.ready.wait(TIMEOUT_S) and service.scheduler.programs > 0
+    assert service.scheduler.ready.wait(WARMUP_S) and service.scheduler.programs > 0
     events: list[str] = []
 
     def on_event(event: str, _seconds: float, **kw) -> None:
@@ -394,7 +395,7 @@ def start_cli(checkpoint: Path, *args: str) -> subprocess.Popen:
 
 
 def wait_for_health(port: int, procs: list[subprocess.Popen]) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + WARMUP_S
     while True:
         assert all(p.poll() is None for p in procs), "k2jax-serve exited"
         assert time.monotonic() < deadline, "k2jax-serve did not come up"
@@ -516,15 +517,15 @@ def read_reply(sock: socket.socket) -> tuple[int, dict]:
 
 
 def slowed(service: Service, seconds: float) -> None:
-    """Make every decode call of the service's scheduler take `seconds` longer (a slow accelerator)."""
+    """Make every step of the service's scheduler take `seconds` longer (a slow accelerator)."""
     slots = service.scheduler.slots
-    decode = slots.decode
+    step = slots.step
 
-    def slow_decode(*args, **kwargs):
+    def slow_step(*args, **kwargs):
         time.sleep(seconds)
-        return decode(*args, **kwargs)
+        return step(*args, **kwargs)
 
-    slots.decode = slow_decode
+    slots.step = slow_step
 
 
 BAD_BODIES = {  # name -> (raw body, expected status, words the error message holds)

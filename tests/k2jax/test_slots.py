@@ -1,4 +1,5 @@
-"""Cache slots: prefix reuse equals full recompute; slots decode together like separate generate calls."""
+"""Cache slots: prefix reuse equals full recompute; slots decode together like separate generate calls; a step mixing
+a prefill chunk with decode rows equals separate steps; slots that are not running are not in the step."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import numpy as np
 import pytest
 
 import k2jax
+from k2jax import engine
 from k2jax.sampling import SamplingParams
 from k2jax.cache import PoolFull
 from k2jax.slots import Slots
 
-RTOL = 1e-4  # float32 against float32, summation order only
+LOGPROB_ATOL = 1e-4  # float32 against float32, summation order only
 
 
 @pytest.fixture(scope="module")
@@ -18,19 +20,32 @@ def model(hf_checkpoint):
     return k2jax.load(hf_checkpoint(seed=5, eos_token_id=255)[1])
 
 
-def close(a: np.ndarray, b: np.ndarray) -> bool:
-    return float(np.abs(a - b).max() / np.abs(b).max()) <= RTOL
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def check_continues(model, slots: Slots, slot: int, held: list[int], last: int, n: int = 8) -> list[int]:
+    """Greedy-decode n tokens in `slot` (which holds `held`) feeding `last`: each token is the argmax of a full
+    recompute's logits and its log-prob equals the recompute's, so the slot's cache equals recomputing it."""
+    params = [SamplingParams() if s == slot else None for s in range(slots.n_slots)]
+    toks, logps = slots.decode(np.array([last if s == slot else 0 for s in range(slots.n_slots)]), params, n)
+    seq = held + [last] + toks[slot, :-1].tolist()
+    ref = log_softmax(model.logits(np.array([seq]))[0, len(held):])
+    assert toks[slot].tolist() == ref.argmax(-1).tolist()
+    np.testing.assert_allclose(logps[slot], ref[np.arange(n), toks[slot]], atol=LOGPROB_ATOL, rtol=0)
+    return toks[slot].tolist()
 
 
 def test_prefix_reuse_equals_recompute(model, rng):
     slots = Slots(model, n_slots=2, capacity=128)
     a, b, c = (rng.integers(3, 250, n).tolist() for n in (10, 7, 9))
     slots.prefill(0, a)
-    appended = slots.prefill(0, b, start=len(a))
-    assert close(appended, model.logits(np.array([a + b]))[0, len(a):])
-    rewritten = slots.prefill(0, c, start=6)  # history rewritten after the first 6 tokens
-    assert close(rewritten, model.logits(np.array([a[:6] + c]))[0, 6:])
+    slots.prefill(0, b, start=len(a))
+    check_continues(model, slots, 0, a + b, 5)
+    slots.prefill(0, c, start=6)  # history rewritten after the first 6 tokens
     assert slots.lengths[0] == 15
+    check_continues(model, slots, 0, a[:6] + c, 9)
 
 
 def test_slots_decode_like_generate(model, rng):
@@ -38,11 +53,12 @@ def test_slots_decode_like_generate(model, rng):
     ref = [model.generate([p], max_new_tokens=9).ids[0] for p in prompts]
     slots = Slots(model, n_slots=3, capacity=64)
     greedy = SamplingParams()
-    first = [slots.sample(slots.prefill(s, p)[-1], greedy, len(p))[0] for s, p in enumerate(prompts)]
-    toks, _ = slots.decode(np.array(first + [0]), [greedy, greedy, None], n_steps=8)
-    got = [[first[s]] + toks[s].tolist() for s in range(2)]
-    for g, r in zip(got, ref):
-        assert g[: len(r)] == r
+    for s, p in enumerate(prompts):
+        slots.prefill(s, p[:-1])
+    toks, _ = slots.decode(np.array([p[-1] for p in prompts] + [0]), [greedy, greedy, None], n_steps=8)
+    toks2, _ = slots.decode(toks[:, -1], [greedy, greedy, None], n_steps=8)
+    for s, r in enumerate(ref):
+        assert (toks[s].tolist() + toks2[s].tolist())[: len(r)] == r
 
 
 def test_inactive_slot_keeps_its_prefix(model, rng):
@@ -51,7 +67,54 @@ def test_inactive_slot_keeps_its_prefix(model, rng):
     slots.prefill(1, a)
     slots.prefill(0, b)
     slots.decode(np.array([b[-1], 0]), [SamplingParams(), None], n_steps=8)
-    assert close(slots.prefill(1, more, start=len(a)), model.logits(np.array([a + more]))[0, len(a):])
+    slots.prefill(1, more, start=len(a))
+    check_continues(model, slots, 1, a + more, 7)
+
+
+def test_a_mixed_step_equals_unmixed_steps(model, rng):
+    """A step holding a prefill chunk (which ends one prompt, whose row samples its first token in the same step),
+    a decode row of another slot and a sampled one gives each row what it gets in steps of its own."""
+    prompts = [rng.integers(3, 250, n).tolist() for n in (9, 14, 21)]
+    params = [SamplingParams(), SamplingParams(temperature=0.9, seed=4), SamplingParams(temperature=0.7, top_k=20)]
+
+    def setup() -> Slots:
+        slots = Slots(model, n_slots=4, capacity=64)
+        for s in (0, 1):
+            slots.prefill(s, prompts[s][:-1])
+        slots.prefill(2, prompts[2][:12])
+        return slots
+
+    mixed = setup()
+    tokens = np.array([p[-1] for p in prompts] + [0])
+    chunk = engine.Chunk(2, prompts[2][12:-1], 12)
+    toks, logps = mixed.step(tokens, params + [None], 1, chunk=chunk)
+    alone = setup()
+    alone.prefill(2, chunk.tokens, start=12)
+    for s in range(3):
+        ref_toks, ref_logps = alone.decode(tokens, [params[s] if t == s else None for t in range(4)], 1)
+        assert toks[s, 0] == ref_toks[s, 0]
+        np.testing.assert_allclose(logps[s], ref_logps[s], atol=LOGPROB_ATOL, rtol=0)
+    assert (mixed.lengths == alone.lengths).all() and mixed.tokens == alone.tokens
+    check_continues(model, mixed, 2, prompts[2], int(toks[2, 0]))
+
+
+def test_rows_that_are_not_running_are_not_in_the_step(model, rng, monkeypatch):
+    """Eight slots, two decoding: the compiled step's decode rows are the bucket of two, not eight."""
+    slots = Slots(model, n_slots=8, capacity=64)
+    for s in (2, 5):
+        slots.prefill(s, rng.integers(3, 250, 6).tolist())
+    shapes = []
+    run = engine.run_step
+
+    def spy(graphdef, state, pool, rows, chunk, *args):
+        shapes.append(rows.tok_D.shape)
+        return run(graphdef, state, pool, rows, chunk, *args)
+
+    monkeypatch.setattr(engine, "run_step", spy)
+    slots.decode(np.full(8, 7), [SamplingParams() if s in (2, 5) else None for s in range(8)], 4)
+    assert shapes == [(2,)]
+    assert engine.row_buckets(8) == (1, 2, 4, 8) and engine.row_bucket(3, 8) == 4
+    assert engine.row_buckets(8, chunk=True) == (1, 4, 8)  # beside a prefill chunk
 
 
 def test_slot_limits(model):
