@@ -56,8 +56,9 @@ class Choice:
 
 
 def token_text(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
-    """A token's text (U+FFFD for a part of a character) and its bytes."""
-    data = tokenizer.token_bytes[token]
+    """A token's text (U+FFFD for a part of a character) and its bytes; an id past the tokenizer's vocabulary (a
+    model's padding) has none."""
+    data = tokenizer.token_bytes[token] if token < len(tokenizer.token_bytes) else b""
     return data.decode("utf-8", errors="replace"), list(data)
 
 

@@ -43,7 +43,7 @@ def test_event_printer_sections():
 
 
 def test_module_entry_point_help():
-    done = subprocess.run([sys.executable, "-m", "k2jax.chat", "--help"], check=False, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "k2jax.chat_cli", "--help"], check=False, capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
     assert done.returncode == 0 and "k2jax-chat" in done.stdout and "--tools" in done.stdout
 
