@@ -68,8 +68,10 @@ def test_kernels_on_meshes_match_one_device():
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = _result(proc.stdout)
     assert len(results) == 2 * 2 * 2
+    # The Mosaic INT4 kernel forms x . (128 + u) - 136 * sum(x), which spends ~7 bits (log2 136) of float32's 24 on
+    # the offset: ~2e-5 relative per expert matmul against the XLA path, up to ~2e-4 in log-probs after 32 steps.
     for name, r in results.items():
-        assert r["tokens_equal"] and r["logprob_err"] < 1e-4, (name, r)
+        assert r["tokens_equal"] and r["logprob_err"] < 3e-4, (name, r)
 
 
 def test_two_processes_match_one():
