@@ -70,6 +70,22 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tup
     return make
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop every compiled program after each test module.
+
+    Each CPU executable holds a few memory maps; a long-lived xdist worker that keeps them all passes Linux's
+    vm.max_map_count (65,530) and LLVM's next mmap fails inside a compile as a segfault.
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     """Fresh random inputs every run; the seed is printed by pytest on failure via the test id."""
