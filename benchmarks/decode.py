@@ -7,6 +7,9 @@ decompressed to float32, its fastest mode on a CPU without bf16 instructions. Al
 (bytes it must read / measured copy bandwidth), and the cold start to first token of `k2jax-generate` with the
 bundled model, first run on a new machine (kernel build, empty caches) and with warm caches. Prints markdown tables.
 
+Beside them, llama.cpp (`llama-bench -t <cores>`, built on first use, see benchmarks/llamacpp.py) on GGUF conversions of
+the same weights: f32 beside the float32 checkpoint, Q4_0 (`llama-quantize`) beside the native one.
+
     python benchmarks/decode.py [--preset small] [--new-tokens 64] [--batches 1,8,32] [--formats float32,int4]
 """
 
@@ -28,8 +31,14 @@ import jax
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import k2jax
+from benchmarks import llamacpp
 from k2jax.config import Int4Quant, K2Config
+
+
+Q4_0_BYTES = 18 / 32  # llama.cpp's Q4_0: blocks of 32 weights in 16 bytes of nibbles and one f16 scale
 
 
 def random_checkpoint(cfg: K2Config, path: str):
@@ -169,6 +178,30 @@ def cold_start(caches: str) -> tuple[str, str]:
     return runs[0], runs[1]
 
 
+def llamacpp_rates(model, kind: str, args: argparse.Namespace) -> tuple[float, float]:
+    """llama-bench (batch-1 decode tok/s, prefill tok/s) on `model`'s weights converted to GGUF `kind` (f32, Q4_0)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = llamacpp.to_gguf(llamacpp.write_f32_hf(model, Path(tmp) / "hf"), Path(tmp) / "f32.gguf")
+        if kind != "f32":
+            gguf = llamacpp.quantize(gguf, Path(tmp) / f"{kind}.gguf", kind)
+        threads = os.cpu_count() or 1
+        return (llamacpp.bench(gguf, gen=args.new_tokens, threads=threads),
+                llamacpp.bench(gguf, prompt=args.prefill, threads=threads))
+
+
+def llamacpp_lines(kind: str, rates: tuple[float, float], floor_s: float, step_s: float | None, prefill: float,
+                   args: argparse.Namespace) -> None:
+    """Measure-table lines: llama.cpp's rates, its bytes floor, and k2jax's batch-1 decode and prefill over them."""
+    decode, pre = rates
+    print(f"| llama.cpp {kind} GGUF, batch-1 decode: its bytes floor / measured | {floor_s * 1e3:.2f} ms / "
+          f"{1e3 / decode:.2f} ms ({1 / decode / floor_s:.2f}x the floor) |")
+    if step_s is not None:
+        print(f"| batch-1 decode: k2jax / llama.cpp {kind} | {1 / step_s:.1f} / {decode:.1f} tok/s = "
+              f"{1 / step_s / decode:.2f}x |")
+    print(f"| prefill 1 x {args.prefill}: k2jax / llama.cpp {kind} | {prefill:.0f} / {pre:.0f} tok/s = "
+          f"{prefill / pre:.2f}x |")
+
+
 def float32_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Generator, bw: float) -> None:
     """float32 weights on both sides, k2jax also on its XLA path."""
     with tempfile.TemporaryDirectory() as path:
@@ -188,6 +221,7 @@ def float32_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gene
         print(f"| {batch} | {rate:.1f} | {ref:.1f} | {rate / ref:.2f}x | {xla:.1f} |", flush=True)
     floor = step_bytes(cfg, args.prompt_len + args.new_tokens // 2) / bw
     k2_pre, hf_pre = prefill_rates(model, hf, args.prefill, rng)
+    llama = llamacpp_rates(model, "f32", args)
     print()
     print("| measure | value |")
     print("|---|---|")
@@ -196,6 +230,7 @@ def float32_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gene
               f"= {floor / step_s:.0%} of floor speed ({step_s / floor:.1f}x the floor) |")
     print(f"| prefill 1 x {args.prefill}: k2jax / transformers | {k2_pre:.0f} / {hf_pre:.0f} tok/s "
           f"= {k2_pre / hf_pre:.1f}x |")
+    llamacpp_lines("f32", llama, step_bytes(cfg, args.new_tokens // 2, cache_itemsize=2) / bw, step_s, k2_pre, args)
     print(flush=True)
 
 
@@ -222,6 +257,7 @@ def native_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gener
     k2_floor = step_bytes(cfg, context, itemsize=2, expert_itemsize=0.5625) / bw
     hf_floor = step_bytes(cfg, context) / bw
     k2_pre, hf_pre = prefill_rates(model, hf, args.prefill, rng)
+    llama = llamacpp_rates(model, "Q4_0", args)
     print()
     print("| measure | value |")
     print("|---|---|")
@@ -232,6 +268,8 @@ def native_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gener
               f"{hf_step_s * 1e3:.2f} ms ({hf_step_s / hf_floor:.2f}x the floor) |")
     print(f"| prefill 1 x {args.prefill}: k2jax / transformers | {k2_pre:.0f} / {hf_pre:.0f} tok/s "
           f"= {k2_pre / hf_pre:.1f}x |")
+    q4_floor = step_bytes(cfg, args.new_tokens // 2, itemsize=Q4_0_BYTES, cache_itemsize=2) / bw
+    llamacpp_lines("Q4_0", llama, q4_floor, step_s, k2_pre, args)
     print(flush=True)
 
 

@@ -67,8 +67,18 @@ def binary(name: str) -> Path:
     return build / "bin" / name
 
 
+def byte_tokenizer():
+    """The smallest valid K2 tokenizer (a k2jax Tokenizer): the 256 single bytes plus Kimi's reserved tokens."""
+    from k2jax import chat
+    from k2jax.tokenizer import Tokenizer, kimi_specials
+
+    tokens = [bytes([b]) for b in range(256)]
+    return Tokenizer(tokens, kimi_specials(len(tokens)), chat.bundled_template())
+
+
 def write_f32_hf(model, out: Path) -> Path:
-    """`model` (a loaded k2jax.Model) as a float32 HF dir that convert_hf_to_gguf reads; returns `out`."""
+    """`model` (a loaded k2jax.Model) as a float32 HF dir that convert_hf_to_gguf reads; returns `out`. A model
+    without a tokenizer gets the byte-level one (the converter pads a smaller vocabulary)."""
     import dataclasses
 
     from checkpoints.hf_writer import write_hf_checkpoint
@@ -79,8 +89,11 @@ def write_f32_hf(model, out: Path) -> Path:
     config = out / "config.json"  # convert_hf_to_gguf maps per-expert tensors of model_type deepseek_v3
     config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "deepseek_v3",
                                   "architectures": ["DeepseekV3ForCausalLM"]}))
-    model.tokenizer._backend(True).save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    tokenizer = model.tokenizer or byte_tokenizer()
+    tokenizer.save(out)  # k2jax-serve reads tiktoken.model; llama.cpp's converter reads tokenizer.json
+    tokenizer._backend(True).save(str(out / "tokenizer.json"))
+    tok_config = out / "tokenizer_config.json"
+    tok_config.write_text(json.dumps({**json.loads(tok_config.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}))
     return out
 
 
@@ -118,21 +131,33 @@ def server(gguf: Path, parallel: int, context: int, threads: int = 2, timeout_s:
     port = free_port()
     args = [binary("llama-server"), "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
             "--parallel", str(parallel), "-c", str(parallel * context), "--cont-batching", "--no-webui"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout_s)
+    with running(args, port, timeout_s):
         yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    """Poll `url` until it answers 200; fail with the process's stderr if it exits first or time runs out."""
+@contextlib.contextmanager
+def running(args: list, port: int, timeout_s: float) -> Iterator[None]:
+    """Run a server process until the block ends, its /health on `port` answering 200 before the block starts.
+
+    Its stderr goes to a file, not a pipe: a server logging into a pipe nobody reads blocks once the pipe fills.
+    """
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/health", proc, log, timeout_s)
+            yield
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log, timeout_s: float) -> None:
+    """Poll `url` until it answers 200; fail with the end of the process's log if it exits first or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {log.read()[-2000:]}")
         with contextlib.suppress(OSError):
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:

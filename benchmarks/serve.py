@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,20 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import k2jax
 from benchmarks import llamacpp
-from k2jax import chat
-from k2jax.tokenizer import Tokenizer, kimi_specials
 
 BUNDLED = Path(k2jax.__file__).parent / "bundled"
 PROMPT_RANGE = (128, 1024)
 SHARED_PREFIX = 1024
 SUFFIX_RANGE = (32, 128)
 PROMPT_ID_RANGE = 256  # prompt ids are drawn below this: valid, non-special tokens in every vocabulary used here
-
-
-def byte_tokenizer() -> Tokenizer:
-    """The smallest valid K2 tokenizer: the 256 single bytes plus Kimi's reserved tokens."""
-    tokens = [bytes([b]) for b in range(256)]
-    return Tokenizer(tokens, kimi_specials(len(tokens)), chat.bundled_template())
 
 
 def load_model(name: str, root: Path) -> k2jax.Model:
@@ -61,7 +52,7 @@ def load_model(name: str, root: Path) -> k2jax.Model:
     from checkpoints.hf_writer import write_hf_checkpoint
     from k2jax.synthetic import random_state
 
-    tok = byte_tokenizer()
+    tok = llamacpp.byte_tokenizer()
     cfg = dataclasses.replace(k2jax.preset(name), vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                               eos_token_id=tok.eos_id)
     tok.save(root / "tokenizer")
@@ -131,13 +122,8 @@ def k2jax_server(model_dir: Path, slots: int, context: int, timeout_s: float = 9
     port = llamacpp.free_port()
     args = [sys.executable, "-m", "k2jax.serve", "--model", str(model_dir), "--port", str(port), "--max-batch",
             str(slots), "--max-context", str(context), "--served-model-name", "bench", "--log-level", "warning"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        llamacpp.wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout_s)
+    with llamacpp.running(args, port, timeout_s):
         yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 def measure(url: str, loads: list[str], levels: list[int], n_requests: int, max_tokens: int) -> dict[tuple, dict]:

@@ -202,13 +202,54 @@ def _per_head(x_BTHK: Array, w_LHKN: Array, layer: Array) -> Array:
     return y_HXN.transpose(1, 0, 2).reshape(B, T, H, -1)
 
 
-def mla(p: MLA, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: PagedCache | None, layer: Array,
-        cfg: K2Config) -> tuple[Array, Array | None]:
-    """Multi-head latent attention; with a page pool, writes this chunk's latents into layer `layer` and attends over
-    each row's pages (absorbed: queries projected into the latent space, the cache never expanded).
+def mla(p: MLA, xs_BTM: tuple[Array, ...], pos_BT: tuple[Array, ...], pool_LPNC: Array | None,
+        caches: tuple[PagedCache | None, ...], layer: Array, cfg: K2Config) -> tuple[tuple[Array, ...], Array | None]:
+    """Multi-head latent attention over segments of rows; with a page pool, writes every segment's latents into
+    layer `layer` first, then each segment attends over its rows' pages (absorbed: queries projected into the
+    latent space, the cache never expanded).
 
-    With no pool the chunk attends to itself (a full causal prefill), keys and values expanded per head.
+    Writing all segments before any reads keeps the pool's updates one in-place chain: a read between two writes
+    would make XLA copy the whole pool per layer. With no pool each segment attends to itself (a full causal
+    prefill), keys and values expanded per head.
     """
+    qkv = [project_qkv(p, x_BTM, pos, layer, cfg) for x_BTM, pos in zip(xs_BTM, pos_BT)]
+    mesh = context_mesh()
+    h = None if mesh is None else partition_spec(("heads",), mesh)[0]
+    head_axes = tuple(a for a in spec_axes(h) if mesh.shape[a] > 1)
+    weights = (p.w_uk[...], p.w_uv[...], p.o_proj[...])
+    if pool_LPNC is None:
+        causal = functools.partial(causal_attention, cfg=cfg, head_axes=head_axes)
+        outs = []
+        for (q_nope_BTHD, q_pe_BTHP, new_BTC), pos in zip(qkv, pos_BT):
+            attend = causal
+            if mesh is not None:
+                b = partition_spec(("batch",), mesh, pos.shape[:1])[0]
+                attend = jax.shard_map(causal, mesh=mesh, check_vma=False, out_specs=P(b),
+                                       in_specs=(P(b, None, h), P(b, None, h), P(b), P(b), P(), P(None, h),
+                                                 P(None, h), P(None, h)))
+            outs.append(attend(q_nope_BTHD, q_pe_BTHP, new_BTC, pos, layer, *weights))
+        return tuple(outs), None
+    layout = caches[0].layout
+    # A segment over all the layout's rows splits them as the pages are split; a segment over other rows (one
+    # slot's prefill chunk) runs on every device, each attending over the pages it holds.
+    row_axes = [layout.row_axes if pos.shape[0] == layout.n_rows else () for pos in pos_BT]
+    combine_axes = tuple(tuple(a for a in layout.pool_axes if a not in rows) for rows in row_axes)
+    segments = tuple((*q, pos, c.table_BM, c.kv_len_B) for q, pos, c in zip(qkv, pos_BT, caches))
+    attend = functools.partial(paged_attention, cfg=cfg, layout=layout, head_axes=head_axes,
+                               combine_axes=combine_axes)
+    if mesh is None:
+        return attend(segments, pool_LPNC, layer, *weights)
+    b = [rows if len(rows) > 1 else (rows[0] if rows else None) for rows in row_axes]
+    pool_spec = pool_sharding(layout, mesh).spec
+    seg_specs = tuple((P(bi, None, h), P(bi, None, h), P(bi), P(bi), P(bi), P(bi)) for bi in b)
+    return jax.shard_map(attend, mesh=mesh, check_vma=False,
+                         in_specs=(seg_specs, pool_spec, P(), P(None, h), P(None, h), P(None, h)),
+                         out_specs=(tuple(P(bi) for bi in b), pool_spec))(segments, pool_LPNC, layer, *weights)
+
+
+def project_qkv(p: MLA, x_BTM: Array, pos_BT: Array, layer: Array, cfg: K2Config) -> tuple[Array, Array, Array]:
+    """Queries (no-rope part q_nope_BTHD, roped q_pe_BTHP) and the new latents new_BTC (normed kv latent and roped
+    key, the cache's layout) of layer `layer`."""
     eps, R = cfg.rms_norm_eps, cfg.kv_lora_rank
     if cfg.q_lora_rank is not None:
         q_BTQ = rms_norm(_proj(x_BTM, p.q_a[...], layer), p.q_a_norm[...][layer], eps)
@@ -221,34 +262,7 @@ def mla(p: MLA, x_BTM: Array, pos_BT: Array, pool_LPNC: Array | None, cache: Pag
     kv_BTX = _proj(x_BTM, p.kv_a[...], layer)
     new_BTC = jnp.concatenate([rms_norm(kv_BTX[..., :R], p.kv_a_norm[...][layer], eps),
                                apply_rope(kv_BTX[..., R:], cos, sin)], axis=-1)
-    mesh = context_mesh()
-    h = None if mesh is None else partition_spec(("heads",), mesh)[0]
-    head_axes = tuple(a for a in spec_axes(h) if mesh.shape[a] > 1)
-    if pool_LPNC is None:
-        attend = functools.partial(causal_attention, cfg=cfg, head_axes=head_axes)
-        args = (q_nope_BTHD, q_pe_BTHP, new_BTC, pos_BT, layer, p.w_uk[...], p.w_uv[...], p.o_proj[...])
-        if mesh is None:
-            return attend(*args), None
-        b = partition_spec(("batch",), mesh, pos_BT.shape[:1])[0]
-        return jax.shard_map(attend, mesh=mesh, check_vma=False, out_specs=P(b),
-                             in_specs=(P(b, None, h), P(b, None, h), P(b), P(b), P(), P(None, h), P(None, h),
-                                       P(None, h)))(*args), None
-    layout = cache.layout
-    # A step over all the layout's rows splits them as the pages are split; a step over other rows (one slot's
-    # prefill) runs on every device, each attending over the pages it holds.
-    row_axes = layout.row_axes if pos_BT.shape[0] == layout.n_rows else ()
-    combine_axes = tuple(a for a in layout.pool_axes if a not in row_axes)
-    attend = functools.partial(paged_attention, cfg=cfg, layout=layout, head_axes=head_axes, combine_axes=combine_axes)
-    args = (q_nope_BTHD, q_pe_BTHP, new_BTC, pos_BT, pool_LPNC, cache.table_BM, cache.kv_len_B, layer, p.w_uk[...],
-            p.w_uv[...], p.o_proj[...])
-    if mesh is None:
-        return attend(*args)
-    b = row_axes if len(row_axes) > 1 else (row_axes[0] if row_axes else None)
-    pool_spec = pool_sharding(layout, mesh).spec
-    return jax.shard_map(attend, mesh=mesh, check_vma=False,
-                         in_specs=(P(b, None, h), P(b, None, h), P(b), P(b), pool_spec, P(b), P(b), P(),
-                                   P(None, h), P(None, h), P(None, h)),
-                         out_specs=(P(b), pool_spec))(*args)
+    return q_nope_BTHD, q_pe_BTHP, new_BTC
 
 
 def causal_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT: Array, layer: Array,
@@ -276,29 +290,50 @@ def project_out(o_BTHD: Array, o_proj_LHDM: Array, layer: Array, head_axes: tupl
     return (jax.lax.psum(o_BTM, head_axes) if head_axes else o_BTM).astype(o_BTHD.dtype)
 
 
-def paged_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT: Array, pool_LPNC: Array,
-                    table_BM: Array, kv_len_B: Array, layer: Array, w_uk_LHDR: Array, w_uv_LHRD: Array,
-                    o_proj_LHDM: Array, *, cfg: K2Config, layout: PoolLayout, head_axes: tuple[str, ...],
-                    combine_axes: tuple[str, ...]) -> tuple[Array, Array]:
-    """Write new latents into this device's pages, attend over them with the ragged kernel, combine shards.
+def paged_attention(segments: tuple[tuple[Array, ...], ...], pool_LPNC: Array, layer: Array, w_uk_LHDR: Array,
+                    w_uv_LHRD: Array, o_proj_LHDM: Array, *, cfg: K2Config, layout: PoolLayout,
+                    head_axes: tuple[str, ...], combine_axes: tuple[tuple[str, ...], ...]
+                    ) -> tuple[tuple[Array, ...], Array]:
+    """Write every segment's new latents into this device's pages, then attend each segment (q_nope_BTHD,
+    q_pe_BTHP, new_BTC, pos_BT, table_BM, kv_len_B) over them with the ragged kernel, combining shards over its
+    `combine_axes`.
 
     This device holds pages [first, first + pages_per_group) of the pool: its own rows' pages of its position
     shard (every `seq_shards`-th page of a row, from the shard index on). Rows whose pages live elsewhere see
-    nothing here; partial outputs combine by log-sum-exp over `combine_axes` (the pool axes that do not split
-    this step's rows). When heads are split over a combining axis, queries of all heads are gathered and the
-    combined outputs reduce-scattered back to this shard's heads.
+    nothing here; partial outputs combine by log-sum-exp over the pool axes that do not split the segment's rows.
+    When heads are split over a combining axis, queries of all heads are gathered and the combined outputs
+    reduce-scattered back to this shard's heads.
     """
-    R, N, ppg = cfg.kv_lora_rank, layout.page_size, layout.pages_per_group
-    dtype = q_nope_BTHD.dtype
-    first = (jax.lax.axis_index(layout.pool_axes) if layout.pool_axes else 0) * ppg
-    shard = jax.lax.axis_index(layout.seq_axes) if layout.seq_axes else 0
-    local_BM = table_BM - first
-    B, M = local_BM.shape
+    first = (jax.lax.axis_index(layout.pool_axes) if layout.pool_axes else 0) * layout.pages_per_group
+    for _, _, new_BTC, pos_BT, table_BM, kv_len_B in segments:
+        pool_LPNC = write_latents(pool_LPNC, new_BTC, pos_BT, table_BM - first, kv_len_B, layer, layout)
+    outs = tuple(attend_pages(q_nope_BTHD, q_pe_BTHP, pos_BT, table_BM - first, kv_len_B, pool_LPNC, layer, w_uk_LHDR,
+                              w_uv_LHRD, o_proj_LHDM, cfg=cfg, layout=layout, head_axes=head_axes, combine_axes=combine)
+                 for (q_nope_BTHD, q_pe_BTHP, _, pos_BT, table_BM, kv_len_B), combine in zip(segments, combine_axes))
+    return outs, pool_LPNC
+
+
+def write_latents(pool_LPNC: Array, new_BTC: Array, pos_BT: Array, local_BM: Array, kv_len_B: Array, layer: Array,
+                  layout: PoolLayout) -> Array:
+    """The pool with layer `layer`'s latents of positions below kv_len_B written into the pages this device holds
+    (local_BM: page ids relative to its first page; the rest dropped)."""
+    N, ppg, M = layout.page_size, layout.pages_per_group, local_BM.shape[1]
     page_BT = jnp.take_along_axis(local_BM, jnp.clip(pos_BT // N, 0, M - 1), axis=1)
     mine_BT = (pos_BT < kv_len_B[:, None]) & (page_BT >= 0) & (page_BT < ppg)
     new_BTC = jnp.pad(new_BTC, ((0, 0), (0, 0), (0, pool_LPNC.shape[-1] - new_BTC.shape[-1])))
-    pool_LPNC = pool_LPNC.at[layer, jnp.where(mine_BT, page_BT, ppg), pos_BT % N].set(new_BTC.astype(pool_LPNC.dtype),
-                                                                                    mode="drop")
+    return pool_LPNC.at[layer, jnp.where(mine_BT, page_BT, ppg), pos_BT % N].set(new_BTC.astype(pool_LPNC.dtype),
+                                                                                  mode="drop")
+
+
+def attend_pages(q_nope_BTHD: Array, q_pe_BTHP: Array, pos_BT: Array, local_BM: Array, kv_len_B: Array,
+                 pool_LPNC: Array, layer: Array, w_uk_LHDR: Array, w_uv_LHRD: Array, o_proj_LHDM: Array, *,
+                 cfg: K2Config, layout: PoolLayout, head_axes: tuple[str, ...], combine_axes: tuple[str, ...]
+                 ) -> Array:
+    """One segment's absorbed attention over the pages this device holds of its rows (the ragged kernel), partial
+    softmaxes combined over `combine_axes`, then W_UV and o_proj."""
+    R, ppg, dtype = cfg.kv_lora_rank, layout.pages_per_group, q_nope_BTHD.dtype
+    shard = jax.lax.axis_index(layout.seq_axes) if layout.seq_axes else 0
+    B, M = local_BM.shape
     stripe_BM = jax.lax.dynamic_index_in_dim(local_BM.reshape(B, M // layout.seq_shards, layout.seq_shards), shard,
                                              axis=2, keepdims=False)
     holds_B = (stripe_BM[:, 0] >= 0) & (stripe_BM[:, 0] < ppg)
@@ -315,7 +350,7 @@ def paged_attention(q_nope_BTHD: Array, q_pe_BTHP: Array, new_BTC: Array, pos_BT
     if combine_axes:
         o_BTHR = combine_shards(o_BTHR, lse_BTH, combine_axes, gathered)
     o_BTHD = _per_head(o_BTHR.astype(dtype), w_uv_LHRD, layer)
-    return project_out(o_BTHD, o_proj_LHDM, layer, head_axes), pool_LPNC
+    return project_out(o_BTHD, o_proj_LHDM, layer, head_axes)
 
 
 def combine_shards(o_BTHR: Array, lse_BTH: Array, axes: tuple[str, ...], scatter_axes: tuple[str, ...]) -> Array:
@@ -440,13 +475,11 @@ def moe(p: MoE, x_BTM: Array, layer: Array, cfg: K2Config) -> Array:
 def block(p: Block, xs_BTM: tuple[Array, ...], pos_BT: tuple[Array, ...], pool_LPNC: Array | None,
           caches: tuple[PagedCache | None, ...], layer: Array, cfg: K2Config) -> tuple[tuple[Array, ...], Array | None]:
     """Pre-norm residual layer `layer` of the stack p over segments of rows (e.g. a prefill chunk and decode rows):
-    attention per segment in order (a later segment reads what an earlier one wrote into the pool), then the MLP or
+    attention over all segments (each reads what every segment wrote into the pool), then the MLP or
     MoE once over all tokens."""
-    hs_BTM = []
-    for x_BTM, pos, cache in zip(xs_BTM, pos_BT, caches):
-        h_BTM, pool_LPNC = mla(p.attn, rms_norm(x_BTM, p.attn_norm[...][layer], cfg.rms_norm_eps), pos, pool_LPNC,
-                               cache, layer, cfg)
-        hs_BTM.append(x_BTM + h_BTM)
+    normed = tuple(rms_norm(x_BTM, p.attn_norm[...][layer], cfg.rms_norm_eps) for x_BTM in xs_BTM)
+    attn_BTM, pool_LPNC = mla(p.attn, normed, pos_BT, pool_LPNC, caches, layer, cfg)
+    hs_BTM = [x_BTM + h_BTM for x_BTM, h_BTM in zip(xs_BTM, attn_BTM)]
     x_NM = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in hs_BTM])
     h_NM = rms_norm(x_NM, p.mlp_norm[...][layer], cfg.rms_norm_eps)
     h_NM = moe(p.mlp, h_NM[None], layer, cfg)[0] if isinstance(p.mlp, MoE) else mlp(p.mlp, h_NM, layer)

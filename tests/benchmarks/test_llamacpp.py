@@ -40,3 +40,12 @@ def test_f32_dir_tokenizer_matches(bundled_and_f32):
     fast = transformers.AutoTokenizer.from_pretrained(hf_dir)
     text = "Hello, world! 37 * 41 = ?\n  def f(x):\n\treturn x ** 2  # ünïcødé 漢字"
     assert fast.encode(text, add_special_tokens=False) == model.tokenizer.encode(text, allow_special=False)
+
+
+def test_f32_dir_serves_with_the_same_tokenizer(bundled_and_f32):
+    """k2jax-serve is given the same dir as llama.cpp: it must load with the model's own tokenizer."""
+    model, hf_dir = bundled_and_f32
+    reloaded = k2jax.load(hf_dir)
+    assert reloaded.tokenizer is not None
+    assert reloaded.tokenizer.tokens == model.tokenizer.tokens
+    assert reloaded.tokenizer.bos_id == model.tokenizer.bos_id and reloaded.tokenizer.eos_id == model.tokenizer.eos_id
