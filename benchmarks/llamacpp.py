@@ -68,11 +68,12 @@ def binary(name: str) -> Path:
 
 
 def byte_tokenizer():
-    """The smallest valid K2 tokenizer (a k2jax Tokenizer): the 256 single bytes plus Kimi's reserved tokens."""
+    """The smallest K2 tokenizer llama.cpp loads (a k2jax Tokenizer): the 256 single bytes, one merge (llama.cpp
+    refuses a BPE vocabulary without merges) and Kimi's reserved tokens."""
     from k2jax import chat
     from k2jax.tokenizer import Tokenizer, kimi_specials
 
-    tokens = [bytes([b]) for b in range(256)]
+    tokens = [bytes([b]) for b in range(256)] + [b"  "]
     return Tokenizer(tokens, kimi_specials(len(tokens)), chat.bundled_template())
 
 
