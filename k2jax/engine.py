@@ -1,8 +1,9 @@
 """The user-facing model and the engine step that every caller drives (generate, the agent's slots, the server).
 
-The step (run_step) runs a ragged batch over the donated page pool: at most one prompt chunk (one row's tokens,
-padded to a chunk_sizes length, at most PREFILL_CHUNK for generate) and the decode rows of the running sequences
-only (padded to a row bucket), their tokens through the dense and MoE layers together, attention per segment.
+The step (run_step) runs a ragged batch over the donated page pool: prompt chunks (one row's tokens padded to a
+chunk_sizes length, at most PREFILL_CHUNK for generate, or up to PACKED_CHUNKS short ones of several rows padded
+together) and the decode rows of the running sequences only (padded to a row bucket), their tokens through the
+dense and MoE layers together, attention per segment.
 Decode rows sample on device; a prompt's last token is fed as a decode row (in the step whose chunk ends the
 prompt, or later), so no logits go to the host. Decode-only steps loop up to DECODE_STEPS sampled steps on device
 per host round trip. Page tables are cut to a power-of-two bucket of positions that covers the longest row (at
@@ -33,6 +34,8 @@ from sharding.mesh import mesh_of
 
 PREFILL_CHUNK = 512
 DECODE_STEPS = 8
+PACKED_CHUNKS = 4  # prompt chunks of several rows one step carries when each is short (PACKED_LENGTHS)
+PACKED_LENGTHS = (32, 128)
 MAX_TABLE_WIDTHS = 6
 
 
@@ -103,12 +106,15 @@ def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens:
                       _put(mask))
 
 
-def prefill_chunk(table: np.ndarray, chunk: Chunk, T: int, width: int) -> PrefillChunk:
-    """The prefill segment on device: the chunk's tokens padded to T, `width` columns of its row's page table."""
-    padded = np.zeros((1, T), np.int32)
-    padded[0, : len(chunk.tokens)] = chunk.tokens
-    return PrefillChunk(_put(padded), _put(np.array([chunk.start], np.int32)),
-                        _put(np.array([chunk.start + len(chunk.tokens)], np.int32)), _put(table[[chunk.row], :width]))
+def prefill_chunks(table: np.ndarray, chunks: Sequence[Chunk], P: int, T: int, width: int) -> PrefillChunk:
+    """The prefill segment on device: P rows of T tokens, chunk i's tokens in row i and `width` columns of its row's
+    page table; rows past the chunks write and see nothing."""
+    tok_PT, start_P, kv_len_P = np.zeros((P, T), np.int32), np.zeros(P, np.int32), np.zeros(P, np.int32)
+    table_rows = np.full(P, chunks[0].row)
+    for i, chunk in enumerate(chunks):
+        tok_PT[i, : len(chunk.tokens)] = chunk.tokens
+        start_P[i], kv_len_P[i], table_rows[i] = chunk.start, chunk.start + len(chunk.tokens), chunk.row
+    return PrefillChunk(_put(tok_PT), _put(start_P), _put(kv_len_P), _put(table[table_rows, :width]))
 
 
 @dataclasses.dataclass
@@ -155,7 +161,7 @@ class DecodeRows:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PrefillChunk:
-    """The prefill segment of a step: prompt tokens tok_PT of row table_PM at positions start_P.., of which those
+    """The prefill segment of a step: prompt tokens tok_PT of rows table_PM at positions start_P.., of which those
     below kv_len_P are written (the rest is padding); nothing is sampled from them."""
 
     tok_PT: jax.Array
@@ -169,12 +175,13 @@ class PrefillChunk:
 def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array], rows: DecodeRows,
              chunk: PrefillChunk | None, n_steps: jax.Array, cfg: K2Config, dtype: Any, layout: PoolLayout,
              max_steps: int) -> tuple[jax.Array, Logprobs, dict[str, jax.Array]]:
-    """The engine step. With a chunk: the chunk and one step of the decode rows in one pass. Without: n_steps (a
+    """The engine step. With chunks: the chunks and one step of the decode rows in one pass. Without: n_steps (a
     device scalar, at most max_steps: one program for every count) steps of the decode rows, looped on device.
-    Returns sampled tokens [D, max_steps] (the first n_steps are real; one with a chunk), their Logprobs, the pool.
+    Returns sampled tokens [D, max_steps] (the first n_steps are real; one with chunks), their Logprobs, the pool.
 
-    The chunk attends first in every layer, so a decode row may feed the last prompt token of a chunk that ends in
-    this step (its first token is sampled here); the dense and MoE layers run over both segments' tokens at once.
+    Both segments write their latents before either attends, so a decode row may feed the last prompt token of a
+    chunk that ends in this step (its first token is sampled here); the dense and MoE layers run over both
+    segments' tokens at once.
     Masks hold for every step; the unmasked sampler runs when every row allows every token.
     """
     model = nnx.merge(graphdef, state)
@@ -232,9 +239,21 @@ def chunk_sizes(limit: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def chunk_bucket(n: int, limit: int) -> int:
-    """The length a chunk of n <= limit tokens pads to."""
-    return next(s for s in chunk_sizes(limit) if s >= n)
+def chunk_shapes(limit: int) -> tuple[tuple[int, int], ...]:
+    """The (chunks, length) shapes of prefill segments steps are compiled for: one chunk of each chunk_sizes(limit)
+    length, and PACKED_CHUNKS chunks of each PACKED_LENGTHS length whose tokens fit the largest."""
+    top = chunk_sizes(limit)[-1]
+    return tuple((1, t) for t in chunk_sizes(limit)) + tuple(
+        (PACKED_CHUNKS, t) for t in PACKED_LENGTHS if PACKED_CHUNKS * t <= top)
+
+
+def chunk_shape(lengths: Sequence[int], limit: int) -> tuple[int, int] | None:
+    """The shape prompt chunks of these lengths (each <= limit) pad to together: the fewest padded tokens; None
+    when no compiled shape holds them (several chunks that are not all short, or more than limit tokens)."""
+    if len(lengths) > 1 and sum(lengths) > limit:
+        return None
+    fits = [(p, t) for p, t in chunk_shapes(limit) if p >= len(lengths) and t >= max(lengths)]
+    return min(fits, key=lambda shape: shape[0] * shape[1], default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,31 +350,37 @@ class Model:
 
     def run(self, pages: PageAllocator, pool: dict[str, jax.Array], rows: Sequence[int], tokens: Sequence[int],
             positions: Sequence[int], params: Sequence[SamplingParams], n_steps: int, masks: np.ndarray | None = None,
-            chunk: Chunk | None = None, chunk_limit: int | None = None, max_steps: int | None = None,
-            shape: tuple[int, int, int] | None = None) -> tuple[dict[str, jax.Array], np.ndarray, Logprobs]:
-        """One engine step: `chunk` (prompt tokens of one row) is written, and in the same pass row rows[i] feeds
-        tokens[i] at positions[i] and samples n_steps tokens (with a chunk: one) under masks[i] (packed allowed
+            chunks: Sequence[Chunk] = (), chunk_limit: int | None = None, max_steps: int | None = None,
+            shape: tuple[int, int, int, int] | None = None) -> tuple[dict[str, jax.Array], np.ndarray, Logprobs]:
+        """One engine step: `chunks` (prompt tokens of distinct rows) are written, and in the same pass row rows[i]
+        feeds tokens[i] at positions[i] and samples n_steps tokens (with chunks: one) under masks[i] (packed allowed
         tokens), each row's pages covering what it writes. Returns the pool, [len(rows), n] tokens and their Logprobs.
 
         Decode rows pad to a row bucket (only running rows are in the step; all the layout's rows in their own order
-        when the bucket is all of them, so the pages' row split holds), the chunk to a chunk_sizes(chunk_limit)
-        length, the step count to max_steps (default max(n_steps, DECODE_STEPS)); shape (rows, chunk length, table
+        when the bucket is all of them, so the pages' row split holds), the chunks to a chunk_shape(chunk_limit),
+        the step count to max_steps (default max(n_steps, DECODE_STEPS)); shape (rows, chunks, chunk length, table
         width) forces the buckets (to compile ahead: warmup).
         """
         layout, columns = pages.layout, pages.table.shape[1]
         n_rows, n_real = layout.n_rows, len(rows)
-        max_steps = 1 if chunk is not None else max_steps or max(n_steps, DECODE_STEPS)
+        max_steps = 1 if chunks else max_steps or max(n_steps, DECODE_STEPS)
         if not 0 < n_steps <= max_steps:
             raise ValueError(f"a step samples 1 to {max_steps} tokens per row (1 with a prefill chunk), not {n_steps}")
-        D, T, width = shape or (row_bucket(max(n_real, 1), n_rows, chunk is not None),
-                                chunk_bucket(len(chunk.tokens), chunk_limit or PREFILL_CHUNK) if chunk else 0, 0)
-        need = max([int(p) + n_steps for p in positions] + ([chunk.start + T] if chunk else []) + [1])
+        P, T = (0, 0)
+        if chunks:
+            limit = chunk_limit or PREFILL_CHUNK
+            P, T = chunk_shape([len(c.tokens) for c in chunks], limit) or (0, 0)
+            if not P:
+                raise ValueError(f"no compiled step holds prompt chunks of {[len(c.tokens) for c in chunks]} tokens "
+                                 f"(one of at most {limit}, or up to {PACKED_CHUNKS} of at most {PACKED_LENGTHS[-1]})")
+        D, P, T, width = shape or (row_bucket(max(n_real, 1), n_rows, bool(chunks)), P, T, 0)
+        need = max([int(p) + n_steps for p in positions] + [c.start + T for c in chunks] + [1])
         width = width or table_width(layout, columns, need)
         idx = np.asarray(rows, np.int64) if D == n_rows else np.arange(n_real)
-        pad_row = rows[0] if rows else chunk.row if chunk else 0
+        pad_row = rows[0] if rows else chunks[0].row if chunks else 0
         decode = decode_rows(pages.table, idx, rows, tokens, positions, params, masks, D, width, pad_row,
                              -(-self.config.vocab_size // 32))
-        prefill = None if chunk is None else prefill_chunk(pages.table, chunk, T, width)
+        prefill = prefill_chunks(pages.table, chunks, P, T, width) if P else None
         toks, logps, pool = self._call(run_step, self.graphdef, self.state, pool, decode, prefill,
                                        _put(np.int32(n_steps)), self.config, self.dtype, layout, max_steps)
         return pool, host_value(toks)[idx, :n_steps], Logprobs(*(host_value(x)[idx, :n_steps] for x in logps))
@@ -419,7 +444,7 @@ class Model:
             pages.reserve(i * n, len(prompt) - 1)
             for lo in range(0, len(prompt) - 1, PREFILL_CHUNK):
                 chunk = Chunk(i * n, prompt[lo:min(lo + PREFILL_CHUNK, len(prompt) - 1)], lo)
-                pool = self.run(pages, pool, [], [], [], [], 1, chunk=chunk)[0]
+                pool = self.run(pages, pool, [], [], [], [], 1, chunks=[chunk])[0]
             pool = apply_copies(pool, [c for j in range(1, n) for c in pages.fork(i * n, i * n + j, len(prompt) - 1)])
         last = np.repeat([p[-1] for p in ids], n)
         pos = np.repeat(lengths - 1, n)

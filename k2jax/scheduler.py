@@ -364,51 +364,50 @@ class Scheduler:
             self._active[request.slot] = request
 
     def _step(self) -> int:
-        """One engine step: the next chunk of at most prefill_chunk tokens of the oldest request still prefilling,
-        beside every request that decodes (a request whose chunk ends its prefill decodes in the same step); returns
-        the rows decoded.
+        """One engine step: the next prompt chunks (engine.chunk_shape: one of at most prefill_chunk tokens, or a few
+        short ones) of the oldest requests still prefilling, beside every request that decodes (a request whose chunk
+        ends its prefill decodes in the same step); returns the rows decoded.
 
         A request whose own part of the step fails (its chunk, or its sampling row) ends with an error alone.
         """
-        chunk, request = self._next_chunk()
-        completes = request is not None and request.prefilled + len(chunk.tokens) == len(request.context) - 1
-        if chunk is not None:
-            self._make_room({chunk.row: chunk.start + len(chunk.tokens) + completes})
-            if request.slot is None:  # it was the newest: it waits for pages
-                chunk = request = None
+        planned = self._next_chunks()
+        if planned:
+            self._make_room({c.row: c.start + len(c.tokens) + self._completes(r, c) for c, r in planned})
+            planned = [(c, r) for c, r in planned if r.slot is not None]  # preempted: they wait for pages
         decoding = {s: r for s, r in self._active.items() if self._prefilled(r) and self._row_ok(r)}
-        if request is not None and completes:
-            if self._row_ok(request):
-                decoding[request.slot] = request
-            else:  # it failed alone
-                chunk = request = None
+        for chunk, request in list(planned):
+            if self._completes(request, chunk):
+                if self._row_ok(request):
+                    decoding[request.slot] = request
+                else:  # it failed alone
+                    planned.remove((chunk, request))
         constrained = {s: r.constraint for s, r in decoding.items() if r.constraint is not None}
         masks, n_steps = row_masks(constrained, self.slots.n_slots, self.decode_steps)
-        n_steps = 1 if chunk is not None else n_steps
+        n_steps = 1 if planned else n_steps
         wants = {s: int(self.slots.lengths[s]) + n_steps for s in decoding}
-        if chunk is not None:
+        for chunk, _ in planned:
             wants[chunk.row] = chunk.start + len(chunk.tokens) + (n_steps if chunk.row in decoding else 0)
         self._make_room(wants)
-        if chunk is not None and request.slot is None:  # preempted: it waits for pages
-            chunk = request = None
+        planned = [(c, r) for c, r in planned if r.slot is not None]
         decoding = {s: decoding[s] for s in wants if s in decoding}
-        if not decoding and chunk is None:
+        if not decoding and not planned:
             return 0
         last = np.zeros(self.slots.n_slots, np.int32)
         for slot, r in decoding.items():
             last[slot] = self._last(r)
         params = [decoding[s].params if s in decoding else None for s in range(self.slots.n_slots)]
         try:
-            tokens, logprobs = self.slots.step(last, params, n_steps, masks, chunk)
+            tokens, logprobs = self.slots.step(last, params, n_steps, masks, [c for c, _ in planned])
         except LinkError:
             raise
         except Exception as err:
-            if request is None:
+            if not planned:
                 raise
-            self._fail_request(request, "prefill", err)  # its chunk failed; the others go on next step
+            for _, request in planned:  # their chunks failed; the others go on next step
+                self._fail_request(request, "prefill", err)
             return 0
         self.steps += 1
-        if request is not None:
+        for chunk, request in planned:
             request.prefilled += len(chunk.tokens)
         for slot, r in decoding.items():
             if self._active.get(slot) is not r:  # preempted for another's forced tokens meanwhile
@@ -420,22 +419,37 @@ class Scheduler:
             self._accept(r, tokens[slot, :taken].tolist(), *token_logprobs(row, r.params.top_logprobs))
         return len(decoding)
 
-    def _next_chunk(self) -> tuple[engine.Chunk | None, Request | None]:
-        """The next prefill chunk and its request: the oldest running request with context left to write (all of it
-        but its last token, which its first decode row feeds), its slot started from the prefix cache if new."""
+    def _next_chunks(self) -> list[tuple[engine.Chunk, Request]]:
+        """The next step's prompt chunks and their requests: the oldest running request's next chunk of at most
+        prefill_chunk tokens of what it has left to write (all its context but the last token, which its first
+        decode row feeds), then the next requests' while engine.chunk_shape holds them all; a new request's slot is
+        started from the prefix cache. A chunk that cannot be written fails its request alone."""
+        planned: list[tuple[engine.Chunk, Request]] = []
         for request in [r for r in self._active.values() if not self._prefilled(r)]:
             try:
                 if not request.attached:
                     self._attach(request)
                 n = min(self.prefill_chunk, len(request.context) - 1 - request.prefilled)
-                if n > 0:
-                    return engine.Chunk(request.slot, request.context[request.prefilled:request.prefilled + n],
-                                        request.prefilled), request
+                if n <= 0:
+                    continue
+                chunk = engine.Chunk(request.slot, request.context[request.prefilled:request.prefilled + n],
+                                     request.prefilled)
+                self.slots.check_chunk(chunk)
             except LinkError:
                 raise
             except Exception as err:  # this request could not start; the others go on
                 self._fail_request(request, "prefill", err)
-        return None, None
+                continue
+            lengths = [len(c.tokens) for c, _ in planned] + [n]
+            if planned and engine.chunk_shape(lengths, self.slots.max_chunk) is None:
+                break
+            planned.append((chunk, request))
+        return planned
+
+    @staticmethod
+    def _completes(request: Request, chunk: engine.Chunk) -> bool:
+        """Whether `chunk` writes the last of what `request` must prefill (it then decodes in the same step)."""
+        return request.prefilled + len(chunk.tokens) == len(request.context) - 1
 
     @staticmethod
     def _last(request: Request) -> int:
@@ -611,13 +625,14 @@ def unpack_params(packed: np.ndarray, n_slots: int) -> list[SamplingParams | Non
 class StepLink:
     """One fixed-size int32 message per model call, broadcast from process 0 to all (compiles once).
 
-    Message: [op, a, b, c, d] then the payload (a step's decode tokens, packed sampling settings and chunk tokens).
+    Message: [op, a, b, c, d] then the payload (a step's decode tokens, packed sampling settings, each chunk's
+    slot, start and length, and the chunks' tokens).
     """
 
     def __init__(self, n_slots: int, max_prefill: int, step_timeout_s: float = STEP_TIMEOUT_S,
                  peer_timeout_s: float = PEER_TIMEOUT_S):
         self.n_slots, self.step_timeout_s, self.peer_timeout_s = n_slots, step_timeout_s, peer_timeout_s
-        self.size = HEADER + (1 + PARAM_FIELDS) * n_slots + max_prefill
+        self.size = HEADER + (1 + PARAM_FIELDS) * n_slots + 3 * engine.PACKED_CHUNKS + max_prefill
         self._worked = False
 
     @contextlib.contextmanager
@@ -655,6 +670,17 @@ class StepLink:
         return received
 
 
+def unpack_step(payload: np.ndarray, n_slots: int, n_steps: int, n_chunks: int
+                ) -> tuple[np.ndarray, list[SamplingParams | None], int, None, list[engine.Chunk]]:
+    """A STEP message's payload (as LinkedSlots.step sends it) as Slots.step's arguments."""
+    fields = (1 + PARAM_FIELDS) * n_slots
+    spans = payload[fields:fields + 3 * n_chunks].reshape(n_chunks, 3)
+    offsets = fields + 3 * n_chunks + np.concatenate([[0], np.cumsum(spans[:, 2])])
+    chunks = [engine.Chunk(int(row), payload[lo:hi].tolist(), int(start))
+              for (row, start, _), lo, hi in zip(spans, offsets[:-1], offsets[1:])]
+    return payload[:n_slots], unpack_params(payload[n_slots:fields], n_slots), n_steps, None, chunks
+
+
 class LinkedSlots(Slots):
     """Slots whose every step, attach, rewind and release is first broadcast to the processes running follow()."""
 
@@ -670,17 +696,16 @@ class LinkedSlots(Slots):
         return super().attach_cached(slot, page)
 
     def step(self, tokens: np.ndarray, params: Sequence[SamplingParams | None], n_steps: int = engine.DECODE_STEPS,
-             masks: np.ndarray | None = None, chunk: engine.Chunk | None = None) -> tuple[np.ndarray, np.ndarray]:
+             masks: np.ndarray | None = None, chunks: Sequence[engine.Chunk] = ()) -> tuple[np.ndarray, np.ndarray]:
         """Broadcast, then step, within the link's deadline (token masks are not broadcast: single-host only)."""
         if masks is not None:
             raise ValueError("constrained decoding (token masks) is not available when serving over several processes")
-        header = (n_steps, -1, 0, 0) if chunk is None else (n_steps, chunk.row, chunk.start, len(chunk.tokens))
-        payload = [np.asarray(tokens, np.int32), pack_params(params)]
-        if chunk is not None:
-            payload.append(np.asarray(chunk.tokens, np.int32))
+        payload = [np.asarray(tokens, np.int32), pack_params(params),
+                   np.array([(c.row, c.start, len(c.tokens)) for c in chunks], np.int32).reshape(-1),
+                   *(np.asarray(c.tokens, np.int32) for c in chunks)]
         with self.link.deadline():
-            self.link.send(STEP, header, np.concatenate(payload))
-            return super().step(tokens, params, n_steps, chunk=chunk)
+            self.link.send(STEP, (n_steps, len(chunks)), np.concatenate(payload))
+            return super().step(tokens, params, n_steps, chunks=chunks)
 
     def rewind(self, slot: int, length: int) -> None:
         """Broadcast, then rewind."""
@@ -709,14 +734,12 @@ def follow(model: engine.Model, n_slots: int, max_context: int | None, link: Ste
     while True:
         with link.deadline():
             message = link.receive()
-            op, (a, b, c, d), payload = int(message[0]), message[1:HEADER].tolist(), message[HEADER:]
+            op, (a, b), payload = int(message[0]), message[1:3].tolist(), message[HEADER:]
             if op == STOP:
                 return
             try:
                 if op == STEP:
-                    fields = (1 + PARAM_FIELDS) * n_slots
-                    chunk = None if b < 0 else engine.Chunk(b, payload[fields:fields + d].tolist(), c)
-                    slots.step(payload[:n_slots], unpack_params(payload[n_slots:fields], n_slots), a, chunk=chunk)
+                    slots.step(*unpack_step(payload, n_slots, a, b))
                 elif op == RELEASE:
                     slots.release(a)
                 elif op == ATTACH:

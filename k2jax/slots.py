@@ -1,7 +1,7 @@
 """Cache slots: a fixed batch of sequences that join and leave between engine steps (serving, agents).
 
 Each slot is one row of a shared page pool: a page table that grows as the slot's sequence does. Every model call
-is one engine step (k2jax.engine.run_step): a prefill chunk of one slot (from any position, so a conversation keeps
+is one engine step (k2jax.engine.run_step): prefill chunks of some slots (from any position, so a conversation keeps
 its cached prefix and only new tokens are computed) beside the decode rows of the active slots; only those rows are
 in the step, and each writes only into its own pages. A prompt's last token is not prefilled: the first decode
 step feeds it and samples the first new token (so no logits ever go to the host).
@@ -65,7 +65,7 @@ class Slots:
             raise ValueError(f"slot {slot}: {end} tokens do not fit its capacity of {self.capacity} (or none given)")
         for lo in range(0, len(tokens), self.max_chunk):
             self.step(np.zeros(self.n_slots, np.int32), [None] * self.n_slots, 1,
-                      chunk=engine.Chunk(slot, tokens[lo:lo + self.max_chunk], start + lo))
+                      chunks=[engine.Chunk(slot, tokens[lo:lo + self.max_chunk], start + lo)])
 
     def attach(self, slot: int, prompt: Sequence[int]) -> int:
         """Map the longest cached page-aligned prefix of `prompt` into empty `slot`, short of the prompt's last
@@ -96,47 +96,45 @@ class Slots:
         return self.step(tokens, params, n_steps, masks)
 
     def step(self, tokens: np.ndarray, params: Sequence[SamplingParams | None], n_steps: int = engine.DECODE_STEPS,
-             masks: np.ndarray | None = None, chunk: engine.Chunk | None = None) -> tuple[np.ndarray, Logprobs]:
-        """One engine step: write `chunk` (up to max_chunk tokens of one slot at positions start.., keeping its first
-        start tokens), and feed each active slot (params not None; the chunk's slot may be one) tokens[slot] at its
-        length, sampling n_steps tokens (one with a chunk): [slots, n] tokens and their Logprobs (junk for inactive
-        slots).
+             masks: np.ndarray | None = None, chunks: Sequence[engine.Chunk] = ()) -> tuple[np.ndarray, Logprobs]:
+        """One engine step: write `chunks` (each up to max_chunk tokens of a distinct slot at positions start..,
+        keeping its first start tokens; several only when engine.chunk_shape holds them), and feed each active slot
+        (params not None; a chunk's slot may be one) tokens[slot] at its length, sampling n_steps tokens (one with
+        chunks): [slots, n] tokens and their Logprobs (junk for inactive slots).
 
         Only active slots are in the step's decode rows; they write nothing else and other slots keep their cache.
         masks [slots, words] (packed allowed tokens) hold for all n steps.
         """
         active = [s for s, p in enumerate(params) if p is not None]
         lengths = self.lengths.copy()
-        if chunk is not None:
-            slot, start, end = chunk.row, chunk.start, chunk.start + len(chunk.tokens)
-            if not 0 <= start <= self.lengths[slot]:
-                raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens; cannot keep a prefix of {start}")
-            if not chunk.tokens or end > self.capacity or len(chunk.tokens) > self.max_chunk:
-                raise ValueError(f"slot {slot}: a chunk of {len(chunk.tokens)} tokens (at most {self.max_chunk}) "
-                                 f"ending at {end} does not fit its capacity of {self.capacity} (or is empty)")
-            if n_steps != 1:
-                raise ValueError(f"a step with a prefill chunk samples one token per row, not {n_steps}")
-            self.model._check_ids(list(chunk.tokens), end)
-            lengths[slot] = end
-        elif not active:
+        for chunk in chunks:
+            self.check_chunk(chunk)
+            lengths[chunk.row] = chunk.start + len(chunk.tokens)
+        if len({c.row for c in chunks}) < len(chunks):
+            raise ValueError(f"a step writes one chunk per slot, got slots {[c.row for c in chunks]}")
+        if chunks and n_steps != 1:
+            raise ValueError(f"a step with a prefill chunk samples one token per row, not {n_steps}")
+        if not chunks and not active:
             raise ValueError("a step needs a prefill chunk or at least one active slot")
         if (lengths[active] + n_steps > self.capacity).any():
             raise ValueError(f"decoding {n_steps} more tokens would overflow a slot's capacity of {self.capacity}")
-        if chunk is not None:
+        for chunk in chunks:
+            slot, start = chunk.row, chunk.start
             self._copy(self.pages.truncate(slot, start))
             self.lengths[slot] = start
             held = self.tokens[slot]
             self.tokens[slot] = None if held is None else held[:start]
-            self._reserve(slot, end)
+            self._reserve(slot, int(lengths[slot]))
         for s in active:
             self._reserve(s, int(lengths[s]) + n_steps)
         pool, toks, logps = self.model.run(
             self.pages, self.pool, active, np.asarray(tokens)[active], lengths[active], [params[s] for s in active],
-            n_steps, None if masks is None else np.asarray(masks)[active], chunk, self.max_chunk,
+            n_steps, None if masks is None else np.asarray(masks)[active], chunks, self.max_chunk,
             max(n_steps, self.max_steps))
         self.pool = pool
-        if chunk is not None:
-            self.lengths[slot] = end
+        for chunk in chunks:
+            slot, start = chunk.row, chunk.start
+            self.lengths[slot] = lengths[slot]
             if self.tokens[slot] is not None:
                 self.tokens[slot] += [int(t) for t in chunk.tokens]
                 if self.prefix is not None:
@@ -154,16 +152,28 @@ class Slots:
             out[active] = got
         return out_toks, out_logps
 
+    def check_chunk(self, chunk: engine.Chunk) -> None:
+        """Raise ValueError when `chunk` cannot be written: a gap after the slot's tokens, empty, over max_chunk or
+        the capacity, or token ids outside the vocabulary."""
+        slot, start, end = chunk.row, chunk.start, chunk.start + len(chunk.tokens)
+        if not 0 <= start <= self.lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens; cannot keep a prefix of {start}")
+        if not chunk.tokens or end > self.capacity or len(chunk.tokens) > self.max_chunk:
+            raise ValueError(f"slot {slot}: a chunk of {len(chunk.tokens)} tokens (at most {self.max_chunk}) "
+                             f"ending at {end} does not fit its capacity of {self.capacity} (or is empty)")
+        self.model._check_ids(list(chunk.tokens), end)
+
     def warmup(self, prefill_tokens: int, decode_steps: int, progress: bool = False) -> int:
         """Compile (and run once, writing nothing) every step a caller can need: for each count of decode rows and
         table width, a decode step (of up to max(decode_steps, max_steps) steps: one program for every count) and a
-        step beside each chunk length of up to `prefill_tokens` tokens; and a page copy. Returns how many."""
+        step beside each prefill shape of chunks of up to `prefill_tokens` tokens; and a page copy. Returns how
+        many."""
         layout, columns = self.pages.layout, self.pages.table.shape[1]
-        top = engine.chunk_bucket(min(prefill_tokens, self.max_chunk), self.max_chunk)
-        chunks = [c for c in engine.chunk_sizes(self.max_chunk) if c <= top]
+        top = engine.chunk_shape([min(prefill_tokens, self.max_chunk)], self.max_chunk)[1]
+        shapes = [(p, t) for p, t in engine.chunk_shapes(self.max_chunk) if t <= top]
         widths = engine.table_widths(layout, columns)
-        programs = [(d, c, w) for c in [0, *chunks] for d in engine.row_buckets(self.n_slots, c > 0) for w in widths
-                    if w >= engine.table_width(layout, columns, max(c, 1))]
+        programs = [(d, p, t, w) for p, t in [(0, 0), *shapes] for d in engine.row_buckets(self.n_slots, p > 0)
+                    for w in widths if w >= engine.table_width(layout, columns, max(t, 1))]
         programs.append(None)  # the page copy
         if progress:
             from tqdm import tqdm
@@ -174,8 +184,8 @@ class Slots:
             if shape is None:
                 self._copy([(0, 0)])
                 continue
-            chunk = engine.Chunk(0, [], 0) if shape[1] else None  # writes nothing
-            self.pool = self.model.run(self.pages, self.pool, [], [], [], [], 1, None, chunk, self.max_chunk, steps,
+            chunks = [engine.Chunk(0, [], 0)] if shape[1] else []  # writes nothing
+            self.pool = self.model.run(self.pages, self.pool, [], [], [], [], 1, None, chunks, self.max_chunk, steps,
                                        shape)[0]
         return len(programs)
 

@@ -90,7 +90,7 @@ def test_a_step_with_a_chunk_and_decode_rows_updates_the_pool_in_place(model):
     width = engine.table_width(pages.layout, pages.table.shape[1], 1024)
     rows = engine.decode_rows(pages.table, np.arange(2), [0, 1], [5, 6], [299, 699], [SamplingParams()] * 2,
                               None, 2, width, 0, -(-model.config.vocab_size // 32))
-    chunk = engine.prefill_chunk(pages.table, engine.Chunk(2, list(range(3, 67)), 0), 64, width)
+    chunk = engine.prefill_chunks(pages.table, [engine.Chunk(2, list(range(3, 67)), 0)], 1, 64, width)
     with model.on_mesh():
         compiled = engine.run_step.lower(model.graphdef, model.state, pool, rows, chunk, np.int32(1), model.config,
                                          model.dtype, pages.layout, 1).compile()

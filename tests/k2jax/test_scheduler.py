@@ -328,6 +328,26 @@ def test_serving_a_mixed_load_compiles_nothing(model, scheduler, rng):
     assert events == []
 
 
+def test_short_prompts_arriving_together_prefill_in_one_step(model, rng):
+    """Four requests with short prompts arriving together are prefilled by one step (packed chunks) and each gets
+    what generate() gives it alone."""
+    sched = Scheduler(model, n_slots=4, max_context=100, prefill_chunk=128, prefix_cache=False, warmup=False).start()
+    try:
+        chunks: list[list[int]] = []
+        step = sched.slots.step
+        sched.slots.step = lambda *args: chunks.append([len(c.tokens) for c in args[4]]) or step(*args)
+        jobs = [(rng.integers(3, 250, n).tolist(), 6) for n in (5, 30, 17, 26)]
+        with sched._cond:  # all four wait before the scheduler thread looks
+            done = [request(p, n) for p, n in jobs]
+            for req, _ in done:
+                sched.submit(req)
+        outputs = [sink.wait().tokens for _, sink in done]
+    finally:
+        sched.close()
+    assert chunks[0] == [4, 29, 16, 25] and not any(chunks[1:])
+    assert outputs == [model.generate([p], max_new_tokens=n).ids[0] for p, n in jobs]
+
+
 def test_constrained_rows_sample_exactly_and_leave_other_rows_alone():
     """A row under a JSON grammar (its mask changing token by token) beside plain rows: the plain rows give
     generate()'s greedy tokens, and the constrained row's tokens, sampled in runs of decode_steps that are cut where

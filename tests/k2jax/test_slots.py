@@ -87,7 +87,7 @@ def test_a_mixed_step_equals_unmixed_steps(model, rng):
     mixed = setup()
     tokens = np.array([p[-1] for p in prompts] + [0])
     chunk = engine.Chunk(2, prompts[2][12:-1], 12)
-    toks, logps = mixed.step(tokens, params + [None], 1, chunk=chunk)
+    toks, logps = mixed.step(tokens, params + [None], 1, chunks=[chunk])
     alone = setup()
     alone.prefill(2, chunk.tokens, start=12)
     for s in range(3):
@@ -96,6 +96,35 @@ def test_a_mixed_step_equals_unmixed_steps(model, rng):
         np.testing.assert_allclose(logps.chosen[s], ref_logps.chosen[s], atol=LOGPROB_ATOL, rtol=0)
     assert (mixed.lengths == alone.lengths).all() and mixed.tokens == alone.tokens
     check_continues(model, mixed, 2, prompts[2], int(toks[2, 0]))
+
+
+def test_packed_chunks_equal_one_chunk_per_step(model, rng):
+    """Short prompt chunks of three slots in one step (one continuing a held prefix, one ending its prompt and
+    decoding in the same step) leave every slot as chunks written one per step do."""
+    prompts = [rng.integers(3, 250, n).tolist() for n in (9, 30, 17)]
+    tokens = np.array([0, prompts[1][-1], 0, 0])
+    params = [None, SamplingParams(), None, None]
+
+    def setup() -> Slots:
+        slots = Slots(model, n_slots=4, capacity=128, max_chunk=128)
+        slots.prefill(0, prompts[0][:4])
+        return slots
+
+    chunks = [engine.Chunk(0, prompts[0][4:], 4), engine.Chunk(1, prompts[1][:-1], 0), engine.Chunk(3, prompts[2], 0)]
+    assert engine.chunk_shape([len(c.tokens) for c in chunks], 128) == (engine.PACKED_CHUNKS, 32)
+    packed = setup()
+    toks, logps = packed.step(tokens, params, 1, chunks=chunks)
+    alone = setup()
+    for chunk in chunks:
+        alone.prefill(chunk.row, chunk.tokens, start=chunk.start)
+    ref_toks, ref_logps = alone.decode(tokens, params, 1)
+    assert toks[1, 0] == ref_toks[1, 0]
+    np.testing.assert_allclose(logps.chosen[1], ref_logps.chosen[1], atol=LOGPROB_ATOL, rtol=0)
+    assert (packed.lengths == alone.lengths).all() and packed.tokens == alone.tokens
+    check_continues(model, packed, 0, prompts[0], 7)
+    check_continues(model, packed, 3, prompts[2], 7)
+    with pytest.raises(ValueError, match="one chunk per slot"):
+        packed.step(tokens, params, 1, chunks=[engine.Chunk(2, [5], 0), engine.Chunk(2, [6], 0)])
 
 
 def test_rows_that_are_not_running_are_not_in_the_step(model, rng, monkeypatch):
