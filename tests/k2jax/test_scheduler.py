@@ -89,9 +89,9 @@ def test_a_running_stream_gets_a_token_in_every_step_that_prefills(scheduler, rn
     steps: list[tuple[bool, list[int]]] = []  # per step: whether it held a prefill chunk, the slots decoding
     step = scheduler.slots.step
 
-    def spy(tokens, params, n_steps=1, masks=None, chunk=None):
-        steps.append((chunk is not None, [s for s, p in enumerate(params) if p is not None]))
-        return step(tokens, params, n_steps, masks, chunk)
+    def spy(tokens, params, n_steps=1, masks=None, chunks=()):
+        steps.append((bool(chunks), [s for s, p in enumerate(params) if p is not None]))
+        return step(tokens, params, n_steps, masks, chunks)
 
     monkeypatch.setattr(scheduler.slots, "step", spy)
     decoding, decoding_sink = request(rng.integers(3, 250, 5).tolist(), 110, stop_ids=frozenset())
