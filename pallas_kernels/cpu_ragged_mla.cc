@@ -27,10 +27,12 @@ namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));  // for unaligned loads and stores
-constexpr int64_t kKeys = 32;    // keys per block: 32 x 640 floats (80 KiB) stay in L2 for every head group
+typedef int32_t v8i __attribute__((vector_size(32)));
+constexpr int64_t kKeys = 32;    // keys per block (lanes of the scores): 32 x 640 floats (80 KiB) stay in L2
 constexpr int64_t kRows = 64;    // query rows (tokens x heads) per work unit when heads are few
-constexpr int kGroup = 4;        // heads per register block (one key load feeds kGroup FMAs)
+constexpr int kGroup = 4;        // query rows per register block of p @ kv (one key load feeds kGroup FMAs)
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr v8i kLane = {0, 1, 2, 3, 4, 5, 6, 7};
 
 struct Problem {
   const float* q;        // [B, T, H, C]
@@ -51,9 +53,58 @@ const float* key_rows(const Problem& pr, int64_t page, int64_t j0, int64_t keys,
   return buf;
 }
 
-// s[g][j] = scale * q_g . k_j for G query rows and the first `keys` rows k_j of the block (C lanes each).
+// e^x in float32 for the lanes' x <= 0 (finite or not; lanes past a row's keys hold anything and are discarded):
+// Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-7 expf polynomial (about 1 ulp). x below
+// -87 gives e^-87 (1.6e-38) instead of less, nothing beside the row maximum's e^0 = 1 in the softmax sum.
+inline v8 exp_nonpositive(v8 x) {
+  x = x > -87.f ? x : v8{} - 87.f;  // also maps NaN to -87
+  v8 n = (x * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest: 1.5 * 2^23 shifts the fraction out
+  v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v8 y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+          1.6666665459e-1f) * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  v8 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// kt[i * kKeys + j] = k_j[i] for the block's keys, zeros past `keys`: scores become a small matmul with lanes over
+// keys (no horizontal sums), the block transposed once for all the unit's query rows.
+void transpose_keys(const float* k, int64_t keys, int64_t c, float* kt) {
+  for (int64_t i = 0; i < c; ++i) {
+    float* col = kt + i * kKeys;
+    for (int64_t j = 0; j < keys; ++j) col[j] = k[j * c + i];
+    std::fill(col + keys, col + kKeys, 0.f);
+  }
+}
+
+// s_x[0:keys rounded up to 16] = scale * q_x . k_j for X <= kGroup query rows against the transposed key block,
+// 16 keys at a time: each step loads 2 key vectors and X query lanes for 2X FMAs, accumulators in registers.
+template <int X>
+void scores(const float* const* q, const float* kt, int64_t keys, int64_t c, float scale, float* const* s) {
+  for (int64_t j0 = 0; j0 < keys; j0 += 16) {
+    v8 acc[X][2] = {};
+    const float* col = kt + j0;
+    for (int64_t i = 0; i < c; ++i, col += kKeys) {
+      v8 k0 = *reinterpret_cast<const v8u*>(col), k1 = *reinterpret_cast<const v8u*>(col + 8);
+      for (int x = 0; x < X; ++x) {
+        float qi = q[x][i];
+        acc[x][0] += qi * k0;
+        acc[x][1] += qi * k1;
+      }
+    }
+    for (int x = 0; x < X; ++x) {
+      *reinterpret_cast<v8u*>(s[x] + j0) = acc[x][0] * scale;
+      *reinterpret_cast<v8u*>(s[x] + j0 + 8) = acc[x][1] * scale;
+    }
+  }
+}
+
+// The same scores from the row-major block, for G <= kGroup rows: one key load feeds G dot products, each summed
+// across its lanes at the end; cheaper than transposing the block when the unit has few query rows (decode).
 template <int G>
-void scores(const float* const* q, const float* k, int64_t keys, int64_t c, float scale, float (*s)[kKeys]) {
+void scores_direct(const float* const* q, const float* k, int64_t keys, int64_t c, float scale, float* const* s) {
   for (int64_t j = 0; j < keys; ++j, k += c) {
     v8 acc[G] = {};
     int64_t i = 0;
@@ -70,19 +121,29 @@ void scores(const float* const* q, const float* k, int64_t keys, int64_t c, floa
   }
 }
 
-// acc_g[0:R] = alpha_g * acc_g[0:R] + sum_j p[g][j] * k_j[0:R]: the accumulators stay in registers over the keys.
+// acc_g[0:R] = alpha_g * acc_g[0:R] + sum over j < keys of p_g[j] * k_j[0:R] for G rows; the accumulators stay in
+// registers over the keys, 16 lanes at a time.
 template <int G>
-void accumulate(float* const* acc, const float* alpha, const float (*p)[kKeys], const float* k, int64_t keys,
+void accumulate(float* const* acc, const float* alpha, const float* const* p, const float* k, int64_t keys,
                 int64_t c, int64_t r) {
   int64_t i = 0;
-  for (; i + 8 <= r; i += 8) {
-    v8 a[G];
-    for (int g = 0; g < G; ++g) a[g] = *reinterpret_cast<const v8u*>(acc[g] + i) * alpha[g];
-    for (int64_t j = 0; j < keys; ++j) {
-      v8 kk = *reinterpret_cast<const v8u*>(k + j * c + i);
-      for (int g = 0; g < G; ++g) a[g] += p[g][j] * kk;
+  for (; i + 16 <= r; i += 16) {
+    v8 a[G][2];
+    for (int g = 0; g < G; ++g) {
+      a[g][0] = *reinterpret_cast<const v8u*>(acc[g] + i) * alpha[g];
+      a[g][1] = *reinterpret_cast<const v8u*>(acc[g] + i + 8) * alpha[g];
     }
-    for (int g = 0; g < G; ++g) *reinterpret_cast<v8u*>(acc[g] + i) = a[g];
+    for (int64_t j = 0; j < keys; ++j) {
+      v8 k0 = *reinterpret_cast<const v8u*>(k + j * c + i), k1 = *reinterpret_cast<const v8u*>(k + j * c + i + 8);
+      for (int g = 0; g < G; ++g) {
+        a[g][0] += p[g][j] * k0;
+        a[g][1] += p[g][j] * k1;
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      *reinterpret_cast<v8u*>(acc[g] + i) = a[g][0];
+      *reinterpret_cast<v8u*>(acc[g] + i + 8) = a[g][1];
+    }
   }
   for (; i < r; ++i) {
     for (int g = 0; g < G; ++g) {
@@ -93,41 +154,61 @@ void accumulate(float* const* acc, const float* alpha, const float (*p)[kKeys], 
   }
 }
 
-// Online-softmax update of G query rows (running max m, sum l, accumulators acc) with `keys` visible keys.
-template <int G>
-void update(const float* const* q, float* const* acc, float* m, float* l, const float* k, int64_t keys,
-            const Problem& pr) {
-  float s[G][kKeys], alpha[G];
-  scores<G>(q, k, keys, pr.c, pr.scale, s);
-  for (int g = 0; g < G; ++g) {
-    float mx = m[g];
-    for (int64_t j = 0; j < keys; ++j) mx = std::max(mx, s[g][j]);
-    alpha[g] = std::exp(m[g] - mx);  // m = -inf before the first key: 0
-    float sum = 0;
-    for (int64_t j = 0; j < keys; ++j) sum += (s[g][j] = std::exp(s[g][j] - mx));
-    l[g] = alpha[g] * l[g] + sum;
-    m[g] = mx;
-  }
-  accumulate<G>(acc, alpha, s, k, keys, pr.c, pr.r);
-}
+// Per-unit scratch, grown once per thread: accumulators [rows, R], running max and sum, the block's rescale
+// factors, probabilities [rows, kKeys], visible key counts, the transposed key block and a widened bf16 block.
+struct Scratch {
+  std::vector<float> acc, m, l, alpha, s, kt, buf;
+  std::vector<int64_t> visible;
+  std::vector<const float*> q;
+  std::vector<float*> acc_rows, s_rows;
+};
 
-// The heads [h0, h1) of one token in register blocks of up to kGroup; row x0 is head h0's in the unit's state.
-void update_heads(const Problem& pr, int64_t b, int64_t t, int64_t h0, int64_t h1, int64_t x0, float* acc, float* m,
-                  float* l, const float* k, int64_t keys) {
-  for (int64_t h = h0; h < h1; h += kGroup) {
-    int g_count = static_cast<int>(std::min<int64_t>(kGroup, h1 - h));
-    const float* q[kGroup];
-    float* a[kGroup];
-    for (int g = 0; g < g_count; ++g) {
-      q[g] = pr.q + ((b * pr.t + t) * pr.h + h + g) * pr.c;
-      a[g] = acc + (x0 + h - h0 + g) * pr.r;
+// The online-softmax update of the unit's rows [x0, rows) with one key block k (rows before x0 see none of it; the
+// visible counts do not decrease with the row, which goes token-major).
+void update_rows(const Problem& pr, Scratch& w, int64_t x0, int64_t rows, const float* k, int64_t keys) {
+  int64_t x = x0;
+  const float* const* q = &w.q[x0];
+  float* const* s_rows = &w.s_rows[x0];
+  switch (rows - x0) {
+    case 1: scores_direct<1>(q, k, keys, pr.c, pr.scale, s_rows); break;
+    case 2: scores_direct<2>(q, k, keys, pr.c, pr.scale, s_rows); break;
+    case 3: scores_direct<3>(q, k, keys, pr.c, pr.scale, s_rows); break;
+    case 4: scores_direct<4>(q, k, keys, pr.c, pr.scale, s_rows); break;
+    default:
+      transpose_keys(k, keys, pr.c, w.kt.data());
+      for (; x + kGroup <= rows; x += kGroup) scores<kGroup>(&w.q[x], w.kt.data(), keys, pr.c, pr.scale, &w.s_rows[x]);
+      switch (rows - x) {
+        case 3: scores<3>(&w.q[x], w.kt.data(), keys, pr.c, pr.scale, &w.s_rows[x]); break;
+        case 2: scores<2>(&w.q[x], w.kt.data(), keys, pr.c, pr.scale, &w.s_rows[x]); break;
+        case 1: scores<1>(&w.q[x], w.kt.data(), keys, pr.c, pr.scale, &w.s_rows[x]); break;
+        default: break;
+      }
+  }
+  for (x = x0; x < rows; ++x) {
+    float* s = w.s_rows[x];
+    int64_t visible = w.visible[x];
+    float mx = w.m[x];
+    for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, s[j]);
+    w.alpha[x] = std::exp(w.m[x] - mx);  // m = -inf before the first key: 0
+    v8 sum = {};
+    for (int v = 0; v < kKeys / 8; ++v) {  // keys this row does not see weigh nothing in its register block
+      v8 e = exp_nonpositive(*reinterpret_cast<const v8u*>(s + 8 * v) - mx);
+      e = kLane + 8 * v < static_cast<int32_t>(visible) ? e : v8{};
+      *reinterpret_cast<v8u*>(s + 8 * v) = e;
+      sum += e;
     }
-    int64_t x = x0 + h - h0;
+    w.l[x] = w.alpha[x] * w.l[x] + (sum[0] + sum[1] + sum[2] + sum[3] + sum[4] + sum[5] + sum[6] + sum[7]);
+    w.m[x] = mx;
+  }
+  for (x = x0; x < rows; x += kGroup) {
+    int g_count = static_cast<int>(std::min<int64_t>(kGroup, rows - x));
+    int64_t used = w.visible[x + g_count - 1];
+    const float* const* p = &w.s_rows[x];
     switch (g_count) {
-      case 4: update<4>(q, a, m + x, l + x, k, keys, pr); break;
-      case 3: update<3>(q, a, m + x, l + x, k, keys, pr); break;
-      case 2: update<2>(q, a, m + x, l + x, k, keys, pr); break;
-      default: update<1>(q, a, m + x, l + x, k, keys, pr); break;
+      case 4: accumulate<4>(&w.acc_rows[x], &w.alpha[x], p, k, used, pr.c, pr.r); break;
+      case 3: accumulate<3>(&w.acc_rows[x], &w.alpha[x], p, k, used, pr.c, pr.r); break;
+      case 2: accumulate<2>(&w.acc_rows[x], &w.alpha[x], p, k, used, pr.c, pr.r); break;
+      default: accumulate<1>(&w.acc_rows[x], &w.alpha[x], p, k, used, pr.c, pr.r); break;
     }
   }
 }
@@ -136,11 +217,23 @@ void update_heads(const Problem& pr, int64_t b, int64_t t, int64_t h0, int64_t h
 // nothing) when a page id it would read is outside the pool.
 bool attend_unit(const Problem& pr, int64_t b, int64_t t0, int64_t t1, int64_t h0, int64_t h1) {
   int64_t nh = h1 - h0, rows = (t1 - t0) * nh;
-  thread_local std::vector<float> state, buf;
-  state.assign(rows * (pr.r + 2), 0.f);
-  float *acc = state.data(), *m = acc + rows * pr.r, *l = m + rows;
-  std::fill(m, m + rows, -kInf);
-  if (pr.bf16) buf.resize(kKeys * pr.c);
+  thread_local Scratch w;
+  w.acc.assign(rows * pr.r, 0.f);
+  w.m.assign(rows, -kInf);
+  w.l.assign(rows, 0.f);
+  w.alpha.resize(rows);
+  w.s.resize(rows * kKeys);
+  w.kt.resize(pr.c * kKeys);
+  w.visible.resize(rows);
+  w.q.resize(rows);
+  w.acc_rows.resize(rows);
+  w.s_rows.resize(rows);
+  if (pr.bf16) w.buf.resize(kKeys * pr.c);
+  for (int64_t x = 0; x < rows; ++x) {
+    w.q[x] = pr.q + ((b * pr.t + t0 + x / nh) * pr.h + h0 + x % nh) * pr.c;
+    w.acc_rows[x] = w.acc.data() + x * pr.r;
+    w.s_rows[x] = w.s.data() + x * kKeys;
+  }
   int64_t kv_len = pr.kv_len[b], q_start = pr.q_start[b];
   int64_t hi = std::min(kv_len, q_start + t1);  // no query of the unit sees a position >= hi
   for (int64_t page_m = 0; page_m < pr.m; ++page_m) {
@@ -150,25 +243,24 @@ bool attend_unit(const Problem& pr, int64_t b, int64_t t0, int64_t t1, int64_t h
     if (page < 0 || page >= pr.p) return false;
     for (int64_t j0 = 0; j0 < pr.n && page_pos + j0 < hi; j0 += kKeys) {
       int64_t pos0 = page_pos + j0, keys = std::min({kKeys, pr.n - j0, hi - pos0});
-      const float* k = key_rows(pr, page, j0, keys, buf.data());
-      for (int64_t t = t0; t < t1; ++t) {
-        int64_t visible = std::min(std::min(kv_len, q_start + t + 1) - pos0, keys);
-        if (visible > 0) update_heads(pr, b, t, h0, h1, (t - t0) * nh, acc, m, l, k, visible);
+      int64_t x0 = rows;
+      for (int64_t x = rows - 1; x >= 0; --x) {
+        w.visible[x] = std::clamp<int64_t>(std::min(kv_len, q_start + t0 + x / nh + 1) - pos0, 0, keys);
+        if (w.visible[x] > 0) x0 = x;
       }
+      if (x0 < rows) update_rows(pr, w, x0, rows, key_rows(pr, page, j0, keys, w.buf.data()), keys);
     }
   }
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t h = h0; h < h1; ++h) {
-      int64_t x = (t - t0) * nh + h - h0, out = (b * pr.t + t) * pr.h + h;
-      float* o = pr.o + out * pr.r;
-      if (l[x] > 0) {
-        float inv = 1.f / l[x];
-        for (int64_t i = 0; i < pr.r; ++i) o[i] = acc[x * pr.r + i] * inv;
-        pr.lse[out] = m[x] + std::log(l[x]);
-      } else {
-        std::memset(o, 0, sizeof(float) * pr.r);
-        pr.lse[out] = -kInf;
-      }
+  for (int64_t x = 0; x < rows; ++x) {
+    int64_t out = (b * pr.t + t0 + x / nh) * pr.h + h0 + x % nh;
+    float* o = pr.o + out * pr.r;
+    if (w.l[x] > 0) {
+      float inv = 1.f / w.l[x];
+      for (int64_t i = 0; i < pr.r; ++i) o[i] = w.acc[x * pr.r + i] * inv;
+      pr.lse[out] = w.m[x] + std::log(w.l[x]);
+    } else {
+      std::memset(o, 0, sizeof(float) * pr.r);
+      pr.lse[out] = -kInf;
     }
   }
   return true;

@@ -23,8 +23,9 @@ JUNK_PAGE_IDS = (-7, 1 << 30)
 
 CASES = {
     # T, H, N, table width, kv_len, q_start, dims (R, P, C)
-    # ragged decode rows, idle rows (kv_len 0) and a query at the last slot of a page.
-    "decode": (1, 8, 16, 8, [37, 0, 16, 100, 5, 64, 1, 90, 33, 0], [36, 0, 15, 99, 4, 63, 0, 89, 32, 0],
+    # ragged decode rows (4 heads: scores by direct dot products), idle rows (kv_len 0), a query at the last slot
+    # of a page.
+    "decode": (1, 4, 16, 8, [37, 0, 16, 100, 5, 64, 1, 90, 33, 0], [36, 0, 15, 99, 4, 63, 0, 89, 32, 0],
                (64, 32, 128)),
     # chunks starting mid-page: the first chunk; one crossing a page boundary whose last queries pad past kv_len;
     # an idle row; 40 tokens x 5 heads (3 token blocks per row, 4 + 1 heads per register block).
@@ -102,7 +103,8 @@ def test_temporaries_do_not_grow_with_table_width():
 
 
 def test_dispatch_native_runs_the_kernel(rng, kernel_env):
-    """In native mode dispatch.ragged_mla lowers to the custom call; in xla mode to the reference (no call)."""
+    """In native mode dispatch.ragged_mla lowers to the custom call (to the reference from NATIVE_MAX_QUERIES
+    tokens per row); in xla mode to the reference (no call)."""
     dims, n = (64, 32, 128), 16
     kv, table, kv_len = paged_pool_and_tables(rng, kv_len=[30, 3], n=n, width=4, layers=1, layer=0, dims=dims,
                                               dtype=jnp.float32)
@@ -114,6 +116,11 @@ def test_dispatch_native_runs_the_kernel(rng, kernel_env):
         fn = jax.jit(lambda *a: dispatch.ragged_mla(*a, sm_scale=0.1, rank=64))
         assert (cpu_build.TARGETS["ragged_mla"] in fn.lower(*args).as_text()) == calls
         assert_attention_close(fn(*args), ref, o_atol=O_ATOL, lse_atol=LSE_ATOL)
+    kernel_env("native")
+    long_q = jnp.zeros((2, dispatch.NATIVE_MAX_QUERIES, 1, 128), jnp.float32)
+    fn = jax.jit(lambda *a: dispatch.ragged_mla(*a, sm_scale=0.1, rank=64))
+    assert cpu_build.TARGETS["ragged_mla"] not in fn.lower(long_q, *args[1:]).as_text()
+    assert cpu_build.TARGETS["ragged_mla"] in fn.lower(long_q[:, 1:], *args[1:]).as_text()
 
 
 def test_bad_inputs_are_errors():
