@@ -4,7 +4,9 @@
 // <= its own and < kv_len[b]. Each work unit (a row, a block of its queries, a block of heads) walks only the pages
 // its queries can see, reading them in place from the pool [L, P, N, C] (f32, or bf16 widened one key block at
 // a time), with an online softmax in float32. Keys of a block have consecutive positions, so a query's mask is a
-// prefix of the block. Units are split among XLA's intra-op threads.
+// prefix of the block. Scores are dot products for units of up to 4 query rows (decode) and a small matmul over the
+// transposed key block for more; p @ kv keeps 4 rows x 16 lanes in registers. Units are split among XLA's intra-op
+// threads.
 
 #include <algorithm>
 #include <atomic>
