@@ -7,18 +7,17 @@
 // matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using k2jax_cpu::bf16_to_f32;
+using k2jax_cpu::parallel_units;
 
 namespace {
 
@@ -30,13 +29,6 @@ constexpr int kMaxRows = 4;      // rows of x per pass over the weights
 constexpr int kGroup = 32;       // INT4 scale group along K
 constexpr int64_t kTileK = 128;  // K rows of a widened weight tile: 128 x 512 floats (256 KiB) stay in L2
 constexpr int64_t kTiledRows = 3 * kMaxRows;  // from this many rows, weight tiles are widened once for all rows
-
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 // One expert's dense matrix [K, N] in f32 (rows read in place) or bf16 (each row chunk widened into a buffer).
 template <typename T>
@@ -186,42 +178,6 @@ void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c
       default: break;
     }
   }
-}
-
-// Runs fn(u0, u1) over [0, units) in chunks claimed by this thread and helpers on XLA's intra-op pool.
-// The caller works too and waits only for chunks already claimed, never for a helper to start: pool threads
-// may all be busy (another custom call running in parallel), and late helpers find nothing left and exit.
-template <typename F>
-void parallel_units(ffi::ThreadPool& pool, int64_t units, F fn) {
-  int64_t helpers = std::min<int64_t>(units, std::max<int64_t>(pool.num_threads(), 1)) - 1;
-  if (helpers <= 0) {
-    fn(0, units);
-    return;
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0}, finished{0};
-    int64_t chunks, units;
-    const F* fn;
-    std::mutex mu;
-    std::condition_variable done;
-    void work() {  // claims chunks until none are left; fn is touched only for a claimed chunk
-      for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-        (*fn)(units * c / chunks, units * (c + 1) / chunks);
-        if (finished.fetch_add(1) + 1 == chunks) {
-          std::lock_guard<std::mutex> lock(mu);
-          done.notify_all();
-        }
-      }
-    }
-  };
-  auto shared = std::make_shared<Shared>();
-  shared->chunks = std::min<int64_t>(units, 4 * (helpers + 1));
-  shared->units = units;
-  shared->fn = &fn;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
-  shared->work();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->done.wait(lock, [&] { return shared->finished.load() == shared->chunks; });
 }
 
 // The shared driver: every non-empty group times its matrix, split over groups (many) or columns (few);

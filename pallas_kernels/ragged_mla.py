@@ -60,7 +60,7 @@ TRITON_MIN_PROGRAMS = 264
 TRITON_NUM_STAGES = 2
 
 
-def _check(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, rank: int) -> None:
+def check_inputs(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, rank: int) -> None:
     """Raises ValueError naming the argument whose shape or dtype does not fit the others."""
     b, _, _, c = q_BTHC.shape
     n = kv_LPNC.shape[2]
@@ -204,7 +204,7 @@ def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first
                rank: int, page_stride: int = 1, interpret: bool = False, block_t: int | None = None,
                pages_per_block: int | None = None, num_splits: int | None = None) -> tuple[jax.Array, jax.Array]:
     """-> (o_BTHR float32, lse_BTH float32): causal, length-masked attention of the queries over their pages."""
-    _check(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, rank)
+    check_inputs(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, rank)
     b, t, h, c = q_BTHC.shape
     n, width = kv_LPNC.shape[2], table_BM.shape[1]
     bt = _block_t(t, h, block_t)
@@ -317,7 +317,7 @@ def ragged_mla_triton(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, pag
                       rank: int, page_stride: int = 1, interpret: bool = False,
                       num_splits: int | None = None) -> tuple[jax.Array, jax.Array]:
     """GPU (Triton) form of ragged_mla: page splits to fill the GPU, then the same log-sum-exp combine."""
-    _check(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, rank)
+    check_inputs(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, rank)
     b, t, h, c = q_BTHC.shape
     width = table_BM.shape[1]
     if rank & (rank - 1) or _pe_width(c, rank) > c:
@@ -344,7 +344,7 @@ def ragged_mla_triton(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, pag
 def ragged_mla_reference(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first, *, sm_scale: float,
                          rank: int, page_stride: int = 1) -> tuple[jax.Array, jax.Array]:
     """Plain jnp in float32: gathers the row's pages (the table width given) and masks by position."""
-    _check(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, rank)
+    check_inputs(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, rank)
     b, t, _, c = q_BTHC.shape
     n, width = kv_LPNC.shape[2], table_BM.shape[1]
     hi = jax.lax.Precision.HIGHEST

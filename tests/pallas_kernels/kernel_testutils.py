@@ -1,4 +1,5 @@
-"""Random inputs shared by the kernel tests: uniform INT4 bytes, positive scales, normal activations."""
+"""Random inputs shared by the kernel tests (uniform INT4 bytes, positive scales, normal activations, paged MLA
+pools and queries) and the attention outputs' comparison."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,3 +21,45 @@ def max_rel_err(out, ref) -> float:
     """max |out - ref| / max |ref|, both in fp32."""
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     return float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+
+
+def paged_pool_and_tables(rng, *, kv_len, n, width, layers, layer, dims, dtype, page_first=0, stride=1):
+    """A NaN-filled pool [L, P, N, C] whose rows' pages hold random latents (zero padding lanes) below kv_len;
+    rows get shuffled, non-contiguous page ids and random garbage (often NaN pages) past their pages."""
+    r, p, c = dims
+    kv_len = np.asarray(kv_len, np.int32)
+    needed = [-(-max(-(-int(length) // n) - page_first, 0) // stride) for length in kv_len]
+    pages = 2 * sum(needed) + 4
+    ids = rng.permutation(pages)
+    table = rng.integers(0, pages, size=(len(kv_len), width)).astype(np.int32)
+    pool = np.full((layers, pages, n, c), np.nan, np.float32)
+    used = 0
+    for b, count in enumerate(needed):
+        table[b, :count] = ids[used:used + count]
+        used += count
+        for m in range(count):
+            pos = (page_first + m * stride) * n + np.arange(n)
+            page = np.zeros((n, c), np.float32)
+            page[:, :r + p] = rng.standard_normal((n, r + p))
+            pool[layer, table[b, m]] = np.where((pos < kv_len[b])[:, None], page, np.nan)
+    return jnp.asarray(pool, dtype), jnp.asarray(table), jnp.asarray(kv_len)
+
+
+def absorbed_queries(rng, b, t, h, dims, dtype):
+    """Absorbed queries laid out like the cache lanes: random in [0, R+P), zeros after."""
+    r, p, c = dims
+    return random_normal(rng, (b, t, h, c), dtype).at[..., r + p:].set(0)
+
+
+def assert_attention_close(got, ref, *, o_atol: float, lse_atol: float) -> None:
+    """o within o_atol everywhere; lse -inf exactly where the reference's is, else within lse_atol."""
+    (o, lse), (o_ref, lse_ref) = got, ref
+    assert o.dtype == jnp.float32 and lse.dtype == jnp.float32 and o.shape == o_ref.shape
+    o, lse, o_ref, lse_ref = (np.asarray(a) for a in (o, lse, o_ref, lse_ref))
+    assert np.isfinite(o).all()
+    np.testing.assert_allclose(o, o_ref, atol=o_atol, rtol=0)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_ref))
+    assert not np.isnan(lse).any() and not np.isposinf(lse).any()
+    seen = np.isfinite(lse_ref)
+    np.testing.assert_allclose(lse[seen], lse_ref[seen], atol=lse_atol, rtol=0)
+    assert not o_ref[~seen].any() and not o[~seen].any()

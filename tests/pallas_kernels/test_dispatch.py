@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 from kernel_testutils import max_rel_err, random_int4, random_normal
 
-from pallas_kernels import dispatch
+from pallas_kernels import cpu_ragged_mla, dispatch
 from pallas_kernels import int4_matmul as I
 from pallas_kernels import ragged_mla as R
 
@@ -19,13 +19,13 @@ from pallas_kernels import ragged_mla as R
 @pytest.mark.parametrize("backend,mode", [("tpu", "pallas"), ("gpu", "pallas"), ("cpu", "native")])
 def test_default_mode_per_backend(monkeypatch, backend, mode):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    monkeypatch.setattr(dispatch.cpu_grouped_matmul, "available", lambda: True)
+    monkeypatch.setattr(dispatch.cpu_build, "available", lambda: True)
     assert dispatch.kernel_mode(backend) == mode
 
 
 def test_cpu_falls_back_to_xla_without_the_native_kernel(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    monkeypatch.setattr(dispatch.cpu_grouped_matmul, "available", lambda: False)
+    monkeypatch.setattr(dispatch.cpu_build, "available", lambda: False)
     assert dispatch.kernel_mode("cpu") == "xla"
 
 
@@ -89,9 +89,10 @@ def test_dense_paths_match_reference(rng, kernel_env, mode):
     assert max_rel_err(out, I.int4_matmul_reference(x, packed[0], scale[0])) < 1e-5
 
 
-@pytest.mark.parametrize("mode,kernel", [("native", "ragged_mla_reference"), ("xla", "ragged_mla_reference"),
-                                         ("interpret", "ragged_mla"), ("interpret-triton", "ragged_mla_triton")])
-def test_ragged_mla_paths(rng, kernel_env, monkeypatch, mode, kernel):
+@pytest.mark.parametrize("mode,module,kernel", [("native", cpu_ragged_mla, "ragged_mla"),
+                                                ("xla", R, "ragged_mla_reference"), ("interpret", R, "ragged_mla"),
+                                                ("interpret-triton", R, "ragged_mla_triton")])
+def test_ragged_mla_paths(rng, kernel_env, monkeypatch, mode, module, kernel):
     """Each mode reaches its ragged_mla implementation, which matches the reference at K2's cache lanes."""
     kernel_env(mode)
     kv = random_normal(rng, (2, 6, 16, 640)).at[..., 576:].set(0)
@@ -99,8 +100,8 @@ def test_ragged_mla_paths(rng, kernel_env, monkeypatch, mode, kernel):
     args = (q, kv, jnp.asarray([[4, 1, 0], [2, 5, 3]], jnp.int32), jnp.asarray([35, 9], jnp.int32),
             jnp.asarray([32, 6], jnp.int32), jnp.int32(1), jnp.int32(0))
     o_ref, lse_ref = R.ragged_mla_reference(*args, sm_scale=0.1, rank=512)
-    chosen, calls = getattr(R, kernel), []
-    monkeypatch.setattr(R, kernel, lambda *a, **kw: calls.append(kernel) or chosen(*a, **kw))
+    chosen, calls = getattr(module, kernel), []
+    monkeypatch.setattr(module, kernel, lambda *a, **kw: calls.append(kernel) or chosen(*a, **kw))
     o, lse = dispatch.ragged_mla(*args, sm_scale=0.1, rank=512)
     assert calls == [kernel]
     assert float(jnp.max(jnp.abs(o - o_ref))) < 1e-4 and float(jnp.max(jnp.abs(lse - lse_ref))) < 1e-4

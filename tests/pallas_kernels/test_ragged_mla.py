@@ -6,7 +6,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_testutils import random_normal
+from kernel_testutils import absorbed_queries, assert_attention_close, paged_pool_and_tables
 
 from pallas_kernels import ragged_mla as K
 
@@ -21,46 +21,9 @@ LSE_ATOL = 1e-4
 KERNELS = {"mosaic": K.ragged_mla, "triton": K.ragged_mla_triton}
 
 
-def _pool_and_tables(rng, *, kv_len, n, width, layers, layer, dims, dtype, page_first=0, stride=1):
-    """A NaN-filled pool [L, P, N, C] whose rows' pages hold random latents (zero padding lanes) below kv_len;
-    rows get shuffled, non-contiguous page ids and random garbage (often NaN pages) past their pages."""
-    r, p, c = dims
-    kv_len = np.asarray(kv_len, np.int32)
-    needed = [-(-max(-(-int(length) // n) - page_first, 0) // stride) for length in kv_len]
-    pages = 2 * sum(needed) + 4
-    ids = rng.permutation(pages)
-    table = rng.integers(0, pages, size=(len(kv_len), width)).astype(np.int32)
-    pool = np.full((layers, pages, n, c), np.nan, np.float32)
-    used = 0
-    for b, count in enumerate(needed):
-        table[b, :count] = ids[used:used + count]
-        used += count
-        for m in range(count):
-            pos = (page_first + m * stride) * n + np.arange(n)
-            page = np.zeros((n, c), np.float32)
-            page[:, :r + p] = rng.standard_normal((n, r + p))
-            pool[layer, table[b, m]] = np.where((pos < kv_len[b])[:, None], page, np.nan)
-    return jnp.asarray(pool, dtype), jnp.asarray(table), jnp.asarray(kv_len)
-
-
-def _queries(rng, b, t, h, dims, dtype):
-    """Absorbed queries laid out like the cache lanes: random in [0, R+P), zeros after."""
-    r, p, c = dims
-    return random_normal(rng, (b, t, h, c), dtype).at[..., r + p:].set(0)
-
-
 def _assert_close(got, ref, dtype):
-    """o within O_ATOL everywhere; lse -inf exactly where the reference's is, else within LSE_ATOL."""
-    (o, lse), (o_ref, lse_ref) = got, ref
-    assert o.dtype == jnp.float32 and lse.dtype == jnp.float32 and o.shape == o_ref.shape
-    o, lse, o_ref, lse_ref = (np.asarray(a) for a in (o, lse, o_ref, lse_ref))
-    assert np.isfinite(o).all()
-    np.testing.assert_allclose(o, o_ref, atol=O_ATOL[dtype], rtol=0)
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_ref))
-    assert not np.isnan(lse).any() and not np.isposinf(lse).any()
-    seen = np.isfinite(lse_ref)
-    np.testing.assert_allclose(lse[seen], lse_ref[seen], atol=LSE_ATOL, rtol=0)
-    assert not o_ref[~seen].any() and not o[~seen].any()
+    """o within O_ATOL[dtype] everywhere; lse -inf exactly where the reference's is, else within LSE_ATOL."""
+    assert_attention_close(got, ref, o_atol=O_ATOL[dtype], lse_atol=LSE_ATOL)
 
 
 CASES = {
@@ -84,10 +47,10 @@ CASES = {
 def test_matches_reference(rng, case, dtype, kernel):
     t, h, n, width, kv_len, q_start, dims, tuning = CASES[case]
     layer = int(rng.integers(1, 3))
-    kv, table, kv_len = _pool_and_tables(rng, kv_len=kv_len, n=n, width=width, layers=3, layer=layer, dims=dims,
-                                         dtype=dtype)
+    kv, table, kv_len = paged_pool_and_tables(rng, kv_len=kv_len, n=n, width=width, layers=3, layer=layer,
+                                              dims=dims, dtype=dtype)
     q_start = jnp.asarray(q_start, jnp.int32)
-    q = _queries(rng, len(kv_len), t, h, dims, dtype)
+    q = absorbed_queries(rng, len(kv_len), t, h, dims, dtype)
     args = (q, kv, table, kv_len, q_start, jnp.int32(layer), jnp.int32(0))
     kw = dict(sm_scale=float(rng.uniform(0.05, 0.2)), rank=dims[0])
     got = KERNELS[kernel](*args, **kw, interpret=True, **(tuning if kernel == "mosaic" else {}))
@@ -99,10 +62,10 @@ def test_position_shards_combine_to_the_whole(rng, kernel):
     """Each of 3 position shards gets its strided slice of the table; lse-weighted shard outputs equal the whole.
     Row 1's 2 pages leave shard 2 with nothing to see (lse -inf), as short sequences do under a split."""
     stride, n, width, t, h, dims = 3, 8, 12, 6, 4, (64, 32, 128)
-    kv, table, kv_len = _pool_and_tables(rng, kv_len=[70, 10], n=n, width=width, layers=2, layer=1, dims=dims,
-                                         dtype=jnp.float32)
+    kv, table, kv_len = paged_pool_and_tables(rng, kv_len=[70, 10], n=n, width=width, layers=2, layer=1,
+                                              dims=dims, dtype=jnp.float32)
     q_start = jnp.asarray([64, 4], jnp.int32)
-    q = _queries(rng, 2, t, h, dims, jnp.float32)
+    q = absorbed_queries(rng, 2, t, h, dims, jnp.float32)
     kw = dict(sm_scale=0.15, rank=dims[0])
     run = functools.partial(KERNELS[kernel], interpret=True, **kw)
     shards = [run(q, kv, table[:, s::stride], kv_len, q_start, jnp.int32(1), jnp.int32(s), page_stride=stride)
@@ -120,10 +83,10 @@ def test_reference_against_dense_numpy(rng):
     """The reference against float64 numpy softmax over a dense cache built by placing the pages at their
     positions (shard 1 of 2: pages at positions 4..7, 12..15, ...), with a query that sees none of them."""
     n, r, p, c, first, stride, t = 4, 8, 4, 16, 1, 2, 3
-    kv, table, kv_len = _pool_and_tables(rng, kv_len=[18, 6], n=n, width=5, layers=2, layer=1, dims=(r, p, c),
-                                         dtype=jnp.float32, page_first=first, stride=stride)
+    kv, table, kv_len = paged_pool_and_tables(rng, kv_len=[18, 6], n=n, width=5, layers=2, layer=1,
+                                              dims=(r, p, c), dtype=jnp.float32, page_first=first, stride=stride)
     q_start = jnp.asarray([15, 2], jnp.int32)
-    q = _queries(rng, 2, t, 2, (r, p, c), jnp.float32)
+    q = absorbed_queries(rng, 2, t, 2, (r, p, c), jnp.float32)
     o, lse = K.ragged_mla_reference(q, kv, table, kv_len, q_start, jnp.int32(1), jnp.int32(first), sm_scale=0.3,
                                     rank=r, page_stride=stride)
     pool, q64, table = np.asarray(kv, np.float64)[1], np.asarray(q, np.float64), np.asarray(table)

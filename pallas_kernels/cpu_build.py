@@ -1,0 +1,87 @@
+"""Builds and registers the native CPU kernels (cpu_*.cc, XLA FFI custom calls) as one library.
+
+The library is compiled on first use with the system C++ compiler against jaxlib's FFI headers, cached under
+~/.cache/k2jax/cpu_kernels (K2JAX_CPU_KERNEL_CACHE overrides) by a key over every source, and its handlers are
+registered with jax.ffi. `available()` is False when no compiler or build works; dispatch then keeps the plain
+XLA paths and says so once on stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_grouped_matmul.cc", HERE / "cpu_ragged_mla.cc")
+HEADERS = (HERE / "cpu_common.h",)
+TARGETS = {"dense": "K2jaxGroupedMatmulDense", "int4": "K2jaxGroupedMatmulInt4", "ragged_mla": "K2jaxRaggedMla"}
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+# What the XLA paths cost (benchmarks/decode.py, "small" config, batch 1 / 8 / 32; see benchmarks/RESULTS.md).
+XLA_PATH_COST = ("decode runs about 1.3-1.8x slower with float32 weights and 4-7x slower with a bf16 + INT4 "
+                 "checkpoint, because XLA:CPU copies every layer's and expert's weights out of their stacks, and "
+                 "widens bf16 and INT4 weights to float32 whole, before each matmul; and attention gathers every "
+                 "row's pages over the whole page-table width, not just the positions the row holds")
+
+
+def _cache_dir() -> Path:
+    """Where built libraries live: K2JAX_CPU_KERNEL_CACHE, else ~/.cache/k2jax/cpu_kernels."""
+    return Path(os.environ.get("K2JAX_CPU_KERNEL_CACHE", Path.home() / ".cache" / "k2jax" / "cpu_kernels"))
+
+
+def _build_key(compiler: str) -> str:
+    """Hash of what the library depends on: sources, headers, jaxlib, compiler, flags and this machine's CPU."""
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags_line = next((line for line in cpu.splitlines() if line.startswith(("flags", "Features"))), "")
+    parts = (*(f.name.encode() + b"\0" + f.read_bytes() for f in (*SOURCES, *HEADERS)), jax.__version__.encode(),
+             compiler.encode(), " ".join(FLAGS).encode(), flags_line.encode())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def build() -> Path:
+    """Compile the library once per build key (atomically, so parallel processes may race) and return its path."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    out = _cache_dir() / f"k2jax_cpu_{_build_key(compiler)}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        lib = Path(tmp) / out.name
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(lib)]
+        print(f"k2jax: building the native CPU kernels ({', '.join(s.name for s in SOURCES)}) with {compiler} "
+              "(once per machine and version, about 20 s)", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(lib, out)
+    return out
+
+
+@functools.cache
+def available() -> bool:
+    """Build and register the custom calls once per process; False (saying why on stderr, once) when that fails."""
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError) as err:
+        print(f"k2jax: the native CPU kernels cannot be built ({err}); running on the plain XLA paths instead: "
+              f"{XLA_PATH_COST}. Install a C++ compiler (or set CXX) for full speed.", file=sys.stderr, flush=True)
+        return False
+    for target in TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
+    return True
+
+
+def require() -> None:
+    """Registers the custom calls, or says why they cannot run."""
+    if not available():
+        raise RuntimeError("the k2jax CPU kernels could not be built; see the warning above")
