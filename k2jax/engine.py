@@ -71,7 +71,7 @@ def bucket(n: int, minimum: int = 16) -> int:
 @functools.lru_cache(maxsize=64)
 def table_widths(layout: PoolLayout, columns: int) -> tuple[int, ...]:
     """The page-table widths steps read: one per power-of-two bucket of positions, only the MAX_TABLE_WIDTHS widest
-    (attention kernels stop at each row's length, so a wider table costs accelerators next to nothing)."""
+    (attention kernels, the CPU one included, stop at each row's length, so a wider table costs next to nothing)."""
     widths, n = {min(columns, layout.pages_for(bucket(1)))}, bucket(1)
     while max(widths) < columns:
         n *= 2
