@@ -30,6 +30,7 @@ from k2jax.config import K2Config
 from k2jax.model import forward, hidden, lm_head
 from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams, sample, stack_params
 from k2jax.tokenizer import TextStream
+from pallas_kernels import dispatch
 from sharding.mesh import mesh_of
 
 PREFILL_CHUNK = 512
@@ -68,21 +69,29 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+def table_widths(layout: PoolLayout, columns: int, queries: int = 1) -> tuple[int, ...]:
+    """The page-table widths steps with `queries` tokens per row read: one per power-of-two bucket of positions, only
+    the MAX_TABLE_WIDTHS widest (attention kernels stop at each row's length, so a wider table costs accelerators
+    next to nothing); only the widest where CPU attention runs in the native kernel, for the same reason and because
+    every compiled CPU program holds ~400 of the memory maps Linux allows a process (vm.max_map_count, 65,530)."""
+    return _widths(layout, columns, 1 if dispatch.native_attention(queries) else MAX_TABLE_WIDTHS)
+
+
 @functools.lru_cache(maxsize=64)
-def table_widths(layout: PoolLayout, columns: int) -> tuple[int, ...]:
-    """The page-table widths steps read: one per power-of-two bucket of positions, only the MAX_TABLE_WIDTHS widest
-    (attention kernels, the CPU one included, stop at each row's length, so a wider table costs next to nothing)."""
+def _widths(layout: PoolLayout, columns: int, most: int) -> tuple[int, ...]:
+    """The `most` widest page-table widths of the power-of-two buckets of positions."""
     widths, n = {min(columns, layout.pages_for(bucket(1)))}, bucket(1)
     while max(widths) < columns:
         n *= 2
         widths.add(min(columns, layout.pages_for(n)))
-    return tuple(sorted(widths))[-MAX_TABLE_WIDTHS:]
+    return tuple(sorted(widths))[-most:]
 
 
-def table_width(layout: PoolLayout, columns: int, tokens: int) -> int:
-    """The page-table width a step over rows of up to `tokens` positions reads: the narrowest that covers them."""
+def table_width(layout: PoolLayout, columns: int, tokens: int, queries: int = 1) -> int:
+    """The page-table width a step over rows of up to `tokens` positions with `queries` tokens per row reads: the
+    narrowest that covers them."""
     need = min(columns, layout.pages_for(bucket(tokens)))
-    return next(w for w in table_widths(layout, columns) if w >= need)
+    return next(w for w in table_widths(layout, columns, queries) if w >= need)
 
 
 def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens: Sequence[int],
@@ -375,7 +384,7 @@ class Model:
                                  f"(one of at most {limit}, or up to {PACKED_CHUNKS} of at most {PACKED_LENGTHS[-1]})")
         D, P, T, width = shape or (row_bucket(max(n_real, 1), n_rows, bool(chunks)), P, T, 0)
         need = max([int(p) + n_steps for p in positions] + [c.start + T for c in chunks] + [1])
-        width = width or table_width(layout, columns, need)
+        width = width or table_width(layout, columns, need, max(T, 1))
         idx = np.asarray(rows, np.int64) if D == n_rows else np.arange(n_real)
         pad_row = rows[0] if rows else chunks[0].row if chunks else 0
         decode = decode_rows(pages.table, idx, rows, tokens, positions, params, masks, D, width, pad_row,

@@ -12,6 +12,7 @@ sequence starts by mapping the longest cached prefix of its prompt into its tabl
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -22,6 +23,24 @@ from k2jax.cache import PoolFull, apply_copies, read_pages, write_pages
 from k2jax.engine import host_value
 from k2jax.prefix_cache import PrefixCache
 from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams
+
+
+MAP_HEADROOM = 0.9  # warm-up stops once this share of the process's memory maps is in use
+
+
+def check_memory_maps() -> None:
+    """Raise before Linux's per-process memory-map limit turns the next compile into a crash: each compiled CPU
+    program holds a few hundred maps, and LLVM segfaults when it cannot map more."""
+    try:
+        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+        with open("/proc/self/maps") as maps:
+            used = sum(1 for _ in maps)
+    except OSError:  # not Linux
+        return
+    if used > MAP_HEADROOM * limit:
+        raise RuntimeError(f"compiled programs hold {used} of the {limit} memory maps this process may have "
+                           "(vm.max_map_count); compiling more would crash. Serve fewer slots (--max-batch) or raise "
+                           "the limit: sudo sysctl -w vm.max_map_count=262144")
 
 
 def on_device(x: np.ndarray | Sequence, dtype: np.dtype | type) -> jax.Array:
@@ -171,9 +190,9 @@ class Slots:
         layout, columns = self.pages.layout, self.pages.table.shape[1]
         top = engine.chunk_shape([min(prefill_tokens, self.max_chunk)], self.max_chunk)[1]
         shapes = [(p, t) for p, t in engine.chunk_shapes(self.max_chunk) if t <= top]
-        widths = engine.table_widths(layout, columns)
         programs = [(d, p, t, w) for p, t in [(0, 0), *shapes] for d in engine.row_buckets(self.n_slots, p > 0)
-                    for w in widths if w >= engine.table_width(layout, columns, max(t, 1))]
+                    for w in engine.table_widths(layout, columns, max(t, 1))
+                    if w >= engine.table_width(layout, columns, max(t, 1), max(t, 1))]
         programs.append(None)  # the page copy
         if progress:
             from tqdm import tqdm
@@ -181,6 +200,7 @@ class Slots:
             programs = tqdm(programs, desc="compiling", unit="program")
         steps = max(decode_steps, self.max_steps)
         for shape in programs:
+            check_memory_maps()
             if shape is None:
                 self._copy([(0, 0)])
                 continue

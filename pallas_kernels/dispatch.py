@@ -213,6 +213,12 @@ def int4_matmul(x_MK, packed_HN, scale_GN) -> jax.Array:
 NATIVE_MAX_QUERIES = 256
 
 
+def native_attention(queries: int) -> bool:
+    """Whether CPU attention over `queries` tokens per row runs in the native kernel, which reads only the pages each
+    row's queries see (so the page table's width costs nothing), rather than gathering the whole table."""
+    return kernel_mode() == "native" and queries < NATIVE_MAX_QUERIES
+
+
 def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first, *, sm_scale: float, rank: int,
                page_stride: int = 1) -> tuple[jax.Array, jax.Array]:
     """Ragged paged absorbed MLA attention (decode and prefill chunks) -> (o_BTHR, lse_BTH) float32, on the
@@ -220,7 +226,7 @@ def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first
     reference (plain XLA), or the Mosaic or Triton kernel."""
     mode = kernel_mode()
     args = (q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first)
-    if mode == "native" and q_BTHC.shape[1] < NATIVE_MAX_QUERIES and not _gspmd_partitioned():
+    if native_attention(q_BTHC.shape[1]) and not _gspmd_partitioned():
         return cpu_ragged_mla.ragged_mla(*args, sm_scale=sm_scale, rank=rank, page_stride=page_stride)
     if mode in ("xla", "native"):
         return ragged_mla_kernels.ragged_mla_reference(*args, sm_scale=sm_scale, rank=rank, page_stride=page_stride)

@@ -98,3 +98,16 @@ def test_a_step_with_a_chunk_and_decode_rows_updates_the_pool_in_place(model):
     stack_bytes = [x.size * x.dtype.itemsize for x in jax.tree.leaves(pool)]  # one per layer stack
     assert mem.alias_size_in_bytes >= sum(stack_bytes), "the pool is not donated into the output"
     assert mem.temp_size_in_bytes < min(stack_bytes) / 2, (mem.temp_size_in_bytes, stack_bytes)
+
+
+def test_native_cpu_attention_compiles_one_table_width(model, monkeypatch):
+    """The native CPU kernel stops at each row's length, so its steps read the whole table (one program per bucket,
+    not six: each CPU program holds a few hundred of the process's memory maps); the XLA path and long chunks,
+    which gather the table, keep the narrower widths."""
+    pages, _ = model.paged(8, 1024)
+    layout, columns = pages.layout, pages.table.shape[1]
+    monkeypatch.setenv("K2JAX_KERNELS", "native")
+    assert engine.table_widths(layout, columns, 1) == (columns,) == engine.table_widths(layout, columns, 128)
+    assert len(engine.table_widths(layout, columns, 512)) > 1
+    monkeypatch.setenv("K2JAX_KERNELS", "xla")
+    assert len(engine.table_widths(layout, columns, 1)) > 1

@@ -10,6 +10,7 @@ import k2jax
 from k2jax import engine
 from k2jax.sampling import SamplingParams
 from k2jax.cache import PoolFull
+from k2jax import slots as slots_module
 from k2jax.slots import Slots
 
 LOGPROB_ATOL = 1e-4  # float32 against float32, summation order only
@@ -144,6 +145,12 @@ def test_rows_that_are_not_running_are_not_in_the_step(model, rng, monkeypatch):
     assert shapes == [(2,)]
     assert engine.row_buckets(8) == (1, 2, 4, 8) and engine.row_bucket(3, 8) == 4
     assert engine.row_buckets(8, chunk=True) == (1, 4, 8)  # beside a prefill chunk
+
+
+def test_warmup_stops_with_a_clear_error_before_the_memory_map_limit(model, monkeypatch):
+    monkeypatch.setattr(slots_module, "MAP_HEADROOM", 0.0)
+    with pytest.raises(RuntimeError, match=r"memory maps this process may have \(vm.max_map_count\)"):
+        Slots(model, n_slots=2, capacity=64).warmup(16, 8)
 
 
 def test_slot_limits(model):
