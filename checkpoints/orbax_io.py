@@ -29,7 +29,7 @@ from sharding.rules import named_sharding
 
 log = logging.getLogger(__name__)
 ABANDONED_READ = "_read_array_index_and_device_put"  # orbax's per-shard read coroutine
-ABANDONED_ERROR = "Encountered error while reading array index"  # what its failed reads raise
+ABANDONED_ERRORS = ("Encountered error while reading array index", "Error reading ")  # orbax's, TensorStore's
 ABANDONED_SETTLE_ROUNDS = 10  # 0.5 s for the reads still running on orbax's threads to end
 
 PARAMS_DIR = "params"
@@ -93,6 +93,7 @@ def check_orbax_files(params: Path) -> None:
 
 def _read(params: Path, what: str, read: Callable[[], Any]) -> Any:
     """Run an orbax read; any failure but a CheckpointError becomes one CheckpointError naming the directory."""
+    _quiet_abandoned_reads()
     try:
         return read()
     except CheckpointError:
@@ -101,7 +102,7 @@ def _read(params: Path, what: str, read: Callable[[], Any]) -> Any:
         detail = str(err).split("See full TensorStore details")[0].strip().splitlines()
         message = (f"{params}: cannot read the {what}, a file there is missing or damaged: "
                    f"{type(err).__name__}: {(detail or [''])[0][:300]}")
-    _collect_quietly()
+    _settle_abandoned_reads()
     raise CheckpointError(message)
 
 
@@ -109,7 +110,7 @@ def _abandoned(obj: Any, error: BaseException | None) -> bool:
     """Whether an error comes from a read orbax abandoned: its coroutine, its failure, or a callback into its closed
     event loop."""
     closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-    failed_read = error is not None and ABANDONED_ERROR in str(error)
+    failed_read = error is not None and any(text in str(error) for text in ABANDONED_ERRORS)
     return getattr(obj, "__qualname__", "") == ABANDONED_READ or closed_loop or failed_read
 
 
@@ -121,20 +122,27 @@ class _DropAbandonedReads(logging.Filter):
         return not _abandoned(None, record.exc_info[1] if record.exc_info else None)
 
 
-def _collect_quietly() -> None:
-    """Orbax abandons its other reads after the first failure; collect them now (they finish on orbax's threads for
-    a moment), and keep the tracebacks they would print, now or later, out of the user's way. Other unraisable
-    exceptions and log records still get through."""
+def _quiet_abandoned_reads() -> None:
+    """Orbax abandons its other reads after the first failure; they end on orbax's threads a moment later, racing
+    its closed event loop, and would print tracebacks (unraisable or logged) besides the one clear error. Keep those
+    out of the user's way from before the first read: the failure itself always reaches the caller as the raised
+    CheckpointError. Other unraisable exceptions and log records still get through."""
     previous = sys.unraisablehook
-    if not getattr(previous, "drops_abandoned_reads", False):
-        def hook(unraisable: Any) -> None:
-            if not _abandoned(unraisable.object, unraisable.exc_value):
-                previous(unraisable)
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
 
-        hook.drops_abandoned_reads = True
-        sys.unraisablehook = hook
-        for name in ("asyncio", "concurrent.futures"):
-            logging.getLogger(name).addFilter(_DropAbandonedReads())
+    def hook(unraisable: Any) -> None:
+        if not _abandoned(unraisable.object, unraisable.exc_value):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
+    for name in ("asyncio", "concurrent.futures"):
+        logging.getLogger(name).addFilter(_DropAbandonedReads())
+
+
+def _settle_abandoned_reads() -> None:
+    """Collect the reads orbax abandoned while they finish on its threads, before the caller reports the error."""
     for _ in range(ABANDONED_SETTLE_ROUNDS):
         gc.collect()
         time.sleep(0.05)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import k2jax
+from checkpoints import orbax_io
 from checkpoints.safetensors_io import CheckpointError
 from k2jax.config import K2Config
 from k2jax.convert import main
@@ -88,3 +91,19 @@ def test_a_missing_commit_marker_is_a_warning(bundled_orbax, tmp_path, caplog):
     assert model.config == K2Config.from_json(ckpt)
     assert any("commit_success.txt" in r.getMessage() and "may not have finished" in r.getMessage()
                for r in caplog.records)
+
+
+
+def test_abandoned_read_noise_is_dropped_from_before_the_first_read(tmp_path, monkeypatch):
+    """Orbax's other reads can hit its closed event loop before the failed read reaches us: the filter must be in
+    place when a read starts, and must let every other unraisable exception through."""
+    passed = []
+    monkeypatch.setattr(sys, "unraisablehook", passed.append)
+    hook = orbax_io._read(tmp_path, "array data", lambda: sys.unraisablehook)
+    noise = [RuntimeError("Event loop is closed"),
+             ValueError('FAILED_PRECONDITION: Error reading "a/0.0" in OCDBT database at local file "x"'),
+             Exception("Encountered error while reading array index: (slice(0, 3, 1),)")]
+    other = [RuntimeError("Event loop is closed soon"), ValueError("something else")]
+    for error in noise + other:
+        hook(SimpleNamespace(object=None, exc_value=error))
+    assert [u.exc_value for u in passed] == other
