@@ -147,6 +147,12 @@ def running(args: list, port: int, timeout_s: float) -> Iterator[None]:
         try:
             wait_ready(f"http://127.0.0.1:{port}/health", proc, log, timeout_s)
             yield
+        except Exception as err:
+            if proc.poll() is not None:  # the server died: its log says why, the client's error does not
+                log.seek(0)
+                raise RuntimeError(f"{Path(proc.args[0]).name} exited with {proc.returncode}: "
+                                   f"{log.read()[-2000:]}") from err
+            raise
         finally:
             proc.terminate()
             proc.wait(60)

@@ -126,12 +126,32 @@ def k2jax_server(model_dir: Path, slots: int, context: int, timeout_s: float = 9
         yield f"http://127.0.0.1:{port}/v1"
 
 
-def measure(url: str, loads: list[str], levels: list[int], n_requests: int, max_tokens: int) -> dict[tuple, dict]:
-    """Warm a server at every level once, then measure every (load, clients)."""
+def measure(url: str, loads: list[str], levels: list[int], n_requests: int, max_tokens: int,
+            server: str) -> dict[tuple, dict]:
+    """Warm a server at every level once, then measure every (load, clients), printing each row as it comes; a
+    level that fails is recorded (and printed) with its error, and the server's remaining levels are skipped."""
     for clients in levels:
         asyncio.run(run_level(url, prompts("random", clients, 1, 99), max_tokens, 99))
-    return {(load, clients): asyncio.run(run_level(url, prompts(load, clients, n_requests, clients), max_tokens, 0))
-            for load in loads for clients in levels}
+    results: dict[tuple, dict] = {}
+    for load in loads:
+        for clients in levels:
+            try:
+                results[load, clients] = asyncio.run(run_level(url, prompts(load, clients, n_requests, clients),
+                                                               max_tokens, 0))
+            except Exception as err:  # a dropped connection or a dead server: keep what was measured
+                results[load, clients] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"  {server} {load} {clients} clients: {row(results[load, clients])}", flush=True)
+            if "error" in results[load, clients]:
+                return results
+    return results
+
+
+def row(r: dict) -> str:
+    """One server's cells: tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms, or its error across them."""
+    if "error" in r:
+        return f"failed: {r['error'][:300]} | | "
+    return (f"{r['tok_s']:.0f} | {1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | "
+            f"{1e3 * r['tpot_p50']:.1f} / {1e3 * r['tpot_p99']:.1f}")
 
 
 def main() -> int:
@@ -155,9 +175,12 @@ def main() -> int:
             hf = llamacpp.write_f32_hf(load_model(name, root), root / "f32")
             gguf = llamacpp.to_gguf(hf, root / "f32.gguf")
             with k2jax_server(hf, slots, context) as url:
-                ours = measure(url, loads, levels, args.requests, args.max_tokens)
-            with llamacpp.server(gguf, slots, context) as url:
-                theirs = measure(url, loads, levels, args.requests, args.max_tokens)
+                ours = measure(url, loads, levels, args.requests, args.max_tokens, f"{name} k2jax-serve")
+            try:
+                with llamacpp.server(gguf, slots, context) as url:
+                    theirs = measure(url, loads, levels, args.requests, args.max_tokens, f"{name} llama-server")
+            except RuntimeError as err:  # llama-server died: its log is in the error
+                theirs = {key: {"error": str(err)} for key in ours}
         tables.append((name, ours, theirs))
     print(f"\n{slots} slots each, 2 threads for llama-server; {args.requests} streaming completions of "
           f"{args.max_tokens} tokens per client; float32 weights on both sides\n")
@@ -165,11 +188,11 @@ def main() -> int:
     print("|---|---|---:|---|---:|---:|---:|---:|")
     for name, ours, theirs in tables:
         for key in ours:
-            for label, r in (("k2jax-serve", ours[key]), ("llama-server", theirs[key])):
-                ratio = f"{ours[key]['tok_s'] / theirs[key]['tok_s']:.2f}x" if label == "k2jax-serve" else ""
-                print(f"| {name} | {key[0]} | {key[1]} | {label} | {r['tok_s']:.0f} | "
-                      f"{1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | "
-                      f"{1e3 * r['tpot_p50']:.1f} / {1e3 * r['tpot_p99']:.1f} | {ratio} |")
+            missing = {"error": "not run (an earlier level failed)"}
+            pair = (ours[key], theirs.get(key, missing))
+            ratio = f"{pair[0]['tok_s'] / pair[1]['tok_s']:.2f}x" if all("tok_s" in r for r in pair) else ""
+            for label, r in zip(("k2jax-serve", "llama-server"), pair):
+                print(f"| {name} | {key[0]} | {key[1]} | {label} | {row(r)} | {ratio if label == 'k2jax-serve' else ''} |")
     return 0
 
 

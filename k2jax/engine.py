@@ -28,7 +28,7 @@ from flax import nnx
 from k2jax.cache import PageAllocator, PagedCache, PoolLayout, apply_copies, default_page_size, init_pool, make_layout
 from k2jax.config import K2Config
 from k2jax.model import forward, hidden, lm_head
-from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams, sample, stack_params
+from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams, mask_words, sample, stack_params
 from k2jax.tokenizer import TextStream
 from pallas_kernels import dispatch
 from sharding.mesh import mesh_of
@@ -388,7 +388,7 @@ class Model:
         idx = np.asarray(rows, np.int64) if D == n_rows else np.arange(n_real)
         pad_row = rows[0] if rows else chunks[0].row if chunks else 0
         decode = decode_rows(pages.table, idx, rows, tokens, positions, params, masks, D, width, pad_row,
-                             -(-self.config.vocab_size // 32))
+                             mask_words(self.config.vocab_size))
         prefill = prefill_chunks(pages.table, chunks, P, T, width) if P else None
         toks, logps, pool = self._call(run_step, self.graphdef, self.state, pool, decode, prefill,
                                        _put(np.int32(n_steps)), self.config, self.dtype, layout, max_steps)

@@ -23,6 +23,7 @@ import numpy as np
 from llguidance import LLMatcher, LLTokenizer
 
 from k2jax import chat
+from k2jax.sampling import mask_words
 from k2jax.tokenizer import KIMI_PATTERN, Tokenizer
 
 MAX_CALLS = 16  # calls one tool-calls section may hold
@@ -168,7 +169,7 @@ class Vocabulary:
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int):
         self.size = max(vocab_size, tokenizer.vocab_size)
-        self.words = -(-self.size // 32)
+        self.words = mask_words(self.size)
         self.lltokenizer = LLTokenizer.from_tiktoken(
             encoder={token: rank for rank, token in enumerate(tokenizer.tokens)},
             special_tokens=dict(tokenizer.special_tokens), pattern=KIMI_PATTERN,

@@ -39,7 +39,7 @@ from k2jax.engine import DECODE_STEPS, PREFILL_CHUNK, DecodeRows, PrefillChunk, 
 from k2jax.gpu_targets import (GPUS, PLUGIN_DIR, gpu_devices, parse_gpu_topology, plugin_env, plugin_installed,
                                plugin_loadable)
 from k2jax.loading import abstract_model
-from k2jax.sampling import ROW_DTYPES
+from k2jax.sampling import ROW_DTYPES, mask_words
 from pallas_kernels import dispatch
 from sharding.mesh import mesh_from_devices
 from sharding.rules import named_sharding, shard_bytes
@@ -168,7 +168,7 @@ def abstract_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chun
 
     decode = DecodeRows(sds((rows,), jnp.int32), sds((rows,), jnp.int32), sds((rows,), jnp.bool_), cache.table_BM,
                         {name: sds((rows,), dtype) for name, dtype in ROW_DTYPES.items()},
-                        sds((rows, -(-cfg.vocab_size // 32)), jnp.int32))
+                        sds((rows, mask_words(cfg.vocab_size)), jnp.int32))
     prefill = None if not chunk else PrefillChunk(sds((1, chunk), jnp.int32), sds((1,), jnp.int32),
                                                   sds((1,), jnp.int32), sds((1, width), jnp.int32))
     return cache.pool, decode, prefill

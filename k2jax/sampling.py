@@ -135,6 +135,11 @@ def _draw(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array) 
     return jax.vmap(jax.random.categorical)(keys, filter_logits(logits_BV, params)).astype(jnp.int32)
 
 
+def mask_words(vocab: int) -> int:
+    """Words of a packed allowed-token mask over `vocab` tokens (bit t % 32 of word t // 32)."""
+    return -(-vocab // 32)
+
+
 def unpack_mask(mask_BW: jax.Array, vocab: int) -> jax.Array:
     """Packed allowed-token words [B, W] int32 -> bool [B, vocab]."""
     bits_BW32 = (mask_BW.astype(jnp.uint32)[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1

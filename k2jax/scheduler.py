@@ -660,6 +660,11 @@ class StepLink:
         """The next call from process 0 (other processes)."""
         return self._broadcast(np.zeros(self.size, np.int32))
 
+    def share(self, array: np.ndarray) -> np.ndarray:
+        """Process 0's `array` on every process (the others pass one of the same shape and dtype): a step's token
+        masks, sent after its STEP message, so steps without masks never carry them."""
+        return self._broadcast(np.ascontiguousarray(array))
+
     def _broadcast(self, message: np.ndarray) -> np.ndarray:
         """jax.distributed broadcast from process 0; a failure means a peer is gone."""
         try:
@@ -670,15 +675,16 @@ class StepLink:
         return received
 
 
-def unpack_step(payload: np.ndarray, n_slots: int, n_steps: int, n_chunks: int
-                ) -> tuple[np.ndarray, list[SamplingParams | None], int, None, list[engine.Chunk]]:
-    """A STEP message's payload (as LinkedSlots.step sends it) as Slots.step's arguments."""
+def unpack_step(payload: np.ndarray, n_slots: int, n_steps: int, n_chunks: int, masks: np.ndarray | None = None
+                ) -> tuple[np.ndarray, list[SamplingParams | None], int, np.ndarray | None, list[engine.Chunk]]:
+    """A STEP message's payload (as LinkedSlots.step sends it, its masks shared after it) as Slots.step's
+    arguments."""
     fields = (1 + PARAM_FIELDS) * n_slots
     spans = payload[fields:fields + 3 * n_chunks].reshape(n_chunks, 3)
     offsets = fields + 3 * n_chunks + np.concatenate([[0], np.cumsum(spans[:, 2])])
     chunks = [engine.Chunk(int(row), payload[lo:hi].tolist(), int(start))
               for (row, start, _), lo, hi in zip(spans, offsets[:-1], offsets[1:])]
-    return payload[:n_slots], unpack_params(payload[n_slots:fields], n_slots), n_steps, None, chunks
+    return payload[:n_slots], unpack_params(payload[n_slots:fields], n_slots), n_steps, masks, chunks
 
 
 class LinkedSlots(Slots):
@@ -697,15 +703,19 @@ class LinkedSlots(Slots):
 
     def step(self, tokens: np.ndarray, params: Sequence[SamplingParams | None], n_steps: int = engine.DECODE_STEPS,
              masks: np.ndarray | None = None, chunks: Sequence[engine.Chunk] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """Broadcast, then step, within the link's deadline (token masks are not broadcast: single-host only)."""
-        if masks is not None:
-            raise ValueError("constrained decoding (token masks) is not available when serving over several processes")
+        """Broadcast (the token masks, if any, in a second message), then step, within the link's deadline."""
         payload = [np.asarray(tokens, np.int32), pack_params(params),
                    np.array([(c.row, c.start, len(c.tokens)) for c in chunks], np.int32).reshape(-1),
                    *(np.asarray(c.tokens, np.int32) for c in chunks)]
+        if masks is not None:
+            masks = np.asarray(masks, np.int32)
+            if masks.shape != (self.n_slots, self.mask_words):
+                raise ValueError(f"token masks must be [{self.n_slots}, {self.mask_words}], got {masks.shape}")
         with self.link.deadline():
-            self.link.send(STEP, (n_steps, len(chunks)), np.concatenate(payload))
-            return super().step(tokens, params, n_steps, chunks=chunks)
+            self.link.send(STEP, (n_steps, len(chunks), masks is not None), np.concatenate(payload))
+            if masks is not None:
+                self.link.share(masks)
+            return super().step(tokens, params, n_steps, masks, chunks)
 
     def rewind(self, slot: int, length: int) -> None:
         """Broadcast, then rewind."""
@@ -739,7 +749,8 @@ def follow(model: engine.Model, n_slots: int, max_context: int | None, link: Ste
                 return
             try:
                 if op == STEP:
-                    slots.step(*unpack_step(payload, n_slots, a, b))
+                    masks = link.share(np.zeros((n_slots, slots.mask_words), np.int32)) if message[3] else None
+                    slots.step(*unpack_step(payload, n_slots, a, b, masks))
                 elif op == RELEASE:
                     slots.release(a)
                 elif op == ATTACH:

@@ -124,9 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         scheduler = Scheduler(model, n_slots=args.max_batch, max_context=args.max_context, max_queue=args.max_queue,
                               prefill_chunk=args.prefill_chunk, link=link, num_pages=args.kv_pages,
                               prefix_cache=not args.no_prefix_cache, progress=True)
-        if multi and not args.no_tool_grammar:
-            print("k2jax-serve: warning: tool calls are not grammar-enforced when serving over several processes",
-                  file=sys.stderr)
         service = Service(model, scheduler, served_name(args), args.api_key,
                           args.max_body_bytes or MAX_BODY_BYTES, args.default_max_tokens, not args.no_tool_grammar)
     except (ValueError, FileNotFoundError) as err:

@@ -60,7 +60,6 @@ class Service:
 
     default_max_tokens: a chat completion's max_tokens when it sets none (None: all the context left).
     enforce_tools: whether declared tools are enforced by a grammar (each tool may still opt out with strict false).
-    Token masks (tool grammars, response formats, reasoning budgets) need a single-process scheduler.
     """
 
     def __init__(self, model: Any, scheduler: Scheduler, name: str = "k2jax", api_key: str | None = None,
@@ -71,8 +70,7 @@ class Service:
         self.tokenizer, self.scheduler, self.name, self.api_key = model.tokenizer, scheduler, name, api_key
         self.vocab_size = model.config.vocab_size
         self.max_body_bytes, self.default_max_tokens = max_body_bytes, default_max_tokens
-        self.masks = scheduler.link is None
-        self.enforce_tools = enforce_tools and self.masks
+        self.enforce_tools = enforce_tools
         self.created = int(time.time())
         self.metrics = Metrics(scheduler)
         self.workers = ThreadPoolExecutor(PROMPT_WORKERS, thread_name_prefix="k2jax-prompt")
@@ -163,10 +161,6 @@ class Service:
         rules = self.answer_grammar(body, call_offset)
         if rules is None and budget is None:
             return (None,) * n
-        if not self.masks:
-            param = "response_format" if body.response_format else "max_reasoning_tokens"
-            raise APIError(400, "response_format, max_reasoning_tokens and reasoning_effort are not available when "
-                           "serving over several processes", param=param)
         vocab = grammar.vocabulary(self.tokenizer, self.vocab_size)
         try:
             return tuple(RowConstraint(vocab, rules, budget) for _ in range(n))

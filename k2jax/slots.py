@@ -22,7 +22,7 @@ from k2jax import engine
 from k2jax.cache import PoolFull, apply_copies, read_pages, write_pages
 from k2jax.engine import host_value
 from k2jax.prefix_cache import PrefixCache
-from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams
+from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams, mask_words
 
 
 MAP_HEADROOM = 0.9  # warm-up stops once this share of the process's memory maps is in use
@@ -75,6 +75,11 @@ class Slots:
     @property
     def n_slots(self) -> int:
         return len(self.lengths)
+
+    @property
+    def mask_words(self) -> int:
+        """Words per slot of a step's token masks."""
+        return mask_words(self.model.config.vocab_size)
 
     def prefill(self, slot: int, tokens: Sequence[int], start: int = 0) -> None:
         """Write `tokens` at positions start.. of `slot`, keeping its first `start` cached tokens, in steps of at most

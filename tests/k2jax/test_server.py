@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jsonschema
 import jax
 import numpy as np
 import pytest
@@ -435,7 +436,7 @@ def test_two_processes_serve_like_one_and_fail_loudly_without_a_peer(checkpoint,
     port, coordinator = free_port(), free_port()
     common = ["--port", str(port), "--served-model-name", NAME, "--max-batch", "2", "--max-context", "120",
               "--prefill-chunk", "64", "--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2",
-              "--step-timeout", "120", "--peer-timeout", "5"]
+              "--step-timeout", "120", "--peer-timeout", "5", "--mesh", "tensor=2"]
     procs = [start_cli(checkpoint, *common, "--process-id", str(i)) for i in range(2)]
     try:
         wait_for_health(port, procs)
@@ -452,6 +453,16 @@ def test_two_processes_serve_like_one_and_fail_loudly_without_a_peer(checkpoint,
         again = [both.completions.create(model=NAME, prompt=shared, max_tokens=10, temperature=0) for _ in range(2)]
         assert again[1].usage.prompt_tokens_details.cached_tokens > 0
         assert [a.choices[0].text for a in again] == [complete(client, shared)] * 2
+        fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}}
+
+        def constrained(api, seed: int) -> str:  # process 0's masks reach the other process with each step
+            return api.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=36, temperature=1.0, seed=seed,
+                                               response_format=fmt, extra_body={"max_reasoning_tokens": 2}
+                                               ).choices[0].message.content
+
+        answers = [constrained(both, seed) for seed in range(3)]
+        assert answers == [constrained(client, seed) for seed in range(3)]
+        assert all(jsonschema.validate(json.loads(a), ANSWER_SCHEMA) is None for a in answers)
         procs[1].kill()
         assert procs[0].wait(TIMEOUT_S) == 1, "process 0 must stop, and say so, when its peer is gone"
     finally:
