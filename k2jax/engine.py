@@ -18,15 +18,17 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from k2jax import chat, grammar
 from k2jax.cache import PageAllocator, PagedCache, PoolLayout, apply_copies, default_page_size, init_pool, make_layout
 from k2jax.config import K2Config
+from k2jax.grammar import RowConstraint
 from k2jax.model import forward, hidden, lm_head
 from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams, mask_words, sample, stack_params
 from k2jax.tokenizer import TextStream
@@ -135,6 +137,7 @@ class GenerateOutput:
     stats: dict[str, float]
     finish_reasons: list[str]
     logprobs: list[list[float]] | None = None
+    tool_calls: list[list[dict[str, Any]]] | None = None  # OpenAI-style calls per sequence, when tools were given
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype"))
@@ -397,11 +400,16 @@ class Model:
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_p: float = 0.0,
                  n: int = 1, stop: Sequence[str] = (), logprobs: bool = False,
-                 on_text: Callable[[int, str], None] | None = None) -> GenerateOutput:
+                 on_text: Callable[[int, str], None] | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
+                 tool_choice: str = "auto", max_reasoning_tokens: int | None = None) -> GenerateOutput:
         """Continue each prompt (text, or token ids); `n` samples per prompt share one prefill.
 
         Sequences end at <|im_end|> / EOS, a stop string, or max_new_tokens. Sample j of a prompt uses seed + j.
         `on_text(row, delta)` streams each row's new text as the decode loop produces it.
+        With `tools` (OpenAI-style declarations; the prompt an assistant turn's opening, as
+        tokenizer.apply_chat_template(messages, tools) renders it), tool calls are grammar-enforced: declared names,
+        schema-valid arguments, `tool_choice` "auto", "required", "none" or a tool's name; the output's tool_calls
+        holds each sequence's parsed calls. `max_reasoning_tokens` ends the reasoning block after that many tokens.
         """
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings or of token-id lists, not a single string")
@@ -413,12 +421,13 @@ class Model:
             raise ValueError("stop strings and streamed text need a tokenizer")
         ids = [self._encode(p) for p in prompts]
         params = [SamplingParams(temperature, top_k, top_p, min_p, seed + j) for _ in ids for j in range(n)]
+        constraints = self._constraints(tools, tool_choice, max_reasoning_tokens, len(params))
         rows = [_Row(max_new_tokens, self._stop_ids(), TextStream(self.tokenizer, stop) if self.tokenizer else None)
                 for _ in params]
         stats: dict[str, float] = {"prompt_tokens": sum(len(p) for p in ids)}
         self._compile_s = 0.0
         start = time.perf_counter()
-        for i, (live, toks, logps) in enumerate(self._rounds(ids, params, n, max_new_tokens, rows)):
+        for i, (live, toks, logps) in enumerate(self._rounds(ids, params, n, max_new_tokens, rows, constraints)):
             if i == 0:
                 stats["time_to_first_token_s"] = time.perf_counter() - start
                 stats["compile_before_first_token_s"] = self._compile_s
@@ -440,12 +449,36 @@ class Model:
         texts = [r.text.text for r in rows] if self.tokenizer is not None else None
         return GenerateOutput(ids=[r.ids for r in rows], texts=texts, stats=stats,
                               finish_reasons=[r.finish or "length" for r in rows],
-                              logprobs=[r.logprobs for r in rows] if logprobs else None)
+                              logprobs=[r.logprobs for r in rows] if logprobs else None,
+                              tool_calls=[chat.parse_output(t).tool_calls for t in texts] if tools is not None else None)
+
+    def _constraints(self, tools: Sequence[Mapping[str, Any]] | None, tool_choice: str,
+                     max_reasoning_tokens: int | None, n_rows: int) -> list[RowConstraint | None]:
+        """Each row's constraint: the tools' grammar (unless every tool opts out with strict false) and the reasoning
+        budget; None for every row when neither applies."""
+        if tools is None and max_reasoning_tokens is None:
+            return [None] * n_rows
+        if self.tokenizer is None:
+            raise ValueError("tools and max_reasoning_tokens need a model with a tokenizer")
+        rules = None
+        if tools is not None:
+            chat.check_tools(tools)
+            named = None if tool_choice in ("auto", "required", "none") else tool_choice
+            if any(map(grammar.is_strict, tools)) or tool_choice == "none":
+                rules = grammar.tool_calls_grammar(tools, "required" if named else tool_choice, named)
+        budget = grammar.reasoning_budget(max_reasoning_tokens, None)
+        if rules is None and budget is None:
+            return [None] * n_rows
+        vocab = grammar.vocabulary(self.tokenizer, self.config.vocab_size)
+        return [RowConstraint(vocab, rules, budget) for _ in range(n_rows)]
 
     def _rounds(self, ids: list[list[int]], params: list[SamplingParams], n: int, max_new_tokens: int,
-                rows: list[_Row]) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+                rows: list[_Row], constraints: list[RowConstraint | None]
+                ) -> Iterator[tuple[list[int], list[np.ndarray], list[np.ndarray]]]:
         """Write each prompt but its last token in chunks, fork it into n rows, then run decode steps of the rows
-        not yet finished, each feeding its last token: yields (rows, [rows, k] tokens, log-probs) per step."""
+        not yet finished, each feeding its last token: yields (rows, each row's new tokens, their log-probs) per
+        step. A constrained row samples under its mask; its run is cut where the mask changed (see
+        RowConstraint.accept), and while any row's mask changes token by token a step samples one token."""
         lengths = np.array([len(p) for p in ids], np.int32)
         self._check_ids([t for p in ids for t in p], int(lengths.max()) + max_new_tokens)
         pages, pool = self.paged(len(ids) * n, int(lengths.max()) + max_new_tokens + DECODE_STEPS)
@@ -460,10 +493,17 @@ class Model:
         for row, length in enumerate(pos):
             pages.reserve(row, int(length) + 1 + max_new_tokens + DECODE_STEPS)
         while live := [r for r, row in enumerate(rows) if row.finish is None]:
+            held = [constraints[r] for r in live]
+            n_steps = DECODE_STEPS if all(c is None or c.steady for c in held) else 1
+            masks = None if all(c is None for c in held) else np.stack(
+                [c.mask() if c is not None else np.full(mask_words(self.config.vocab_size), -1, np.int32)
+                 for c in held])
             pool, toks, logps = self.run(pages, pool, live, last[live], pos[live], [params[r] for r in live],
-                                         DECODE_STEPS)
-            last[live], pos[live] = toks[:, -1], pos[live] + DECODE_STEPS
-            yield live, toks, logps.chosen
+                                         n_steps, masks)
+            taken = [n_steps if c is None else c.accept(t) for c, t in zip(held, toks.tolist())]
+            for i, (r, k) in enumerate(zip(live, taken)):
+                last[r], pos[r] = toks[i, k - 1], pos[r] + k
+            yield live, [t[:k] for t, k in zip(toks, taken)], [lp[:k] for lp, k in zip(logps.chosen, taken)]
 
     def _call(self, fn: Callable, *args: Any) -> Any:
         """Call a jitted entry point; the first call of each shape is timed (blocking) as compile time."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
+import jsonschema
 import numpy as np
 import pytest
 
 import k2jax
-from k2jax import engine
+from k2jax import chat, engine
 from k2jax.sampling import SamplingParams
 
 
@@ -111,3 +114,43 @@ def test_native_cpu_attention_compiles_one_table_width(model, monkeypatch):
     assert len(engine.table_widths(layout, columns, 512)) > 1
     monkeypatch.setenv("K2JAX_KERNELS", "xla")
     assert len(engine.table_widths(layout, columns, 1)) > 1
+
+
+MULTIPLY = {"type": "function", "function": {
+    "name": "multiply", "description": "Multiply two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return k2jax.load()
+
+
+def tool_prompt(model, tools) -> str:
+    return model.tokenizer.apply_chat_template([{"role": "user", "content": "What is 37 times 41?"}], tools=tools)
+
+
+def test_generate_with_tools_calls_only_declared_tools_with_valid_arguments(bundled):
+    """The bundled model learned the demo tools (`calculate`, ...), not `multiply`: enforced, every sample calls
+    multiply with schema-valid arguments, numbered from 0, and stays in its reasoning budget."""
+    out = bundled.generate([tool_prompt(bundled, [MULTIPLY])], max_new_tokens=64, temperature=1.0, seed=0, n=4,
+                           tools=[MULTIPLY], tool_choice="required", max_reasoning_tokens=4)
+    for text, calls in zip(out.texts, out.tool_calls):
+        assert calls, text
+        for k, call in enumerate(calls):
+            assert call["id"] == f"functions.multiply:{k}" and call["function"]["name"] == "multiply"
+            jsonschema.validate(json.loads(call["function"]["arguments"]), MULTIPLY["function"]["parameters"])
+        reasoning = chat.parse_output(text).reasoning_content or ""
+        assert len(bundled.tokenizer.encode(reasoning)) <= 4 + 1, reasoning  # + a merge across the budget's edge
+    none = bundled.generate([tool_prompt(bundled, [MULTIPLY])], max_new_tokens=48, temperature=1.0, seed=0, n=2,
+                            tools=[MULTIPLY], tool_choice="none")
+    assert none.tool_calls == [[], []] and not any(chat.SECTION_BEGIN in t for t in none.texts)
+
+
+def test_constrained_runs_equal_token_by_token_masking(bundled, monkeypatch):
+    """Runs of 8 tokens under one mask, cut where it changes, sample exactly what one token per step does."""
+    kw = dict(max_new_tokens=40, temperature=1.0, seed=7, n=2, tools=[MULTIPLY], max_reasoning_tokens=6)
+    runs = bundled.generate([tool_prompt(bundled, [MULTIPLY])], **kw)
+    monkeypatch.setattr(engine, "DECODE_STEPS", 1)
+    assert runs.ids == bundled.generate([tool_prompt(bundled, [MULTIPLY])], **kw).ids
