@@ -15,7 +15,9 @@ import pytest
 import k2jax
 from k2jax.grammar import RowConstraint, json_grammar, vocabulary
 from k2jax.sampling import SamplingParams
-from k2jax.scheduler import Output, QueueFull, Request, Scheduler, pack_params, unpack_params
+from k2jax import engine
+from k2jax.scheduler import (HEADER, STEP, LinkedSlots, Output, QueueFull, Request, Scheduler, StepLink, pack_params,
+                           unpack_params, unpack_step)
 
 EOS = 255
 TIMEOUT_S = 120.0
@@ -224,6 +226,42 @@ def test_sampling_settings_survive_the_step_message():
     assert back[1] is None and back[2:] == params[2:]
     assert np.float32(back[0].temperature) == np.float32(0.7) and back[0].top_k == 40 and back[0].seed == 2**32 - 1
     assert back[0].top_logprobs == 20
+
+
+class RecordingLink(StepLink):
+    """A link to no other process: it keeps what process 0 broadcasts."""
+
+    def __init__(self, n_slots: int, max_prefill: int):
+        super().__init__(n_slots, max_prefill)
+        self.sent: list[np.ndarray] = []
+
+    def _broadcast(self, message: np.ndarray) -> np.ndarray:
+        self.sent.append(message.copy())
+        return message
+
+
+def test_packed_chunks_and_masks_survive_the_step_message(model, rng):
+    """What another process replays (unpack_step over the STEP message, then the shared masks) is the step process
+    0 ran: several packed prompt chunks, then decode rows under token masks."""
+    link = RecordingLink(4, 128)
+    slots = LinkedSlots(model, 4, 128, link, max_chunk=128)
+    chunks = [engine.Chunk(s, rng.integers(0, 250, n).tolist(), 0) for s, n in ((0, 9), (2, 30), (3, 17))]
+    assert engine.chunk_shape([len(c.tokens) for c in chunks], 128)[0] == engine.PACKED_CHUNKS
+    idle = [None] * 4
+    slots.step(np.zeros(4, np.int32), idle, 1, chunks=chunks)
+    masks = rng.integers(-2**31, 2**31, (4, slots.mask_words), dtype=np.int64).astype(np.int32)
+    masks[:, 0] = -1  # each row may sample some token
+    params = [SamplingParams(seed=1), None, SamplingParams(temperature=1.0, seed=2), SamplingParams(seed=3)]
+    tokens = np.array([5, 0, 7, 9], np.int32)
+    slots.step(tokens, params, 2, masks)
+    (first, second, shared) = link.sent
+    assert first[0] == second[0] == STEP
+    got = unpack_step(first[HEADER:], 4, *first[1:3].tolist())
+    assert [(c.row, list(c.tokens), c.start) for c in got[4]] == [(c.row, c.tokens, c.start) for c in chunks]
+    assert got[1] == idle and got[2] == 1 and got[3] is None and not first[3]
+    got = unpack_step(second[HEADER:], 4, *second[1:3].tolist(), shared if second[3] else None)
+    assert np.array_equal(got[0], tokens) and got[1] == params and got[2] == 2 and got[4] == []
+    assert np.array_equal(got[3], masks)
 
 
 def run_all(sched: Scheduler, jobs: list[tuple[list[int], int]], **kw) -> list[Request]:
