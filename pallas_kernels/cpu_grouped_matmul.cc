@@ -30,15 +30,18 @@ constexpr int kGroup = 32;       // INT4 scale group along K
 constexpr int64_t kTileK = 128;  // K rows of a widened weight tile: 128 x 512 floats (256 KiB) stay in L2
 constexpr int64_t kTiledRows = 3 * kMaxRows;  // from this many rows, weight tiles are widened once for all rows
 
-// One expert's dense matrix [K, N] in f32 (rows read in place) or bf16 (each row chunk widened into a buffer).
+// One expert's dense matrix [K, N] in f32 or bf16, its rows read in place (bf16 widened in registers while
+// streaming, or a row chunk at a time into a buffer for the tiled path).
 template <typename T>
 struct Dense {
+  using Row = T;
   const T* w;
   int64_t k, n;
   static constexpr int kRowsPerStep = 1;
   int64_t steps() const { return k; }
   int64_t k_of(int64_t step, int) const { return step; }
-  const float* row(int64_t step, int, int64_t c0, int64_t width, float* buf) const {
+  const T* row(int64_t step, int, int64_t c0, int64_t, float*) const { return w + step * n + c0; }
+  const float* widened(int64_t step, int, int64_t c0, int64_t width, float* buf) const {
     const T* src = w + step * n + c0;
     if constexpr (std::is_same_v<T, float>) return src;
     for (int64_t c = 0; c < width; ++c) buf[c] = bf16_to_f32(src[c]);
@@ -49,6 +52,7 @@ struct Dense {
 // One expert's INT4 matrix in planar blocks of p rows: byte row h holds k_lo = (h / (p/2)) * p + h % (p/2) in its
 // low nibble and k_lo + p/2 in its high nibble, offset-binary (q = nibble - 8), times bf16 scale[k / 32, n].
 struct Int4 {
+  using Row = float;
   const uint8_t* packed;
   const uint16_t* scale;
   int64_t k, n, p;
@@ -62,11 +66,18 @@ struct Int4 {
     for (int64_t c = 0; c < width; ++c) buf[c] = static_cast<float>(((src[c] >> shift) & 15) - 8) * bf16_to_f32(sc[c]);
     return buf;
   }
+  const float* widened(int64_t h, int s, int64_t c0, int64_t width, float* buf) const {
+    return row(h, s, c0, width, buf);
+  }
 };
 
+// A weight element as f32.
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
+
 // acc[r][0:width] += sum over the rows w_rows[j] of x[r, k_j] * w_rows[j][0:width], for R rows of x.
-template <int R, int J>
-inline void accumulate(const float* const* w_rows, const float* const* x_rows, const int64_t* ks, int64_t width,
+template <int R, int J, typename T>
+inline void accumulate(const T* const* w_rows, const float* const* x_rows, const int64_t* ks, int64_t width,
                        float (*acc)[kStride]) {
   float xk[R][J];
   for (int r = 0; r < R; ++r) {
@@ -74,7 +85,7 @@ inline void accumulate(const float* const* w_rows, const float* const* x_rows, c
   }
   for (int64_t c = 0; c < width; ++c) {
     float wc[J];
-    for (int j = 0; j < J; ++j) wc[j] = w_rows[j][c];
+    for (int j = 0; j < J; ++j) wc[j] = to_f32(w_rows[j][c]);
     for (int r = 0; r < R; ++r) {
       float sum = acc[r][c];
       for (int j = 0; j < J; ++j) sum += xk[r][j] * wc[j];
@@ -94,7 +105,7 @@ void block(const W& w, const float* x, int64_t c0, int64_t width, float* y) {
   constexpr int kSteps = kPass / W::kRowsPerStep;
   int64_t step = 0;
   for (; step + kSteps <= w.steps(); step += kSteps) {
-    const float* rows[kPass];
+    const typename W::Row* rows[kPass];
     int64_t ks[kPass];
     for (int i = 0; i < kSteps; ++i) {
       for (int s = 0; s < W::kRowsPerStep; ++s) {
@@ -107,7 +118,7 @@ void block(const W& w, const float* x, int64_t c0, int64_t width, float* y) {
   }
   for (; step < w.steps(); ++step) {
     for (int s = 0; s < W::kRowsPerStep; ++s) {
-      const float* rows[1] = {w.row(step, s, c0, width, buf[0])};
+      const typename W::Row* rows[1] = {w.row(step, s, c0, width, buf[0])};
       int64_t ks[1] = {w.k_of(step, s)};
       accumulate<R, 1>(rows, x_rows, ks, width, acc);
     }
@@ -149,7 +160,7 @@ void group_columns_tiled(const W& w, const float* x, int64_t rows, float* y, int
       int64_t n_rows = 0;
       for (int64_t step = step0; step < std::min(step0 + kTileSteps, w.steps()); ++step) {
         for (int s = 0; s < W::kRowsPerStep; ++s, ++n_rows) {
-          tile_rows[n_rows] = w.row(step, s, c, width, tile[n_rows]);
+          tile_rows[n_rows] = w.widened(step, s, c, width, tile[n_rows]);
           ks[n_rows] = w.k_of(step, s);
         }
       }
