@@ -9,8 +9,14 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define K2JAX_INT4_DOT 1
+#endif
 
 #include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -191,6 +197,172 @@ void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c
   }
 }
 
+#ifdef K2JAX_INT4_DOT
+constexpr int64_t kDotCols = 64;       // columns per INT4 dot block: one 64-byte load per packed row
+constexpr int64_t kDotMaxRows = kTiledRows;  // below this many rows, INT4 groups take the int8 dot path
+constexpr int64_t kCorrK = 16;         // K values per offset correction (the smallest planar half-block)
+
+// Rows of x quantized to int8 per 32-wide K group, as llama.cpp's Q8_0: q = round(x / d), d = max|x| / 127
+// (NaN kept, so it reaches the output); corr[r, k / 16] = -8 * 16 * sum of those 16 q (undoes q = nibble - 8
+// for the high nibbles, which the dot reads 16 times too large, and /16 for the low nibbles).
+struct QuantRows {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> corr;
+  int64_t k;
+  QuantRows(const float* x, int64_t rows, int64_t k) : q(rows * k), d(rows * k / kGroup), corr(rows * k / kCorrK), k(k) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (int64_t g = 0; g < rows * k / kGroup; ++g) {
+      const float* xg = x + g * kGroup;
+      __m512 a = _mm512_andnot_ps(sign, _mm512_loadu_ps(xg)), b = _mm512_andnot_ps(sign, _mm512_loadu_ps(xg + 16));
+      float amax = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+      if (_mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q)) amax = std::numeric_limits<float>::quiet_NaN();
+      d[g] = amax / 127;
+      __m512 inv = _mm512_set1_ps(amax > 0 ? 127 / amax : 0.0f);
+      for (int half = 0; half < 2; ++half) {
+        __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + 16 * half), inv));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[g * kGroup + 16 * half]), _mm512_cvtsepi32_epi8(qi));
+        corr[2 * g + half] = -8 * 16 * _mm512_reduce_add_epi32(qi);
+      }
+    }
+  }
+  int32_t corr_of(int64_t r, int64_t k0, int64_t len) const {
+    int32_t c = 0;
+    for (int64_t i = 0; i < len / kCorrK; ++i) c += corr[(r * k + k0) / kCorrK + i];
+    return c;
+  }
+};
+
+// Word indices for permuted_scales: f32 lane j of output i takes bf16 column 16 (j / 4) + 4 i + j % 4.
+struct ScaleOrder {
+  alignas(64) int16_t idx[4][32] = {};
+  constexpr ScaleOrder() {
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 16; ++j) idx[i][2 * j + 1] = static_cast<int16_t>(16 * (j / 4) + 4 * i + j % 4);
+    }
+  }
+};
+constexpr ScaleOrder kScaleOrder;
+
+// Bf16 scales of columns c0 + {0..3, 16..19, 32..35, 48..51} + 4 * i (the order of dot_block's sums) as f32.
+inline void permuted_scales(const uint16_t* s, __mmask64 cols, __m512 (&out)[4]) {
+  __m512i a = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(cols), s);
+  __m512i b = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(cols >> 32), s + 32);
+  for (int i = 0; i < 4; ++i) {
+    __m512i idx = _mm512_load_si512(kScaleOrder.idx[i]);
+    out[i] = _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi16(0xAAAAAAAA, a, idx, b));
+  }
+}
+
+// Block [c0, c0 + 64) of acc[0:R] += the int8 x rows r0.. times packed rows [h0, h0 + span): each 4 packed
+// rows are transposed in registers so that every 32-bit lane holds 4 K values of one column; low nibbles (as
+// is) and high nibbles (masked in place, so 16 times too large) multiply x's int8 with VNNI, and the integer
+// sums become float once, times scale * d. Lane L of acc block i holds columns 16 L + 4 i + (0..3).
+template <int R>
+inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0, int64_t span, int64_t c0,
+                     __mmask64 cols, float* acc, int64_t acc_stride) {
+  const __m512i lo_mask = _mm512_set1_epi8(0x0F), hi_mask = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const int64_t k_lo = w.k_of(h0, 0), k_hi = w.k_of(h0, 1);
+  __m512i lo[R][4], hi[R][4];
+  const int8_t* q_lo[R];
+  const int8_t* q_hi[R];
+  for (int r = 0; r < R; ++r) {
+    __m512i c_lo = _mm512_set1_epi32(xq.corr_of(r0 + r, k_lo, span) / 16);
+    __m512i c_hi = _mm512_set1_epi32(xq.corr_of(r0 + r, k_hi, span));
+    for (int i = 0; i < 4; ++i) lo[r][i] = c_lo, hi[r][i] = c_hi;
+    q_lo[r] = xq.q.data() + (r0 + r) * w.k + k_lo;
+    q_hi[r] = xq.q.data() + (r0 + r) * w.k + k_hi;
+  }
+  const uint8_t* src = w.packed + h0 * w.n + c0;
+  for (int64_t h = 0; h < span; h += 4, src += 4 * w.n) {
+    for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(src + (span + j) * w.n), _MM_HINT_T0);
+    __m512i b0 = _mm512_maskz_loadu_epi8(cols, src), b1 = _mm512_maskz_loadu_epi8(cols, src + w.n);
+    __m512i b2 = _mm512_maskz_loadu_epi8(cols, src + 2 * w.n), b3 = _mm512_maskz_loadu_epi8(cols, src + 3 * w.n);
+    __m512i p01 = _mm512_unpacklo_epi8(b0, b1), q01 = _mm512_unpackhi_epi8(b0, b1);
+    __m512i p23 = _mm512_unpacklo_epi8(b2, b3), q23 = _mm512_unpackhi_epi8(b2, b3);
+    __m512i t[4] = {_mm512_unpacklo_epi16(p01, p23), _mm512_unpackhi_epi16(p01, p23),
+                    _mm512_unpacklo_epi16(q01, q23), _mm512_unpackhi_epi16(q01, q23)};
+    __m512i x_lo[R], x_hi[R];
+    for (int r = 0; r < R; ++r) {
+      int32_t a, b;
+      std::memcpy(&a, q_lo[r] + h, 4);
+      std::memcpy(&b, q_hi[r] + h, 4);
+      x_lo[r] = _mm512_set1_epi32(a), x_hi[r] = _mm512_set1_epi32(b);
+    }
+    for (int i = 0; i < 4; ++i) {
+      __m512i l = _mm512_and_si512(t[i], lo_mask), u = _mm512_and_si512(t[i], hi_mask);
+      for (int r = 0; r < R; ++r) {
+        lo[r][i] = _mm512_dpbusd_epi32(lo[r][i], l, x_lo[r]);
+        hi[r][i] = _mm512_dpbusd_epi32(hi[r][i], u, x_hi[r]);
+      }
+    }
+  }
+  for (int64_t k : {k_lo, k_hi}) {
+    for (int j = 0; j < 2; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w.scale + ((k + span) / kGroup) * w.n + c0 + 32 * j), _MM_HINT_T0);
+    }
+  }
+  __m512 s_lo[4], s_hi[4];
+  permuted_scales(w.scale + (k_lo / kGroup) * w.n + c0, cols, s_lo);
+  permuted_scales(w.scale + (k_hi / kGroup) * w.n + c0, cols, s_hi);
+  for (int r = 0; r < R; ++r) {
+    __m512 d_lo = _mm512_set1_ps(xq.d[((r0 + r) * w.k + k_lo) / kGroup]);
+    __m512 d_hi = _mm512_set1_ps(xq.d[((r0 + r) * w.k + k_hi) / kGroup] / 16);
+    for (int i = 0; i < 4; ++i) {
+      float* a = acc + r * acc_stride + 16 * i;
+      __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[r][i]), _mm512_mul_ps(s_lo[i], d_lo), _mm512_load_ps(a));
+      _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[r][i]), _mm512_mul_ps(s_hi[i], d_hi), sum));
+    }
+  }
+}
+
+// Columns [c0, c0 + width) of block at 64 columns, lanes in dot_span's order, stored in column order.
+inline void store_permuted(const float* acc, float* y, int64_t width) {
+  for (int64_t c = 0; c < width; c += kDotCols) {
+    const float* v = acc + c;
+    __m512 a0 = _mm512_load_ps(v), a1 = _mm512_load_ps(v + 16), a2 = _mm512_load_ps(v + 32), a3 = _mm512_load_ps(v + 48);
+    __m512 a = _mm512_shuffle_f32x4(a0, a1, 0x44), b = _mm512_shuffle_f32x4(a0, a1, 0xEE);
+    __m512 p = _mm512_shuffle_f32x4(a2, a3, 0x44), q = _mm512_shuffle_f32x4(a2, a3, 0xEE);
+    __m512 out[4] = {_mm512_shuffle_f32x4(a, p, 0x88), _mm512_shuffle_f32x4(a, p, 0xDD),
+                     _mm512_shuffle_f32x4(b, q, 0x88), _mm512_shuffle_f32x4(b, q, 0xDD)};
+    for (int i = 0; i < 4; ++i) {
+      int64_t left = std::clamp<int64_t>(width - c - 16 * i, 0, 16);
+      _mm512_mask_storeu_ps(y + c + 16 * i, static_cast<__mmask16>((1u << left) - 1), out[i]);
+    }
+  }
+}
+
+// y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width <= kChunk) from int8 x. Each span of packed rows is
+// read across the whole chunk before the next (contiguous runs of memory), accumulating R x width floats in L1.
+template <int R>
+void dot_chunk(const Int4& w, const QuantRows& xq, int64_t r0, int64_t c0, int64_t width, float* y) {
+  alignas(64) float acc[R][kChunk];
+  std::memset(acc, 0, sizeof(acc));
+  const int64_t span = std::min<int64_t>(kGroup, w.p / 2);  // packed rows whose nibbles each lie in one group
+  for (int64_t h0 = 0; h0 < w.k / 2; h0 += span) {
+    for (int64_t c = 0; c < width; c += kDotCols) {
+      int64_t left = std::min(kDotCols, width - c);
+      __mmask64 cols = left == kDotCols ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+      dot_span<R>(w, xq, r0, h0, span, c0 + c, cols, &acc[0][c], kChunk);
+    }
+  }
+  for (int r = 0; r < R; ++r) store_permuted(acc[r], y + (r0 + r) * w.n + c0, width);
+}
+
+// INT4 groups of few rows: x quantized once, then each 64-column block times 2 rows at a time (the block's
+// packed bytes stay in L1/L2 for the next pair); many rows take the float tiles.
+void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  if (rows >= kDotMaxRows) return group_columns_tiled(w, x, rows, y, c0, c1);
+  QuantRows xq(x, rows, w.k);
+  for (int64_t c = c0; c < c1; c += kChunk) {
+    int64_t width = std::min(kChunk, c1 - c);
+    int64_t r = 0;
+    for (; r + 2 <= rows; r += 2) dot_chunk<2>(w, xq, r, c, width, y);
+    if (r < rows) dot_chunk<1>(w, xq, r, c, width, y);
+  }
+}
+#endif
+
 // The shared driver: every non-empty group times its matrix, split over groups (many) or columns (few);
 // rows past the groups are zero.
 template <typename MakeW>
@@ -271,6 +443,15 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 }
 
 }  // namespace
+
+// Rows per group below which the INT4 matmul sees x rounded to int8 (0: built without that path), for the reference.
+extern "C" int64_t K2jaxGroupedMatmulInt4DotRows() {
+#ifdef K2JAX_INT4_DOT
+  return kDotMaxRows;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(K2jaxGroupedMatmulDense, DenseImpl,
                               ffi::Ffi::Bind()
