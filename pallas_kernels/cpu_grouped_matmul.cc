@@ -199,7 +199,7 @@ void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c
 
 #ifdef K2JAX_INT4_DOT
 constexpr int64_t kDotCols = 64;       // columns per INT4 dot block: one 64-byte load per packed row
-constexpr int64_t kDotMaxRows = kTiledRows;  // below this many rows, INT4 groups take the int8 dot path
+constexpr int64_t kDotTileBytes = 256 << 10;  // packed bytes of a chunk that more than 2 rows re-read from L2
 constexpr int64_t kCorrK = 16;         // K values per offset correction (the smallest planar half-block)
 
 // Rows of x quantized to int8 per 32-wide K group, as llama.cpp's Q8_0: q = round(x / d), d = max|x| / 127
@@ -349,13 +349,13 @@ void dot_chunk(const Int4& w, const QuantRows& xq, int64_t r0, int64_t c0, int64
   for (int r = 0; r < R; ++r) store_permuted(acc[r], y + (r0 + r) * w.n + c0, width);
 }
 
-// INT4 groups of few rows: x quantized once, then each 64-column block times 2 rows at a time (the block's
-// packed bytes stay in L1/L2 for the next pair); many rows take the float tiles.
+// INT4 groups: x quantized once, then each chunk of columns times 2 rows at a time. One pass (up to 2 rows)
+// reads 512 columns; more rows take narrower chunks, whose packed bytes stay in L2 for the next pair.
 void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
-  if (rows >= kDotMaxRows) return group_columns_tiled(w, x, rows, y, c0, c1);
   QuantRows xq(x, rows, w.k);
-  for (int64_t c = c0; c < c1; c += kChunk) {
-    int64_t width = std::min(kChunk, c1 - c);
+  int64_t chunk = rows <= 2 ? kChunk : std::clamp(kDotTileBytes / (w.k / 2) / kDotCols * kDotCols, kDotCols, kChunk);
+  for (int64_t c = c0; c < c1; c += chunk) {
+    int64_t width = std::min(chunk, c1 - c);
     int64_t r = 0;
     for (; r + 2 <= rows; r += 2) dot_chunk<2>(w, xq, r, c, width, y);
     if (r < rows) dot_chunk<1>(w, xq, r, c, width, y);
@@ -444,10 +444,10 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 
 }  // namespace
 
-// Rows per group below which the INT4 matmul sees x rounded to int8 (0: built without that path), for the reference.
-extern "C" int64_t K2jaxGroupedMatmulInt4DotRows() {
+// Whether the INT4 matmul rounds x to int8 (1; 0: built without that path, float x), for the reference.
+extern "C" int64_t K2jaxGroupedMatmulInt4RoundsX() {
 #ifdef K2JAX_INT4_DOT
-  return kDotMaxRows;
+  return 1;
 #else
   return 0;
 #endif

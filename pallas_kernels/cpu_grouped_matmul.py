@@ -2,8 +2,9 @@
 
 XLA:CPU copies each dynamically sliced expert (or layer) matrix before its dot, which at decode sizes costs
 several times the dot; the custom call reads the active experts of the stacked weights in place.
-INT4 groups of few rows (below `int8_rows()`, decode) see x rounded to int8 per 32 values of K, as llama.cpp's
-Q8_0 activations (each value moves by at most max|x| / 254 of its 32), and multiply it with the nibbles in integers.
+Where the CPU has AVX-512 VNNI (`rounds_x_to_int8()`), INT4 matmuls see x rounded to int8 per 32 values of K, as
+llama.cpp's Q8_0 activations (each value moves by at most max|x| / 254 of its 32), and multiply it with the
+nibbles in integers; a row's result does not depend on the other rows.
 """
 
 from __future__ import annotations
@@ -65,12 +66,12 @@ def grouped_matmul_reference(x_MK, w_EKN, group_sizes_E) -> jax.Array:
 
 
 @functools.cache
-def int8_rows() -> int:
-    """INT4 groups with fewer rows than this see x rounded to int8 (0: this build multiplies float x throughout)."""
+def rounds_x_to_int8() -> bool:
+    """Whether this build's INT4 matmul rounds x to int8 (else it multiplies float x)."""
     cpu_build.require()
-    query = cpu_build.library().K2jaxGroupedMatmulInt4DotRows
+    query = cpu_build.library().K2jaxGroupedMatmulInt4RoundsX
     query.restype = ctypes.c_int64
-    return int(query())
+    return bool(query())
 
 
 def round_rows_int8(x_MK) -> jax.Array:
@@ -83,9 +84,6 @@ def round_rows_int8(x_MK) -> jax.Array:
 
 
 def grouped_int4_matmul_reference(x_MK, packed_EHN, scale_EGN, group_sizes_E) -> jax.Array:
-    """The kernel's INT4 contract: int4_matmul's fp32 reference on x with the rows of groups below int8_rows()
-    rounded to int8 (round_rows_int8)."""
-    sizes = group_sizes_E.astype(jnp.int32)
-    rows_M = jnp.repeat(sizes, sizes, total_repeat_length=x_MK.shape[0])  # each row's group size (past: last)
-    x_MK = jnp.where((rows_M < int8_rows())[:, None], round_rows_int8(x_MK), x_MK.astype(jnp.float32))
-    return int4_matmul.grouped_int4_matmul_reference(x_MK, packed_EHN, scale_EGN, sizes)
+    """The kernel's INT4 contract: int4_matmul's fp32 reference on x as the kernel sees it (round_rows_int8)."""
+    x_MK = round_rows_int8(x_MK) if rounds_x_to_int8() else x_MK.astype(jnp.float32)
+    return int4_matmul.grouped_int4_matmul_reference(x_MK, packed_EHN, scale_EGN, group_sizes_E.astype(jnp.int32))
