@@ -15,9 +15,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
+#define K2JAX_AVX512 1
+#if defined(__AVX512VNNI__)
 #define K2JAX_INT4_DOT 1
+#endif
 #endif
 
 #include "cpu_common.h"
@@ -182,10 +185,82 @@ void group_columns_tiled(const W& w, const float* x, int64_t rows, float* y, int
   }
 }
 
+#ifdef K2JAX_AVX512
+constexpr int64_t kDenseCols = 32;  // columns per dense block: 8 rows x 2 accumulators in registers
+constexpr int64_t kDenseSpan = 16;  // K rows per block visit; the next span's rows are prefetched
+constexpr int kDenseMaxRows = 8;    // rows per pass over the weights
+
+// 16 columns of a weight row as f32 (bf16 widened in registers); columns outside `cols` read as 0.
+inline __m512 load16(const float* p, __mmask16 cols) { return _mm512_maskz_loadu_ps(cols, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 cols) {
+  __m256i h = _mm256_maskz_loadu_epi16(cols, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// acc[0:R, c0:c0+32] (row stride `stride`) += x[0:R, k0:k0+len] @ W[k0:k0+len, c0:c0+32], in registers.
+template <int R, typename T>
+inline void dense_span(const Dense<T>& w, const float* x, int64_t k0, int64_t len, int64_t c0, int64_t width,
+                       float* acc, int64_t stride) {
+  __mmask16 cols[2];  // the columns of each vector below width
+  for (int v = 0; v < 2; ++v) cols[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(width - 16 * v, 0, 16)) - 1);
+  __m512 a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = _mm512_load_ps(acc + r * stride), a[r][1] = _mm512_load_ps(acc + r * stride + 16);
+  const T* src = w.w + k0 * w.n + c0;
+  for (int64_t kk = 0; kk < len; ++kk, src += w.n) {
+    for (size_t b = 0; b < kDenseCols * sizeof(T); b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(src + kDenseSpan * w.n) + b, _MM_HINT_T0);
+    }
+    __m512 w0 = load16(src, cols[0]), w1 = load16(src + 16, cols[1]);
+    for (int r = 0; r < R; ++r) {
+      __m512 xb = _mm512_set1_ps(x[r * w.k + k0 + kk]);
+      a[r][0] = _mm512_fmadd_ps(w0, xb, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(w1, xb, a[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_store_ps(acc + r * stride, a[r][0]), _mm512_store_ps(acc + r * stride + 16, a[r][1]);
+}
+
+// y[0:R, c0:c1] = x[0:R] @ W[:, c0:c1] in one pass over the weights: per chunk of columns, each span of K rows
+// is read across the chunk before the next (contiguous runs of memory), the chunk's R x 512 sums in L1.
+template <int R, typename T>
+void dense_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t c1) {
+  alignas(64) float acc[R][kChunk];
+  for (int64_t c = c0; c < c1; c += kChunk) {
+    int64_t width = std::min(kChunk, c1 - c);
+    std::memset(acc, 0, sizeof(acc));
+    for (int64_t k0 = 0; k0 < w.k; k0 += kDenseSpan) {
+      for (int64_t b = 0; b < width; b += kDenseCols) {
+        dense_span<R>(w, x, k0, std::min(kDenseSpan, w.k - k0), c + b, std::min(kDenseCols, width - b), &acc[0][b],
+                      kChunk);
+      }
+    }
+    for (int r = 0; r < R; ++r) std::memcpy(y + r * w.n + c, acc[r], sizeof(float) * width);
+  }
+}
+
+// The first min(rows, 8) of 5+ rows in one pass (dense_rows); returns how many it took (0 for fewer rows).
+template <typename T>
+int64_t dense_rows_in_registers(const Dense<T>& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  switch (std::min<int64_t>(rows, kDenseMaxRows)) {
+    case 8: dense_rows<8>(w, x, y, c0, c1); return 8;
+    case 7: dense_rows<7>(w, x, y, c0, c1); return 7;
+    case 6: dense_rows<6>(w, x, y, c0, c1); return 6;
+    case 5: dense_rows<5>(w, x, y, c0, c1); return 5;
+    default: return 0;
+  }
+}
+#endif
+
 // All rows of one expert group times its matrix, for columns [c0, c1).
 template <typename W>
 void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
   if (rows >= kTiledRows) return group_columns_tiled(w, x, rows, y, c0, c1);
+#ifdef K2JAX_AVX512
+  if constexpr (W::kRowsPerStep == 1) {  // dense: 5 to 8 rows in registers (faster there; streaming up to 4)
+    int64_t done = dense_rows_in_registers(w, x, rows, y, c0, c1);
+    x += done * w.k, y += done * w.n, rows -= done;
+  }
+#endif
   for (int64_t c = c0; c < c1; c += kChunk) {
     int64_t width = std::min(kChunk, c1 - c);
     int64_t r = 0;
@@ -198,6 +273,7 @@ void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c
     }
   }
 }
+
 
 #ifdef K2JAX_INT4_DOT
 constexpr int64_t kDotCols = 64;       // columns per INT4 dot block: one 64-byte load per packed row
