@@ -186,7 +186,6 @@ void group_columns_tiled(const W& w, const float* x, int64_t rows, float* y, int
 }
 
 #ifdef K2JAX_AVX512
-constexpr int64_t kDenseCols = 32;  // columns per dense block: 8 rows x 2 accumulators in registers
 constexpr int64_t kDenseSpan = 16;  // K rows per block visit; the next span's rows are prefetched
 constexpr int kDenseMaxRows = 8;    // rows per pass over the weights
 
@@ -197,56 +196,67 @@ inline __m512 load16(const uint16_t* p, __mmask16 cols) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// acc[0:R, c0:c0+32] (row stride `stride`) += x[0:R, k0:k0+len] @ W[k0:k0+len, c0:c0+32], in registers.
-template <int R, typename T>
+// acc[0:R, c0:c0+16V] (row stride `stride`) += x[0:R, k0:k0+len] @ W[k0:k0+len, c0:c0+16V], in registers.
+template <int R, int V, typename T>
 inline void dense_span(const Dense<T>& w, const float* x, int64_t k0, int64_t len, int64_t c0, int64_t width,
                        float* acc, int64_t stride) {
-  __mmask16 cols[2];  // the columns of each vector below width
-  for (int v = 0; v < 2; ++v) cols[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(width - 16 * v, 0, 16)) - 1);
-  __m512 a[R][2];
-  for (int r = 0; r < R; ++r) a[r][0] = _mm512_load_ps(acc + r * stride), a[r][1] = _mm512_load_ps(acc + r * stride + 16);
+  __mmask16 cols[V];  // the columns of each vector below width
+  for (int v = 0; v < V; ++v) cols[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(width - 16 * v, 0, 16)) - 1);
+  __m512 a[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) a[r][v] = _mm512_load_ps(acc + r * stride + 16 * v);
+  }
   const T* src = w.w + k0 * w.n + c0;
   for (int64_t kk = 0; kk < len; ++kk, src += w.n) {
-    for (size_t b = 0; b < kDenseCols * sizeof(T); b += 64) {
+    for (size_t b = 0; b < 16 * V * sizeof(T); b += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(src + kDenseSpan * w.n) + b, _MM_HINT_T0);
     }
-    __m512 w0 = load16(src, cols[0]), w1 = load16(src + 16, cols[1]);
+    __m512 wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = load16(src + 16 * v, cols[v]);
     for (int r = 0; r < R; ++r) {
       __m512 xb = _mm512_set1_ps(x[r * w.k + k0 + kk]);
-      a[r][0] = _mm512_fmadd_ps(w0, xb, a[r][0]);
-      a[r][1] = _mm512_fmadd_ps(w1, xb, a[r][1]);
+      for (int v = 0; v < V; ++v) a[r][v] = _mm512_fmadd_ps(wv[v], xb, a[r][v]);
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_store_ps(acc + r * stride, a[r][0]), _mm512_store_ps(acc + r * stride + 16, a[r][1]);
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) _mm512_store_ps(acc + r * stride + 16 * v, a[r][v]);
+  }
 }
 
 // y[0:R, c0:c1] = x[0:R] @ W[:, c0:c1] in one pass over the weights: per chunk of columns, each span of K rows
 // is read across the chunk before the next (contiguous runs of memory), the chunk's R x 512 sums in L1.
 template <int R, typename T>
 void dense_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t c1) {
+  constexpr int V = R <= 2 ? 8 : R <= 4 ? 4 : 2;  // vectors per row of a block: at most 16 accumulators
+  constexpr int64_t kCols = 16 * V;
   alignas(64) float acc[R][kChunk];
   for (int64_t c = c0; c < c1; c += kChunk) {
     int64_t width = std::min(kChunk, c1 - c);
     std::memset(acc, 0, sizeof(acc));
     for (int64_t k0 = 0; k0 < w.k; k0 += kDenseSpan) {
-      for (int64_t b = 0; b < width; b += kDenseCols) {
-        dense_span<R>(w, x, k0, std::min(kDenseSpan, w.k - k0), c + b, std::min(kDenseCols, width - b), &acc[0][b],
-                      kChunk);
+      for (int64_t b = 0; b < width; b += kCols) {
+        dense_span<R, V>(w, x, k0, std::min(kDenseSpan, w.k - k0), c + b, std::min(kCols, width - b), &acc[0][b],
+                         kChunk);
       }
     }
     for (int r = 0; r < R; ++r) std::memcpy(y + r * w.n + c, acc[r], sizeof(float) * width);
   }
 }
 
-// The first min(rows, 8) of 5+ rows in one pass (dense_rows); returns how many it took (0 for fewer rows).
+// The first min(rows, 8) rows in one pass (dense_rows), for bf16 always and for f32 from 5 rows (streaming
+// f32 rows in place is as fast below); returns how many it took.
 template <typename T>
 int64_t dense_rows_in_registers(const Dense<T>& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  if (std::is_same_v<T, float> && rows <= kMaxRows) return 0;
   switch (std::min<int64_t>(rows, kDenseMaxRows)) {
     case 8: dense_rows<8>(w, x, y, c0, c1); return 8;
     case 7: dense_rows<7>(w, x, y, c0, c1); return 7;
     case 6: dense_rows<6>(w, x, y, c0, c1); return 6;
     case 5: dense_rows<5>(w, x, y, c0, c1); return 5;
-    default: return 0;
+    case 4: dense_rows<4>(w, x, y, c0, c1); return 4;
+    case 3: dense_rows<3>(w, x, y, c0, c1); return 3;
+    case 2: dense_rows<2>(w, x, y, c0, c1); return 2;
+    default: dense_rows<1>(w, x, y, c0, c1); return 1;
   }
 }
 #endif
@@ -256,9 +266,10 @@ template <typename W>
 void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
   if (rows >= kTiledRows) return group_columns_tiled(w, x, rows, y, c0, c1);
 #ifdef K2JAX_AVX512
-  if constexpr (W::kRowsPerStep == 1) {  // dense: 5 to 8 rows in registers (faster there; streaming up to 4)
-    int64_t done = dense_rows_in_registers(w, x, rows, y, c0, c1);
-    x += done * w.k, y += done * w.n, rows -= done;
+  if constexpr (W::kRowsPerStep == 1) {  // dense
+    while (int64_t done = rows > 0 ? dense_rows_in_registers(w, x, rows, y, c0, c1) : 0) {
+      x += done * w.k, y += done * w.n, rows -= done;
+    }
   }
 #endif
   for (int64_t c = c0; c < c1; c += kChunk) {
