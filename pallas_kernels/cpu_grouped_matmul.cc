@@ -189,19 +189,42 @@ void group_columns_tiled(const W& w, const float* x, int64_t rows, float* y, int
 constexpr int64_t kDenseSpan = 16;  // K rows per block visit; the next span's rows are prefetched
 constexpr int kDenseMaxRows = 8;    // rows per pass over the weights
 
-// 16 columns of a weight row as f32 (bf16 widened in registers); columns outside `cols` read as 0.
-inline __m512 load16(const float* p, __mmask16 cols) { return _mm512_maskz_loadu_ps(cols, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 cols) {
-  __m256i h = _mm256_maskz_loadu_epi16(cols, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+// 32 columns of a weight row as two f32 vectors (columns outside `width` read as 0): f32 in order; bf16 widened
+// in registers as its even columns, then its odd ones (unpermuted by store_row).
+inline void load32(const float* p, int64_t width, __m512* out) {
+  for (int v = 0; v < 2; ++v) {
+    out[v] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << std::clamp<int64_t>(width - 16 * v, 0, 16)) - 1), p + 16 * v);
+  }
+}
+inline void load32(const uint16_t* p, int64_t width, __m512* out) {
+  __m512i h = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << std::clamp<int64_t>(width, 0, 32)) - 1), p);
+  out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  out[1] = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+
+// y[0:width] = a row's sums in load32's order per 32 columns.
+template <typename T>
+inline void store_row(const float* acc, int64_t width, float* y) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(y, acc, sizeof(float) * width);
+  } else {
+    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int64_t c = 0; c < width; c += 32) {
+      __m512 even = _mm512_load_ps(acc + c), odd = _mm512_load_ps(acc + c + 16);
+      for (int h = 0; h < 2; ++h) {
+        int64_t left = std::clamp<int64_t>(width - c - 16 * h, 0, 16);
+        __m512 v = _mm512_permutex2var_ps(even, h ? hi : lo, odd);
+        _mm512_mask_storeu_ps(y + c + 16 * h, static_cast<__mmask16>((1u << left) - 1), v);
+      }
+    }
+  }
 }
 
 // acc[0:R, c0:c0+16V] (row stride `stride`) += x[0:R, k0:k0+len] @ W[k0:k0+len, c0:c0+16V], in registers.
 template <int R, int V, typename T>
 inline void dense_span(const Dense<T>& w, const float* x, int64_t k0, int64_t len, int64_t c0, int64_t width,
                        float* acc, int64_t stride) {
-  __mmask16 cols[V];  // the columns of each vector below width
-  for (int v = 0; v < V; ++v) cols[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(width - 16 * v, 0, 16)) - 1);
   __m512 a[R][V];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < V; ++v) a[r][v] = _mm512_load_ps(acc + r * stride + 16 * v);
@@ -212,7 +235,7 @@ inline void dense_span(const Dense<T>& w, const float* x, int64_t k0, int64_t le
       _mm_prefetch(reinterpret_cast<const char*>(src + kDenseSpan * w.n) + b, _MM_HINT_T0);
     }
     __m512 wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = load16(src + 16 * v, cols[v]);
+    for (int v = 0; v < V; v += 2) load32(src + 16 * v, width - 16 * v, wv + v);
     for (int r = 0; r < R; ++r) {
       __m512 xb = _mm512_set1_ps(x[r * w.k + k0 + kk]);
       for (int v = 0; v < V; ++v) a[r][v] = _mm512_fmadd_ps(wv[v], xb, a[r][v]);
@@ -239,7 +262,7 @@ void dense_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t
                          kChunk);
       }
     }
-    for (int r = 0; r < R; ++r) std::memcpy(y + r * w.n + c, acc[r], sizeof(float) * width);
+    for (int r = 0; r < R; ++r) store_row<T>(acc[r], width, y + r * w.n + c);
   }
 }
 
