@@ -4,9 +4,10 @@
 // [L, K, N] and [K, N]: one expert; bf16 is widened in registers), or INT4 in the planar layout of
 // pallas_kernels/int4_layout.py (packed u8 [L, E, K/2, N], bf16 scales [L, E, K/32, N]).
 // Experts (or, when there are few, their columns) are split among XLA's intra-op threads; each streams its
-// matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1. With AVX-512 VNNI, INT4 rounds x
-// to int8 per 32 values of K (llama.cpp's Q8_0) and sums nibble x int8 products in integers, one float
-// multiply-add per 32 products; without it, nibbles are widened to float.
+// matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1 (with AVX-512: once per 8 rows in
+// registers for bf16 and for 5+ rows of f32). With AVX-512 VNNI, INT4 rounds x to int8 per 32 values of K
+// (llama.cpp's Q8_0) and sums nibble x int8 products in integers, one float multiply-add per 32 products;
+// without it, nibbles are widened to float.
 
 #include <algorithm>
 #include <cstdint>
