@@ -68,10 +68,16 @@ def build() -> Path:
 
 
 @functools.cache
+def library() -> ctypes.CDLL:
+    """The built library, loaded once per process (raises OSError or RuntimeError when it cannot be)."""
+    return ctypes.CDLL(str(build()))
+
+
+@functools.cache
 def available() -> bool:
     """Build and register the custom calls once per process; False (saying why on stderr, once) when that fails."""
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = library()
     except (OSError, RuntimeError) as err:
         print(f"k2jax: the native CPU kernels cannot be built ({err}); running on the plain XLA paths instead: "
               f"{XLA_PATH_COST}. Install a C++ compiler (or set CXX) for full speed.", file=sys.stderr, flush=True)

@@ -1,16 +1,28 @@
 // Grouped matmul for the CPU backend, an XLA FFI custom call: rows sorted by expert times their expert's
 // matrix, read in place from the stacked [L, E, ...] weights (XLA:CPU copies every dynamically sliced matrix
 // before a dot, which costs more than the dot at decode sizes). Dense f32/bf16 weights [L, E, K, N] (also
-// [L, K, N] and [K, N]: one expert; bf16 is widened a row chunk at a time inside the loop), or INT4
-// in the planar layout of pallas_kernels/int4_layout.py (packed u8 [L, E, K/2, N], bf16 scales [L, E, K/32, N]).
+// [L, K, N] and [K, N]: one expert; bf16 is widened in registers), or INT4 in the planar layout of
+// pallas_kernels/int4_layout.py (packed u8 [L, E, K/2, N], bf16 scales [L, E, K/32, N]).
 // Experts (or, when there are few, their columns) are split among XLA's intra-op threads; each streams its
-// matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1.
+// matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1 (with AVX-512: once per 8 rows in
+// registers for bf16 and for 5+ rows of f32). With AVX-512 VNNI, INT4 rounds x to int8 per 32 values of K
+// (llama.cpp's Q8_0) and sums nibble x int8 products in integers, one float multiply-add per 32 products;
+// without it, nibbles are widened to float.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define K2JAX_AVX512 1
+#if defined(__AVX512VNNI__)
+#define K2JAX_INT4_DOT 1
+#endif
+#endif
 
 #include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -30,15 +42,18 @@ constexpr int kGroup = 32;       // INT4 scale group along K
 constexpr int64_t kTileK = 128;  // K rows of a widened weight tile: 128 x 512 floats (256 KiB) stay in L2
 constexpr int64_t kTiledRows = 3 * kMaxRows;  // from this many rows, weight tiles are widened once for all rows
 
-// One expert's dense matrix [K, N] in f32 (rows read in place) or bf16 (each row chunk widened into a buffer).
+// One expert's dense matrix [K, N] in f32 or bf16, its rows read in place (bf16 widened in registers while
+// streaming, or a row chunk at a time into a buffer for the tiled path).
 template <typename T>
 struct Dense {
+  using Row = T;
   const T* w;
   int64_t k, n;
   static constexpr int kRowsPerStep = 1;
   int64_t steps() const { return k; }
   int64_t k_of(int64_t step, int) const { return step; }
-  const float* row(int64_t step, int, int64_t c0, int64_t width, float* buf) const {
+  const T* row(int64_t step, int, int64_t c0, int64_t, float*) const { return w + step * n + c0; }
+  const float* widened(int64_t step, int, int64_t c0, int64_t width, float* buf) const {
     const T* src = w + step * n + c0;
     if constexpr (std::is_same_v<T, float>) return src;
     for (int64_t c = 0; c < width; ++c) buf[c] = bf16_to_f32(src[c]);
@@ -49,6 +64,7 @@ struct Dense {
 // One expert's INT4 matrix in planar blocks of p rows: byte row h holds k_lo = (h / (p/2)) * p + h % (p/2) in its
 // low nibble and k_lo + p/2 in its high nibble, offset-binary (q = nibble - 8), times bf16 scale[k / 32, n].
 struct Int4 {
+  using Row = float;
   const uint8_t* packed;
   const uint16_t* scale;
   int64_t k, n, p;
@@ -62,11 +78,18 @@ struct Int4 {
     for (int64_t c = 0; c < width; ++c) buf[c] = static_cast<float>(((src[c] >> shift) & 15) - 8) * bf16_to_f32(sc[c]);
     return buf;
   }
+  const float* widened(int64_t h, int s, int64_t c0, int64_t width, float* buf) const {
+    return row(h, s, c0, width, buf);
+  }
 };
 
+// A weight element as f32.
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
+
 // acc[r][0:width] += sum over the rows w_rows[j] of x[r, k_j] * w_rows[j][0:width], for R rows of x.
-template <int R, int J>
-inline void accumulate(const float* const* w_rows, const float* const* x_rows, const int64_t* ks, int64_t width,
+template <int R, int J, typename T>
+inline void accumulate(const T* const* w_rows, const float* const* x_rows, const int64_t* ks, int64_t width,
                        float (*acc)[kStride]) {
   float xk[R][J];
   for (int r = 0; r < R; ++r) {
@@ -74,7 +97,7 @@ inline void accumulate(const float* const* w_rows, const float* const* x_rows, c
   }
   for (int64_t c = 0; c < width; ++c) {
     float wc[J];
-    for (int j = 0; j < J; ++j) wc[j] = w_rows[j][c];
+    for (int j = 0; j < J; ++j) wc[j] = to_f32(w_rows[j][c]);
     for (int r = 0; r < R; ++r) {
       float sum = acc[r][c];
       for (int j = 0; j < J; ++j) sum += xk[r][j] * wc[j];
@@ -94,7 +117,7 @@ void block(const W& w, const float* x, int64_t c0, int64_t width, float* y) {
   constexpr int kSteps = kPass / W::kRowsPerStep;
   int64_t step = 0;
   for (; step + kSteps <= w.steps(); step += kSteps) {
-    const float* rows[kPass];
+    const typename W::Row* rows[kPass];
     int64_t ks[kPass];
     for (int i = 0; i < kSteps; ++i) {
       for (int s = 0; s < W::kRowsPerStep; ++s) {
@@ -107,7 +130,7 @@ void block(const W& w, const float* x, int64_t c0, int64_t width, float* y) {
   }
   for (; step < w.steps(); ++step) {
     for (int s = 0; s < W::kRowsPerStep; ++s) {
-      const float* rows[1] = {w.row(step, s, c0, width, buf[0])};
+      const typename W::Row* rows[1] = {w.row(step, s, c0, width, buf[0])};
       int64_t ks[1] = {w.k_of(step, s)};
       accumulate<R, 1>(rows, x_rows, ks, width, acc);
     }
@@ -149,7 +172,7 @@ void group_columns_tiled(const W& w, const float* x, int64_t rows, float* y, int
       int64_t n_rows = 0;
       for (int64_t step = step0; step < std::min(step0 + kTileSteps, w.steps()); ++step) {
         for (int s = 0; s < W::kRowsPerStep; ++s, ++n_rows) {
-          tile_rows[n_rows] = w.row(step, s, c, width, tile[n_rows]);
+          tile_rows[n_rows] = w.widened(step, s, c, width, tile[n_rows]);
           ks[n_rows] = w.k_of(step, s);
         }
       }
@@ -163,10 +186,116 @@ void group_columns_tiled(const W& w, const float* x, int64_t rows, float* y, int
   }
 }
 
+#ifdef K2JAX_AVX512
+constexpr int64_t kDenseSpan = 16;  // K rows per block visit; the next span's rows are prefetched
+constexpr int kDenseMaxRows = 8;    // rows per pass over the weights
+
+// 32 columns of a weight row as two f32 vectors (columns outside `width` read as 0): f32 in order; bf16 widened
+// in registers as its even columns, then its odd ones (unpermuted by store_row).
+inline void load32(const float* p, int64_t width, __m512* out) {
+  for (int v = 0; v < 2; ++v) {
+    out[v] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << std::clamp<int64_t>(width - 16 * v, 0, 16)) - 1), p + 16 * v);
+  }
+}
+inline void load32(const uint16_t* p, int64_t width, __m512* out) {
+  __m512i h = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << std::clamp<int64_t>(width, 0, 32)) - 1), p);
+  out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  out[1] = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+
+// y[0:width] = a row's sums in load32's order per 32 columns.
+template <typename T>
+inline void store_row(const float* acc, int64_t width, float* y) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(y, acc, sizeof(float) * width);
+  } else {
+    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int64_t c = 0; c < width; c += 32) {
+      __m512 even = _mm512_load_ps(acc + c), odd = _mm512_load_ps(acc + c + 16);
+      for (int h = 0; h < 2; ++h) {
+        int64_t left = std::clamp<int64_t>(width - c - 16 * h, 0, 16);
+        __m512 v = _mm512_permutex2var_ps(even, h ? hi : lo, odd);
+        _mm512_mask_storeu_ps(y + c + 16 * h, static_cast<__mmask16>((1u << left) - 1), v);
+      }
+    }
+  }
+}
+
+// acc[0:R, c0:c0+16V] (row stride `stride`) += x[0:R, k0:k0+len] @ W[k0:k0+len, c0:c0+16V], in registers.
+template <int R, int V, typename T>
+inline void dense_span(const Dense<T>& w, const float* x, int64_t k0, int64_t len, int64_t c0, int64_t width,
+                       float* acc, int64_t stride) {
+  __m512 a[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) a[r][v] = _mm512_load_ps(acc + r * stride + 16 * v);
+  }
+  const T* src = w.w + k0 * w.n + c0;
+  for (int64_t kk = 0; kk < len; ++kk, src += w.n) {
+    for (size_t b = 0; b < 16 * V * sizeof(T); b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(src + kDenseSpan * w.n) + b, _MM_HINT_T0);
+    }
+    __m512 wv[V];
+    for (int v = 0; v < V; v += 2) load32(src + 16 * v, width - 16 * v, wv + v);
+    for (int r = 0; r < R; ++r) {
+      __m512 xb = _mm512_set1_ps(x[r * w.k + k0 + kk]);
+      for (int v = 0; v < V; ++v) a[r][v] = _mm512_fmadd_ps(wv[v], xb, a[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) _mm512_store_ps(acc + r * stride + 16 * v, a[r][v]);
+  }
+}
+
+// y[0:R, c0:c1] = x[0:R] @ W[:, c0:c1] in one pass over the weights: per chunk of columns, each span of K rows
+// is read across the chunk before the next (contiguous runs of memory), the chunk's R x 512 sums in L1.
+template <int R, typename T>
+void dense_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t c1) {
+  constexpr int V = R <= 2 ? 8 : R <= 4 ? 4 : 2;  // vectors per row of a block: at most 16 accumulators
+  constexpr int64_t kCols = 16 * V;
+  alignas(64) float acc[R][kChunk];
+  for (int64_t c = c0; c < c1; c += kChunk) {
+    int64_t width = std::min(kChunk, c1 - c);
+    std::memset(acc, 0, sizeof(acc));
+    for (int64_t k0 = 0; k0 < w.k; k0 += kDenseSpan) {
+      for (int64_t b = 0; b < width; b += kCols) {
+        dense_span<R, V>(w, x, k0, std::min(kDenseSpan, w.k - k0), c + b, std::min(kCols, width - b), &acc[0][b],
+                         kChunk);
+      }
+    }
+    for (int r = 0; r < R; ++r) store_row<T>(acc[r], width, y + r * w.n + c);
+  }
+}
+
+// The first min(rows, 8) rows in one pass (dense_rows), for bf16 always and for f32 from 5 rows (streaming
+// f32 rows in place is as fast below); returns how many it took.
+template <typename T>
+int64_t dense_rows_in_registers(const Dense<T>& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  if (std::is_same_v<T, float> && rows <= kMaxRows) return 0;
+  switch (std::min<int64_t>(rows, kDenseMaxRows)) {
+    case 8: dense_rows<8>(w, x, y, c0, c1); return 8;
+    case 7: dense_rows<7>(w, x, y, c0, c1); return 7;
+    case 6: dense_rows<6>(w, x, y, c0, c1); return 6;
+    case 5: dense_rows<5>(w, x, y, c0, c1); return 5;
+    case 4: dense_rows<4>(w, x, y, c0, c1); return 4;
+    case 3: dense_rows<3>(w, x, y, c0, c1); return 3;
+    case 2: dense_rows<2>(w, x, y, c0, c1); return 2;
+    default: dense_rows<1>(w, x, y, c0, c1); return 1;
+  }
+}
+#endif
+
 // All rows of one expert group times its matrix, for columns [c0, c1).
 template <typename W>
 void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
   if (rows >= kTiledRows) return group_columns_tiled(w, x, rows, y, c0, c1);
+#ifdef K2JAX_AVX512
+  if constexpr (W::kRowsPerStep == 1) {  // dense
+    while (int64_t done = rows > 0 ? dense_rows_in_registers(w, x, rows, y, c0, c1) : 0) {
+      x += done * w.k, y += done * w.n, rows -= done;
+    }
+  }
+#endif
   for (int64_t c = c0; c < c1; c += kChunk) {
     int64_t width = std::min(kChunk, c1 - c);
     int64_t r = 0;
@@ -179,6 +308,173 @@ void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c
     }
   }
 }
+
+
+#ifdef K2JAX_INT4_DOT
+constexpr int64_t kDotCols = 64;       // columns per INT4 dot block: one 64-byte load per packed row
+constexpr int64_t kDotTileBytes = 256 << 10;  // packed bytes of a chunk that more than 2 rows re-read from L2
+constexpr int64_t kCorrK = 16;         // K values per offset correction (the smallest planar half-block)
+
+// Rows of x quantized to int8 per 32-wide K group, as llama.cpp's Q8_0: q = round(x / d), d = max|x| / 127
+// (NaN kept, so it reaches the output); corr[r, k / 16] = -8 * 16 * sum of those 16 q (undoes q = nibble - 8
+// for the high nibbles, which the dot reads 16 times too large, and /16 for the low nibbles).
+struct QuantRows {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> corr;
+  int64_t k;
+  QuantRows(const float* x, int64_t rows, int64_t k) : q(rows * k), d(rows * k / kGroup), corr(rows * k / kCorrK), k(k) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (int64_t g = 0; g < rows * k / kGroup; ++g) {
+      const float* xg = x + g * kGroup;
+      __m512 a = _mm512_andnot_ps(sign, _mm512_loadu_ps(xg)), b = _mm512_andnot_ps(sign, _mm512_loadu_ps(xg + 16));
+      float amax = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+      if (_mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q)) amax = std::numeric_limits<float>::quiet_NaN();
+      d[g] = amax / 127;
+      __m512 inv = _mm512_set1_ps(amax > 0 ? 127 / amax : 0.0f);
+      for (int half = 0; half < 2; ++half) {
+        __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + 16 * half), inv));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[g * kGroup + 16 * half]), _mm512_cvtsepi32_epi8(qi));
+        corr[2 * g + half] = -8 * 16 * _mm512_reduce_add_epi32(qi);
+      }
+    }
+  }
+  int32_t corr_of(int64_t r, int64_t k0, int64_t len) const {
+    int32_t c = 0;
+    for (int64_t i = 0; i < len / kCorrK; ++i) c += corr[(r * k + k0) / kCorrK + i];
+    return c;
+  }
+};
+
+// Word indices for permuted_scales: f32 lane j of output i takes bf16 column 16 (j / 4) + 4 i + j % 4.
+struct ScaleOrder {
+  alignas(64) int16_t idx[4][32] = {};
+  constexpr ScaleOrder() {
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 16; ++j) idx[i][2 * j + 1] = static_cast<int16_t>(16 * (j / 4) + 4 * i + j % 4);
+    }
+  }
+};
+constexpr ScaleOrder kScaleOrder;
+
+// Bf16 scales of columns c0 + {0..3, 16..19, 32..35, 48..51} + 4 * i (the order of dot_block's sums) as f32.
+inline void permuted_scales(const uint16_t* s, __mmask64 cols, __m512 (&out)[4]) {
+  __m512i a = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(cols), s);
+  __m512i b = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(cols >> 32), s + 32);
+  for (int i = 0; i < 4; ++i) {
+    __m512i idx = _mm512_load_si512(kScaleOrder.idx[i]);
+    out[i] = _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi16(0xAAAAAAAA, a, idx, b));
+  }
+}
+
+// Block [c0, c0 + 64) of acc[0:R] += the int8 x rows r0.. times packed rows [h0, h0 + span): each 4 packed
+// rows are transposed in registers so that every 32-bit lane holds 4 K values of one column; low nibbles (as
+// is) and high nibbles (masked in place, so 16 times too large) multiply x's int8 with VNNI, and the integer
+// sums become float once, times scale * d. Lane L of acc block i holds columns 16 L + 4 i + (0..3).
+template <int R>
+inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0, int64_t span, int64_t c0,
+                     __mmask64 cols, float* acc, int64_t acc_stride) {
+  const __m512i lo_mask = _mm512_set1_epi8(0x0F), hi_mask = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const int64_t k_lo = w.k_of(h0, 0), k_hi = w.k_of(h0, 1);
+  __m512i lo[R][4], hi[R][4];
+  const int8_t* q_lo[R];
+  const int8_t* q_hi[R];
+  for (int r = 0; r < R; ++r) {
+    __m512i c_lo = _mm512_set1_epi32(xq.corr_of(r0 + r, k_lo, span) / 16);
+    __m512i c_hi = _mm512_set1_epi32(xq.corr_of(r0 + r, k_hi, span));
+    for (int i = 0; i < 4; ++i) lo[r][i] = c_lo, hi[r][i] = c_hi;
+    q_lo[r] = xq.q.data() + (r0 + r) * w.k + k_lo;
+    q_hi[r] = xq.q.data() + (r0 + r) * w.k + k_hi;
+  }
+  const uint8_t* src = w.packed + h0 * w.n + c0;
+  for (int64_t h = 0; h < span; h += 4, src += 4 * w.n) {
+    for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(src + (span + j) * w.n), _MM_HINT_T0);
+    __m512i b0 = _mm512_maskz_loadu_epi8(cols, src), b1 = _mm512_maskz_loadu_epi8(cols, src + w.n);
+    __m512i b2 = _mm512_maskz_loadu_epi8(cols, src + 2 * w.n), b3 = _mm512_maskz_loadu_epi8(cols, src + 3 * w.n);
+    __m512i p01 = _mm512_unpacklo_epi8(b0, b1), q01 = _mm512_unpackhi_epi8(b0, b1);
+    __m512i p23 = _mm512_unpacklo_epi8(b2, b3), q23 = _mm512_unpackhi_epi8(b2, b3);
+    __m512i t[4] = {_mm512_unpacklo_epi16(p01, p23), _mm512_unpackhi_epi16(p01, p23),
+                    _mm512_unpacklo_epi16(q01, q23), _mm512_unpackhi_epi16(q01, q23)};
+    __m512i x_lo[R], x_hi[R];
+    for (int r = 0; r < R; ++r) {
+      int32_t a, b;
+      std::memcpy(&a, q_lo[r] + h, 4);
+      std::memcpy(&b, q_hi[r] + h, 4);
+      x_lo[r] = _mm512_set1_epi32(a), x_hi[r] = _mm512_set1_epi32(b);
+    }
+    for (int i = 0; i < 4; ++i) {
+      __m512i l = _mm512_and_si512(t[i], lo_mask), u = _mm512_and_si512(t[i], hi_mask);
+      for (int r = 0; r < R; ++r) {
+        lo[r][i] = _mm512_dpbusd_epi32(lo[r][i], l, x_lo[r]);
+        hi[r][i] = _mm512_dpbusd_epi32(hi[r][i], u, x_hi[r]);
+      }
+    }
+  }
+  for (int64_t k : {k_lo, k_hi}) {
+    for (int j = 0; j < 2; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w.scale + ((k + span) / kGroup) * w.n + c0 + 32 * j), _MM_HINT_T0);
+    }
+  }
+  __m512 s_lo[4], s_hi[4];
+  permuted_scales(w.scale + (k_lo / kGroup) * w.n + c0, cols, s_lo);
+  permuted_scales(w.scale + (k_hi / kGroup) * w.n + c0, cols, s_hi);
+  for (int r = 0; r < R; ++r) {
+    __m512 d_lo = _mm512_set1_ps(xq.d[((r0 + r) * w.k + k_lo) / kGroup]);
+    __m512 d_hi = _mm512_set1_ps(xq.d[((r0 + r) * w.k + k_hi) / kGroup] / 16);
+    for (int i = 0; i < 4; ++i) {
+      float* a = acc + r * acc_stride + 16 * i;
+      __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[r][i]), _mm512_mul_ps(s_lo[i], d_lo), _mm512_load_ps(a));
+      _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[r][i]), _mm512_mul_ps(s_hi[i], d_hi), sum));
+    }
+  }
+}
+
+// Columns [c0, c0 + width) of block at 64 columns, lanes in dot_span's order, stored in column order.
+inline void store_permuted(const float* acc, float* y, int64_t width) {
+  for (int64_t c = 0; c < width; c += kDotCols) {
+    const float* v = acc + c;
+    __m512 a0 = _mm512_load_ps(v), a1 = _mm512_load_ps(v + 16), a2 = _mm512_load_ps(v + 32), a3 = _mm512_load_ps(v + 48);
+    __m512 a = _mm512_shuffle_f32x4(a0, a1, 0x44), b = _mm512_shuffle_f32x4(a0, a1, 0xEE);
+    __m512 p = _mm512_shuffle_f32x4(a2, a3, 0x44), q = _mm512_shuffle_f32x4(a2, a3, 0xEE);
+    __m512 out[4] = {_mm512_shuffle_f32x4(a, p, 0x88), _mm512_shuffle_f32x4(a, p, 0xDD),
+                     _mm512_shuffle_f32x4(b, q, 0x88), _mm512_shuffle_f32x4(b, q, 0xDD)};
+    for (int i = 0; i < 4; ++i) {
+      int64_t left = std::clamp<int64_t>(width - c - 16 * i, 0, 16);
+      _mm512_mask_storeu_ps(y + c + 16 * i, static_cast<__mmask16>((1u << left) - 1), out[i]);
+    }
+  }
+}
+
+// y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width <= kChunk) from int8 x. Each span of packed rows is
+// read across the whole chunk before the next (contiguous runs of memory), accumulating R x width floats in L1.
+template <int R>
+void dot_chunk(const Int4& w, const QuantRows& xq, int64_t r0, int64_t c0, int64_t width, float* y) {
+  alignas(64) float acc[R][kChunk];
+  std::memset(acc, 0, sizeof(acc));
+  const int64_t span = std::min<int64_t>(kGroup, w.p / 2);  // packed rows whose nibbles each lie in one group
+  for (int64_t h0 = 0; h0 < w.k / 2; h0 += span) {
+    for (int64_t c = 0; c < width; c += kDotCols) {
+      int64_t left = std::min(kDotCols, width - c);
+      __mmask64 cols = left == kDotCols ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+      dot_span<R>(w, xq, r0, h0, span, c0 + c, cols, &acc[0][c], kChunk);
+    }
+  }
+  for (int r = 0; r < R; ++r) store_permuted(acc[r], y + (r0 + r) * w.n + c0, width);
+}
+
+// INT4 groups: x quantized once, then each chunk of columns times 2 rows at a time. One pass (up to 2 rows)
+// reads 512 columns; more rows take narrower chunks, whose packed bytes stay in L2 for the next pair.
+void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  QuantRows xq(x, rows, w.k);
+  int64_t chunk = rows <= 2 ? kChunk : std::clamp(kDotTileBytes / (w.k / 2) / kDotCols * kDotCols, kDotCols, kChunk);
+  for (int64_t c = c0; c < c1; c += chunk) {
+    int64_t width = std::min(chunk, c1 - c);
+    int64_t r = 0;
+    for (; r + 2 <= rows; r += 2) dot_chunk<2>(w, xq, r, c, width, y);
+    if (r < rows) dot_chunk<1>(w, xq, r, c, width, y);
+  }
+}
+#endif
 
 // The shared driver: every non-empty group times its matrix, split over groups (many) or columns (few);
 // rows past the groups are zero.
@@ -260,6 +556,15 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 }
 
 }  // namespace
+
+// Whether the INT4 matmul rounds x to int8 (1; 0: built without that path, float x), for the reference.
+extern "C" int64_t K2jaxGroupedMatmulInt4RoundsX() {
+#ifdef K2JAX_INT4_DOT
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(K2jaxGroupedMatmulDense, DenseImpl,
                               ffi::Ffi::Bind()

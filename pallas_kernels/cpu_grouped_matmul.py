@@ -1,15 +1,21 @@
-"""The CPU grouped matmul (cpu_grouped_matmul.cc, an XLA FFI custom call built by cpu_build) and its jnp reference.
+"""The CPU grouped matmul (cpu_grouped_matmul.cc, an XLA FFI custom call built by cpu_build) and its jnp references.
 
 XLA:CPU copies each dynamically sliced expert (or layer) matrix before its dot, which at decode sizes costs
 several times the dot; the custom call reads the active experts of the stacked weights in place.
+Where the CPU has AVX-512 VNNI (`rounds_x_to_int8()`), INT4 matmuls see x rounded to int8 per 32 values of K, as
+llama.cpp's Q8_0 activations (each value moves by at most max|x| / 254 of its 32), and multiply it with the
+nibbles in integers; a row's result does not depend on the other rows.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import cpu_build, int4_layout
+from pallas_kernels import cpu_build, int4_layout, int4_matmul
 
 
 def _stacked(a: jax.Array, layer) -> tuple[jax.Array, jax.Array]:
@@ -57,3 +63,27 @@ def grouped_matmul_reference(x_MK, w_EKN, group_sizes_E) -> jax.Array:
     sizes = group_sizes_E.astype(jnp.int32)
     y = jax.lax.ragged_dot(x_MK, w_EKN.astype(x_MK.dtype), sizes, preferred_element_type=jnp.float32)
     return jnp.where(jnp.arange(x_MK.shape[0])[:, None] < jnp.sum(sizes), y, 0).astype(x_MK.dtype)
+
+
+@functools.cache
+def rounds_x_to_int8() -> bool:
+    """Whether this build's INT4 matmul rounds x to int8 (else it multiplies float x)."""
+    cpu_build.require()
+    query = cpu_build.library().K2jaxGroupedMatmulInt4RoundsX
+    query.restype = ctypes.c_int64
+    return bool(query())
+
+
+def round_rows_int8(x_MK) -> jax.Array:
+    """x as the int8 path sees it: per 32 values of a row, round(x * 127 / max|x|) * (max|x| / 127), in float32."""
+    m, k = x_MK.shape
+    x_MGg = x_MK.astype(jnp.float32).reshape(m, k // int4_layout.GROUP, int4_layout.GROUP)
+    amax_MG1 = jnp.max(jnp.abs(x_MGg), axis=-1, keepdims=True)
+    inv_MG1 = jnp.where(amax_MG1 > 0, 127 / amax_MG1, 0)
+    return (jnp.round(x_MGg * inv_MG1) * (amax_MG1 / 127)).reshape(m, k)
+
+
+def grouped_int4_matmul_reference(x_MK, packed_EHN, scale_EGN, group_sizes_E) -> jax.Array:
+    """The kernel's INT4 contract: int4_matmul's fp32 reference on x as the kernel sees it (round_rows_int8)."""
+    x_MK = round_rows_int8(x_MK) if rounds_x_to_int8() else x_MK.astype(jnp.float32)
+    return int4_matmul.grouped_int4_matmul_reference(x_MK, packed_EHN, scale_EGN, group_sizes_E.astype(jnp.int32))

@@ -25,12 +25,15 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
 @pytest.fixture
 def kernel_env(monkeypatch: pytest.MonkeyPatch):
     """Sets K2JAX_KERNELS for one test; `native` is skipped where no C++ compiler can build the CPU kernel."""
+    import jax
+
     from pallas_kernels import cpu_build, dispatch
 
     def use(mode: str) -> None:
         if mode == "native" and not cpu_build.available():
             pytest.skip("no C++ compiler: the native CPU kernel cannot be built")
         monkeypatch.setenv(dispatch.ENV_VAR, mode)
+        jax.clear_caches()  # the mode is read at trace time: no program traced under another mode may be reused
 
     return use
 

@@ -45,7 +45,7 @@ def test_dense_layer_of_stack_equals_ragged_dot(m, e, k, n, dtype):
     assert not jnp.any(got[int(sizes.sum()):])
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 384, 1000), (4, 96, 40), (70, 64, 520), (3, 32, 5)])
+@pytest.mark.parametrize("m,k,n", [(1, 384, 1000), (4, 96, 40), (70, 64, 520), (3, 32, 5), (10, 208, 600), (6, 64, 130)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("stacked", [True, False])
 def test_matmul_reads_layer_of_stack_in_its_dtype(m, k, n, dtype, stacked):
@@ -58,6 +58,30 @@ def test_matmul_reads_layer_of_stack_in_its_dtype(m, k, n, dtype, stacked):
     assert got.shape == (m, n) and max_rel_err(got, ref) < 1e-5
 
 
+def _int8_bound(x, packed_EHN, scale_EGN, sizes) -> np.ndarray:
+    """[M, N]: how far rounding x to int8 can move each output (0 where the kernel multiplies float x): each x
+    value moves by at most max|x| / 254 of its 32 (half a step of max|x| / 127), so an output moves by at most
+    the sum over K groups of that times the group's sum of |W[k, n]|."""
+    x = np.asarray(x, np.float64)
+    m, k = x.shape
+    sizes = np.asarray(sizes)
+    w_EKN = np.abs(np.asarray(int4_layout.dequantize(packed_EHN, scale_EGN), np.float64))
+    wsum_EGN = w_EKN.reshape(w_EKN.shape[0], k // 32, 32, -1).sum(2)
+    step_MG = np.abs(x).reshape(m, k // 32, 32).max(-1) / 254
+    expert_M = np.minimum(np.searchsorted(np.cumsum(sizes), np.arange(m), side="right"), len(sizes) - 1)
+    rounded_M = (np.arange(m) < sizes.sum()) & C.rounds_x_to_int8()
+    return np.einsum("mg,mgn->mn", step_MG, wsum_EGN[expert_M]) * rounded_M[:, None]
+
+
+def _check_int4(got, x, packed_EHN, scale_EGN, sizes) -> None:
+    """The kernel's contract to float32 summation order, and within the int8 bound of the exact float32 product."""
+    assert max_rel_err(got, C.grouped_int4_matmul_reference(x, packed_EHN, scale_EGN, sizes)) < 1e-5
+    exact = np.asarray(I.grouped_int4_matmul_reference(x, packed_EHN, scale_EGN, sizes), np.float64)
+    slack = 1e-5 * np.abs(exact).max()  # float32 sums of K products in another order
+    assert np.all(np.abs(np.asarray(got, np.float64) - exact) <= _int8_bound(x, packed_EHN, scale_EGN, sizes) + slack)
+    assert not jnp.any(got[int(np.sum(sizes)):])
+
+
 @pytest.mark.parametrize("m,e,k,n", [s for s in SHAPES if s[2] % 32 == 0])
 def test_int4_equals_reference(m, e, k, n):
     rng = np.random.default_rng()
@@ -65,7 +89,44 @@ def test_int4_equals_reference(m, e, k, n):
     packed, scale = int4_layout.quantize(jnp.asarray(rng.normal(size=(2, e, k, n)), jnp.float32))
     sizes = _sizes(rng, m, e)
     got = C.grouped_int4_matmul(x, packed, scale, sizes, layer=jnp.int32(1))
-    assert max_rel_err(got, I.grouped_int4_matmul_reference(x, packed[1], scale[1], sizes)) < 1e-5
+    _check_int4(got, x, packed[1], scale[1], sizes)
+
+
+# Group sizes (decode's single rows, odd counts, empty groups, trailing rows in no group) with K over each planar
+# block (96: 32, 320: 64, 512: 256) and N under, across and over 64-column blocks and 512-column chunks; K = 2304
+# makes groups of 3+ rows take 192-column chunks.
+GROUPS = [([1, 0, 1, 1, 0, 0, 1, 1], 1, 512, 77), ([3, 0, 11, 2, 0, 7], 0, 320, 600),
+          ([12, 1, 0, 5], 2, 96, 130), ([2, 9, 0, 4, 1], 1, 256, 1000), ([0, 6], 0, 32, 5), ([5, 0, 2], 0, 2304, 600)]
+
+
+@pytest.mark.parametrize("sizes,extra,k,n", GROUPS)
+@pytest.mark.parametrize("spread", ["normal", "one_large_per_group"])
+def test_int4_groups_round_x_to_int8(rng, sizes, extra, k, n, spread):
+    """Every row against the kernel's contract and within the int8 bound of the exact product. With one value per
+    32 a thousand times the rest (int8's worst case: the rest round to a few levels) and a zero group."""
+    x = rng.normal(size=(sum(sizes) + extra, k)).astype(np.float32)
+    if spread == "one_large_per_group":
+        rows, groups = np.indices((x.shape[0], k // 32))
+        x[rows, groups * 32 + rng.integers(0, 32, groups.shape)] *= 1000
+        x[0, 32 * rng.integers(0, k // 32):][:32] = 0
+    x = jnp.asarray(x)
+    packed, scale = int4_layout.quantize(jnp.asarray(rng.normal(size=(3, len(sizes), k, n)), jnp.float32))
+    gs = jnp.asarray(sizes, jnp.int32)
+    got = jax.jit(lambda x, layer: C.grouped_int4_matmul(x, packed, scale, gs, layer=layer))(x, jnp.int32(2))
+    _check_int4(got, x, packed[2], scale[2], gs)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12])
+def test_int4_nan_in_x_reaches_only_its_row(rng, rows):
+    """A NaN in x makes its whole output row NaN, as the float product does; the other rows are unaffected."""
+    x = rng.normal(size=(rows + 1, 64)).astype(np.float32)
+    x[rows - 1, 40] = np.nan
+    packed, scale = int4_layout.quantize(jnp.asarray(rng.normal(size=(2, 64, 96)), jnp.float32))
+    gs = jnp.asarray([rows, 1], jnp.int32)
+    got = np.asarray(C.grouped_int4_matmul(jnp.asarray(x), packed, scale, gs))
+    assert np.isnan(got[rows - 1]).all() and not np.isnan(np.delete(got, rows - 1, axis=0)).any()
+    x[rows - 1] = 0
+    _check_int4(jnp.asarray(np.nan_to_num(got, nan=0.0)), jnp.asarray(x), packed, scale, gs)
 
 
 def test_unstacked_weights_and_native_dispatch(monkeypatch):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 from kernel_testutils import max_rel_err, random_int4, random_normal
 
-from pallas_kernels import cpu_ragged_mla, dispatch
+from pallas_kernels import cpu_grouped_matmul, cpu_ragged_mla, dispatch
 from pallas_kernels import int4_matmul as I
 from pallas_kernels import ragged_mla as R
 
@@ -41,6 +41,11 @@ def test_bad_env_value_raises(monkeypatch):
         dispatch.kernel_mode()
 
 
+def _int4_reference(mode: str):
+    """The grouped INT4 reference a mode must match: the native kernel rounds x to int8."""
+    return cpu_grouped_matmul.grouped_int4_matmul_reference if mode == "native" else I.grouped_int4_matmul_reference
+
+
 @pytest.mark.parametrize("mode", ["native", "xla", "interpret"])
 @pytest.mark.parametrize("sizes,extra", [([0, 2, 0, 0, 1, 0, 0, 0], 1), ([5, 0, 9, 3], 2), ([1], 0)])
 def test_grouped_paths_match_reference(rng, kernel_env, mode, sizes, extra):
@@ -49,7 +54,7 @@ def test_grouped_paths_match_reference(rng, kernel_env, mode, sizes, extra):
     x = random_normal(rng, (sum(sizes) + extra, 256))
     gs = jnp.asarray(sizes, jnp.int32)
     out = jax.jit(dispatch.grouped_int4_matmul)(x, packed, scale, gs)
-    assert max_rel_err(out, I.grouped_int4_matmul_reference(x, packed, scale, gs)) < 1e-5
+    assert max_rel_err(out, _int4_reference(mode)(x, packed, scale, gs)) < 1e-5
     assert not jnp.any(out[sum(sizes):])
 
 
@@ -86,7 +91,7 @@ def test_dense_paths_match_reference(rng, kernel_env, mode):
     packed, scale = random_int4(rng, 1, 512, 256)
     x = random_normal(rng, (6, 512))
     out = dispatch.int4_matmul(x, packed[0], scale[0])
-    assert max_rel_err(out, I.int4_matmul_reference(x, packed[0], scale[0])) < 1e-5
+    assert max_rel_err(out, _int4_reference(mode)(x, packed, scale, jnp.asarray([6], jnp.int32))) < 1e-5
 
 
 @pytest.mark.parametrize("mode,module,kernel", [("native", cpu_ragged_mla, "ragged_mla"),
@@ -117,7 +122,7 @@ def test_stacked_layer_paths_match_reference(rng, kernel_env, mode, rows):
     sizes = jnp.asarray([0, rows - 1, 0, 1], jnp.int32)
     x = random_normal(rng, (rows, 256))
     out = jax.jit(lambda layer: dispatch.grouped_int4_matmul(x, packed_LEHN, scale_LEGN, sizes, layer=layer))
-    expect = I.grouped_int4_matmul_reference(x, packed_LEHN[1], scale_LEGN[1], sizes)
+    expect = _int4_reference(mode)(x, packed_LEHN[1], scale_LEGN[1], sizes)
     assert max_rel_err(out(jnp.int32(1)), expect) < 1e-5
 
 
