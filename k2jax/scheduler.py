@@ -422,12 +422,18 @@ class Scheduler:
     def _next_chunks(self) -> list[tuple[engine.Chunk, Request]]:
         """The next step's prompt chunks and their requests: the oldest running request's next chunk of at most
         prefill_chunk tokens of what it has left to write (all its context but the last token, which its first
-        decode row feeds), then the next requests' while engine.chunk_shape holds them all; a new request's slot is
-        started from the prefix cache. A chunk that cannot be written fails its request alone."""
+        decode row feeds), then the next requests' while engine.chunk_shape holds them all. A new request's slot is
+        started from the prefix cache only when its first chunk is planned, so requests arriving together with a
+        common prefix wait for the first one's pages instead of each prefilling it. A chunk that cannot be written
+        fails its request alone."""
         planned: list[tuple[engine.Chunk, Request]] = []
         for request in [r for r in self._active.values() if not self._prefilled(r)]:
             try:
                 if not request.attached:
+                    left = len(request.context) - 1 - self.slots.cached(request.slot, request.context)
+                    lengths = [len(c.tokens) for c, _ in planned] + [min(self.prefill_chunk, left)]
+                    if planned and left > 0 and engine.chunk_shape(lengths, self.slots.max_chunk) is None:
+                        break
                     self._attach(request)
                 n = min(self.prefill_chunk, len(request.context) - 1 - request.prefilled)
                 if n <= 0:

@@ -91,6 +91,12 @@ class Slots:
             self.step(np.zeros(self.n_slots, np.int32), [None] * self.n_slots, 1,
                       chunks=[engine.Chunk(slot, tokens[lo:lo + self.max_chunk], start + lo)])
 
+    def cached(self, slot: int, prompt: Sequence[int]) -> int:
+        """How many tokens attach(slot, prompt) would map from the prefix cache now (changes nothing)."""
+        if self.prefix is None:
+            return 0
+        return len(self.prefix.match(slot, prompt[: len(prompt) - 1])) * self.pages.layout.page_size
+
     def attach(self, slot: int, prompt: Sequence[int]) -> int:
         """Map the longest cached page-aligned prefix of `prompt` into empty `slot`, short of the prompt's last
         token (which the first decode step feeds); returns the tokens it holds then (0 without a prefix cache)."""

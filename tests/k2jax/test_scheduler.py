@@ -300,6 +300,17 @@ def test_shared_prefixes_are_cached_and_change_no_output(model, scheduler, rng):
     assert [r.emit.tokens for r in uncached] == [model.generate([p], max_new_tokens=n).ids[0] for p, n in jobs]
 
 
+def test_requests_arriving_together_share_their_common_prefix(model, scheduler, rng):
+    """A burst of requests with one system prompt: the first prefills it, the others start from its cached pages
+    (each waits for its own first chunk to start from the cache), and every output is generate()'s."""
+    page = scheduler.slots.pages.layout.page_size
+    system = rng.integers(3, 250, 2 * page + 5).tolist()
+    jobs = [(system + rng.integers(3, 250, n).tolist(), 6) for n in (4, 9, 1)]
+    burst = run_all(scheduler, jobs)
+    assert [r.cached_tokens for r in burst] == [0, 2 * page, 2 * page]
+    assert [r.emit.tokens for r in burst] == [model.generate([p], max_new_tokens=n).ids[0] for p, n in jobs]
+
+
 @pytest.fixture(scope="module")
 def tight(model):
     """Six slots over a pool of twelve pages (room for three sequences of 120 tokens): requests get preempted."""
