@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import k2jax  # noqa: E402
 from benchmarks import llamacpp  # noqa: E402
+from pallas_kernels import dispatch  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -24,12 +26,15 @@ def bundled_and_f32(tmp_path_factory):
     return model, llamacpp.write_f32_hf(model, tmp_path_factory.mktemp("f32"))
 
 
-def test_f32_dir_has_the_same_logits(bundled_and_f32, rng):
+def test_f32_dir_has_the_same_logits(bundled_and_f32, rng, monkeypatch):
+    """Against k2jax on the float32 XLA path: the native CPU kernel rounds x to int8 for INT4 experts."""
     model, hf_dir = bundled_and_f32
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tokens = rng.integers(0, model.config.vocab_size, 48)
     with torch.no_grad():
         want = hf(torch.tensor(tokens)[None]).logits[0].numpy()
+    monkeypatch.setenv(dispatch.ENV_VAR, "xla")
+    jax.clear_caches()  # the kernel path is chosen at trace time
     got = np.asarray(model.logits(tokens[None]))[0]
     # float32 on both sides, different summation orders over 8 layers: 1e-4 of the logits' spread
     np.testing.assert_allclose(got, want, atol=1e-4 * float(np.abs(want).max()), rtol=0)
