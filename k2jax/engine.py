@@ -494,10 +494,8 @@ class Model:
             pages.reserve(row, int(length) + 1 + max_new_tokens + DECODE_STEPS)
         while live := [r for r, row in enumerate(rows) if row.finish is None]:
             held = [constraints[r] for r in live]
-            n_steps = DECODE_STEPS if all(c is None or c.steady for c in held) else 1
-            masks = None if all(c is None for c in held) else np.stack(
-                [c.mask() if c is not None else np.full(mask_words(self.config.vocab_size), -1, np.int32)
-                 for c in held])
+            masks, n_steps = grammar.row_masks({i: c for i, c in enumerate(held) if c is not None}, len(live),
+                                               DECODE_STEPS)
             pool, toks, logps = self.run(pages, pool, live, last[live], pos[live], [params[r] for r in live],
                                          n_steps, masks)
             taken = [n_steps if c is None else c.accept(t) for c, t in zip(held, toks.tolist())]

@@ -278,6 +278,19 @@ class RowConstraint:
         return words
 
 
+def row_masks(constraints: dict[int, RowConstraint], n_slots: int, decode_steps: int
+              ) -> tuple[np.ndarray | None, int]:
+    """A decode call's masks over n_slots rows (None without constraints; all tokens for unconstrained rows) and
+    its step count: 1 while some constrained row's mask changes from token to token, else decode_steps."""
+    if not constraints:
+        return None, decode_steps
+    first = next(iter(constraints.values())).vocab
+    masks = np.tile(first.all_allowed(), (n_slots, 1))
+    for slot, constraint in constraints.items():
+        masks[slot] = constraint.mask()
+    return masks, decode_steps if all(c.steady for c in constraints.values()) else 1
+
+
 def reasoning_budget(max_reasoning_tokens: int | None, effort: str | None) -> int | None:
     """Reasoning tokens allowed: max_reasoning_tokens if given, else reasoning_effort's budget, else no limit."""
     if max_reasoning_tokens is not None:

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from k2jax import engine
+from k2jax import engine, grammar
 from k2jax.cache import PoolFull
 from k2jax.grammar import RowConstraint
 from k2jax.sampling import Logprobs, SamplingParams, host_row, token_logprobs
@@ -110,19 +110,6 @@ class Request:
     attached: bool = False
     admitted: int = 0
     cached_tokens: int | None = None
-
-
-def row_masks(constraints: dict[int, RowConstraint], n_slots: int, decode_steps: int
-              ) -> tuple[np.ndarray | None, int]:
-    """The decode call's masks (None without constraints; all tokens for unconstrained slots) and its step count:
-    1 while some constrained row's mask changes from token to token, else decode_steps."""
-    if not constraints:
-        return None, decode_steps
-    first = next(iter(constraints.values())).vocab
-    masks = np.tile(first.all_allowed(), (n_slots, 1))
-    for slot, constraint in constraints.items():
-        masks[slot] = constraint.mask()
-    return masks, decode_steps if all(c.steady for c in constraints.values()) else 1
 
 
 def check_request(request: Request, max_context: int, vocab_size: int) -> None:
@@ -382,7 +369,7 @@ class Scheduler:
                 else:  # it failed alone
                     planned.remove((chunk, request))
         constrained = {s: r.constraint for s, r in decoding.items() if r.constraint is not None}
-        masks, n_steps = row_masks(constrained, self.slots.n_slots, self.decode_steps)
+        masks, n_steps = grammar.row_masks(constrained, self.slots.n_slots, self.decode_steps)
         n_steps = 1 if planned else n_steps
         wants = {s: int(self.slots.lengths[s]) + n_steps for s in decoding}
         for chunk, _ in planned:
