@@ -503,12 +503,20 @@ def run_stack(layers: Block, xs_BTM: tuple[Array, ...], pos_BT: tuple[Array, ...
     return xs_BTM, pool_LPNC
 
 
+def embed_rows(embed_VM: Array, tokens_BT: Array, dtype: Any) -> Array:
+    """Embedding rows [B, T, M] in dtype. The table passes a barrier with the tokens: XLA:CPU gathers bf16 from a
+    float32 conversion of the whole table, which it would otherwise hoist out of the decode loop (2x the table's
+    bytes written per call); behind the barrier the conversion fuses into the gather of the rows."""
+    embed_VM, tokens_BT = jax.lax.optimization_barrier((embed_VM, tokens_BT))
+    return embed_VM[tokens_BT].astype(dtype)
+
+
 def hidden(model: K2Model, tokens_BT: tuple[Array, ...], pos_BT: tuple[Array, ...],
            caches: tuple[PagedCache | None, ...], cfg: K2Config, dtype: Any
            ) -> tuple[tuple[Array, ...], dict[str, Array] | None]:
     """Final-normed hidden states [B, T, M] of segments of rows that run together (one pool: caches[0].pool; the
     caches differ in their rows' page tables and lengths), and the updated pool (None without caches)."""
-    xs_BTM = tuple(model.embed[...][t].astype(dtype) for t in tokens_BT)
+    xs_BTM = tuple(embed_rows(model.embed[...], t, dtype) for t in tokens_BT)
     pool = None if caches[0] is None else {}
     for name, layers in (("dense", model.dense_layers), ("moe", model.moe_layers)):
         if layers is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import jsonschema
 import numpy as np
 import pytest
@@ -101,6 +102,24 @@ def test_a_step_with_a_chunk_and_decode_rows_updates_the_pool_in_place(model):
     stack_bytes = [x.size * x.dtype.itemsize for x in jax.tree.leaves(pool)]  # one per layer stack
     assert mem.alias_size_in_bytes >= sum(stack_bytes), "the pool is not donated into the output"
     assert mem.temp_size_in_bytes < min(stack_bytes) / 2, (mem.temp_size_in_bytes, stack_bytes)
+
+
+def test_a_decode_call_does_not_convert_the_whole_embedding_table():
+    """XLA:CPU gathers bf16 rows from a float32 conversion of the whole table. Unbarriered, it hoisted that
+    conversion out of the decode loop and wrote it per call: on the "small" config, 125 MB of fresh pages per call
+    and 30% of a batch-1 step; here 2x the bundled model's table in temporaries."""
+    model = k2jax.load()  # the bundled model: bf16 weights
+    embed = model.state["embed"].get_value()
+    assert embed.dtype == jnp.bfloat16
+    pages, pool = model.paged(2, 256)
+    pages.reserve(0, 64)
+    width = engine.table_width(pages.layout, pages.table.shape[1], 64)
+    rows = engine.decode_rows(pages.table, np.arange(1), [0], [5], [20], [SamplingParams()], None, 1, width, 0,
+                              -(-model.config.vocab_size // 32))
+    with model.on_mesh():
+        compiled = engine.run_step.lower(model.graphdef, model.state, pool, rows, None, np.int32(8), model.config,
+                                         model.dtype, pages.layout, 8).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < embed.nbytes / 2
 
 
 def test_native_cpu_attention_compiles_one_table_width(model, monkeypatch):
