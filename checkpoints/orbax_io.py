@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -38,6 +37,13 @@ MANIFEST_FILE = "manifest.ocdbt"
 COMMIT_MARKER = "commit_success.txt"
 
 
+def _orbax() -> Any:
+    """orbax.checkpoint, imported on first use: a quarter second of start-up that HF checkpoints do not need."""
+    import orbax.checkpoint
+
+    return orbax.checkpoint
+
+
 def is_orbax_dir(path: Path) -> bool:
     """Whether `path` is a k2jax orbax checkpoint (rather than a Hugging Face one)."""
     return (path / PARAMS_DIR).is_dir()
@@ -46,7 +52,7 @@ def is_orbax_dir(path: Path) -> bool:
 def save_orbax(out_dir: Path, cfg: ModelConfig, state: nnx.State, tokenizer_dir: Path | None = None) -> None:
     """Write params (orbax), config.json and the tokenizer files to `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
+    with _orbax().StandardCheckpointer() as ckptr:
         ckptr.save((out_dir / PARAMS_DIR).absolute(), nnx.to_pure_dict(state))
     (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     if tokenizer_dir is not None:
@@ -60,7 +66,7 @@ def restore_orbax(path: Path, abstract: nnx.State, mesh: Mesh) -> nnx.State:
     """
     params = (path / PARAMS_DIR).absolute()
     check_orbax_files(params)
-    with ocp.StandardCheckpointer() as ckptr:
+    with _orbax().StandardCheckpointer() as ckptr:
         stored = _read(params, "array metadata", lambda: ckptr.metadata(params).item_metadata)
         if stored is None:
             raise CheckpointError(f"{params}: orbax found no array metadata in {METADATA_FILE}")

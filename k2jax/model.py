@@ -504,10 +504,9 @@ def run_stack(layers: Block, xs_BTM: tuple[Array, ...], pos_BT: tuple[Array, ...
 
 
 def embed_rows(embed_VM: Array, tokens_BT: Array, dtype: Any) -> Array:
-    """Embedding rows [B, T, M] in dtype. The table passes a barrier with the tokens: XLA:CPU gathers bf16 from a
-    float32 conversion of the whole table, which it would otherwise hoist out of the decode loop (2x the table's
-    bytes written per call); behind the barrier the conversion fuses into the gather of the rows."""
-    embed_VM, tokens_BT = jax.lax.optimization_barrier((embed_VM, tokens_BT))
+    """Embedding rows [B, T, M] in dtype. The table passes a barrier with the tokens (dispatch.in_loop): XLA:CPU
+    gathers bf16 rows from a float32 conversion of the whole table, which it would hoist out of the decode loop."""
+    embed_VM, tokens_BT = dispatch.in_loop(embed_VM, tokens_BT)
     return embed_VM[tokens_BT].astype(dtype)
 
 

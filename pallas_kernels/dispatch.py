@@ -57,9 +57,24 @@ def row_tile(m: int, e: int) -> int:
     return 1 << max(-(-m // e) - 1, 0).bit_length()
 
 
+def in_loop(a, index):
+    """(a, index) through one optimization barrier, so that what is sliced from `a` at `index` depends on the index.
+    XLA:CPU widens a bf16 operand of a dot or gather to float32 as a whole; without the barrier it hoists that
+    conversion of a whole weight stack out of the layer scan or decode loop (2x its bytes written per call)."""
+    return jax.lax.optimization_barrier((a, index))
+
+
+def _layer(w, layer) -> jax.Array:
+    """w[layer] (w when layer is None), widened in the loop, not as a whole stack (see in_loop)."""
+    if layer is None:
+        return w
+    w, layer = in_loop(w, layer)
+    return w[layer]
+
+
 def _expert(a, layer, e) -> jax.Array:
     """a[layer, e] (a[e] when layer is None) as one dynamic slice: a single expert's matrix, no gather."""
-    index = (e,) if layer is None else (layer, e)
+    a, index = in_loop(a, (e,) if layer is None else (layer, e))
     lead = len(index)
     start = (*index, *(0,) * (a.ndim - lead))
     return jax.lax.dynamic_slice(a, start, (1,) * lead + a.shape[lead:]).reshape(a.shape[lead:])
@@ -138,14 +153,13 @@ def _xla_derivatives(native, xla):
 
 def _matmul_xla(x_MK, w_KN, layer) -> jax.Array:
     """x @ w[layer] in x's dtype (weights cast at use) -> float32."""
-    w = w_KN if layer is None else w_KN[layer]
-    return jnp.dot(x_MK, w.astype(x_MK.dtype), preferred_element_type=jnp.float32)
+    return jnp.dot(x_MK, _layer(w_KN, layer).astype(x_MK.dtype), preferred_element_type=jnp.float32)
 
 
 def _head_matmul_xla(x_GMK, w_GKN, layer) -> jax.Array:
     """x[g] @ w[layer, g] for each g, in x's dtype (weights cast at use) -> float32."""
-    w = w_GKN if layer is None else w_GKN[layer]
-    return jnp.einsum("gmk,gkn->gmn", x_GMK, w.astype(x_GMK.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("gmk,gkn->gmn", x_GMK, _layer(w_GKN, layer).astype(x_GMK.dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def _head_matmul_native(x_GMK, w_GKN, layer) -> jax.Array:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import jsonschema
 import numpy as np
 import pytest
+from flax import nnx
 
 import k2jax
 from k2jax import chat, engine
@@ -104,22 +106,46 @@ def test_a_step_with_a_chunk_and_decode_rows_updates_the_pool_in_place(model):
     assert mem.temp_size_in_bytes < min(stack_bytes) / 2, (mem.temp_size_in_bytes, stack_bytes)
 
 
-def test_a_decode_call_does_not_convert_the_whole_embedding_table():
-    """XLA:CPU gathers bf16 rows from a float32 conversion of the whole table. Unbarriered, it hoisted that
-    conversion out of the decode loop and wrote it per call: on the "small" config, 125 MB of fresh pages per call
-    and 30% of a batch-1 step; here 2x the bundled model's table in temporaries."""
+@pytest.mark.parametrize("kernels", ["native", "xla"])
+def test_a_step_never_widens_a_whole_weight_stack_or_the_embedding(kernels, monkeypatch):
+    """XLA:CPU widens a bf16 dot or gather operand to float32 whole, and hoisted that out of the layer scan and the
+    decode loop: every call wrote the widened embedding (on the "small" config 125 MB of fresh pages, 30% of a
+    batch-1 step) and, in prefill chunks and on the XLA path, whole widened weight stacks. Only a layer's matrix
+    may be widened: no float32 array of a stack's or the embedding's shape may be in the compiled program."""
+    monkeypatch.setenv("K2JAX_KERNELS", kernels)
+    jax.clear_caches()  # the kernel choice is made at trace time
     model = k2jax.load()  # the bundled model: bf16 weights
-    embed = model.state["embed"].get_value()
-    assert embed.dtype == jnp.bfloat16
+    stacks = [v.get_value() for k, v in nnx.to_flat_state(model.state) if k[0] in ("dense_layers", "moe_layers")]
+    whole = [model.state["embed"].get_value()] + [x for x in stacks if x.ndim >= 3 and x.shape[0] > 1
+                                                  and x.dtype == jnp.bfloat16]
+    assert len(whole) > 10 and whole[0].dtype == jnp.bfloat16
     pages, pool = model.paged(2, 256)
     pages.reserve(0, 64)
+    pages.reserve(1, 64)
     width = engine.table_width(pages.layout, pages.table.shape[1], 64)
     rows = engine.decode_rows(pages.table, np.arange(1), [0], [5], [20], [SamplingParams()], None, 1, width, 0,
                               -(-model.config.vocab_size // 32))
-    with model.on_mesh():
-        compiled = engine.run_step.lower(model.graphdef, model.state, pool, rows, None, np.int32(8), model.config,
-                                         model.dtype, pages.layout, 8).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < embed.nbytes / 2
+    chunk = engine.prefill_chunks(pages.table, [engine.Chunk(1, list(range(3, 67)), 0)], 1, 64, width)
+    for step_chunk, steps in ((None, 8), (chunk, 1)):
+        with model.on_mesh():
+            text = engine.run_step.lower(model.graphdef, model.state, pool, rows, step_chunk, np.int32(steps),
+                                         model.config, model.dtype, pages.layout, steps).compile().as_text()
+        widened = {f"f32[{','.join(map(str, x.shape))}]" for x in whole} & materialized_f32_shapes(text)
+        assert not widened, (steps, widened)
+
+
+def materialized_f32_shapes(hlo: str) -> set[str]:
+    """Shapes of the float32 arrays that a compiled program's instructions write to buffers: those outside fused
+    computations (whose values live in registers), other than parameters, tuple elements and bitcasts."""
+    fused = set(re.findall(r" fusion\(.*?calls=(%[\w.-]+)", hlo))
+    shapes, inside = set(), None
+    for line in hlo.splitlines():
+        if header := re.match(r"(?:ENTRY )?(%[\w.-]+) \(.*\{$", line):
+            inside = header.group(1)
+        elif inside not in fused and (op := re.match(r"\s+(?:ROOT )?%\S+ = (f32\[[\d,]*\])\S* ([\w-]+)\(", line)):
+            if op.group(2) not in ("parameter", "get-tuple-element", "bitcast", "tuple"):
+                shapes.add(op.group(1))
+    return shapes
 
 
 def test_native_cpu_attention_compiles_one_table_width(model, monkeypatch):
