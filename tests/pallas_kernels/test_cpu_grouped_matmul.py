@@ -59,9 +59,10 @@ def test_matmul_reads_layer_of_stack_in_its_dtype(m, k, n, dtype, stacked):
 
 
 
-# Groups of 12+ rows (the many-row path: 8-row blocks and every remainder 0-7), K over two 128-row tiles and part
-# of a third, N over a 512-column chunk and a part panel; one group alone has its columns split among threads.
-@pytest.mark.parametrize("sizes,k,n", [([12, 13, 14, 15, 0, 17, 18, 19, 20, 16], 300, 600), ([21], 200, 1100)])
+# Groups of 12+ rows (the many-row paths; from 32 f32 rows too: 8-row blocks and every remainder 0-7), K over two
+# 128-row tiles and part of a third, N over a 512-column chunk and a part panel; one group alone has its columns
+# split among threads.
+@pytest.mark.parametrize("sizes,k,n", [([32, 33, 34, 35, 0, 37, 38, 39, 12, 20], 300, 600), ([45], 200, 1100)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_many_rows_within_float32_bound_of_exact(rng, sizes, k, n, dtype):
     """Every output within the float32 summation bound of numpy's float64 product of the stored values: K
