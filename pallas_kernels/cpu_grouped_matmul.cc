@@ -6,8 +6,8 @@
 // Experts (or, when there are few, their columns) are split among XLA's intra-op threads; each streams its
 // matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1 (with AVX-512: once per 8 rows in
 // registers for bf16 and for 5+ rows of f32). From 12 rows, each 128 x 512 tile of the matrix is read once for all
-// rows (with AVX-512, dense: a 32-column panel at a time copied to L1, 8 rows x 32 columns of f32 sums in
-// registers, bf16 widened there). With AVX-512 VNNI, INT4 rounds x to int8 per 32 values of K
+// rows (with AVX-512, bf16, and f32 from 32 rows: a 32-column panel at a time copied to L1, 8 rows x 32 columns
+// of f32 sums in registers, bf16 widened there). With AVX-512 VNNI, INT4 rounds x to int8 per 32 values of K
 // (llama.cpp's Q8_0) and sums nibble x int8 products in integers, one float multiply-add per 32 products;
 // without it, nibbles are widened to float.
 
