@@ -5,7 +5,9 @@
 // pallas_kernels/int4_layout.py (packed u8 [L, E, K/2, N], bf16 scales [L, E, K/32, N]).
 // Experts (or, when there are few, their columns) are split among XLA's intra-op threads; each streams its
 // matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1 (with AVX-512: once per 8 rows in
-// registers for bf16 and for 5+ rows of f32). With AVX-512 VNNI, INT4 rounds x to int8 per 32 values of K
+// registers for bf16 and for 5+ rows of f32). From 12 rows, each 128 x 512 tile of the matrix is read once for all
+// rows (with AVX-512, bf16, and f32 from 32 rows: a 32-column panel at a time copied to L1, 8 rows x 32 columns
+// of f32 sums in registers, bf16 widened there). With AVX-512 VNNI, INT4 rounds x to int8 per 32 values of K
 // (llama.cpp's Q8_0) and sums nibble x int8 products in integers, one float multiply-add per 32 products;
 // without it, nibbles are widened to float.
 
@@ -283,19 +285,144 @@ int64_t dense_rows_in_registers(const Dense<T>& w, const float* x, int64_t rows,
     default: dense_rows<1>(w, x, y, c0, c1); return 1;
   }
 }
+
+constexpr int kPanelRows = 8;        // rows of x per panel pass: 8 x 2 vectors of sums in registers
+constexpr int64_t kPanelCols = 32;   // columns of a packed panel: two f32 vectors
+
+// Word order of a packed bf16 panel row: word 2i is column i and word 2i+1 column 16 + i, so that one 64-byte
+// load widens to columns 0-15 (each word shifted up) and 16-31 (each high word masked) in order.
+struct PanelOrder {
+  alignas(64) int16_t idx[32] = {};
+  constexpr PanelOrder() {
+    for (int i = 0; i < 16; ++i) idx[2 * i] = static_cast<int16_t>(i), idx[2 * i + 1] = static_cast<int16_t>(16 + i);
+  }
+};
+constexpr PanelOrder kPanelOrder;
+
+// dst[0:32] = src[0:32] in a packed panel's order, zero from column `left` on.
+inline void pack32(const float* src, int64_t left, float* dst) {
+  for (int v = 0; v < 2; ++v) {
+    __mmask16 m = static_cast<__mmask16>((1u << std::clamp<int64_t>(left - 16 * v, 0, 16)) - 1);
+    _mm512_store_ps(dst + 16 * v, _mm512_maskz_loadu_ps(m, src + 16 * v));
+  }
+}
+inline void pack32(const uint16_t* src, int64_t left, uint16_t* dst) {
+  __mmask32 m = static_cast<__mmask32>((uint64_t{1} << std::clamp<int64_t>(left, 0, 32)) - 1);
+  __m512i h = _mm512_maskz_loadu_epi16(m, src);
+  _mm512_store_si512(dst, _mm512_permutexvar_epi16(_mm512_load_si512(kPanelOrder.idx), h));
+}
+
+// One packed panel row (32 columns) as two f32 vectors in column order.
+inline void panel_row(const float* p, __m512 (&w)[2]) { w[0] = _mm512_load_ps(p), w[1] = _mm512_load_ps(p + 16); }
+inline void panel_row(const uint16_t* p, __m512 (&w)[2]) {
+  __m512i h = _mm512_load_si512(p);
+  w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  w[1] = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+
+// panel[0:depth, 0:32] = W[k0:k0+depth, c0:c0+32] in pack32's order, zero from column `width` on.
+template <typename T>
+void pack_panel(const Dense<T>& w, int64_t k0, int64_t depth, int64_t c0, int64_t width, T* panel) {
+  const T* src = w.w + k0 * w.n + c0;
+  for (int64_t kk = 0; kk < depth; ++kk) pack32(src + kk * w.n, width, panel + kk * kPanelCols);
+}
+
+// y[0:R, 0:width] (row stride n; += when add) = x[0:R, 0:depth] (row stride k) @ one panel [depth, 32], the R x 32
+// sums in registers over the whole depth (the classic GEMM micro-kernel: broadcast x[r, kk], FMA the panel row).
+template <int R, typename T>
+inline void panel_rows(const T* panel, int64_t depth, const float* x, int64_t k, int64_t width, bool add, float* y,
+                       int64_t n) {
+  __mmask16 m[2];
+  for (int v = 0; v < 2; ++v) m[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(width - 16 * v, 0, 16)) - 1);
+  __m512 a[R][2];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < 2; ++v) a[r][v] = add ? _mm512_maskz_loadu_ps(m[v], y + r * n + 16 * v) : _mm512_setzero_ps();
+  }
+  for (int64_t kk = 0; kk < depth; ++kk, panel += kPanelCols) {
+    __m512 wv[2];
+    panel_row(panel, wv);
+    for (int r = 0; r < R; ++r) {
+      __m512 xb = _mm512_set1_ps(x[r * k + kk]);
+      for (int v = 0; v < 2; ++v) a[r][v] = _mm512_fmadd_ps(wv[v], xb, a[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < 2; ++v) _mm512_mask_storeu_ps(y + r * n + 16 * v, m[v], a[r][v]);
+  }
+}
+
+// panel_rows over all rows, kPanelRows at a time and then the rest.
+template <typename T>
+void panel_all_rows(const T* panel, int64_t depth, const float* x, int64_t k, int64_t rows, int64_t width, bool add,
+                    float* y, int64_t n) {
+  int64_t r = 0;
+  for (; r + kPanelRows <= rows; r += kPanelRows) {
+    panel_rows<kPanelRows>(panel, depth, x + r * k, k, width, add, y + r * n, n);
+  }
+  x += r * k, y += r * n;
+  switch (rows - r) {
+    case 7: panel_rows<7>(panel, depth, x, k, width, add, y, n); break;
+    case 6: panel_rows<6>(panel, depth, x, k, width, add, y, n); break;
+    case 5: panel_rows<5>(panel, depth, x, k, width, add, y, n); break;
+    case 4: panel_rows<4>(panel, depth, x, k, width, add, y, n); break;
+    case 3: panel_rows<3>(panel, depth, x, k, width, add, y, n); break;
+    case 2: panel_rows<2>(panel, depth, x, k, width, add, y, n); break;
+    case 1: panel_rows<1>(panel, depth, x, k, width, add, y, n); break;
+    default: break;
+  }
+}
+
+// Prefetches part `i` of `parts` of tile rows [k0, k0 + depth) x columns [c0, c0 + width) of W into L2.
+template <typename T>
+void prefetch_tile(const Dense<T>& w, int64_t k0, int64_t depth, int64_t c0, int64_t width, int64_t i, int64_t parts) {
+  for (int64_t kk = depth * i / parts; kk < depth * (i + 1) / parts; ++kk) {
+    const char* row = reinterpret_cast<const char*>(w.w + (k0 + kk) * w.n + c0);
+    for (int64_t b = 0; b < width * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
+  }
+}
+
+// Rows from which dense_tiled pays: bf16 from kTiledRows; f32, whose panels cost a copy that tiles read in place
+// do not, from 32 (measured: 0.7x at 12 rows, even at 32, faster from 64).
+template <typename T>
+constexpr int64_t kPanelMinRows = std::is_same_v<T, float> ? 32 : kTiledRows;
+
+// Many rows, dense: each 32-column panel of a kTileK x kChunk tile of the weights is copied (bf16 stays bf16) into
+// an L1 buffer that every row multiplies, sums in registers; y holds the sums between tiles along K.
+// The next tile is prefetched into L2 a slice per panel (rows of kChunk columns: long runs of memory).
+template <typename T>
+void dense_tiled(const Dense<T>& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  alignas(64) T panel[kTileK * kPanelCols];
+  for (int64_t c = c0; c < c1; c += kChunk) {
+    int64_t width = std::min(kChunk, c1 - c);
+    for (int64_t k0 = 0; k0 < w.k; k0 += kTileK) {
+      int64_t depth = std::min(kTileK, w.k - k0);
+      bool last_k = k0 + kTileK >= w.k;
+      int64_t next_c = last_k ? c + kChunk : c, next_k0 = last_k ? 0 : k0 + kTileK;
+      int64_t next_depth = next_c < c1 ? std::min(kTileK, w.k - next_k0) : 0;
+      int64_t next_width = std::min(kChunk, c1 - next_c), n_panels = (width + kPanelCols - 1) / kPanelCols;
+      for (int64_t b = 0; b < width; b += kPanelCols) {
+        prefetch_tile(w, next_k0, next_depth, next_c, next_width, b / kPanelCols, n_panels);
+        int64_t left = std::min(kPanelCols, width - b);
+        pack_panel(w, k0, depth, c + b, left, panel);
+        panel_all_rows(panel, depth, x + k0, w.k, rows, left, k0 > 0, y + c + b, w.n);
+      }
+    }
+  }
+}
 #endif
 
 // All rows of one expert group times its matrix, for columns [c0, c1).
 template <typename W>
 void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
-  if (rows >= kTiledRows) return group_columns_tiled(w, x, rows, y, c0, c1);
 #ifdef K2JAX_AVX512
   if constexpr (W::kRowsPerStep == 1) {  // dense
-    while (int64_t done = rows > 0 ? dense_rows_in_registers(w, x, rows, y, c0, c1) : 0) {
+    if (rows >= kPanelMinRows<typename W::Row>) return dense_tiled(w, x, rows, y, c0, c1);
+    while (int64_t done = rows > 0 && rows < kTiledRows ? dense_rows_in_registers(w, x, rows, y, c0, c1) : 0) {
       x += done * w.k, y += done * w.n, rows -= done;
     }
   }
 #endif
+  if (rows >= kTiledRows) return group_columns_tiled(w, x, rows, y, c0, c1);
   for (int64_t c = c0; c < c1; c += kChunk) {
     int64_t width = std::min(kChunk, c1 - c);
     int64_t r = 0;

@@ -58,6 +58,26 @@ def test_matmul_reads_layer_of_stack_in_its_dtype(m, k, n, dtype, stacked):
     assert got.shape == (m, n) and max_rel_err(got, ref) < 1e-5
 
 
+
+# Groups of 12+ rows (the many-row paths; from 32 f32 rows too: 8-row blocks and every remainder 0-7), K over two
+# 128-row tiles and part of a third, N over a 512-column chunk and a part panel; one group alone has its columns
+# split among threads.
+@pytest.mark.parametrize("sizes,k,n", [([32, 33, 34, 35, 0, 37, 38, 39, 12, 20], 300, 600), ([45], 200, 1100)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_many_rows_within_float32_bound_of_exact(rng, sizes, k, n, dtype):
+    """Every output within the float32 summation bound of numpy's float64 product of the stored values: K
+    roundings of at most 2^-24 of the sum of |x w| (any order, any fused multiply-adds)."""
+    x = rng.normal(size=(sum(sizes) + 1, k)).astype(np.float32)
+    w = jnp.asarray(rng.normal(size=(2, len(sizes), k, n)), dtype)
+    gs = jnp.asarray(sizes, jnp.int32)
+    got = np.asarray(jax.jit(lambda x, w, layer: C.grouped_matmul(x, w, gs, layer=layer))(x, w, jnp.int32(1)))
+    w_EKN = np.asarray(w[1].astype(jnp.float32), np.float64)
+    x64, ends = np.asarray(x, np.float64), np.cumsum(sizes)
+    exact = np.concatenate([x64[e - s:e] @ w_EKN[g] for g, (s, e) in enumerate(zip(sizes, ends))])
+    bound = k * 2.0**-24 * np.concatenate([np.abs(x64[e - s:e]) @ np.abs(w_EKN[g]) for g, (s, e) in
+                                           enumerate(zip(sizes, ends))])
+    assert np.all(np.abs(got[:ends[-1]] - exact) <= bound) and not got[ends[-1]:].any()
+
 def _int8_bound(x, packed_EHN, scale_EGN, sizes) -> np.ndarray:
     """[M, N]: how far rounding x to int8 can move each output (0 where the kernel multiplies float x): each x
     value moves by at most max|x| / 254 of its 32 (half a step of max|x| / 127), so an output moves by at most
