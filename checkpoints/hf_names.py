@@ -128,7 +128,7 @@ def repack_int4(words: np.ndarray) -> np.ndarray:
 
 def _attention(cfg: ModelConfig, stack: str, layers: tuple[int, ...]) -> list[Source]:
     """The MLA weights of one layer stack."""
-    H, M, R = cfg.num_attention_heads, cfg.hidden_size, cfg.kv_lora_rank
+    H, M = cfg.num_attention_heads, cfg.hidden_size
     Dq, Dkv, Dv = cfg.qk_head_dim, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.v_head_dim
     pre = "model.layers.{layer}."
     att = pre + "self_attn."
