@@ -30,3 +30,16 @@ def test_build_key_covers_every_source(tmp_path, monkeypatch, index):
     monkeypatch.setattr(cpu_build, "SOURCES", tuple(files[:len(cpu_build.SOURCES)]))
     monkeypatch.setattr(cpu_build, "HEADERS", tuple(files[len(cpu_build.SOURCES):]))
     assert cpu_build._build_key("c++") != before
+
+
+def test_a_source_that_fails_to_compile_names_itself_and_leaves_no_library(tmp_path, monkeypatch):
+    """The sources compile in parallel; one failing raises with its command and the compiler's message, after the
+    others have finished, and nothing is cached."""
+    bad = tmp_path / "broken_kernel.cc"
+    bad.write_text("int broken( { return 0; }\n")
+    monkeypatch.setattr(cpu_build, "SOURCES", (cpu_build.SOURCES[1], bad))
+    monkeypatch.setenv("K2JAX_CPU_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match=r"broken_kernel\.cc(.|\n)*error") as err:
+        cpu_build.build()
+    assert "-c" in str(err.value).split("\n")[0]
+    assert list((tmp_path / "cache").iterdir()) == []
