@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import jax.numpy as jnp
 import pytest
-from kernel_testutils import max_rel_err, random_int4, random_normal
+from kernel_testutils import INT4_F32_TOL, max_rel_err, random_int4, random_normal
 
 from pallas_kernels import cpu_grouped_matmul, cpu_ragged_mla, dispatch
 from pallas_kernels import int4_matmul as I
@@ -46,6 +46,11 @@ def _int4_reference(mode: str):
     return cpu_grouped_matmul.grouped_int4_matmul_reference if mode == "native" else I.grouped_int4_matmul_reference
 
 
+def _int4_tol(mode: str) -> float:
+    """`interpret` runs the Mosaic kernel, whose offset arithmetic rounds more (see INT4_F32_TOL)."""
+    return INT4_F32_TOL["mosaic" if mode == "interpret" else "other"]
+
+
 @pytest.mark.parametrize("mode", ["native", "xla", "interpret"])
 @pytest.mark.parametrize("sizes,extra", [([0, 2, 0, 0, 1, 0, 0, 0], 1), ([5, 0, 9, 3], 2), ([1], 0)])
 def test_grouped_paths_match_reference(rng, kernel_env, mode, sizes, extra):
@@ -54,7 +59,7 @@ def test_grouped_paths_match_reference(rng, kernel_env, mode, sizes, extra):
     x = random_normal(rng, (sum(sizes) + extra, 256))
     gs = jnp.asarray(sizes, jnp.int32)
     out = jax.jit(dispatch.grouped_int4_matmul)(x, packed, scale, gs)
-    assert max_rel_err(out, _int4_reference(mode)(x, packed, scale, gs)) < 1e-5
+    assert max_rel_err(out, _int4_reference(mode)(x, packed, scale, gs)) < _int4_tol(mode)
     assert not jnp.any(out[sum(sizes):])
 
 
@@ -91,7 +96,7 @@ def test_dense_paths_match_reference(rng, kernel_env, mode):
     packed, scale = random_int4(rng, 1, 512, 256)
     x = random_normal(rng, (6, 512))
     out = dispatch.int4_matmul(x, packed[0], scale[0])
-    assert max_rel_err(out, _int4_reference(mode)(x, packed, scale, jnp.asarray([6], jnp.int32))) < 1e-5
+    assert max_rel_err(out, _int4_reference(mode)(x, packed, scale, jnp.asarray([6], jnp.int32))) < _int4_tol(mode)
 
 
 @pytest.mark.parametrize("mode,module,kernel", [("native", cpu_ragged_mla, "ragged_mla"),
@@ -123,7 +128,7 @@ def test_stacked_layer_paths_match_reference(rng, kernel_env, mode, rows):
     x = random_normal(rng, (rows, 256))
     out = jax.jit(lambda layer: dispatch.grouped_int4_matmul(x, packed_LEHN, scale_LEGN, sizes, layer=layer))
     expect = _int4_reference(mode)(x, packed_LEHN[1], scale_LEGN[1], sizes)
-    assert max_rel_err(out(jnp.int32(1)), expect) < 1e-5
+    assert max_rel_err(out(jnp.int32(1)), expect) < _int4_tol(mode)
 
 
 @pytest.mark.parametrize("m, e", [(1, 8), (8, 64), (64, 64), (256, 64), (1000, 16), (37, 5)])
