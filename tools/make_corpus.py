@@ -259,7 +259,7 @@ def whole(x: float) -> float | int:
 def arithmetic_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
     """A random two-integer arithmetic tool under a new name, and a maker of tasks for it."""
     op = rng.choice(sorted(OPS))
-    name = rng.choice(ARITHMETIC_NAMES[op] + [opaque_name(rng)])
+    name = tool_name(rng, ARITHMETIC_NAMES[op])
     p, q = rng.choice(OPERAND_PAIRS) if rng.random() < 0.7 else rng.sample(sorted(set("cdefghkrstuvwz")), 2)
     word = OPS[op][0]
     description = rng.choice(ARITHMETIC_DESCRIPTIONS).format(p=p, P=p.capitalize(), q=q, op=op, word=word)
@@ -276,7 +276,7 @@ def arithmetic_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
 
 def capital_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
     """A random capital-lookup tool under a new name and parameter."""
-    name, param = rng.choice(CAPITAL_NAMES + [opaque_name(rng)]), rng.choice(CAPITAL_PARAMS)
+    name, param = tool_name(rng, CAPITAL_NAMES), rng.choice(CAPITAL_PARAMS)
     tool = function_tool(rng, name, rng.choice(CAPITAL_DESCRIPTIONS), {param: {"type": "string"}})
 
     def task(rng: random.Random) -> ToolTask:
@@ -289,7 +289,7 @@ def capital_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
 
 def convert_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
     """A random unit-conversion tool under new names, its units free strings or an enum."""
-    name, (value, src, dst) = rng.choice(CONVERT_NAMES + [opaque_name(rng)]), rng.choice(CONVERT_PARAMS)
+    name, (value, src, dst) = tool_name(rng, CONVERT_NAMES), rng.choice(CONVERT_PARAMS)
     units = sorted({u for pair in CONVERSIONS for u in pair})
     unit = {"type": "string", "enum": units} if rng.random() < 0.5 else {"type": "string"}
     tool = function_tool(rng, name, rng.choice(CONVERT_DESCRIPTIONS), {value: {"type": "number"}, src: unit, dst: unit})
@@ -304,8 +304,17 @@ def convert_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
 
 
 def opaque_name(rng: random.Random) -> str:
-    """A tool name that says nothing (the description alone tells what the tool does)."""
-    return f"{rng.choice(['fn', 'tool', 'op', 'api'])}_{rng.randint(1, 99)}{rng.choice('abcxyz')}"
+    """A made-up tool name of random syllables (two words of 2-3), new in nearly every conversation, so the model must
+    read it from the declaration instead of recalling it; its description alone tells what the tool does."""
+    def word() -> str:
+        return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") + rng.choice(["", "", "n", "r", "s"])
+                       for _ in range(rng.randint(2, 3)))
+    return f"{word()}_{word()}"
+
+
+def tool_name(rng: random.Random, pool: list[str]) -> str:
+    """Half the time a made-up name (opaque_name), else one from the family's pool of telling names."""
+    return opaque_name(rng) if rng.random() < 0.5 else rng.choice(pool)
 
 
 def slot_value(kind: str, param: str, rng: random.Random) -> tuple[dict[str, Any], Any, str]:
@@ -335,7 +344,7 @@ def slot_value(kind: str, param: str, rng: random.Random) -> tuple[dict[str, Any
 def action_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
     """A random verb_noun tool with 1-4 parameters of random kinds (string, integer, number, boolean, enum)."""
     verb, noun = rng.choice(VERBS), rng.choice(NOUNS)
-    name = f"{verb}_{noun}" if rng.random() < 0.85 else opaque_name(rng)
+    name = tool_name(rng, [f"{verb}_{noun}"])
     kinds = rng.sample(sorted([*SLOT_NAMES, "enum"]), rng.randint(1, 4))
     params = [rng.choice(sorted(ENUMS) if kind == "enum" else SLOT_NAMES[kind]) for kind in kinds]
     schemas = {param: slot_value(kind, param, rng)[0] for kind, param in zip(kinds, params)}
