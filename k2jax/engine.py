@@ -59,11 +59,12 @@ def host_value(x: jax.Array) -> np.ndarray:
 
 
 def enable_compilation_cache() -> None:
-    """Persist compiled programs across runs (K2JAX_COMPILATION_CACHE='' turns it off)."""
+    """Persist compiled programs across runs (K2JAX_COMPILATION_CACHE='' turns it off), small ones too: a warm start
+    compiles nothing (the loader's few 10-60 ms programs are read back in ~1 ms each)."""
     path = os.environ.get("K2JAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "k2jax" / "xla"))
     if path and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -477,31 +478,48 @@ class Model:
                 ) -> Iterator[tuple[list[int], list[np.ndarray], list[np.ndarray]]]:
         """Write each prompt but its last token in chunks, fork it into n rows, then run decode steps of the rows
         not yet finished, each feeding its last token: yields (rows, each row's new tokens, their log-probs) per
-        step. A constrained row samples under its mask; its run is cut where the mask changed (see
-        RowConstraint.accept), and while any row's mask changes token by token a step samples one token."""
+        step. With n == 1 a prompt's last chunk step also samples its row's first token (as the server's steps do),
+        so the first token needs one compiled program, not two."""
         lengths = np.array([len(p) for p in ids], np.int32)
         self._check_ids([t for p in ids for t in p], int(lengths.max()) + max_new_tokens)
         pages, pool = self.paged(len(ids) * n, int(lengths.max()) + max_new_tokens + DECODE_STEPS)
-        for i, prompt in enumerate(ids):
-            pages.reserve(i * n, len(prompt) - 1)
-            for lo in range(0, len(prompt) - 1, PREFILL_CHUNK):
-                chunk = Chunk(i * n, prompt[lo:min(lo + PREFILL_CHUNK, len(prompt) - 1)], lo)
-                pool = self.run(pages, pool, [], [], [], [], 1, chunks=[chunk])[0]
-            pool = apply_copies(pool, [c for j in range(1, n) for c in pages.fork(i * n, i * n + j, len(prompt) - 1)])
         last = np.repeat([p[-1] for p in ids], n)
         pos = np.repeat(lengths - 1, n)
-        for row, length in enumerate(pos):
-            pages.reserve(row, int(length) + 1 + max_new_tokens + DECODE_STEPS)
+        whole = [len(p) + max_new_tokens + DECODE_STEPS for p in ids]
+        for i, prompt in enumerate(ids):
+            pages.reserve(i * n, whole[i] if n == 1 else len(prompt) - 1)
+            starts = range(0, len(prompt) - 1, PREFILL_CHUNK)
+            for lo in starts:
+                chunk = Chunk(i * n, prompt[lo:min(lo + PREFILL_CHUNK, len(prompt) - 1)], lo)
+                if n == 1 and lo == starts[-1]:
+                    pool, out = self._sample(pages, pool, [i], last, pos, params, constraints, [chunk])
+                    yield out
+                else:
+                    pool = self.run(pages, pool, [], [], [], [], 1, chunks=[chunk])[0]
+            pool = apply_copies(pool, [c for j in range(1, n) for c in pages.fork(i * n, i * n + j, len(prompt) - 1)])
+        for row in range(len(pos)):
+            pages.reserve(row, whole[row // n])
         while live := [r for r, row in enumerate(rows) if row.finish is None]:
-            held = [constraints[r] for r in live]
-            masks, n_steps = grammar.row_masks({i: c for i, c in enumerate(held) if c is not None}, len(live),
-                                               DECODE_STEPS)
-            pool, toks, logps = self.run(pages, pool, live, last[live], pos[live], [params[r] for r in live],
-                                         n_steps, masks)
-            taken = [n_steps if c is None else c.accept(t) for c, t in zip(held, toks.tolist())]
-            for i, (r, k) in enumerate(zip(live, taken)):
-                last[r], pos[r] = toks[i, k - 1], pos[r] + k
-            yield live, [t[:k] for t, k in zip(toks, taken)], [lp[:k] for lp, k in zip(logps.chosen, taken)]
+            pool, out = self._sample(pages, pool, live, last, pos, params, constraints)
+            yield out
+
+    def _sample(self, pages: PageAllocator, pool: dict[str, jax.Array], live: list[int], last: np.ndarray,
+                pos: np.ndarray, params: list[SamplingParams], constraints: list[RowConstraint | None],
+                chunks: Sequence[Chunk] = ()
+                ) -> tuple[dict[str, jax.Array], tuple[list[int], list[np.ndarray], list[np.ndarray]]]:
+        """One step sampling the `live` rows (beside `chunks`), each feeding last[r] at pos[r], both advanced here. A
+        constrained row samples under its mask; its run is cut where the mask changed (see RowConstraint.accept), and
+        while any row's mask changes token by token (or chunks ride along) the step samples one token."""
+        held = [constraints[r] for r in live]
+        masks, n_steps = grammar.row_masks({i: c for i, c in enumerate(held) if c is not None}, len(live),
+                                           DECODE_STEPS)
+        pool, toks, logps = self.run(pages, pool, live, last[live], pos[live], [params[r] for r in live],
+                                     1 if chunks else n_steps, masks, chunks=chunks)
+        n_steps = toks.shape[1]
+        taken = [n_steps if c is None else c.accept(t) for c, t in zip(held, toks.tolist())]
+        for i, (r, k) in enumerate(zip(live, taken)):
+            last[r], pos[r] = toks[i, k - 1], pos[r] + k
+        return pool, (live, [t[:k] for t, k in zip(toks, taken)], [lp[:k] for lp, k in zip(logps.chosen, taken)])
 
     def _call(self, fn: Callable, *args: Any) -> Any:
         """Call a jitted entry point; the first call of each shape is timed (blocking) as compile time."""

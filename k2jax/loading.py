@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from checkpoints.orbax_io import is_orbax_dir, restore_orbax
 from checkpoints.streaming import DEFAULT_CHUNK_BYTES, load_hf_state
 from k2jax.config import K2Config
-from k2jax.engine import Model
+from k2jax.engine import Model, enable_compilation_cache
 from k2jax.model import K2Model
 from sharding.mesh import make_mesh
 
@@ -50,6 +50,7 @@ def load(path: str | Path | None = None, mesh: Mesh | str | None = None, dtype: 
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
     cfg = K2Config.from_json(path)
+    enable_compilation_cache()  # before the loader's own small programs
     graphdef, state = load_state(path, cfg, make_mesh(mesh, cfg.n_routed_experts), progress=progress)
     return Model(cfg, graphdef, state, tokenizer=_tokenizer(path), dtype=dtype or default_dtype())
 
