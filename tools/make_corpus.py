@@ -260,7 +260,7 @@ def arithmetic_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
     """A random two-integer arithmetic tool under a new name, and a maker of tasks for it."""
     op = rng.choice(sorted(OPS))
     name = tool_name(rng, ARITHMETIC_NAMES[op])
-    p, q = rng.choice(OPERAND_PAIRS) if rng.random() < 0.7 else rng.sample(sorted(set("cdefghkrstuvwz")), 2)
+    p, q = param_names(rng, OPERAND_PAIRS)
     word = OPS[op][0]
     description = rng.choice(ARITHMETIC_DESCRIPTIONS).format(p=p, P=p.capitalize(), q=q, op=op, word=word)
     tool = function_tool(rng, name, description, {p: {"type": "integer"}, q: {"type": "integer"}})
@@ -276,7 +276,7 @@ def arithmetic_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
 
 def capital_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
     """A random capital-lookup tool under a new name and parameter."""
-    name, param = tool_name(rng, CAPITAL_NAMES), rng.choice(CAPITAL_PARAMS)
+    name, (param,) = tool_name(rng, CAPITAL_NAMES), param_names(rng, [(p,) for p in CAPITAL_PARAMS])
     tool = function_tool(rng, name, rng.choice(CAPITAL_DESCRIPTIONS), {param: {"type": "string"}})
 
     def task(rng: random.Random) -> ToolTask:
@@ -289,7 +289,7 @@ def capital_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
 
 def convert_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
     """A random unit-conversion tool under new names, its units free strings or an enum."""
-    name, (value, src, dst) = tool_name(rng, CONVERT_NAMES), rng.choice(CONVERT_PARAMS)
+    name, (value, src, dst) = tool_name(rng, CONVERT_NAMES), param_names(rng, CONVERT_PARAMS)
     units = sorted({u for pair in CONVERSIONS for u in pair})
     unit = {"type": "string", "enum": units} if rng.random() < 0.5 else {"type": "string"}
     tool = function_tool(rng, name, rng.choice(CONVERT_DESCRIPTIONS), {value: {"type": "number"}, src: unit, dst: unit})
@@ -303,18 +303,31 @@ def convert_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
     return tool, task
 
 
+def made_up_word(rng: random.Random) -> str:
+    """2-3 random syllables: a name new in nearly every conversation, which the model can only read, not recall."""
+    return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") + rng.choice(["", "", "n", "r", "s"])
+                   for _ in range(rng.randint(2, 3)))
+
+
 def opaque_name(rng: random.Random) -> str:
-    """A made-up tool name of random syllables (two words of 2-3), new in nearly every conversation, so the model must
-    read it from the declaration instead of recalling it; its description alone tells what the tool does."""
-    def word() -> str:
-        return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") + rng.choice(["", "", "n", "r", "s"])
-                       for _ in range(rng.randint(2, 3)))
-    return f"{word()}_{word()}"
+    """A made-up tool name (two made-up words): its description alone tells what the tool does."""
+    return f"{made_up_word(rng)}_{made_up_word(rng)}"
 
 
 def tool_name(rng: random.Random, pool: list[str]) -> str:
     """Half the time a made-up name (opaque_name), else one from the family's pool of telling names."""
     return opaque_name(rng) if rng.random() < 0.5 else rng.choice(pool)
+
+
+def param_names(rng: random.Random, pool: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """Half the time distinct made-up parameter names, else a tuple from the family's pool: a value's place in the
+    arguments then follows the schema's order, not a remembered name."""
+    size = len(pool[0])
+    while rng.random() < 0.5:
+        names = tuple(made_up_word(rng) for _ in range(size))
+        if len(set(names)) == size:
+            return names
+    return rng.choice(pool)
 
 
 def slot_value(kind: str, param: str, rng: random.Random) -> tuple[dict[str, Any], Any, str]:
