@@ -362,8 +362,8 @@ def test_reserved_names_in_user_text_reach_the_model_as_text(tiny):
 
 
 def test_agent_calls_only_declared_tools_with_valid_arguments(bundled):
-    """The issue's case: with only `multiply` declared, the enforced agent calls multiply (never the demo tool
-    `calculate` it was trained on), with integer arguments, ids counting on across steps, at temperature 1 too."""
+    """The issue's case: with only `multiply` declared, the enforced agent calls multiply (never a tool it was trained
+    on), with integer arguments, ids counting on across steps, at temperature 1 too."""
     def multiply(a: int, b: int) -> int:
         """Multiply two integers."""
         return a * b
@@ -384,7 +384,7 @@ def test_agent_calls_only_declared_tools_with_valid_arguments(bundled):
 
 
 def test_agent_without_tools_never_opens_a_tool_call_section(bundled):
-    """The bundled model was trained to call its demo tools for arithmetic; with no tools declared, the grammar keeps
+    """The bundled model was trained to call tools for arithmetic; with no tools declared, the grammar keeps
     the section (and text spelling its markers) out of every reply, greedy and sampled."""
     markers = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>", "</think>", "<think>")
     for sampling in (SamplingParams(), SamplingParams(temperature=1.0, seed=3)):

@@ -177,8 +177,8 @@ def tool_prompt(model, tools) -> str:
 
 
 def test_generate_with_tools_calls_only_declared_tools_with_valid_arguments(bundled):
-    """The bundled model learned the demo tools (`calculate`, ...), not `multiply`: enforced, every sample calls
-    multiply with schema-valid arguments, numbered from 0, and stays in its reasoning budget."""
+    """The bundled model never saw `multiply`: enforced, every sample calls multiply with schema-valid arguments,
+    numbered from 0, and stays in its reasoning budget."""
     out = bundled.generate([tool_prompt(bundled, [MULTIPLY])], max_new_tokens=64, temperature=1.0, seed=0, n=4,
                            tools=[MULTIPLY], tool_choice="required", max_reasoning_tokens=4)
     for text, calls in zip(out.texts, out.tool_calls):
