@@ -30,7 +30,8 @@ from k2jax.cache import PageAllocator, PagedCache, PoolLayout, apply_copies, def
 from k2jax.config import K2Config
 from k2jax.grammar import RowConstraint
 from k2jax.model import forward, hidden, lm_head
-from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams, mask_words, sample, stack_params
+from k2jax.sampling import (TOP_LOGPROBS, Logprobs, SamplingParams, StepMasks, drafts_exact, mask_words, sample,
+                            stack_params)
 from k2jax.tokenizer import TextStream
 from pallas_kernels import dispatch
 from sharding.mesh import mesh_of
@@ -98,11 +99,11 @@ def table_width(layout: PoolLayout, columns: int, tokens: int, queries: int = 1)
 
 
 def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens: Sequence[int],
-                positions: Sequence[int], params: Sequence[SamplingParams], masks: np.ndarray | None, D: int,
+                positions: Sequence[int], params: Sequence[SamplingParams], masks: StepMasks | None, D: int,
                 width: int, pad_row: int, words: int) -> DecodeRows:
     """The decode segment on device: row rows[i] at index idx[i] of D (the rest padding over row pad_row's table,
     or, when D is every row, each row at its own index), `width` columns of its page table, masks of `words` words
-    (default: every token allowed)."""
+    (default: every token allowed, no drafts)."""
     n_rows = table.shape[0]
     table_rows = np.arange(n_rows) if D == n_rows else np.full(D, pad_row)
     table_rows[idx] = rows
@@ -111,11 +112,11 @@ def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens:
     row_params = [SamplingParams()] * D
     for i, p in zip(idx, params):
         row_params[i] = p
-    mask = np.full((D, words), -1, np.int32)
+    mask, drafts = np.full((D, words), -1, np.int32), np.zeros(D, bool)
     if masks is not None:
-        mask[idx] = masks
+        mask[idx], drafts[idx] = masks.words, masks.drafts
     return DecodeRows(_put(tok), _put(pos), _put(live), _put(table[table_rows, :width]), stack_params(row_params),
-                      _put(mask))
+                      _put(mask), _put(drafts))
 
 
 def prefill_chunks(table: np.ndarray, chunks: Sequence[Chunk], P: int, T: int, width: int) -> PrefillChunk:
@@ -160,8 +161,9 @@ def step(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, pos_BT:
 @dataclasses.dataclass
 class DecodeRows:
     """The decode segment of a step: row d feeds tok_D[d] at position pos_D[d] through page table table_DM[d] and
-    samples the next token among those mask_DW[d] allows (packed, see k2jax.sampling; all bits set: any token).
-    Rows not live write and read nothing; their tokens are junk."""
+    samples the next token among those mask_DW[d] allows (packed, see k2jax.sampling; all bits set: any token), in
+    a row that drafts (draft_D[d]) at the first step only. Rows not live write and read nothing; their tokens are
+    junk."""
 
     tok_D: jax.Array
     pos_D: jax.Array
@@ -169,6 +171,7 @@ class DecodeRows:
     table_DM: jax.Array
     sampling: dict[str, jax.Array]
     mask_DW: jax.Array
+    draft_D: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -195,11 +198,13 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
     Both segments write their latents before either attends, so a decode row may feed the last prompt token of a
     chunk that ends in this step (its first token is sampled here); the dense and MoE layers run over both
     segments' tokens at once.
-    Masks hold for every step; the unmasked sampler runs when every row allows every token.
+    Masks hold for every step but a drafting row's later ones; the unmasked sampler runs when every row allows
+    every token.
     """
     model = nnx.merge(graphdef, state)
 
-    def one(tok_D: jax.Array, pos_D: jax.Array, pool: dict[str, jax.Array], chunk: PrefillChunk | None):
+    def one(tok_D: jax.Array, pos_D: jax.Array, pool: dict[str, jax.Array], chunk: PrefillChunk | None,
+            mask_DW: jax.Array):
         segments = [(tok_D[:, None], pos_D[:, None],
                      PagedCache(pool, rows.table_DM, jnp.where(rows.live_D, pos_D + 1, 0), layout))]
         if chunk is not None:
@@ -208,18 +213,19 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
         tokens, positions, caches = zip(*segments)
         xs_BTM, pool = hidden(model, tokens, positions, caches, cfg, dtype)
         logits_DV = lm_head(model, xs_BTM[-1][:, 0])
-        nxt_D, logp_D = jax.lax.cond(jnp.all(rows.mask_DW == -1),
+        nxt_D, logp_D = jax.lax.cond(jnp.all(mask_DW == -1),
                                      lambda: sample(logits_DV, rows.sampling, pos_D + 1),
-                                     lambda: sample(logits_DV, rows.sampling, pos_D + 1, rows.mask_DW))
+                                     lambda: sample(logits_DV, rows.sampling, pos_D + 1, mask_DW))
         return nxt_D, logp_D, pool
 
     if chunk is not None:
-        nxt_D, logp_D, pool = one(rows.tok_D, rows.pos_D, pool, chunk)
+        nxt_D, logp_D, pool = one(rows.tok_D, rows.pos_D, pool, chunk, rows.mask_DW)
         return nxt_D[:, None], jax.tree.map(lambda x: x[:, None], logp_D), pool
 
     def body(i, carry):
         tok_D, pos_D, pool, toks_DN, logp_DN = carry
-        nxt_D, logp_D, pool = one(tok_D, pos_D, pool, None)
+        mask_DW = jnp.where(rows.draft_D[:, None] & (i > 0), -1, rows.mask_DW)
+        nxt_D, logp_D, pool = one(tok_D, pos_D, pool, None, mask_DW)
         logp_DN = jax.tree.map(lambda acc, x: acc.at[:, i].set(x), logp_DN, logp_D)
         return nxt_D, pos_D + 1, pool, toks_DN.at[:, i].set(nxt_D), logp_DN
 
@@ -362,12 +368,12 @@ class Model:
                           jax.device_put(np.asarray(kv_len, np.int32)), pages.layout)
 
     def run(self, pages: PageAllocator, pool: dict[str, jax.Array], rows: Sequence[int], tokens: Sequence[int],
-            positions: Sequence[int], params: Sequence[SamplingParams], n_steps: int, masks: np.ndarray | None = None,
+            positions: Sequence[int], params: Sequence[SamplingParams], n_steps: int, masks: StepMasks | None = None,
             chunks: Sequence[Chunk] = (), chunk_limit: int | None = None, max_steps: int | None = None,
             shape: tuple[int, int, int, int] | None = None) -> tuple[dict[str, jax.Array], np.ndarray, Logprobs]:
         """One engine step: `chunks` (prompt tokens of distinct rows) are written, and in the same pass row rows[i]
-        feeds tokens[i] at positions[i] and samples n_steps tokens (with chunks: one) under masks[i] (packed allowed
-        tokens), each row's pages covering what it writes. Returns the pool, [len(rows), n] tokens and their Logprobs.
+        feeds tokens[i] at positions[i] and samples n_steps tokens (with chunks: one) under masks row i (packed
+        allowed tokens, maybe drafting), each row's pages covering what it writes. Returns the pool, [len(rows), n] tokens and their Logprobs.
 
         Decode rows pad to a row bucket (only running rows are in the step; all the layout's rows in their own order
         when the bucket is all of them, so the pages' row split holds), the chunks to a chunk_shape(chunk_limit),
@@ -508,15 +514,18 @@ class Model:
                 chunks: Sequence[Chunk] = ()
                 ) -> tuple[dict[str, jax.Array], tuple[list[int], list[np.ndarray], list[np.ndarray]]]:
         """One step sampling the `live` rows (beside `chunks`), each feeding last[r] at pos[r], both advanced here. A
-        constrained row samples under its mask; its run is cut where the mask changed (see RowConstraint.accept), and
-        while any row's mask changes token by token (or chunks ride along) the step samples one token."""
-        held = [constraints[r] for r in live]
+        constrained row samples under its mask (drafting while it changes token by token, see grammar.row_masks);
+        its run is cut where a draw does not stand (see RowConstraint.accept). With chunks the step samples one
+        token."""
+        held, row_params = [constraints[r] for r in live], [params[r] for r in live]
+        exact = [drafts_exact(p) for p in row_params]
         masks, n_steps = grammar.row_masks({i: c for i, c in enumerate(held) if c is not None}, len(live),
-                                           DECODE_STEPS)
-        pool, toks, logps = self.run(pages, pool, live, last[live], pos[live], [params[r] for r in live],
+                                           DECODE_STEPS, [i for i, e in enumerate(exact) if e])
+        pool, toks, logps = self.run(pages, pool, live, last[live], pos[live], row_params,
                                      1 if chunks else n_steps, masks, chunks=chunks)
         n_steps = toks.shape[1]
-        taken = [n_steps if c is None else c.accept(t) for c, t in zip(held, toks.tolist())]
+        taken = [n_steps if c is None else c.accept(t, exact[i], bool(masks.drafts[i]))
+                 for i, (c, t) in enumerate(zip(held, toks.tolist()))]
         for i, (r, k) in enumerate(zip(live, taken)):
             last[r], pos[r] = toks[i, k - 1], pos[r] + k
         return pool, (live, [t[:k] for t, k in zip(toks, taken)], [lp[:k] for lp, k in zip(logps.chosen, taken)])

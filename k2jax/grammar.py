@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from llguidance import LLMatcher, LLTokenizer
 
 from k2jax import chat
-from k2jax.sampling import mask_words
+from k2jax.sampling import StepMasks, mask_words
 from k2jax.tokenizer import KIMI_PATTERN, Tokenizer
 
 MAX_CALLS = 16  # calls one tool-calls section may hold
@@ -214,7 +214,9 @@ class RowConstraint:
 
     The budget counts tokens inside the opening `<think>` block; once spent, `</think>` is the only token allowed
     (as soon as the grammar allows it). `steady` says whether the last token left the mask unchanged: while it
-    does, several tokens can be sampled under one mask and checked afterwards (see accept).
+    does, several tokens can be sampled under one mask and checked afterwards; while it does not, a row whose
+    sampling makes draws exact (k2jax.sampling.drafts_exact) samples its first token under the mask and drafts
+    the rest from every token (see accept).
     """
 
     def __init__(self, vocab: Vocabulary, grammar: str | None = None, reasoning_budget: int | None = None):
@@ -233,17 +235,28 @@ class RowConstraint:
             self._mask = self._compute()
         return self._mask
 
-    def accept(self, tokens: Sequence[int]) -> int:
-        """Advance over tokens sampled under the current mask, up to the first one sampled after the mask changed
-        (its draw is void: it was made under a mask that no longer holds). Returns how many were taken."""
+    def accept(self, tokens: Sequence[int], exact: bool = False, drafted: bool = False) -> int:
+        """Advance over a run of draws, the first made under the current mask, the later ones under it too or,
+        `drafted`, from every token; returns how many were taken. The run ends before the first later draw that does
+        not stand where it falls: one the grammar does not allow there, or, unless the row's sampling makes draws
+        `exact` (see k2jax.sampling.drafts_exact), one made after the mask changed. An exact draw that the mask
+        where it falls allows stands when that mask allows no token the draw's did not: it is the draw under that
+        mask. What follows a void draw is void too: it was drawn after it."""
         used = self.mask()
         for i, token in enumerate(tokens):
-            if i and not np.array_equal(self.mask(), used):
+            if i and not self._stands(int(token), used, exact, drafted):
                 self.steady = False
                 return i
             self._consume(int(token))
         self.steady = np.array_equal(self.mask(), used)
         return len(tokens)
+
+    def _stands(self, token: int, used: np.ndarray, exact: bool, drafted: bool) -> bool:
+        """Whether a later draw of a run (see accept) stands where the grammar is now."""
+        mask = self.mask()
+        if not exact:
+            return np.array_equal(mask, used)
+        return allows(mask, token) and (drafted or not (mask & ~used).any())
 
     def _consume(self, token: int) -> None:
         """Take one token: the matcher's state and the reasoning phase advance."""
@@ -278,17 +291,20 @@ class RowConstraint:
         return words
 
 
-def row_masks(constraints: dict[int, RowConstraint], n_slots: int, decode_steps: int
-              ) -> tuple[np.ndarray | None, int]:
-    """A decode call's masks over n_slots rows (None without constraints; all tokens for unconstrained rows) and
-    its step count: 1 while some constrained row's mask changes from token to token, else decode_steps."""
+def row_masks(constraints: Mapping[int, RowConstraint], n_slots: int, decode_steps: int,
+              exact: Collection[int] = ()) -> tuple[StepMasks | None, int]:
+    """A decode call's masks over n_slots rows (None without constraints; all tokens for unconstrained rows) and its
+    step count. A row whose mask changes from token to token drafts its later steps if it is among the `exact` rows
+    (whose sampling makes drafts exact); the count is decode_steps unless another such row holds it to 1."""
     if not constraints:
         return None, decode_steps
     first = next(iter(constraints.values())).vocab
-    masks = np.tile(first.all_allowed(), (n_slots, 1))
+    masks = StepMasks(np.tile(first.all_allowed(), (n_slots, 1)), np.zeros(n_slots, bool))
     for slot, constraint in constraints.items():
-        masks[slot] = constraint.mask()
-    return masks, decode_steps if all(c.steady for c in constraints.values()) else 1
+        masks.words[slot] = constraint.mask()
+        masks.drafts[slot] = not constraint.steady and slot in exact
+    held = any(not c.steady and not masks.drafts[s] for s, c in constraints.items())
+    return masks, 1 if held else decode_steps
 
 
 def reasoning_budget(max_reasoning_tokens: int | None, effort: str | None) -> int | None:

@@ -135,6 +135,22 @@ def _draw(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array) 
     return jax.vmap(jax.random.categorical)(keys, filter_logits(logits_BV, params)).astype(jnp.int32)
 
 
+class StepMasks(NamedTuple):
+    """A decode call's allowed tokens per row: words [rows, mask_words] int32, packed, for the first step and, unless
+    the row drafts, for every later one; drafts [rows] bool: the row's later steps draw from every token, drafts that
+    the host keeps only where the row's grammar allows them (k2jax.grammar.RowConstraint.accept)."""
+
+    words: np.ndarray
+    drafts: np.ndarray
+
+
+def drafts_exact(params: SamplingParams) -> bool:
+    """Whether a draw from every token that an allowed set holds is the draw under that set with the same key, so a
+    kept draft is what masked sampling would have drawn: true for greedy and plain temperature (the argmax of the
+    logits plus the key's Gumbel noise), not under top-k, top-p or min-p, whose cut moves with the set."""
+    return params.top_k == 0 and params.top_p == 1 and params.min_p == 0
+
+
 def mask_words(vocab: int) -> int:
     """Words of a packed allowed-token mask over `vocab` tokens (bit t % 32 of word t // 32)."""
     return -(-vocab // 32)

@@ -7,10 +7,11 @@ prefilling, beside the decode rows of every request that decodes, so a running s
 also while a long prompt is prefilled. A prompt's last token is not prefilled: the request's first decode row feeds
 it (in the step whose chunk ends its prefill) and samples its first token on device. Steps with a chunk sample one
 token per row; decode-only steps sample decode_steps tokens per row, scanned on device. A request with a constraint
-(k2jax.grammar: tool calls, JSON, a reasoning budget) samples under its row's mask; its run of tokens is checked
-against the constraint and cut where the mask changed (the slot's cache is rewound to match), and while any such
-row's mask changes token by token the step takes one step instead of decode_steps. Rows without a constraint sample
-exactly as they would alone. Requests see tokens through their `emit` callback, called on the scheduler thread; stop
+(k2jax.grammar: tool calls, JSON, a reasoning budget) samples under its row's mask; while that mask changes token by
+token its later steps draft from every token (or, for top-k, top-p and min-p, which drafts would skew, the step takes
+one step instead of decode_steps); its run of tokens is checked against the constraint and cut at the first draw
+that does not stand (the slot's cache is rewound to match). Rows without a constraint sample exactly as they would
+alone. Requests see tokens through their `emit` callback, called on the scheduler thread; stop
 strings and text are the caller's business (see k2jax.responses).
 
 Prefix cache: every full page a request prefills or ends with stays cached (k2jax.prefix_cache); when a request
@@ -47,7 +48,7 @@ import numpy as np
 from k2jax import engine, grammar
 from k2jax.cache import PoolFull
 from k2jax.grammar import RowConstraint
-from k2jax.sampling import Logprobs, SamplingParams, host_row, token_logprobs
+from k2jax.sampling import Logprobs, SamplingParams, StepMasks, drafts_exact, host_row, token_logprobs
 from k2jax.slots import Slots
 from sharding.mesh import broadcast_from_process0
 
@@ -369,7 +370,8 @@ class Scheduler:
                 else:  # it failed alone
                     planned.remove((chunk, request))
         constrained = {s: r.constraint for s, r in decoding.items() if r.constraint is not None}
-        masks, n_steps = grammar.row_masks(constrained, self.slots.n_slots, self.decode_steps)
+        masks, n_steps = grammar.row_masks(constrained, self.slots.n_slots, self.decode_steps,
+                                           [s for s in constrained if drafts_exact(decoding[s].params)])
         n_steps = 1 if planned else n_steps
         wants = {s: int(self.slots.lengths[s]) + n_steps for s in decoding}
         for chunk, _ in planned:
@@ -399,7 +401,8 @@ class Scheduler:
         for slot, r in decoding.items():
             if self._active.get(slot) is not r:  # preempted for another's forced tokens meanwhile
                 continue
-            taken = n_steps if r.constraint is None else r.constraint.accept(tokens[slot].tolist())
+            taken = n_steps if r.constraint is None else r.constraint.accept(
+                tokens[slot].tolist(), drafts_exact(r.params), bool(masks.drafts[slot]))
             if taken < n_steps:
                 self.slots.rewind(slot, int(self.slots.lengths[slot]) - (n_steps - taken))
             row = Logprobs(*(x[slot, :taken] for x in logprobs))
@@ -668,8 +671,18 @@ class StepLink:
         return received
 
 
-def unpack_step(payload: np.ndarray, n_slots: int, n_steps: int, n_chunks: int, masks: np.ndarray | None = None
-                ) -> tuple[np.ndarray, list[SamplingParams | None], int, np.ndarray | None, list[engine.Chunk]]:
+def pack_masks(masks: StepMasks) -> np.ndarray:
+    """A step's masks as one int32 array to share: the packed words, then each row's draft flag as a last column."""
+    return np.concatenate([masks.words, masks.drafts[:, None]], axis=1).astype(np.int32)
+
+
+def unpack_masks(shared: np.ndarray) -> StepMasks:
+    """pack_masks' array back as StepMasks."""
+    return StepMasks(shared[:, :-1], shared[:, -1].astype(bool))
+
+
+def unpack_step(payload: np.ndarray, n_slots: int, n_steps: int, n_chunks: int, masks: StepMasks | None = None
+                ) -> tuple[np.ndarray, list[SamplingParams | None], int, StepMasks | None, list[engine.Chunk]]:
     """A STEP message's payload (as LinkedSlots.step sends it, its masks shared after it) as Slots.step's
     arguments."""
     fields = (1 + PARAM_FIELDS) * n_slots
@@ -695,19 +708,19 @@ class LinkedSlots(Slots):
         return super().attach_cached(slot, page)
 
     def step(self, tokens: np.ndarray, params: Sequence[SamplingParams | None], n_steps: int = engine.DECODE_STEPS,
-             masks: np.ndarray | None = None, chunks: Sequence[engine.Chunk] = ()) -> tuple[np.ndarray, np.ndarray]:
+             masks: StepMasks | None = None, chunks: Sequence[engine.Chunk] = ()) -> tuple[np.ndarray, np.ndarray]:
         """Broadcast (the token masks, if any, in a second message), then step, within the link's deadline."""
         payload = [np.asarray(tokens, np.int32), pack_params(params),
                    np.array([(c.row, c.start, len(c.tokens)) for c in chunks], np.int32).reshape(-1),
                    *(np.asarray(c.tokens, np.int32) for c in chunks)]
-        if masks is not None:
-            masks = np.asarray(masks, np.int32)
-            if masks.shape != (self.n_slots, self.mask_words):
-                raise ValueError(f"token masks must be [{self.n_slots}, {self.mask_words}], got {masks.shape}")
+        if masks is not None and (masks.words.shape != (self.n_slots, self.mask_words)
+                                  or masks.drafts.shape != (self.n_slots,)):
+            raise ValueError(f"token masks must be [{self.n_slots}, {self.mask_words}] with [{self.n_slots}] draft "
+                             f"flags, got {masks.words.shape} and {masks.drafts.shape}")
         with self.link.deadline():
             self.link.send(STEP, (n_steps, len(chunks), masks is not None), np.concatenate(payload))
             if masks is not None:
-                self.link.share(masks)
+                self.link.share(pack_masks(masks))
             return super().step(tokens, params, n_steps, masks, chunks)
 
     def rewind(self, slot: int, length: int) -> None:
@@ -742,7 +755,8 @@ def follow(model: engine.Model, n_slots: int, max_context: int | None, link: Ste
                 return
             try:
                 if op == STEP:
-                    masks = link.share(np.zeros((n_slots, slots.mask_words), np.int32)) if message[3] else None
+                    masks = (unpack_masks(link.share(np.zeros((n_slots, slots.mask_words + 1), np.int32)))
+                             if message[3] else None)
                     slots.step(*unpack_step(payload, n_slots, a, b, masks))
                 elif op == RELEASE:
                     slots.release(a)

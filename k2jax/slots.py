@@ -22,7 +22,7 @@ from k2jax import engine
 from k2jax.cache import PoolFull, apply_copies, read_pages, write_pages
 from k2jax.engine import host_value
 from k2jax.prefix_cache import PrefixCache
-from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams, mask_words
+from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams, StepMasks, mask_words
 
 
 MAP_HEADROOM = 0.9  # warm-up stops once this share of the process's memory maps is in use
@@ -121,19 +121,19 @@ class Slots:
         return self.pages.shortfall(wants)
 
     def decode(self, tokens: np.ndarray, params: Sequence[SamplingParams | None],
-               n_steps: int = engine.DECODE_STEPS, masks: np.ndarray | None = None) -> tuple[np.ndarray, Logprobs]:
+               n_steps: int = engine.DECODE_STEPS, masks: StepMasks | None = None) -> tuple[np.ndarray, Logprobs]:
         """Feed each active slot its last token and sample n_steps more: a step with no chunk (see `step`)."""
         return self.step(tokens, params, n_steps, masks)
 
     def step(self, tokens: np.ndarray, params: Sequence[SamplingParams | None], n_steps: int = engine.DECODE_STEPS,
-             masks: np.ndarray | None = None, chunks: Sequence[engine.Chunk] = ()) -> tuple[np.ndarray, Logprobs]:
+             masks: StepMasks | None = None, chunks: Sequence[engine.Chunk] = ()) -> tuple[np.ndarray, Logprobs]:
         """One engine step: write `chunks` (each up to max_chunk tokens of a distinct slot at positions start..,
         keeping its first start tokens; several only when engine.chunk_shape holds them), and feed each active slot
         (params not None; a chunk's slot may be one) tokens[slot] at its length, sampling n_steps tokens (one with
         chunks): [slots, n] tokens and their Logprobs (junk for inactive slots).
 
         Only active slots are in the step's decode rows; they write nothing else and other slots keep their cache.
-        masks [slots, words] (packed allowed tokens) hold for all n steps.
+        masks (rows: slots) hold for all n steps but a drafting row's later ones.
         """
         active = [s for s, p in enumerate(params) if p is not None]
         lengths = self.lengths.copy()
@@ -159,8 +159,8 @@ class Slots:
             self._reserve(s, int(lengths[s]) + n_steps)
         pool, toks, logps = self.model.run(
             self.pages, self.pool, active, np.asarray(tokens)[active], lengths[active], [params[s] for s in active],
-            n_steps, None if masks is None else np.asarray(masks)[active], chunks, self.max_chunk,
-            max(n_steps, self.max_steps))
+            n_steps, None if masks is None else StepMasks(masks.words[active], masks.drafts[active]), chunks,
+            self.max_chunk, max(n_steps, self.max_steps))
         self.pool = pool
         for chunk in chunks:
             slot, start = chunk.row, chunk.start

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import k2jax
 from k2jax import chat
 from k2jax.grammar import (MAX_CALLS, REASONING_EFFORT, GrammarError, RowConstraint, allows, json_grammar,
-                           reasoning_budget, tool_calls_grammar, vocabulary)
+                           reasoning_budget, row_masks, tool_calls_grammar, vocabulary)
 from k2jax.tokenizer import Tokenizer
 
 BUNDLED = Path(k2jax.__file__).parent / "bundled"
@@ -274,6 +274,49 @@ def test_a_run_is_cut_where_the_mask_changed(vocab, tok):
     rest = tok.encode(f"{chat.THINK_END}{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions")
     taken = row.accept(rest)
     assert 1 <= taken < len(rest) and not row.steady
+
+
+def longest_allowed(vocab, rules: str, tokens: list[int]) -> int:
+    """How many of `tokens` the grammar allows in a row, checked one token at a time."""
+    row = RowConstraint(vocab, rules)
+    for i, token in enumerate(tokens):
+        if not allows(row.mask(), token):
+            return i
+        row.accept([token])
+    return len(tokens)
+
+
+@pytest.mark.parametrize("text", [
+    THINK + section(call("multiply", 0, '{"a": 37, "b": 41}')),
+    THINK + section(call("divide", 0, '{"a": 37, "b": 41}')),
+    THINK + section(call("multiply", 0, '{"a": 37, "b": "41"}')),
+    THINK + section(call("multiply", 3, '{"a": 37}')),
+])
+def test_a_drafted_run_stands_up_to_its_first_draft_the_grammar_refuses(vocab, tok, text):
+    """Drafted from every token, a run is kept as far as the grammar allows it token by token (a whole valid call,
+    or up to a wrong name, type or index); drawn under one mask, it is cut where the mask first changed."""
+    rules = tool_calls_grammar(TOOLS)
+    tokens = tok.encode(text)
+    expected = longest_allowed(vocab, rules, tokens)
+    row = RowConstraint(vocab, rules)
+    assert row.accept(tokens, exact=True, drafted=True) == expected
+    assert RowConstraint(vocab, rules).accept(tokens) < expected
+
+
+def test_rows_draft_while_their_mask_changes_if_their_sampling_allows(vocab, tok):
+    """grammar.row_masks: a steady row keeps one mask for every step; a changing one drafts when it is among the
+    exact rows, and holds the call to one step when it is not."""
+    steady, changing = RowConstraint(vocab, tool_calls_grammar(TOOLS)), RowConstraint(vocab, tool_calls_grammar(TOOLS))
+    for row, text in ((steady, f"{chat.THINK_BEGIN}I will"), (changing, f"{THINK}{chat.SECTION_BEGIN}")):
+        for token in tok.encode(text):
+            row.accept([token])
+    assert steady.steady and not changing.steady
+    masks, n_steps = row_masks({0: steady, 2: changing}, 4, 8, exact=[0, 2])
+    assert n_steps == 8 and masks.drafts.tolist() == [False, False, True, False]
+    assert np.array_equal(masks.words[2], changing.mask()) and (masks.words[[1, 3]] == -1).all()
+    masks, n_steps = row_masks({0: steady, 2: changing}, 4, 8, exact=[0])
+    assert n_steps == 1 and not masks.drafts.any()
+    assert row_masks({}, 4, 8) == (None, 8)
 
 
 def test_masks_have_the_vocabulary_layout(vocab, tok):

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k2jax.sampling import TOP_LOGPROBS, SamplingParams, filter_logits, sample, stack_params, token_logprobs, unpack_mask
+from k2jax.sampling import (TOP_LOGPROBS, SamplingParams, drafts_exact, filter_logits, sample, stack_params,
+                            token_logprobs, unpack_mask)
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 
@@ -111,6 +112,25 @@ def test_masked_rows_only_pick_allowed_tokens(rng, kw):
     if kw["temperature"] == 0:
         best = np.where(allowed, np.asarray(logits), -np.inf).argmax(-1)
         assert (toks == best).all()
+
+
+@pytest.mark.parametrize("kw", [{"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 0.7},
+                                {"temperature": 1.0, "top_k": 3}, {"temperature": 1.0, "top_p": 0.5},
+                                {"temperature": 1.0, "min_p": 0.2}])
+def test_a_draft_the_mask_allows_is_the_masked_draw_when_drafts_are_exact(rng, kw):
+    """What a drafting row relies on: the same key's draw from every token, where the mask allows it, is the draw
+    under the mask (drafts_exact); the filters cut differently under a mask, so some kept drafts differ there."""
+    rows, vocab = 512, 40
+    masks = random_masks(rng, rows, vocab)
+    allowed = np.asarray(unpack_mask(jnp.asarray(masks), vocab))
+    logits = jnp.asarray(rng.normal(size=(rows, vocab)) * 2)
+    params = stack_params([SamplingParams(seed=int(s), **kw) for s in rng.integers(0, 2**31, rows)])
+    pos = jnp.asarray(rng.integers(0, 10_000, rows))
+    drafts, masked = np.asarray(sample(logits, params, pos)[0]), np.asarray(sample(logits, params, pos, masks)[0])
+    kept = allowed[np.arange(rows), drafts]
+    assert 50 < kept.sum() < rows - 50
+    same = (drafts == masked)[kept]
+    assert same.all() if drafts_exact(SamplingParams(**kw)) else not same.all()
 
 
 def test_an_all_allowed_mask_changes_nothing(rng):

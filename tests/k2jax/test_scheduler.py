@@ -14,10 +14,10 @@ import pytest
 
 import k2jax
 from k2jax.grammar import RowConstraint, json_grammar, vocabulary
-from k2jax.sampling import SamplingParams
+from k2jax.sampling import SamplingParams, StepMasks
 from k2jax import engine
 from k2jax.scheduler import (HEADER, STEP, LinkedSlots, Output, QueueFull, Request, Scheduler, StepLink, pack_params,
-                           unpack_params, unpack_step)
+                           unpack_masks, unpack_params, unpack_step)
 
 EOS = 255
 TIMEOUT_S = 120.0
@@ -249,8 +249,9 @@ def test_packed_chunks_and_masks_survive_the_step_message(model, rng):
     assert engine.chunk_shape([len(c.tokens) for c in chunks], 128)[0] == engine.PACKED_CHUNKS
     idle = [None] * 4
     slots.step(np.zeros(4, np.int32), idle, 1, chunks=chunks)
-    masks = rng.integers(-2**31, 2**31, (4, slots.mask_words), dtype=np.int64).astype(np.int32)
-    masks[:, 0] = -1  # each row may sample some token
+    words = rng.integers(-2**31, 2**31, (4, slots.mask_words), dtype=np.int64).astype(np.int32)
+    words[:, 0] = -1  # each row may sample some token
+    masks = StepMasks(words, rng.random(4) < 0.5)
     params = [SamplingParams(seed=1), None, SamplingParams(temperature=1.0, seed=2), SamplingParams(seed=3)]
     tokens = np.array([5, 0, 7, 9], np.int32)
     slots.step(tokens, params, 2, masks)
@@ -259,9 +260,9 @@ def test_packed_chunks_and_masks_survive_the_step_message(model, rng):
     got = unpack_step(first[HEADER:], 4, *first[1:3].tolist())
     assert [(c.row, list(c.tokens), c.start) for c in got[4]] == [(c.row, c.tokens, c.start) for c in chunks]
     assert got[1] == idle and got[2] == 1 and got[3] is None and not first[3]
-    got = unpack_step(second[HEADER:], 4, *second[1:3].tolist(), shared if second[3] else None)
+    got = unpack_step(second[HEADER:], 4, *second[1:3].tolist(), unpack_masks(shared) if second[3] else None)
     assert np.array_equal(got[0], tokens) and got[1] == params and got[2] == 2 and got[4] == []
-    assert np.array_equal(got[3], masks)
+    assert np.array_equal(got[3].words, masks.words) and np.array_equal(got[3].drafts, masks.drafts)
 
 
 def run_all(sched: Scheduler, jobs: list[tuple[list[int], int]], **kw) -> list[Request]:
@@ -397,10 +398,25 @@ def test_short_prompts_arriving_together_prefill_in_one_step(model, rng):
     assert outputs == [model.generate([p], max_new_tokens=n).ids[0] for p, n in jobs]
 
 
-def test_constrained_rows_sample_exactly_and_leave_other_rows_alone():
+class RunLog(RowConstraint):
+    """A RowConstraint that records each accepted run: (drafted, tokens offered, tokens taken)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.runs: list[tuple[bool, int, int]] = []
+
+    def accept(self, tokens, exact=False, drafted=False):
+        taken = super().accept(tokens, exact, drafted)
+        self.runs.append((drafted, len(tokens), taken))
+        return taken
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_constrained_rows_sample_exactly_and_leave_other_rows_alone(top_p):
     """A row under a JSON grammar (its mask changing token by token) beside plain rows: the plain rows give
-    generate()'s greedy tokens, and the constrained row's tokens, sampled in runs of decode_steps that are cut where
-    its mask changed, equal those sampled one token per step under each token's own mask."""
+    generate()'s greedy tokens, and the constrained row's tokens, sampled in runs of decode_steps (drafted while its
+    mask changes, when top_p leaves drafts exact) that are cut at the first draw that does not stand, equal those
+    sampled one token per step under each token's own mask."""
     model = k2jax.load()  # the bundled model: it has a tokenizer
     tok = model.tokenizer
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -412,13 +428,17 @@ def test_constrained_rows_sample_exactly_and_leave_other_rows_alone():
     runs = []
     for steps in (8, 1):
         sched = Scheduler(model, n_slots=3, max_context=512, decode_steps=steps, warmup=False).start()
-        jobs = [request(prompt, 48, stop_ids=frozenset(tok.stop_ids), params=SamplingParams(temperature=1.0, seed=3),
-                        constraint=RowConstraint(vocab, json_grammar(schema), reasoning_budget=6))]
+        constraint = RunLog(vocab, json_grammar(schema), reasoning_budget=6)
+        jobs = [request(prompt, 48, stop_ids=frozenset(tok.stop_ids),
+                        params=SamplingParams(temperature=1.0, top_p=top_p, seed=3), constraint=constraint)]
         jobs += [request(p, 24, stop_ids=frozenset(tok.stop_ids)) for p in plain]
         for req, _ in jobs:
             sched.submit(req)
         runs.append([sink.wait() for _, sink in jobs])
         sched.close()
+        if steps == 8:
+            drafted = [taken for was_drafted, _, taken in constraint.runs if was_drafted]
+            assert (max(drafted) > 1) if top_p == 1 else not drafted
     (constrained, *beside), (one_by_one, *_) = runs
     assert constrained.tokens == one_by_one.tokens
     for sink, p in zip(beside, plain):
