@@ -30,8 +30,8 @@ from k2jax.cache import PageAllocator, PagedCache, PoolLayout, apply_copies, def
 from k2jax.config import K2Config
 from k2jax.grammar import RowConstraint
 from k2jax.model import forward, hidden, lm_head
-from k2jax.sampling import (TOP_LOGPROBS, Logprobs, SamplingParams, StepMasks, drafts_exact, mask_words, sample,
-                            stack_params)
+from k2jax.sampling import (TOP_LOGPROBS, Logprobs, SamplingParams, StepMasks, drafts_exact, host_params, mask_words,
+                            sample)
 from k2jax.tokenizer import TextStream
 from pallas_kernels import dispatch
 from sharding.mesh import mesh_of
@@ -41,11 +41,6 @@ DECODE_STEPS = 8
 PACKED_CHUNKS = 4  # prompt chunks of several rows one step carries when each is short (PACKED_LENGTHS)
 PACKED_LENGTHS = (32, 128)
 MAX_TABLE_WIDTHS = 6
-
-
-def _put(x: np.ndarray) -> jax.Array:
-    """A host array on the default device (a plain transfer: jnp.asarray compiles a program per shape)."""
-    return jax.device_put(np.asarray(x))
 
 
 def host_value(x: jax.Array) -> np.ndarray:
@@ -101,7 +96,8 @@ def table_width(layout: PoolLayout, columns: int, tokens: int, queries: int = 1)
 def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens: Sequence[int],
                 positions: Sequence[int], params: Sequence[SamplingParams], masks: StepMasks | None, D: int,
                 width: int, pad_row: int, words: int) -> DecodeRows:
-    """The decode segment on device: row rows[i] at index idx[i] of D (the rest padding over row pad_row's table,
+    """The decode segment, on the host (run puts a step's inputs on device at once): row rows[i] at index idx[i] of
+    D (the rest padding over row pad_row's table,
     or, when D is every row, each row at its own index), `width` columns of its page table, masks of `words` words
     (default: every token allowed, no drafts)."""
     n_rows = table.shape[0]
@@ -115,19 +111,18 @@ def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens:
     mask, drafts = np.full((D, words), -1, np.int32), np.zeros(D, bool)
     if masks is not None:
         mask[idx], drafts[idx] = masks.words, masks.drafts
-    return DecodeRows(_put(tok), _put(pos), _put(live), _put(table[table_rows, :width]), stack_params(row_params),
-                      _put(mask), _put(drafts))
+    return DecodeRows(tok, pos, live, table[table_rows, :width], host_params(row_params), mask, drafts)
 
 
 def prefill_chunks(table: np.ndarray, chunks: Sequence[Chunk], P: int, T: int, width: int) -> PrefillChunk:
-    """The prefill segment on device: P rows of T tokens, chunk i's tokens in row i and `width` columns of its row's
-    page table; rows past the chunks write and see nothing."""
+    """The prefill segment, on the host: P rows of T tokens, chunk i's tokens in row i and `width` columns of its
+    row's page table; rows past the chunks write and see nothing."""
     tok_PT, start_P, kv_len_P = np.zeros((P, T), np.int32), np.zeros(P, np.int32), np.zeros(P, np.int32)
     table_rows = np.full(P, chunks[0].row)
     for i, chunk in enumerate(chunks):
         tok_PT[i, : len(chunk.tokens)] = chunk.tokens
         start_P[i], kv_len_P[i], table_rows[i] = chunk.start, chunk.start + len(chunk.tokens), chunk.row
-    return PrefillChunk(_put(tok_PT), _put(start_P), _put(kv_len_P), _put(table[table_rows, :width]))
+    return PrefillChunk(tok_PT, start_P, kv_len_P, table[table_rows, :width])
 
 
 @dataclasses.dataclass
@@ -400,8 +395,9 @@ class Model:
         decode = decode_rows(pages.table, idx, rows, tokens, positions, params, masks, D, width, pad_row,
                              mask_words(self.config.vocab_size))
         prefill = prefill_chunks(pages.table, chunks, P, T, width) if P else None
-        toks, logps, pool = self._call(run_step, self.graphdef, self.state, pool, decode, prefill,
-                                       _put(np.int32(n_steps)), self.config, self.dtype, layout, max_steps)
+        steps = np.int32(n_steps)
+        toks, logps, pool = self._call(run_step, self.graphdef, self.state, pool, decode, prefill, steps, self.config,
+                                       self.dtype, layout, max_steps)
         return pool, host_value(toks)[idx, :n_steps], Logprobs(*(host_value(x)[idx, :n_steps] for x in logps))
 
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64,

@@ -95,10 +95,15 @@ def host_row(params: SamplingParams) -> tuple[np.generic, ...]:
     return tuple(row)
 
 
-def stack_params(params: list[SamplingParams]) -> dict[str, jax.Array]:
-    """Per-row device arrays of a batch's sampling settings."""
+def host_params(params: list[SamplingParams]) -> dict[str, np.ndarray]:
+    """Per-row host arrays of a batch's sampling settings."""
     columns = zip(*(host_row(p) for p in params))
-    return {name: jnp.asarray(np.array(column, dtype)) for (name, dtype), column in zip(ROW_DTYPES.items(), columns)}
+    return {name: np.array(column, dtype) for (name, dtype), column in zip(ROW_DTYPES.items(), columns)}
+
+
+def stack_params(params: list[SamplingParams]) -> dict[str, jax.Array]:
+    """Per-row device arrays of a batch's sampling settings (one transfer)."""
+    return jax.device_put(host_params(params))
 
 
 def _sorted_floor(scaled_BV: jax.Array, params: dict[str, jax.Array]) -> jax.Array:
