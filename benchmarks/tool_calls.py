@@ -9,9 +9,10 @@ scored for: calls that parse, calls that validate against the declared schema (j
 arguments (single-call tasks), finish_reason `tool_calls` exactly when a call is returned, and calls to tools the
 request never declared.
 
---parts timing (or scores,timing) gives decode tokens/s with enforcement on and off at batch 1 and 8 (the scheduler alone, compiles excluded)
-and the host time of the mask machinery per step at K2's vocabulary (163,840 ids: cl100k's ranks plus generated
-merges and Kimi's 256 reserved tokens). It needs a quiet machine.
+--parts timing (or scores,timing) gives decode tokens/s with enforcement on and off at batch 1 and 8 (the scheduler
+alone, compiles excluded), on held-out tools and on the demo tools the model calls right, and the host time of the
+mask machinery per step at K2's vocabulary (163,840 ids: cl100k's ranks plus generated merges and Kimi's 256 reserved
+tokens). It needs a quiet machine.
 
     python benchmarks/tool_calls.py [--requests 240] [--seed 0] [--parts scores,timing] [--model DIR]
 """
@@ -37,7 +38,7 @@ import numpy as np
 import openai
 
 import k2jax
-from k2jax import chat, grammar
+from k2jax import agent, chat, chat_cli, grammar
 from k2jax.grammar import RowConstraint
 from k2jax.sampling import SamplingParams
 from k2jax.scheduler import Request, Scheduler
@@ -345,24 +346,37 @@ def mask_timing(requests: list[dict]) -> dict[str, float]:
             "step_mean_ms": float(ms.mean()), "steps": len(steps)}
 
 
-def timing(model: k2jax.Model, requests: list[dict]) -> None:
-    """Decode tokens/s with enforcement on and off at batch 1 and 8, then the mask machinery at K2's vocabulary."""
-    tool_requests = [r for r in requests if r["expected"] and r["choice"] == "auto"]
-    print("\n| batch | enforcement | decode tokens | decode tokens/s (median of 3) |")
-    print("|---:|---|---:|---:|")
+def demo_requests(n: int) -> list[dict]:
+    """n requests for the demo tools (k2jax-chat --tools), which the bundled model was trained to call: its calls
+    are what the grammar allows, so enforcement only checks them."""
+    tools = [agent.declare(fn) for fn in chat_cli.DEMO_TOOLS]
+    return [{"body": {"messages": [{"role": "user", "content": chat_cli.demo_task(i)}], "tools": tools},
+             "first_index": 0} for i in range(n)]
+
+
+def timing(model: k2jax.Model, requests: list[dict], groups: int = 5) -> None:
+    """Decode tokens/s with enforcement off and on at batch 1 and 8, on held-out tools and on the demo tools: each
+    group of prompts runs off, then on (no prefix cache, so neither run finds the other's pages); medians over
+    `groups` groups. Then the mask machinery at K2's vocabulary."""
+    loads = {"held-out": [r for r in requests if r["expected"] and r["choice"] == "auto"],
+             "demo": demo_requests(8 * (groups + 1))}
+    print("\n| tools | batch | decode tokens off / on | decode tokens/s off | on | on / off (median of groups) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for batch in (1, 8):
-        scheduler = Scheduler(model, n_slots=batch, max_context=2048, prefill_chunk=8192).start()
-        groups = iter(range(0, len(tool_requests), batch))  # every run gets prompts of its own: no cached prefix
-        for enforce in (False, True):
-            start = next(groups)
-            decode_rate(model, scheduler, tool_requests[start:start + batch], enforce)  # compiles
-            rates, total = [], 0
-            for _ in range(3):
-                start = next(groups)
-                rate, tokens = decode_rate(model, scheduler, tool_requests[start:start + batch], enforce)
-                rates.append(rate)
-                total += tokens
-            print(f"| {batch} | {'on' if enforce else 'off'} | {total} | {statistics.median(rates):.1f} |")
+        scheduler = Scheduler(model, n_slots=batch, max_context=2048, prefill_chunk=8192, prefix_cache=False).start()
+        for name, load in loads.items():
+            for enforce in (False, True):
+                decode_rate(model, scheduler, load[:batch], enforce)  # compiles
+            rates: dict[bool, list[float]] = {False: [], True: []}
+            tokens = {False: 0, True: 0}
+            for g in range(1, groups + 1):
+                for enforce in (False, True):
+                    rate, n = decode_rate(model, scheduler, load[g * batch:(g + 1) * batch], enforce)
+                    rates[enforce].append(rate)
+                    tokens[enforce] += n
+            ratio = statistics.median(on / off for on, off in zip(rates[True], rates[False]))
+            print(f"| {name} | {batch} | {tokens[False]} / {tokens[True]} | {statistics.median(rates[False]):.1f} | "
+                  f"{statistics.median(rates[True]):.1f} | {ratio:.3f} |")
         scheduler.close()
     m = mask_timing(requests)
     print(f"\nMask machinery at {K2_VOCAB:,} ids ({m['steps']} steps over 24 tool-call turns): tokenizer built in "
