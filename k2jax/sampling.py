@@ -151,9 +151,10 @@ class StepMasks(NamedTuple):
 
 def drafts_exact(params: SamplingParams) -> bool:
     """Whether a draw from every token that an allowed set holds is the draw under that set with the same key, so a
-    kept draft is what masked sampling would have drawn: true for greedy and plain temperature (the argmax of the
-    logits plus the key's Gumbel noise), not under top-k, top-p or min-p, whose cut moves with the set."""
-    return params.top_k == 0 and params.top_p == 1 and params.min_p == 0
+    kept draft is what masked sampling would have drawn: true for greedy (which ignores the filters) and plain
+    temperature (the argmax of the logits plus the key's Gumbel noise), not for temperature under top-k, top-p or
+    min-p, whose cut moves with the set."""
+    return params.temperature == 0 or (params.top_k == 0 and params.top_p == 1 and params.min_p == 0)
 
 
 def mask_words(vocab: int) -> int:

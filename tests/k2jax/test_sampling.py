@@ -120,7 +120,7 @@ def test_masked_rows_only_pick_allowed_tokens(rng, kw):
 def test_a_draft_the_mask_allows_is_the_masked_draw_when_drafts_are_exact(rng, kw):
     """What a drafting row relies on: the same key's draw from every token, where the mask allows it, is the draw
     under the mask (drafts_exact); the filters cut differently under a mask, so some kept drafts differ there."""
-    rows, vocab = 512, 40
+    rows, vocab = 4096, 40  # enough kept drafts that a filter's difference shows (min-p: 0-6 of ~130 at 512 rows)
     masks = random_masks(rng, rows, vocab)
     allowed = np.asarray(unpack_mask(jnp.asarray(masks), vocab))
     logits = jnp.asarray(rng.normal(size=(rows, vocab)) * 2)
@@ -128,7 +128,7 @@ def test_a_draft_the_mask_allows_is_the_masked_draw_when_drafts_are_exact(rng, k
     pos = jnp.asarray(rng.integers(0, 10_000, rows))
     drafts, masked = np.asarray(sample(logits, params, pos)[0]), np.asarray(sample(logits, params, pos, masks)[0])
     kept = allowed[np.arange(rows), drafts]
-    assert 50 < kept.sum() < rows - 50
+    assert rows // 10 < kept.sum() < rows - rows // 10
     same = (drafts == masked)[kept]
     assert same.all() if drafts_exact(SamplingParams(**kw)) else not same.all()
 

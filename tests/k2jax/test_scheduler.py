@@ -14,7 +14,7 @@ import pytest
 
 import k2jax
 from k2jax.grammar import RowConstraint, json_grammar, vocabulary
-from k2jax.sampling import SamplingParams, StepMasks
+from k2jax.sampling import SamplingParams, StepMasks, drafts_exact
 from k2jax import engine
 from k2jax.scheduler import (HEADER, STEP, LinkedSlots, Output, QueueFull, Request, Scheduler, StepLink, pack_params,
                            unpack_masks, unpack_params, unpack_step)
@@ -411,8 +411,8 @@ class RunLog(RowConstraint):
         return taken
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.9])
-def test_constrained_rows_sample_exactly_and_leave_other_rows_alone(top_p):
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.0, 0.9), (0.0, 0.9)])
+def test_constrained_rows_sample_exactly_and_leave_other_rows_alone(temperature, top_p):
     """A row under a JSON grammar (its mask changing token by token) beside plain rows: the plain rows give
     generate()'s greedy tokens, and the constrained row's tokens, sampled in runs of decode_steps (drafted while its
     mask changes, when top_p leaves drafts exact) that are cut at the first draw that does not stand, equal those
@@ -430,7 +430,7 @@ def test_constrained_rows_sample_exactly_and_leave_other_rows_alone(top_p):
         sched = Scheduler(model, n_slots=3, max_context=512, decode_steps=steps, warmup=False).start()
         constraint = RunLog(vocab, json_grammar(schema), reasoning_budget=6)
         jobs = [request(prompt, 48, stop_ids=frozenset(tok.stop_ids),
-                        params=SamplingParams(temperature=1.0, top_p=top_p, seed=3), constraint=constraint)]
+                        params=SamplingParams(temperature=temperature, top_p=top_p, seed=3), constraint=constraint)]
         jobs += [request(p, 24, stop_ids=frozenset(tok.stop_ids)) for p in plain]
         for req, _ in jobs:
             sched.submit(req)
@@ -438,7 +438,8 @@ def test_constrained_rows_sample_exactly_and_leave_other_rows_alone(top_p):
         sched.close()
         if steps == 8:
             drafted = [taken for was_drafted, _, taken in constraint.runs if was_drafted]
-            assert (max(drafted) > 1) if top_p == 1 else not drafted
+            assert (max(drafted) > 1) if drafts_exact(SamplingParams(temperature=temperature, top_p=top_p)) \
+                else not drafted
     (constrained, *beside), (one_by_one, *_) = runs
     assert constrained.tokens == one_by_one.tokens
     for sink, p in zip(beside, plain):
