@@ -30,7 +30,7 @@ from k2jax import engine, grammar
 from k2jax.chat import Delta, ParsedOutput, StreamParser, call_count
 from k2jax.engine import Model
 from k2jax.grammar import RowConstraint
-from k2jax.sampling import SamplingParams, drafts_exact
+from k2jax.sampling import SamplingParams
 from k2jax.slots import Slots
 from k2jax.tokenizer import TextStream
 
@@ -259,20 +259,18 @@ class SlotSession:
             pending = self._decode(ids[-1] if ids else prompt[-1], params, constraint)
 
     def _decode(self, last: int, params: SamplingParams, constraint: RowConstraint | None = None) -> list[int]:
-        """Feed `last` and sample DECODE_STEPS tokens in this slot alone (under a constraint as grammar.row_masks
+        """Feed `last` and sample DECODE_STEPS tokens in this slot alone (under a constraint as grammar.decode_plan
         says; a run is cut at its first draw that does not stand); the cache then holds last + all but the last token
         returned."""
         tokens = np.zeros(self.slots.n_slots, np.int32)
         tokens[self.slot] = last
         active = [params if s == self.slot else None for s in range(self.slots.n_slots)]
-        held = {} if constraint is None else {self.slot: constraint}
-        masks, n_steps = grammar.row_masks(held, self.slots.n_slots, engine.DECODE_STEPS,
-                                           [self.slot] if drafts_exact(params) else [])
-        out = self.slots.decode(tokens, active, n_steps, masks)[0][self.slot].tolist()
-        if constraint is not None:
-            out = out[:constraint.accept(out, drafts_exact(params), bool(masks.drafts[self.slot]))]
+        plan = grammar.decode_plan({} if constraint is None else {self.slot: (constraint, params)},
+                                   self.slots.n_slots, engine.DECODE_STEPS)
+        out = self.slots.decode(tokens, active, plan.n_steps, plan.masks)[0][self.slot].tolist()
+        out = out[:plan.take(self.slot, out)]
         self.held += [last, *out[:-1]]
-        if len(out) < n_steps:
+        if len(out) < plan.n_steps:
             self.slots.rewind(self.slot, len(self.held))
         return out
 

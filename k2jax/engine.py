@@ -30,7 +30,7 @@ from k2jax.cache import PageAllocator, PagedCache, PoolLayout, apply_copies, def
 from k2jax.config import K2Config
 from k2jax.grammar import RowConstraint
 from k2jax.model import forward, hidden, lm_head
-from k2jax.sampling import (TOP_LOGPROBS, Logprobs, SamplingParams, StepMasks, drafts_exact, host_params, mask_words,
+from k2jax.sampling import (TOP_LOGPROBS, Logprobs, SamplingParams, StepMasks, host_params, mask_words,
                             sample)
 from k2jax.tokenizer import TextStream
 from pallas_kernels import dispatch
@@ -96,10 +96,9 @@ def table_width(layout: PoolLayout, columns: int, tokens: int, queries: int = 1)
 def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens: Sequence[int],
                 positions: Sequence[int], params: Sequence[SamplingParams], masks: StepMasks | None, D: int,
                 width: int, pad_row: int, words: int) -> DecodeRows:
-    """The decode segment, on the host (run puts a step's inputs on device at once): row rows[i] at index idx[i] of
-    D (the rest padding over row pad_row's table,
-    or, when D is every row, each row at its own index), `width` columns of its page table, masks of `words` words
-    (default: every token allowed, no drafts)."""
+    """The decode segment as host arrays (the jitted step transfers them itself): row rows[i] at index idx[i] of D
+    (the rest padding over row pad_row's table, or, when D is every row, each row at its own index), `width` columns
+    of its page table, masks of `words` words (default: every token allowed, no drafts)."""
     n_rows = table.shape[0]
     table_rows = np.arange(n_rows) if D == n_rows else np.full(D, pad_row)
     table_rows[idx] = rows
@@ -368,7 +367,8 @@ class Model:
             shape: tuple[int, int, int, int] | None = None) -> tuple[dict[str, jax.Array], np.ndarray, Logprobs]:
         """One engine step: `chunks` (prompt tokens of distinct rows) are written, and in the same pass row rows[i]
         feeds tokens[i] at positions[i] and samples n_steps tokens (with chunks: one) under masks row i (packed
-        allowed tokens, maybe drafting), each row's pages covering what it writes. Returns the pool, [len(rows), n] tokens and their Logprobs.
+        allowed tokens, maybe drafting), each row's pages covering what it writes. Returns the pool, [len(rows), n]
+        tokens and their Logprobs.
 
         Decode rows pad to a row bucket (only running rows are in the step; all the layout's rows in their own order
         when the bucket is all of them, so the pages' row split holds), the chunks to a chunk_shape(chunk_limit),
@@ -510,18 +510,15 @@ class Model:
                 chunks: Sequence[Chunk] = ()
                 ) -> tuple[dict[str, jax.Array], tuple[list[int], list[np.ndarray], list[np.ndarray]]]:
         """One step sampling the `live` rows (beside `chunks`), each feeding last[r] at pos[r], both advanced here. A
-        constrained row samples under its mask (drafting while it changes token by token, see grammar.row_masks);
+        constrained row samples under its mask (drafting while it changes token by token, see grammar.decode_plan);
         its run is cut where a draw does not stand (see RowConstraint.accept). With chunks the step samples one
         token."""
-        held, row_params = [constraints[r] for r in live], [params[r] for r in live]
-        exact = [drafts_exact(p) for p in row_params]
-        masks, n_steps = grammar.row_masks({i: c for i, c in enumerate(held) if c is not None}, len(live),
-                                           DECODE_STEPS, [i for i, e in enumerate(exact) if e])
+        row_params = [params[r] for r in live]
+        plan = grammar.decode_plan({i: (constraints[r], params[r]) for i, r in enumerate(live)
+                                    if constraints[r] is not None}, len(live), DECODE_STEPS)
         pool, toks, logps = self.run(pages, pool, live, last[live], pos[live], row_params,
-                                     1 if chunks else n_steps, masks, chunks=chunks)
-        n_steps = toks.shape[1]
-        taken = [n_steps if c is None else c.accept(t, exact[i], bool(masks.drafts[i]))
-                 for i, (c, t) in enumerate(zip(held, toks.tolist()))]
+                                     1 if chunks else plan.n_steps, plan.masks, chunks=chunks)
+        taken = [plan.take(i, t) for i, t in enumerate(toks.tolist())]
         for i, (r, k) in enumerate(zip(live, taken)):
             last[r], pos[r] = toks[i, k - 1], pos[r] + k
         return pool, (live, [t[:k] for t, k in zip(toks, taken)], [lp[:k] for lp, k in zip(logps.chosen, taken)])

@@ -14,16 +14,17 @@ section, never from text, and never inside reasoning.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from llguidance import LLMatcher, LLTokenizer
 
 from k2jax import chat
-from k2jax.sampling import StepMasks, mask_words
+from k2jax.sampling import SamplingParams, StepMasks, drafts_exact, mask_words
 from k2jax.tokenizer import KIMI_PATTERN, Tokenizer
 
 MAX_CALLS = 16  # calls one tool-calls section may hold
@@ -216,7 +217,7 @@ class RowConstraint:
     (as soon as the grammar allows it). `steady` says whether the last token left the mask unchanged: while it
     does, several tokens can be sampled under one mask and checked afterwards; while it does not, a row whose
     sampling makes draws exact (k2jax.sampling.drafts_exact) samples its first token under the mask and drafts
-    the rest from every token (see accept).
+    the rest from every token (see accept and decode_plan).
     """
 
     def __init__(self, vocab: Vocabulary, grammar: str | None = None, reasoning_budget: int | None = None):
@@ -291,20 +292,41 @@ class RowConstraint:
         return words
 
 
-def row_masks(constraints: Mapping[int, RowConstraint], n_slots: int, decode_steps: int,
-              exact: Collection[int] = ()) -> tuple[StepMasks | None, int]:
-    """A decode call's masks over n_slots rows (None without constraints; all tokens for unconstrained rows) and its
-    step count. A row whose mask changes from token to token drafts its later steps if it is among the `exact` rows
-    (whose sampling makes drafts exact); the count is decode_steps unless another such row holds it to 1."""
-    if not constraints:
-        return None, decode_steps
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """A decode call's masks over its rows (None without constraints; all tokens for unconstrained rows), its step
+    count, and which constrained rows' sampling makes drafts exact (k2jax.sampling.drafts_exact)."""
+
+    masks: StepMasks | None
+    n_steps: int
+    constraints: Mapping[int, RowConstraint]
+    exact: frozenset[int]
+
+    def take(self, row: int, tokens: Sequence[int]) -> int:
+        """How many of a row's sampled tokens stand (all of an unconstrained row's), its constraint advanced over
+        them (see RowConstraint.accept)."""
+        constraint = self.constraints.get(row)
+        if constraint is None:
+            return len(tokens)
+        return constraint.accept(tokens, row in self.exact, bool(self.masks.drafts[row]))
+
+
+def decode_plan(rows: Mapping[int, tuple[RowConstraint, SamplingParams]], n_rows: int,
+                decode_steps: int) -> DecodePlan:
+    """The plan of a decode call over n_rows rows, the constrained ones given with their sampling. A row whose mask
+    changes from token to token drafts its later steps if its sampling makes drafts exact; the count is decode_steps
+    unless another such row holds it to 1."""
+    constraints = {row: c for row, (c, _) in rows.items()}
+    exact = frozenset(row for row, (_, params) in rows.items() if drafts_exact(params))
+    if not rows:
+        return DecodePlan(None, decode_steps, constraints, exact)
     first = next(iter(constraints.values())).vocab
-    masks = StepMasks(np.tile(first.all_allowed(), (n_slots, 1)), np.zeros(n_slots, bool))
-    for slot, constraint in constraints.items():
-        masks.words[slot] = constraint.mask()
-        masks.drafts[slot] = not constraint.steady and slot in exact
-    held = any(not c.steady and not masks.drafts[s] for s, c in constraints.items())
-    return masks, 1 if held else decode_steps
+    masks = StepMasks(np.tile(first.all_allowed(), (n_rows, 1)), np.zeros(n_rows, bool))
+    for row, constraint in constraints.items():
+        masks.words[row] = constraint.mask()
+        masks.drafts[row] = not constraint.steady and row in exact
+    held = any(not c.steady and not masks.drafts[row] for row, c in constraints.items())
+    return DecodePlan(masks, 1 if held else decode_steps, constraints, exact)
 
 
 def reasoning_budget(max_reasoning_tokens: int | None, effort: str | None) -> int | None:

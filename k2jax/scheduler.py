@@ -48,7 +48,7 @@ import numpy as np
 from k2jax import engine, grammar
 from k2jax.cache import PoolFull
 from k2jax.grammar import RowConstraint
-from k2jax.sampling import Logprobs, SamplingParams, StepMasks, drafts_exact, host_row, token_logprobs
+from k2jax.sampling import Logprobs, SamplingParams, StepMasks, host_row, token_logprobs
 from k2jax.slots import Slots
 from sharding.mesh import broadcast_from_process0
 
@@ -369,10 +369,9 @@ class Scheduler:
                     decoding[request.slot] = request
                 else:  # it failed alone
                     planned.remove((chunk, request))
-        constrained = {s: r.constraint for s, r in decoding.items() if r.constraint is not None}
-        masks, n_steps = grammar.row_masks(constrained, self.slots.n_slots, self.decode_steps,
-                                           [s for s in constrained if drafts_exact(decoding[s].params)])
-        n_steps = 1 if planned else n_steps
+        constrained = {s: (r.constraint, r.params) for s, r in decoding.items() if r.constraint is not None}
+        plan = grammar.decode_plan(constrained, self.slots.n_slots, self.decode_steps)
+        n_steps = 1 if planned else plan.n_steps
         wants = {s: int(self.slots.lengths[s]) + n_steps for s in decoding}
         for chunk, _ in planned:
             wants[chunk.row] = chunk.start + len(chunk.tokens) + (n_steps if chunk.row in decoding else 0)
@@ -386,7 +385,7 @@ class Scheduler:
             last[slot] = self._last(r)
         params = [decoding[s].params if s in decoding else None for s in range(self.slots.n_slots)]
         try:
-            tokens, logprobs = self.slots.step(last, params, n_steps, masks, [c for c, _ in planned])
+            tokens, logprobs = self.slots.step(last, params, n_steps, plan.masks, [c for c, _ in planned])
         except LinkError:
             raise
         except Exception as err:
@@ -401,8 +400,7 @@ class Scheduler:
         for slot, r in decoding.items():
             if self._active.get(slot) is not r:  # preempted for another's forced tokens meanwhile
                 continue
-            taken = n_steps if r.constraint is None else r.constraint.accept(
-                tokens[slot].tolist(), drafts_exact(r.params), bool(masks.drafts[slot]))
+            taken = plan.take(slot, tokens[slot].tolist())
             if taken < n_steps:
                 self.slots.rewind(slot, int(self.slots.lengths[slot]) - (n_steps - taken))
             row = Logprobs(*(x[slot, :taken] for x in logprobs))

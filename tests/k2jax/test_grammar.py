@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 import k2jax
 from k2jax import chat
-from k2jax.grammar import (MAX_CALLS, REASONING_EFFORT, GrammarError, RowConstraint, allows, json_grammar,
-                           reasoning_budget, row_masks, tool_calls_grammar, vocabulary)
+from k2jax.grammar import (MAX_CALLS, REASONING_EFFORT, GrammarError, RowConstraint, allows, decode_plan,
+                           json_grammar, reasoning_budget, tool_calls_grammar, vocabulary)
+from k2jax.sampling import SamplingParams
 from k2jax.tokenizer import Tokenizer
 
 BUNDLED = Path(k2jax.__file__).parent / "bundled"
@@ -304,19 +305,25 @@ def test_a_drafted_run_stands_up_to_its_first_draft_the_grammar_refuses(vocab, t
 
 
 def test_rows_draft_while_their_mask_changes_if_their_sampling_allows(vocab, tok):
-    """grammar.row_masks: a steady row keeps one mask for every step; a changing one drafts when it is among the
-    exact rows, and holds the call to one step when it is not."""
+    """grammar.decode_plan: a steady row keeps one mask for every step; a changing one drafts when its sampling makes
+    drafts exact, and holds the call to one step when it does not; take() cuts a drafted run where it stops standing
+    and leaves unconstrained rows whole."""
     steady, changing = RowConstraint(vocab, tool_calls_grammar(TOOLS)), RowConstraint(vocab, tool_calls_grammar(TOOLS))
     for row, text in ((steady, f"{chat.THINK_BEGIN}I will"), (changing, f"{THINK}{chat.SECTION_BEGIN}")):
         for token in tok.encode(text):
             row.accept([token])
     assert steady.steady and not changing.steady
-    masks, n_steps = row_masks({0: steady, 2: changing}, 4, 8, exact=[0, 2])
-    assert n_steps == 8 and masks.drafts.tolist() == [False, False, True, False]
-    assert np.array_equal(masks.words[2], changing.mask()) and (masks.words[[1, 3]] == -1).all()
-    masks, n_steps = row_masks({0: steady, 2: changing}, 4, 8, exact=[0])
-    assert n_steps == 1 and not masks.drafts.any()
-    assert row_masks({}, 4, 8) == (None, 8)
+    greedy, filtered = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=5)
+    plan = decode_plan({0: (steady, filtered), 2: (changing, greedy)}, 4, 8)
+    assert plan.n_steps == 8 and plan.masks.drafts.tolist() == [False, False, True, False]
+    assert np.array_equal(plan.masks.words[2], changing.mask()) and (plan.masks.words[[1, 3]] == -1).all()
+    prefix, wrong = tok.encode(f"{THINK}{chat.SECTION_BEGIN}"), tok.encode(call("divide", 0, '{"a": 37, "b": 41}'))
+    stands = longest_allowed(vocab, tool_calls_grammar(TOOLS), prefix + wrong) - len(prefix)
+    assert 0 < stands < len(wrong) and plan.take(2, wrong) == stands
+    assert plan.take(1, wrong) == len(wrong)
+    plan = decode_plan({0: (steady, greedy), 2: (changing, filtered)}, 4, 8)
+    assert plan.n_steps == 1 and not plan.masks.drafts.any()
+    assert decode_plan({}, 4, 8).masks is None and decode_plan({}, 4, 8).n_steps == 8
 
 
 def test_masks_have_the_vocabulary_layout(vocab, tok):

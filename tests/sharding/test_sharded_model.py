@@ -34,43 +34,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mesh_results() -> dict:
-    """Worker results for four meshes of 8 CPU devices (one subprocess: one compile of the reference), all on the
-    XLA path: the native CPU kernel, which rounds x to int8 for INT4 experts, runs only where XLA does not partition
-    the trace, so one device and a mesh would take different paths."""
-    specs = ["expert=8", "data=2,expert=4", "data=8", "data=2,expert=2,tensor=2"]
-    proc = subprocess.run([sys.executable, str(WORKER), "meshes", *specs], capture_output=True, text=True,
+# experts: ids x columns; pages: (axes splitting rows, axes splitting each row's pages: context parallel)
+MESHES = {
+    "expert=8": (1 / 8, [["expert"], []], [[], ["expert"]]),
+    "data=2,expert=4": (1 / 4, [["data", "expert"], []], [["data"], ["expert"]]),
+    "data=8": (1, [["data"], []], [[], ["data"]]),
+    "data=2,expert=2,tensor=2": (1 / 4, [["data", "expert"], ["tensor"]], [["data"], ["expert", "tensor"]]),
+}
+
+
+def test_mesh_matches_single_device():
+    """Four meshes of 8 CPU devices in one subprocess (one compile of the reference; one test, so that xdist's
+    workers never run it twice), all on the XLA path: the native CPU kernel, which rounds x to int8 for INT4
+    experts, runs only where XLA does not partition the trace, so one device and a mesh would take different
+    paths."""
+    proc = subprocess.run([sys.executable, str(WORKER), "meshes", *MESHES], capture_output=True, text=True,
                           timeout=TIMEOUT_S, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8",
                                                       K2JAX_KERNELS="xla"))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return _result(proc.stdout)
-
-
-@pytest.mark.parametrize("spec,experts,split,few_rows_split", [
-    # experts: ids x columns; pages: (axes splitting rows, axes splitting each row's pages: context parallel)
-    ("expert=8", 1 / 8, [["expert"], []], [[], ["expert"]]),
-    ("data=2,expert=4", 1 / 4, [["data", "expert"], []], [["data"], ["expert"]]),
-    ("data=8", 1, [["data"], []], [[], ["data"]]),
-    ("data=2,expert=2,tensor=2", 1 / 4, [["data", "expert"], ["tensor"]], [["data"], ["expert", "tensor"]]),
-])
-def test_mesh_matches_single_device(mesh_results, spec, experts, split, few_rows_split):
-    r = mesh_results[spec]
-    assert r["rel_err"] < 1e-5, r
-    assert r["tokens_equal"] and r["few_rows_tokens_equal"], r
-    assert r["expert_fraction"] == pytest.approx(experts)
-    assert r["cache_fraction"] == pytest.approx(1 / 8)  # every device holds its own pages
-    assert r["split"] == split and r["few_rows_split"] == few_rows_split
+    results = _result(proc.stdout)
+    for spec, (experts, split, few_rows_split) in MESHES.items():
+        r = results[spec]
+        assert r["rel_err"] < 1e-5, (spec, r)
+        assert r["tokens_equal"] and r["few_rows_tokens_equal"], (spec, r)
+        assert r["expert_fraction"] == pytest.approx(experts), (spec, r)
+        assert r["cache_fraction"] == pytest.approx(1 / 8), (spec, r)  # every device holds its own pages
+        assert r["split"] == split and r["few_rows_split"] == few_rows_split, (spec, r)
 
 
 def test_kernels_on_meshes_match_one_device():
-    """Rows split, positions split, and both, through the Mosaic and Triton attention kernels (interpreted)."""
-    specs = ["expert=8", "data=2,expert=2,tensor=2"]
+    """Rows and positions split at once, both ways round (rows over data and expert with positions over tensor;
+    rows over data with positions over expert and tensor), through the Mosaic and Triton attention kernels
+    (interpreted). A mesh that splits only rows or only positions is a special case of these: its kernel sees
+    one block of rows, or merges partial sums over one axis group."""
+    specs = ["data=2,expert=2,tensor=2"]
     proc = subprocess.run([sys.executable, str(WORKER), "kernels", *specs], capture_output=True, text=True,
                           timeout=TIMEOUT_S, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = _result(proc.stdout)
-    assert len(results) == 2 * 2 * 2
+    assert len(results) == len(specs) * 2 * 2
     # The Mosaic INT4 kernel forms x . (128 + u) - 136 * sum(x), which spends ~7 bits (log2 136) of float32's 24 on
     # the offset: ~2e-5 relative per expert matmul against the XLA path, up to ~2e-4 in log-probs after 32 steps.
     for name, r in results.items():
