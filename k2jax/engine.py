@@ -126,7 +126,8 @@ def prefill_chunks(table: np.ndarray, chunks: Sequence[Chunk], P: int, T: int, w
 
 @dataclasses.dataclass
 class GenerateOutput:
-    """Generated ids and texts per sequence (prompt excluded, stop token excluded), and run statistics."""
+    """Generated ids and texts per sequence (prompt excluded, stop token excluded), and run statistics: seconds to
+    the first row's first token and to every row's (prefill_s), and decode tokens/s after that (compiles excluded)."""
 
     ids: list[list[int]]
     texts: list[str] | None
@@ -430,6 +431,7 @@ class Model:
         stats: dict[str, float] = {"prompt_tokens": sum(len(p) for p in ids)}
         self._compile_s = 0.0
         start = time.perf_counter()
+        started: set[int] = set()  # rows holding their first token; decode timing starts once all do
         for i, (live, toks, logps) in enumerate(self._rounds(ids, params, n, max_new_tokens, rows, constraints)):
             if i == 0:
                 stats["time_to_first_token_s"] = time.perf_counter() - start
@@ -438,6 +440,10 @@ class Model:
                 text = rows[r].add(t, lp)
                 if on_text and text:
                     on_text(r, text)
+            if len(started) < len(rows):
+                started.update(live)
+                if len(started) == len(rows):
+                    stats["prefill_s"], prefill_compile_s = time.perf_counter() - start, self._compile_s
         for r, row in enumerate(rows):
             rest = row.text.feed([], final=True) if row.text is not None else ""
             if on_text and rest:
@@ -445,8 +451,7 @@ class Model:
         elapsed = time.perf_counter() - start
         stats["generated_tokens"] = sum(len(r.ids) for r in rows)
         stats["compile_s"] = self._compile_s
-        decode_compile_s = self._compile_s - stats["compile_before_first_token_s"]
-        decode_s = elapsed - stats["time_to_first_token_s"] - decode_compile_s
+        decode_s = elapsed - stats["prefill_s"] - (self._compile_s - prefill_compile_s)
         stats["decode_tokens_per_s"] = (stats["generated_tokens"] - len(rows)) / max(decode_s, 1e-9)
         stats["total_s"] = elapsed
         texts = [r.text.text for r in rows] if self.tokenizer is not None else None

@@ -33,6 +33,23 @@ def test_batch_invariance(model, rng):
     assert batched == alone
 
 
+def test_decode_rate_starts_once_every_row_holds_its_first_token(model, rng, monkeypatch):
+    """Prompts prefill one after another, each step sampling its row's first token; decode tokens/s counts the
+    steps after the last of them only (a clock that ticks once per model call)."""
+    clock, run = [0.0], engine.Model.run
+
+    def ticking(self, *args, **kw):
+        clock[0] += 1.0
+        return run(self, *args, **kw)
+
+    monkeypatch.setattr(engine.Model, "run", ticking)
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
+    stats = model.generate(prompts_of(rng, (3, 11, 6, 2)), max_new_tokens=17).stats
+    assert stats["time_to_first_token_s"] == 1 and stats["prefill_s"] == 4  # one chunk step per prompt
+    decode_calls = stats["total_s"] - stats["prefill_s"]
+    assert decode_calls >= 2 and stats["decode_tokens_per_s"] == (stats["generated_tokens"] - 4) / decode_calls
+
+
 def test_chunked_prefill_equals_one_chunk(model, rng, monkeypatch):
     prompts = prompts_of(rng, (37, 20))
     whole = model.generate(prompts, max_new_tokens=6, logprobs=True)
