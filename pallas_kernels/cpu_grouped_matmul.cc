@@ -3,8 +3,13 @@
 // before a dot, which costs more than the dot at decode sizes). Dense f32/bf16 weights [L, E, K, N] (also
 // [L, K, N] and [K, N]: one expert; bf16 is widened in registers), or INT4 in the planar layout of
 // pallas_kernels/int4_layout.py (packed u8 [L, E, K/2, N], bf16 scales [L, E, K/32, N]).
-// Experts (or, when there are few, their columns) are split among XLA's intra-op threads (a decode-sized call
-// under 256 KiB of weights runs on the calling thread: waking another costs more); each streams its
+// Experts (or, when there are few, their columns; for one row of a narrow matrix, its K rows, the partial sums
+// added) are split among XLA's intra-op threads (a decode-sized call under 256 KiB of weights runs on the calling
+// thread: waking another costs more). With AVX2 + FMA and no AVX-512 (AMD Zen 2-3, most laptops), up to 8 rows
+// stream the weights once, R rows x V vectors of sums in registers over 8 K rows; more rows widen each 128-row
+// tile to f32 once, in 8-column panels, and sum 6 rows x 16 columns in registers from it. INT4 without VNNI
+// takes the same two paths (streaming up to 4 rows at a time, over one scale group: nibbles widened in registers,
+// scales applied once per group). Without AVX2 (and AVX-512 dense) each streams its
 // matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1 (with AVX-512: once per 8 rows in
 // registers for bf16 and for 5+ rows of f32). From 12 rows, each 128 x 512 tile of the matrix is read once for all
 // rows (with AVX-512, bf16, and f32 from 32 rows: a 32-column panel at a time copied to L1, 8 rows x 32 columns
@@ -19,8 +24,11 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#define K2JAX_AVX2 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define K2JAX_AVX512 1
 #if defined(__AVX512VNNI__)
 #define K2JAX_INT4_DOT 1
@@ -56,6 +64,8 @@ struct Dense {
   int64_t steps() const { return k; }
   int64_t bytes() const { return k * n * static_cast<int64_t>(sizeof(T)); }
   int64_t k_of(int64_t step, int) const { return step; }
+  int64_t k_unit() const { return 8; }
+  Dense rows_of_k(int64_t k0, int64_t k1) const { return {w + k0 * n, k1 - k0, n}; }
   const T* row(int64_t step, int, int64_t c0, int64_t, float*) const { return w + step * n + c0; }
   const float* widened(int64_t step, int, int64_t c0, int64_t width, float* buf) const {
     const T* src = w + step * n + c0;
@@ -76,6 +86,10 @@ struct Int4 {
   int64_t steps() const { return k / 2; }
   int64_t bytes() const { return k * n / 2 + (k / kGroup) * n * 2; }
   int64_t k_of(int64_t h, int s) const { return (h / (p / 2)) * p + h % (p / 2) + s * (p / 2); }
+  int64_t k_unit() const { return p; }  // K rows [k0, k1) must be whole planar blocks
+  Int4 rows_of_k(int64_t k0, int64_t k1) const {
+    return {packed + k0 / 2 * n, scale + k0 / kGroup * n, k1 - k0, n, p};
+  }
   const float* row(int64_t h, int s, int64_t c0, int64_t width, float* buf) const {
     const uint8_t* src = packed + h * n + c0;
     const uint16_t* sc = scale + (k_of(h, s) / kGroup) * n + c0;
@@ -414,6 +428,285 @@ void dense_tiled(const Dense<T>& w, const float* x, int64_t rows, float* y, int6
 }
 #endif
 
+
+#ifdef K2JAX_AVX2
+// AVX2 + FMA (no AVX-512): 8 columns per vector. Up to kStreamRows rows (INT4: kInt4StreamRows) stream the
+// weights once, sums of R rows x V vectors in registers over a short span of K rows; more rows widen each tile
+// of the weights to f32 once, panel by panel, and sum 6 rows at a time from it.
+constexpr int64_t kSpan2 = 8;         // dense K rows per register pass: 8 weight rows streamed at once (more, or
+                                      // software prefetch, read slower on Zen 3)
+constexpr int kStreamRows = 8;        // dense: from more rows, the tiled path
+constexpr int kInt4StreamRows = 4;    // INT4: from more rows, the tiled path (faster from 5 rows on Zen 3)
+constexpr int64_t kPanelTileK = 128;  // K rows of a widened tile: kPanelTileK x kChunk floats (256 KiB) in L2
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t cols) {
+  for (int64_t b = 0; b < cols * static_cast<int64_t>(sizeof(T)); b += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+  }
+}
+
+// The nibbles of 8 packed bytes as q - 8 in f32: low nibbles, high nibbles.
+inline void nibbles8(const uint8_t* p, __m256& lo, __m256& hi) {
+  const __m256i mask = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, mask), eight));
+  hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
+}
+
+// xt[j * R + r] = x[r, ks[j]] (ks null: k0 + j) for j < len: the x values a span broadcasts, one line apart at
+// most (x's rows lie K floats apart, often a multiple of 4 KiB: the same L1 set).
+template <int R>
+inline void gather_x(const float* x, int64_t k, const int64_t* ks, int64_t k0, int64_t len, float* xt) {
+  for (int64_t j = 0; j < len; ++j) {
+    int64_t kj = ks ? ks[j] : k0 + j;
+    for (int r = 0; r < R; ++r) xt[j * R + r] = x[r * k + kj];
+  }
+}
+
+// acc[0:R, 0:8V] (row stride kStride) += x[0:R, k0:k0+len] @ W[k0:k0+len, c:c+8V], x gathered in xt.
+template <int R, int V, typename T>
+inline void dense_panel(const Dense<T>& w, const float* xt, int64_t k0, int64_t len, int64_t c, float* acc) {
+  __m256 a[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) a[r][v] = _mm256_load_ps(acc + r * kStride + 8 * v);
+  }
+  const T* src = w.w + k0 * w.n + c;
+  for (int64_t i = 0; i < len; ++i, src += w.n) {
+    __m256 xb[R];
+    for (int r = 0; r < R; ++r) xb[r] = _mm256_broadcast_ss(xt + i * R + r);
+    for (int v = 0; v < V; ++v) {
+      __m256 wv = load8(src + 8 * v);
+      for (int r = 0; r < R; ++r) a[r][v] = _mm256_fmadd_ps(xb[r], wv, a[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) _mm256_store_ps(acc + r * kStride + 8 * v, a[r][v]);
+  }
+}
+
+// acc[0:R, 0:8V] += x[0:R] @ W over packed rows [h0, h0 + span) (their low nibbles K rows k_lo.., high nibbles
+// k_hi.., one scale group each) at columns c..c+8V: sums of x * (q - 8) per nibble half, then times the scales.
+// xt holds x at the low nibbles' K rows, then at the high ones'.
+template <int R, int V>
+inline void int4_panel(const Int4& w, const float* xt, int64_t h0, int64_t span, int64_t c, float* acc) {
+  const int64_t k_lo = w.k_of(h0, 0), k_hi = w.k_of(h0, 1);
+  __m256 lo[R][V], hi[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) lo[r][v] = hi[r][v] = _mm256_setzero_ps();
+  }
+  const uint8_t* src = w.packed + h0 * w.n + c;
+  for (int64_t h = 0; h < span; ++h, src += w.n) {
+    prefetch_row(src + span * w.n, 8 * V);
+    __m256 xl[R], xh[R];
+    for (int r = 0; r < R; ++r) {
+      xl[r] = _mm256_broadcast_ss(xt + h * R + r), xh[r] = _mm256_broadcast_ss(xt + (span + h) * R + r);
+    }
+    for (int v = 0; v < V; ++v) {
+      __m256 wl, wh;
+      nibbles8(src + 8 * v, wl, wh);
+      for (int r = 0; r < R; ++r) {
+        lo[r][v] = _mm256_fmadd_ps(xl[r], wl, lo[r][v]), hi[r][v] = _mm256_fmadd_ps(xh[r], wh, hi[r][v]);
+      }
+    }
+  }
+  const uint16_t* s_lo = w.scale + (k_lo / kGroup) * w.n + c;
+  const uint16_t* s_hi = w.scale + (k_hi / kGroup) * w.n + c;
+  for (int v = 0; v < V; ++v) {
+    __m256 sl = load8(s_lo + 8 * v), sh = load8(s_hi + 8 * v);
+    for (int r = 0; r < R; ++r) {
+      float* a = acc + r * kStride + 8 * v;
+      _mm256_store_ps(a, _mm256_fmadd_ps(hi[r][v], sh, _mm256_fmadd_ps(lo[r][v], sl, _mm256_load_ps(a))));
+    }
+  }
+}
+
+// Weight steps (K rows; INT4: packed rows, whose nibbles then lie in one scale group each) per register pass.
+template <typename T>
+int64_t register_span(const Dense<T>&) { return kSpan2; }
+inline int64_t register_span(const Int4& w) { return std::min<int64_t>(kGroup, w.p / 2); }
+
+// Vectors per panel for R streamed rows: R x V sums, R broadcasts and the weights in 16 registers.
+template <int R, typename W>
+constexpr int stream_vectors() {
+  if constexpr (W::kRowsPerStep == 2) return R == 1 ? 4 : R == 2 ? 2 : 1;  // two sums per vector (nibble halves)
+  return R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;
+}
+
+// y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width a multiple of 8, at most kChunk): each span of K rows
+// is read across the chunk before the next.
+template <int R, typename W>
+void stream_rows(const W& w, const float* x, float* y, int64_t c0, int64_t width) {
+  constexpr int V = stream_vectors<R, W>();
+  alignas(32) float acc[R][kStride];
+  for (int r = 0; r < R; ++r) std::memset(acc[r], 0, sizeof(float) * width);
+  const int64_t span = register_span(w);
+  alignas(32) float xt[2 * kGroup * R];
+  for (int64_t s0 = 0; s0 < w.steps(); s0 += span) {
+    int64_t len = std::min(span, w.steps() - s0), c = 0;
+    if constexpr (W::kRowsPerStep == 2) {
+      gather_x<R>(x, w.k, nullptr, w.k_of(s0, 0), len, xt);
+      gather_x<R>(x, w.k, nullptr, w.k_of(s0, 1), len, xt + len * R);
+    } else {
+      gather_x<R>(x, w.k, nullptr, s0, len, xt);
+    }
+    for (; c + 8 * V <= width; c += 8 * V) {
+      if constexpr (W::kRowsPerStep == 2) int4_panel<R, V>(w, xt, s0, len, c0 + c, &acc[0][c]);
+      else dense_panel<R, V>(w, xt, s0, len, c0 + c, &acc[0][c]);
+    }
+    for (; c < width; c += 8) {
+      if constexpr (W::kRowsPerStep == 2) int4_panel<R, 1>(w, xt, s0, len, c0 + c, &acc[0][c]);
+      else dense_panel<R, 1>(w, xt, s0, len, c0 + c, &acc[0][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * w.n + c0, acc[r], sizeof(float) * width);
+}
+
+// Floats from one panel of a widened tile to the next: 8 per K row, plus a line so that the panels' rows do not all
+// fall in one L1 set.
+inline int64_t panel_stride(int64_t rows) { return 8 * rows + 16; }
+
+// Weight rows [step0, step0 + steps) at columns c0..c0+width (a multiple of 8) as f32 in panel order:
+// tile[p * panel_stride + 8 j + 0..7] holds columns c0 + 8p.. of the j-th K row, whose index goes to ks[j].
+// The next tile's rows are prefetched meanwhile (short runs of columns at a stride defeat the hardware's).
+template <typename T>
+int64_t widen_tile(const Dense<T>& w, int64_t step0, int64_t steps, int64_t c0, int64_t width, float* tile,
+                   int64_t* ks) {
+  for (int64_t j = 0; j < steps; ++j) {
+    const T* src = w.w + (step0 + j) * w.n + c0;
+    prefetch_row(src + steps * w.n, width);
+    for (int64_t c = 0; c < width; c += 8) _mm256_store_ps(tile + c / 8 * panel_stride(steps) + 8 * j, load8(src + c));
+    ks[j] = step0 + j;
+  }
+  return steps;
+}
+inline int64_t widen_tile(const Int4& w, int64_t step0, int64_t steps, int64_t c0, int64_t width, float* tile,
+                          int64_t* ks) {
+  const int64_t rows = 2 * steps;
+  for (int64_t j = 0; j < steps; ++j) {
+    int64_t h = step0 + j;
+    const uint8_t* src = w.packed + h * w.n + c0;
+    prefetch_row(src + steps * w.n, width);
+    const uint16_t* s_lo = w.scale + (w.k_of(h, 0) / kGroup) * w.n + c0;
+    const uint16_t* s_hi = w.scale + (w.k_of(h, 1) / kGroup) * w.n + c0;
+    for (int64_t c = 0; c < width; c += 8) {
+      __m256 lo, hi;
+      nibbles8(src + c, lo, hi);
+      float* panel = tile + c / 8 * panel_stride(rows);
+      _mm256_store_ps(panel + 8 * j, _mm256_mul_ps(lo, load8(s_lo + c)));
+      _mm256_store_ps(panel + 8 * (steps + j), _mm256_mul_ps(hi, load8(s_hi + c)));
+    }
+    ks[j] = w.k_of(h, 0), ks[steps + j] = w.k_of(h, 1);
+  }
+  return rows;
+}
+
+// y[0:R, c:c+8V] (+)= x[0:R] @ V adjacent widened panels of n_rows K rows, x gathered in xt.
+template <int R, int V>
+inline void tile_panel(const float* panel, int64_t stride, const float* xt, int64_t n_rows, int64_t n, bool add,
+                       float* y) {
+  __m256 a[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) a[r][v] = add ? _mm256_loadu_ps(y + r * n + 8 * v) : _mm256_setzero_ps();
+  }
+  for (int64_t j = 0; j < n_rows; ++j) {
+    __m256 wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = _mm256_load_ps(panel + v * stride + 8 * j);
+    for (int r = 0; r < R; ++r) {
+      __m256 xb = _mm256_broadcast_ss(xt + j * R + r);
+      for (int v = 0; v < V; ++v) a[r][v] = _mm256_fmadd_ps(xb, wv[v], a[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(y + r * n + 8 * v, a[r][v]);
+  }
+}
+
+// y[0:R, c0:c0+width] (+)= x[0:R] @ the widened tile: 16 columns at a time (R x 2 sums in registers), then 8.
+template <int R>
+void tile_rows(const float* tile, const int64_t* ks, int64_t n_rows, const float* x, int64_t k, int64_t n,
+               int64_t c0, int64_t width, bool add, float* y) {
+  alignas(32) float xt[kPanelTileK * R];
+  gather_x<R>(x, k, ks, 0, n_rows, xt);
+  const int64_t stride = panel_stride(n_rows);
+  int64_t c = 0;
+  for (; c + 16 <= width; c += 16) tile_panel<R, 2>(tile + c / 8 * stride, stride, xt, n_rows, n, add, y + c0 + c);
+  if (c < width) tile_panel<R, 1>(tile + c / 8 * stride, stride, xt, n_rows, n, add, y + c0 + c);
+}
+
+// This thread's widened tile (a function, not inlined: one thread-local lookup per call).
+__attribute__((noinline)) float* tile_buffer() {
+  alignas(32) static thread_local float tile[kChunk / 8 * (8 * kPanelTileK + 16)];
+  return tile;
+}
+
+// Many rows: each tile of kPanelTileK K rows x kChunk columns is widened once and kept in L2 while every
+// block of 6 rows sums it, 16 columns at a time in registers.
+template <typename W>
+void tiled_rows(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  float* tile = tile_buffer();
+  constexpr int64_t kTileSteps = kPanelTileK / W::kRowsPerStep;
+  int64_t ks[kPanelTileK];
+  for (int64_t c = c0; c < c1; c += kChunk) {
+    int64_t width = std::min(kChunk, c1 - c);
+    for (int64_t step0 = 0; step0 < w.steps(); step0 += kTileSteps) {
+      int64_t n_rows = widen_tile(w, step0, std::min(kTileSteps, w.steps() - step0), c, width, tile, ks);
+      bool add = step0 > 0;
+      int64_t r = 0;
+      for (; r + 6 <= rows; r += 6) tile_rows<6>(tile, ks, n_rows, x + r * w.k, w.k, w.n, c, width, add, y + r * w.n);
+      const float* xr = x + r * w.k;
+      float* yr = y + r * w.n;
+      switch (rows - r) {
+        case 5: tile_rows<5>(tile, ks, n_rows, xr, w.k, w.n, c, width, add, yr); break;
+        case 4: tile_rows<4>(tile, ks, n_rows, xr, w.k, w.n, c, width, add, yr); break;
+        case 3: tile_rows<3>(tile, ks, n_rows, xr, w.k, w.n, c, width, add, yr); break;
+        case 2: tile_rows<2>(tile, ks, n_rows, xr, w.k, w.n, c, width, add, yr); break;
+        case 1: tile_rows<1>(tile, ks, n_rows, xr, w.k, w.n, c, width, add, yr); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// Rows [0, rows) (at most kStreamBlock) streamed over columns c0..c0+width.
+template <typename W>
+void stream_block(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t width) {
+  constexpr bool kDense = W::kRowsPerStep == 1;
+  switch (rows) {
+    case 8: if constexpr (kDense) stream_rows<8>(w, x, y, c0, width); break;
+    case 7: if constexpr (kDense) stream_rows<7>(w, x, y, c0, width); break;
+    case 6: if constexpr (kDense) stream_rows<6>(w, x, y, c0, width); break;
+    case 5: if constexpr (kDense) stream_rows<5>(w, x, y, c0, width); break;
+    case 4: stream_rows<4>(w, x, y, c0, width); break;
+    case 3: stream_rows<3>(w, x, y, c0, width); break;
+    case 2: stream_rows<2>(w, x, y, c0, width); break;
+    case 1: stream_rows<1>(w, x, y, c0, width); break;
+    default: break;
+  }
+}
+
+// All rows times columns [c0, c1) (a multiple of 8 wide): few rows stream the weights in blocks (INT4: of 4, the
+// later blocks finding a chunk's bytes in L2), many take the tiled path.
+template <typename W>
+void group_columns_avx2(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  constexpr bool kDense = W::kRowsPerStep == 1;
+  if (rows > (kDense ? kStreamRows : kInt4StreamRows)) return tiled_rows(w, x, rows, y, c0, c1);
+  constexpr int64_t kBlock = kDense ? 8 : 4;
+  for (int64_t c = c0; c < c1; c += kChunk) {
+    int64_t width = std::min(kChunk, c1 - c);
+    for (int64_t r = 0; r < rows; r += kBlock) {
+      stream_block(w, x + r * w.k, std::min(kBlock, rows - r), y + r * w.n, c, width);
+    }
+  }
+}
+#endif
+
 // All rows of one expert group times its matrix, for columns [c0, c1).
 template <typename W>
 void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
@@ -423,6 +716,12 @@ void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c
     while (int64_t done = rows > 0 && rows < kTiledRows ? dense_rows_in_registers(w, x, rows, y, c0, c1) : 0) {
       x += done * w.k, y += done * w.n, rows -= done;
     }
+  }
+#elif defined(K2JAX_AVX2)
+  if constexpr (W::kRowsPerStep == 1) {  // dense; the last columns short of a vector below
+    int64_t c8 = c0 + (c1 - c0) / 8 * 8;
+    group_columns_avx2(w, x, rows, y, c0, c8);
+    if ((c0 = c8) == c1) return;
   }
 #endif
   if (rows >= kTiledRows) return group_columns_tiled(w, x, rows, y, c0, c1);
@@ -604,6 +903,13 @@ void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_
     if (r < rows) dot_chunk<1>(w, xq, r, c, width, y);
   }
 }
+#elif defined(K2JAX_AVX2)
+// INT4 groups without VNNI: float x times nibbles widened in registers; the last columns short of a vector generic.
+void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  int64_t c8 = c0 + (c1 - c0) / 8 * 8;
+  group_columns_avx2(w, x, rows, y, c0, c8);
+  if (c8 < c1) group_columns<Int4>(w, x, rows, y, c8, c1);
+}
 #endif
 
 // The shared driver: every non-empty group times its matrix, split over groups (many) or columns (few);
@@ -641,6 +947,22 @@ ffi::Error grouped(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   for (int64_t g : active) bytes += make_w(l * e + g).bytes();
   if (total <= kInlineRows && bytes < kInlineBytes) {  // less work than waking another thread costs
     for (size_t i = 0; i < active.size(); ++i) run(i, 0, n);
+  } else if (total == 1 && threads > 1 && n < 2 * kChunk * threads && k / make_w(l * e + active[0]).k_unit() >= 2) {
+    // one row (decode at batch 1) of a narrow matrix: K split among threads, each reading a contiguous block of
+    // the weights (a share of its columns would be short runs of every row)
+    auto w = make_w(l * e + active[0]);
+    int64_t units = k / w.k_unit(), parts = std::min(threads, units);
+    std::vector<float> partial(parts * n);
+    parallel_units(pool, parts, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        int64_t k0 = units * p / parts * w.k_unit(), k1 = units * (p + 1) / parts * w.k_unit();
+        group_columns(w.rows_of_k(k0, k1), xs + first_row[0] * k + k0, 1, partial.data() + p * n, 0, n);
+      }
+    });
+    for (int64_t p = 1; p < parts; ++p) {
+      for (int64_t c = 0; c < n; ++c) partial[c] += partial[p * n + c];
+    }
+    std::memcpy(out + first_row[0] * n, partial.data(), sizeof(float) * n);
   } else if (static_cast<int64_t>(active.size()) >= 2 * threads) {  // whole experts per thread: contiguous reads
     parallel_units(pool, active.size(), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) run(i, 0, n);

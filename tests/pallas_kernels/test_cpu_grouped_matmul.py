@@ -136,6 +136,20 @@ def test_int4_groups_round_x_to_int8(rng, sizes, extra, k, n, spread):
     _check_int4(got, x, packed[2], scale[2], gs)
 
 
+@pytest.mark.parametrize("k,n", [(2048, 96), (1024, 1000), (2304, 300)])
+def test_one_row_of_one_group_equals_reference(rng, k, n):
+    """Decode at batch 1 (one row, one expert; over 256 KiB of weights: K split among threads, partial sums added),
+    dense and INT4."""
+    x = jnp.asarray(rng.normal(size=(2, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(2, 3, k, n)), jnp.float32)
+    gs = jnp.asarray([0, 1, 0], jnp.int32)
+    dense = C.grouped_matmul(x, w.astype(jnp.bfloat16), gs, layer=jnp.int32(1))
+    ref = np.asarray(x[:1], np.float64) @ np.asarray(w[1, 1].astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    assert max_rel_err(dense[:1], ref) < 1e-5 and not dense[1:].any()
+    packed, scale = int4_layout.quantize(w)
+    _check_int4(C.grouped_int4_matmul(x, packed, scale, gs, layer=jnp.int32(1)), x, packed[1], scale[1], gs)
+
+
 @pytest.mark.parametrize("rows", [1, 5, 12])
 def test_int4_nan_in_x_reaches_only_its_row(rng, rows):
     """A NaN in x makes its whole output row NaN, as the float product does; the other rows are unaffected."""
