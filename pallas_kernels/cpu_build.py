@@ -59,9 +59,9 @@ def build() -> Path:
         lib = Path(tmp) / out.name
         objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
         print(f"k2jax: building the native CPU kernels ({', '.join(s.name for s in SOURCES)}) with {compiler} "
-              "(once per machine and version, about 10 s)", file=sys.stderr, flush=True)
+              "(once per machine and version, 10-15 s)", file=sys.stderr, flush=True)
         _run_all([[compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o", str(obj)]
-                  for source, obj in zip(SOURCES, objects)])  # in parallel: the sources take 7 s and 3 s
+                  for source, obj in zip(SOURCES, objects)])  # in parallel: the sources take 7-15 s and 3-6 s
         _run_all([[compiler, "-shared", *map(str, objects), "-o", str(lib)]])
         os.replace(lib, out)
     return out
