@@ -428,7 +428,6 @@ void dense_tiled(const Dense<T>& w, const float* x, int64_t rows, float* y, int6
 }
 #endif
 
-
 #ifdef K2JAX_AVX2
 // AVX2 + FMA (no AVX-512): 8 columns per vector. Up to kStreamRows rows (INT4: kInt4StreamRows) stream the
 // weights once, sums of R rows x V vectors in registers over a short span of K rows; more rows widen each tile
@@ -640,6 +639,15 @@ void tile_rows(const float* tile, const int64_t* ks, int64_t n_rows, const float
   if (c < width) tile_panel<R, 1>(tile + c / 8 * stride, stride, xt, n_rows, n, add, y + c0 + c);
 }
 
+// fn(std::integral_constant<int, rows>{}) for 1 <= rows <= kMax: a runtime row count to a template one.
+template <int kMax, typename F>
+inline void with_rows(int64_t rows, F fn) {
+  if constexpr (kMax > 0) {
+    if (rows == kMax) return fn(std::integral_constant<int, kMax>{});
+    with_rows<kMax - 1>(rows, fn);
+  }
+}
+
 // This thread's widened tile (a function, not inlined: one thread-local lookup per call).
 __attribute__((noinline)) float* tile_buffer() {
   alignas(32) static thread_local float tile[kChunk / 8 * (8 * kPanelTileK + 16)];
@@ -658,51 +666,23 @@ void tiled_rows(const W& w, const float* x, int64_t rows, float* y, int64_t c0, 
     for (int64_t step0 = 0; step0 < w.steps(); step0 += kTileSteps) {
       int64_t n_rows = widen_tile(w, step0, std::min(kTileSteps, w.steps() - step0), c, width, tile, ks);
       bool add = step0 > 0;
-      int64_t r = 0;
-      for (; r + 6 <= rows; r += 6) tile_rows<6>(tile, ks, n_rows, x + r * w.k, w.k, w.n, c, width, add, y + r * w.n);
-      const float* xr = x + r * w.k;
-      float* yr = y + r * w.n;
-      switch (rows - r) {
-        case 5: tile_rows<5>(tile, ks, n_rows, xr, w.k, w.n, c, width, add, yr); break;
-        case 4: tile_rows<4>(tile, ks, n_rows, xr, w.k, w.n, c, width, add, yr); break;
-        case 3: tile_rows<3>(tile, ks, n_rows, xr, w.k, w.n, c, width, add, yr); break;
-        case 2: tile_rows<2>(tile, ks, n_rows, xr, w.k, w.n, c, width, add, yr); break;
-        case 1: tile_rows<1>(tile, ks, n_rows, xr, w.k, w.n, c, width, add, yr); break;
-        default: break;
+      for (int64_t r = 0; r < rows; r += 6) {
+        with_rows<6>(std::min<int64_t>(6, rows - r), [&](auto R) {
+          tile_rows<decltype(R)::value>(tile, ks, n_rows, x + r * w.k, w.k, w.n, c, width, add, y + r * w.n);
+        });
       }
     }
   }
 }
 
-// Rows [0, rows) (at most kStreamBlock) streamed over columns c0..c0+width.
-template <typename W>
-void stream_block(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t width) {
-  constexpr bool kDense = W::kRowsPerStep == 1;
-  switch (rows) {
-    case 8: if constexpr (kDense) stream_rows<8>(w, x, y, c0, width); break;
-    case 7: if constexpr (kDense) stream_rows<7>(w, x, y, c0, width); break;
-    case 6: if constexpr (kDense) stream_rows<6>(w, x, y, c0, width); break;
-    case 5: if constexpr (kDense) stream_rows<5>(w, x, y, c0, width); break;
-    case 4: stream_rows<4>(w, x, y, c0, width); break;
-    case 3: stream_rows<3>(w, x, y, c0, width); break;
-    case 2: stream_rows<2>(w, x, y, c0, width); break;
-    case 1: stream_rows<1>(w, x, y, c0, width); break;
-    default: break;
-  }
-}
-
-// All rows times columns [c0, c1) (a multiple of 8 wide): few rows stream the weights in blocks (INT4: of 4, the
-// later blocks finding a chunk's bytes in L2), many take the tiled path.
+// All rows times columns [c0, c1) (a multiple of 8 wide): few rows stream the weights, many take the tiled path.
 template <typename W>
 void group_columns_avx2(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
-  constexpr bool kDense = W::kRowsPerStep == 1;
-  if (rows > (kDense ? kStreamRows : kInt4StreamRows)) return tiled_rows(w, x, rows, y, c0, c1);
-  constexpr int64_t kBlock = kDense ? 8 : 4;
+  constexpr int kMax = W::kRowsPerStep == 1 ? kStreamRows : kInt4StreamRows;
+  if (rows > kMax) return tiled_rows(w, x, rows, y, c0, c1);
   for (int64_t c = c0; c < c1; c += kChunk) {
     int64_t width = std::min(kChunk, c1 - c);
-    for (int64_t r = 0; r < rows; r += kBlock) {
-      stream_block(w, x + r * w.k, std::min(kBlock, rows - r), y + r * w.n, c, width);
-    }
+    with_rows<kMax>(rows, [&](auto R) { stream_rows<decltype(R)::value>(w, x, y, c, width); });
   }
 }
 #endif
