@@ -7,15 +7,15 @@
 // added) are split among XLA's intra-op threads (a decode-sized call under 256 KiB of weights runs on the calling
 // thread: waking another costs more). With AVX2 + FMA and no AVX-512 (AMD Zen 2-3, most laptops), up to 8 rows
 // stream the weights once, R rows x V vectors of sums in registers over 8 K rows; more rows widen each 128-row
-// tile to f32 once, in 8-column panels, and sum 6 rows x 16 columns in registers from it. INT4 without VNNI
-// takes the same two paths (streaming up to 4 rows at a time, over one scale group: nibbles widened in registers,
-// scales applied once per group). Without AVX2 (and AVX-512 dense) each streams its
+// tile to f32 once, in 8-column panels, and sum 6 rows x 16 columns in registers from it. INT4 rounds x to int8
+// per 32 values of K (llama.cpp's Q8_0) and sums nibble x int8 products in integers, one float multiply-add per
+// group: with AVX-512 VNNI by vpdpbusd, with AVX2 by vpmaddubsw into 16-bit lanes (up to 4 rows stream the
+// weights, 4 packed rows at a time transposed in registers; more rows transpose each tile once and sum 6 rows x
+// 16 columns from L1). Without AVX2 (and AVX-512 dense) each streams its
 // matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1 (with AVX-512: once per 8 rows in
 // registers for bf16 and for 5+ rows of f32). From 12 rows, each 128 x 512 tile of the matrix is read once for all
 // rows (with AVX-512, bf16, and f32 from 32 rows: a 32-column panel at a time copied to L1, 8 rows x 32 columns
-// of f32 sums in registers, bf16 widened there). With AVX-512 VNNI, INT4 rounds x to int8 per 32 values of K
-// (llama.cpp's Q8_0) and sums nibble x int8 products in integers, one float multiply-add per 32 products;
-// without it, nibbles are widened to float.
+// of f32 sums in registers, bf16 widened there); INT4 nibbles are widened to float there.
 
 #include <algorithm>
 #include <cstdint>
@@ -429,13 +429,12 @@ void dense_tiled(const Dense<T>& w, const float* x, int64_t rows, float* y, int6
 #endif
 
 #ifdef K2JAX_AVX2
-// AVX2 + FMA (no AVX-512): 8 columns per vector. Up to kStreamRows rows (INT4: kInt4StreamRows) stream the
-// weights once, sums of R rows x V vectors in registers over a short span of K rows; more rows widen each tile
-// of the weights to f32 once, panel by panel, and sum 6 rows at a time from it.
+// AVX2 + FMA (no AVX-512), dense: 8 columns per vector. Up to kStreamRows rows stream the weights once, sums of
+// R rows x V vectors in registers over a short span of K rows; more rows widen each tile of the weights to f32
+// once, panel by panel, and sum 6 rows at a time from it.
 constexpr int64_t kSpan2 = 8;         // dense K rows per register pass: 8 weight rows streamed at once (more, or
                                       // software prefetch, read slower on Zen 3)
 constexpr int kStreamRows = 8;        // dense: from more rows, the tiled path
-constexpr int kInt4StreamRows = 4;    // INT4: from more rows, the tiled path (faster from 5 rows on Zen 3)
 constexpr int64_t kPanelTileK = 128;  // K rows of a widened tile: kPanelTileK x kChunk floats (256 KiB) in L2
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -451,21 +450,12 @@ inline void prefetch_row(const T* p, int64_t cols) {
   }
 }
 
-// The nibbles of 8 packed bytes as q - 8 in f32: low nibbles, high nibbles.
-inline void nibbles8(const uint8_t* p, __m256& lo, __m256& hi) {
-  const __m256i mask = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
-  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, mask), eight));
-  hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
-}
-
-// xt[j * R + r] = x[r, ks[j]] (ks null: k0 + j) for j < len: the x values a span broadcasts, one line apart at
+// xt[j * R + r] = x[r, k0 + j] for j < len: the x values a span broadcasts, one line apart at
 // most (x's rows lie K floats apart, often a multiple of 4 KiB: the same L1 set).
 template <int R>
-inline void gather_x(const float* x, int64_t k, const int64_t* ks, int64_t k0, int64_t len, float* xt) {
+inline void gather_x(const float* x, int64_t k, int64_t k0, int64_t len, float* xt) {
   for (int64_t j = 0; j < len; ++j) {
-    int64_t kj = ks ? ks[j] : k0 + j;
-    for (int r = 0; r < R; ++r) xt[j * R + r] = x[r * k + kj];
+    for (int r = 0; r < R; ++r) xt[j * R + r] = x[r * k + k0 + j];
   }
 }
 
@@ -490,79 +480,23 @@ inline void dense_panel(const Dense<T>& w, const float* xt, int64_t k0, int64_t 
   }
 }
 
-// acc[0:R, 0:8V] += x[0:R] @ W over packed rows [h0, h0 + span) (their low nibbles K rows k_lo.., high nibbles
-// k_hi.., one scale group each) at columns c..c+8V: sums of x * (q - 8) per nibble half, then times the scales.
-// xt holds x at the low nibbles' K rows, then at the high ones'.
-template <int R, int V>
-inline void int4_panel(const Int4& w, const float* xt, int64_t h0, int64_t span, int64_t c, float* acc) {
-  const int64_t k_lo = w.k_of(h0, 0), k_hi = w.k_of(h0, 1);
-  __m256 lo[R][V], hi[R][V];
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < V; ++v) lo[r][v] = hi[r][v] = _mm256_setzero_ps();
-  }
-  const uint8_t* src = w.packed + h0 * w.n + c;
-  for (int64_t h = 0; h < span; ++h, src += w.n) {
-    prefetch_row(src + span * w.n, 8 * V);
-    __m256 xl[R], xh[R];
-    for (int r = 0; r < R; ++r) {
-      xl[r] = _mm256_broadcast_ss(xt + h * R + r), xh[r] = _mm256_broadcast_ss(xt + (span + h) * R + r);
-    }
-    for (int v = 0; v < V; ++v) {
-      __m256 wl, wh;
-      nibbles8(src + 8 * v, wl, wh);
-      for (int r = 0; r < R; ++r) {
-        lo[r][v] = _mm256_fmadd_ps(xl[r], wl, lo[r][v]), hi[r][v] = _mm256_fmadd_ps(xh[r], wh, hi[r][v]);
-      }
-    }
-  }
-  const uint16_t* s_lo = w.scale + (k_lo / kGroup) * w.n + c;
-  const uint16_t* s_hi = w.scale + (k_hi / kGroup) * w.n + c;
-  for (int v = 0; v < V; ++v) {
-    __m256 sl = load8(s_lo + 8 * v), sh = load8(s_hi + 8 * v);
-    for (int r = 0; r < R; ++r) {
-      float* a = acc + r * kStride + 8 * v;
-      _mm256_store_ps(a, _mm256_fmadd_ps(hi[r][v], sh, _mm256_fmadd_ps(lo[r][v], sl, _mm256_load_ps(a))));
-    }
-  }
-}
-
-// Weight steps (K rows; INT4: packed rows, whose nibbles then lie in one scale group each) per register pass.
-template <typename T>
-int64_t register_span(const Dense<T>&) { return kSpan2; }
-inline int64_t register_span(const Int4& w) { return std::min<int64_t>(kGroup, w.p / 2); }
-
 // Vectors per panel for R streamed rows: R x V sums, R broadcasts and the weights in 16 registers.
-template <int R, typename W>
-constexpr int stream_vectors() {
-  if constexpr (W::kRowsPerStep == 2) return R == 1 ? 4 : R == 2 ? 2 : 1;  // two sums per vector (nibble halves)
-  return R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;
-}
+template <int R>
+constexpr int stream_vectors() { return R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1; }
 
 // y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width a multiple of 8, at most kChunk): each span of K rows
 // is read across the chunk before the next.
-template <int R, typename W>
-void stream_rows(const W& w, const float* x, float* y, int64_t c0, int64_t width) {
-  constexpr int V = stream_vectors<R, W>();
+template <int R, typename T>
+void stream_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t width) {
+  constexpr int V = stream_vectors<R>();
   alignas(32) float acc[R][kStride];
   for (int r = 0; r < R; ++r) std::memset(acc[r], 0, sizeof(float) * width);
-  const int64_t span = register_span(w);
-  alignas(32) float xt[2 * kGroup * R];
-  for (int64_t s0 = 0; s0 < w.steps(); s0 += span) {
-    int64_t len = std::min(span, w.steps() - s0), c = 0;
-    if constexpr (W::kRowsPerStep == 2) {
-      gather_x<R>(x, w.k, nullptr, w.k_of(s0, 0), len, xt);
-      gather_x<R>(x, w.k, nullptr, w.k_of(s0, 1), len, xt + len * R);
-    } else {
-      gather_x<R>(x, w.k, nullptr, s0, len, xt);
-    }
-    for (; c + 8 * V <= width; c += 8 * V) {
-      if constexpr (W::kRowsPerStep == 2) int4_panel<R, V>(w, xt, s0, len, c0 + c, &acc[0][c]);
-      else dense_panel<R, V>(w, xt, s0, len, c0 + c, &acc[0][c]);
-    }
-    for (; c < width; c += 8) {
-      if constexpr (W::kRowsPerStep == 2) int4_panel<R, 1>(w, xt, s0, len, c0 + c, &acc[0][c]);
-      else dense_panel<R, 1>(w, xt, s0, len, c0 + c, &acc[0][c]);
-    }
+  alignas(32) float xt[kSpan2 * R];
+  for (int64_t s0 = 0; s0 < w.k; s0 += kSpan2) {
+    int64_t len = std::min(kSpan2, w.k - s0), c = 0;
+    gather_x<R>(x, w.k, s0, len, xt);
+    for (; c + 8 * V <= width; c += 8 * V) dense_panel<R, V>(w, xt, s0, len, c0 + c, &acc[0][c]);
+    for (; c < width; c += 8) dense_panel<R, 1>(w, xt, s0, len, c0 + c, &acc[0][c]);
   }
   for (int r = 0; r < R; ++r) std::memcpy(y + r * w.n + c0, acc[r], sizeof(float) * width);
 }
@@ -572,40 +506,16 @@ void stream_rows(const W& w, const float* x, float* y, int64_t c0, int64_t width
 inline int64_t panel_stride(int64_t rows) { return 8 * rows + 16; }
 
 // Weight rows [step0, step0 + steps) at columns c0..c0+width (a multiple of 8) as f32 in panel order:
-// tile[p * panel_stride + 8 j + 0..7] holds columns c0 + 8p.. of the j-th K row, whose index goes to ks[j].
+// tile[p * panel_stride + 8 j + 0..7] holds columns c0 + 8p.. of K row step0 + j.
 // The next tile's rows are prefetched meanwhile (short runs of columns at a stride defeat the hardware's).
 template <typename T>
-int64_t widen_tile(const Dense<T>& w, int64_t step0, int64_t steps, int64_t c0, int64_t width, float* tile,
-                   int64_t* ks) {
+void widen_tile(const Dense<T>& w, int64_t step0, int64_t steps, int64_t c0, int64_t width, float* tile) {
   for (int64_t j = 0; j < steps; ++j) {
     const T* src = w.w + (step0 + j) * w.n + c0;
     prefetch_row(src + steps * w.n, width);
     for (int64_t c = 0; c < width; c += 8) _mm256_store_ps(tile + c / 8 * panel_stride(steps) + 8 * j, load8(src + c));
-    ks[j] = step0 + j;
   }
-  return steps;
 }
-inline int64_t widen_tile(const Int4& w, int64_t step0, int64_t steps, int64_t c0, int64_t width, float* tile,
-                          int64_t* ks) {
-  const int64_t rows = 2 * steps;
-  for (int64_t j = 0; j < steps; ++j) {
-    int64_t h = step0 + j;
-    const uint8_t* src = w.packed + h * w.n + c0;
-    prefetch_row(src + steps * w.n, width);
-    const uint16_t* s_lo = w.scale + (w.k_of(h, 0) / kGroup) * w.n + c0;
-    const uint16_t* s_hi = w.scale + (w.k_of(h, 1) / kGroup) * w.n + c0;
-    for (int64_t c = 0; c < width; c += 8) {
-      __m256 lo, hi;
-      nibbles8(src + c, lo, hi);
-      float* panel = tile + c / 8 * panel_stride(rows);
-      _mm256_store_ps(panel + 8 * j, _mm256_mul_ps(lo, load8(s_lo + c)));
-      _mm256_store_ps(panel + 8 * (steps + j), _mm256_mul_ps(hi, load8(s_hi + c)));
-    }
-    ks[j] = w.k_of(h, 0), ks[steps + j] = w.k_of(h, 1);
-  }
-  return rows;
-}
-
 // y[0:R, c:c+8V] (+)= x[0:R] @ V adjacent widened panels of n_rows K rows, x gathered in xt.
 template <int R, int V>
 inline void tile_panel(const float* panel, int64_t stride, const float* xt, int64_t n_rows, int64_t n, bool add,
@@ -629,10 +539,10 @@ inline void tile_panel(const float* panel, int64_t stride, const float* xt, int6
 
 // y[0:R, c0:c0+width] (+)= x[0:R] @ the widened tile: 16 columns at a time (R x 2 sums in registers), then 8.
 template <int R>
-void tile_rows(const float* tile, const int64_t* ks, int64_t n_rows, const float* x, int64_t k, int64_t n,
+void tile_rows(const float* tile, int64_t k0, int64_t n_rows, const float* x, int64_t k, int64_t n,
                int64_t c0, int64_t width, bool add, float* y) {
   alignas(32) float xt[kPanelTileK * R];
-  gather_x<R>(x, k, ks, 0, n_rows, xt);
+  gather_x<R>(x, k, k0, n_rows, xt);
   const int64_t stride = panel_stride(n_rows);
   int64_t c = 0;
   for (; c + 16 <= width; c += 16) tile_panel<R, 2>(tile + c / 8 * stride, stride, xt, n_rows, n, add, y + c0 + c);
@@ -656,19 +566,18 @@ __attribute__((noinline)) float* tile_buffer() {
 
 // Many rows: each tile of kPanelTileK K rows x kChunk columns is widened once and kept in L2 while every
 // block of 6 rows sums it, 16 columns at a time in registers.
-template <typename W>
-void tiled_rows(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+template <typename T>
+void tiled_rows(const Dense<T>& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
   float* tile = tile_buffer();
-  constexpr int64_t kTileSteps = kPanelTileK / W::kRowsPerStep;
-  int64_t ks[kPanelTileK];
   for (int64_t c = c0; c < c1; c += kChunk) {
     int64_t width = std::min(kChunk, c1 - c);
-    for (int64_t step0 = 0; step0 < w.steps(); step0 += kTileSteps) {
-      int64_t n_rows = widen_tile(w, step0, std::min(kTileSteps, w.steps() - step0), c, width, tile, ks);
+    for (int64_t step0 = 0; step0 < w.k; step0 += kPanelTileK) {
+      int64_t n_rows = std::min(kPanelTileK, w.k - step0);
+      widen_tile(w, step0, n_rows, c, width, tile);
       bool add = step0 > 0;
       for (int64_t r = 0; r < rows; r += 6) {
         with_rows<6>(std::min<int64_t>(6, rows - r), [&](auto R) {
-          tile_rows<decltype(R)::value>(tile, ks, n_rows, x + r * w.k, w.k, w.n, c, width, add, y + r * w.n);
+          tile_rows<decltype(R)::value>(tile, step0, n_rows, x + r * w.k, w.k, w.n, c, width, add, y + r * w.n);
         });
       }
     }
@@ -676,13 +585,12 @@ void tiled_rows(const W& w, const float* x, int64_t rows, float* y, int64_t c0, 
 }
 
 // All rows times columns [c0, c1) (a multiple of 8 wide): few rows stream the weights, many take the tiled path.
-template <typename W>
-void group_columns_avx2(const W& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
-  constexpr int kMax = W::kRowsPerStep == 1 ? kStreamRows : kInt4StreamRows;
-  if (rows > kMax) return tiled_rows(w, x, rows, y, c0, c1);
+template <typename T>
+void group_columns_avx2(const Dense<T>& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  if (rows > kStreamRows) return tiled_rows(w, x, rows, y, c0, c1);
   for (int64_t c = c0; c < c1; c += kChunk) {
     int64_t width = std::min(kChunk, c1 - c);
-    with_rows<kMax>(rows, [&](auto R) { stream_rows<decltype(R)::value>(w, x, y, c, width); });
+    with_rows<kStreamRows>(rows, [&](auto R) { stream_rows<decltype(R)::value>(w, x, y, c, width); });
   }
 }
 #endif
@@ -884,12 +792,248 @@ void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_
   }
 }
 #elif defined(K2JAX_AVX2)
-// INT4 groups without VNNI: float x times nibbles widened in registers; the last columns short of a vector generic.
-void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
-  int64_t c8 = c0 + (c1 - c0) / 8 * 8;
-  group_columns_avx2(w, x, rows, y, c0, c8);
-  if (c8 < c1) group_columns<Int4>(w, x, rows, y, c8, c1);
+// INT4 without VNNI: x rounded to int8 per 32 values of K as on the VNNI path, nibble x int8 products summed in
+// 16-bit lanes by vpmaddubsw (two products per lane), which AVX2 runs at several times the rate of float FMAs.
+constexpr int64_t kQuadCols = 32;     // columns per packed byte vector
+constexpr int kInt4StreamRows = 4;    // rows that stream the weights; more take the tiled path (faster from 5)
+constexpr int kInt4TileRows = 6;      // rows per tile micro-kernel: 6 x 2 vectors of sums in registers
+constexpr int64_t kInt4TileSteps = 128;  // packed rows per tile: 2 x 64 KiB of nibbles at 512 columns, in L2
+
+// Rows of x as int8 per 32 values of K (llama.cpp's Q8_0): q = round(x / d), d = max|x| / 127; a group holding
+// NaN or inf gets q = 0 and d = NaN (its row's outputs are NaN). lanes[r, k / 16] holds, for that block of 16 q,
+// -8 times the sum of the q at K offsets 0-1 mod 4 (low 16 bits) and 2-3 mod 4 (high 16 bits): the starting
+// value of the two 16-bit sums per column that vpmaddubsw fills from 4 packed rows, which read nibbles as q + 8.
+struct QuantX {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> lanes;
+  int64_t k;
+  QuantX(const float* x, int64_t rows, int64_t k) : q(rows * k), d(rows * k / kGroup), lanes(rows * k / 16), k(k) {
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t g = 0; g < rows * k / kGroup; ++g) {
+      const float* xg = x + g * kGroup;
+      const __m256 sign = _mm256_set1_ps(-0.0f);
+      __m256 v[4], m = _mm256_setzero_ps();
+      int nan = 0;
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xg + 8 * i);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+        nan |= _mm256_movemask_ps(_mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+      }
+      m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+      m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
+      float amax = _mm_cvtss_f32(_mm256_castps256_ps128(_mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1))));
+      bool finite = !nan && amax <= std::numeric_limits<float>::max();
+      d[g] = finite ? amax / 127 : std::numeric_limits<float>::quiet_NaN();
+      __m256 inv = _mm256_set1_ps(finite && amax > 0 ? 127 / amax : 0.0f);
+      __m256i qi[4];
+      for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+      __m256i qv = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3])), order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.data() + g * kGroup), qv);
+      // per 16 q: sums at offsets 0-1 and 2-3 mod 4 as the two 16-bit halves of every 32-bit lane, times -8
+      __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), qv);
+      pairs = _mm256_add_epi16(pairs, _mm256_shuffle_epi32(pairs, 0x4E));
+      pairs = _mm256_add_epi16(pairs, _mm256_shuffle_epi32(pairs, 0xB1));
+      pairs = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(pairs, 3));
+      lanes[2 * g] = _mm256_extract_epi32(pairs, 0), lanes[2 * g + 1] = _mm256_extract_epi32(pairs, 4);
+    }
+  }
+  // The starting lanes for K values [k0, k0 + len) of row r (len 16 or 32, k0 a multiple of 16): at most
+  // 8 * 127 * 16 in each half, as is every partial sum after (|q - 8| <= 8).
+  __m256i start(int64_t r, int64_t k0, int64_t len) const {
+    int32_t a = lanes[(r * k + k0) / 16];
+    if (len > 16) {
+      int32_t b = lanes[(r * k + k0) / 16 + 1];
+      a = static_cast<int32_t>((static_cast<uint32_t>((a >> 16) + (b >> 16)) << 16) |
+                               ((static_cast<int16_t>(a) + static_cast<int16_t>(b)) & 0xFFFF));
+    }
+    return _mm256_set1_epi32(a);
+  }
+  __m256i quad(int64_t r, int64_t k0) const {  // q[r, k0:k0+4] in every 32-bit lane
+    int32_t v;
+    std::memcpy(&v, q.data() + r * k + k0, 4);
+    return _mm256_set1_epi32(v);
+  }
+  float scale(int64_t r, int64_t k0) const { return d[(r * k + k0) / kGroup]; }
+};
+
+// 4 packed rows at src (row stride n) x 32 columns, transposed: every 32-bit lane holds the 4 rows' bytes of one
+// column, lane L of t[i] column 8i + L, in order.
+inline void transpose_quad(const uint8_t* src, int64_t n, __m256i (&t)[4]) {
+  auto row = [&](int j) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j * n)); };
+  __m256i b0 = row(0), b1 = row(1), b2 = row(2), b3 = row(3);
+  __m256i p01 = _mm256_unpacklo_epi8(b0, b1), q01 = _mm256_unpackhi_epi8(b0, b1);
+  __m256i p23 = _mm256_unpacklo_epi8(b2, b3), q23 = _mm256_unpackhi_epi8(b2, b3);
+  // per 128-bit half: columns 0-3 | 4-7 | 8-11 | 12-15 (of that half's 16)
+  __m256i a = _mm256_unpacklo_epi16(p01, p23), b = _mm256_unpackhi_epi16(p01, p23);
+  __m256i c = _mm256_unpacklo_epi16(q01, q23), e = _mm256_unpackhi_epi16(q01, q23);
+  t[0] = _mm256_permute2x128_si256(a, b, 0x20), t[1] = _mm256_permute2x128_si256(c, e, 0x20);
+  t[2] = _mm256_permute2x128_si256(a, b, 0x31), t[3] = _mm256_permute2x128_si256(c, e, 0x31);
 }
+
+// y[0:8] += the 16-bit pair sums of 8 columns (per 32-bit lane) times d times their scales.
+inline void add_scaled(__m256i sums, __m256 scale, float d, float* y) {
+  __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sums, _mm256_set1_epi16(1))), _mm256_set1_ps(d));
+  _mm256_storeu_ps(y, _mm256_fmadd_ps(v, scale, _mm256_loadu_ps(y)));
+}
+
+// y[0:R, c:c+32] += x[0:R] @ W over packed rows [h0, h0 + span) (low nibbles K rows k_lo.., high nibbles k_hi..,
+// one scale group each): 4 packed rows at a time transposed in registers, sums per nibble half in 16-bit lanes.
+template <int R>
+inline void int4_quad_span(const Int4& w, const QuantX& xq, int64_t h0, int64_t span, int64_t c, float* y) {
+  const __m256i mask = _mm256_set1_epi8(15);
+  const int64_t k_lo = w.k_of(h0, 0), k_hi = w.k_of(h0, 1);
+  __m256i lo[R][4], hi[R][4];
+  for (int r = 0; r < R; ++r) {
+    __m256i a = xq.start(r, k_lo, span), b = xq.start(r, k_hi, span);
+    for (int i = 0; i < 4; ++i) lo[r][i] = a, hi[r][i] = b;
+  }
+  const uint8_t* src = w.packed + h0 * w.n + c;
+  for (int64_t h = 0; h < span; h += 4, src += 4 * w.n) {
+    for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(src + (span + j) * w.n), _MM_HINT_T0);
+    __m256i t[4];
+    transpose_quad(src, w.n, t);
+    for (int r = 0; r < R; ++r) {
+      __m256i xl = xq.quad(r, k_lo + h), xh = xq.quad(r, k_hi + h);
+      for (int i = 0; i < 4; ++i) {
+        __m256i l = _mm256_and_si256(t[i], mask), u = _mm256_and_si256(_mm256_srli_epi16(t[i], 4), mask);
+        lo[r][i] = _mm256_add_epi16(lo[r][i], _mm256_maddubs_epi16(l, xl));
+        hi[r][i] = _mm256_add_epi16(hi[r][i], _mm256_maddubs_epi16(u, xh));
+      }
+    }
+  }
+  const uint16_t* s_lo = w.scale + (k_lo / kGroup) * w.n + c;
+  const uint16_t* s_hi = w.scale + (k_hi / kGroup) * w.n + c;
+  for (int i = 0; i < 4; ++i) {
+    __m256 sl = load8(s_lo + 8 * i), sh = load8(s_hi + 8 * i);
+    for (int r = 0; r < R; ++r) {
+      add_scaled(lo[r][i], sl, xq.scale(r, k_lo), y + r * w.n + c + 8 * i);
+      add_scaled(hi[r][i], sh, xq.scale(r, k_hi), y + r * w.n + c + 8 * i);
+    }
+  }
+}
+
+// Few rows: y[0:R, c0:c1] = x[0:R] @ W[:, c0:c1] (c1 - c0 a multiple of 32), the weights streamed once per
+// column chunk, span by span.
+template <int R>
+void int4_stream(const Int4& w, const QuantX& xq, float* y, int64_t c0, int64_t c1) {
+  const int64_t span = std::min<int64_t>(kGroup, w.p / 2);
+  for (int64_t c = c0; c < c1; c += kChunk) {
+    int64_t end = std::min(c + kChunk, c1);
+    for (int64_t h0 = 0; h0 < w.k / 2; h0 += span) {
+      for (int64_t cc = c; cc < end; cc += kQuadCols) int4_quad_span<R>(w, xq, h0, span, cc, y);
+    }
+  }
+}
+
+// A tile of packed rows [h0, h0 + steps) x columns [c0, c0 + width) as nibbles 0-15, one byte each: segment 2j
+// holds span j's low nibbles, 2j + 1 its high ones; in a segment, quad s (packed rows 4s..4s+3) and vector v
+// (columns 8v..8v+7) are at ((segment * quads + s) * vectors + v) * 32, one column per 32-bit lane.
+void fill_int4_tile(const Int4& w, int64_t h0, int64_t steps, int64_t span, int64_t c0, int64_t width,
+                    uint8_t* tile) {
+  const __m256i mask = _mm256_set1_epi8(15);
+  const int64_t quads = span / 4, vectors = width / 8;
+  for (int64_t h = 0; h < steps; h += 4) {
+    int64_t j = h / span, s = h % span / 4;
+    const uint8_t* src = w.packed + (h0 + h) * w.n + c0;
+    prefetch_row(src + steps * w.n, width);
+    uint8_t* lo = tile + ((2 * j * quads + s) * vectors) * 32;
+    uint8_t* hi = lo + quads * vectors * 32;
+    for (int64_t c = 0; c < width; c += kQuadCols, lo += 128, hi += 128) {
+      __m256i t[4];
+      transpose_quad(src + c, w.n, t);
+      for (int i = 0; i < 4; ++i) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lo + 32 * i), _mm256_and_si256(t[i], mask));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(hi + 32 * i), _mm256_and_si256(_mm256_srli_epi16(t[i], 4), mask));
+      }
+    }
+  }
+}
+
+// y[0:R, c:c+16] += x[r0:r0+R, k0:k0+4*quads] @ one tile segment's 2 vectors (seg: quad stride `stride` bytes), R x 2
+// sums in registers, then times the segment's scales (group k0 / 32).
+template <int R>
+inline void int4_tile_panel(const uint8_t* seg, int64_t stride, int64_t quads, const QuantX& xq, int64_t r0,
+                            int64_t k0, const uint16_t* scale, float* y, int64_t n) {
+  __m256i a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = xq.start(r0 + r, k0, 4 * quads);
+  for (int64_t s = 0; s < quads; ++s, seg += stride) {
+    __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(seg));
+    __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(seg + 32));
+    for (int r = 0; r < R; ++r) {
+      __m256i xb = xq.quad(r0 + r, k0 + 4 * s);
+      a[r][0] = _mm256_add_epi16(a[r][0], _mm256_maddubs_epi16(w0, xb));
+      a[r][1] = _mm256_add_epi16(a[r][1], _mm256_maddubs_epi16(w1, xb));
+    }
+  }
+  __m256 s0 = load8(scale), s1 = load8(scale + 8);
+  for (int r = 0; r < R; ++r) {
+    float d = xq.scale(r0 + r, k0);
+    add_scaled(a[r][0], s0, d, y + r * n);
+    add_scaled(a[r][1], s1, d, y + r * n + 8);
+  }
+}
+
+// This thread's INT4 tile (a function, not inlined: one thread-local lookup per call).
+__attribute__((noinline)) uint8_t* int4_tile_buffer() {
+  alignas(32) static thread_local uint8_t tile[2 * kInt4TileSteps * kChunk];
+  return tile;
+}
+
+// Many rows: y[0:rows, c0:c1] = x @ W[:, c0:c1] (c1 - c0 a multiple of 32); each tile of packed rows is
+// transposed and split into nibbles once, then every block of 6 rows sums each segment from L1.
+void int4_tiled(const Int4& w, const QuantX& xq, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  uint8_t* tile = int4_tile_buffer();
+  const int64_t span = std::min<int64_t>(kGroup, w.p / 2), quads = span / 4;
+  for (int64_t c = c0; c < c1; c += kChunk) {
+    int64_t width = std::min(kChunk, c1 - c), stride = width / 8 * 32;
+    for (int64_t h0 = 0; h0 < w.k / 2; h0 += kInt4TileSteps) {
+      int64_t steps = std::min(kInt4TileSteps, w.k / 2 - h0);
+      fill_int4_tile(w, h0, steps, span, c, width, tile);
+      for (int64_t sg = 0; sg < 2 * steps / span; ++sg) {
+        int64_t k0 = w.k_of(h0 + sg / 2 * span, sg % 2);
+        const uint8_t* seg = tile + sg * quads * stride;
+        const uint16_t* scale = w.scale + (k0 / kGroup) * w.n + c;
+        for (int64_t r = 0; r < rows; r += kInt4TileRows) {
+          with_rows<kInt4TileRows>(std::min<int64_t>(kInt4TileRows, rows - r), [&](auto R) {
+            for (int64_t v = 0; v < width / 8; v += 2) {
+              int4_tile_panel<decltype(R)::value>(seg + 32 * v, stride, quads, xq, r, k0, scale + 8 * v,
+                                                   y + r * w.n + c + 8 * v, w.n);
+            }
+          });
+        }
+      }
+    }
+  }
+}
+
+// INT4 groups: x rounded once; up to kInt4StreamRows rows stream the weights, more take the tiled path; the last
+// columns short of a vector run the portable loop on x as rounded.
+void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
+  QuantX xq(x, rows, w.k);
+  int64_t c32 = c0 + (c1 - c0) / kQuadCols * kQuadCols;
+  for (int64_t r = 0; r < rows; ++r) std::memset(y + r * w.n + c0, 0, sizeof(float) * (c32 - c0));
+  if (rows > kInt4StreamRows) {
+    int4_tiled(w, xq, rows, y, c0, c32);
+  } else {
+    with_rows<kInt4StreamRows>(rows, [&](auto R) { int4_stream<decltype(R)::value>(w, xq, y, c0, c32); });
+  }
+  if (c32 < c1) {
+    std::vector<float> rounded(rows * w.k);
+    for (int64_t i = 0; i < rows * w.k; ++i) rounded[i] = xq.q[i] * xq.d[i / kGroup];
+    group_columns<Int4>(w, rounded.data(), rows, y, c32, c1);
+  }
+}
+#endif
+
+// Columns per share when a matrix's columns are split among threads: one vector (the AVX2 INT4 path: 32 columns).
+template <typename T>
+constexpr int64_t col_unit(const Dense<T>&) { return 8; }
+#if defined(K2JAX_AVX2) && !defined(K2JAX_INT4_DOT)
+constexpr int64_t col_unit(const Int4&) { return kQuadCols; }
+#else
+constexpr int64_t col_unit(const Int4&) { return 8; }
 #endif
 
 // The shared driver: every non-empty group times its matrix, split over groups (many) or columns (few);
@@ -948,8 +1092,9 @@ ffi::Error grouped(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       for (int64_t i = i0; i < i1; ++i) run(i, 0, n);
     });
   } else {  // few experts: split their columns, in units of one vector
-    parallel_units(pool, (n + 7) / 8, [&](int64_t u0, int64_t u1) {
-      for (size_t i = 0; i < active.size(); ++i) run(i, u0 * 8, std::min(n, u1 * 8));
+    const int64_t unit = col_unit(make_w(0));
+    parallel_units(pool, (n + unit - 1) / unit, [&](int64_t u0, int64_t u1) {
+      for (size_t i = 0; i < active.size(); ++i) run(i, u0 * unit, std::min(n, u1 * unit));
     });
   }
   return ffi::Error::Success();
@@ -998,7 +1143,7 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 
 // Whether the INT4 matmul rounds x to int8 (1; 0: built without that path, float x), for the reference.
 extern "C" int64_t K2jaxGroupedMatmulInt4RoundsX() {
-#ifdef K2JAX_INT4_DOT
+#if defined(K2JAX_INT4_DOT) || defined(K2JAX_AVX2)
   return 1;
 #else
   return 0;

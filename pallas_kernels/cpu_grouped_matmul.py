@@ -2,8 +2,8 @@
 
 XLA:CPU copies each dynamically sliced expert (or layer) matrix before its dot, which at decode sizes costs
 several times the dot; the custom call reads the active experts of the stacked weights in place.
-Where the CPU has AVX-512 VNNI (`rounds_x_to_int8()`), INT4 matmuls see x rounded to int8 per 32 values of K, as
-llama.cpp's Q8_0 activations (each value moves by at most max|x| / 254 of its 32), and multiply it with the
+Where the CPU has AVX2 or AVX-512 VNNI (`rounds_x_to_int8()`), INT4 matmuls see x rounded to int8 per 32 values of
+K, as llama.cpp's Q8_0 activations (each value moves by at most max|x| / 254 of its 32), and multiply it with the
 nibbles in integers; a row's result does not depend on the other rows.
 """
 

@@ -150,6 +150,23 @@ def test_one_row_of_one_group_equals_reference(rng, k, n):
     _check_int4(C.grouped_int4_matmul(x, packed, scale, gs, layer=jnp.int32(1)), x, packed[1], scale[1], gs)
 
 
+@pytest.mark.parametrize("weights", ["all_7", "all_-8", "random_extremes"])
+@pytest.mark.parametrize("rows,k", [(1, 2048), (9, 2048), (3, 96), (7, 96)])
+def test_int4_extreme_values_do_not_overflow(rng, weights, rows, k):
+    """Every x at +-max|x| of its group (int8 +-127) times nibbles at their extremes (q = 7 or -8), the largest
+    sums the integer paths hold per column and per group (16-bit lanes on AVX2): within rounding of the exact
+    sum, streamed (few rows) and tiled (many)."""
+    n, signs = 64, rng.choice([-1.0, 1.0], size=(rows, k))
+    q = {"all_7": np.full((2, k, n), 7), "all_-8": np.full((2, k, n), -8),
+         "random_extremes": rng.choice([-8, 7], size=(2, k, n))}[weights]
+    packed = int4_layout.pack(jnp.asarray(q, jnp.int8))
+    scale = jnp.ones((2, k // 32, n), jnp.bfloat16)
+    for x in (np.ones((rows, k)), -np.ones((rows, k)), signs):
+        gs = jnp.asarray([0, rows], jnp.int32)
+        got = C.grouped_int4_matmul(jnp.asarray(x, jnp.float32), packed, scale, gs)
+        assert max_rel_err(got, x @ q[1]) < 1e-5
+
+
 @pytest.mark.parametrize("rows", [1, 5, 12])
 def test_int4_nan_in_x_reaches_only_its_row(rng, rows):
     """A NaN in x makes its whole output row NaN, as the float product does; the other rows are unaffected."""
