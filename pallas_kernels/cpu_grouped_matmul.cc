@@ -491,12 +491,16 @@ inline void dense_panel(const Dense<T>& w, const float* xb, int64_t k0, int64_t 
 template <int R>
 constexpr int stream_vectors() { return R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1; }
 
-// y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width a multiple of 8, at most kChunk): each span of K rows
-// is read across the chunk before the next.
+// Columns per streamed chunk: R x chunk sums stay in L1; one row takes longer runs of each weight row (4,096
+// columns: 1.15-1.5x the rate of 512 on one Zen 3 core, the hardware prefetcher's streams run longer).
+constexpr int64_t stream_chunk(int64_t rows) { return rows == 1 ? 4096 : kChunk; }
+
+// y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width a multiple of 8, at most stream_chunk(R)): each span of
+// K rows is read across the chunk before the next.
 template <int R, typename T>
 void stream_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t width) {
   constexpr int V = stream_vectors<R>();
-  alignas(32) float acc[R][kStride];
+  alignas(32) float acc[R][stream_chunk(R) + 24];
   for (int r = 0; r < R; ++r) std::memset(acc[r], 0, sizeof(float) * width);
   alignas(32) float xb[kSpan2 * R * 8];
   for (int64_t s0 = 0; s0 < w.k; s0 += kSpan2) {
@@ -595,8 +599,8 @@ void tiled_rows(const Dense<T>& w, const float* x, int64_t rows, float* y, int64
 template <typename T>
 void group_columns_avx2(const Dense<T>& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
   if (rows > kStreamRows) return tiled_rows(w, x, rows, y, c0, c1);
-  for (int64_t c = c0; c < c1; c += kChunk) {
-    int64_t width = std::min(kChunk, c1 - c);
+  for (int64_t c = c0, chunk = stream_chunk(rows); c < c1; c += chunk) {
+    int64_t width = std::min(chunk, c1 - c);
     with_rows<kStreamRows>(rows, [&](auto R) { stream_rows<decltype(R)::value>(w, x, y, c, width); });
   }
 }
@@ -926,8 +930,8 @@ inline void int4_quad_span(const Int4& w, const QuantX& xq, int64_t h0, int64_t 
 template <int R>
 void int4_stream(const Int4& w, const QuantX& xq, float* y, int64_t c0, int64_t c1) {
   const int64_t span = std::min<int64_t>(kGroup, w.p / 2);
-  for (int64_t c = c0; c < c1; c += kChunk) {
-    int64_t end = std::min(c + kChunk, c1);
+  for (int64_t c = c0; c < c1; c += stream_chunk(R)) {
+    int64_t end = std::min(c + stream_chunk(R), c1);
     for (int64_t h0 = 0; h0 < w.k / 2; h0 += span) {
       for (int64_t cc = c; cc < end; cc += kQuadCols) int4_quad_span<R>(w, xq, h0, span, cc, y);
     }
