@@ -35,6 +35,12 @@
 #endif
 #endif
 
+// K2JAX_MATMUL_PART: 1 builds the dense handler, 2 the INT4 ones, 0 (default) both; cpu_build compiles the file
+// once per part, in parallel (each part instantiates only its own templates).
+#ifndef K2JAX_MATMUL_PART
+#define K2JAX_MATMUL_PART 0
+#endif
+
 #include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -1111,6 +1117,7 @@ ffi::Error grouped(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+#if K2JAX_MATMUL_PART != 2
 ffi::Error DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
                      ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
   auto dims = w.dimensions();  // [L, E, K, N], [L, K, N] or [K, N]
@@ -1133,6 +1140,9 @@ ffi::Error DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuff
   return ffi::Error::InvalidArgument("dense weights must be float32 or bfloat16");
 }
 
+#endif
+
+#if K2JAX_MATMUL_PART != 1
 ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> packed,
                     ffi::Buffer<ffi::BF16> scale, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> sizes,
                     int64_t planar, ffi::ResultBuffer<ffi::F32> y) {
@@ -1150,17 +1160,10 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   }, y);
 }
 
+#endif
 }  // namespace
 
-// Whether the INT4 matmul rounds x to int8 (1; 0: built without that path, float x), for the reference.
-extern "C" int64_t K2jaxGroupedMatmulInt4RoundsX() {
-#if defined(K2JAX_INT4_DOT) || defined(K2JAX_AVX2)
-  return 1;
-#else
-  return 0;
-#endif
-}
-
+#if K2JAX_MATMUL_PART != 2
 XLA_FFI_DEFINE_HANDLER_SYMBOL(K2jaxGroupedMatmulDense, DenseImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -1169,6 +1172,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(K2jaxGroupedMatmulDense, DenseImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+#endif
+
+#if K2JAX_MATMUL_PART != 1
+// Whether the INT4 matmul rounds x to int8 (1; 0: built without that path, float x), for the reference.
+extern "C" int64_t K2jaxGroupedMatmulInt4RoundsX() {
+#if defined(K2JAX_INT4_DOT) || defined(K2JAX_AVX2)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(K2jaxGroupedMatmulInt4, Int4Impl,
                               ffi::Ffi::Bind()
@@ -1180,3 +1194,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(K2jaxGroupedMatmulInt4, Int4Impl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("planar")
                                   .Ret<ffi::Buffer<ffi::F32>>());
+#endif
