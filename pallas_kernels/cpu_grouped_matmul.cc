@@ -817,7 +817,7 @@ constexpr int kInt4TileRows = 6;      // rows per tile micro-kernel: 6 x 2 vecto
 constexpr int64_t kInt4TileSteps = 128;  // packed rows per tile: 2 x 64 KiB of nibbles at 512 columns, in L2
 
 // Rows of x as int8 per 32 values of K (llama.cpp's Q8_0): q = round(x / d), d = max|x| / 127; a group holding
-// NaN or inf gets q = 0 and d = NaN (its row's outputs are NaN). lanes[r, k / 16] holds, for that block of 16 q,
+// NaN or inf gets d = NaN (its row's outputs are NaN; its q are 0, or -128 where x was not finite). lanes[r, k / 16] holds, for that block of 16 q,
 // -8 times the sum of the q at K offsets 0-1 mod 4 (low 16 bits) and 2-3 mod 4 (high 16 bits): the starting
 // value of the two 16-bit sums per column that vpmaddubsw fills from 4 packed rows, which read nibbles as q + 8.
 struct QuantX {
@@ -857,7 +857,7 @@ struct QuantX {
     }
   }
   // The starting lanes for K values [k0, k0 + len) of row r (len 16 or 32, k0 a multiple of 16): at most
-  // 8 * 127 * 16 in each half, as is every partial sum after (|q - 8| <= 8).
+  // 8 * 128 * 16 in each half, as is every partial sum after (|nibble - 8| <= 8), within int16.
   __m256i start(int64_t r, int64_t k0, int64_t len) const {
     int32_t a = lanes[(r * k + k0) / 16];
     if (len > 16) {
