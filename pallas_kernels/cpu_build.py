@@ -23,7 +23,9 @@ import jax
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_grouped_matmul.cc", HERE / "cpu_ragged_mla.cc")
 HEADERS = (HERE / "cpu_common.h",)
-MATMUL_PARTS = ("-DK2JAX_MATMUL_PART=1", "-DK2JAX_MATMUL_PART=2")  # its dense and its INT4 handlers
+# Sources compiled once per part (defines per object), in parallel: the grouped matmul's dense and INT4 handlers,
+# so that the longest unit (~7 s) is not the whole file's 9-15 s.
+PARTS = {"cpu_grouped_matmul.cc": (("-DK2JAX_MATMUL_PART=1",), ("-DK2JAX_MATMUL_PART=2",))}
 TARGETS = {"dense": "K2jaxGroupedMatmulDense", "int4": "K2jaxGroupedMatmulInt4", "ragged_mla": "K2jaxRaggedMla"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-fno-math-errno")  # per source; then linked -shared
 # What the XLA paths cost (benchmarks/decode.py, "small" config, batch 1 / 8 / 32; see benchmarks/RESULTS.md).
@@ -48,10 +50,8 @@ def _build_key(compiler: str) -> str:
 
 
 def _units() -> list[tuple[Path, tuple[str, ...]]]:
-    """(source, defines) per object: the grouped matmul once per handler part (so the longest unit, ~7 s, is not
-    the whole file's 9-15 s), every other source once."""
-    return [(source, (part,)) for source in SOURCES for part in MATMUL_PARTS if source.name == "cpu_grouped_matmul.cc"
-            ] + [(source, ()) for source in SOURCES if source.name != "cpu_grouped_matmul.cc"]
+    """(source, defines) per object: each source once per part (PARTS), else once."""
+    return [(source, defines) for source in SOURCES for defines in PARTS.get(source.name, ((),))]
 
 
 def build() -> Path:

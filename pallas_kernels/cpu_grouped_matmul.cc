@@ -93,6 +93,8 @@ struct Int4 {
   int64_t bytes() const { return k * n / 2 + (k / kGroup) * n * 2; }
   int64_t k_of(int64_t h, int s) const { return (h / (p / 2)) * p + h % (p / 2) + s * (p / 2); }
   int64_t k_unit() const { return p; }  // K rows [k0, k1) must be whole planar blocks
+  // Packed rows whose nibbles each lie in one scale group (per half).
+  int64_t group_span() const { return std::min<int64_t>(kGroup, p / 2); }
   Int4 rows_of_k(int64_t k0, int64_t k1) const {
     return {packed + k0 / 2 * n, scale + k0 / kGroup * n, k1 - k0, n, p};
   }
@@ -785,7 +787,7 @@ template <int R>
 void dot_chunk(const Int4& w, const QuantRows& xq, int64_t r0, int64_t c0, int64_t width, float* y) {
   alignas(64) float acc[R][kChunk];
   std::memset(acc, 0, sizeof(acc));
-  const int64_t span = std::min<int64_t>(kGroup, w.p / 2);  // packed rows whose nibbles each lie in one group
+  const int64_t span = w.group_span();
   for (int64_t h0 = 0; h0 < w.k / 2; h0 += span) {
     for (int64_t c = 0; c < width; c += kDotCols) {
       int64_t left = std::min(kDotCols, width - c);
@@ -817,9 +819,10 @@ constexpr int kInt4TileRows = 6;      // rows per tile micro-kernel: 6 x 2 vecto
 constexpr int64_t kInt4TileSteps = 128;  // packed rows per tile: 2 x 64 KiB of nibbles at 512 columns, in L2
 
 // Rows of x as int8 per 32 values of K (llama.cpp's Q8_0): q = round(x / d), d = max|x| / 127; a group holding
-// NaN or inf gets d = NaN (its row's outputs are NaN; its q are 0, or -128 where x was not finite). lanes[r, k / 16] holds, for that block of 16 q,
-// -8 times the sum of the q at K offsets 0-1 mod 4 (low 16 bits) and 2-3 mod 4 (high 16 bits): the starting
-// value of the two 16-bit sums per column that vpmaddubsw fills from 4 packed rows, which read nibbles as q + 8.
+// NaN or inf gets d = NaN (its row's outputs are NaN; its q are 0, or -128 where x was not finite).
+// lanes[r, k / 16] holds, for that block of 16 q, -8 times the sum of the q at K offsets 0-1 mod 4 (low 16 bits)
+// and 2-3 mod 4 (high 16 bits): the starting value of the two 16-bit sums per column that vpmaddubsw fills from
+// 4 packed rows, which read nibbles as q + 8.
 struct QuantX {
   std::vector<int8_t> q;
   std::vector<float> d;
@@ -911,7 +914,7 @@ inline void int4_quad_span(const Int4& w, const QuantX& xq, int64_t h0, int64_t 
     for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(src + (span + j) * w.n), _MM_HINT_T0);
     __m256i t[4];
     transpose_quad(src, w.n, t);
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < R; ++r) {  // the masks of t are the same for every row: the compiler computes them once
       __m256i xl = xq.quad(r, k_lo + h), xh = xq.quad(r, k_hi + h);
       for (int i = 0; i < 4; ++i) {
         __m256i l = _mm256_and_si256(t[i], mask), u = _mm256_and_si256(_mm256_srli_epi16(t[i], 4), mask);
@@ -935,7 +938,7 @@ inline void int4_quad_span(const Int4& w, const QuantX& xq, int64_t h0, int64_t 
 // column chunk, span by span.
 template <int R>
 void int4_stream(const Int4& w, const QuantX& xq, float* y, int64_t c0, int64_t c1) {
-  const int64_t span = std::min<int64_t>(kGroup, w.p / 2);
+  const int64_t span = w.group_span();
   for (int64_t c = c0; c < c1; c += stream_chunk(R)) {
     int64_t end = std::min(c + stream_chunk(R), c1);
     for (int64_t h0 = 0; h0 < w.k / 2; h0 += span) {
@@ -1002,7 +1005,7 @@ __attribute__((noinline)) uint8_t* int4_tile_buffer() {
 // transposed and split into nibbles once, then every block of 6 rows sums each segment from L1.
 void int4_tiled(const Int4& w, const QuantX& xq, int64_t rows, float* y, int64_t c0, int64_t c1) {
   uint8_t* tile = int4_tile_buffer();
-  const int64_t span = std::min<int64_t>(kGroup, w.p / 2), quads = span / 4;
+  const int64_t span = w.group_span(), quads = span / 4;
   for (int64_t c = c0; c < c1; c += kChunk) {
     int64_t width = std::min(kChunk, c1 - c), stride = width / 8 * 32;
     for (int64_t h0 = 0; h0 < w.k / 2; h0 += kInt4TileSteps) {
