@@ -53,6 +53,9 @@ namespace {
 typedef float v8 __attribute__((vector_size(32)));
 constexpr int64_t kChunk = 512;  // columns per accumulator chunk: 4 rows x 512 floats stay in L1
 constexpr int64_t kStride = kChunk + 24;  // accumulator row stride, off 4 KiB multiples (store-to-load aliasing)
+// Columns per streamed chunk: R x chunk sums stay in L1; one row takes longer runs of each weight row (4,096
+// columns: 1.15-1.5x the rate of 512 on one Zen 3 core, the hardware prefetcher's streams run longer).
+constexpr int64_t stream_chunk(int64_t rows) { return rows == 1 ? 4096 : kChunk; }
 constexpr int kPass = 8;         // K rows of the weights per accumulation pass
 constexpr int kMaxRows = 4;      // rows of x per pass over the weights
 constexpr int kGroup = 32;       // INT4 scale group along K
@@ -214,7 +217,9 @@ void group_columns_tiled(const W& w, const float* x, int64_t rows, float* y, int
 }
 
 #ifdef K2JAX_AVX512
-constexpr int64_t kDenseSpan = 16;  // K rows per block visit; the next span's rows are prefetched
+// K rows per block visit, whose next span is prefetched: 8 for up to 4 rows (fewer streams at once; one row
+// of bf16 read 12 -> 16 GB/s on one Zen 4 core), 16 for more (their FMAs hide the latency; 8 was no faster).
+constexpr int64_t dense_span_rows(int rows) { return rows <= 4 ? 8 : 16; }
 constexpr int kDenseMaxRows = 8;    // rows per pass over the weights
 
 // 32 columns of a weight row as two f32 vectors (columns outside `width` read as 0): f32 in order; bf16 widened
@@ -260,7 +265,7 @@ inline void dense_span(const Dense<T>& w, const float* x, int64_t k0, int64_t le
   const T* src = w.w + k0 * w.n + c0;
   for (int64_t kk = 0; kk < len; ++kk, src += w.n) {
     for (size_t b = 0; b < 16 * V * sizeof(T); b += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(src + kDenseSpan * w.n) + b, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(src + dense_span_rows(R) * w.n) + b, _MM_HINT_T0);
     }
     __m512 wv[V];
     for (int v = 0; v < V; v += 2) load32(src + 16 * v, width - 16 * v, wv + v);
@@ -275,19 +280,20 @@ inline void dense_span(const Dense<T>& w, const float* x, int64_t k0, int64_t le
 }
 
 // y[0:R, c0:c1] = x[0:R] @ W[:, c0:c1] in one pass over the weights: per chunk of columns, each span of K rows
-// is read across the chunk before the next (contiguous runs of memory), the chunk's R x 512 sums in L1.
+// is read across the chunk before the next (contiguous runs of memory), the chunk's R x stream_chunk(R) sums in L1.
 template <int R, typename T>
 void dense_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t c1) {
   constexpr int V = R <= 2 ? 8 : R <= 4 ? 4 : 2;  // vectors per row of a block: at most 16 accumulators
   constexpr int64_t kCols = 16 * V;
-  alignas(64) float acc[R][kChunk];
-  for (int64_t c = c0; c < c1; c += kChunk) {
-    int64_t width = std::min(kChunk, c1 - c);
+  constexpr int64_t kWidth = stream_chunk(R), kSpan = dense_span_rows(R);
+  alignas(64) float acc[R][kWidth];
+  for (int64_t c = c0; c < c1; c += kWidth) {
+    int64_t width = std::min(kWidth, c1 - c);
     std::memset(acc, 0, sizeof(acc));
-    for (int64_t k0 = 0; k0 < w.k; k0 += kDenseSpan) {
+    for (int64_t k0 = 0; k0 < w.k; k0 += kSpan) {
       for (int64_t b = 0; b < width; b += kCols) {
-        dense_span<R, V>(w, x, k0, std::min(kDenseSpan, w.k - k0), c + b, std::min(kCols, width - b), &acc[0][b],
-                         kChunk);
+        dense_span<R, V>(w, x, k0, std::min(kSpan, w.k - k0), c + b, std::min(kCols, width - b), &acc[0][b],
+                         kWidth);
       }
     }
     for (int r = 0; r < R; ++r) store_row<T>(acc[r], width, y + r * w.n + c);
@@ -499,9 +505,6 @@ inline void dense_panel(const Dense<T>& w, const float* xb, int64_t k0, int64_t 
 template <int R>
 constexpr int stream_vectors() { return R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1; }
 
-// Columns per streamed chunk: R x chunk sums stay in L1; one row takes longer runs of each weight row (4,096
-// columns: 1.15-1.5x the rate of 512 on one Zen 3 core, the hardware prefetcher's streams run longer).
-constexpr int64_t stream_chunk(int64_t rows) { return rows == 1 ? 4096 : kChunk; }
 
 // y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width a multiple of 8, at most stream_chunk(R)): each span of
 // K rows is read across the chunk before the next.
@@ -781,28 +784,30 @@ inline void store_permuted(const float* acc, float* y, int64_t width) {
   }
 }
 
-// y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width <= kChunk) from int8 x. Each span of packed rows is
+// y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width <= stream_chunk(R)) from int8 x. Each span of packed rows is
 // read across the whole chunk before the next (contiguous runs of memory), accumulating R x width floats in L1.
 template <int R>
 void dot_chunk(const Int4& w, const QuantRows& xq, int64_t r0, int64_t c0, int64_t width, float* y) {
-  alignas(64) float acc[R][kChunk];
+  constexpr int64_t kWidth = stream_chunk(R);
+  alignas(64) float acc[R][kWidth];
   std::memset(acc, 0, sizeof(acc));
   const int64_t span = w.group_span();
   for (int64_t h0 = 0; h0 < w.k / 2; h0 += span) {
     for (int64_t c = 0; c < width; c += kDotCols) {
       int64_t left = std::min(kDotCols, width - c);
       __mmask64 cols = left == kDotCols ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
-      dot_span<R>(w, xq, r0, h0, span, c0 + c, cols, &acc[0][c], kChunk);
+      dot_span<R>(w, xq, r0, h0, span, c0 + c, cols, &acc[0][c], kWidth);
     }
   }
   for (int r = 0; r < R; ++r) store_permuted(acc[r], y + (r0 + r) * w.n + c0, width);
 }
 
 // INT4 groups: x quantized once, then each chunk of columns times 2 rows at a time. One pass (up to 2 rows)
-// reads 512 columns; more rows take narrower chunks, whose packed bytes stay in L2 for the next pair.
+// reads stream_chunk(rows) columns; more rows take narrower chunks, whose packed bytes stay in L2 for the next pair.
 void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
   QuantRows xq(x, rows, w.k);
-  int64_t chunk = rows <= 2 ? kChunk : std::clamp(kDotTileBytes / (w.k / 2) / kDotCols * kDotCols, kDotCols, kChunk);
+  int64_t chunk = rows <= 2 ? stream_chunk(rows)
+                            : std::clamp(kDotTileBytes / (w.k / 2) / kDotCols * kDotCols, kDotCols, kChunk);
   for (int64_t c = c0; c < c1; c += chunk) {
     int64_t width = std::min(chunk, c1 - c);
     int64_t r = 0;
