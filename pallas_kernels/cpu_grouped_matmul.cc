@@ -262,10 +262,13 @@ inline void dense_span(const Dense<T>& w, const float* x, int64_t k0, int64_t le
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < V; ++v) a[r][v] = _mm512_load_ps(acc + r * stride + 16 * v);
   }
+  // One row prefetches into L2 (its 4,096-column chunk, on one Zen 4 core: 14-16 -> 17-21 GB/s), more into L1
+  // (into L2 they read 10-40% slower).
+  constexpr auto kHint = R == 1 ? _MM_HINT_T1 : _MM_HINT_T0;
   const T* src = w.w + k0 * w.n + c0;
   for (int64_t kk = 0; kk < len; ++kk, src += w.n) {
     for (size_t b = 0; b < 16 * V * sizeof(T); b += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(src + dense_span_rows(R) * w.n) + b, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(src + dense_span_rows(R) * w.n) + b, kHint);
     }
     __m512 wv[V];
     for (int v = 0; v < V; v += 2) load32(src + 16 * v, width - 16 * v, wv + v);
@@ -727,7 +730,8 @@ inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0,
   }
   const uint8_t* src = w.packed + h0 * w.n + c0;
   for (int64_t h = 0; h < span; h += 4, src += 4 * w.n) {
-    for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(src + (span + j) * w.n), _MM_HINT_T0);
+    // The next span into L2: on one Zen 4 core 1.2-1.6x the rate of prefetching into L1 for 1-8 rows.
+    for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(src + (span + j) * w.n), _MM_HINT_T1);
     __m512i b0 = _mm512_maskz_loadu_epi8(cols, src), b1 = _mm512_maskz_loadu_epi8(cols, src + w.n);
     __m512i b2 = _mm512_maskz_loadu_epi8(cols, src + 2 * w.n), b3 = _mm512_maskz_loadu_epi8(cols, src + 3 * w.n);
     __m512i p01 = _mm512_unpacklo_epi8(b0, b1), q01 = _mm512_unpackhi_epi8(b0, b1);
@@ -751,7 +755,7 @@ inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0,
   }
   for (int64_t k : {k_lo, k_hi}) {
     for (int j = 0; j < 2; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(w.scale + ((k + span) / kGroup) * w.n + c0 + 32 * j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w.scale + ((k + span) / kGroup) * w.n + c0 + 32 * j), _MM_HINT_T1);
     }
   }
   __m512 s_lo[4], s_hi[4];
