@@ -2,7 +2,8 @@
 
 Two checkpoints of the same config: float32 weights on both sides; and the native format (routed experts INT4,
 compressed-tensors pack-quantized, the rest bf16), which k2jax runs as stored while transformers runs it
-decompressed to float32, its fastest mode on a CPU without bf16 instructions. Also k2jax on its plain XLA path
+decompressed to float32 and, on a CPU with bf16 instructions (AVX-512 BF16, AMX), also in bf16: each row takes
+its faster mode and says which. Also k2jax on its plain XLA path
 (K2JAX_KERNELS=xla, without the native CPU kernel), each side's memory-bandwidth floor of a batch-1 decode step
 (bytes it must read / measured copy bandwidth), and the cold start to first token of `k2jax-generate` with the
 bundled model, first run on a new machine (kernel build, empty caches) and with warm caches. Prints markdown tables.
@@ -16,6 +17,7 @@ the same weights: f32 beside the float32 checkpoint, Q4_0 (`llama-quantize`) bes
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -95,6 +97,14 @@ def decompressed_checkpoint(model, path: str):
         var.set_value(np.asarray(value))
     write_hf_checkpoint(path, cfg, nnx.from_flat_state(flat))
     return transformers_model(path)
+
+
+def has_bf16_instructions() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX), where PyTorch's bf16 may beat float32."""
+    try:
+        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
+    except OSError:
+        return False
 
 
 def copy_bandwidth() -> float:
@@ -239,28 +249,36 @@ def float32_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gene
 
 
 def native_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Generator, bw: float) -> None:
-    """The INT4 + bf16 checkpoint: k2jax as stored against transformers on it decompressed to float32."""
+    """The INT4 + bf16 checkpoint: k2jax as stored against transformers on it decompressed (float32, and bf16 where
+    the CPU has bf16 instructions: each row takes transformers' faster mode)."""
     with tempfile.TemporaryDirectory() as native, tempfile.TemporaryDirectory() as dense:
         native_checkpoint(cfg, native)
         model = k2jax.load(native)
-        hf = decompressed_checkpoint(model, dense)
+        hf_modes = {"float32": decompressed_checkpoint(model, dense)}
+    if has_bf16_instructions():
+        hf_modes["bf16"] = copy.deepcopy(hf_modes["float32"]).to(torch.bfloat16)
     print(f"| {args.preset} config, native format (INT4 experts, bf16 rest): k2jax as stored, transformers "
-          "decompressed to float32 | | | | |")
-    print("| batch | k2jax tok/s | transformers tok/s | ratio | k2jax, XLA path only, tok/s |")
+          f"decompressed, its faster of {' / '.join(hf_modes)} | | | | |")
+    print("| batch | k2jax tok/s | transformers tok/s (mode) | ratio | k2jax, XLA path only, tok/s |")
     print("|---|---|---|---|---|")
     step_s = hf_step_s = None
+    hf_mode = "float32"
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = rng.integers(2, cfg.vocab_size, (batch, args.prompt_len)).tolist()
         rate, seconds = k2jax_decode(model, prompts, args.new_tokens)
         xla, _ = k2jax_decode(model, prompts, args.new_tokens, kernels="xla")
-        ref = hf_decode(hf, prompts, args.new_tokens)
+        mode, ref = max(((m, hf_decode(hf, prompts, args.new_tokens)) for m, hf in hf_modes.items()),
+                        key=lambda mode_rate: mode_rate[1])
         if batch == 1:
-            step_s, hf_step_s = seconds, 1 / ref
-        print(f"| {batch} | {rate:.1f} | {ref:.1f} | {rate / ref:.2f}x | {xla:.1f} |", flush=True)
+            step_s, hf_step_s, hf_mode = seconds, 1 / ref, mode
+        print(f"| {batch} | {rate:.1f} | {ref:.1f} ({mode}) | {rate / ref:.2f}x | {xla:.1f} |", flush=True)
     context = args.prompt_len + args.new_tokens // 2
     k2_floor = step_bytes(cfg, context, itemsize=2, expert_itemsize=0.5625) / bw
-    hf_floor = step_bytes(cfg, context) / bw
-    k2_pre, hf_pre = prefill_rates(model, hf, args.prefill, rng)
+    hf_itemsize = 2 if hf_mode == "bf16" else 4
+    hf_floor = step_bytes(cfg, context, itemsize=hf_itemsize, cache_itemsize=hf_itemsize) / bw
+    pre = {m: prefill_rates(model, hf, args.prefill, rng) for m, hf in hf_modes.items()}
+    k2_pre = max(k2 for k2, _ in pre.values())
+    pre_mode, (_, hf_pre) = max(pre.items(), key=lambda mode_rates: mode_rates[1][1])
     llama = llamacpp_rates(model, "Q4_0", args)
     print()
     print("| measure | value |")
@@ -268,9 +286,9 @@ def native_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gener
     if step_s is not None:
         print(f"| batch-1 step, k2jax: its bytes floor (bf16 + INT4) / measured | {k2_floor * 1e3:.2f} ms / "
               f"{step_s * 1e3:.2f} ms ({step_s / k2_floor:.2f}x the floor) |")
-        print(f"| batch-1 step, transformers: its bytes floor (float32) / measured | {hf_floor * 1e3:.2f} ms / "
+        print(f"| batch-1 step, transformers: its bytes floor ({hf_mode}) / measured | {hf_floor * 1e3:.2f} ms / "
               f"{hf_step_s * 1e3:.2f} ms ({hf_step_s / hf_floor:.2f}x the floor) |")
-    print(f"| prefill 1 x {args.prefill}: k2jax / transformers | {k2_pre:.0f} / {hf_pre:.0f} tok/s "
+    print(f"| prefill 1 x {args.prefill}: k2jax / transformers ({pre_mode}) | {k2_pre:.0f} / {hf_pre:.0f} tok/s "
           f"= {k2_pre / hf_pre:.1f}x |")
     q4_floor = step_bytes(cfg, args.new_tokens // 2, itemsize=Q4_0_BYTES, cache_itemsize=2) / bw
     llamacpp_lines("Q4_0", llama, q4_floor, step_s, k2_pre, args)
