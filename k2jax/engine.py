@@ -95,10 +95,11 @@ def table_width(layout: PoolLayout, columns: int, tokens: int, queries: int = 1)
 
 def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens: Sequence[int],
                 positions: Sequence[int], params: Sequence[SamplingParams], masks: StepMasks | None, D: int,
-                width: int, pad_row: int, words: int) -> DecodeRows:
+                width: int, pad_row: int, words: int, steps: int) -> DecodeRows:
     """The decode segment as host arrays (the jitted step transfers them itself): row rows[i] at index idx[i] of D
     (the rest padding over row pad_row's table, or, when D is every row, each row at its own index), `width` columns
-    of its page table, masks of `words` words (default: every token allowed, no drafts)."""
+    of its page table, masks of `words` words and forced tokens for `steps` steps (default: every token allowed, none
+    forced, no drafts)."""
     n_rows = table.shape[0]
     table_rows = np.arange(n_rows) if D == n_rows else np.full(D, pad_row)
     table_rows[idx] = rows
@@ -107,10 +108,12 @@ def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens:
     row_params = [SamplingParams()] * D
     for i, p in zip(idx, params):
         row_params[i] = p
-    mask, drafts = np.full((D, words), -1, np.int32), np.zeros(D, bool)
+    mask, drafts, forced = np.full((D, words), -1, np.int32), np.zeros(D, bool), np.full((D, steps), -1, np.int32)
     if masks is not None:
         mask[idx], drafts[idx] = masks.words, masks.drafts
-    return DecodeRows(tok, pos, live, table[table_rows, :width], host_params(row_params), mask, drafts)
+        n = min(steps, masks.forced.shape[1])
+        forced[idx, :n] = masks.forced[:, :n]
+    return DecodeRows(tok, pos, live, table[table_rows, :width], host_params(row_params), mask, drafts, forced)
 
 
 def prefill_chunks(table: np.ndarray, chunks: Sequence[Chunk], P: int, T: int, width: int) -> PrefillChunk:
@@ -155,10 +158,10 @@ def step(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, pos_BT:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeRows:
-    """The decode segment of a step: row d feeds tok_D[d] at position pos_D[d] through page table table_DM[d] and
-    samples the next token among those mask_DW[d] allows (packed, see k2jax.sampling; all bits set: any token), in
-    a row that drafts (draft_D[d]) at the first step only. Rows not live write and read nothing; their tokens are
-    junk."""
+    """The decode segment of a step: row d feeds tok_D[d] at position pos_D[d] through page table table_DM[d]; its
+    first steps take the tokens forced_DN[d] holds (-1 after them), the next samples among the tokens mask_DW[d]
+    allows (packed, see k2jax.sampling; all bits set: any token) and so do the later ones unless the row drafts
+    (draft_D[d]). Rows not live write and read nothing; their tokens are junk."""
 
     tok_D: jax.Array
     pos_D: jax.Array
@@ -167,6 +170,14 @@ class DecodeRows:
     sampling: dict[str, jax.Array]
     mask_DW: jax.Array
     draft_D: jax.Array
+    forced_DN: jax.Array
+
+    def step_mask(self, i: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+        """Step i's masks [D, W] and forced tokens [D] (-1: sample): a row's mask holds at its first step after its
+        forced tokens and, unless it drafts, at every later one (all tokens elsewhere)."""
+        n_forced_D = jnp.sum(self.forced_DN >= 0, axis=1)
+        free_D = (i < n_forced_D) | (self.draft_D & (i > n_forced_D))
+        return jnp.where(free_D[:, None], -1, self.mask_DW), self.forced_DN[:, i]
 
 
 @jax.tree_util.register_dataclass
@@ -193,13 +204,13 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
     Both segments write their latents before either attends, so a decode row may feed the last prompt token of a
     chunk that ends in this step (its first token is sampled here); the dense and MoE layers run over both
     segments' tokens at once.
-    Masks hold for every step but a drafting row's later ones; the unmasked sampler runs when every row allows
-    every token.
+    Forced tokens replace a row's first draws; masks hold as DecodeRows.step_mask says; the unmasked sampler runs
+    when every row allows every token.
     """
     model = nnx.merge(graphdef, state)
 
     def one(tok_D: jax.Array, pos_D: jax.Array, pool: dict[str, jax.Array], chunk: PrefillChunk | None,
-            mask_DW: jax.Array):
+            i: jax.Array | int):
         segments = [(tok_D[:, None], pos_D[:, None],
                      PagedCache(pool, rows.table_DM, jnp.where(rows.live_D, pos_D + 1, 0), layout))]
         if chunk is not None:
@@ -208,19 +219,19 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
         tokens, positions, caches = zip(*segments)
         xs_BTM, pool = hidden(model, tokens, positions, caches, cfg, dtype)
         logits_DV = lm_head(model, xs_BTM[-1][:, 0])
+        mask_DW, forced_D = rows.step_mask(i)
         nxt_D, logp_D = jax.lax.cond(jnp.all(mask_DW == -1),
-                                     lambda: sample(logits_DV, rows.sampling, pos_D + 1),
-                                     lambda: sample(logits_DV, rows.sampling, pos_D + 1, mask_DW))
+                                     lambda: sample(logits_DV, rows.sampling, pos_D + 1, None, forced_D),
+                                     lambda: sample(logits_DV, rows.sampling, pos_D + 1, mask_DW, forced_D))
         return nxt_D, logp_D, pool
 
     if chunk is not None:
-        nxt_D, logp_D, pool = one(rows.tok_D, rows.pos_D, pool, chunk, rows.mask_DW)
+        nxt_D, logp_D, pool = one(rows.tok_D, rows.pos_D, pool, chunk, 0)
         return nxt_D[:, None], jax.tree.map(lambda x: x[:, None], logp_D), pool
 
     def body(i, carry):
         tok_D, pos_D, pool, toks_DN, logp_DN = carry
-        mask_DW = jnp.where(rows.draft_D[:, None] & (i > 0), -1, rows.mask_DW)
-        nxt_D, logp_D, pool = one(tok_D, pos_D, pool, None, mask_DW)
+        nxt_D, logp_D, pool = one(tok_D, pos_D, pool, None, i)
         logp_DN = jax.tree.map(lambda acc, x: acc.at[:, i].set(x), logp_DN, logp_D)
         return nxt_D, pos_D + 1, pool, toks_DN.at[:, i].set(nxt_D), logp_DN
 
@@ -394,7 +405,7 @@ class Model:
         idx = np.asarray(rows, np.int64) if D == n_rows else np.arange(n_real)
         pad_row = rows[0] if rows else chunks[0].row if chunks else 0
         decode = decode_rows(pages.table, idx, rows, tokens, positions, params, masks, D, width, pad_row,
-                             mask_words(self.config.vocab_size))
+                             mask_words(self.config.vocab_size), max_steps)
         prefill = prefill_chunks(pages.table, chunks, P, T, width) if P else None
         steps = np.int32(n_steps)
         toks, logps, pool = self._call(run_step, self.graphdef, self.state, pool, decode, prefill, steps, self.config,

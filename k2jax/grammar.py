@@ -214,10 +214,12 @@ class RowConstraint:
     """One sequence's constraint: an optional grammar and an optional reasoning budget.
 
     The budget counts tokens inside the opening `<think>` block; once spent, `</think>` is the only token allowed
-    (as soon as the grammar allows it). `steady` says whether the last token left the mask unchanged: while it
-    does, several tokens can be sampled under one mask and checked afterwards; while it does not, a row whose
-    sampling makes draws exact (k2jax.sampling.drafts_exact) samples its first token under the mask and drafts
-    the rest from every token (see accept and decode_plan).
+    (as soon as the grammar allows it). Where the grammar forces text (a call's `functions.NAME:IDX` once NAME is
+    told apart, a JSON key), the mask allows only the first token of llguidance's canonical tokenization of it, so
+    forced stretches are single tokens that a decode call takes without sampling (see `forced`). `steady` says
+    whether the last token left the mask unchanged: while it does, several tokens can be sampled under one mask and
+    checked afterwards; while it does not, a row whose sampling makes draws exact (k2jax.sampling.drafts_exact)
+    samples its first token under the mask and drafts the rest from every token (see accept and decode_plan).
     """
 
     def __init__(self, vocab: Vocabulary, grammar: str | None = None, reasoning_budget: int | None = None):
@@ -228,26 +230,44 @@ class RowConstraint:
         self.phase = "start"  # -> "reasoning" (after <think>) -> "answer"
         self.reasoning_tokens = 0
         self.steady = False
-        self._mask: np.ndarray | None = None
+        self._mask: tuple[np.ndarray, int | None] | None = None
 
     def mask(self) -> np.ndarray:
         """The tokens allowed next, [words] int32."""
-        if self._mask is None:
-            self._mask = self._compute()
-        return self._mask
+        return self._state()[0]
 
-    def accept(self, tokens: Sequence[int], exact: bool = False, drafted: bool = False) -> int:
-        """Advance over a run of draws, the first made under the current mask, the later ones under it too or,
-        `drafted`, from every token; returns how many were taken. The run ends before the first later draw that does
-        not stand where it falls: one the grammar does not allow there, or, unless the row's sampling makes draws
-        `exact` (see k2jax.sampling.drafts_exact), one made after the mask changed. An exact draw that the mask
-        where it falls allows stands when that mask allows no token the draw's did not: it is the draw under that
-        mask. What follows a void draw is void too: it was drawn after it."""
+    def forced(self, limit: int) -> tuple[list[int], np.ndarray]:
+        """The next tokens (at most `limit`) that the mask allows alone, one after another, and the mask after them;
+        the constraint itself does not move."""
+        saved = (self.phase, self.reasoning_tokens, self._mask)
+        tokens: list[int] = []
+        while len(tokens) < limit and (token := self._state()[1]) is not None:
+            self._consume(token)
+            tokens.append(token)
+        after = self.mask()
+        if self.matcher is not None and tokens:
+            self.matcher.rollback(len(tokens))
+        self.phase, self.reasoning_tokens, self._mask = saved
+        return tokens, after
+
+    def accept(self, tokens: Sequence[int], exact: bool = False, drafted: bool = False, forced: int = 0) -> int:
+        """Advance over a run of draws: the first `forced` ones taken as `forced` gave them, the next made under the
+        mask after those, the later ones under it too or, `drafted`, from every token; returns how many were taken.
+        The run ends before the first later draw that does not stand where it falls: one the grammar does not allow
+        there, or, unless the row's sampling makes draws `exact` (see k2jax.sampling.drafts_exact), one made after
+        the mask changed. An exact draw that the mask where it falls allows stands when that mask allows no token the
+        draw's did not: it is the draw under that mask. What follows a void draw is void too: it was drawn after it."""
+        forced = min(forced, len(tokens))
+        for token in tokens[:forced]:
+            self._consume(int(token))
+        if forced == len(tokens):
+            self.steady = False
+            return forced
         used = self.mask()
-        for i, token in enumerate(tokens):
+        for i, token in enumerate(tokens[forced:]):
             if i and not self._stands(int(token), used, exact, drafted):
                 self.steady = False
-                return i
+                return forced + i
             self._consume(int(token))
         self.steady = np.array_equal(self.mask(), used)
         return len(tokens)
@@ -272,15 +292,25 @@ class RowConstraint:
                 self.reasoning_tokens += 1
         self._mask = None
 
-    def _compute(self) -> np.ndarray:
-        """The grammar's mask (stop tokens only once it failed or finished), narrowed by a spent budget."""
-        vocab = self.vocab
+    def _state(self) -> tuple[np.ndarray, int | None]:
+        """The mask, and the one token it allows if just one."""
+        if self._mask is None:
+            self._mask = self._compute()
+        return self._mask
+
+    def _compute(self) -> tuple[np.ndarray, int | None]:
+        """The grammar's mask (the canonical first token of text it forces; stop tokens only once it failed or
+        finished), narrowed by a spent budget; and its one token if it allows just one."""
+        vocab, single = self.vocab, None
         if self.matcher is None:
             words = vocab.all_allowed()
             if self.phase != "start":  # no second think block, nor a stray </think> in the answer
                 words &= ~vocab.only([vocab.think_begin] + ([vocab.think_end] if self.phase == "answer" else []))
         elif self.matcher.is_error():
             words = vocab.only(vocab.stop_ids)
+        elif forced := self.matcher.compute_ff_tokens():
+            single = int(forced[0])
+            words = vocab.only([single])
         else:
             words = np.empty(vocab.words, np.int32)
             self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
@@ -288,19 +318,21 @@ class RowConstraint:
                 words = vocab.only(vocab.stop_ids)
         spent = self.budget is not None and self.phase == "reasoning" and self.reasoning_tokens >= self.budget
         if spent and allows(words, vocab.think_end):
-            words = vocab.only([vocab.think_end])
-        return words
+            single, words = vocab.think_end, vocab.only([vocab.think_end])
+        return words, single
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
     """A decode call's masks over its rows (None without constraints; all tokens for unconstrained rows), its step
-    count, and which constrained rows' sampling makes drafts exact (k2jax.sampling.drafts_exact)."""
+    count, which constrained rows' sampling makes drafts exact (k2jax.sampling.drafts_exact), and how many tokens
+    each constrained row takes forced."""
 
     masks: StepMasks | None
     n_steps: int
     constraints: Mapping[int, RowConstraint]
     exact: frozenset[int]
+    n_forced: Mapping[int, int]
 
     def take(self, row: int, tokens: Sequence[int]) -> int:
         """How many of a row's sampled tokens stand (all of an unconstrained row's), its constraint advanced over
@@ -308,25 +340,32 @@ class DecodePlan:
         constraint = self.constraints.get(row)
         if constraint is None:
             return len(tokens)
-        return constraint.accept(tokens, row in self.exact, bool(self.masks.drafts[row]))
+        return constraint.accept(tokens, row in self.exact, bool(self.masks.drafts[row]), self.n_forced[row])
 
 
 def decode_plan(rows: Mapping[int, tuple[RowConstraint, SamplingParams]], n_rows: int,
                 decode_steps: int) -> DecodePlan:
-    """The plan of a decode call over n_rows rows, the constrained ones given with their sampling. A row whose mask
-    changes from token to token drafts its later steps if its sampling makes drafts exact; the count is decode_steps
-    unless another such row holds it to 1."""
+    """The plan of a decode call over n_rows rows, the constrained ones given with their sampling. A row first takes
+    the tokens its grammar forces; then, if its mask changes from token to token (or it took forced ones), it drafts
+    its later steps when its sampling makes drafts exact. The count is decode_steps unless a row that cannot draft
+    holds it to its forced tokens and one more."""
     constraints = {row: c for row, (c, _) in rows.items()}
     exact = frozenset(row for row, (_, params) in rows.items() if drafts_exact(params))
     if not rows:
-        return DecodePlan(None, decode_steps, constraints, exact)
+        return DecodePlan(None, decode_steps, constraints, exact, {})
     first = next(iter(constraints.values())).vocab
-    masks = StepMasks(np.tile(first.all_allowed(), (n_rows, 1)), np.zeros(n_rows, bool))
+    masks = StepMasks(np.tile(first.all_allowed(), (n_rows, 1)), np.zeros(n_rows, bool),
+                      np.full((n_rows, decode_steps), -1, np.int32))
+    n_steps, n_forced = decode_steps, {}
     for row, constraint in constraints.items():
-        masks.words[row] = constraint.mask()
-        masks.drafts[row] = not constraint.steady and row in exact
-    held = any(not c.steady and not masks.drafts[row] for row, c in constraints.items())
-    return DecodePlan(masks, 1 if held else decode_steps, constraints, exact)
+        forced, masks.words[row] = constraint.forced(decode_steps)
+        masks.forced[row, :len(forced)] = forced
+        n_forced[row] = len(forced)
+        changing = bool(forced) or not constraint.steady
+        masks.drafts[row] = changing and row in exact
+        if changing and row not in exact:
+            n_steps = min(n_steps, len(forced) + 1)
+    return DecodePlan(masks, n_steps, constraints, exact, n_forced)
 
 
 def reasoning_budget(max_reasoning_tokens: int | None, effort: str | None) -> int | None:

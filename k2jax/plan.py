@@ -168,7 +168,8 @@ def abstract_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chun
 
     decode = DecodeRows(sds((rows,), jnp.int32), sds((rows,), jnp.int32), sds((rows,), jnp.bool_), cache.table_BM,
                         {name: sds((rows,), dtype) for name, dtype in ROW_DTYPES.items()},
-                        sds((rows, mask_words(cfg.vocab_size)), jnp.int32), sds((rows,), jnp.bool_))
+                        sds((rows, mask_words(cfg.vocab_size)), jnp.int32), sds((rows,), jnp.bool_),
+                        sds((rows, 1 if chunk else DECODE_STEPS), jnp.int32))
     prefill = None if not chunk else PrefillChunk(sds((1, chunk), jnp.int32), sds((1,), jnp.int32),
                                                   sds((1,), jnp.int32), sds((1, width), jnp.int32))
     return cache.pool, decode, prefill

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -141,12 +141,19 @@ def _draw(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array) 
 
 
 class StepMasks(NamedTuple):
-    """A decode call's allowed tokens per row: words [rows, mask_words] int32, packed, for the first step and, unless
-    the row drafts, for every later one; drafts [rows] bool: the row's later steps draw from every token, drafts that
-    the host keeps only where the row's grammar allows them (k2jax.grammar.RowConstraint.accept)."""
+    """A decode call's constraints per row: forced [rows, steps] int32, the tokens its first steps take without
+    sampling (the ones its grammar allows alone; -1 after them); words [rows, mask_words] int32, packed, the tokens
+    allowed at the first step after those and, unless the row drafts, at every later one; drafts [rows] bool: the
+    row's later steps draw from every token, drafts that the host keeps only where the row's grammar allows them
+    (k2jax.grammar.RowConstraint.accept)."""
 
     words: np.ndarray
     drafts: np.ndarray
+    forced: np.ndarray
+
+    def rows(self, index: Any) -> StepMasks:
+        """The masks of the rows `index` selects."""
+        return StepMasks(self.words[index], self.drafts[index], self.forced[index])
 
 
 def drafts_exact(params: SamplingParams) -> bool:
@@ -183,9 +190,10 @@ def _no_top(logp_BV: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def sample(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array,
-           mask_BW: jax.Array | None = None) -> tuple[jax.Array, Logprobs]:
-    """Next token per row (among the tokens mask_BW allows, if given) and its Logprobs, from the same logits;
-    all-greedy batches skip the sampler, batches where no row asks for top tokens skip the top-k."""
+           mask_BW: jax.Array | None = None, forced_B: jax.Array | None = None) -> tuple[jax.Array, Logprobs]:
+    """Next token per row (forced_B[b] where that is >= 0, else among the tokens mask_BW allows, if given) and its
+    Logprobs, from the same logits; all-greedy batches skip the sampler, batches where no row asks for top tokens skip
+    the top-k."""
     logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     top_ids_BK, top_BK = jax.lax.cond(jnp.any(params["top_logprobs"] > 0), _top, _no_top, logp_BV)
     if mask_BW is not None:
@@ -194,4 +202,6 @@ def sample(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array,
     hot_B = params["temperature"] > 0
     drawn_B = jax.lax.cond(jnp.any(hot_B), _draw, lambda *_: greedy_B, logits_BV, params, pos_B)
     tokens_B = jnp.where(hot_B, drawn_B, greedy_B)
+    if forced_B is not None:
+        tokens_B = jnp.where(forced_B >= 0, forced_B, tokens_B)
     return tokens_B, Logprobs(jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0], top_ids_BK, top_BK)

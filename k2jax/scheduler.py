@@ -669,14 +669,18 @@ class StepLink:
         return received
 
 
-def pack_masks(masks: StepMasks) -> np.ndarray:
-    """A step's masks as one int32 array to share: the packed words, then each row's draft flag as a last column."""
-    return np.concatenate([masks.words, masks.drafts[:, None]], axis=1).astype(np.int32)
+def pack_masks(masks: StepMasks, n_steps: int) -> np.ndarray:
+    """A step's masks as one int32 array to share: the packed words, the forced tokens of its n_steps steps, then
+    each row's draft flag as a last column."""
+    forced = np.full((len(masks.words), n_steps), -1, np.int32)
+    forced[:, :min(n_steps, masks.forced.shape[1])] = masks.forced[:, :n_steps]
+    return np.concatenate([masks.words, forced, masks.drafts[:, None]], axis=1).astype(np.int32)
 
 
-def unpack_masks(shared: np.ndarray) -> StepMasks:
-    """pack_masks' array back as StepMasks."""
-    return StepMasks(shared[:, :-1], shared[:, -1].astype(bool))
+def unpack_masks(shared: np.ndarray, n_steps: int) -> StepMasks:
+    """pack_masks' array (of a step of n_steps steps) back as StepMasks."""
+    words = shared.shape[1] - n_steps - 1
+    return StepMasks(shared[:, :words], shared[:, -1].astype(bool), shared[:, words:-1])
 
 
 def unpack_step(payload: np.ndarray, n_slots: int, n_steps: int, n_chunks: int, masks: StepMasks | None = None
@@ -718,7 +722,7 @@ class LinkedSlots(Slots):
         with self.link.deadline():
             self.link.send(STEP, (n_steps, len(chunks), masks is not None), np.concatenate(payload))
             if masks is not None:
-                self.link.share(pack_masks(masks))
+                self.link.share(pack_masks(masks, n_steps))
             return super().step(tokens, params, n_steps, masks, chunks)
 
     def rewind(self, slot: int, length: int) -> None:
@@ -753,7 +757,7 @@ def follow(model: engine.Model, n_slots: int, max_context: int | None, link: Ste
                 return
             try:
                 if op == STEP:
-                    masks = (unpack_masks(link.share(np.zeros((n_slots, slots.mask_words + 1), np.int32)))
+                    masks = (unpack_masks(link.share(np.zeros((n_slots, slots.mask_words + a + 1), np.int32)), a)
                              if message[3] else None)
                     slots.step(*unpack_step(payload, n_slots, a, b, masks))
                 elif op == RELEASE:

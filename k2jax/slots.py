@@ -159,7 +159,7 @@ class Slots:
             self._reserve(s, int(lengths[s]) + n_steps)
         pool, toks, logps = self.model.run(
             self.pages, self.pool, active, np.asarray(tokens)[active], lengths[active], [params[s] for s in active],
-            n_steps, None if masks is None else StepMasks(masks.words[active], masks.drafts[active]), chunks,
+            n_steps, None if masks is None else masks.rows(active), chunks,
             self.max_chunk, max(n_steps, self.max_steps))
         self.pool = pool
         for chunk in chunks:

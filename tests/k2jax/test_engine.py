@@ -112,7 +112,7 @@ def test_a_step_with_a_chunk_and_decode_rows_updates_the_pool_in_place(model):
         pages.reserve(row, tokens)
     width = engine.table_width(pages.layout, pages.table.shape[1], 1024)
     rows = engine.decode_rows(pages.table, np.arange(2), [0, 1], [5, 6], [299, 699], [SamplingParams()] * 2,
-                              None, 2, width, 0, -(-model.config.vocab_size // 32))
+                              None, 2, width, 0, -(-model.config.vocab_size // 32), 1)
     chunk = engine.prefill_chunks(pages.table, [engine.Chunk(2, list(range(3, 67)), 0)], 1, 64, width)
     with model.on_mesh():
         compiled = engine.run_step.lower(model.graphdef, model.state, pool, rows, chunk, np.int32(1), model.config,
@@ -141,7 +141,7 @@ def test_a_step_never_widens_a_whole_weight_stack_or_the_embedding(kernels, monk
     pages.reserve(1, 64)
     width = engine.table_width(pages.layout, pages.table.shape[1], 64)
     rows = engine.decode_rows(pages.table, np.arange(1), [0], [5], [20], [SamplingParams()], None, 1, width, 0,
-                              -(-model.config.vocab_size // 32))
+                              -(-model.config.vocab_size // 32), 8)
     chunk = engine.prefill_chunks(pages.table, [engine.Chunk(1, list(range(3, 67)), 0)], 1, 64, width)
     for step_chunk, steps in ((None, 8), (chunk, 1)):
         with model.on_mesh():

@@ -242,7 +242,7 @@ def test_reasoning_budget_forces_the_end_of_reasoning(vocab, tok, rules):
         assert allows(row.mask(), token) and allows(row.mask(), think_end)
         row.accept([token])
     only = np.flatnonzero(np.unpackbits(row.mask().view(np.uint8), bitorder="little"))
-    assert only.tolist() == [think_end]
+    assert only.tolist() == [think_end] and row.forced(4)[0] == [think_end]
     row.accept([think_end])
     assert not allows(row.mask(), think_end) and not allows(row.mask(), tok.token_id(chat.THINK_BEGIN))
     assert allows(row.mask(), tok.encode("Paris")[0]) and allows(row.mask(), tok.im_end_id)
@@ -304,26 +304,75 @@ def test_a_drafted_run_stands_up_to_its_first_draft_the_grammar_refuses(vocab, t
     assert RowConstraint(vocab, rules).accept(tokens) < expected
 
 
-def test_rows_draft_while_their_mask_changes_if_their_sampling_allows(vocab, tok):
-    """grammar.decode_plan: a steady row keeps one mask for every step; a changing one drafts when its sampling makes
-    drafts exact, and holds the call to one step when it does not; take() cuts a drafted run where it stops standing
-    and leaves unconstrained rows whole."""
-    steady, changing = RowConstraint(vocab, tool_calls_grammar(TOOLS)), RowConstraint(vocab, tool_calls_grammar(TOOLS))
-    for row, text in ((steady, f"{chat.THINK_BEGIN}I will"), (changing, f"{THINK}{chat.SECTION_BEGIN}")):
-        for token in tok.encode(text):
-            row.accept([token])
+def constraint_after(vocab, tok, rules: str | None, text: str) -> RowConstraint:
+    """A constraint that took `text`'s tokens one at a time."""
+    row = RowConstraint(vocab, rules)
+    for token in tok.encode(text):
+        row.accept([token])
+    return row
+
+
+def test_rows_take_forced_tokens_then_draft_while_their_mask_changes(vocab, tok):
+    """grammar.decode_plan: a steady row keeps one mask for every step; a row whose grammar forces text takes its
+    tokens first (the constraint itself unmoved by planning), then drafts when its sampling makes drafts exact, and
+    holds the call to its forced tokens and one more when it does not; take() takes the forced tokens, cuts a
+    drafted run where it stops standing and leaves unconstrained rows whole."""
+    rules = tool_calls_grammar(TOOLS)
+    steady, changing = (constraint_after(vocab, tok, rules, f"{chat.THINK_BEGIN}I will"),
+                        constraint_after(vocab, tok, rules, f"{THINK}{chat.SECTION_BEGIN}"))
     assert steady.steady and not changing.steady
+    before = changing.mask().copy()
     greedy, filtered = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=5)
     plan = decode_plan({0: (steady, filtered), 2: (changing, greedy)}, 4, 8)
+    head = tok.encode(f"{chat.CALL_BEGIN}functions")  # then the model picks the tool
     assert plan.n_steps == 8 and plan.masks.drafts.tolist() == [False, False, True, False]
-    assert np.array_equal(plan.masks.words[2], changing.mask()) and (plan.masks.words[[1, 3]] == -1).all()
-    prefix, wrong = tok.encode(f"{THINK}{chat.SECTION_BEGIN}"), tok.encode(call("divide", 0, '{"a": 37, "b": 41}'))
-    stands = longest_allowed(vocab, tool_calls_grammar(TOOLS), prefix + wrong) - len(prefix)
-    assert 0 < stands < len(wrong) and plan.take(2, wrong) == stands
+    assert plan.masks.forced[2].tolist() == head + [-1] * (8 - len(head)) and (plan.masks.forced[[0, 1, 3]] == -1).all()
+    assert np.array_equal(changing.mask(), before)
+    after = constraint_after(vocab, tok, rules, f"{THINK}{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions")
+    assert np.array_equal(plan.masks.words[2], after.mask()) and (plan.masks.words[[1, 3]] == -1).all()
+    assert np.array_equal(plan.masks.words[0], steady.mask())
+    prefix, wrong = tok.encode(f"{THINK}{chat.SECTION_BEGIN}"), tok.encode(call("multiply", 0, '{"a": 37, "b": "41"}'))
+    stands = longest_allowed(vocab, rules, prefix + wrong) - len(prefix)
+    assert len(head) < stands < len(wrong) and plan.take(2, wrong) == stands
     assert plan.take(1, wrong) == len(wrong)
-    plan = decode_plan({0: (steady, greedy), 2: (changing, filtered)}, 4, 8)
-    assert plan.n_steps == 1 and not plan.masks.drafts.any()
+    plan = decode_plan({0: (steady, greedy), 2: (constraint_after(vocab, tok, rules, f"{THINK}{chat.SECTION_BEGIN}"),
+                                                 filtered)}, 4, 8)
+    assert plan.n_steps == len(head) + 1 and not plan.masks.drafts.any()
     assert decode_plan({}, 4, 8).masks is None and decode_plan({}, 4, 8).n_steps == 8
+
+
+@pytest.mark.parametrize("text", [
+    THINK + section(call("multiply", 0, '{"a": 37, "b": 41}')),
+    THINK + section(call("book_room", 0, GOOD_BOOKING), call("ping", 1, "{}")),
+])
+def test_forced_tokens_are_the_ones_the_mask_allows_alone(vocab, tok, text):
+    """Along a valid turn, wherever the grammar forces text its mask allows one token, the next of the text's own
+    tokens (the canonical tokenization); forced(n) lists the next n of those that follow in a row, and a named tool
+    choice forces the whole call header from the reasoning's end."""
+    row, tokens, n_forced = RowConstraint(vocab, tool_calls_grammar(TOOLS)), tok.encode(text), 0
+    for i, token in enumerate(tokens):
+        allowed_ = np.flatnonzero(np.unpackbits(row.mask().view(np.uint8), bitorder="little"))
+        forced, _ = row.forced(len(tokens))
+        run = next((k for k, t in enumerate(tokens[i:]) if k >= len(forced) or forced[k] != t), len(tokens) - i)
+        assert run == len(forced) and (allowed_.tolist() == [token]) == bool(forced)
+        n_forced += bool(forced)
+        row.accept([token])
+    assert n_forced > len(tokens) // 3
+    named = constraint_after(vocab, tok, tool_calls_grammar(TOOLS, function="multiply"), THINK)
+    header = f"{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions.multiply:0{chat.ARGUMENT_BEGIN}" + '{"a":'
+    assert named.forced(64)[0] == tok.encode(header)
+
+
+def test_a_forced_run_is_taken_whole_and_then_checked(vocab, tok):
+    """accept(forced=k) takes k tokens as forced, the next under the mask after them, the drafts after that where
+    the grammar allows them; a run that is all forced leaves the row unsteady."""
+    rules = tool_calls_grammar(TOOLS)
+    row = constraint_after(vocab, tok, rules, f"{THINK}{chat.SECTION_BEGIN}")
+    forced, _ = row.forced(8)
+    rest = tok.encode(".multiply:0")
+    assert row.accept(forced[:1], exact=True, drafted=True, forced=1) == 1 and not row.steady
+    assert row.accept(forced[1:] + rest, exact=True, drafted=True, forced=len(forced) - 1) == len(forced) - 1 + len(rest)
+    assert row.forced(8)[0] == [tok.token_id(chat.ARGUMENT_BEGIN), *tok.encode('{"a":')]
 
 
 def test_masks_have_the_vocabulary_layout(vocab, tok):

@@ -133,6 +133,23 @@ def test_a_draft_the_mask_allows_is_the_masked_draw_when_drafts_are_exact(rng, k
     assert same.all() if drafts_exact(SamplingParams(**kw)) else not same.all()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_forced_rows_take_their_token_with_the_models_logprob(rng, temperature):
+    """A row given a forced token takes it (whatever its mask and logits) with its log-prob under the model; the
+    other rows draw as they would without any forced row."""
+    rows, vocab = 16, 300
+    masks = jnp.asarray(random_masks(rng, rows, vocab))
+    logits = jnp.asarray(rng.normal(size=(rows, vocab)) * 3)
+    params = stack_params([SamplingParams(temperature=temperature, seed=int(s)) for s in rng.integers(0, 2**31, rows)])
+    forced = np.where(rng.random(rows) < 0.5, rng.integers(0, vocab, rows), -1).astype(np.int32)
+    toks, logp = sample(logits, params, jnp.arange(rows), masks, jnp.asarray(forced))
+    free, free_logp = sample(logits, params, jnp.arange(rows), masks)
+    toks, free = np.asarray(toks), np.asarray(free)
+    assert (toks == np.where(forced >= 0, forced, free)).all() and (forced >= 0).any() and (forced < 0).any()
+    model_logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))[np.arange(rows), toks]
+    np.testing.assert_allclose(np.asarray(logp.chosen), model_logp, rtol=1e-5)
+
+
 def test_an_all_allowed_mask_changes_nothing(rng):
     logits = jnp.asarray(rng.normal(size=(8, 100)))
     params = stack_params([SamplingParams(temperature=1.0, top_p=0.9, seed=s) for s in range(8)])

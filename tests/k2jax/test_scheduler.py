@@ -251,7 +251,9 @@ def test_packed_chunks_and_masks_survive_the_step_message(model, rng):
     slots.step(np.zeros(4, np.int32), idle, 1, chunks=chunks)
     words = rng.integers(-2**31, 2**31, (4, slots.mask_words), dtype=np.int64).astype(np.int32)
     words[:, 0] = -1  # each row may sample some token
-    masks = StepMasks(words, rng.random(4) < 0.5)
+    forced = np.full((4, 8), -1, np.int32)
+    forced[0, :2], forced[3, 0] = rng.integers(0, 250, 2), rng.integers(0, 250)
+    masks = StepMasks(words, rng.random(4) < 0.5, forced)
     params = [SamplingParams(seed=1), None, SamplingParams(temperature=1.0, seed=2), SamplingParams(seed=3)]
     tokens = np.array([5, 0, 7, 9], np.int32)
     slots.step(tokens, params, 2, masks)
@@ -260,9 +262,10 @@ def test_packed_chunks_and_masks_survive_the_step_message(model, rng):
     got = unpack_step(first[HEADER:], 4, *first[1:3].tolist())
     assert [(c.row, list(c.tokens), c.start) for c in got[4]] == [(c.row, c.tokens, c.start) for c in chunks]
     assert got[1] == idle and got[2] == 1 and got[3] is None and not first[3]
-    got = unpack_step(second[HEADER:], 4, *second[1:3].tolist(), unpack_masks(shared) if second[3] else None)
+    got = unpack_step(second[HEADER:], 4, *second[1:3].tolist(), unpack_masks(shared, 2) if second[3] else None)
     assert np.array_equal(got[0], tokens) and got[1] == params and got[2] == 2 and got[4] == []
     assert np.array_equal(got[3].words, masks.words) and np.array_equal(got[3].drafts, masks.drafts)
+    assert np.array_equal(got[3].forced, forced[:, :2])
 
 
 def run_all(sched: Scheduler, jobs: list[tuple[list[int], int]], **kw) -> list[Request]:
@@ -399,24 +402,24 @@ def test_short_prompts_arriving_together_prefill_in_one_step(model, rng):
 
 
 class RunLog(RowConstraint):
-    """A RowConstraint that records each accepted run: (drafted, tokens offered, tokens taken)."""
+    """A RowConstraint that records each accepted run: (drafted, tokens offered, tokens taken, tokens forced)."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.runs: list[tuple[bool, int, int]] = []
+        self.runs: list[tuple[bool, int, int, int]] = []
 
-    def accept(self, tokens, exact=False, drafted=False):
-        taken = super().accept(tokens, exact, drafted)
-        self.runs.append((drafted, len(tokens), taken))
+    def accept(self, tokens, exact=False, drafted=False, forced=0):
+        taken = super().accept(tokens, exact, drafted, forced)
+        self.runs.append((drafted, len(tokens), taken, forced))
         return taken
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.0, 0.9), (0.0, 0.9)])
 def test_constrained_rows_sample_exactly_and_leave_other_rows_alone(temperature, top_p):
     """A row under a JSON grammar (its mask changing token by token) beside plain rows: the plain rows give
-    generate()'s greedy tokens, and the constrained row's tokens, sampled in runs of decode_steps (drafted while its
-    mask changes, when top_p leaves drafts exact) that are cut at the first draw that does not stand, equal those
-    sampled one token per step under each token's own mask."""
+    generate()'s greedy tokens, and the constrained row's tokens, taken in runs of decode_steps (first the tokens
+    its grammar forces, a JSON key, then drafted while its mask changes, when top_p leaves drafts exact) that are cut
+    at the first draw that does not stand, equal those sampled one token per step under each token's own mask."""
     model = k2jax.load()  # the bundled model: it has a tokenizer
     tok = model.tokenizer
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -437,9 +440,10 @@ def test_constrained_rows_sample_exactly_and_leave_other_rows_alone(temperature,
         runs.append([sink.wait() for _, sink in jobs])
         sched.close()
         if steps == 8:
-            drafted = [taken for was_drafted, _, taken in constraint.runs if was_drafted]
+            drafted = [taken for was_drafted, _, taken, _ in constraint.runs if was_drafted]
             assert (max(drafted) > 1) if drafts_exact(SamplingParams(temperature=temperature, top_p=top_p)) \
                 else not drafted
+            assert max(forced for *_, forced in constraint.runs) > 1  # `{"city":` at least
     (constrained, *beside), (one_by_one, *_) = runs
     assert constrained.tokens == one_by_one.tokens
     for sink, p in zip(beside, plain):
