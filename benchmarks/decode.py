@@ -164,15 +164,17 @@ def hf_decode(model, prompts: list[list[int]], new_tokens: int) -> float:
     return len(prompts) * new_tokens / (many - one)
 
 
-def prefill_rates(model, hf, length: int, rng: np.random.Generator) -> tuple[float, float]:
-    """Tokens/s of a 1 x length prefill for k2jax (to first token) and HF (one forward)."""
-    ids = rng.integers(2, model.config.vocab_size, (1, length)).tolist()
+def k2jax_prefill(model, ids: list[list[int]]) -> float:
+    """Tokens/s of k2jax's prefill of one prompt, to its first token (after an untimed run)."""
     model.generate(ids, max_new_tokens=1)
-    k2 = length / model.generate(ids, max_new_tokens=1).stats["time_to_first_token_s"]
+    return len(ids[0]) / model.generate(ids, max_new_tokens=1).stats["time_to_first_token_s"]
+
+
+def hf_prefill(hf, ids: list[list[int]]) -> float:
+    """Tokens/s of transformers' forward over one prompt (after an untimed run)."""
     with torch.no_grad():
         hf(torch.tensor(ids))
-        ref = length / _timed(lambda: hf(torch.tensor(ids)))
-    return k2, ref
+        return len(ids[0]) / _timed(lambda: hf(torch.tensor(ids)))
 
 
 def cold_start(caches: str) -> tuple[str, str]:
@@ -234,7 +236,8 @@ def float32_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gene
         step_s = seconds if batch == 1 else step_s
         print(f"| {batch} | {rate:.1f} | {ref:.1f} | {rate / ref:.2f}x | {xla:.1f} |", flush=True)
     floor = step_bytes(cfg, args.prompt_len + args.new_tokens // 2) / bw
-    k2_pre, hf_pre = prefill_rates(model, hf, args.prefill, rng)
+    ids = rng.integers(2, cfg.vocab_size, (1, args.prefill)).tolist()
+    k2_pre, hf_pre = k2jax_prefill(model, ids), hf_prefill(hf, ids)
     llama = llamacpp_rates(model, "f32", args)
     print()
     print("| measure | value |")
@@ -276,9 +279,9 @@ def native_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gener
     k2_floor = step_bytes(cfg, context, itemsize=2, expert_itemsize=0.5625) / bw
     hf_itemsize = 2 if hf_mode == "bf16" else 4
     hf_floor = step_bytes(cfg, context, itemsize=hf_itemsize, cache_itemsize=hf_itemsize) / bw
-    pre = {m: prefill_rates(model, hf, args.prefill, rng) for m, hf in hf_modes.items()}
-    k2_pre = max(k2 for k2, _ in pre.values())
-    pre_mode, (_, hf_pre) = max(pre.items(), key=lambda mode_rates: mode_rates[1][1])
+    ids = rng.integers(2, cfg.vocab_size, (1, args.prefill)).tolist()
+    k2_pre = k2jax_prefill(model, ids)
+    pre_mode, hf_pre = max(((m, hf_prefill(hf, ids)) for m, hf in hf_modes.items()), key=lambda mode_rate: mode_rate[1])
     llama = llamacpp_rates(model, "Q4_0", args)
     print()
     print("| measure | value |")

@@ -261,11 +261,12 @@ def constraint_for(model: k2jax.Model, req: dict) -> RowConstraint:
     return RowConstraint(vocab, grammar.tool_calls_grammar(req["body"]["tools"], first_index=req["first_index"]))
 
 
-def decode_rate(model: k2jax.Model, scheduler: Scheduler, requests: list[dict], enforce: bool) -> tuple[float, int]:
+def decode_rate(model: k2jax.Model, scheduler: Scheduler, requests: list[dict], enforce: bool
+                ) -> tuple[float, int, int]:
     """Decode tokens per second of these requests run together (each in its own slot, every prompt prefilled before
     the first decode call): batch size / the mean time per output token after each row's first (a decode call costs
-    the same however many rows are still running, so rows that finish early do not flatter either mode); and the
-    decoded tokens."""
+    the same however many rows are still running, so rows that finish early do not flatter either mode); the
+    decoded tokens; and the engine steps taken (the machine-independent part of the cost)."""
     tok = model.tokenizer
     done, lock = threading.Event(), threading.Lock()
     firsts: dict[int, float] = {}
@@ -292,12 +293,13 @@ def decode_rate(model: k2jax.Model, scheduler: Scheduler, requests: list[dict], 
                                          tokenize=True)
         jobs.append(Request(prompt, MAX_TOKENS, emit_for(i), SamplingParams(), frozenset(tok.stop_ids),
                             constraint=constraint_for(model, req) if enforce else None))
+    steps = scheduler.steps
     for job in jobs:
         scheduler.submit(job)
     assert done.wait(600), "timing requests did not finish"
     tokens = sum(counts) - len(requests)
     seconds = sum(lasts[i] - firsts[i] for i in range(len(requests)))
-    return len(requests) * tokens / max(seconds, 1e-9), tokens
+    return len(requests) * tokens / max(seconds, 1e-9), tokens, scheduler.steps - steps
 
 
 def k2_sized_tokenizer(seed: int = 0) -> Tokenizer:
@@ -363,22 +365,25 @@ def timing(model: k2jax.Model, requests: list[dict], groups: int = 5) -> None:
     `groups` groups. Then the mask machinery at K2's vocabulary."""
     loads = {"held-out": [r for r in requests if r["expected"] and r["choice"] == "auto"],
              "demo": demo_requests(8 * (groups + 1))}
-    print("\n| tools | batch | decode tokens off / on | decode tokens/s off | on | on / off (median of groups) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| tools | batch | decode tokens off / on | engine steps off / on | decode tokens/s off | on | "
+          "on / off (median of groups) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for batch in (1, 8):
         scheduler = Scheduler(model, n_slots=batch, max_context=2048, prefill_chunk=8192, prefix_cache=False).start()
         for name, load in loads.items():
             for enforce in (False, True):
                 decode_rate(model, scheduler, load[:batch], enforce)  # compiles
             rates: dict[bool, list[float]] = {False: [], True: []}
-            tokens = {False: 0, True: 0}
+            tokens, steps = {False: 0, True: 0}, {False: 0, True: 0}
             for g in range(1, groups + 1):
                 for enforce in (False, True):
-                    rate, n = decode_rate(model, scheduler, load[g * batch:(g + 1) * batch], enforce)
+                    rate, n, k = decode_rate(model, scheduler, load[g * batch:(g + 1) * batch], enforce)
                     rates[enforce].append(rate)
                     tokens[enforce] += n
+                    steps[enforce] += k
             ratio = statistics.median(on / off for on, off in zip(rates[True], rates[False]))
-            print(f"| {name} | {batch} | {tokens[False]} / {tokens[True]} | {statistics.median(rates[False]):.1f} | "
+            print(f"| {name} | {batch} | {tokens[False]} / {tokens[True]} | {steps[False]} / {steps[True]} | "
+                  f"{statistics.median(rates[False]):.1f} | "
                   f"{statistics.median(rates[True]):.1f} | {ratio:.3f} |")
         scheduler.close()
     m = mask_timing(requests)

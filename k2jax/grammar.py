@@ -245,9 +245,10 @@ class RowConstraint:
             self._consume(token)
             tokens.append(token)
         after = self.mask()
-        if self.matcher is not None and tokens:
-            self.matcher.rollback(len(tokens))
-        self.phase, self.reasoning_tokens, self._mask = saved
+        if tokens:
+            if self.matcher is not None:
+                self.matcher.rollback(len(tokens))
+            self.phase, self.reasoning_tokens, self._mask = saved
         return tokens, after
 
     def accept(self, tokens: Sequence[int], exact: bool = False, drafted: bool = False, forced: int = 0) -> int:

@@ -7,10 +7,11 @@ prefilling, beside the decode rows of every request that decodes, so a running s
 also while a long prompt is prefilled. A prompt's last token is not prefilled: the request's first decode row feeds
 it (in the step whose chunk ends its prefill) and samples its first token on device. Steps with a chunk sample one
 token per row; decode-only steps sample decode_steps tokens per row, scanned on device. A request with a constraint
-(k2jax.grammar: tool calls, JSON, a reasoning budget) samples under its row's mask; while that mask changes token by
-token its later steps draft from every token (or, for top-k, top-p and min-p, which drafts would skew, the step takes
-one step instead of decode_steps); its run of tokens is checked against the constraint and cut at the first draw
-that does not stand (the slot's cache is rewound to match). Rows without a constraint sample exactly as they would
+(k2jax.grammar: tool calls, JSON, a reasoning budget) first takes the tokens its grammar forces (a call's header, a
+JSON key), then samples under its row's mask; while that mask changes token by token its later steps draft from every
+token (or, for top-k, top-p and min-p, which drafts would skew, the step stops one token after the forced ones); its
+run of tokens is checked against the constraint and cut at the first draw that does not stand (the slot's cache is
+rewound to match). Rows without a constraint sample exactly as they would
 alone. Requests see tokens through their `emit` callback, called on the scheduler thread; stop
 strings and text are the caller's business (see k2jax.responses).
 

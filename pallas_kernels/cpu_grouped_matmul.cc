@@ -509,7 +509,6 @@ inline void dense_panel(const Dense<T>& w, const float* xb, int64_t k0, int64_t 
 template <int R>
 constexpr int stream_vectors() { return R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1; }
 
-
 // y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width a multiple of 8, at most stream_chunk(R)): each span of
 // K rows is read across the chunk before the next.
 template <int R, typename T>
