@@ -526,9 +526,9 @@ class Model:
                 chunks: Sequence[Chunk] = ()
                 ) -> tuple[dict[str, jax.Array], tuple[list[int], list[np.ndarray], list[np.ndarray]]]:
         """One step sampling the `live` rows (beside `chunks`), each feeding last[r] at pos[r], both advanced here. A
-        constrained row samples under its mask (drafting while it changes token by token, see grammar.decode_plan);
-        its run is cut where a draw does not stand (see RowConstraint.accept). With chunks the step samples one
-        token."""
+        constrained row takes its forced tokens, then samples under its mask (drafting while it changes token by token,
+        see grammar.decode_plan); its run is cut where a draw does not stand (see RowConstraint.accept). With chunks
+        the step samples one token."""
         row_params = [params[r] for r in live]
         plan = grammar.decode_plan({i: (constraints[r], params[r]) for i, r in enumerate(live)
                                     if constraints[r] is not None}, len(live), DECODE_STEPS)
