@@ -391,8 +391,7 @@ def timing(model: k2jax.Model, requests: list[dict], groups: int = 5) -> None:
           f"{m['tokenizer_s']:.1f} s, llguidance vocabulary in {m['vocabulary_s']:.2f} s; per request a grammar "
           f"compiles in {m['grammar_ms']:.2f} ms (median) and its first mask takes {m['first_mask_ms']:.2f} ms; per "
           f"step after that (forced look-ahead + mask + advance): p50 {m['step_p50_ms']:.3f} ms, mean "
-          f"{m['step_mean_ms']:.3f} ms, "
-          f"p99 {m['step_p99_ms']:.2f} ms, max {m['step_max_ms']:.2f} ms.")
+          f"{m['step_mean_ms']:.3f} ms, p99 {m['step_p99_ms']:.2f} ms, max {m['step_max_ms']:.2f} ms.")
 
 
 def main() -> None:

@@ -231,6 +231,7 @@ class RowConstraint:
         self.reasoning_tokens = 0
         self.steady = False
         self._mask: tuple[np.ndarray, int | None] | None = None
+        self._ahead: tuple[tuple[int, ...], tuple[np.ndarray, int | None]] | None = None  # forced()'s run, mask after
 
     def mask(self) -> np.ndarray:
         """The tokens allowed next, [words] int32."""
@@ -244,12 +245,13 @@ class RowConstraint:
         while len(tokens) < limit and (token := self._state()[1]) is not None:
             self._consume(token)
             tokens.append(token)
-        after = self.mask()
+        after = self._state()
         if tokens:
             if self.matcher is not None:
                 self.matcher.rollback(len(tokens))
             self.phase, self.reasoning_tokens, self._mask = saved
-        return tokens, after
+            self._ahead = (tuple(tokens), after)
+        return tokens, after[0]
 
     def accept(self, tokens: Sequence[int], exact: bool = False, drafted: bool = False, forced: int = 0) -> int:
         """Advance over a run of draws: the first `forced` ones taken as `forced` gave them, the next made under the
@@ -261,6 +263,9 @@ class RowConstraint:
         forced = min(forced, len(tokens))
         for token in tokens[:forced]:
             self._consume(int(token))
+        if forced and self._ahead is not None and self._ahead[0] == tuple(int(t) for t in tokens[:forced]):
+            self._mask = self._ahead[1]  # the look-ahead's mask after these tokens
+        self._ahead = None
         if forced == len(tokens):
             self.steady = False
             return forced
