@@ -1,8 +1,8 @@
 """Agent loop with prefix reuse vs naive re-prefill: cumulative prefill tokens and wall time over many steps.
 
 One conversation of demo tool tasks (k2jax.chat_cli's tools) runs for `--steps` model turns twice, greedy, in a
-slot of `--capacity` tokens: once prefilling only what differs from the slot's cache, once re-prefilling the
-whole prompt every step. Each mode runs once untimed (compiling every shape it meets), then timed. Prints a
+slot of `--capacity` tokens: once with the prefix cache (each step prefills what differs from the pages the
+previous steps left, from the last whole page they share), once re-prefilling the whole prompt every step. Each mode runs once untimed (compiling every shape it meets), then timed. Prints a
 markdown table: cumulative figures at checkpoints, then totals.
 
     python benchmarks/agent.py [--model DIR] [--steps 300] [--capacity 4096] [--max-new-tokens 96]
@@ -23,7 +23,7 @@ import numpy as np
 import k2jax
 from k2jax.agent import Agent, StepStats
 from k2jax.chat_cli import DEMO_TOOLS, demo_task
-from k2jax.engine import Model
+from k2jax.llm import Model
 
 
 def run(model: Model, steps: int, capacity: int, max_new_tokens: int, reuse: bool) -> list[StepStats]:

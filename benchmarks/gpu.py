@@ -35,7 +35,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import k2jax  # noqa: E402
-from k2jax.engine import Model, step  # noqa: E402
+from k2jax.engine import step  # noqa: E402
+from k2jax.llm import Model  # noqa: E402
 from k2jax.loading import abstract_model  # noqa: E402
 from pallas_kernels import dispatch, int4_layout  # noqa: E402
 from pallas_kernels import int4_matmul as I  # noqa: E402

@@ -19,7 +19,7 @@ def _describe_no_tpu_host() -> None:
 _describe_no_tpu_host()
 
 from k2jax.config import K2Config, preset  # noqa: E402 - libtpu's variables first
-from k2jax.engine import GenerateOutput, Model  # noqa: E402
+from k2jax.llm import GenerateOutput, Model  # noqa: E402
 from k2jax.loading import load  # noqa: E402
 
 __all__ = ["GenerateOutput", "K2Config", "Model", "load", "preset"]

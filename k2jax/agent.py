@@ -1,20 +1,18 @@
 """Long-horizon agent runtime: a K2 Thinking tool loop whose conversation keeps its cache between steps.
 
-Each step renders the conversation with the chat template, finds the longest common token prefix with what
-the conversation's cache slot already holds, prefills only the rest, decodes in that slot, parses reasoning,
-content and tool calls, and runs the tools. Tool failures become tool results the model reads. Tool calls are
+Each step renders the conversation with the chat template and runs it as one request of a Scheduler (the server's
+engine loop, driven on the agent's thread): the prefix cache maps the pages the previous steps left that the new
+prompt starts with, so only the rest is prefilled. The step then parses reasoning, content and tool calls, and runs
+the tools. Tool failures become tool results the model reads. Tool calls are
 enforced by a grammar (k2jax.grammar): the model can only call the declared tools, with arguments that match their
 declarations, and never inside its reasoning. When the
 conversation outgrows its slot, the oldest turns (then the oldest steps of the current loop) leave the window
-in one batch, down to half the budget, so the recompute this forces stays rare. `PrefixCache` keeps host
-copies of conversations' cached rows (LRU, byte-limited) so a server can resume follow-up requests.
+in one batch, down to half the budget, so the recompute this forces stays rare.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import functools
 import inspect
 import json
 import threading
@@ -24,14 +22,14 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-import numpy as np
 
 from k2jax import engine, grammar
 from k2jax.chat import Delta, ParsedOutput, StreamParser, call_count
-from k2jax.engine import Model
+from k2jax.engine import Engine
 from k2jax.grammar import RowConstraint
+from k2jax.llm import Continuation
 from k2jax.sampling import SamplingParams
-from k2jax.slots import Slots
+from k2jax.scheduler import Output, Request, Scheduler
 from k2jax.tokenizer import TextStream
 
 Message = dict[str, Any]
@@ -179,102 +177,6 @@ def run_tool_call(tools: Mapping[str, Tool], call: Mapping[str, Any], timeout: f
 # ---------------------------------------------------------------- one sequence in a cache slot
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
-    return int(differ[0]) if differ.size else n
-
-
-@dataclasses.dataclass
-class Generation:
-    """One generation in a slot: ids (stop token excluded), text, why it ended, and what the prefill cost."""
-
-    ids: list[int]
-    text: str
-    finish: str
-    prompt_tokens: int
-    reused_tokens: int
-
-    @property
-    def prefilled_tokens(self) -> int:
-        return self.prompt_tokens - self.reused_tokens
-
-
-class SlotSession:
-    """One sequence in a cache slot; knows the tokens its cache holds, so a new prompt reuses their common prefix."""
-
-    def __init__(self, slots: Slots, slot: int = 0, reuse: bool = True):
-        if not 0 <= slot < slots.n_slots:
-            raise ValueError(f"slot {slot} does not exist: there are {slots.n_slots} slots")
-        self.slots, self.slot, self.reuse = slots, slot, reuse
-        self.held: list[int] = []
-        slots.release(slot)
-
-    def prefill(self, tokens: Sequence[int]) -> int:
-        """Make the slot hold `tokens`, computing only past their common prefix with what it holds; returns the
-        length of that prefix."""
-        tokens = list(tokens)
-        start = common_prefix(self.held, tokens) if self.reuse else 0
-        if start < len(tokens):
-            self.slots.prefill(self.slot, tokens[start:], start=start)
-        else:
-            self.slots.rewind(self.slot, start)
-        self.held = tokens
-        return start
-
-    def generate(self, prompt: Sequence[int], params: SamplingParams, max_new_tokens: int,
-                 on_text: Callable[[str], None] | None = None, constraint: RowConstraint | None = None) -> Generation:
-        """Continue `prompt` in this slot until <|im_end|> / EOS, max_new_tokens, or the slot's capacity; only with
-        tokens `constraint` allows, if given. The slot holds all of the prompt but its last token, which the first
-        decode step feeds."""
-        model = self.slots.model
-        if model.tokenizer is None:
-            raise ValueError("generating text in a slot needs a model with a tokenizer")
-        if not prompt:
-            raise ValueError("cannot generate from an empty prompt")
-        start = self.prefill(prompt[:-1])
-        ids: list[int] = []
-        pending: list[int] = []
-        stream, stop_ids = TextStream(model.tokenizer), model._stop_ids()
-
-        def show(text: str) -> None:
-            if on_text and text:
-                on_text(text)
-
-        def done(finish: str) -> Generation:
-            show(stream.feed([], final=True))
-            return Generation(ids, stream.text, finish, len(prompt), start)
-
-        while True:
-            for tok in pending:
-                if tok in stop_ids:
-                    return done("stop")
-                ids.append(tok)
-                show(stream.feed([tok]))
-                if len(ids) >= max_new_tokens:
-                    return done("length")
-            if len(self.held) + engine.DECODE_STEPS > self.slots.capacity:
-                return done("length")
-            pending = self._decode(ids[-1] if ids else prompt[-1], params, constraint)
-
-    def _decode(self, last: int, params: SamplingParams, constraint: RowConstraint | None = None) -> list[int]:
-        """Feed `last` and sample DECODE_STEPS tokens in this slot alone (under a constraint as grammar.decode_plan
-        says; a run is cut at its first draw that does not stand); the cache then holds last + all but the last token
-        returned."""
-        tokens = np.zeros(self.slots.n_slots, np.int32)
-        tokens[self.slot] = last
-        active = [params if s == self.slot else None for s in range(self.slots.n_slots)]
-        plan = grammar.decode_plan({} if constraint is None else {self.slot: (constraint, params)},
-                                   self.slots.n_slots, engine.DECODE_STEPS)
-        out = self.slots.decode(tokens, active, plan.n_steps, plan.masks)[0][self.slot].tolist()
-        out = out[:plan.take(self.slot, out)]
-        self.held += [last, *out[:-1]]
-        if len(out) < plan.n_steps:
-            self.slots.rewind(self.slot, len(self.held))
-        return out
-
-
 # ---------------------------------------------------------------- the agent
 
 
@@ -290,7 +192,7 @@ class Event:
 
 @dataclasses.dataclass(frozen=True)
 class StepStats:
-    """What one step cost: prompt length, tokens reused from the slot, prefilled, generated, and messages evicted."""
+    """What one step cost: prompt length, tokens the prefix cache held, prefilled, generated, and messages evicted."""
 
     prompt_tokens: int
     reused_tokens: int
@@ -312,9 +214,16 @@ class AgentResult:
     steps: list[StepStats]
 
 
-def default_capacity(model: Model) -> int:
+def default_capacity(model: Engine) -> int:
     """Tokens a conversation's slot holds unless told: the model's context, at most DEFAULT_CAPACITY."""
     return min(model.config.max_position_embeddings, DEFAULT_CAPACITY)
+
+
+def conversation_scheduler(model: Engine, capacity: int | None = None, reuse: bool = True) -> Scheduler:
+    """A Scheduler for agents, which drive it on their own thread one step at a time: one slot of `capacity` tokens
+    (default_capacity), with the prefix cache unless not `reuse`."""
+    context = (capacity or default_capacity(model)) - engine.DECODE_STEPS
+    return Scheduler(model, 1, context, prefix_cache=reuse, warmup=False)
 
 
 def visible_messages(messages: Sequence[Message], start: int) -> list[Message]:
@@ -343,28 +252,31 @@ def assistant_message(parsed: ParsedOutput) -> Message:
 
 
 class Agent:
-    """A conversation with tools in one cache slot; `run(task)` loops generate -> tools until an answer.
+    """A conversation with tools; `run(task)` loops generate -> tools until an answer.
 
-    Follow-up `run` calls continue the same conversation and reuse its cache. The window of messages the model
-    sees is cut when the prompt plus max_new_tokens would not fit the slot's capacity. With tool_grammar (the
-    default) tool calls are enforced (a tool declared with "strict": false keeps free arguments), and an agent
-    without tools never opens a tool-call section; max_reasoning_tokens bounds each step's reasoning.
+    Each step is one request of `scheduler` (default: conversation_scheduler(model, capacity, reuse)), which may be
+    shared by agents that step one at a time: its prefix cache keeps what their conversations share. Follow-up `run`
+    calls continue the same conversation and reuse its cached pages. The window of messages the model sees is cut
+    when the prompt plus max_new_tokens would not fit the scheduler's context. With tool_grammar (the default) tool
+    calls are enforced (a tool declared with "strict": false keeps free arguments), and an agent without tools never
+    opens a tool-call section; max_reasoning_tokens bounds each step's reasoning.
     """
 
-    def __init__(self, model: Model, tools: Sequence[Callable[..., Any] | Tool] = (), *, system: str | None = None,
+    def __init__(self, model: Engine, tools: Sequence[Callable[..., Any] | Tool] = (), *, system: str | None = None,
                  sampling: SamplingParams = GREEDY, max_new_tokens: int = 512, capacity: int | None = None,
                  tool_timeout: float | None = 30.0, reuse: bool = True, on_event: Callable[[Event], None] | None = None,
-                 slots: Slots | None = None, slot: int = 0, tool_grammar: bool = True,
+                 scheduler: Scheduler | None = None, tool_grammar: bool = True,
                  max_reasoning_tokens: int | None = None):
         if model.tokenizer is None:
             raise ValueError("the agent needs a model with a tokenizer (its checkpoint ships tiktoken.model)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        slots = slots or Slots(model, 1, capacity or default_capacity(model))
-        self.budget = slots.capacity - max_new_tokens - engine.DECODE_STEPS
+        context = scheduler.max_context if scheduler else (capacity or default_capacity(model)) - engine.DECODE_STEPS
+        self.budget = context - max_new_tokens
         if self.budget < 1:
-            raise ValueError(f"slot capacity {slots.capacity} leaves no room for a prompt with "
+            raise ValueError(f"a context of {context} tokens leaves no room for a prompt with "
                              f"max_new_tokens={max_new_tokens}")
+        self.scheduler = scheduler or conversation_scheduler(model, capacity, reuse)
         self.model, self.tools = model, tool_table(tools)
         self.enforced = [enforced_declaration(t) for t in self.tools.values()]
         self.tool_grammar = tool_grammar and (not self.enforced or any(map(grammar.is_strict, self.enforced)))
@@ -373,7 +285,6 @@ class Agent:
         self.max_reasoning_tokens = grammar.reasoning_budget(max_reasoning_tokens, None)
         self.sampling, self.max_new_tokens, self.tool_timeout = sampling, max_new_tokens, tool_timeout
         self.on_event = on_event or (lambda event: None)
-        self.session = SlotSession(slots, slot, reuse)
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
         self.window_start = 0
         self.steps: list[StepStats] = []
@@ -391,14 +302,20 @@ class Agent:
         return self._result("max_steps", first)
 
     def step(self) -> tuple[Message, str]:
-        """One model turn: generate in the slot, append the reply, run its tool calls; (reply, finish reason)."""
+        """One model turn: generate, append the reply, run its tool calls; (reply, finish reason)."""
         began, step = time.perf_counter(), len(self.steps)
         evicted, prompt = self._fit()
-        parser = StreamParser()
-        emit = functools.partial(self._emit_deltas, step)
-        gen = self.session.generate(prompt, self.sampling, self.max_new_tokens, lambda text: emit(parser.feed(text)),
-                                    self._constraint())
-        emit(parser.finish())
+        reply_text, parser = Continuation(TextStream(self.model.tokenizer)), StreamParser()
+
+        def take(out: Output) -> None:
+            self._emit_deltas(step, parser.feed(reply_text.add(out)))
+
+        request = Request(prompt, self.max_new_tokens, take, self.sampling, self.model._stop_ids(),
+                          constraint=self._constraint())
+        self.scheduler.run([request])
+        if reply_text.finish == "error":
+            raise RuntimeError(f"generation failed: {reply_text.error}")
+        self._emit_deltas(step, parser.finish())
         reply = assistant_message(parser.output())
         self.messages.append(reply)
         for call in reply.get("tool_calls", []):
@@ -406,9 +323,10 @@ class Agent:
             result = run_tool_call(self.tools, call, self.tool_timeout)
             self.on_event(Event("tool_result", step, text=result, call=call))
             self.messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
-        self.steps.append(StepStats(len(prompt), gen.reused_tokens, gen.prefilled_tokens, len(gen.ids), evicted,
+        reused = request.cached_tokens or 0
+        self.steps.append(StepStats(len(prompt), reused, len(prompt) - reused, len(reply_text.ids), evicted,
                                     len(reply.get("tool_calls", [])), time.perf_counter() - began))
-        return reply, gen.finish
+        return reply, reply_text.finish or "length"
 
     def _tool_rules(self, first_index: int = 0) -> str:
         """The tool-call grammar: calls to the declared tools, or (with none declared) no tool-call section."""
@@ -444,8 +362,8 @@ class Agent:
             if len(prompt) <= self.budget * EVICT_TO or (start == starts[-1] and len(prompt) <= self.budget):
                 self.window_start = start
                 return before - len(visible_messages(self.messages, start)), prompt
-        raise ValueError(f"the latest step alone needs {len(prompt)} prompt tokens; the slot's capacity of "
-                         f"{self.session.slots.capacity} leaves {self.budget} beside max_new_tokens="
+        raise ValueError(f"the latest step alone needs {len(prompt)} prompt tokens; a context of "
+                         f"{self.scheduler.max_context} leaves {self.budget} beside max_new_tokens="
                          f"{self.max_new_tokens}")
 
     def _emit_deltas(self, step: int, deltas: list[Delta]) -> None:
@@ -461,78 +379,11 @@ class Agent:
         return AgentResult(reason, last["content"], last["reasoning_content"], list(self.messages), self.steps[first:])
 
 
-def run_agent(model: Model, task: str, tools: Sequence[Callable[..., Any] | Tool] = (), max_steps: int = 300,
+def run_agent(model: Engine, task: str, tools: Sequence[Callable[..., Any] | Tool] = (), max_steps: int = 300,
               **options: Any) -> AgentResult:
     """Solve `task` with `tools` in a fresh conversation: K2 Thinking's interleaved reasoning and tool calls.
 
-    Options are Agent's: system, sampling, max_new_tokens, capacity, tool_timeout, reuse, on_event, slots, slot,
+    Options are Agent's: system, sampling, max_new_tokens, capacity, tool_timeout, reuse, on_event, scheduler,
     tool_grammar, max_reasoning_tokens.
     """
     return Agent(model, tools, **options).run(task, max_steps)
-
-
-# ---------------------------------------------------------------- prefix cache for follow-up requests
-
-
-@dataclasses.dataclass(frozen=True)
-class CachedPrefix:
-    """Host copy of a sequence's cached pages: the tokens they encode and per-stack arrays [L, pages, page_size, C]."""
-
-    tokens: tuple[int, ...]
-    pages: dict[str, np.ndarray]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.pages.values())
-
-
-class PrefixCache:
-    """Conversations' cached rows kept on the host for follow-up requests; least recently used leave first.
-
-    `save(session)` after a request, `restore(session, tokens)` before the next: the slot then holds the
-    longest cached prefix of `tokens`, and `session.prefill` / `generate` compute only the rest.
-    """
-
-    def __init__(self, max_bytes: int):
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
-        self.max_bytes = max_bytes
-        self.entries: collections.OrderedDict[tuple[int, ...], CachedPrefix] = collections.OrderedDict()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def save(self, session: SlotSession) -> bool:
-        """Keep a host copy of what the session's slot holds; False when a longer entry covers it or it is too big."""
-        tokens = tuple(session.held)
-        n = len(tokens)
-        if n == 0:
-            return False
-        covering = next((key for key in self.entries if key[:n] == tokens), None)
-        if covering is not None:
-            self.entries.move_to_end(covering)
-            return False
-        entry = CachedPrefix(tokens, session.slots.read(session.slot))
-        if entry.nbytes > self.max_bytes:
-            return False
-        for key in [k for k in self.entries if tokens[:len(k)] == k]:
-            del self.entries[key]
-        self.entries[tokens] = entry
-        while self.nbytes > self.max_bytes:
-            self.entries.popitem(last=False)
-        return True
-
-    def restore(self, session: SlotSession, tokens: Sequence[int]) -> int:
-        """Load the longest cached prefix of `tokens` into the session's slot if it beats what the slot holds."""
-        here = common_prefix(session.held, tokens)
-        best = max(self.entries.values(), key=lambda e: common_prefix(e.tokens, tokens), default=None)
-        if best is None or common_prefix(best.tokens, tokens) <= here:
-            return here
-        self.entries.move_to_end(best.tokens)
-        session.slots.write(session.slot, best.pages, len(best.tokens))
-        session.held = list(best.tokens)
-        return common_prefix(best.tokens, tokens)

@@ -16,11 +16,10 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from k2jax.agent import Agent, AgentResult, Event, default_capacity
+from k2jax.agent import Agent, AgentResult, Event, conversation_scheduler
 from k2jax.generate import CompileNotice
 from k2jax.cliargs import Parser, add_sampling_flags, int_in, load_model, mesh_spec
 from k2jax.sampling import SamplingParams
-from k2jax.slots import Slots
 
 BINARY_OPS: dict[type, Callable[[Any, Any], Any]] = {ast.Add: operator.add, ast.Sub: operator.sub,
                                                      ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -164,13 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model = load_model(args.model, args.mesh)
-        slots = Slots(model, 1, args.capacity or default_capacity(model))
+        scheduler = conversation_scheduler(model, args.capacity)
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p, seed=args.seed)
         tools = DEMO_TOOLS if args.tools else ()
 
         def make_agent() -> Agent:
             return Agent(model, tools, system=args.system, sampling=sampling, max_new_tokens=args.max_new_tokens,
-                         slots=slots, on_event=event_printer(sys.stdout), tool_grammar=not args.no_tool_grammar,
+                         scheduler=scheduler, on_event=event_printer(sys.stdout), tool_grammar=not args.no_tool_grammar,
                          max_reasoning_tokens=args.max_reasoning_tokens)
 
         print("k2jax-chat: type a message; /reset starts over, /exit quits", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The user-facing model and the engine step that every caller drives (generate, the agent's slots, the server).
+"""The engine step that every caller drives (generate, the agent and the server, all through k2jax.scheduler), and
+Engine: a loaded model's parameters and jitted entry points.
 
 The step (run_step) runs a ragged batch over the donated page pool: prompt chunks (one row's tokens padded to a
 chunk_sizes length, at most PREFILL_CHUNK for generate, or up to PACKED_CHUNKS short ones of several rows padded
@@ -18,21 +19,18 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from k2jax import chat, grammar
-from k2jax.cache import PageAllocator, PagedCache, PoolLayout, apply_copies, default_page_size, init_pool, make_layout
+from k2jax.cache import PageAllocator, PagedCache, PoolLayout, default_page_size, init_pool, make_layout
 from k2jax.config import K2Config
-from k2jax.grammar import RowConstraint
 from k2jax.model import forward, hidden, lm_head
 from k2jax.sampling import (TOP_LOGPROBS, Logprobs, SamplingParams, StepMasks, host_params, mask_words,
                             sample)
-from k2jax.tokenizer import TextStream
 from pallas_kernels import dispatch
 from sharding.mesh import mesh_of
 
@@ -125,19 +123,6 @@ def prefill_chunks(table: np.ndarray, chunks: Sequence[Chunk], P: int, T: int, w
         tok_PT[i, : len(chunk.tokens)] = chunk.tokens
         start_P[i], kv_len_P[i], table_rows[i] = chunk.start, chunk.start + len(chunk.tokens), chunk.row
     return PrefillChunk(tok_PT, start_P, kv_len_P, table[table_rows, :width])
-
-
-@dataclasses.dataclass
-class GenerateOutput:
-    """Generated ids and texts per sequence (prompt excluded, stop token excluded), and run statistics: seconds to
-    the first row's first token and to every row's (prefill_s), and decode tokens/s after that (compiles excluded)."""
-
-    ids: list[list[int]]
-    texts: list[str] | None
-    stats: dict[str, float]
-    finish_reasons: list[str]
-    logprobs: list[list[float]] | None = None
-    tool_calls: list[list[dict[str, Any]]] | None = None  # OpenAI-style calls per sequence, when tools were given
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype"))
@@ -290,45 +275,9 @@ class Chunk:
     start: int
 
 
-@dataclasses.dataclass
-class _Row:
-    """Host-side state of one sequence: its tokens so far, its text (when there is a tokenizer) and whether, and why,
-    it stopped."""
-
-    max_new: int
-    stop_ids: frozenset[int]
-    text: TextStream | None
-    ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    finish: str | None = None
-
-    def add(self, tokens: np.ndarray, logps: np.ndarray) -> str:
-        """Append new tokens until a stop id, a stop string or the token limit ends the row; returns the new text
-        (a tail that could start a stop string waits until it is decided)."""
-        if self.finish is not None:
-            return ""
-        pieces = []
-        for tok, lp in zip(tokens.tolist(), logps.tolist()):
-            if tok in self.stop_ids:
-                self.finish = "stop"
-                break
-            self.ids.append(tok)
-            self.logprobs.append(lp)
-            if self.text is not None:
-                pieces.append(self.text.feed([tok]))
-                if self.text.stopped:
-                    self.finish = "stop"
-                    break
-            if len(self.ids) >= self.max_new:
-                self.finish = "length"
-                break
-        if self.finish is not None and self.text is not None:
-            pieces.append(self.text.feed([], final=True))
-        return "".join(pieces)
-
-
-class Model:
-    """A loaded Kimi K2 model: config, parameters, tokenizer, and the jitted entry points.
+class Engine:
+    """A loaded Kimi K2 model: config, parameters, tokenizer, and the jitted entry points (k2jax.llm.Model adds
+    generate).
 
     Programs run on the mesh the parameters are placed on (set around each call: the model's shard_maps
     read it), with the cache split by the same rules.
@@ -411,133 +360,6 @@ class Model:
         toks, logps, pool = self._call(run_step, self.graphdef, self.state, pool, decode, prefill, steps, self.config,
                                        self.dtype, layout, max_steps)
         return pool, host_value(toks)[idx, :n_steps], Logprobs(*(host_value(x)[idx, :n_steps] for x in logps))
-
-    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_p: float = 0.0,
-                 n: int = 1, stop: Sequence[str] = (), logprobs: bool = False,
-                 on_text: Callable[[int, str], None] | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
-                 tool_choice: str = "auto", max_reasoning_tokens: int | None = None) -> GenerateOutput:
-        """Continue each prompt (text, or token ids); `n` samples per prompt share one prefill.
-
-        Sequences end at <|im_end|> / EOS, a stop string, or max_new_tokens. Sample j of a prompt uses seed + j.
-        `on_text(row, delta)` streams each row's new text as the decode loop produces it.
-        With `tools` (OpenAI-style declarations; the prompt an assistant turn's opening, as
-        tokenizer.apply_chat_template(messages, tools) renders it), tool calls are grammar-enforced: declared names,
-        schema-valid arguments, `tool_choice` "auto", "required", "none" or a tool's name; the output's tool_calls
-        holds each sequence's parsed calls. `max_reasoning_tokens` ends the reasoning block after that many tokens.
-        """
-        if isinstance(prompts, str):
-            raise ValueError("prompts must be a list of strings or of token-id lists, not a single string")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if (stop or on_text) and self.tokenizer is None:
-            raise ValueError("stop strings and streamed text need a tokenizer")
-        ids = [self._encode(p) for p in prompts]
-        params = [SamplingParams(temperature, top_k, top_p, min_p, seed + j) for _ in ids for j in range(n)]
-        constraints = self._constraints(tools, tool_choice, max_reasoning_tokens, len(params))
-        rows = [_Row(max_new_tokens, self._stop_ids(), TextStream(self.tokenizer, stop) if self.tokenizer else None)
-                for _ in params]
-        stats: dict[str, float] = {"prompt_tokens": sum(len(p) for p in ids)}
-        self._compile_s = 0.0
-        start = time.perf_counter()
-        started: set[int] = set()  # rows holding their first token; decode timing starts once all do
-        for i, (live, toks, logps) in enumerate(self._rounds(ids, params, n, max_new_tokens, rows, constraints)):
-            if i == 0:
-                stats["time_to_first_token_s"] = time.perf_counter() - start
-                stats["compile_before_first_token_s"] = self._compile_s
-            for r, t, lp in zip(live, toks, logps):
-                text = rows[r].add(t, lp)
-                if on_text and text:
-                    on_text(r, text)
-            if len(started) < len(rows):
-                started.update(live)
-                if len(started) == len(rows):
-                    stats["prefill_s"], prefill_compile_s = time.perf_counter() - start, self._compile_s
-        for r, row in enumerate(rows):
-            rest = row.text.feed([], final=True) if row.text is not None else ""
-            if on_text and rest:
-                on_text(r, rest)
-        elapsed = time.perf_counter() - start
-        stats["generated_tokens"] = sum(len(r.ids) for r in rows)
-        stats["compile_s"] = self._compile_s
-        decode_s = elapsed - stats["prefill_s"] - (self._compile_s - prefill_compile_s)
-        stats["decode_tokens_per_s"] = (stats["generated_tokens"] - len(rows)) / max(decode_s, 1e-9)
-        stats["total_s"] = elapsed
-        texts = [r.text.text for r in rows] if self.tokenizer is not None else None
-        return GenerateOutput(ids=[r.ids for r in rows], texts=texts, stats=stats,
-                              finish_reasons=[r.finish or "length" for r in rows],
-                              logprobs=[r.logprobs for r in rows] if logprobs else None,
-                              tool_calls=[chat.parse_output(t).tool_calls for t in texts] if tools is not None else None)
-
-    def _constraints(self, tools: Sequence[Mapping[str, Any]] | None, tool_choice: str,
-                     max_reasoning_tokens: int | None, n_rows: int) -> list[RowConstraint | None]:
-        """Each row's constraint: the tools' grammar (unless every tool opts out with strict false) and the reasoning
-        budget; None for every row when neither applies."""
-        if tools is None and max_reasoning_tokens is None:
-            return [None] * n_rows
-        if self.tokenizer is None:
-            raise ValueError("tools and max_reasoning_tokens need a model with a tokenizer")
-        rules = None
-        if tools is not None:
-            chat.check_tools(tools)
-            named = None if tool_choice in ("auto", "required", "none") else tool_choice
-            if any(map(grammar.is_strict, tools)) or tool_choice == "none":
-                rules = grammar.tool_calls_grammar(tools, "required" if named else tool_choice, named)
-        budget = grammar.reasoning_budget(max_reasoning_tokens, None)
-        if rules is None and budget is None:
-            return [None] * n_rows
-        vocab = grammar.vocabulary(self.tokenizer, self.config.vocab_size)
-        return [RowConstraint(vocab, rules, budget) for _ in range(n_rows)]
-
-    def _rounds(self, ids: list[list[int]], params: list[SamplingParams], n: int, max_new_tokens: int,
-                rows: list[_Row], constraints: list[RowConstraint | None]
-                ) -> Iterator[tuple[list[int], list[np.ndarray], list[np.ndarray]]]:
-        """Write each prompt but its last token in chunks, fork it into n rows, then run decode steps of the rows
-        not yet finished, each feeding its last token: yields (rows, each row's new tokens, their log-probs) per
-        step. With n == 1 a prompt's last chunk step also samples its row's first token (as the server's steps do),
-        so the first token needs one compiled program, not two."""
-        lengths = np.array([len(p) for p in ids], np.int32)
-        self._check_ids([t for p in ids for t in p], int(lengths.max()) + max_new_tokens)
-        pages, pool = self.paged(len(ids) * n, int(lengths.max()) + max_new_tokens + DECODE_STEPS)
-        last = np.repeat([p[-1] for p in ids], n)
-        pos = np.repeat(lengths - 1, n)
-        whole = [len(p) + max_new_tokens + DECODE_STEPS for p in ids]
-        for i, prompt in enumerate(ids):
-            pages.reserve(i * n, whole[i] if n == 1 else len(prompt) - 1)
-            starts = range(0, len(prompt) - 1, PREFILL_CHUNK)
-            for lo in starts:
-                chunk = Chunk(i * n, prompt[lo:min(lo + PREFILL_CHUNK, len(prompt) - 1)], lo)
-                if n == 1 and lo == starts[-1]:
-                    pool, out = self._sample(pages, pool, [i], last, pos, params, constraints, [chunk])
-                    yield out
-                else:
-                    pool = self.run(pages, pool, [], [], [], [], 1, chunks=[chunk])[0]
-            pool = apply_copies(pool, [c for j in range(1, n) for c in pages.fork(i * n, i * n + j, len(prompt) - 1)])
-        for row in range(len(pos)):
-            pages.reserve(row, whole[row // n])
-        while live := [r for r, row in enumerate(rows) if row.finish is None]:
-            pool, out = self._sample(pages, pool, live, last, pos, params, constraints)
-            yield out
-
-    def _sample(self, pages: PageAllocator, pool: dict[str, jax.Array], live: list[int], last: np.ndarray,
-                pos: np.ndarray, params: list[SamplingParams], constraints: list[RowConstraint | None],
-                chunks: Sequence[Chunk] = ()
-                ) -> tuple[dict[str, jax.Array], tuple[list[int], list[np.ndarray], list[np.ndarray]]]:
-        """One step sampling the `live` rows (beside `chunks`), each feeding last[r] at pos[r], both advanced here. A
-        constrained row takes its forced tokens, then samples under its mask (drafting while it changes token by token,
-        see grammar.decode_plan); its run is cut where a draw does not stand (see RowConstraint.accept). With chunks
-        the step samples one token."""
-        row_params = [params[r] for r in live]
-        plan = grammar.decode_plan({i: (constraints[r], params[r]) for i, r in enumerate(live)
-                                    if constraints[r] is not None}, len(live), DECODE_STEPS)
-        pool, toks, logps = self.run(pages, pool, live, last[live], pos[live], row_params,
-                                     1 if chunks else plan.n_steps, plan.masks, chunks=chunks)
-        taken = [plan.take(i, t) for i, t in enumerate(toks.tolist())]
-        for i, (r, k) in enumerate(zip(live, taken)):
-            last[r], pos[r] = toks[i, k - 1], pos[r] + k
-        return pool, (live, [t[:k] for t, k in zip(toks, taken)], [lp[:k] for lp, k in zip(logps.chosen, taken)])
 
     def _call(self, fn: Callable, *args: Any) -> Any:
         """Call a jitted entry point; the first call of each shape is timed (blocking) as compile time."""

@@ -13,7 +13,8 @@ from jax.sharding import Mesh
 from checkpoints.orbax_io import is_orbax_dir, restore_orbax
 from checkpoints.streaming import DEFAULT_CHUNK_BYTES, load_hf_state
 from k2jax.config import K2Config
-from k2jax.engine import Model, enable_compilation_cache
+from k2jax.engine import enable_compilation_cache
+from k2jax.llm import Model
 from k2jax.model import K2Model
 from sharding.mesh import make_mesh
 

@@ -130,7 +130,7 @@ def check_request(request: Request, max_context: int, vocab_size: int) -> None:
     host_row(request.params)
 
 
-def resolve_context(model: engine.Model, max_context: int | None, decode_steps: int) -> int:
+def resolve_context(model: engine.Engine, max_context: int | None, decode_steps: int) -> int:
     """Tokens a request may use (prompt + completion): default and limit leave decode_steps of slot headroom."""
     limit = model.config.max_position_embeddings - decode_steps
     context = limit if max_context is None else max_context
@@ -148,7 +148,7 @@ class Scheduler:
     With a StepLink (multi-host, process 0), every model call is broadcast to the processes running follow().
     """
 
-    def __init__(self, model: engine.Model, n_slots: int = 8, max_context: int | None = None, max_queue: int = 256,
+    def __init__(self, model: engine.Engine, n_slots: int = 8, max_context: int | None = None, max_queue: int = 256,
                  prefill_chunk: int = engine.PREFILL_CHUNK, decode_steps: int = engine.DECODE_STEPS,
                  link: StepLink | None = None, num_pages: int | None = None, prefix_cache: bool = True,
                  warmup: bool = True, progress: bool = False):
@@ -183,12 +183,16 @@ class Scheduler:
         self._cancelled: list[Request] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="k2jax-scheduler", daemon=True)
+        self._thread: threading.Thread | None = None  # made by start(): until then no cycle keeps the pool alive
+        self._inline = False  # run() drives it on the caller's thread: a consumer's exception reaches the caller
         self.steps = 0
         self.cancelled = 0
 
     def start(self) -> Scheduler:
         """Start the background thread; returns self."""
+        if self._inline or self._thread is not None:
+            raise RuntimeError("this scheduler is already running (start() or run())")
+        self._thread = threading.Thread(target=self._loop, name="k2jax-scheduler", daemon=True)
         self._thread.start()
         return self
 
@@ -197,7 +201,7 @@ class Scheduler:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
         for request in [*self._waiting, *self._active.values()]:
             request.finished = True
@@ -213,7 +217,7 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         """Whether the scheduler thread is running."""
-        return self._thread.is_alive() and not self._closed
+        return self._thread is not None and self._thread.is_alive() and not self._closed
 
     @property
     def queue_depth(self) -> int:
@@ -263,9 +267,7 @@ class Scheduler:
 
     def submit(self, request: Request) -> None:
         """Queue a request; raises ValueError if it cannot run, QueueFull if the queue is at its bound."""
-        check_request(request, self.max_context, self.model.config.vocab_size)
-        self.check_fits(request)
-        request.context = list(request.prompt)
+        self._check(request)
         with self._cond:
             if not self.alive:
                 raise RuntimeError("the scheduler is not running")
@@ -273,6 +275,29 @@ class Scheduler:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue {self.max_queue})")
             self._waiting.append(request)
             self._cond.notify()
+
+    def run(self, requests: Sequence[Request]) -> None:
+        """Serve `requests` on the calling thread until every queued and running request has finished: how
+        Model.generate and the agent drive the engine (the scheduler's own thread must not be started). A failed step
+        ends every request in flight, then raises; a request that fails alone ends with an error Output."""
+        if self._thread is not None or self._closed:
+            raise RuntimeError("this scheduler serves from its own thread (start()): submit requests to it instead")
+        self._inline = True
+        for request in requests:
+            self._check(request)
+        self._waiting.extend(requests)
+        try:
+            while self._waiting or self._active or self._cancelled:
+                self._iterate()
+        except BaseException:
+            self._end_all("generation was interrupted")
+            raise
+
+    def _check(self, request: Request) -> None:
+        """Validate a request before it queues (ValueError naming the problem) and set what it prefills."""
+        check_request(request, self.max_context, self.model.config.vocab_size)
+        self.check_fits(request)
+        request.context = list(request.prompt)
 
     def cancel(self, request: Request) -> None:
         """Drop a request (e.g. its client disconnected); its slot is freed before the next model call."""
@@ -304,17 +329,8 @@ class Scheduler:
                     self._cond.wait(IDLE_S if self.link else None)
                 if self._closed:
                     return
-                cancelled, self._cancelled = self._cancelled, []
-                self._admit()
             try:
-                for request in cancelled:
-                    self._release(request)
-                if self._active:
-                    started = time.perf_counter()
-                    rows = self._step()
-                    if self.on_step is not None:
-                        self.on_step(time.perf_counter() - started, rows)
-                elif self.link is not None:
+                if not self._iterate() and self.link is not None:
                     with self.link.deadline(idle=True):
                         self.link.send(NOOP)
             except LinkError as err:
@@ -324,6 +340,22 @@ class Scheduler:
                 log.exception("scheduler step failed")
                 for request in list(self._active.values()):
                     self._finish(request, Output((), (), "error", "internal error while generating"))
+
+    def _iterate(self) -> bool:
+        """Free cancelled requests' slots, admit waiting requests, and run one engine step if any request holds a
+        slot; returns whether a step ran."""
+        with self._cond:
+            cancelled, self._cancelled = self._cancelled, []
+            self._admit()
+        for request in cancelled:
+            self._release(request)
+        if not self._active:
+            return False
+        started = time.perf_counter()
+        rows = self._step()
+        if self.on_step is not None:
+            self.on_step(time.perf_counter() - started, rows)
+        return True
 
     def _fail(self, err: LinkError) -> None:
         """A peer process is gone: end every request and stop serving (alive turns False, health reports it)."""
@@ -335,12 +367,22 @@ class Scheduler:
         """Stop serving and end every queued and running request with `message`."""
         with self._cond:
             self._closed = True
+        self._end_all(message, give_back=False)
+
+    def _end_all(self, message: str, give_back: bool = True) -> None:
+        """End every queued and running request with `message`; their slots are given back unless the scheduler
+        stops for good (a lost peer could not be told)."""
+        with self._cond:
             requests = [*self._waiting, *self._active.values()]
             self._waiting.clear()
-            self._active.clear()
+            self._cancelled.clear()
+            if not give_back:
+                self._active.clear()
         for request in requests:
+            self._release(request)
             request.finished = True
-            self._emit(request, Output((), (), "error", message))
+            if not self._inline:  # run()'s caller gets the exception instead
+                self._emit(request, Output((), (), "error", message))
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, oldest (and preempted) first."""
@@ -560,6 +602,8 @@ class Scheduler:
         try:
             request.emit(output)
         except Exception:  # a broken consumer must not stop the others
+            if self._inline:
+                raise
             log.exception("request consumer failed; cancelling it")
             self.cancel(request)
 
@@ -699,7 +743,7 @@ def unpack_step(payload: np.ndarray, n_slots: int, n_steps: int, n_chunks: int, 
 class LinkedSlots(Slots):
     """Slots whose every step, attach, rewind and release is first broadcast to the processes running follow()."""
 
-    def __init__(self, model: engine.Model, n_slots: int, capacity: int, link: StepLink, num_pages: int | None = None,
+    def __init__(self, model: engine.Engine, n_slots: int, capacity: int, link: StepLink, num_pages: int | None = None,
                  prefix_cache: bool = False, max_chunk: int | None = None, max_steps: int | None = None):
         super().__init__(model, n_slots, capacity, num_pages, prefix_cache, max_chunk, max_steps)
         self.link = link
@@ -739,7 +783,7 @@ class LinkedSlots(Slots):
         super().release(slot)
 
 
-def follow(model: engine.Model, n_slots: int, max_context: int | None, link: StepLink,
+def follow(model: engine.Engine, n_slots: int, max_context: int | None, link: StepLink,
            decode_steps: int = engine.DECODE_STEPS, num_pages: int | None = None, prefix_cache: bool = True,
            prefill_chunk: int = engine.PREFILL_CHUNK, warmup: bool = True) -> None:
     """Replay process 0's model calls on this process until it stops; raises LinkError if process 0 is gone.

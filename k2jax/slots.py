@@ -57,7 +57,7 @@ class Slots:
     tokens[s] lists the tokens whose latents slot s holds (None once `write` put pages of unknown tokens there).
     """
 
-    def __init__(self, model: engine.Model, n_slots: int, capacity: int, num_pages: int | None = None,
+    def __init__(self, model: engine.Engine, n_slots: int, capacity: int, num_pages: int | None = None,
                  prefix_cache: bool = False, max_chunk: int | None = None, max_steps: int | None = None):
         limit = model.config.max_position_embeddings
         if not 0 < capacity <= limit:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from k2jax import chat
-from k2jax.engine import Model
+from k2jax.llm import Model
 from tools import make_corpus
 
 CODE_PROMPT = "def fibonacci(n):"

@@ -22,7 +22,7 @@ import checkpoints.hf_reader
 from checkpoints.hf_names import int4_shape_name, sources
 from k2jax.config import K2Config
 from k2jax.convert import main as convert_main
-from k2jax.engine import Model
+from k2jax.llm import Model
 from k2jax.loading import load_state
 from k2jax.synthetic import random_state
 

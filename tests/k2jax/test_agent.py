@@ -20,10 +20,8 @@ from checkpoints.hf_writer import write_hf_checkpoint
 from k2jax import chat
 from k2jax.agent import (
     Agent,
-    PrefixCache,
-    SlotSession,
     Tool,
-    common_prefix,
+    conversation_scheduler,
     declare,
     run_agent,
     run_tool_call,
@@ -33,7 +31,7 @@ from k2jax.agent import (
 )
 from k2jax.chat_cli import DEMO_TOOLS, calculate, demo_task
 from k2jax.sampling import SamplingParams
-from k2jax.slots import Slots
+from k2jax.scheduler import Request
 from k2jax.synthetic import random_state
 from k2jax.tokenizer import KIMI_PATTERN, Tokenizer, byte_to_unicode, kimi_specials
 
@@ -76,22 +74,31 @@ def bundled():
     return k2jax.load(BUNDLED)
 
 
-def continues_like_recompute(model, session: SlotSession, tokens: list[int], n: int = 6) -> int:
-    """Make the session hold all of `tokens` but the last (returns where its prefill started), then decode n greedy
-    tokens feeding the last: each is the argmax of a full recompute's logits, with the same log-prob, so the slot's
-    cache equals recomputing it. The slot is rewound after."""
-    start = session.prefill(tokens[:-1])
-    slots, slot = session.slots, session.slot
-    feed = np.zeros(slots.n_slots, np.int32)
-    feed[slot] = tokens[-1]
-    toks, logps = slots.decode(feed, [SamplingParams() if s == slot else None for s in range(slots.n_slots)], n)
-    slots.rewind(slot, len(tokens) - 1)
-    logits = model.logits(np.array([tokens + toks[slot, :-1].tolist()]))[0, len(tokens) - 1:]
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def greedy_request(scheduler, prompt: list[int], n: int = 6) -> tuple[Request, list[int], list[float]]:
+    """Run `prompt` alone through the scheduler (on this thread), n greedy tokens at most: the request, its tokens
+    and their log-probs."""
+    outs = []
+    request = Request(prompt, n, outs.append)
+    scheduler.run([request])
+    return request, [t for o in outs for t in o.tokens], [lp for o in outs for lp in o.logprobs]
+
+
+def continues_like_recompute(model, scheduler, tokens: list[int]) -> int:
+    """Continue `tokens` as a request; its greedy tokens are each the argmax of a full recompute's logits, with the
+    same log-prob, so the pages it reused equal recomputing them. Returns the prompt tokens the prefix cache held."""
+    request, toks, logps = greedy_request(scheduler, tokens)
+    assert toks, "the random model ended its turn at once"
+    n = len(toks)
+    logits = model.logits(np.array([tokens + toks[:-1]]))[0, len(tokens) - 1:]
     ref = logits - logits.max(-1, keepdims=True)
     ref -= np.log(np.exp(ref).sum(-1, keepdims=True))
-    assert (ref[np.arange(n), toks[slot]] >= ref.max(-1) - LOGPROB_ATOL).all()  # the argmax (up to exact ties)
-    np.testing.assert_allclose(logps.chosen[slot], ref[np.arange(n), toks[slot]], atol=LOGPROB_ATOL, rtol=0)
-    return start
+    assert (ref[np.arange(n), toks] >= ref.max(-1) - LOGPROB_ATOL).all()  # the argmax (up to exact ties)
+    np.testing.assert_allclose(logps, ref[np.arange(n), toks], atol=LOGPROB_ATOL, rtol=0)
+    return request.cached_tokens
 
 
 def spread(values: list[int]) -> int:
@@ -181,52 +188,29 @@ def conversation(final: bool) -> list[dict]:
 
 
 def test_prefix_reuse_continues_like_recompute(tiny):
+    """Each prompt maps the cached pages it starts with (whole pages only) and continues as a full recompute does."""
     tools = [declare(calculate)]
-    session = SlotSession(Slots(tiny, n_slots=2, capacity=512), slot=1)
+    scheduler = conversation_scheduler(tiny, 512)
+    page = scheduler.slots.pages.layout.page_size
     first = tiny.tokenizer.apply_chat_template(conversation(False), tools, tokenize=True)
-    session.prefill(first)
+    assert continues_like_recompute(tiny, scheduler, first) == 0
     rewritten = tiny.tokenizer.apply_chat_template(conversation(True), tools, tokenize=True)
-    start = continues_like_recompute(tiny, session, rewritten)
-    assert 0 < start == common_prefix(first, rewritten) < len(first)  # the dropped reasoning forces a recompute
-    session.prefill(rewritten)
+    shared = common_prefix(first, rewritten)  # the dropped reasoning forces a recompute after it
+    assert page <= shared < len(first)
+    assert continues_like_recompute(tiny, scheduler, rewritten) == shared // page * page
     appended = rewritten + tiny.tokenizer.encode("<|im_assistant|>assistant<|im_middle|>")
-    assert continues_like_recompute(tiny, session, appended) == len(rewritten)
+    assert continues_like_recompute(tiny, scheduler, appended) == len(rewritten) // page * page
 
 
 def test_generation_after_reuse_equals_fresh_generate(tiny):
-    session = SlotSession(Slots(tiny, n_slots=1, capacity=512))
+    scheduler = conversation_scheduler(tiny, 512)
     tok = tiny.tokenizer
-    session.generate(tok.apply_chat_template(conversation(False), tokenize=True), SamplingParams(), 20)
+    greedy_request(scheduler, tok.apply_chat_template(conversation(False), tokenize=True), 20)
     prompt = tok.apply_chat_template(conversation(True), tokenize=True)
-    gen = session.generate(prompt, SamplingParams(), 20)
-    assert gen.reused_tokens > 0 and gen.prefilled_tokens < len(prompt)
-    assert gen.ids == tiny.generate([prompt], max_new_tokens=20).ids[0]
-
-
-def test_prefix_cache_restores_rows_within_its_byte_budget(tiny):
-    slots = Slots(tiny, n_slots=1, capacity=512)
-    tok = tiny.tokenizer
-    convs = [tok.encode(f"<|im_user|>user<|im_middle|>Question {i} is about Paris.<|im_end|>") for i in range(6)]
-    session = SlotSession(slots)
-    session.prefill(convs[0])
-    one = PrefixCache(1 << 30)
-    page_size = slots.pages.layout.page_size
-    assert one.save(session) and one.nbytes == -(-len(convs[0]) // page_size) * page_size * sum(
-        c.shape[0] * c.shape[-1] * c.dtype.itemsize for c in slots.pool.values())
-    cache = PrefixCache(max_bytes=3 * one.nbytes)
-    for conv in convs:
-        session.prefill(conv)
-        cache.save(session)
-        assert cache.nbytes <= cache.max_bytes
-    assert [list(k) for k in cache.entries] == convs[-3:]  # least recently used left first
-    assert not PrefixCache(one.nbytes - 1).save(session)  # alone over budget: not kept
-
-    follow_up = convs[3] + tok.encode("<|im_assistant|>assistant<|im_middle|>It is in France.")
-    assert cache.restore(session, follow_up) == len(convs[3])
-    assert continues_like_recompute(tiny, session, follow_up) == len(convs[3])
-    session.prefill(follow_up)
-    cache.save(session)
-    assert list(cache.entries)[-1] == tuple(follow_up) and tuple(convs[3]) not in cache.entries  # superseded
+    request, toks, _ = greedy_request(scheduler, prompt, 20)
+    assert request.cached_tokens > 0
+    assert toks == tiny.generate([prompt], max_new_tokens=20).ids[0]
+    assert scheduler.free_pages + scheduler.evictable_pages == scheduler.total_pages  # no request holds a page
 
 
 # ---------------------------------------------------------------- long loops
@@ -241,25 +225,27 @@ def test_window_cuts_at_turns_then_steps_and_keeps_system_and_task():
 
 
 def spy_prompts(agent: Agent) -> list[list[int]]:
-    """Record every prompt the agent's session continues."""
-    prompts, generate = [], agent.session.generate
+    """Record every prompt the agent runs."""
+    prompts, run = [], agent.scheduler.run
 
-    def spy(prompt, *args, **kw):
-        prompts.append(list(prompt))
-        return generate(prompt, *args, **kw)
+    def spy(requests):
+        prompts.extend(list(r.prompt) for r in requests)
+        return run(requests)
 
-    agent.session.generate = spy
+    agent.scheduler.run = spy
     return prompts
 
 
 def check_reuse(agent: Agent, prompts: list[list[int]]) -> None:
-    """Each step prefills at most what differs from the previous prompt; the slot never outgrows its capacity."""
+    """Each step prefills at most what differs from the previous prompt, and the rest of that page; no request
+    holds a page between steps."""
+    page = agent.scheduler.slots.pages.layout.page_size
     for k, step in enumerate(agent.steps):
         assert step.reused_tokens + step.prefilled_tokens == step.prompt_tokens == len(prompts[k])
         if k:
-            assert step.prefilled_tokens <= len(prompts[k]) - common_prefix(prompts[k], prompts[k - 1])
+            assert step.prefilled_tokens < len(prompts[k]) - common_prefix(prompts[k], prompts[k - 1]) + page
         assert step.prompt_tokens <= agent.budget
-    assert agent.session.slots.lengths.max() <= agent.session.slots.capacity
+    assert agent.scheduler.free_pages + agent.scheduler.evictable_pages == agent.scheduler.total_pages
 
 
 def test_long_chat_prefills_only_new_tokens_in_bounded_memory(tiny):

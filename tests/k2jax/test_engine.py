@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -34,20 +36,22 @@ def test_batch_invariance(model, rng):
 
 
 def test_decode_rate_starts_once_every_row_holds_its_first_token(model, rng, monkeypatch):
-    """Prompts prefill one after another, each step sampling its row's first token; decode tokens/s counts the
-    steps after the last of them only (a clock that ticks once per model call)."""
-    clock, run = [0.0], engine.Model.run
+    """A long prompt prefills alone, then three short ones together, each chunk's step sampling its row's first token
+    (and one token of every row decoding beside it); decode tokens/s counts the tokens and steps after the last
+    first token only (a clock that ticks once per model call)."""
+    clock, run, sampled = [0.0], engine.Engine.run, []
 
-    def ticking(self, *args, **kw):
+    def ticking(self, pages, pool, rows, *args, **kw):
         clock[0] += 1.0
-        return run(self, *args, **kw)
+        sampled.append(len(rows))  # rows sampling one token each: every step with a chunk
+        return run(self, pages, pool, rows, *args, **kw)
 
-    monkeypatch.setattr(engine.Model, "run", ticking)
-    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
-    stats = model.generate(prompts_of(rng, (3, 11, 6, 2)), max_new_tokens=17).stats
-    assert stats["time_to_first_token_s"] == 1 and stats["prefill_s"] == 4  # one chunk step per prompt
+    monkeypatch.setattr(engine.Engine, "run", ticking)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    stats = model.generate(prompts_of(rng, (200, 3, 11, 6)), max_new_tokens=17).stats
+    assert stats["time_to_first_token_s"] == 1 and stats["prefill_s"] == 2 and sampled[:2] == [1, 4]
     decode_calls = stats["total_s"] - stats["prefill_s"]
-    assert decode_calls >= 2 and stats["decode_tokens_per_s"] == (stats["generated_tokens"] - 4) / decode_calls
+    assert decode_calls >= 2 and stats["decode_tokens_per_s"] == (stats["generated_tokens"] - 5) / decode_calls
 
 
 def test_chunked_prefill_equals_one_chunk(model, rng, monkeypatch):
@@ -86,10 +90,25 @@ def test_stop_id_ends_a_row(model, rng):
         free = model.generate(prompt, max_new_tokens=12).ids[0]
         if len(free) == 12:
             break
-    stopped = engine.Model(model.config, model.graphdef, model.state)
+    stopped = k2jax.Model(model.config, model.graphdef, model.state)
     stopped._stop_ids = lambda: frozenset({free[5]})
     out = stopped.generate(prompt, max_new_tokens=12)
     assert out.ids[0] == free[: free.index(free[5])] and out.finish_reasons == ["stop"]
+
+
+def test_generate_frees_its_page_pool_on_return(model, rng):
+    """Nothing generate() made outlives it in a reference cycle, so its page pool is freed when it returns, not at
+    some later garbage collection."""
+    model.generate(prompts_of(rng, (5, 7)), max_new_tokens=12)  # compiles
+    gc.collect()
+    gc.disable()
+    try:
+        before = sum(a.nbytes for a in jax.live_arrays())
+        model.generate(prompts_of(rng, (5, 7)), max_new_tokens=12)
+        after = sum(a.nbytes for a in jax.live_arrays())
+    finally:
+        gc.enable()
+    assert after == before
 
 
 def test_limits_are_clear_errors(model):

@@ -12,6 +12,7 @@ import pytest
 
 import k2jax
 from k2jax import engine
+from k2jax.llm import GenerateOutput, Model
 from pallas_kernels import dispatch
 
 # float32 throughout; the kernels and the XLA path differ in summation order only.
@@ -25,7 +26,7 @@ def model(hf_checkpoint):
     return model
 
 
-def generate(model: engine.Model, mode: str, prompts: list[list[int]], monkeypatch) -> engine.GenerateOutput:
+def generate(model: Model, mode: str, prompts: list[list[int]], monkeypatch) -> GenerateOutput:
     """Greedy generation with the kernels of `mode` (jit caches cleared: the mode is read when tracing)."""
     monkeypatch.setenv(dispatch.ENV_VAR, mode)
     monkeypatch.setattr(engine, "PREFILL_CHUNK", 8)

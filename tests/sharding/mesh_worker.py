@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from k2jax import engine
 from k2jax.config import Int4Quant, K2Config
-from k2jax.engine import Model
+from k2jax.llm import GenerateOutput, Model
 from k2jax.model import K2Model
 from sharding import mesh as mesh_lib
 from sharding.rules import named_sharding
@@ -104,7 +104,7 @@ def kernels(specs: list[str]) -> dict:
     ids = prompts()
     batches = {"rows": [ids[i, : 3 + 2 * i].tolist() for i in range(4)], "positions": [ids[4].tolist()]}
 
-    def run(model: Model, batch: list[list[int]], mode: str) -> engine.GenerateOutput:
+    def run(model: Model, batch: list[list[int]], mode: str) -> GenerateOutput:
         os.environ["K2JAX_KERNELS"] = mode
         jax.clear_caches()
         return model.generate(batch, max_new_tokens=32, n=2, logprobs=True)
