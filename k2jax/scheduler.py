@@ -91,8 +91,8 @@ class Request:
     force_before_stop: tokens generated in place of the first stop token when force_before_stop[0] has not been
     generated yet (how tool_choice "required" makes the model open a tool call instead of ending its turn, when tool
     calls are not enforced). constraint: what the request may generate (k2jax.grammar); None allows anything.
-    The scheduler fills in the rest: context (what to prefill: the prompt, after a preemption also what was
-    generated), prefilled (how much of it the slot holds), cached_tokens (prompt tokens the prefix cache gave it
+    The scheduler fills in the rest: context (what to prefill: the prompt, after a preemption or forced tokens also
+    what was generated), prefilled (how much of it the slot holds), cached_tokens (prompt tokens the prefix cache gave it
     when it first started).
     """
 
@@ -441,8 +441,6 @@ class Scheduler:
         for chunk, request in planned:
             request.prefilled += len(chunk.tokens)
         for slot, r in decoding.items():
-            if self._active.get(slot) is not r:  # preempted for another's forced tokens meanwhile
-                continue
             taken = plan.take(slot, tokens[slot].tolist())
             if taken < n_steps:
                 self.slots.rewind(slot, int(self.slots.lengths[slot]) - (n_steps - taken))
@@ -509,11 +507,11 @@ class Scheduler:
         if request.cached_tokens is None:
             request.cached_tokens = min(request.prefilled, len(request.prompt))
 
-    def _make_room(self, wants: dict[int, int], keep: Request | None = None) -> None:
-        """Preempt the newest running requests (never `keep`) until the slots left in `wants` can hold that many
-        tokens; preempted slots leave `wants`."""
+    def _make_room(self, wants: dict[int, int]) -> None:
+        """Preempt the newest running requests until the slots left in `wants` can hold that many tokens; preempted
+        slots leave `wants`."""
         while wants and self.slots.shortfall(wants):
-            victim = max((r for r in self._active.values() if r is not keep), key=lambda r: r.admitted, default=None)
+            victim = max(self._active.values(), key=lambda r: r.admitted, default=None)
             if victim is None:
                 raise PoolFull(f"{self.slots.shortfall(wants)} KV pages short with no request left to preempt")
             wants.pop(victim.slot, None)
@@ -586,14 +584,12 @@ class Scheduler:
             len(request.generated) + len(forced) < request.max_tokens)
 
     def _force(self, request: Request) -> None:
-        """Make the slot hold the accepted tokens and all forced tokens but the last (the next decode step feeds it)."""
+        """Put the forced tokens in place of the stop token: the slot keeps the accepted tokens, and the request's next
+        steps prefill all forced tokens but the last, as chunks of the step plan, then decode feeding the last."""
         start = len(request.prompt) + len(request.generated)
-        forced = list(request.force_before_stop)
-        if len(forced) > 1:
-            self._make_room({request.slot: start + len(forced) - 1}, keep=request)
-            self.slots.prefill(request.slot, forced[:-1], start=start)
-        else:
-            self.slots.rewind(request.slot, start)
+        self.slots.rewind(request.slot, start)
+        request.context = [*request.prompt, *request.generated, *request.force_before_stop]
+        request.prefilled = start
 
     def _emit(self, request: Request, output: Output) -> None:
         """Hand an Output to the request's consumer (none once cancelled); a failing consumer cancels its request."""

@@ -81,16 +81,6 @@ class Slots:
         """Words per slot of a step's token masks."""
         return mask_words(self.model.config.vocab_size)
 
-    def prefill(self, slot: int, tokens: Sequence[int], start: int = 0) -> None:
-        """Write `tokens` at positions start.. of `slot`, keeping its first `start` cached tokens, in steps of at most
-        max_chunk tokens; the slot then holds start + len(tokens) tokens (sample from them by decoding the next)."""
-        end = start + len(tokens)
-        if not tokens or end > self.capacity:
-            raise ValueError(f"slot {slot}: {end} tokens do not fit its capacity of {self.capacity} (or none given)")
-        for lo in range(0, len(tokens), self.max_chunk):
-            self.step(np.zeros(self.n_slots, np.int32), [None] * self.n_slots, 1,
-                      chunks=[engine.Chunk(slot, tokens[lo:lo + self.max_chunk], start + lo)])
-
     def cached(self, slot: int, prompt: Sequence[int]) -> int:
         """How many tokens attach(slot, prompt) would map from the prefix cache now (changes nothing)."""
         if self.prefix is None:

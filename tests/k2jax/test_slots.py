@@ -26,6 +26,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+def prefill(slots: Slots, slot: int, tokens: list[int], start: int = 0) -> None:
+    """Write `tokens` at positions start.. of `slot`, one step per chunk of at most max_chunk tokens, nothing decoded."""
+    for lo in range(0, len(tokens), slots.max_chunk):
+        slots.step(np.zeros(slots.n_slots, np.int32), [None] * slots.n_slots, 1,
+                   chunks=[engine.Chunk(slot, tokens[lo:lo + slots.max_chunk], start + lo)])
+
+
 def check_continues(model, slots: Slots, slot: int, held: list[int], last: int, n: int = 8) -> list[int]:
     """Greedy-decode n tokens in `slot` (which holds `held`) feeding `last`: each token is the argmax of a full
     recompute's logits and its log-prob equals the recompute's, so the slot's cache equals recomputing it."""
@@ -41,10 +48,10 @@ def check_continues(model, slots: Slots, slot: int, held: list[int], last: int, 
 def test_prefix_reuse_equals_recompute(model, rng):
     slots = Slots(model, n_slots=2, capacity=128)
     a, b, c = (rng.integers(3, 250, n).tolist() for n in (10, 7, 9))
-    slots.prefill(0, a)
-    slots.prefill(0, b, start=len(a))
+    prefill(slots, 0, a)
+    prefill(slots, 0, b, start=len(a))
     check_continues(model, slots, 0, a + b, 5)
-    slots.prefill(0, c, start=6)  # history rewritten after the first 6 tokens
+    prefill(slots, 0, c, start=6)  # history rewritten after the first 6 tokens
     assert slots.lengths[0] == 15
     check_continues(model, slots, 0, a[:6] + c, 9)
 
@@ -55,7 +62,7 @@ def test_slots_decode_like_generate(model, rng):
     slots = Slots(model, n_slots=3, capacity=64)
     greedy = SamplingParams()
     for s, p in enumerate(prompts):
-        slots.prefill(s, p[:-1])
+        prefill(slots, s, p[:-1])
     toks, _ = slots.decode(np.array([p[-1] for p in prompts] + [0]), [greedy, greedy, None], n_steps=8)
     toks2, _ = slots.decode(toks[:, -1], [greedy, greedy, None], n_steps=8)
     for s, r in enumerate(ref):
@@ -65,10 +72,10 @@ def test_slots_decode_like_generate(model, rng):
 def test_inactive_slot_keeps_its_prefix(model, rng):
     slots = Slots(model, n_slots=2, capacity=64)
     a, b, more = (rng.integers(3, 250, n).tolist() for n in (8, 6, 5))
-    slots.prefill(1, a)
-    slots.prefill(0, b)
+    prefill(slots, 1, a)
+    prefill(slots, 0, b)
     slots.decode(np.array([b[-1], 0]), [SamplingParams(), None], n_steps=8)
-    slots.prefill(1, more, start=len(a))
+    prefill(slots, 1, more, start=len(a))
     check_continues(model, slots, 1, a + more, 7)
 
 
@@ -81,8 +88,8 @@ def test_a_mixed_step_equals_unmixed_steps(model, rng):
     def setup() -> Slots:
         slots = Slots(model, n_slots=4, capacity=64)
         for s in (0, 1):
-            slots.prefill(s, prompts[s][:-1])
-        slots.prefill(2, prompts[2][:12])
+            prefill(slots, s, prompts[s][:-1])
+        prefill(slots, 2, prompts[2][:12])
         return slots
 
     mixed = setup()
@@ -90,7 +97,7 @@ def test_a_mixed_step_equals_unmixed_steps(model, rng):
     chunk = engine.Chunk(2, prompts[2][12:-1], 12)
     toks, logps = mixed.step(tokens, params + [None], 1, chunks=[chunk])
     alone = setup()
-    alone.prefill(2, chunk.tokens, start=12)
+    prefill(alone, 2, chunk.tokens, start=12)
     for s in range(3):
         ref_toks, ref_logps = alone.decode(tokens, [params[s] if t == s else None for t in range(4)], 1)
         assert toks[s, 0] == ref_toks[s, 0]
@@ -108,7 +115,7 @@ def test_packed_chunks_equal_one_chunk_per_step(model, rng):
 
     def setup() -> Slots:
         slots = Slots(model, n_slots=4, capacity=128, max_chunk=128)
-        slots.prefill(0, prompts[0][:4])
+        prefill(slots, 0, prompts[0][:4])
         return slots
 
     chunks = [engine.Chunk(0, prompts[0][4:], 4), engine.Chunk(1, prompts[1][:-1], 0), engine.Chunk(3, prompts[2], 0)]
@@ -117,7 +124,7 @@ def test_packed_chunks_equal_one_chunk_per_step(model, rng):
     toks, logps = packed.step(tokens, params, 1, chunks=chunks)
     alone = setup()
     for chunk in chunks:
-        alone.prefill(chunk.row, chunk.tokens, start=chunk.start)
+        prefill(alone, chunk.row, chunk.tokens, start=chunk.start)
     ref_toks, ref_logps = alone.decode(tokens, params, 1)
     assert toks[1, 0] == ref_toks[1, 0]
     np.testing.assert_allclose(logps.chosen[1], ref_logps.chosen[1], atol=LOGPROB_ATOL, rtol=0)
@@ -132,7 +139,7 @@ def test_rows_that_are_not_running_are_not_in_the_step(model, rng, monkeypatch):
     """Eight slots, two decoding: the compiled step's decode rows are the bucket of two, not eight."""
     slots = Slots(model, n_slots=8, capacity=64)
     for s in (2, 5):
-        slots.prefill(s, rng.integers(3, 250, 6).tolist())
+        prefill(slots, s, rng.integers(3, 250, 6).tolist())
     shapes = []
     run = engine.run_step
 
@@ -156,19 +163,19 @@ def test_warmup_stops_with_a_clear_error_before_the_memory_map_limit(model, monk
 def test_slot_limits(model):
     slots = Slots(model, n_slots=1, capacity=16)
     with pytest.raises(ValueError, match="capacity of 16"):
-        slots.prefill(0, list(range(3, 20)))
+        slots.step(np.zeros(1, np.int32), [None], 1, chunks=[engine.Chunk(0, list(range(3, 20)), 0)])
     with pytest.raises(ValueError, match="cannot keep a prefix of 4"):
-        slots.prefill(0, [3, 4], start=4)
+        prefill(slots, 0, [3, 4], start=4)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         Slots(model, 1, 10**6)
 
 
 def test_a_slot_that_outgrows_the_pool_is_named_and_others_keep_their_pages(model, rng):
     slots = Slots(model, n_slots=2, capacity=128, num_pages=3)  # 3 pages of 32 tokens for both slots
-    slots.prefill(0, rng.integers(3, 250, 40).tolist())
+    prefill(slots, 0, rng.integers(3, 250, 40).tolist())
     held = slots.pages.pages(0).tolist()
     with pytest.raises(PoolFull, match=r"slot 1 \(holding 0 tokens\): row 1: 70 tokens need 3 more pages of 32, "
                                        r"the pool has 1 free"):
-        slots.prefill(1, rng.integers(3, 250, 70).tolist())
+        prefill(slots, 1, rng.integers(3, 250, 70).tolist())
     assert slots.pages.pages(0).tolist() == held and slots.lengths[1] == 0
     slots.pages.check()
