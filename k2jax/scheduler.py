@@ -1,5 +1,7 @@
-"""Continuous batching over cache slots: one background thread owns the model; requests join and leave between steps.
+"""Continuous batching over cache slots, the one engine loop: requests join and leave between steps.
 
+A server starts the scheduler's background thread, which owns the model; Model.generate and the agent instead drive
+the same loop on their own thread with run(requests), until those requests have finished.
 Before serving, the thread compiles every program a step can need (warmup), so no request waits for a compile.
 Each iteration frees the slots of cancelled requests, admits queued requests into free slots, then runs one engine
 step (k2jax.engine.run_step): the next chunk of at most `prefill_chunk` tokens of the oldest request still
