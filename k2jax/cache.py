@@ -161,18 +161,6 @@ def apply_copies(pool: dict[str, Array], copies: list[tuple[int, int]]) -> dict[
     return copy_pages(pool, jax.device_put(src), jax.device_put(dst))
 
 
-@jax.jit
-def read_pages(pool: dict[str, Array], ids: Array) -> dict[str, Array]:
-    """The contents of pages `ids`, [L, len(ids), N, C] per stack."""
-    return {name: p[:, ids] for name, p in pool.items()}
-
-
-@functools.partial(jax.jit, donate_argnames=("pool",))
-def write_pages(pool: dict[str, Array], ids: Array, pages: dict[str, Array]) -> dict[str, Array]:
-    """Pages `ids` := `pages` (as read_pages returned them)."""
-    return {name: p.at[:, ids].set(pages[name].astype(p.dtype)) for name, p in pool.items()}
-
-
 class PageAllocator:
     """Host-side page tables, ref-counts and per-group free lists for `layout.n_rows` rows.
 

@@ -11,16 +11,13 @@ sequence starts by mapping the longest cached prefix of its prompt into its tabl
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from k2jax import engine
-from k2jax.cache import PoolFull, apply_copies, read_pages, write_pages
-from k2jax.engine import host_value
+from k2jax.cache import PoolFull, apply_copies
 from k2jax.prefix_cache import PrefixCache
 from k2jax.sampling import TOP_LOGPROBS, Logprobs, SamplingParams, StepMasks, mask_words
 
@@ -43,18 +40,13 @@ def check_memory_maps() -> None:
                            "the limit: sudo sysctl -w vm.max_map_count=262144")
 
 
-def on_device(x: np.ndarray | Sequence, dtype: np.dtype | type) -> jax.Array:
-    """A host array on the default device as `dtype` (a plain transfer: jnp.asarray compiles a program per shape)."""
-    return jax.device_put(np.asarray(x, dtype))
-
-
 class Slots:
     """`n_slots` cached sequences of up to `capacity` tokens over one model, in a pool of `num_pages` pages
     (default: enough for every slot at capacity), with a prefix cache over the pool if `prefix_cache`; steps write
     chunks of at most `max_chunk` tokens (and capacity) and decode up to `max_steps` tokens per row (defaults: the
     engine's).
 
-    tokens[s] lists the tokens whose latents slot s holds (None once `write` put pages of unknown tokens there).
+    tokens[s] lists the tokens whose latents slot s holds.
     """
 
     def __init__(self, model: engine.Engine, n_slots: int, capacity: int, num_pages: int | None = None,
@@ -69,7 +61,7 @@ class Slots:
         self.max_steps = max_steps or engine.DECODE_STEPS
         self.pages, self.pool = model.paged(n_slots, capacity, num_pages)
         self.lengths = np.zeros(n_slots, np.int32)
-        self.tokens: list[list[int] | None] = [[] for _ in range(n_slots)]
+        self.tokens: list[list[int]] = [[] for _ in range(n_slots)]
         self.prefix = PrefixCache(self.pages) if prefix_cache else None
 
     @property
@@ -142,8 +134,7 @@ class Slots:
             slot, start = chunk.row, chunk.start
             self._copy(self.pages.truncate(slot, start))
             self.lengths[slot] = start
-            held = self.tokens[slot]
-            self.tokens[slot] = None if held is None else held[:start]
+            del self.tokens[slot][start:]
             self._reserve(slot, int(lengths[slot]))
         for s in active:
             self._reserve(s, int(lengths[s]) + n_steps)
@@ -155,13 +146,11 @@ class Slots:
         for chunk in chunks:
             slot, start = chunk.row, chunk.start
             self.lengths[slot] = lengths[slot]
-            if self.tokens[slot] is not None:
-                self.tokens[slot] += [int(t) for t in chunk.tokens]
-                if self.prefix is not None:
-                    self.prefix.insert(slot, self.tokens[slot], start // self.pages.layout.page_size)
+            self.tokens[slot] += [int(t) for t in chunk.tokens]
+            if self.prefix is not None:
+                self.prefix.insert(slot, self.tokens[slot], start // self.pages.layout.page_size)
         for s, row in zip(active, toks):  # written: the fed token, then every sampled one but the last
-            if self.tokens[s] is not None:
-                self.tokens[s] += [int(tokens[s]), *row[:-1].tolist()]
+            self.tokens[s] += [int(tokens[s]), *row[:-1].tolist()]
             self.lengths[s] += n_steps
         out_toks = np.zeros((self.n_slots, n_steps), np.int32)
         out_logps = Logprobs(np.zeros((self.n_slots, n_steps), np.float32),
@@ -216,8 +205,7 @@ class Slots:
             raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens; cannot rewind it to {length}")
         self._copy(self.pages.truncate(slot, length))
         self.lengths[slot] = length
-        if self.tokens[slot] is not None:
-            del self.tokens[slot][length:]
+        del self.tokens[slot][length:]
 
     def release(self, slot: int) -> None:
         """Forget a slot's sequence and give its pages back (its full pages stay in the prefix cache, if any)."""
@@ -226,19 +214,6 @@ class Slots:
         self.pages.release(slot)
         self.lengths[slot] = 0
         self.tokens[slot] = []
-
-    def read(self, slot: int) -> dict[str, np.ndarray]:
-        """A host copy of the pages holding the slot's tokens, [L, pages, page_size, C] per layer stack."""
-        held = math.ceil(int(self.lengths[slot]) / self.pages.layout.page_size)
-        return {k: host_value(v) for k, v in read_pages(self.pool, on_device(self.pages.pages(slot)[:held], np.int32)).items()}
-
-    def write(self, slot: int, pages: dict[str, np.ndarray], length: int) -> None:
-        """Make the slot hold `length` tokens from pages as `read` returned them (its old sequence is dropped)."""
-        self.release(slot)
-        self._reserve(slot, length)
-        self.pool = write_pages(self.pool, on_device(self.pages.pages(slot), np.int32), pages)
-        self.lengths[slot] = length
-        self.tokens[slot] = None
 
     def _reserve(self, slot: int, tokens: int) -> None:
         """Pages for the slot's first `tokens` positions; PoolFull names the slot and what it holds."""

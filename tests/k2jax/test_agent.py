@@ -213,6 +213,21 @@ def test_generation_after_reuse_equals_fresh_generate(tiny):
     assert scheduler.free_pages + scheduler.evictable_pages == scheduler.total_pages  # no request holds a page
 
 
+def test_a_failing_callback_reaches_the_caller_and_frees_the_slot(tiny):
+    """Driven on the caller's thread, an event callback's exception ends the step there and the slot is given back,
+    so the same scheduler serves the next step."""
+    def fail(event):
+        if event.kind in ("reasoning", "content"):
+            raise KeyError("the client went away")
+
+    agent = Agent(tiny, max_new_tokens=8, capacity=512, on_event=fail)
+    with pytest.raises(KeyError, match="the client went away"):
+        agent.run("What is 12 plus 30?", max_steps=1)
+    scheduler = agent.scheduler
+    assert scheduler.running == 0 and scheduler.free_pages + scheduler.evictable_pages == scheduler.total_pages
+    assert Agent(tiny, max_new_tokens=8, scheduler=scheduler).run("And 5 plus 5?", max_steps=1).steps
+
+
 # ---------------------------------------------------------------- long loops
 
 
