@@ -174,9 +174,6 @@ def run_tool_call(tools: Mapping[str, Tool], call: Mapping[str, Any], timeout: f
         return f"error: {type(err).__name__}: {err}"
 
 
-# ---------------------------------------------------------------- one sequence in a cache slot
-
-
 # ---------------------------------------------------------------- the agent
 
 

@@ -3,7 +3,8 @@
 Tool calls are grammar-enforced (only the demo tools, with arguments that match their signatures) unless
 --no-tool-grammar; --max-reasoning-tokens ends each step's reasoning after that many tokens.
 
-Each line you type is a user turn; the conversation keeps its cache slot, so a turn prefills only what it adds.
+Each line you type is a user turn; the conversation's cached pages stay in the prefix cache, so a turn prefills
+little more than what it adds.
 Commands: /reset starts a new conversation, /exit (or end of input) quits.
 """
 

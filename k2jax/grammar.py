@@ -349,12 +349,14 @@ class DecodePlan:
         return constraint.accept(tokens, row in self.exact, bool(self.masks.drafts[row]), self.n_forced[row])
 
 
-def decode_plan(rows: Mapping[int, tuple[RowConstraint, SamplingParams]], n_rows: int,
-                decode_steps: int) -> DecodePlan:
-    """The plan of a decode call over n_rows rows, the constrained ones given with their sampling. A row first takes
-    the tokens its grammar forces; then, if its mask changes from token to token (or it took forced ones), it drafts
-    its later steps when its sampling makes drafts exact. The count is decode_steps unless a row that cannot draft
-    holds it to its forced tokens and one more."""
+def decode_plan(rows: Mapping[int, tuple[RowConstraint, SamplingParams]], n_rows: int, decode_steps: int,
+                decoding: int | None = None) -> DecodePlan:
+    """The plan of a decode call over n_rows rows, `decoding` of them sampling (default: the constrained ones, given
+    with their sampling). A row first takes the tokens its grammar forces; then, if its mask changes from token to
+    token (or it took forced ones), it drafts its later steps when its sampling makes drafts exact; when it does not,
+    its later draws are refused (see RowConstraint.accept). The count is decode_steps, unless every row that decodes
+    is one that cannot draft: then the longest of their forced runs and one more, so no row's steps are cut short for
+    another's."""
     constraints = {row: c for row, (c, _) in rows.items()}
     exact = frozenset(row for row, (_, params) in rows.items() if drafts_exact(params))
     if not rows:
@@ -362,7 +364,7 @@ def decode_plan(rows: Mapping[int, tuple[RowConstraint, SamplingParams]], n_rows
     first = next(iter(constraints.values())).vocab
     masks = StepMasks(np.tile(first.all_allowed(), (n_rows, 1)), np.zeros(n_rows, bool),
                       np.full((n_rows, decode_steps), -1, np.int32))
-    n_steps, n_forced = decode_steps, {}
+    held, n_forced = [], {}
     for row, constraint in constraints.items():
         forced, masks.words[row] = constraint.forced(decode_steps)
         masks.forced[row, :len(forced)] = forced
@@ -370,8 +372,9 @@ def decode_plan(rows: Mapping[int, tuple[RowConstraint, SamplingParams]], n_rows
         changing = bool(forced) or not constraint.steady
         masks.drafts[row] = changing and row in exact
         if changing and row not in exact:
-            n_steps = min(n_steps, len(forced) + 1)
-    return DecodePlan(masks, n_steps, constraints, exact, n_forced)
+            held.append(len(forced) + 1)
+    alone = bool(held) and len(held) == (len(rows) if decoding is None else decoding)
+    return DecodePlan(masks, min(decode_steps, max(held)) if alone else decode_steps, constraints, exact, n_forced)
 
 
 def reasoning_budget(max_reasoning_tokens: int | None, effort: str | None) -> int | None:

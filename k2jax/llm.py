@@ -48,8 +48,8 @@ class Continuation:
         taken = len(out.tokens) if self.text is None else self.text.used - len(self.ids)
         self.ids += out.tokens[:taken]
         self.logprobs += out.logprobs[:taken]
-        self.finish, self.error = ("stop", None) if self.text is not None and self.text.stopped else (out.finish,
-                                                                                                    out.error)
+        stopped = self.text is not None and self.text.stopped
+        self.finish, self.error = ("stop", None) if stopped else (out.finish, out.error)
         if self.finish is not None and self.text is not None:
             text += self.text.feed([], final=True)
         return text
@@ -89,6 +89,7 @@ class Model(Engine):
         rows = [Continuation(TextStream(self.tokenizer, stop) if self.tokenizer else None) for _ in params]
         scheduler = Scheduler(self, len(rows), min(longest, self.config.max_position_embeddings - engine.DECODE_STEPS),
                               prefill_chunk=engine.PREFILL_CHUNK, decode_steps=engine.DECODE_STEPS, warmup=False)
+        self._compile_s = 0.0
         timing = _Timing(len(rows), self)
         requests: list[Request] = []
 
@@ -144,7 +145,6 @@ class _Timing:
 
     def __init__(self, n_rows: int, model: Engine):
         self.n_rows, self.model = n_rows, model
-        model._compile_s = 0.0
         self.start = time.perf_counter()
         self.started: set[int] = set()
         self.tokens = self.prefill_tokens = 0

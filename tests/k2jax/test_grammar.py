@@ -314,9 +314,10 @@ def constraint_after(vocab, tok, rules: str | None, text: str) -> RowConstraint:
 
 def test_rows_take_forced_tokens_then_draft_while_their_mask_changes(vocab, tok):
     """grammar.decode_plan: a steady row keeps one mask for every step; a row whose grammar forces text takes its
-    tokens first (the constraint itself unmoved by planning), then drafts when its sampling makes drafts exact, and
-    holds the call to its forced tokens and one more when it does not; take() takes the forced tokens, cuts a
-    drafted run where it stops standing and leaves unconstrained rows whole."""
+    tokens first (the constraint itself unmoved by planning), then drafts when its sampling makes drafts exact; when
+    it does not, its later draws are refused, and it holds the call to its forced tokens and one more only when it
+    decodes alone; take() takes the forced tokens, cuts a drafted run where it stops standing and leaves
+    unconstrained rows whole."""
     rules = tool_calls_grammar(TOOLS)
     steady, changing = (constraint_after(vocab, tok, rules, f"{chat.THINK_BEGIN}I will"),
                         constraint_after(vocab, tok, rules, f"{THINK}{chat.SECTION_BEGIN}"))
@@ -335,9 +336,13 @@ def test_rows_take_forced_tokens_then_draft_while_their_mask_changes(vocab, tok)
     stands = longest_allowed(vocab, rules, prefix + wrong) - len(prefix)
     assert len(head) < stands < len(wrong) and plan.take(2, wrong) == stands
     assert plan.take(1, wrong) == len(wrong)
-    plan = decode_plan({0: (steady, greedy), 2: (constraint_after(vocab, tok, rules, f"{THINK}{chat.SECTION_BEGIN}"),
-                                                 filtered)}, 4, 8)
+    held = constraint_after(vocab, tok, rules, f"{THINK}{chat.SECTION_BEGIN}")
+    plan = decode_plan({2: (held, filtered)}, 4, 8)  # decoding alone: the call stops where its draws would
     assert plan.n_steps == len(head) + 1 and not plan.masks.drafts.any()
+    for beside in (decode_plan({0: (steady, greedy), 2: (held, filtered)}, 4, 8),
+                   decode_plan({2: (held, filtered)}, 4, 8, decoding=3)):
+        assert beside.n_steps == 8 and not beside.masks.drafts.any()  # other rows are not held back
+    assert beside.take(2, wrong) == len(head) + 1  # the draw after the mask changed is refused
     assert decode_plan({}, 4, 8).masks is None and decode_plan({}, 4, 8).n_steps == 8
 
 

@@ -419,7 +419,8 @@ def test_constrained_rows_sample_exactly_and_leave_other_rows_alone(temperature,
     """A row under a JSON grammar (its mask changing token by token) beside plain rows: the plain rows give
     generate()'s greedy tokens, and the constrained row's tokens, taken in runs of decode_steps (first the tokens
     its grammar forces, a JSON key, then drafted while its mask changes, when top_p leaves drafts exact) that are cut
-    at the first draw that does not stand, equal those sampled one token per step under each token's own mask."""
+    at the first draw that does not stand, equal those sampled one token per step under each token's own mask. While
+    plain rows decode beside it, every call samples decode_steps tokens: a row that cannot draft holds back no other."""
     model = k2jax.load()  # the bundled model: it has a tokenizer
     tok = model.tokenizer
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -430,7 +431,16 @@ def test_constrained_rows_sample_exactly_and_leave_other_rows_alone(temperature,
              for q in ("What is the capital of Peru?", "Compute 12 * 3.")]
     runs = []
     for steps in (8, 1):
-        sched = Scheduler(model, n_slots=3, max_context=512, decode_steps=steps, warmup=False).start()
+        sched = Scheduler(model, n_slots=3, max_context=512, decode_steps=steps, warmup=False)
+        calls, step = [], sched.slots.step  # (rows decoding, steps) of every decode-only call
+
+        def counting_step(tokens, params, n_steps, masks, chunks):
+            if not chunks:
+                calls.append((sum(p is not None for p in params), n_steps))
+            return step(tokens, params, n_steps, masks, chunks)
+
+        sched.slots.step = counting_step
+        sched.start()
         constraint = RunLog(vocab, json_grammar(schema), reasoning_budget=6)
         jobs = [request(prompt, 48, stop_ids=frozenset(tok.stop_ids),
                         params=SamplingParams(temperature=temperature, top_p=top_p, seed=3), constraint=constraint)]
@@ -444,6 +454,7 @@ def test_constrained_rows_sample_exactly_and_leave_other_rows_alone(temperature,
             assert (max(drafted) > 1) if drafts_exact(SamplingParams(temperature=temperature, top_p=top_p)) \
                 else not drafted
             assert max(forced for *_, forced in constraint.runs) > 1  # `{"city":` at least
+            assert all(n == steps for rows, n in calls if rows > 1)  # the constrained row holds no other row back
     (constrained, *beside), (one_by_one, *_) = runs
     assert constrained.tokens == one_by_one.tokens
     for sink, p in zip(beside, plain):
