@@ -11,7 +11,8 @@ it (in the step whose chunk ends its prefill) and samples its first token on dev
 token per row; decode-only steps sample decode_steps tokens per row, scanned on device. A request with a constraint
 (k2jax.grammar: tool calls, JSON, a reasoning budget) first takes the tokens its grammar forces (a call's header, a
 JSON key), then samples under its row's mask; while that mask changes token by token its later steps draft from every
-token (or, for top-k, top-p and min-p, which drafts would skew, the step stops one token after the forced ones); its
+token (for top-k, top-p and min-p, which drafts would skew, it keeps only the first token after the forced ones, and
+the step stops there only when no other row decodes); its
 run of tokens is checked against the constraint and cut at the first draw that does not stand (the slot's cache is
 rewound to match). Rows without a constraint sample exactly as they would
 alone. Requests see tokens through their `emit` callback, called on the scheduler thread; stop
