@@ -2,8 +2,9 @@
 
 One conversation of demo tool tasks (k2jax.chat_cli's tools) runs for `--steps` model turns twice, greedy, in a
 slot of `--capacity` tokens: once with the prefix cache (each step prefills what differs from the pages the
-previous steps left, from the last whole page they share), once re-prefilling the whole prompt every step. Each mode runs once untimed (compiling every shape it meets), then timed. Prints a
-markdown table: cumulative figures at checkpoints, then totals.
+previous steps left, from the last whole page they share), once re-prefilling the whole prompt every step. Each
+mode runs once untimed (compiling every shape it meets), then timed. Prints a markdown table: cumulative figures at
+checkpoints, then totals.
 
     python benchmarks/agent.py [--model DIR] [--steps 300] [--capacity 4096] [--max-new-tokens 96]
 """

@@ -112,11 +112,11 @@ class Model(Engine):
         if failed is not None:
             raise RuntimeError(f"generation failed: {failed}")
         texts = [r.text.text for r in rows] if self.tokenizer is not None else None
+        calls = [chat.parse_output(t).tool_calls for t in texts] if tools is not None else None
         return GenerateOutput(ids=[r.ids for r in rows], texts=texts,
                               stats=timing.stats(sum(len(p) for p in ids), sum(len(r.ids) for r in rows)),
                               finish_reasons=[r.finish or "length" for r in rows],
-                              logprobs=[r.logprobs for r in rows] if logprobs else None,
-                              tool_calls=[chat.parse_output(t).tool_calls for t in texts] if tools is not None else None)
+                              logprobs=[r.logprobs for r in rows] if logprobs else None, tool_calls=calls)
 
     def _constraints(self, tools: Sequence[Mapping[str, Any]] | None, tool_choice: str,
                      max_reasoning_tokens: int | None, n_rows: int) -> list[RowConstraint | None]:
@@ -166,7 +166,8 @@ class _Timing:
         """The run's statistics, once it has ended."""
         elapsed, compile_s = time.perf_counter() - self.start, self.model._compile_s
         decode_s = elapsed - self.prefill - (compile_s - self.prefill_compile)
+        decode_rate = (generated_tokens - self.prefill_tokens) / max(decode_s, 1e-9)
         return {"prompt_tokens": prompt_tokens, "time_to_first_token_s": self.first,
                 "compile_before_first_token_s": self.first_compile, "prefill_s": self.prefill,
-                "generated_tokens": generated_tokens, "compile_s": compile_s,
-                "decode_tokens_per_s": (generated_tokens - self.prefill_tokens) / max(decode_s, 1e-9), "total_s": elapsed}
+                "generated_tokens": generated_tokens, "compile_s": compile_s, "decode_tokens_per_s": decode_rate,
+                "total_s": elapsed}

@@ -95,8 +95,8 @@ class Request:
     generated yet (how tool_choice "required" makes the model open a tool call instead of ending its turn, when tool
     calls are not enforced). constraint: what the request may generate (k2jax.grammar); None allows anything.
     The scheduler fills in the rest: context (what to prefill: the prompt, after a preemption or forced tokens also
-    what was generated), prefilled (how much of it the slot holds), cached_tokens (prompt tokens the prefix cache gave it
-    when it first started).
+    what was generated), prefilled (how much of it the slot holds), cached_tokens (prompt tokens the prefix cache gave
+    it when it first started).
     """
 
     prompt: Sequence[int]

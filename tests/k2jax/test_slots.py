@@ -27,7 +27,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def prefill(slots: Slots, slot: int, tokens: list[int], start: int = 0) -> None:
-    """Write `tokens` at positions start.. of `slot`, one step per chunk of at most max_chunk tokens, nothing decoded."""
+    """Write `tokens` at positions start.. of `slot`: a step per chunk of at most max_chunk tokens, none decoded."""
     for lo in range(0, len(tokens), slots.max_chunk):
         slots.step(np.zeros(slots.n_slots, np.int32), [None] * slots.n_slots, 1,
                    chunks=[engine.Chunk(slot, tokens[lo:lo + slots.max_chunk], start + lo)])
