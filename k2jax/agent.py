@@ -3,11 +3,10 @@
 Each step renders the conversation with the chat template and runs it as one request of a Scheduler (the server's
 engine loop, driven on the agent's thread): the prefix cache maps the pages the previous steps left that the new
 prompt starts with, so only the rest is prefilled. The step then parses reasoning, content and tool calls, and runs
-the tools. Tool failures become tool results the model reads. Tool calls are
-enforced by a grammar (k2jax.grammar): the model can only call the declared tools, with arguments that match their
-declarations, and never inside its reasoning. When the
-conversation outgrows its slot, the oldest turns (then the oldest steps of the current loop) leave the window
-in one batch, down to half the budget, so the recompute this forces stays rare.
+the tools. Tool failures become tool results the model reads. Tool calls are enforced by a grammar (k2jax.grammar):
+the model can only call the declared tools, with arguments that match their declarations, and never inside its
+reasoning. When the conversation outgrows its context, the oldest turns (then the oldest steps of the current loop)
+leave the window in one batch, down to half the budget, so the recompute this forces stays rare.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
-
 
 from k2jax import engine, grammar
 from k2jax.chat import Delta, ParsedOutput, StreamParser, call_count
