@@ -330,13 +330,9 @@ class Agent:
     def _constraint(self) -> RowConstraint | None:
         """This step's constraint: the tool grammar (call ids counting on from the conversation's calls) and the
         reasoning budget; None when neither applies."""
-        rules = None
-        if self.tool_grammar:
-            rules = self._tool_rules(call_count(self.messages))
-        if rules is None and self.max_reasoning_tokens is None:
-            return None
-        vocab = grammar.vocabulary(self.model.tokenizer, self.model.config.vocab_size)
-        return RowConstraint(vocab, rules, self.max_reasoning_tokens)
+        rules = self._tool_rules(call_count(self.messages)) if self.tool_grammar else None
+        return grammar.row_constraints(self.model.tokenizer, self.model.config.vocab_size, rules,
+                                       self.max_reasoning_tokens, 1)[0]
 
     def prompt_tokens(self, start: int | None = None) -> list[int]:
         """The rendered, tokenized prompt of the window from `start` (default: the current window)."""

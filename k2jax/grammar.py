@@ -377,6 +377,15 @@ def decode_plan(rows: Mapping[int, tuple[RowConstraint, SamplingParams]], n_rows
     return DecodePlan(masks, min(decode_steps, max(held)) if alone else decode_steps, constraints, exact, n_forced)
 
 
+def row_constraints(tokenizer: Tokenizer, vocab_size: int, rules: str | None, budget: int | None,
+                    n: int) -> list[RowConstraint | None]:
+    """n rows' constraints under one grammar and reasoning budget; None for every row when neither applies."""
+    if rules is None and budget is None:
+        return [None] * n
+    vocab = vocabulary(tokenizer, vocab_size)
+    return [RowConstraint(vocab, rules, budget) for _ in range(n)]
+
+
 def reasoning_budget(max_reasoning_tokens: int | None, effort: str | None) -> int | None:
     """Reasoning tokens allowed: max_reasoning_tokens if given, else reasoning_effort's budget, else no limit."""
     if max_reasoning_tokens is not None:

@@ -133,10 +133,7 @@ class Model(Engine):
             if any(map(grammar.is_strict, tools)) or tool_choice == "none":
                 rules = grammar.tool_calls_grammar(tools, "required" if named else tool_choice, named)
         budget = grammar.reasoning_budget(max_reasoning_tokens, None)
-        if rules is None and budget is None:
-            return [None] * n_rows
-        vocab = grammar.vocabulary(self.tokenizer, self.config.vocab_size)
-        return [RowConstraint(vocab, rules, budget) for _ in range(n_rows)]
+        return grammar.row_constraints(self.tokenizer, self.config.vocab_size, rules, budget, n_rows)
 
 
 class _Timing:

@@ -159,11 +159,8 @@ class Service:
             param = "max_reasoning_tokens" if body.max_reasoning_tokens is not None else "reasoning_effort"
             raise APIError(400, str(err), param=param) from None
         rules = self.answer_grammar(body, call_offset)
-        if rules is None and budget is None:
-            return (None,) * n
-        vocab = grammar.vocabulary(self.tokenizer, self.vocab_size)
         try:
-            return tuple(RowConstraint(vocab, rules, budget) for _ in range(n))
+            return tuple(grammar.row_constraints(self.tokenizer, self.vocab_size, rules, budget, n))
         except GrammarError as err:  # e.g. over the library's size limits, though each schema compiled alone
             raise APIError(400, f"the tools cannot be enforced together: {err}", param="tools") from None
 
