@@ -87,8 +87,11 @@ class Model(Engine):
         params = [SamplingParams(temperature, top_k, top_p, min_p, seed + j) for _ in ids for j in range(n)]
         constraints = self._constraints(tools, tool_choice, max_reasoning_tokens, len(params))
         rows = [Continuation(TextStream(self.tokenizer, stop) if self.tokenizer else None) for _ in params]
-        scheduler = Scheduler(self, len(rows), min(longest, self.config.max_position_embeddings - engine.DECODE_STEPS),
-                              prefill_chunk=engine.PREFILL_CHUNK, decode_steps=engine.DECODE_STEPS, warmup=False)
+        # Slots and context round up to powers of two: the pool's shape, and with it every program, is shared by
+        # the calls of a bucket (another prompt length or max_new_tokens compiles nothing new).
+        context = min(engine.bucket(longest), self.config.max_position_embeddings - engine.DECODE_STEPS)
+        scheduler = Scheduler(self, engine.bucket(len(rows), 1), context, prefill_chunk=engine.PREFILL_CHUNK,
+                              decode_steps=engine.DECODE_STEPS, warmup=False)
         self._compile_s = 0.0
         timing = _Timing(len(rows), self)
         requests: list[Request] = []

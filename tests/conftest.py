@@ -70,6 +70,12 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tup
     return make
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked slow first (a stable sort): xdist hands tests out in this order, so each worker starts on a long
+    one and the short ones fill in around them, instead of one worker finishing a long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_programs():
     """Drop every compiled program after each test module.

@@ -111,6 +111,25 @@ def test_generate_frees_its_page_pool_on_return(model, rng):
     assert after == before
 
 
+def test_calls_of_one_size_bucket_share_their_page_pool(model, rng, monkeypatch):
+    """generate() sizes its page pool (an input of every step program, so its shape decides what compiles) by
+    powers of two of rows and of context, not by the call: another batch size, prompt length or max_new_tokens
+    within the same buckets compiles no new step for a shape it has seen."""
+    pools = []
+    paged = type(model).paged
+
+    def record(self, *args, **kwargs):
+        pages, pool = paged(self, *args, **kwargs)
+        pools.append(jax.tree.map(jnp.shape, pool))
+        return pages, pool
+
+    monkeypatch.setattr(type(model), "paged", record)
+    model.generate(prompts_of(rng, (9, 14, 11)), max_new_tokens=20)  # 34 tokens
+    model.generate(prompts_of(rng, (12, 10, 13, 15)), max_new_tokens=45)  # 4 rows, 60 tokens
+    model.generate(prompts_of(rng, (30,)), max_new_tokens=60)  # 1 row, 90 tokens
+    assert pools[0] == pools[1] != pools[2]
+
+
 def test_limits_are_clear_errors(model):
     too_long = [[5] * (model.config.max_position_embeddings - 3)]
     with pytest.raises(ValueError, match="over the model's context of 512"):

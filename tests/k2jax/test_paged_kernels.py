@@ -35,6 +35,7 @@ def generate(model: Model, mode: str, prompts: list[list[int]], monkeypatch) -> 
 
 
 @pytest.mark.parametrize("mode", ["interpret", "interpret-triton"])
+@pytest.mark.slow
 def test_kernels_generate_like_the_xla_path(model, rng, mode, monkeypatch):
     prompts = [rng.integers(3, 250, n).tolist() for n in (5, 13, 2)]
     ref = generate(model, "xla", prompts, monkeypatch)

@@ -419,6 +419,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
             proc.wait(10)
 
 
+@pytest.mark.slow
 def test_cli_serves_on_localhost(checkpoint):
     port = free_port()
     proc = start_cli(checkpoint, "--port", str(port), "--max-batch", "2", "--max-context", "64", "--kv-pages", "5")

@@ -40,6 +40,7 @@ CHUNK = 64
     ("data=2,expert=2", 2, (("data",), ("expert",))),  # both
     ("expert=2,tensor=2", 4, (("expert",), ("tensor",))),  # both, heads split over the position axis
 ])
+@pytest.mark.slow
 def test_tpu_programs_run_the_kernel_in_place(spec, batch, split):
     devices = plan.topology_devices("v5e:2x2")
     with plan.target_kernels("tpu"):
@@ -56,6 +57,7 @@ def test_tpu_programs_run_the_kernel_in_place(spec, batch, split):
 
 @pytest.mark.skipif(not plugin_installed() and not os.environ.get("CI"),
                     reason="no CUDA plugin: python -m k2jax.gpu_targets")
+@pytest.mark.slow
 def test_gpu_programs_run_the_triton_kernel_in_place(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(CFG.to_hf_dict()))
     command = [sys.executable, "-m", "k2jax.plan", "--config", str(tmp_path), "--topology", "h200:2",

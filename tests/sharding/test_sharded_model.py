@@ -35,16 +35,17 @@ def _free_port() -> int:
 
 
 # experts: ids x columns; pages: (axes splitting rows, axes splitting each row's pages: context parallel)
+# (a mesh like data=2,expert=4 splits rows and pages as the three-axis one does, over fewer axes: not repeated)
 MESHES = {
     "expert=8": (1 / 8, [["expert"], []], [[], ["expert"]]),
-    "data=2,expert=4": (1 / 4, [["data", "expert"], []], [["data"], ["expert"]]),
     "data=8": (1, [["data"], []], [[], ["data"]]),
     "data=2,expert=2,tensor=2": (1 / 4, [["data", "expert"], ["tensor"]], [["data"], ["expert", "tensor"]]),
 }
 
 
+@pytest.mark.slow
 def test_mesh_matches_single_device():
-    """Four meshes of 8 CPU devices in one subprocess (one compile of the reference; one test, so that xdist's
+    """Three meshes of 8 CPU devices in one subprocess (one compile of the reference; one test, so that xdist's
     workers never run it twice), all on the XLA path: the native CPU kernel, which rounds x to int8 for INT4
     experts, runs only where XLA does not partition the trace, so one device and a mesh would take different
     paths."""
@@ -62,6 +63,7 @@ def test_mesh_matches_single_device():
         assert r["split"] == split and r["few_rows_split"] == few_rows_split, (spec, r)
 
 
+@pytest.mark.slow
 def test_kernels_on_meshes_match_one_device():
     """Rows and positions split at once, both ways round (rows over data and expert with positions over tensor;
     rows over data with positions over expert and tensor), through the Mosaic and Triton attention kernels
@@ -79,6 +81,7 @@ def test_kernels_on_meshes_match_one_device():
         assert r["tokens_equal"] and r["logprob_err"] < 3e-4, (name, r)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one():
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(WORKER), "distributed", f"127.0.0.1:{port}", "2", str(i),

@@ -69,6 +69,7 @@ def test_the_reference_turns_of_heldout_tasks_score_as_right() -> None:
         assert task.expected in chat.parse_output(evaluate_bundled.turn_text(whole.removeprefix(answered))).content
 
 
+@pytest.mark.slow
 def test_tool_calls_in_the_stated_share_of_heldout_tasks(model: k2jax.Model) -> None:
     _, tasks = make_corpus.tasks(METRICS["seed"], METRICS["chats"], make_corpus.DEFAULT_HELDOUT_CHATS)
     measured = evaluate_bundled.tool_use(model, tasks[:METRICS["test_tasks"]])
