@@ -346,7 +346,7 @@ def attend_pages(q_nope_BTHD: Array, q_pe_BTHP: Array, pos_BT: Array, local_BM: 
     o_BTHR, lse_BTH = dispatch.ragged_mla(
         q_BTHC.astype(pool_LPNC.dtype), pool_LPNC, jnp.clip(stripe_BM, 0, ppg - 1), jnp.where(holds_B, kv_len_B, 0),
         pos_BT[:, 0], layer, jnp.asarray(shard, jnp.int32), sm_scale=cfg.softmax_scale, rank=R,
-        page_stride=layout.seq_shards)
+        page_stride=layout.seq_shards, width=R + q_pe_BTHP.shape[-1])
     if combine_axes:
         o_BTHR = combine_shards(o_BTHR, lse_BTH, combine_axes, gathered)
     o_BTHD = _per_head(o_BTHR.astype(dtype), w_uv_LHRD, layer)

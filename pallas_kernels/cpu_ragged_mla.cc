@@ -1,7 +1,8 @@
 // Ragged paged absorbed MLA attention for the CPU backend, an XLA FFI custom call with the contract of
 // ragged_mla_reference (pallas_kernels/ragged_mla.py): row b's local page m holds positions
 // (page_first + m * page_stride) * N + [0, N); query t of row b at position q_start[b] + t sees keys at positions
-// <= its own and < kv_len[b]. Each work unit (a row, a block of its queries, a block of heads) walks only the pages
+// <= its own and < kv_len[b]. Lanes from `width` on (the pool's zero padding to 128-lane rows) are never read: scores
+// sum the first `width` lanes only. Each work unit (a row, a block of its queries, a block of heads) walks only the pages
 // its queries can see, reading them in place from the pool [L, P, N, C] (f32, or bf16 widened one key block at
 // a time), with an online softmax in float32. Keys of a block have consecutive positions, so a query's mask is a
 // prefix of the block. Scores are dot products for units of up to 4 query rows (decode) and a small matmul over the
@@ -41,7 +42,7 @@ struct Problem {
   const void* kv;        // layer `layer` of the pool: [P, N, C]
   bool bf16;
   const int32_t *table, *kv_len, *q_start;  // [B, M], [B], [B]
-  int64_t b, t, h, c, r, n, m, p, first, stride;
+  int64_t b, t, h, c, w, r, n, m, p, first, stride;  // w: lanes holding data (r <= w <= c)
   float scale;
   float *o, *lse;        // [B, T, H, R], [B, T, H]
 };
@@ -71,24 +72,24 @@ inline v8 exp_nonpositive(v8 x) {
   return y * scale;
 }
 
-// kt[i * kKeys + j] = k_j[i] for the block's keys, zeros past `keys`: scores become a small matmul with lanes over
-// keys (no horizontal sums), the block transposed once for all the unit's query rows.
-void transpose_keys(const float* k, int64_t keys, int64_t c, float* kt) {
-  for (int64_t i = 0; i < c; ++i) {
+// kt[i * kKeys + j] = k_j[i] for the block's keys (rows of c lanes, the first w read), zeros past `keys`: scores
+// become a small matmul with lanes over keys (no horizontal sums), the block transposed once for all the unit's rows.
+void transpose_keys(const float* k, int64_t keys, int64_t c, int64_t w, float* kt) {
+  for (int64_t i = 0; i < w; ++i) {
     float* col = kt + i * kKeys;
     for (int64_t j = 0; j < keys; ++j) col[j] = k[j * c + i];
     std::fill(col + keys, col + kKeys, 0.f);
   }
 }
 
-// s_x[0:keys rounded up to 16] = scale * q_x . k_j for X <= kGroup query rows against the transposed key block,
-// 16 keys at a time: each step loads 2 key vectors and X query lanes for 2X FMAs, accumulators in registers.
+// s_x[0:keys rounded up to 16] = scale * q_x . k_j over the first w lanes for X <= kGroup query rows against the
+// transposed key block, 16 keys at a time: each step loads 2 key vectors and X query lanes for 2X FMAs.
 template <int X>
-void scores(const float* const* q, const float* kt, int64_t keys, int64_t c, float scale, float* const* s) {
+void scores(const float* const* q, const float* kt, int64_t keys, int64_t w, float scale, float* const* s) {
   for (int64_t j0 = 0; j0 < keys; j0 += 16) {
     v8 acc[X][2] = {};
     const float* col = kt + j0;
-    for (int64_t i = 0; i < c; ++i, col += kKeys) {
+    for (int64_t i = 0; i < w; ++i, col += kKeys) {
       v8 k0 = *reinterpret_cast<const v8u*>(col), k1 = *reinterpret_cast<const v8u*>(col + 8);
       for (int x = 0; x < X; ++x) {
         float qi = q[x][i];
@@ -103,21 +104,22 @@ void scores(const float* const* q, const float* kt, int64_t keys, int64_t c, flo
   }
 }
 
-// The same scores from the row-major block, for G <= kGroup rows: one key load feeds G dot products, each summed
-// across its lanes at the end; cheaper than transposing the block when the unit has few query rows (decode).
+// The same scores from the row-major block (rows of c lanes), for G <= kGroup rows: one key load feeds G dot
+// products, each summed across its lanes at the end; cheaper than transposing the block for few query rows (decode).
 template <int G>
-void scores_direct(const float* const* q, const float* k, int64_t keys, int64_t c, float scale, float* const* s) {
+void scores_direct(const float* const* q, const float* k, int64_t keys, int64_t c, int64_t w, float scale,
+                   float* const* s) {
   for (int64_t j = 0; j < keys; ++j, k += c) {
     v8 acc[G] = {};
     int64_t i = 0;
-    for (; i + 8 <= c; i += 8) {
+    for (; i + 8 <= w; i += 8) {
       v8 kk = *reinterpret_cast<const v8u*>(k + i);
       for (int g = 0; g < G; ++g) acc[g] += *reinterpret_cast<const v8u*>(q[g] + i) * kk;
     }
     for (int g = 0; g < G; ++g) {
       float sum = 0;
       for (int l = 0; l < 8; ++l) sum += acc[g][l];
-      for (int64_t x = i; x < c; ++x) sum += q[g][x] * k[x];
+      for (int64_t x = i; x < w; ++x) sum += q[g][x] * k[x];
       s[g][j] = sum * scale;
     }
   }
@@ -172,17 +174,17 @@ void update_rows(const Problem& pr, Scratch& w, int64_t x0, int64_t rows, const 
   const float* const* q = &w.q[x0];
   float* const* s_rows = &w.s_rows[x0];
   switch (rows - x0) {
-    case 1: scores_direct<1>(q, k, keys, pr.c, pr.scale, s_rows); break;
-    case 2: scores_direct<2>(q, k, keys, pr.c, pr.scale, s_rows); break;
-    case 3: scores_direct<3>(q, k, keys, pr.c, pr.scale, s_rows); break;
-    case 4: scores_direct<4>(q, k, keys, pr.c, pr.scale, s_rows); break;
+    case 1: scores_direct<1>(q, k, keys, pr.c, pr.w, pr.scale, s_rows); break;
+    case 2: scores_direct<2>(q, k, keys, pr.c, pr.w, pr.scale, s_rows); break;
+    case 3: scores_direct<3>(q, k, keys, pr.c, pr.w, pr.scale, s_rows); break;
+    case 4: scores_direct<4>(q, k, keys, pr.c, pr.w, pr.scale, s_rows); break;
     default:
-      transpose_keys(k, keys, pr.c, w.kt.data());
-      for (; x + kGroup <= rows; x += kGroup) scores<kGroup>(&w.q[x], w.kt.data(), keys, pr.c, pr.scale, &w.s_rows[x]);
+      transpose_keys(k, keys, pr.c, pr.w, w.kt.data());
+      for (; x + kGroup <= rows; x += kGroup) scores<kGroup>(&w.q[x], w.kt.data(), keys, pr.w, pr.scale, &w.s_rows[x]);
       switch (rows - x) {
-        case 3: scores<3>(&w.q[x], w.kt.data(), keys, pr.c, pr.scale, &w.s_rows[x]); break;
-        case 2: scores<2>(&w.q[x], w.kt.data(), keys, pr.c, pr.scale, &w.s_rows[x]); break;
-        case 1: scores<1>(&w.q[x], w.kt.data(), keys, pr.c, pr.scale, &w.s_rows[x]); break;
+        case 3: scores<3>(&w.q[x], w.kt.data(), keys, pr.w, pr.scale, &w.s_rows[x]); break;
+        case 2: scores<2>(&w.q[x], w.kt.data(), keys, pr.w, pr.scale, &w.s_rows[x]); break;
+        case 1: scores<1>(&w.q[x], w.kt.data(), keys, pr.w, pr.scale, &w.s_rows[x]); break;
         default: break;
       }
   }
@@ -270,7 +272,7 @@ bool attend_unit(const Problem& pr, int64_t b, int64_t t0, int64_t t1, int64_t h
 
 ffi::Error RaggedMlaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> table,
                          ffi::Buffer<ffi::S32> kv_len, ffi::Buffer<ffi::S32> q_start, ffi::Buffer<ffi::S32> layer,
-                         ffi::Buffer<ffi::S32> page_first, float sm_scale, int64_t page_stride,
+                         ffi::Buffer<ffi::S32> page_first, float sm_scale, int64_t page_stride, int64_t width,
                          ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
   auto qd = q.dimensions(), kd = kv.dimensions(), td = table.dimensions(), od = o->dimensions();
   if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 || od.size() != 4 || kd[3] != qd[3] || td[0] != qd[0] ||
@@ -283,6 +285,10 @@ ffi::Error RaggedMlaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Any
     return ffi::Error::InvalidArgument("the page pool must be float32 or bfloat16");
   }
   if (page_stride < 1) return ffi::Error::InvalidArgument("page_stride must be >= 1");
+  if (width < od[3] || width > qd[3]) {
+    return ffi::Error::InvalidArgument("width " + std::to_string(width) + " must be in [R, C] = [" +
+                                       std::to_string(od[3]) + ", " + std::to_string(qd[3]) + "]");
+  }
   int64_t l = layer.typed_data()[0];
   if (l < 0 || l >= kd[0]) return ffi::Error::InvalidArgument("layer index out of range");
   bool bf16 = kv.element_type() == ffi::BF16;
@@ -291,7 +297,7 @@ ffi::Error RaggedMlaImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Any
                                                          l * layer_elems)
                               : static_cast<const void*>(kv.typed_data<float>() + l * layer_elems);
   Problem pr{q.typed_data(), kv_layer, bf16, table.typed_data(), kv_len.typed_data(), q_start.typed_data(),
-             qd[0], qd[1], qd[2], qd[3], od[3], kd[2], td[1], kd[1], page_first.typed_data()[0], page_stride,
+             qd[0], qd[1], qd[2], qd[3], width, od[3], kd[2], td[1], kd[1], page_first.typed_data()[0], page_stride,
              sm_scale, o->typed_data(), lse->typed_data()};
   // Units: (row, token block, head block); tokens are blocked to about kRows query rows, and heads are split only
   // when there are too few units with keys to keep every thread busy.
@@ -338,5 +344,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(K2jaxRaggedMla, RaggedMlaImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("sm_scale")
                                   .Attr<int64_t>("page_stride")
+                                  .Attr<int64_t>("width")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -234,14 +234,15 @@ def native_attention(queries: int) -> bool:
 
 
 def ragged_mla(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first, *, sm_scale: float, rank: int,
-               page_stride: int = 1) -> tuple[jax.Array, jax.Array]:
+               page_stride: int = 1, width: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Ragged paged absorbed MLA attention (decode and prefill chunks) -> (o_BTHR, lse_BTH) float32, on the
     chosen path: the native CPU kernel (below NATIVE_MAX_QUERIES tokens per row, not under a partitioned mesh), the
-    reference (plain XLA), or the Mosaic or Triton kernel."""
+    reference (plain XLA), or the Mosaic or Triton kernel. width: lanes holding data, the rest zero padding (the
+    CPU kernel skips it; the others read whole 128-lane rows)."""
     mode = kernel_mode()
     args = (q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, page_first)
     if native_attention(q_BTHC.shape[1]) and not _gspmd_partitioned():
-        return cpu_ragged_mla.ragged_mla(*args, sm_scale=sm_scale, rank=rank, page_stride=page_stride)
+        return cpu_ragged_mla.ragged_mla(*args, sm_scale=sm_scale, rank=rank, page_stride=page_stride, width=width)
     if mode in ("xla", "native"):
         return ragged_mla_kernels.ragged_mla_reference(*args, sm_scale=sm_scale, rank=rank, page_stride=page_stride)
     kernel = ragged_mla_kernels.ragged_mla_triton if _uses_triton(mode) else ragged_mla_kernels.ragged_mla

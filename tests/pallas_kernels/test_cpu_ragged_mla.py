@@ -47,11 +47,15 @@ def _with_junk(table_BM, kv_len_B, n: int, page_first: int = 0, stride: int = 1)
     return jnp.asarray(table)
 
 
-def _run_both(q, kv, table, kv_len, q_start, layer, page_first, **kw):
-    """The kernel (jitted) and the reference on the same inputs."""
+def _run_both(q, kv, table, kv_len, q_start, layer, page_first, width=None, **kw):
+    """The kernel (jitted) and the reference on the same inputs; with `width`, the kernel's q and pool hold NaN in the
+    padding lanes from `width` on (the reference's hold zeros), so reading any of them would show."""
     args = (q, kv, table, kv_len, q_start, jnp.int32(layer), jnp.int32(page_first))
-    got = jax.jit(lambda *a: C.ragged_mla(*a, **kw))(*args)
-    return got, K.ragged_mla_reference(*args, **kw)
+    ref = K.ragged_mla_reference(*args, **kw)
+    if width is not None:
+        q, kv = (x.at[..., width:].set(jnp.nan) for x in (q, kv))
+    got = jax.jit(lambda *a: C.ragged_mla(*a, width=width, **kw))(q, kv, *args[2:])
+    return got, ref
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -63,7 +67,7 @@ def test_matches_reference(rng, case, dtype):
                                               dtype=dtype)
     q = absorbed_queries(rng, len(kv_len), t, h, dims, jnp.float32)
     got, ref = _run_both(q, kv, _with_junk(table, kv_len, n), kv_len, jnp.asarray(q_start, jnp.int32), layer, 0,
-                         sm_scale=float(rng.uniform(0.05, 0.2)), rank=dims[0])
+                         width=dims[0] + dims[1], sm_scale=float(rng.uniform(0.05, 0.2)), rank=dims[0])
     assert_attention_close(got, ref, o_atol=O_ATOL, lse_atol=LSE_ATOL)
 
 
@@ -137,3 +141,5 @@ def test_bad_inputs_are_errors():
         C.ragged_mla(q, kv.astype(jnp.float16), table, lens, starts, 0, 0, **kw)
     with pytest.raises(ValueError, match="kv_LPNC"):
         C.ragged_mla(q, kv[..., :96], table, lens, starts, 0, 0, **kw)
+    with pytest.raises(ValueError, match=r"width 60 must be in \[rank, C\] = \[64, 128\]"):
+        C.ragged_mla(q, kv, table, lens, starts, 0, 0, width=60, **kw)
