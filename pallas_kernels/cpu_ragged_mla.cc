@@ -1,13 +1,13 @@
 // Ragged paged absorbed MLA attention for the CPU backend, an XLA FFI custom call with the contract of
 // ragged_mla_reference (pallas_kernels/ragged_mla.py): row b's local page m holds positions
 // (page_first + m * page_stride) * N + [0, N); query t of row b at position q_start[b] + t sees keys at positions
-// <= its own and < kv_len[b]. Lanes from `width` on (the pool's zero padding to 128-lane rows) are never read: scores
-// sum the first `width` lanes only. Each work unit (a row, a block of its queries, a block of heads) walks only the pages
-// its queries can see, reading them in place from the pool [L, P, N, C] (f32, or bf16 widened one key block at
-// a time), with an online softmax in float32. Keys of a block have consecutive positions, so a query's mask is a
-// prefix of the block. Scores are dot products for units of up to 4 query rows (decode) and a small matmul over the
-// transposed key block for more; p @ kv keeps 4 rows x 16 lanes in registers. Units are split among XLA's intra-op
-// threads.
+// <= its own and < kv_len[b]. Lanes from `width` on (the pool's zero padding to 128-lane rows) are never read:
+// scores sum the first `width` lanes only. Each work unit (a row, a block of its queries, a block of heads) walks
+// only the pages its queries can see, reading them in place from the pool [L, P, N, C] (f32, or bf16 widened one
+// key block at a time), with an online softmax in float32. Keys of a block have consecutive positions, so a query's
+// mask is a prefix of the block. Scores are dot products for units of up to 4 query rows (decode) and a small matmul
+// over the transposed key block for more; p @ kv keeps 4 rows x 16 lanes in registers. Units are split among XLA's
+// intra-op threads.
 
 #include <algorithm>
 #include <atomic>
