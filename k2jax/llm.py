@@ -87,10 +87,10 @@ class Model(Engine):
         params = [SamplingParams(temperature, top_k, top_p, min_p, seed + j) for _ in ids for j in range(n)]
         constraints = self._constraints(tools, tool_choice, max_reasoning_tokens, len(params))
         rows = [Continuation(TextStream(self.tokenizer, stop) if self.tokenizer else None) for _ in params]
-        # Slots and context round up to powers of two: the pool's shape, and with it every program, is shared by
-        # the calls of a bucket (another prompt length or max_new_tokens compiles nothing new).
+        # The context rounds up to a power of two (a pool of at most twice the pages): the pool's shape, and with it
+        # every program, is shared by calls of the same batch size whose prompt plus max_new_tokens fall in a bucket.
         context = min(engine.bucket(longest), self.config.max_position_embeddings - engine.DECODE_STEPS)
-        scheduler = Scheduler(self, engine.bucket(len(rows), 1), context, prefill_chunk=engine.PREFILL_CHUNK,
+        scheduler = Scheduler(self, len(rows), context, prefill_chunk=engine.PREFILL_CHUNK,
                               decode_steps=engine.DECODE_STEPS, warmup=False)
         self._compile_s = 0.0
         timing = _Timing(len(rows), self)

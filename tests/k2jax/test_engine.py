@@ -112,9 +112,9 @@ def test_generate_frees_its_page_pool_on_return(model, rng):
 
 
 def test_calls_of_one_size_bucket_share_their_page_pool(model, rng, monkeypatch):
-    """generate() sizes its page pool (an input of every step program, so its shape decides what compiles) by
-    powers of two of rows and of context, not by the call: another batch size, prompt length or max_new_tokens
-    within the same buckets compiles no new step for a shape it has seen."""
+    """generate() sizes its page pool (an input of every step program, so its shape decides what compiles) by the
+    power of two covering prompt plus max_new_tokens, not by the call: another prompt length or max_new_tokens
+    within the bucket compiles no new step for a shape it has seen."""
     pools = []
     paged = type(model).paged
 
@@ -125,8 +125,8 @@ def test_calls_of_one_size_bucket_share_their_page_pool(model, rng, monkeypatch)
 
     monkeypatch.setattr(type(model), "paged", record)
     model.generate(prompts_of(rng, (9, 14, 11)), max_new_tokens=20)  # 34 tokens
-    model.generate(prompts_of(rng, (12, 10, 13, 15)), max_new_tokens=45)  # 4 rows, 60 tokens
-    model.generate(prompts_of(rng, (30,)), max_new_tokens=60)  # 1 row, 90 tokens
+    model.generate(prompts_of(rng, (12, 10, 15)), max_new_tokens=45)  # 60 tokens
+    model.generate(prompts_of(rng, (30, 8, 9)), max_new_tokens=60)  # 90 tokens
     assert pools[0] == pools[1] != pools[2]
 
 
