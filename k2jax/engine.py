@@ -8,8 +8,7 @@ dense and MoE layers together, attention per segment.
 Decode rows sample on device; a prompt's last token is fed as a decode row (in the step whose chunk ends the
 prompt, or later), so no logits go to the host. Decode-only steps loop up to DECODE_STEPS sampled steps on device
 per host round trip. Page tables are cut to a power-of-two bucket of positions that covers the longest row (at
-most MAX_TABLE_WIDTHS widths; the chunks' alone where decode rows attend in the native CPU kernel), so short
-contexts stay cheap.
+most MAX_TABLE_WIDTHS widths), so short contexts stay cheap.
 """
 
 from __future__ import annotations
@@ -67,12 +66,12 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
-def table_widths(layout: PoolLayout, columns: int, queries: int = 1) -> tuple[int, ...]:
-    """The page-table widths steps with `queries` tokens per row read: one per power-of-two bucket of positions, only
-    the MAX_TABLE_WIDTHS widest (attention kernels stop at each row's length, so a wider table costs accelerators
-    next to nothing); only the widest where CPU attention runs in the native kernel, for the same reason and because
-    every compiled CPU program holds ~400 of the memory maps Linux allows a process (vm.max_map_count, 65,530)."""
-    return _widths(layout, columns, 1 if dispatch.native_attention(queries) else MAX_TABLE_WIDTHS)
+def table_widths(layout: PoolLayout, columns: int) -> tuple[int, ...]:
+    """The page-table widths steps read: one per power-of-two bucket of positions, only the MAX_TABLE_WIDTHS widest
+    (attention kernels stop at each row's length, so a wider table costs accelerators next to nothing); only the
+    widest where CPU attention runs in the native kernel, for the same reason and because every compiled CPU
+    program holds ~400 of the memory maps Linux allows a process (vm.max_map_count, 65,530)."""
+    return _widths(layout, columns, 1 if dispatch.native_attention() else MAX_TABLE_WIDTHS)
 
 
 @functools.lru_cache(maxsize=64)
@@ -85,11 +84,10 @@ def _widths(layout: PoolLayout, columns: int, most: int) -> tuple[int, ...]:
     return tuple(sorted(widths))[-most:]
 
 
-def table_width(layout: PoolLayout, columns: int, tokens: int, queries: int = 1) -> int:
-    """The page-table width a step over rows of up to `tokens` positions with `queries` tokens per row reads: the
-    narrowest that covers them."""
+def table_width(layout: PoolLayout, columns: int, tokens: int) -> int:
+    """The page-table width a step over rows of up to `tokens` positions reads: the narrowest that covers them."""
     need = min(columns, layout.pages_for(bucket(tokens)))
-    return next(w for w in table_widths(layout, columns, queries) if w >= need)
+    return next(w for w in table_widths(layout, columns) if w >= need)
 
 
 def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens: Sequence[int],
@@ -334,11 +332,8 @@ class Engine:
 
         Decode rows pad to a row bucket (only running rows are in the step; all the layout's rows in their own order
         when the bucket is all of them, so the pages' row split holds), the chunks to a chunk_shape(chunk_limit),
-        the step count to max_steps (default max(n_steps, DECODE_STEPS)); the page tables to the width covering both
-        segments, but where decode rows attend in the native CPU kernel (whose cost ignores the width) they read the
-        whole table and the chunks their own width, so a long chunk's XLA attention scores only the keys it can
-        reach, not the longest decode row's. shape (rows, chunks, chunk length, table width) forces the buckets (to
-        compile ahead: warmup).
+        the step count to max_steps (default max(n_steps, DECODE_STEPS)); shape (rows, chunks, chunk length, table
+        width) forces the buckets (to compile ahead: warmup).
         """
         layout, columns = pages.layout, pages.table.shape[1]
         n_rows, n_real = layout.n_rows, len(rows)
@@ -353,14 +348,11 @@ class Engine:
                 raise ValueError(f"no compiled step holds prompt chunks of {[len(c.tokens) for c in chunks]} tokens "
                                  f"(one of at most {limit}, or up to {PACKED_CHUNKS} of at most {PACKED_LENGTHS[-1]})")
         D, P, T, width = shape or (row_bucket(max(n_real, 1), n_rows, bool(chunks)), P, T, 0)
-        ends = [c.start + T for c in chunks]
-        if not chunks or not dispatch.native_attention(1):  # else the decode rows read the whole table (below)
-            ends += [int(p) + n_steps for p in positions]
-        width = width or table_width(layout, columns, max(ends + [1]), max(T, 1))
+        need = max([int(p) + n_steps for p in positions] + [c.start + T for c in chunks] + [1])
+        width = width or table_width(layout, columns, need)
         idx = np.asarray(rows, np.int64) if D == n_rows else np.arange(n_real)
         pad_row = rows[0] if rows else chunks[0].row if chunks else 0
-        decode = decode_rows(pages.table, idx, rows, tokens, positions, params, masks, D,
-                             columns if dispatch.native_attention(1) else width, pad_row,
+        decode = decode_rows(pages.table, idx, rows, tokens, positions, params, masks, D, width, pad_row,
                              mask_words(self.config.vocab_size), max_steps)
         prefill = prefill_chunks(pages.table, chunks, P, T, width) if P else None
         steps = np.int32(n_steps)

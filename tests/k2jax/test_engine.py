@@ -17,7 +17,6 @@ from flax import nnx
 import k2jax
 from k2jax import chat, engine
 from k2jax.sampling import SamplingParams
-from pallas_kernels import dispatch
 
 
 @pytest.fixture(scope="module")
@@ -163,54 +162,6 @@ def test_a_step_with_a_chunk_and_decode_rows_updates_the_pool_in_place(model):
 
 
 @pytest.mark.parametrize("kernels", ["native", "xla"])
-def test_a_long_chunk_beside_long_decode_rows_reads_its_own_table_width(model, kernels, monkeypatch, rng):
-    """A chunk long enough for XLA attention (NATIVE_MAX_QUERIES tokens and more) scores every key of its page
-    table. Beside decode rows in the native CPU kernel (which stops at each row's length) its table is cut to its
-    own bucket, not the longest decode row's: a 256-token chunk at 0 beside a row at 900 read 1,024 keys, and a
-    512-token chunk step of the bundled model beside 32 rows took 70-75 ms instead of 45-60. The XLA path keeps one width.
-    Each segment's results equal those of its own step alone."""
-    monkeypatch.setenv("K2JAX_KERNELS", kernels)
-    jax.clear_caches()  # the kernel choice is made at trace time
-    T = dispatch.NATIVE_MAX_QUERIES
-    prompt, chunk = rng.integers(3, 250, 900).tolist(), rng.integers(3, 250, T).tolist()
-    seen = []
-
-    def run(with_chunk: bool, with_row: bool):
-        pages, pool = model.paged(4, 1024)
-        pages.reserve(0, 901)
-        pages.reserve(2, T)
-        for start in range(0, 900, 512):
-            pool = model.run(pages, pool, [], [], [], [], 1, None, [engine.Chunk(0, prompt[start:start + 512], start)],
-                             512)[0]
-        spy = model._call
-        model._call = lambda fn, *args: (seen.append(args[3:5]), spy(fn, *args))[1]
-        try:
-            out = model.run(pages, pool, [0] if with_row else [], [prompt[-1]] if with_row else [],
-                            [899] if with_row else [], [SamplingParams()] if with_row else [], 1, None,
-                            [engine.Chunk(2, chunk, 0)] if with_chunk else [], 512)
-        finally:
-            model._call = spy
-        return pages, out
-
-    pages, (pool, tokens, logprobs) = run(True, True)
-    layout, columns = pages.layout, pages.table.shape[1]
-    rows, prefill = seen[-1]
-    own = engine.table_width(layout, columns, T, T)
-    if kernels == "native":
-        assert prefill.table_PM.shape[1] == own < columns and rows.table_DM.shape[1] == columns
-    else:
-        assert prefill.table_PM.shape[1] == rows.table_DM.shape[1] == engine.table_width(layout, columns, 900, T)
-    _, (_, alone_tokens, alone_logprobs) = run(False, True)
-    chunk_pages, (chunk_pool, _, _) = run(True, False)
-    np.testing.assert_array_equal(tokens, alone_tokens)
-    np.testing.assert_allclose(logprobs.chosen, alone_logprobs.chosen, rtol=1e-5, atol=1e-5)
-    held = pages.table[2, :layout.pages_for(T)]
-    np.testing.assert_array_equal(pages.table, chunk_pages.table)
-    for mine, theirs in zip(jax.tree.leaves(pool), jax.tree.leaves(chunk_pool)):
-        np.testing.assert_allclose(np.asarray(mine)[:, held], np.asarray(theirs)[:, held], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kernels", ["native", "xla"])
 def test_a_step_never_widens_a_whole_weight_stack_or_the_embedding(kernels, monkeypatch):
     """XLA:CPU widens a bf16 dot or gather operand to float32 whole, and hoisted that out of the layer scan and the
     decode loop: every call wrote the widened embedding (on the "small" config 125 MB of fresh pages, 30% of a
@@ -254,15 +205,14 @@ def materialized_f32_shapes(hlo: str) -> set[str]:
 
 def test_native_cpu_attention_compiles_one_table_width(model, monkeypatch):
     """The native CPU kernel stops at each row's length, so its steps read the whole table (one program per bucket,
-    not six: each CPU program holds a few hundred of the process's memory maps); the XLA path and long chunks,
-    which gather the table, keep the narrower widths."""
+    not six: each CPU program holds a few hundred of the process's memory maps); the XLA path, which gathers the
+    table, keeps the narrower widths."""
     pages, _ = model.paged(8, 1024)
     layout, columns = pages.layout, pages.table.shape[1]
     monkeypatch.setenv("K2JAX_KERNELS", "native")
-    assert engine.table_widths(layout, columns, 1) == (columns,) == engine.table_widths(layout, columns, 128)
-    assert len(engine.table_widths(layout, columns, 512)) > 1
+    assert engine.table_widths(layout, columns) == (columns,)
     monkeypatch.setenv("K2JAX_KERNELS", "xla")
-    assert len(engine.table_widths(layout, columns, 1)) > 1
+    assert len(engine.table_widths(layout, columns)) > 1
 
 
 MULTIPLY = {"type": "function", "function": {

@@ -33,6 +33,8 @@ CASES = {
     # one long row: its heads are split among threads.
     "one-row": (3, 16, 32, 32, [700], [697], (64, 32, 128)),
     "k2-lanes": (3, 8, 16, 4, [40, 7], [37, 4], (512, 64, 640)),
+    # long prefill chunks (the kernel runs them too): one mid-prompt, one from position 0 padded past its kv_len.
+    "long-chunks": (300, 4, 32, 24, [700, 290], [400, 0], (64, 32, 128)),
     # lane counts off the 8-lane vectors: C = 44 and R = 28 take the scalar tails.
     "odd-lanes": (2, 3, 8, 5, [20, 9, 33], [18, 7, 31], (28, 8, 44)),
 }
@@ -107,8 +109,8 @@ def test_temporaries_do_not_grow_with_table_width():
 
 
 def test_dispatch_native_runs_the_kernel(rng, kernel_env):
-    """In native mode dispatch.ragged_mla lowers to the custom call (to the reference from NATIVE_MAX_QUERIES
-    tokens per row); in xla mode to the reference (no call)."""
+    """In native mode dispatch.ragged_mla lowers to the custom call, for long prefill chunks too; in xla mode to the
+    reference (no call)."""
     dims, n = (64, 32, 128), 16
     kv, table, kv_len = paged_pool_and_tables(rng, kv_len=[30, 3], n=n, width=4, layers=1, layer=0, dims=dims,
                                               dtype=jnp.float32)
@@ -121,10 +123,9 @@ def test_dispatch_native_runs_the_kernel(rng, kernel_env):
         assert (cpu_build.TARGETS["ragged_mla"] in fn.lower(*args).as_text()) == calls
         assert_attention_close(fn(*args), ref, o_atol=O_ATOL, lse_atol=LSE_ATOL)
     kernel_env("native")
-    long_q = jnp.zeros((2, dispatch.NATIVE_MAX_QUERIES, 1, 128), jnp.float32)
+    long_q = jnp.zeros((2, 512, 1, 128), jnp.float32)
     fn = jax.jit(lambda *a: dispatch.ragged_mla(*a, sm_scale=0.1, rank=64))
-    assert cpu_build.TARGETS["ragged_mla"] not in fn.lower(long_q, *args[1:]).as_text()
-    assert cpu_build.TARGETS["ragged_mla"] in fn.lower(long_q[:, 1:], *args[1:]).as_text()
+    assert cpu_build.TARGETS["ragged_mla"] in fn.lower(long_q, *args[1:]).as_text()
 
 
 def test_bad_inputs_are_errors():
