@@ -2,8 +2,8 @@
 Engine: a loaded model's parameters and jitted entry points.
 
 The step (run_step) runs a ragged batch over the donated page pool: prompt chunks (one row's tokens padded to a
-chunk_sizes length, at most PREFILL_CHUNK for generate, or up to PACKED_CHUNKS short ones of several rows padded
-together) and the decode rows of the running sequences only (padded to a row bucket), their tokens through the
+chunk_sizes length, at most PREFILL_CHUNK for generate, or up to PACKED_CHUNKS short ones or FULL_CHUNKS long ones
+of several rows padded together) and the decode rows of the running sequences only (padded to a row bucket), their tokens through the
 dense and MoE layers together, attention per segment.
 Decode rows sample on device; a prompt's last token is fed as a decode row (in the step whose chunk ends the
 prompt, or later), so no logits go to the host. Decode-only steps loop up to DECODE_STEPS sampled steps on device
@@ -38,6 +38,7 @@ PREFILL_CHUNK = 512
 DECODE_STEPS = 8
 PACKED_CHUNKS = 4  # prompt chunks of several rows one step carries when each is short (PACKED_LENGTHS)
 PACKED_LENGTHS = (32, 128)
+FULL_CHUNKS = 2  # chunks of the longest length one step carries, each over half of it (alone it pads to it too)
 MAX_TABLE_WIDTHS = 6
 
 
@@ -250,19 +251,27 @@ def chunk_sizes(limit: int) -> tuple[int, ...]:
 
 def chunk_shapes(limit: int) -> tuple[tuple[int, int], ...]:
     """The (chunks, length) shapes of prefill segments steps are compiled for: one chunk of each chunk_sizes(limit)
-    length, and PACKED_CHUNKS chunks of each PACKED_LENGTHS length whose tokens fit the largest."""
+    length, PACKED_CHUNKS chunks of each PACKED_LENGTHS length whose tokens fit the largest, and FULL_CHUNKS of the
+    largest (so a burst of long prompts prefills in fewer steps, each step's decode rows and weight reads shared)."""
     top = chunk_sizes(limit)[-1]
     return tuple((1, t) for t in chunk_sizes(limit)) + tuple(
-        (PACKED_CHUNKS, t) for t in PACKED_LENGTHS if PACKED_CHUNKS * t <= top)
+        (PACKED_CHUNKS, t) for t in PACKED_LENGTHS if PACKED_CHUNKS * t <= top) + ((FULL_CHUNKS, top),)
 
 
 def chunk_shape(lengths: Sequence[int], limit: int) -> tuple[int, int] | None:
     """The shape prompt chunks of these lengths (each <= limit) pad to together: the fewest padded tokens; None
-    when no compiled shape holds them (several chunks that are not all short, or more than limit tokens)."""
-    if len(lengths) > 1 and sum(lengths) > limit:
-        return None
-    fits = [(p, t) for p, t in chunk_shapes(limit) if p >= len(lengths) and t >= max(lengths)]
-    return min(fits, key=lambda shape: shape[0] * shape[1], default=None)
+    when no compiled shape holds them. Several chunks pack as short ones (at most limit tokens together) or as
+    FULL_CHUNKS long ones (each over half the largest length, so none pads more than it would alone)."""
+    top = chunk_sizes(limit)[-1]
+
+    def holds(p: int, t: int) -> bool:
+        if p < len(lengths) or t < max(lengths):
+            return False
+        if len(lengths) == 1:
+            return True
+        return min(lengths) > top // 2 if (p, t) == (FULL_CHUNKS, top) else sum(lengths) <= limit
+
+    return min([s for s in chunk_shapes(limit) if holds(*s)], key=lambda shape: shape[0] * shape[1], default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +355,8 @@ class Engine:
             P, T = chunk_shape([len(c.tokens) for c in chunks], limit) or (0, 0)
             if not P:
                 raise ValueError(f"no compiled step holds prompt chunks of {[len(c.tokens) for c in chunks]} tokens "
-                                 f"(one of at most {limit}, or up to {PACKED_CHUNKS} of at most {PACKED_LENGTHS[-1]})")
+                                 f"(one of at most {limit}, up to {PACKED_CHUNKS} of at most {PACKED_LENGTHS[-1]}, or "
+                                 f"{FULL_CHUNKS} of over half of {chunk_sizes(limit)[-1]})")
         D, P, T, width = shape or (row_bucket(max(n_real, 1), n_rows, bool(chunks)), P, T, 0)
         need = max([int(p) + n_steps for p in positions] + [c.start + T for c in chunks] + [1])
         width = width or table_width(layout, columns, need)

@@ -5,7 +5,7 @@ the same loop on their own thread with run(requests), until those requests have 
 Before serving, the thread compiles every program a step can need (warmup), so no request waits for a compile.
 Each iteration frees the slots of cancelled requests, admits queued requests into free slots, then runs one engine
 step (k2jax.engine.run_step): the next chunk of at most `prefill_chunk` tokens of the oldest request still
-prefilling, beside the decode rows of every request that decodes, so a running stream gets a token in every step,
+prefilling (and of the next ones, as engine.chunk_shape packs them), beside the decode rows of every request that decodes, so a running stream gets a token in every step,
 also while a long prompt is prefilled. A prompt's last token is not prefilled: the request's first decode row feeds
 it (in the step whose chunk ends its prefill) and samples its first token on device. Steps with a chunk sample one
 token per row; decode-only steps sample decode_steps tokens per row, scanned on device. A request with a constraint
@@ -398,8 +398,8 @@ class Scheduler:
             self._active[request.slot] = request
 
     def _step(self) -> int:
-        """One engine step: the next prompt chunks (engine.chunk_shape: one of at most prefill_chunk tokens, or a few
-        short ones) of the oldest requests still prefilling, beside every request that decodes (a request whose chunk
+        """One engine step: the next prompt chunks (engine.chunk_shape: one of at most prefill_chunk tokens, a few
+        short ones, or two long ones) of the oldest requests still prefilling, beside every request that decodes (a request whose chunk
         ends its prefill decodes in the same step); returns the rows decoded.
 
         A request whose own part of the step fails (its chunk, or its sampling row) ends with an error alone.
@@ -455,16 +455,18 @@ class Scheduler:
         """The next step's prompt chunks and their requests: the oldest running request's next chunk of at most
         prefill_chunk tokens of what it has left to write (all its context but the last token, which its first
         decode row feeds), then the next requests' while engine.chunk_shape holds them all. A new request's slot is
-        started from the prefix cache only when its first chunk is planned, so requests arriving together with a
-        common prefix wait for the first one's pages instead of each prefilling it. A chunk that cannot be written
-        fails its request alone."""
+        started from the prefix cache only when its first chunk is planned, and not beside a chunk that writes the
+        page it would continue with, so requests arriving together with a common prefix wait for the first one's
+        pages instead of each prefilling it. A chunk that cannot be written fails its request alone."""
         planned: list[tuple[engine.Chunk, Request]] = []
         for request in [r for r in self._active.values() if not self._prefilled(r)]:
             try:
                 if not request.attached:
-                    left = len(request.context) - 1 - self.slots.cached(request.slot, request.context)
+                    cached = self.slots.cached(request.slot, request.context)
+                    left = len(request.context) - 1 - cached
                     lengths = [len(c.tokens) for c, _ in planned] + [min(self.prefill_chunk, left)]
-                    if planned and left > 0 and engine.chunk_shape(lengths, self.slots.max_chunk) is None:
+                    if planned and left > 0 and (engine.chunk_shape(lengths, self.slots.max_chunk) is None
+                                                 or self._written_beside(request, cached, planned)):
                         break
                     self._attach(request)
                 n = min(self.prefill_chunk, len(request.context) - 1 - request.prefilled)
@@ -483,6 +485,13 @@ class Scheduler:
                 break
             planned.append((chunk, request))
         return planned
+
+    def _written_beside(self, request: Request, cached: int, planned: list[tuple[engine.Chunk, Request]]) -> bool:
+        """Whether a planned chunk writes the page of `request`'s context after its `cached` tokens (another prompt
+        with the same prefix): it then starts next step from that page, cached, instead of computing it again."""
+        lo, hi = cached, cached + self.slots.pages.layout.page_size
+        return any(c.start < hi and lo < c.start + len(c.tokens) and r.context[lo:hi] == request.context[lo:hi]
+                   for c, r in planned)
 
     @staticmethod
     def _completes(request: Request, chunk: engine.Chunk) -> bool:
@@ -670,7 +679,8 @@ class StepLink:
     def __init__(self, n_slots: int, max_prefill: int, step_timeout_s: float = STEP_TIMEOUT_S,
                  peer_timeout_s: float = PEER_TIMEOUT_S):
         self.n_slots, self.step_timeout_s, self.peer_timeout_s = n_slots, step_timeout_s, peer_timeout_s
-        self.size = HEADER + (1 + PARAM_FIELDS) * n_slots + 3 * engine.PACKED_CHUNKS + max_prefill
+        chunks = max(engine.PACKED_CHUNKS, engine.FULL_CHUNKS)
+        self.size = HEADER + (1 + PARAM_FIELDS) * n_slots + 3 * chunks + engine.FULL_CHUNKS * max_prefill
         self._worked = False
 
     @contextlib.contextmanager

@@ -203,6 +203,16 @@ def materialized_f32_shapes(hlo: str) -> set[str]:
     return shapes
 
 
+def test_chunks_pack_when_short_or_two_long_ones_pad_no_more_than_alone():
+    """A step carries one chunk, up to PACKED_CHUNKS short ones (limit tokens together), or FULL_CHUNKS that each
+    pad to the largest length alone too; other mixes are not packed (the scheduler sends the rest next step)."""
+    assert engine.chunk_shape([512], 512) == (1, 512) and engine.chunk_shape([200], 512) == (1, 256)
+    assert engine.chunk_shape([100, 120, 30], 512) == (engine.PACKED_CHUNKS, 128)
+    assert engine.chunk_shape([512, 257], 512) == engine.chunk_shape([300, 400], 512) == (engine.FULL_CHUNKS, 512)
+    for lengths in ([512, 256], [512, 300, 400], [100, 120, 300]):
+        assert engine.chunk_shape(lengths, 512) is None, lengths
+
+
 def test_native_cpu_attention_compiles_one_table_width(model, monkeypatch):
     """The native CPU kernel stops at each row's length, so its steps read the whole table (one program per bucket,
     not six: each CPU program holds a few hundred of the process's memory maps); the XLA path, which gathers the

@@ -240,13 +240,15 @@ class RecordingLink(StepLink):
         return message
 
 
-def test_packed_chunks_and_masks_survive_the_step_message(model, rng):
+@pytest.mark.parametrize("lengths", [(9, 30, 17), (128, 100)])
+def test_packed_chunks_and_masks_survive_the_step_message(model, rng, lengths):
     """What another process replays (unpack_step over the STEP message, then the shared masks) is the step process
-    0 ran: several packed prompt chunks, then decode rows under token masks."""
+    0 ran: several packed prompt chunks (short ones, or long ones filling the message), then decode rows under token
+    masks."""
     link = RecordingLink(4, 128)
-    slots = LinkedSlots(model, 4, 128, link, max_chunk=128)
-    chunks = [engine.Chunk(s, rng.integers(0, 250, n).tolist(), 0) for s, n in ((0, 9), (2, 30), (3, 17))]
-    assert engine.chunk_shape([len(c.tokens) for c in chunks], 128)[0] == engine.PACKED_CHUNKS
+    slots = LinkedSlots(model, 4, 256, link, max_chunk=128)
+    chunks = [engine.Chunk(s, rng.integers(0, 250, n).tolist(), 0) for s, n in zip((0, 2, 3), lengths)]
+    assert engine.chunk_shape([len(c.tokens) for c in chunks], 128)[0] > 1
     idle = [None] * 4
     slots.step(np.zeros(4, np.int32), idle, 1, chunks=chunks)
     words = rng.integers(-2**31, 2**31, (4, slots.mask_words), dtype=np.int64).astype(np.int32)
@@ -302,6 +304,17 @@ def test_shared_prefixes_are_cached_and_change_no_output(model, scheduler, rng):
     assert [r.cached_tokens for r in cached] == [2 * page, 2 * page] and not any(r.cached_tokens for r in uncached)
     assert [r.emit.tokens for r in [first, *cached]] == [r.emit.tokens for r in uncached]
     assert [r.emit.tokens for r in uncached] == [model.generate([p], max_new_tokens=n).ids[0] for p, n in jobs]
+
+
+def test_long_prompts_arriving_together_prefill_two_per_step(model, rng):
+    """Two prompts of two full chunks each, arriving together: every step writes a chunk of both (FULL_CHUNKS), so
+    their prefill takes two steps, not four, and each first token is generate()'s."""
+    sched = Scheduler(model, n_slots=2, max_context=64, prefill_chunk=16, warmup=False)
+    jobs = [(rng.integers(3, 250, 2 * 16 + 1).tolist(), 1) for _ in range(2)]
+    reqs = [request(p, n) for p, n in jobs]
+    sched.run([r for r, _ in reqs])
+    assert sched.steps == 2
+    assert [sink.tokens for _, sink in reqs] == [model.generate([p], max_new_tokens=n).ids[0] for p, n in jobs]
 
 
 def test_requests_arriving_together_share_their_common_prefix(model, scheduler, rng):

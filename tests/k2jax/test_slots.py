@@ -106,10 +106,12 @@ def test_a_mixed_step_equals_unmixed_steps(model, rng):
     check_continues(model, mixed, 2, prompts[2], int(toks[2, 0]))
 
 
-def test_packed_chunks_equal_one_chunk_per_step(model, rng):
-    """Short prompt chunks of three slots in one step (one continuing a held prefix, one ending its prompt and
-    decoding in the same step) leave every slot as chunks written one per step do."""
-    prompts = [rng.integers(3, 250, n).tolist() for n in (9, 30, 17)]
+@pytest.mark.parametrize("lengths, shape", [((9, 30, 17), (engine.PACKED_CHUNKS, 32)),
+                                            ((90, 120), (engine.FULL_CHUNKS, 128))])
+def test_packed_chunks_equal_one_chunk_per_step(model, rng, lengths, shape):
+    """Prompt chunks of several slots in one step, three short ones or two long ones (one continuing a held prefix,
+    one ending its prompt and decoding in the same step), leave every slot as chunks written one per step do."""
+    prompts = [rng.integers(3, 250, n).tolist() for n in lengths]
     tokens = np.array([0, prompts[1][-1], 0, 0])
     params = [None, SamplingParams(), None, None]
 
@@ -118,8 +120,9 @@ def test_packed_chunks_equal_one_chunk_per_step(model, rng):
         prefill(slots, 0, prompts[0][:4])
         return slots
 
-    chunks = [engine.Chunk(0, prompts[0][4:], 4), engine.Chunk(1, prompts[1][:-1], 0), engine.Chunk(3, prompts[2], 0)]
-    assert engine.chunk_shape([len(c.tokens) for c in chunks], 128) == (engine.PACKED_CHUNKS, 32)
+    chunks = [engine.Chunk(0, prompts[0][4:], 4), engine.Chunk(1, prompts[1][:-1], 0)]
+    chunks += [engine.Chunk(3, p, 0) for p in prompts[2:]]
+    assert engine.chunk_shape([len(c.tokens) for c in chunks], 128) == shape
     packed = setup()
     toks, logps = packed.step(tokens, params, 1, chunks=chunks)
     alone = setup()
@@ -130,7 +133,8 @@ def test_packed_chunks_equal_one_chunk_per_step(model, rng):
     np.testing.assert_allclose(logps.chosen[1], ref_logps.chosen[1], atol=LOGPROB_ATOL, rtol=0)
     assert (packed.lengths == alone.lengths).all() and packed.tokens == alone.tokens
     check_continues(model, packed, 0, prompts[0], 7)
-    check_continues(model, packed, 3, prompts[2], 7)
+    for p in prompts[2:]:
+        check_continues(model, packed, 3, p, 7)
     with pytest.raises(ValueError, match="one chunk per slot"):
         packed.step(tokens, params, 1, chunks=[engine.Chunk(2, [5], 0), engine.Chunk(2, [6], 0)])
 
