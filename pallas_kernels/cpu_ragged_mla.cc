@@ -191,8 +191,13 @@ void update_rows(const Problem& pr, Scratch& w, int64_t x0, int64_t rows, const 
   for (x = x0; x < rows; ++x) {
     float* s = w.s_rows[x];
     int64_t visible = w.visible[x];
+    v8 top = v8{} - kInf;
+    for (int v = 0; v < kKeys / 8; ++v) {  // the running max over the visible keys, 8 lanes at a time
+      v8 sv = *reinterpret_cast<const v8u*>(s + 8 * v);
+      top = ((kLane + 8 * v < static_cast<int32_t>(visible)) & (sv > top)) ? sv : top;
+    }
     float mx = w.m[x];
-    for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, s[j]);
+    for (int l = 0; l < 8; ++l) mx = std::max(mx, top[l]);
     w.alpha[x] = std::exp(w.m[x] - mx);  // m = -inf before the first key: 0
     v8 sum = {};
     for (int v = 0; v < kKeys / 8; ++v) {  // keys this row does not see weigh nothing in its register block
