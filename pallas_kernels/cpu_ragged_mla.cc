@@ -72,6 +72,14 @@ inline v8 exp_nonpositive(v8 x) {
   return y * scale;
 }
 
+// Pins a loaded vector in a register. Without it GCC folds the load into every FMA that uses it, and the repeated
+// loads, not the FMAs, bound the inner loops (a key vector feeds one FMA per query row).
+inline void in_register(v8& v) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  asm("" : "+v"(v));
+#endif
+}
+
 // kt[i * kKeys + j] = k_j[i] for the block's keys (rows of c lanes, the first w read), zeros past `keys`: scores
 // become a small matmul with lanes over keys (no horizontal sums), the block transposed once for all the unit's rows.
 void transpose_keys(const float* k, int64_t keys, int64_t c, int64_t w, float* kt) {
@@ -91,6 +99,8 @@ void scores(const float* const* q, const float* kt, int64_t keys, int64_t w, flo
     const float* col = kt + j0;
     for (int64_t i = 0; i < w; ++i, col += kKeys) {
       v8 k0 = *reinterpret_cast<const v8u*>(col), k1 = *reinterpret_cast<const v8u*>(col + 8);
+      in_register(k0);
+      in_register(k1);
       for (int x = 0; x < X; ++x) {
         float qi = q[x][i];
         acc[x][0] += qi * k0;
@@ -114,6 +124,7 @@ void scores_direct(const float* const* q, const float* k, int64_t keys, int64_t 
     int64_t i = 0;
     for (; i + 8 <= w; i += 8) {
       v8 kk = *reinterpret_cast<const v8u*>(k + i);
+      in_register(kk);
       for (int g = 0; g < G; ++g) acc[g] += *reinterpret_cast<const v8u*>(q[g] + i) * kk;
     }
     for (int g = 0; g < G; ++g) {
@@ -139,6 +150,8 @@ void accumulate(float* const* acc, const float* alpha, const float* const* p, co
     }
     for (int64_t j = 0; j < keys; ++j) {
       v8 k0 = *reinterpret_cast<const v8u*>(k + j * c + i), k1 = *reinterpret_cast<const v8u*>(k + j * c + i + 8);
+      in_register(k0);
+      in_register(k1);
       for (int g = 0; g < G; ++g) {
         a[g][0] += p[g][j] * k0;
         a[g][1] += p[g][j] * k1;
