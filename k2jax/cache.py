@@ -28,7 +28,7 @@ from k2jax.config import K2Config
 from pallas_kernels.ragged_mla import GPU_PAGE_SIZE, TPU_PAGE_SIZE
 from sharding.rules import paged_axes
 
-CPU_PAGE_SIZE = 32  # long chunks (and the XLA path) gather whole pages: small pages waste little at short contexts
+CPU_PAGE_SIZE = 32  # one key block of the native kernel (32 keys, blocks stay within a page); XLA gathers whole pages
 Array = jax.Array
 
 
