@@ -223,8 +223,8 @@ def native_attention() -> bool:
     """Whether CPU attention runs in the native kernel, which reads only the pages each row's queries see (so the
     page table's width costs nothing) and skips the keys a query's causal mask hides, rather than gathering the whole
     table. It does for prefill chunks of any length too: one 512-token chunk over 512 / 1,024 keys with the bundled
-    model's 4 heads took 3.0 / 6.8 ms against the reference's 3.8 / 6.9; with 16 heads of 160 lanes 17 / 45 against
-    36 / 75; with K2's 576 lanes 53 against 68 over 512 keys, but 86 against 73 for 256 tokens over 1,024."""
+    model's 4 heads took 1.5 / 3.6 ms against the reference's 3.0 / 5.6; over 1,024 keys with 16 heads of 160 lanes
+    26 against 65-73; 256 tokens over 1,024 keys with K2's 576 lanes 59-64 against 73-77."""
     return kernel_mode() == "native"
 
 
