@@ -3,8 +3,8 @@ Engine: a loaded model's parameters and jitted entry points.
 
 The step (run_step) runs a ragged batch over the donated page pool: prompt chunks (one row's tokens padded to a
 chunk_sizes length, at most PREFILL_CHUNK for generate, or up to PACKED_CHUNKS short ones or FULL_CHUNKS long ones
-of several rows padded together) and the decode rows of the running sequences only (padded to a row bucket), their tokens through the
-dense and MoE layers together, attention per segment.
+of several rows padded together) and the decode rows of the running sequences only (padded to a row bucket), their
+tokens through the dense and MoE layers together, attention per segment.
 Decode rows sample on device; a prompt's last token is fed as a decode row (in the step whose chunk ends the
 prompt, or later), so no logits go to the host. Decode-only steps loop up to DECODE_STEPS sampled steps on device
 per host round trip. Page tables are cut to a power-of-two bucket of positions that covers the longest row (at

@@ -5,9 +5,10 @@ the same loop on their own thread with run(requests), until those requests have 
 Before serving, the thread compiles every program a step can need (warmup), so no request waits for a compile.
 Each iteration frees the slots of cancelled requests, admits queued requests into free slots, then runs one engine
 step (k2jax.engine.run_step): the next chunk of at most `prefill_chunk` tokens of the oldest request still
-prefilling (and of the next ones, as engine.chunk_shape packs them), beside the decode rows of every request that decodes, so a running stream gets a token in every step,
-also while a long prompt is prefilled. A prompt's last token is not prefilled: the request's first decode row feeds
-it (in the step whose chunk ends its prefill) and samples its first token on device. Steps with a chunk sample one
+prefilling (and of the next ones, as engine.chunk_shape packs them), beside the decode rows of every request that
+decodes, so a running stream gets a token in every step, also while a long prompt is prefilled. A prompt's last
+token is not prefilled: the request's first decode row feeds it (in the step whose chunk ends its prefill) and
+samples its first token on device. Steps with a chunk sample one
 token per row; decode-only steps sample decode_steps tokens per row, scanned on device. A request with a constraint
 (k2jax.grammar: tool calls, JSON, a reasoning budget) first takes the tokens its grammar forces (a call's header, a
 JSON key), then samples under its row's mask; while that mask changes token by token its later steps draft from every
@@ -399,8 +400,8 @@ class Scheduler:
 
     def _step(self) -> int:
         """One engine step: the next prompt chunks (engine.chunk_shape: one of at most prefill_chunk tokens, a few
-        short ones, or two long ones) of the oldest requests still prefilling, beside every request that decodes (a request whose chunk
-        ends its prefill decodes in the same step); returns the rows decoded.
+        short ones, or two long ones) of the oldest requests still prefilling, beside every request that decodes (a
+        request whose chunk ends its prefill decodes in the same step); returns the rows decoded.
 
         A request whose own part of the step fails (its chunk, or its sampling row) ends with an error alone.
         """
