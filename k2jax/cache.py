@@ -126,12 +126,15 @@ def init_pool(cfg: K2Config, layout: PoolLayout, dtype: Any = jnp.bfloat16, mesh
 @dataclasses.dataclass
 class PagedCache:
     """What a step reads and writes: the pool, each row's page table [B, M] (M a multiple of seq_shards), and
-    the tokens each row holds once the step's new tokens are written (kv_len 0: the row takes no part)."""
+    the tokens each row holds once the step's new tokens are written (kv_len 0: the row takes no part).
+    all_rows: its B rows are the layout's rows in order when B is their count (then split as their pages are);
+    False for rows of any slots (prefill chunks), which every device attends over the pages it holds."""
 
     pool: dict[str, Array]
     table_BM: Array
     kv_len_B: Array
     layout: PoolLayout = dataclasses.field(metadata={"static": True})
+    all_rows: bool = dataclasses.field(default=True, metadata={"static": True})
 
 
 def abstract_cache(cfg: K2Config, layout: PoolLayout, rows: int, width: int, dtype: Any = jnp.bfloat16,

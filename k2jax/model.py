@@ -230,9 +230,10 @@ def mla(p: MLA, xs_BTM: tuple[Array, ...], pos_BT: tuple[Array, ...], pool_LPNC:
             outs.append(attend(q_nope_BTHD, q_pe_BTHP, new_BTC, pos, layer, *weights))
         return tuple(outs), None
     layout = caches[0].layout
-    # A segment over all the layout's rows splits them as the pages are split; a segment over other rows (one
-    # slot's prefill chunk) runs on every device, each attending over the pages it holds.
-    row_axes = [layout.row_axes if pos.shape[0] == layout.n_rows else () for pos in pos_BT]
+    # A segment over all the layout's rows splits them as the pages are split; a segment over other rows (prompt
+    # chunks of any slots, however many) runs on every device, each attending over the pages it holds.
+    row_axes = [layout.row_axes if c.all_rows and pos.shape[0] == layout.n_rows else ()
+                for pos, c in zip(pos_BT, caches)]
     combine_axes = tuple(tuple(a for a in layout.pool_axes if a not in rows) for rows in row_axes)
     segments = tuple((*q, pos, c.table_BM, c.kv_len_B) for q, pos, c in zip(qkv, pos_BT, caches))
     attend = functools.partial(paged_attention, cfg=cfg, layout=layout, head_axes=head_axes,

@@ -156,10 +156,10 @@ def short_error(message: str) -> str:
     return f"out of HBM (needs {hbm[1]} of {hbm[2]})" if hbm else message.splitlines()[0][:120]
 
 
-def abstract_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chunk: int, width: int
+def abstract_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chunk: int, width: int, chunks: int = 1
                   ) -> tuple[dict[str, jax.ShapeDtypeStruct], DecodeRows, PrefillChunk | None]:
-    """ShapeDtypeStructs of an engine step's pool, `rows` decode rows and a `chunk`-token prefill chunk (0: none)
-    with `width`-page tables; the step's host inputs come over replicated."""
+    """ShapeDtypeStructs of an engine step's pool, `rows` decode rows and `chunks` prefill chunks of `chunk` tokens
+    (0: none) with `width`-page tables; the step's host inputs come over replicated."""
     cache = abstract_cache(cfg, layout, rows, width, jnp.bfloat16, mesh)
     replicated = NamedSharding(mesh, P())
 
@@ -170,21 +170,22 @@ def abstract_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chun
                         {name: sds((rows,), dtype) for name, dtype in ROW_DTYPES.items()},
                         sds((rows, mask_words(cfg.vocab_size)), jnp.int32), sds((rows,), jnp.bool_),
                         sds((rows, 1 if chunk else DECODE_STEPS), jnp.int32))
-    prefill = None if not chunk else PrefillChunk(sds((1, chunk), jnp.int32), sds((1,), jnp.int32),
-                                                  sds((1,), jnp.int32), sds((1, width), jnp.int32))
+    prefill = None if not chunk else PrefillChunk(sds((chunks, chunk), jnp.int32), sds((chunks,), jnp.int32),
+                                                  sds((chunks,), jnp.int32), sds((chunks, width), jnp.int32))
     return cache.pool, decode, prefill
 
 
-def compile_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chunk: int, context: int) -> Compiled:
-    """Compile the engine step for `rows` decode rows beside a `chunk`-token prefill chunk (0: a decode-only step of
-    up to DECODE_STEPS steps), page tables covering `context` positions."""
+def compile_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chunk: int, context: int,
+                 chunks: int = 1) -> Compiled:
+    """Compile the engine step for `rows` decode rows beside `chunks` prefill chunks of `chunk` tokens (0: a
+    decode-only step of up to DECODE_STEPS steps), page tables covering `context` positions."""
     graphdef, state = abstract_state(cfg, mesh)
-    pool_in, decode, prefill = abstract_step(cfg, mesh, layout, rows, chunk, layout.pages_for(context))
+    pool_in, decode, prefill = abstract_step(cfg, mesh, layout, rows, chunk, layout.pages_for(context), chunks)
     pool = pool_in["moe"]
     layer_bytes = math.prod(pool.sharding.shard_shape(pool.shape)[1:]) * pool.dtype.itemsize
     # Attention's queries and outputs over all heads (f32) may be relaid out around the kernel; a move counts as
     # cache bytes only when it is at least one layer's pages and larger than those.
-    activations = (rows + chunk) * cfg.num_attention_heads * cfg.cache_lanes * 4
+    activations = (rows + chunks * chunk) * cfg.num_attention_heads * cfg.cache_lanes * 4
     packed = state["moe_layers"]["mlp"]["gate"]["packed"].get_value()
     n_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     start = time.perf_counter()

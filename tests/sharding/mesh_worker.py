@@ -21,6 +21,8 @@ from k2jax import engine
 from k2jax.config import Int4Quant, K2Config
 from k2jax.llm import GenerateOutput, Model
 from k2jax.model import K2Model
+from k2jax.sampling import SamplingParams
+from k2jax.slots import Slots
 from sharding import mesh as mesh_lib
 from sharding.rules import named_sharding
 
@@ -65,12 +67,23 @@ def prompts(seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, CFG.vocab_size, (BATCH, PROMPT))
 
 
+def packed_rows(model: Model, ids: np.ndarray) -> tuple[list[int], list[float]]:
+    """One step writing PACKED_CHUNKS prompt chunks, one per slot of as many, in reverse slot order (so the chunks
+    are not the layout's rows in order), beside every slot's first decode row: greedy tokens and their log-probs."""
+    n = engine.PACKED_CHUNKS
+    slots = Slots(model, n, 128)
+    chunks = [engine.Chunk(s, ids[s, :PROMPT - 1].tolist(), 0) for s in reversed(range(n))]
+    toks, logps = slots.step(ids[:n, PROMPT - 1], [SamplingParams()] * n, 1, chunks=chunks)
+    return toks[:, 0].tolist(), logps.chosen[:, 0].tolist()
+
+
 def meshes(specs: list[str]) -> dict:
     """Logits, greedy tokens and per-device bytes on each mesh, against the single-device model."""
     graphdef, state = tiny_model()
     ids = prompts()
     ref = Model(CFG, graphdef, state)
     ref_logits, ref_tokens = ref.logits(ids), ref.generate(ids.tolist(), max_new_tokens=NEW).ids
+    ref_packed_tokens, ref_packed_logprobs = packed_rows(ref, ids)
     few = ids[:FEW_ROWS].tolist()  # too few rows to split: the cache splits its positions over more axes
     out = {}
     for spec in specs:
@@ -80,7 +93,11 @@ def meshes(specs: list[str]) -> dict:
         pages, pool = model.paged(BATCH, 64)
         few_layout = model.paged(FEW_ROWS, 64)[0].layout
         total, local = expert_bytes(model.state)
+        packed_tokens, packed_logprobs = packed_rows(model, ids)
         out[spec] = {
+            "packed_tokens_equal": packed_tokens == ref_packed_tokens,
+            "packed_logprob_err": float(np.abs(np.subtract(packed_logprobs, ref_packed_logprobs)).max()),
+            "packed_split": model.paged(engine.PACKED_CHUNKS, 128)[0].layout.row_axes,
             "rel_err": float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
             "tokens_equal": model.generate(ids.tolist(), max_new_tokens=NEW).ids == ref_tokens,
             "few_rows_tokens_equal": model.generate(few, max_new_tokens=NEW).ids == ref_tokens[:FEW_ROWS],

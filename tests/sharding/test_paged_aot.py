@@ -4,7 +4,7 @@ accelerator present.
 TPU (libtpu, abstract v5e:2x2) with the rows split, the positions split, both, and heads split beside them;
 GPU (a deviceless H200 pair through jax's CUDA plugin, in a child process). In every compiled program the
 ragged MLA kernel is there and nothing of one layer's pages or more is copied, sliced or gathered, and the
-prefill chunk's temporaries do not grow with the context.
+prefill chunk's temporaries do not grow with the context; on TPU also with two prompt chunks in the step.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from k2jax import plan
+from k2jax import engine, plan
 from k2jax.cache import make_layout
 from k2jax.config import Int4Quant, K2Config
 from k2jax.gpu_targets import plugin_installed
@@ -45,7 +45,8 @@ def test_tpu_programs_run_the_kernel_in_place(spec, batch, split):
     devices = plan.topology_devices("v5e:2x2")
     with plan.target_kernels("tpu"):
         r = plan.plan(CFG, devices, spec, batch, 32768, CHUNK, page_size=256)
-    layout = make_layout(mesh_from_devices(devices, spec), batch, 32768, 256)
+    mesh = mesh_from_devices(devices, spec)
+    layout = make_layout(mesh, batch, 32768, 256)
     assert (layout.row_axes, layout.seq_axes) == split
     for program, segments in ((r["decode"], 1), (r["prefill"], 2), (r["prefill_short"], 2)):
         assert not program.error, program.error
@@ -53,6 +54,10 @@ def test_tpu_programs_run_the_kernel_in_place(spec, batch, split):
     assert r["decode"].cache_moves == r["prefill"].cache_moves == 0
     assert r["prefill"].temp <= 1.5 * r["prefill_short"].temp, "prefill temporaries grow with the context"
     assert r["fits"]
+    if spec == "data=2,expert=2":  # chunks of two rows in one step (engine.FULL_CHUNKS), on one mesh for time
+        with plan.target_kernels("tpu"):
+            packed = plan.compile_step(CFG, mesh, layout, batch, CHUNK, 32768, engine.FULL_CHUNKS)
+        assert not packed.error and packed.attention_kernels == 4 and packed.cache_moves == 0, packed
 
 
 @pytest.mark.skipif(not plugin_installed() and not os.environ.get("CI"),

@@ -48,7 +48,7 @@ def test_mesh_matches_single_device():
     """Three meshes of 8 CPU devices in one subprocess (one compile of the reference; one test, so that xdist's
     workers never run it twice), all on the XLA path: the native CPU kernel, which rounds x to int8 for INT4
     experts, runs only where XLA does not partition the trace, so one device and a mesh would take different
-    paths."""
+    paths. On each, also one step of packed prompt chunks of every slot, not in slot order."""
     proc = subprocess.run([sys.executable, str(WORKER), "meshes", *MESHES], capture_output=True, text=True,
                           timeout=TIMEOUT_S, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8",
                                                       K2JAX_KERNELS="xla"))
@@ -58,9 +58,12 @@ def test_mesh_matches_single_device():
         r = results[spec]
         assert r["rel_err"] < 1e-5, (spec, r)
         assert r["tokens_equal"] and r["few_rows_tokens_equal"], (spec, r)
+        # prompt chunks of as many slots as the layout has, not in its row order, are not split as its rows are
+        assert r["packed_tokens_equal"] and r["packed_logprob_err"] < 1e-4, (spec, r)
         assert r["expert_fraction"] == pytest.approx(experts), (spec, r)
         assert r["cache_fraction"] == pytest.approx(1 / 8), (spec, r)  # every device holds its own pages
         assert r["split"] == split and r["few_rows_split"] == few_rows_split, (spec, r)
+    assert any(results[spec]["packed_split"] for spec in MESHES), "no mesh splits the packed step's slots"
 
 
 @pytest.mark.slow
