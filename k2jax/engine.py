@@ -200,7 +200,8 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
                      PagedCache(pool, rows.table_DM, jnp.where(rows.live_D, pos_D + 1, 0), layout))]
         if chunk is not None:
             pos_PT = chunk.start_P[:, None] + jnp.arange(chunk.tok_PT.shape[1], dtype=jnp.int32)
-            segments.insert(0, (chunk.tok_PT, pos_PT, PagedCache(pool, chunk.table_PM, chunk.kv_len_P, layout, False)))
+            chunk_cache = PagedCache(pool, chunk.table_PM, chunk.kv_len_P, layout, all_rows=False)
+            segments.insert(0, (chunk.tok_PT, pos_PT, chunk_cache))
         tokens, positions, caches = zip(*segments)
         xs_BTM, pool = hidden(model, tokens, positions, caches, cfg, dtype)
         logits_DV = lm_head(model, xs_BTM[-1][:, 0])
