@@ -5,9 +5,10 @@
 // scores sum the first `width` lanes only. Each work unit (a row, a block of its queries, a block of heads) walks
 // only the pages its queries can see, reading them in place from the pool [L, P, N, C] (f32, or bf16 widened one
 // key block at a time), with an online softmax in float32. Keys of a block have consecutive positions, so a query's
-// mask is a prefix of the block. Scores are dot products for units of up to 4 query rows (decode) and a small matmul
-// over the transposed key block for more; p @ kv keeps 4 rows x 16 lanes in registers. Units are split among XLA's
-// intra-op threads.
+// mask is a prefix of the block. Scores are dot products for units of up to 4 query rows (decode; summed across
+// lanes 8 keys at a time) and a small matmul over the transposed key block for more; p @ kv keeps 4 rows x 16 lanes
+// in registers. The next page of a row is prefetched while one is read. Units are split among XLA's intra-op
+// threads.
 
 #include <algorithm>
 #include <atomic>
@@ -114,25 +115,45 @@ void scores(const float* const* q, const float* kt, int64_t keys, int64_t w, flo
   }
 }
 
+// [x0+x1, x2+x3, y0+y1, y2+y3, x4+x5, x6+x7, y4+y5, y6+y7]: AVX's hadd.
+inline v8 pair_sums(v8 x, v8 y) {
+  return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+// Lane l: the sum of v[l]'s 8 lanes; 8 horizontal sums in 9 vector adds instead of 56 scalar ones.
+inline v8 lane_sums(const v8* v) {
+  v8 lo = pair_sums(pair_sums(v[0], v[1]), pair_sums(v[2], v[3]));  // v0..v3's half sums: low half, high half
+  v8 hi = pair_sums(pair_sums(v[4], v[5]), pair_sums(v[6], v[7]));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 // The same scores from the row-major block (rows of c lanes), for G <= kGroup rows: one key load feeds G dot
-// products, each summed across its lanes at the end; cheaper than transposing the block for few query rows (decode).
+// products; each key's G partial-sum vectors are summed across lanes 8 keys at a time. Cheaper than transposing the
+// block for few query rows (decode). Scores past `keys` (up to a multiple of 8) are 0.
 template <int G>
 void scores_direct(const float* const* q, const float* k, int64_t keys, int64_t c, int64_t w, float scale,
                    float* const* s) {
-  for (int64_t j = 0; j < keys; ++j, k += c) {
-    v8 acc[G] = {};
-    int64_t i = 0;
-    for (; i + 8 <= w; i += 8) {
-      v8 kk = *reinterpret_cast<const v8u*>(k + i);
-      in_register(kk);
-      for (int g = 0; g < G; ++g) acc[g] += *reinterpret_cast<const v8u*>(q[g] + i) * kk;
+  for (int64_t j0 = 0; j0 < keys; j0 += 8) {
+    v8 part[G][8];
+    for (int64_t jj = 0; jj < 8; ++jj) {
+      v8 acc[G] = {};
+      if (j0 + jj < keys) {
+        const float* kj = k + (j0 + jj) * c;
+        int64_t i = 0;
+        for (; i + 8 <= w; i += 8) {
+          v8 kk = *reinterpret_cast<const v8u*>(kj + i);
+          in_register(kk);
+          for (int g = 0; g < G; ++g) acc[g] += *reinterpret_cast<const v8u*>(q[g] + i) * kk;
+        }
+        for (; i < w; ++i) {
+          for (int g = 0; g < G; ++g) acc[g][0] += q[g][i] * kj[i];
+        }
+      }
+      for (int g = 0; g < G; ++g) part[g][jj] = acc[g];
     }
-    for (int g = 0; g < G; ++g) {
-      float sum = 0;
-      for (int l = 0; l < 8; ++l) sum += acc[g][l];
-      for (int64_t x = i; x < w; ++x) sum += q[g][x] * k[x];
-      s[g][j] = sum * scale;
-    }
+    for (int g = 0; g < G; ++g) *reinterpret_cast<v8u*>(s[g] + j0) = lane_sums(part[g]) * scale;
   }
 }
 
@@ -235,6 +256,16 @@ void update_rows(const Problem& pr, Scratch& w, int64_t x0, int64_t rows, const 
   }
 }
 
+// Asks for the lanes scores read (the first w of c) of a page's first `keys` keys ahead of use: a row's pages lie
+// anywhere in the pool, where the hardware prefetcher cannot follow.
+void prefetch_page(const Problem& pr, int64_t page, int64_t keys) {
+  int64_t size = pr.bf16 ? 2 : 4;
+  const char* first = static_cast<const char*>(pr.kv) + page * pr.n * pr.c * size;
+  for (int64_t j = 0; j < keys; ++j) {
+    for (int64_t b = 0; b < pr.w * size; b += 64) __builtin_prefetch(first + j * pr.c * size + b);
+  }
+}
+
 // One unit: tokens [t0, t1) x heads [h0, h1) of row b over the pages they can see. Returns false (writing
 // nothing) when a page id it would read is outside the pool.
 bool attend_unit(const Problem& pr, int64_t b, int64_t t0, int64_t t1, int64_t h0, int64_t h1) {
@@ -263,6 +294,11 @@ bool attend_unit(const Problem& pr, int64_t b, int64_t t0, int64_t t1, int64_t h
     if (page_pos >= hi) break;
     int64_t page = pr.table[b * pr.m + page_m];
     if (page < 0 || page >= pr.p) return false;
+    int64_t next_pos = page_pos + pr.stride * pr.n;
+    if (page_m + 1 < pr.m && next_pos < hi) {
+      int64_t next = pr.table[b * pr.m + page_m + 1];
+      if (next >= 0 && next < pr.p) prefetch_page(pr, next, std::min(pr.n, hi - next_pos));
+    }
     for (int64_t j0 = 0; j0 < pr.n && page_pos + j0 < hi; j0 += kKeys) {
       int64_t pos0 = page_pos + j0, keys = std::min({kKeys, pr.n - j0, hi - pos0});
       int64_t x0 = rows;
