@@ -5,7 +5,7 @@
 
 Devices come from jax.experimental.topologies (no accelerator needed: libtpu for TPUs, jax's CUDA plugin in its
 own folder for GPUs, run in a child process that sees it; see k2jax.gpu_targets); parameters, the page pool and tokens
-are ShapeDtypeStructs placed by sharding.rules, so the compiled decode step (and a prefill chunk) is the
+are ShapeDtypeStructs placed by sharding.rules, so the compiled decode step (and prefill chunks) is the
 program a real pod would run. Prints per-device bytes for weights, the pool and compiler temporaries against
 the chip's HBM, the KV tokens that fit in the pages left free, the bandwidth floor of a decode step, and
 whether a step moves cache bytes (a copy, slice or gather of one layer's pages or more) or the expert stack.
@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from k2jax.cache import PoolLayout, abstract_cache, default_page_size, make_layout
 from k2jax.cliargs import Parser, float_in, int_in, mesh_spec
 from k2jax.config import K2Config, preset
-from k2jax.engine import DECODE_STEPS, PREFILL_CHUNK, DecodeRows, PrefillChunk, run_step
+from k2jax.engine import DECODE_STEPS, FULL_CHUNKS, PREFILL_CHUNK, DecodeRows, PrefillChunk, run_step
 from k2jax.gpu_targets import (GPUS, PLUGIN_DIR, gpu_devices, parse_gpu_topology, plugin_env, plugin_installed,
                                plugin_loadable)
 from k2jax.loading import abstract_model
@@ -71,6 +71,7 @@ class Compiled:
     expert_copies: int
     attention_kernels: int = 0
     error: str = ""
+    weights_copied: int = 0  # bytes of whole weight parameters copied (a relayout of a stack the step reads)
 
     @property
     def total(self) -> int:
@@ -131,18 +132,33 @@ def hlo_copies(hlo: str, shape: Sequence[int], dtype: str) -> int:
     return len(pattern.findall(hlo))
 
 
-def hlo_moves(hlo: str, min_bytes: int) -> list[str]:
-    """Instructions that copy, slice, gather or exchange a result of min_bytes or more (each as its HLO line)."""
+def weight_params(hlo: str) -> set[str]:
+    """HLO names of the entry parameters that hold model weights (their metadata names the model state)."""
+    return set(re.findall(r"(%[\w.-]+) = [^\n]*? parameter\(\d+\)[^\n]*op_name=\"state\[", hlo))
+
+
+def hlo_moves(hlo: str, min_bytes: int) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """Instructions that copy, slice, gather or exchange a result of min_bytes or more: (op, first operand, result
+    dims, bytes)."""
     itemsize = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
-    pattern = re.compile(r"= \(?(\w+)\[([\d,]*)\][^ ]* ([\w-]+)\(")
+    pattern = re.compile(r"= \(?(\w+)\[([\d,]*)\][^ ]* ([\w-]+)\((%[\w.-]+)?")
     moves = []
     for line in hlo.splitlines():
         m = pattern.search(line)
         if m and m[3] in MOVES and m[1] in itemsize:
-            size = math.prod(int(d) for d in m[2].split(",") if d) * itemsize[m[1]]
+            dims = tuple(int(d) for d in m[2].split(",") if d)
+            size = math.prod(dims) * itemsize[m[1]]
             if size >= min_bytes:
-                moves.append(line.strip())
+                moves.append((m[3], m[4] or "", dims, size))
     return moves
+
+
+def classify_moves(hlo: str, lanes: int, cache_bytes: int) -> tuple[int, int]:
+    """(moves of cache bytes: results with the pool's `lanes` of cache_bytes or more; bytes of weight parameters
+    copied whole) in compiled HLO."""
+    weights, moves = weight_params(hlo), hlo_moves(hlo, 1 << 20)
+    cache = sum(dims[-1:] == (lanes,) and size >= cache_bytes for _, _, dims, size in moves)
+    return cache, sum(size for op, src, _, size in moves if op.startswith("copy") and src in weights)
 
 
 def kernel_calls(hlo: str, name: str) -> int:
@@ -184,7 +200,8 @@ def compile_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chunk
     pool = pool_in["moe"]
     layer_bytes = math.prod(pool.sharding.shard_shape(pool.shape)[1:]) * pool.dtype.itemsize
     # Attention's queries and outputs over all heads (f32) may be relaid out around the kernel; a move counts as
-    # cache bytes only when it is at least one layer's pages and larger than those.
+    # cache bytes only when it has the pool's lanes, at least one layer's pages, and is larger than those (the MoE's
+    # routed rows [tokens x top-k, hidden] of a long step are as large, and move by design).
     activations = (rows + chunks * chunk) * cfg.num_attention_heads * cfg.cache_lanes * 4
     packed = state["moe_layers"]["mlp"]["gate"]["packed"].get_value()
     n_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
@@ -197,9 +214,11 @@ def compile_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chunk
         return Compiled(0, 0, 0, 0, time.perf_counter() - start, 0, 0, error=short_error(str(e)))
     seconds = time.perf_counter() - start
     mem, hlo = compiled.memory_analysis(), compiled.as_text()
+    cache_moves, relaid = classify_moves(hlo, cfg.cache_lanes, max(layer_bytes, activations + 1))
     return Compiled(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
-                    mem.temp_size_in_bytes, seconds, len(hlo_moves(hlo, max(layer_bytes, activations + 1))),
-                    hlo_copies(hlo, packed.sharding.shard_shape(packed.shape), "u8"), kernel_calls(hlo, "ragged_mla"))
+                    mem.temp_size_in_bytes, seconds, cache_moves,
+                    hlo_copies(hlo, packed.sharding.shard_shape(packed.shape), "u8"), kernel_calls(hlo, "ragged_mla"),
+                    weights_copied=relaid)
 
 
 def expected_active(n_tokens: int, top_k: int, n_experts: int) -> float:
@@ -281,13 +300,13 @@ def fitting_batch(cfg: K2Config, mesh: Mesh, context: int, hbm: int, page_size: 
 def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: int, prefill_chunk: int,
          hbm: int | None = None, bandwidth: float | None = None, page_size: int | None = None,
          name: str = "") -> dict[str, Any]:
-    """Compile the engine step, decode-only and with a prefill chunk, on this mesh; per-device bytes, fit, KV tokens
+    """Compile the engine step, decode-only and with prefill chunks, on this mesh; per-device bytes, fit, KV tokens
     and time floor.
 
     The prefill step is one row's `prefill_chunk` new tokens beside `batch` decode rows, page tables covering the
     whole context (as a server steps), compiled again at SHORT_CONTEXT to show its temporaries do not grow with the
-    context.
-    KV tokens count the pages that fit beside the weights and the larger of the two programs' temporaries.
+    context, and with FULL_CHUNKS such chunks of different rows (a server's largest step) when the batch has them.
+    KV tokens count the pages that fit beside the weights and the largest of the programs' temporaries.
     `name` (the topology as given on the command line) leads the row's label.
     """
     mesh = mesh_from_devices(devices, spec)
@@ -297,20 +316,22 @@ def plan(cfg: K2Config, devices: Sequence[Any], spec: str, batch: int, context: 
     layout = make_layout(mesh, batch, context, page_size)
     f = footprint(cfg, mesh, layout)
     decode = compile_step(cfg, mesh, layout, batch, 0, context)
-    prefill = prefill_short = None
+    prefill = prefill_short = packed = None
     if prefill_chunk:
         prefill = compile_step(cfg, mesh, layout, batch, prefill_chunk, context)
+        if batch >= FULL_CHUNKS:  # long prompts arriving together: a server's largest step
+            packed = compile_step(cfg, mesh, layout, batch, prefill_chunk, context, FULL_CHUNKS)
         short = min(context, SHORT_CONTEXT)
         prefill_short = compile_step(cfg, mesh, make_layout(mesh, batch, short, page_size), batch, prefill_chunk,
                                      short)
-    temp = max([decode.temp] + [p.temp for p in (prefill, prefill_short) if p is not None])
+    temp = max([decode.temp] + [p.temp for p in (prefill, packed, prefill_short) if p is not None])
     free = hbm - f.weights - temp - (decode.argument - f.weights - f.cache)  # pages fit in what is left
     tokens = kv_tokens(cfg, free, len(devices), page_size) if not decode.error else 0
     step_read = f.step_read(cfg, batch // mesh.shape.get("data", 1))
     return {
         "topology": f"{name + ': ' if name else ''}{len(devices)} x {devices[0].device_kind}", "mesh": spec, "batch": batch, "context": context,
         "page_size": page_size, "hbm": hbm, "weights": f.weights, "experts": f.experts, "cache": f.cache,
-        "decode": decode, "prefill": prefill, "prefill_short": prefill_short,
+        "decode": decode, "prefill": prefill, "prefill_packed": packed, "prefill_short": prefill_short,
         "fits": not decode.error and decode.total + temp - decode.temp <= hbm,
         "kv_tokens": tokens, "max_batch": tokens // context, "max_context": min(tokens // batch,
                                                                                  cfg.max_position_embeddings),
@@ -332,21 +353,22 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of plans, one row each."""
     head = ("| topology | mesh | batch x context | HBM GB | weights GB (experts) | pool GB | decode temp GB | "
             "decode total GB | fits | KV tokens that fit | max batch @context | max context @batch | floor ms/step | "
-            "attention kernel | cache moved | expert stack copied | decode compile s | "
-            f"prefill chunk temp GB (compile s) | same at context {SHORT_CONTEXT} |")
+            "attention kernel | cache moved | expert stack copied | weights copied GB | decode compile s | "
+            f"prefill chunk temp GB (compile s) | {FULL_CHUNKS} chunks | same as one at context {SHORT_CONTEXT} |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        d, p, ps = r["decode"], r["prefill"], r["prefill_short"]
-        compiled = [c for c in (d, p, ps) if c is not None and not c.error]
-        moved = any(c.cache_moves for c in (d, p) if c is not None)  # the short context's pool is not the plan's
+        d, p, pp, ps = r["decode"], r["prefill"], r["prefill_packed"], r["prefill_short"]
+        compiled = [c for c in (d, p, pp, ps) if c is not None and not c.error]
+        moved = any(c.cache_moves for c in (d, p, pp) if c is not None)  # the short context's pool is not the plan's
         kernel = bool(compiled) and all(c.attention_kernels for c in compiled)
         dec = f"error: {d.error}" if d.error else _gb(d.total)
         lines.append(
             f"| {r['topology']} | {r['mesh']} | {r['batch']} x {r['context']} | {_gb(r['hbm'])} | "
             f"{_gb(r['weights'])} ({_gb(r['experts'])}) | {_gb(r['cache'])} | {_gb(d.temp)} | {dec} | "
             f"{'yes' if r['fits'] else 'no'} | {r['kv_tokens']:,} | {r['max_batch']} | {r['max_context']} | "
-            f"{r['floor_ms']:.2f} | {_yes(kernel)} | {_yes(moved)} | {_yes(d.expert_copies)} | {d.compile_s:.1f} | "
-            f"{_temp(p)} | {_temp(ps)} |")
+            f"{r['floor_ms']:.2f} | {_yes(kernel)} | {_yes(moved)} | {_yes(d.expert_copies)} | "
+            f"{_gb(max(c.weights_copied for c in compiled)) if compiled else '-'} | {d.compile_s:.1f} | "
+            f"{_temp(p)} | {_temp(pp)} | {_temp(ps)} |")
     return "\n".join(lines)
 
 

@@ -3,8 +3,9 @@ accelerator present.
 
 TPU (libtpu, abstract v5e:2x2) with the rows split, the positions split, both, and heads split beside them;
 GPU (a deviceless H200 pair through jax's CUDA plugin, in a child process). In every compiled program the
-ragged MLA kernel is there and nothing of one layer's pages or more is copied, sliced or gathered, and the
-prefill chunk's temporaries do not grow with the context; on TPU also with two prompt chunks in the step.
+ragged MLA kernel is there, nothing of one layer's pages or more is copied, sliced or gathered, no weight stack is
+copied whole, and the prefill chunk's temporaries do not grow with the context; also with two prompt chunks in the
+step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 import pytest
 
-from k2jax import engine, plan
+from k2jax import plan
 from k2jax.cache import make_layout
 from k2jax.config import Int4Quant, K2Config
 from k2jax.gpu_targets import plugin_installed
@@ -32,6 +33,13 @@ CFG = K2Config(vocab_size=1024, hidden_size=512, intermediate_size=1024, moe_int
                max_position_embeddings=32768, original_max_position_embeddings=4096, rope_factor=8.0,
                bos_token_id=0, eos_token_id=1, quant=Int4Quant())
 CHUNK = 64
+# The programs of a plan and their attention segments: decode rows, and beside them one prompt chunk (at the plan's
+# context and at a short one) or engine.FULL_CHUNKS chunks of different rows.
+PROGRAMS = (("decode", 1), ("prefill", 2), ("prefill_packed", 2), ("prefill_short", 2))
+# The one weight stack libtpu copies whole: the MoE layers' replicated kv_a [L, hidden, 576], whose default TPU
+# layout (576 lanes pad to 640, so the hidden axis goes minor) is not the one the layer loop reads it in. Known and
+# reported by k2jax-plan ("weights copied GB"); no other weight may be copied.
+KV_A_STACK = CFG.num_moe_layers * CFG.hidden_size * (CFG.kv_lora_rank + CFG.qk_rope_head_dim) * 2
 
 
 @pytest.mark.parametrize("spec,batch,split", [
@@ -48,16 +56,13 @@ def test_tpu_programs_run_the_kernel_in_place(spec, batch, split):
     mesh = mesh_from_devices(devices, spec)
     layout = make_layout(mesh, batch, 32768, 256)
     assert (layout.row_axes, layout.seq_axes) == split
-    for program, segments in ((r["decode"], 1), (r["prefill"], 2), (r["prefill_short"], 2)):
-        assert not program.error, program.error
-        assert program.attention_kernels == 2 * segments, "one ragged kernel call per layer stack and segment"
-    assert r["decode"].cache_moves == r["prefill"].cache_moves == 0
+    for name, segments in PROGRAMS:
+        assert not r[name].error, r[name].error
+        assert r[name].attention_kernels == 2 * segments, "one ragged kernel call per layer stack and segment"
+        assert name == "prefill_short" or r[name].cache_moves == 0, name  # the short context's pool is another
+        assert r[name].weights_copied in (0, KV_A_STACK), name
     assert r["prefill"].temp <= 1.5 * r["prefill_short"].temp, "prefill temporaries grow with the context"
     assert r["fits"]
-    if spec == "data=2,expert=2":  # chunks of two rows in one step (engine.FULL_CHUNKS), on one mesh for time
-        with plan.target_kernels("tpu"):
-            packed = plan.compile_step(CFG, mesh, layout, batch, CHUNK, 32768, engine.FULL_CHUNKS)
-        assert not packed.error and packed.attention_kernels == 4 and packed.cache_moves == 0, packed
 
 
 @pytest.mark.skipif(not plugin_installed() and not os.environ.get("CI"),
@@ -71,7 +76,8 @@ def test_gpu_programs_run_the_triton_kernel_in_place(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     (r,) = json.loads(proc.stdout)
     assert r["topology"] == "h200:2: 2 x NVIDIA H200" and r["fits"]
-    for name, segments in (("decode", 1), ("prefill", 2), ("prefill_short", 2)):
+    for name, segments in PROGRAMS:
         assert not r[name]["error"] and r[name]["attention_kernels"] == 2 * segments, (name, r[name])
-    assert r["decode"]["cache_moves"] == r["prefill"]["cache_moves"] == 0
+        assert name == "prefill_short" or r[name]["cache_moves"] == 0, (name, r[name])
+        assert r[name]["weights_copied"] == 0, (name, r[name])
     assert r["prefill"]["temp"] <= 1.5 * r["prefill_short"]["temp"]

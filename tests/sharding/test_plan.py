@@ -85,3 +85,27 @@ def test_readme_plan_table_is_what_its_command_prints():
         elif importlib.util.find_spec("libtpu"):
             devices = topology_devices(name.strip())
             assert label == f"{name.strip()}: {len(devices)} x {devices[0].device_kind}"
+
+
+def test_a_weight_stack_copied_whole_is_told_apart_from_cache_moves():
+    """Compiled-HLO lines as libtpu prints them: a copy of a weight parameter (the relayout it makes of K2's
+    replicated kv_a stack, whose 576 lanes pad on TPU) names its parameter, whose metadata names the model state;
+    a copy of the pool has its lanes; the MoE's routed rows [tokens x top-k, hidden] are neither."""
+    from k2jax.plan import classify_moves, hlo_moves, weight_params
+
+    hlo = "\n".join([
+        "  %param.115 = bf16[60,7168,576]{1,2,0:T(8,128)(2,1)} parameter(16), sharding={replicated}, "
+        "metadata={op_name=\"state[\\'moe_layers\\'][\\'attn\\'][\\'kv_a\\'].value\"}",
+        "  %param.3 = bf16[60,512,256,640]{3,2,1,0:T(8,128)(2,1)} parameter(3), "
+        "metadata={op_name=\"pool_in[\\'moe\\']\"}",
+        "  %copy.327 = bf16[60,7168,576]{2,1,0:T(8,128)(2,1)} copy(%param.115), "
+        "metadata={op_name=\"jit(run_step)/while\"}",
+        "  %copy.9 = bf16[60,512,256,640]{3,2,1,0:T(8,128)(2,1)} copy(%param.3)",
+        "  %fusion.2 = f32[8,640]{1,0:T(8,128)} fusion(%param.3), kind=kLoop",
+        "  %gather.301 = bf16[14720,7168]{1,0:T(8,128)(2,1)} gather(%param_0.4357, %transpose.594), offset_dims={1}",
+    ])
+    assert weight_params(hlo) == {"%param.115"}
+    assert hlo_moves(hlo, 1 << 20) == [("copy", "%param.115", (60, 7168, 576), 60 * 7168 * 576 * 2),
+                                       ("copy", "%param.3", (60, 512, 256, 640), 60 * 512 * 256 * 640 * 2),
+                                       ("gather", "%param_0.4357", (14720, 7168), 14720 * 7168 * 2)]
+    assert classify_moves(hlo, 640, 512 * 256 * 640 * 2) == (1, 60 * 7168 * 576 * 2)
