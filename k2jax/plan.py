@@ -8,7 +8,8 @@ own folder for GPUs, run in a child process that sees it; see k2jax.gpu_targets)
 are ShapeDtypeStructs placed by sharding.rules, so the compiled decode step (and prefill chunks) is the
 program a real pod would run. Prints per-device bytes for weights, the pool and compiler temporaries against
 the chip's HBM, the KV tokens that fit in the pages left free, the bandwidth floor of a decode step, and
-whether a step moves cache bytes (a copy, slice or gather of one layer's pages or more) or the expert stack.
+whether a step moves cache bytes (a copy, slice or gather of one layer's pages or more), the expert stack, or any
+weight stack whole.
 """
 
 from __future__ import annotations
