@@ -53,8 +53,7 @@ def test_tpu_programs_run_the_kernel_in_place(spec, batch, split):
     devices = plan.topology_devices("v5e:2x2")
     with plan.target_kernels("tpu"):
         r = plan.plan(CFG, devices, spec, batch, 32768, CHUNK, page_size=256)
-    mesh = mesh_from_devices(devices, spec)
-    layout = make_layout(mesh, batch, 32768, 256)
+    layout = make_layout(mesh_from_devices(devices, spec), batch, 32768, 256)
     assert (layout.row_axes, layout.seq_axes) == split
     for name, segments in PROGRAMS:
         assert not r[name].error, r[name].error
