@@ -33,7 +33,8 @@ class Source:
     the HF dtypes accepted; `int4` marks compressed-tensors packed words, repacked for the kernels.
     `head_rows` = (rows per head, start, stop): the parameter [H, stop - start, in] (transposed: [H, in,
     stop - start]) is rows start..stop of each head's block of an HF [H * rows per head, in] tensor, which
-    other parameters share (kv_b_proj holds both absorbed-attention matrices).
+    other parameters share (kv_b_proj holds both absorbed-attention matrices). `pad_cols` zero columns follow the
+    HF tensor's (transposed) columns in the parameter; writing drops them.
     """
 
     path: tuple[str, ...]
@@ -46,6 +47,7 @@ class Source:
     dtypes: tuple[str, ...] = FLOAT_DTYPES
     int4: bool = False
     head_rows: tuple[int, int, int] | None = None
+    pad_cols: int = 0
 
     @property
     def stack_shape(self) -> tuple[int, ...]:
@@ -68,7 +70,7 @@ class Source:
             return (inner[1], inner[0] // 4)
         if self.head_rows is not None:
             return (inner[0] * self.head_rows[0], inner[1] if self.transpose else inner[2])
-        flat = self.flat_shape if self.flat_shape is not None else inner
+        flat = self.flat_shape if self.flat_shape is not None else (*inner[:-1], inner[-1] - self.pad_cols)
         return tuple(reversed(flat)) if self.transpose else tuple(flat)
 
     def k2_dtype(self, hf_dtype: str) -> np.dtype:
@@ -84,6 +86,8 @@ class Source:
             part = hf.reshape(*hf.shape[:-2], -1, rows, hf.shape[-1])[..., start:stop, :]
             return np.swapaxes(part, -1, -2) if self.transpose else part
         out = np.swapaxes(hf, -1, -2) if self.transpose else hf
+        if self.pad_cols:
+            out = np.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, self.pad_cols)])
         return out.reshape(out.shape[:-2] + self.k2_shape) if self.k2_shape is not None else out
 
     def to_hf(self, k2: np.ndarray, into: np.ndarray | None = None) -> np.ndarray:
@@ -99,6 +103,7 @@ class Source:
             return np.ascontiguousarray(int4_layout.to_compressed_tensors(k2, _no_scales(k2.shape[-1]).T)[0])
         if self.flat_shape is not None:
             k2 = k2.reshape(self.flat_shape)
+        k2 = k2[..., :k2.shape[-1] - self.pad_cols]
         return np.ascontiguousarray(k2.T if self.transpose else k2)
 
 
@@ -135,7 +140,8 @@ def _attention(cfg: ModelConfig, stack: str, layers: tuple[int, ...]) -> list[So
     out = [
         Source((stack, "attn_norm"), pre + "input_layernorm.weight", layers),
         Source((stack, "mlp_norm"), pre + "post_attention_layernorm.weight", layers),
-        Source((stack, "attn", "kv_a"), att + "kv_a_proj_with_mqa.weight", layers, transpose=True),
+        Source((stack, "attn", "kv_a"), att + "kv_a_proj_with_mqa.weight", layers, transpose=True,
+               pad_cols=cfg.cache_lanes - cfg.kv_lora_rank - cfg.qk_rope_head_dim),
         Source((stack, "attn", "kv_a_norm"), att + "kv_a_layernorm.weight", layers),
         Source((stack, "attn", "w_uk"), att + "kv_b_proj.weight", layers, head_rows=(Dkv, 0, Dkv - Dv)),
         Source((stack, "attn", "w_uv"), att + "kv_b_proj.weight", layers, transpose=True,

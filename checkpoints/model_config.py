@@ -15,6 +15,7 @@ class ModelConfig(Protocol):
     num_attention_heads: int
     q_lora_rank: int | None
     kv_lora_rank: int
+    qk_rope_head_dim: int
     qk_nope_head_dim: int
     v_head_dim: int
     n_routed_experts: int
@@ -24,5 +25,8 @@ class ModelConfig(Protocol):
 
     @property
     def qk_head_dim(self) -> int: ...
+
+    @property
+    def cache_lanes(self) -> int: ...
 
     def to_hf_dict(self) -> dict[str, Any]: ...

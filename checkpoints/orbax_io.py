@@ -35,6 +35,9 @@ PARAMS_DIR = "params"
 METADATA_FILE = "_METADATA"
 MANIFEST_FILE = "manifest.ocdbt"
 COMMIT_MARKER = "commit_success.txt"
+# Parameters whose trailing columns are padding (kv_a: to the cache's lane count), which checkpoints saved before
+# k2jax padded them hold unpadded: they are restored as stored and zero-padded on device.
+PADDED_COLUMNS = ("kv_a",)
 
 
 def _orbax() -> Any:
@@ -71,11 +74,22 @@ def restore_orbax(path: Path, abstract: nnx.State, mesh: Mesh) -> nnx.State:
         if stored is None:
             raise CheckpointError(f"{params}: orbax found no array metadata in {METADATA_FILE}")
         flat = nnx.to_flat_state(abstract)
+        model = {key: (var.get_value().shape, var.get_metadata()["axes"]) for key, var in flat}
         target = nnx.to_pure_dict(nnx.from_flat_state(
             [(key, var.replace(_target(params, stored.tree, key, var, mesh))) for key, var in flat]))
         restored = _read(params, "array data", lambda: ckptr.restore(params, target))
     nnx.replace_by_pure_dict(abstract, restored)
+    for key, var in nnx.to_flat_state(abstract):
+        shape, axes = model[key]
+        if var.get_value().shape != shape:
+            var.set_value(_pad_columns(var.get_value(), shape, named_sharding(axes, shape, mesh)))
     return abstract
+
+
+def _pad_columns(stored: jax.Array, shape: tuple[int, ...], sharding: jax.sharding.Sharding) -> jax.Array:
+    """An array restored without its padding columns, zero-padded to the model's `shape` in its sharding."""
+    pad = [(0, 0)] * (stored.ndim - 1) + [(0, shape[-1] - stored.shape[-1])]
+    return jax.jit(lambda x: jax.numpy.pad(x, pad), out_shardings=sharding)(stored)
 
 
 def check_orbax_files(params: Path) -> None:
@@ -162,6 +176,8 @@ def _target(params: Path, stored: dict, key: tuple, var: nnx.Variable, mesh: Mes
             raise CheckpointError(f"{params}: no array {'/'.join(map(str, key))}")
         node = node[part]
     shape = var.get_value().shape
+    if key[-1] in PADDED_COLUMNS and tuple(node.shape[:-1]) == tuple(shape[:-1]) and node.shape[-1] < shape[-1]:
+        shape = tuple(node.shape)
     if tuple(node.shape) != tuple(shape):
         raise CheckpointError(f"{params}: array {'/'.join(map(str, key))} has shape {tuple(node.shape)}, but "
                               f"config.json implies {tuple(shape)}")

@@ -36,14 +36,16 @@ Array = jax.Array
 
 
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any,
-           stack: int | None, fill: float | None = None) -> nnx.Param:
-    """A parameter with logical axis names; `stack` prepends a 'layers' axis; `fill` makes it constant."""
+           stack: int | None, fill: float | None = None, zero_cols: int = 0) -> nnx.Param:
+    """A parameter with logical axis names; `stack` prepends a 'layers' axis; `fill` makes it constant;
+    its last `zero_cols` columns are zero (padding)."""
     if stack is not None:
         shape, axes = (stack, *shape), ("layers", *axes)
     if fill is not None:
         value = jnp.full(shape, fill, dtype)
     else:
         value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    value = value.at[..., shape[-1] - zero_cols:].set(0) if zero_cols else value
     return nnx.Param(value, axes=axes)
 
 
@@ -59,7 +61,10 @@ class MLA(nnx.Module):
             self.q_b = _param(rngs, (Q, H, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"), dtype, stack)
         else:
             self.q_proj = _param(rngs, (M, H, cfg.qk_head_dim), ("embed", "heads", "head_dim"), dtype, stack)
-        self.kv_a = _param(rngs, (M, R + P), ("embed", "kv_lora"), dtype, stack)
+        # kv_a's outputs are a cached token's lanes (c_kv | k_pe), zero columns padding them to the cache's 128-lane
+        # multiple: with 576 columns libtpu lays the stack out hidden-axis-minor, and the layer loop copied it whole.
+        self.kv_a = _param(rngs, (M, cfg.cache_lanes), ("embed", "kv_lora"), dtype, stack,
+                           zero_cols=cfg.cache_lanes - R - P)
         self.kv_a_norm = _param(rngs, (R,), ("kv_lora",), dtype, stack, fill=1.0)
         # kv_b_proj split into the two per-head matrices of the absorbed path, each [in, out] per head.
         self.w_uk = _param(rngs, (H, cfg.qk_nope_head_dim, R), ("heads", "head_dim", "kv_lora"), dtype, stack)
@@ -251,7 +256,7 @@ def mla(p: MLA, xs_BTM: tuple[Array, ...], pos_BT: tuple[Array, ...], pool_LPNC:
 def project_qkv(p: MLA, x_BTM: Array, pos_BT: Array, layer: Array, cfg: K2Config) -> tuple[Array, Array, Array]:
     """Queries (no-rope part q_nope_BTHD, roped q_pe_BTHP) and the new latents new_BTC (normed kv latent and roped
     key, the cache's layout) of layer `layer`."""
-    eps, R = cfg.rms_norm_eps, cfg.kv_lora_rank
+    eps, R, P = cfg.rms_norm_eps, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     if cfg.q_lora_rank is not None:
         q_BTQ = rms_norm(_proj(x_BTM, p.q_a[...], layer), p.q_a_norm[...][layer], eps)
         q_BTHD = _proj(q_BTQ, p.q_b[...], layer, out_dims=2)
@@ -262,7 +267,7 @@ def project_qkv(p: MLA, x_BTM: Array, pos_BT: Array, layer: Array, cfg: K2Config
     q_nope_BTHD, q_pe_BTHP = q_BTHD[..., :Dn], apply_rope(q_BTHD[..., Dn:], cos, sin)
     kv_BTX = _proj(x_BTM, p.kv_a[...], layer)
     new_BTC = jnp.concatenate([rms_norm(kv_BTX[..., :R], p.kv_a_norm[...][layer], eps),
-                               apply_rope(kv_BTX[..., R:], cos, sin)], axis=-1)
+                               apply_rope(kv_BTX[..., R:R + P], cos, sin)], axis=-1)
     return q_nope_BTHD, q_pe_BTHP, new_BTC
 
 

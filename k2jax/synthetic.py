@@ -17,7 +17,10 @@ def random_state(cfg: K2Config, seed: int = 0, dtype: np.dtype = jnp.bfloat16) -
     _, state = abstract_model(cfg, dtype)
     flat = nnx.to_flat_state(state)
     for key, var in flat:
-        var.set_value(_random(rng, str(key[-1]), var.get_value().shape, var.get_value().dtype))
+        value = _random(rng, str(key[-1]), var.get_value().shape, var.get_value().dtype)
+        if key[-1] == "kv_a":  # its columns past c_kv | k_pe pad it to the cache's lanes
+            value[..., cfg.kv_lora_rank + cfg.qk_rope_head_dim:] = 0
+        var.set_value(value)
     return nnx.from_flat_state(flat)
 
 

@@ -28,6 +28,22 @@ def test_convert_then_load_gives_identical_logits(int4_checkpoint, tmp_path, rng
     np.testing.assert_array_equal(k2jax.load(out).logits(ids), k2jax.load(source).logits(ids))
 
 
+def test_an_orbax_checkpoint_saved_before_kv_a_was_padded_loads_the_same_model(int4_checkpoint, tmp_path, rng):
+    """kv_a's columns past c_kv | k_pe pad it to the cache's lanes; checkpoints saved without them still load."""
+    source = int4_checkpoint().path
+    model = k2jax.load(source)
+    cfg, state = model.config, model.state
+    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert width < cfg.cache_lanes
+    for stack in ("dense_layers", "moe_layers"):
+        kv_a = state[stack]["attn"]["kv_a"]
+        np.testing.assert_array_equal(np.asarray(kv_a[...])[..., width:], 0)
+        kv_a.set_value(kv_a[...][..., :width])
+    orbax_io.save_orbax(tmp_path / "old", cfg, state)
+    ids = rng.integers(0, 256, (2, 9))
+    np.testing.assert_array_equal(k2jax.load(tmp_path / "old").logits(ids), k2jax.load(source).logits(ids))
+
+
 def test_convert_refuses_a_non_empty_output_dir(int4_checkpoint, tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     assert main([str(int4_checkpoint().path), str(tmp_path)]) == 2

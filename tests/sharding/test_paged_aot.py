@@ -36,10 +36,6 @@ CHUNK = 64
 # The programs of a plan and their attention segments: decode rows, and beside them one prompt chunk (at the plan's
 # context and at a short one) or engine.FULL_CHUNKS chunks of different rows.
 PROGRAMS = (("decode", 1), ("prefill", 2), ("prefill_packed", 2), ("prefill_short", 2))
-# The one weight stack libtpu copies whole: the MoE layers' replicated kv_a [L, hidden, 576], whose default TPU
-# layout (576 lanes pad to 640, so the hidden axis goes minor) is not the one the layer loop reads it in. Known and
-# reported by k2jax-plan ("weights copied GB"); no other weight may be copied.
-KV_A_STACK = CFG.num_moe_layers * CFG.hidden_size * (CFG.kv_lora_rank + CFG.qk_rope_head_dim) * 2
 
 
 @pytest.mark.parametrize("spec,batch,split", [
@@ -59,7 +55,7 @@ def test_tpu_programs_run_the_kernel_in_place(spec, batch, split):
         assert not r[name].error, r[name].error
         assert r[name].attention_kernels == 2 * segments, "one ragged kernel call per layer stack and segment"
         assert name == "prefill_short" or r[name].cache_moves == 0, name  # the short context's pool is another
-        assert r[name].weights_copied in (0, KV_A_STACK), name
+        assert r[name].weights_copied == 0, name  # k2jax-plan's "weights copied GB"
     assert r["prefill"].temp <= 1.5 * r["prefill_short"].temp, "prefill temporaries grow with the context"
     assert r["fits"]
 

@@ -88,8 +88,8 @@ def test_readme_plan_table_is_what_its_command_prints():
 
 
 def test_a_weight_stack_copied_whole_is_told_apart_from_cache_moves():
-    """Compiled-HLO lines as libtpu prints them: a copy of a weight parameter (the relayout it makes of K2's
-    replicated kv_a stack, whose 576 lanes pad on TPU) names its parameter, whose metadata names the model state;
+    """Compiled-HLO lines as libtpu prints them: a copy of a weight parameter (the relayout it made of K2's
+    replicated kv_a stack when its 576 lanes were not padded) names its parameter, whose metadata names the state;
     a copy of the pool has its lanes; the MoE's routed rows [tokens x top-k, hidden] are neither."""
     from k2jax.plan import classify_moves, hlo_moves, weight_params
 
