@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -76,8 +77,18 @@ def completion_logprobs(tokenizer: Tokenizer, entries: Sequence[TokenLogprob]) -
     """OpenAI's completions `logprobs`: tokens, their log-probs and each token's top tokens as {text: log-prob}."""
     return {"tokens": [token_text(tokenizer, t)[0] for t, _, _ in entries],
             "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{token_text(tokenizer, i)[0]: v for i, v in top} for _, _, top in entries],
+            "top_logprobs": [_top_by_text(tokenizer, top) for _, _, top in entries],
             "text_offset": None}
+
+
+def _top_by_text(tokenizer: Tokenizer, top: Sequence[tuple[int, float]]) -> dict[str, float]:
+    """Top tokens as {text: log-prob}; tokens that read the same (e.g. partial UTF-8 bytes, each U+FFFD) keep the
+    likeliest one's log-prob."""
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        text = token_text(tokenizer, token)[0]
+        out[text] = max(logprob, out.get(text, -math.inf))
+    return out
 
 
 def sse(payload: dict[str, Any] | str) -> str:
