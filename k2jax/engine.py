@@ -19,7 +19,7 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -96,8 +96,8 @@ def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens:
                 width: int, pad_row: int, words: int, steps: int) -> DecodeRows:
     """The decode segment as host arrays (the jitted step transfers them itself): row rows[i] at index idx[i] of D
     (the rest padding over row pad_row's table, or, when D is every row, each row at its own index), `width` columns
-    of its page table, masks of `words` words and forced tokens for `steps` steps (default: every token allowed, none
-    forced, no drafts)."""
+    of its page table, token automata of masks of `words` words and chains of `steps` steps (rows without: every token
+    allowed)."""
     n_rows = table.shape[0]
     table_rows = np.arange(n_rows) if D == n_rows else np.full(D, pad_row)
     table_rows[idx] = rows
@@ -106,12 +106,14 @@ def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens:
     row_params = [SamplingParams()] * D
     for i, p in zip(idx, params):
         row_params[i] = p
-    mask, drafts, forced = np.full((D, words), -1, np.int32), np.zeros(D, bool), np.full((D, steps), -1, np.int32)
+    automaton = StepMasks.unconstrained(D, words, steps)
     if masks is not None:
-        mask[idx], drafts[idx] = masks.words, masks.drafts
-        n = min(steps, masks.forced.shape[1])
-        forced[idx, :n] = masks.forced[:, :n]
-    return DecodeRows(tok, pos, live, table[table_rows, :width], host_params(row_params), mask, drafts, forced)
+        for name, field in zip(StepMasks._fields, automaton):
+            if name != "chain":
+                field[idx] = getattr(masks, name)
+        n = min(steps, masks.chain.shape[2])
+        automaton.chain[idx, :, :n] = masks.chain[:, :, :n]
+    return DecodeRows(tok, pos, live, table[table_rows, :width], host_params(row_params), automaton)
 
 
 def prefill_chunks(table: np.ndarray, chunks: Sequence[Chunk], P: int, T: int, width: int) -> PrefillChunk:
@@ -140,29 +142,77 @@ def step(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array, pos_BT:
     return forward(nnx.merge(graphdef, state), tokens_BT, pos_BT, cache, cfg, dtype)
 
 
+class Walk(NamedTuple):
+    """Where each decode row stands in its token automaton (k2jax.sampling.StepMasks): its state (-1: off the
+    automaton, drawing from every token), how many of the state's chain tokens it took, and whether every token so
+    far followed the chains and edges (a row off them keeps a stale mask and follows no edge)."""
+
+    state_D: jax.Array
+    at_D: jax.Array
+    on_D: jax.Array
+
+    @staticmethod
+    def start(D: int) -> Walk:
+        """Every row at state 0, none of its chain taken."""
+        return Walk(jnp.zeros(D, jnp.int32), jnp.zeros(D, jnp.int32), jnp.ones(D, bool))
+
+
+def _bits(tokens: jax.Array, words: int) -> tuple[jax.Array, jax.Array]:
+    """The packed-mask word of each listed token and its bit (padding: word `words`, out of range, and no bit)."""
+    listed = tokens >= 0
+    return jnp.where(listed, tokens // 32, words), jnp.where(listed, jnp.uint32(1) << (tokens % 32).astype(jnp.uint32),
+                                                            jnp.uint32(0))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeRows:
-    """The decode segment of a step: row d feeds tok_D[d] at position pos_D[d] through page table table_DM[d]; its
-    first steps take the tokens forced_DN[d] holds (-1 after them), the next samples among the tokens mask_DW[d]
-    allows (packed, see k2jax.sampling; all bits set: any token) and so do the later ones unless the row drafts
-    (draft_D[d]). Rows not live write and read nothing; their tokens are junk."""
+    """The decode segment of a step: row d feeds tok_D[d] at position pos_D[d] through page table table_DM[d] and
+    samples as its token automaton says (masks, see k2jax.sampling.StepMasks; a Walk follows it). Rows not live write
+    and read nothing; their tokens are junk."""
 
     tok_D: jax.Array
     pos_D: jax.Array
     live_D: jax.Array
     table_DM: jax.Array
     sampling: dict[str, jax.Array]
-    mask_DW: jax.Array
-    draft_D: jax.Array
-    forced_DN: jax.Array
+    masks: StepMasks
 
-    def step_mask(self, i: jax.Array | int) -> tuple[jax.Array, jax.Array]:
-        """Step i's masks [D, W] and forced tokens [D] (-1: sample): a row's mask holds at its first step after its
-        forced tokens and, unless it drafts, at every later one (all tokens elsewhere)."""
-        n_forced_D = jnp.sum(self.forced_DN >= 0, axis=1)
-        free_D = (i < n_forced_D) | (self.draft_D & (i > n_forced_D))
-        return jnp.where(free_D[:, None], -1, self.mask_DW), self.forced_DN[:, i]
+    def state_words(self) -> jax.Array:
+        """Every state's allowed tokens, packed [D, S, W] int32: its row's words if based on them, plus the tokens it
+        adds (whose bits are not set there), minus those it drops (whose bits are). Built once per call."""
+        m, (D, W) = self.masks, self.masks.words.shape
+        S = m.base.shape[1]
+        row_words_D1W = jax.lax.bitcast_convert_type(m.words, jnp.uint32)[:, None]
+        words_DSW = jnp.where(m.base[:, :, None], row_words_D1W, jnp.uint32(0))
+        d_DSE, s_DSE = jnp.arange(D)[:, None, None], jnp.arange(S)[None, :, None]
+        col_DSE, bit_DSE = _bits(m.add, W)
+        words_DSW = words_DSW.at[d_DSE, s_DSE, col_DSE].add(bit_DSE, mode="drop")
+        col_DSE, bit_DSE = _bits(m.drop, W)
+        words_DSW = words_DSW.at[d_DSE, s_DSE, col_DSE].add(jnp.uint32(0) - bit_DSE, mode="drop")
+        return jax.lax.bitcast_convert_type(words_DSW, jnp.int32)
+
+    def step_mask(self, walk: Walk, words_DSW: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The next step's masks [D, W] (packed, from state_words; all bits set off the automaton) and forced tokens
+        [D] (-1: sample): each row's state's next chain token, else the tokens its state allows."""
+        d_D, s_D, N = jnp.arange(walk.state_D.shape[0]), jnp.maximum(walk.state_D, 0), self.masks.chain.shape[2]
+        chain_D = self.masks.chain[d_D, s_D, jnp.minimum(walk.at_D, N - 1)]
+        forced_D = jnp.where(walk.on_D & (walk.at_D < N), chain_D, -1)
+        return jnp.where((walk.state_D >= 0)[:, None], words_DSW[d_D, s_D], -1), forced_D
+
+    def advance(self, walk: Walk, tok_D: jax.Array, forced_D: jax.Array) -> Walk:
+        """The Walk after each row took tok_D (forced_D: from its chain): a sampled token that its state lists as an
+        edge moves it there; any other keeps the state (if it holds) or takes the row off the automaton."""
+        m, d_D, s_D = self.masks, jnp.arange(walk.state_D.shape[0]), jnp.maximum(walk.state_D, 0)
+        chained_D = forced_D >= 0
+        edges_DE = m.edges[d_D, s_D]
+        hit_DE = (edges_DE == tok_D[:, None]) & (edges_DE >= 0) & walk.on_D[:, None]
+        found_D = hit_DE.any(axis=1)
+        target_D = jnp.sum(jnp.where(hit_DE, m.to[d_D, s_D], 0), axis=1)
+        kept_D = jnp.where(m.hold[d_D, s_D], walk.state_D, -1)
+        state_D = jnp.where(chained_D, walk.state_D, jnp.where(found_D, target_D, kept_D))
+        at_D = jnp.where(chained_D, walk.at_D + 1, jnp.where(found_D, 0, walk.at_D))
+        return Walk(state_D, at_D, walk.on_D & (chained_D | found_D))
 
 
 @jax.tree_util.register_dataclass
@@ -189,13 +239,15 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
     Both segments write their latents before either attends, so a decode row may feed the last prompt token of a
     chunk that ends in this step (its first token is sampled here); the dense and MoE layers run over both
     segments' tokens at once.
-    Forced tokens replace a row's first draws; masks hold as DecodeRows.step_mask says; the unmasked sampler runs
-    when every row allows every token.
+    Each row samples as its token automaton says (DecodeRows.step_mask, advance); the unmasked sampler runs when
+    every row allows every token.
     """
     model = nnx.merge(graphdef, state)
 
+    words_DSW = rows.state_words()
+
     def one(tok_D: jax.Array, pos_D: jax.Array, pool: dict[str, jax.Array], chunk: PrefillChunk | None,
-            i: jax.Array | int):
+            walk: Walk):
         segments = [(tok_D[:, None], pos_D[:, None],
                      PagedCache(pool, rows.table_DM, jnp.where(rows.live_D, pos_D + 1, 0), layout))]
         if chunk is not None:
@@ -205,27 +257,27 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
         tokens, positions, caches = zip(*segments)
         xs_BTM, pool = hidden(model, tokens, positions, caches, cfg, dtype)
         logits_DV = lm_head(model, xs_BTM[-1][:, 0])
-        mask_DW, forced_D = rows.step_mask(i)
+        mask_DW, forced_D = rows.step_mask(walk, words_DSW)
         nxt_D, logp_D = jax.lax.cond(jnp.all(mask_DW == -1),
                                      lambda: sample(logits_DV, rows.sampling, pos_D + 1, None, forced_D),
                                      lambda: sample(logits_DV, rows.sampling, pos_D + 1, mask_DW, forced_D))
-        return nxt_D, logp_D, pool
+        return nxt_D, logp_D, pool, rows.advance(walk, nxt_D, forced_D)
 
+    D = rows.tok_D.shape[0]
     if chunk is not None:
-        nxt_D, logp_D, pool = one(rows.tok_D, rows.pos_D, pool, chunk, 0)
+        nxt_D, logp_D, pool, _ = one(rows.tok_D, rows.pos_D, pool, chunk, Walk.start(D))
         return nxt_D[:, None], jax.tree.map(lambda x: x[:, None], logp_D), pool
 
     def body(i, carry):
-        tok_D, pos_D, pool, toks_DN, logp_DN = carry
-        nxt_D, logp_D, pool = one(tok_D, pos_D, pool, None, i)
+        tok_D, pos_D, pool, walk, toks_DN, logp_DN = carry
+        nxt_D, logp_D, pool, walk = one(tok_D, pos_D, pool, None, walk)
         logp_DN = jax.tree.map(lambda acc, x: acc.at[:, i].set(x), logp_DN, logp_D)
-        return nxt_D, pos_D + 1, pool, toks_DN.at[:, i].set(nxt_D), logp_DN
+        return nxt_D, pos_D + 1, pool, walk, toks_DN.at[:, i].set(nxt_D), logp_DN
 
-    D = rows.tok_D.shape[0]
     logp_DN = Logprobs(jnp.zeros((D, max_steps), jnp.float32), jnp.zeros((D, max_steps, TOP_LOGPROBS), jnp.int32),
                        jnp.zeros((D, max_steps, TOP_LOGPROBS), jnp.float32))
-    init = (rows.tok_D, rows.pos_D, pool, jnp.zeros((D, max_steps), jnp.int32), logp_DN)
-    _, _, pool, toks_DN, logp_DN = jax.lax.fori_loop(0, n_steps, body, init)
+    init = (rows.tok_D, rows.pos_D, pool, Walk.start(D), jnp.zeros((D, max_steps), jnp.int32), logp_DN)
+    _, _, pool, _, toks_DN, logp_DN = jax.lax.fori_loop(0, n_steps, body, init)
     return toks_DN, logp_DN, pool
 
 

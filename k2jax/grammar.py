@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 from llguidance import LLMatcher, LLTokenizer
 
 from k2jax import chat
-from k2jax.sampling import SamplingParams, StepMasks, drafts_exact, mask_words
+from k2jax.sampling import EDGES, STATES, SamplingParams, StepMasks, drafts_exact, mask_words
 from k2jax.tokenizer import KIMI_PATTERN, Tokenizer
 
 MAX_CALLS = 16  # calls one tool-calls section may hold
@@ -36,6 +37,8 @@ SAFE_INTEGER = 2**53
 VALUE_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # their values are data, not schemas
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+# where a wide mask's grammar turns: a decode call's automaton follows these (RowConstraint.plan)
+MARKERS = (chat.THINK_END, chat.SECTION_BEGIN, chat.CALL_BEGIN, chat.ARGUMENT_BEGIN, chat.CALL_END, chat.SECTION_END)
 
 
 class GrammarError(ValueError):
@@ -178,6 +181,7 @@ class Vocabulary:
         self.think_begin = tokenizer.token_id(chat.THINK_BEGIN)
         self.think_end = tokenizer.token_id(chat.THINK_END)
         self.stop_ids = tuple(tokenizer.stop_ids)
+        self.markers = tuple(tokenizer.token_id(m) for m in MARKERS if m in tokenizer.special_tokens)
 
     def all_allowed(self) -> np.ndarray:
         """A mask allowing every token."""
@@ -210,16 +214,50 @@ def allows(mask: np.ndarray, token: int) -> bool:
     return bool((int(mask[token // 32]) >> (token % 32)) & 1)
 
 
+def allowed_tokens(mask: np.ndarray, at_most: int) -> list[int] | None:
+    """The tokens a mask allows, in order, or None if more than `at_most`."""
+    bits = mask.view(np.uint32)
+    if int(np.bitwise_count(bits).sum()) > at_most:
+        return None
+    words = np.flatnonzero(bits)
+    word, bit = np.nonzero((bits[words, None] >> np.arange(32, dtype=np.uint32)) & 1)
+    return (32 * words[word] + bit).tolist()
+
+
+def mask_delta(mask: np.ndarray, root: np.ndarray) -> tuple[bool, list[int], list[int]] | None:
+    """How a StepMasks state writes `mask` beside its row's root mask: (base, tokens added, tokens dropped): its own
+    tokens if at most EDGES, else the root's with at most EDGES added and dropped; None if neither fits."""
+    if (own := allowed_tokens(mask, EDGES)) is not None:
+        return False, own, []
+    add, drop = allowed_tokens(mask & ~root, EDGES), allowed_tokens(root & ~mask, EDGES)
+    return None if add is None or drop is None else (True, add, drop)
+
+
+@dataclasses.dataclass
+class PlanState:
+    """A state of a row's automaton for one decode call (k2jax.sampling.StepMasks, built by RowConstraint.plan): the
+    tokens from the call's start to where it samples (its chain last), its chain, the grammar's state there (mask,
+    and its one token if just one), how StepMasks writes that mask (mask_delta), whether the mask holds after a draw
+    that is no edge, and its edges (token -> state)."""
+
+    path: tuple[int, ...]
+    chain: tuple[int, ...]
+    after: tuple[np.ndarray, int | None] | None
+    lists: tuple[bool, list[int], list[int]]
+    hold: bool
+    edges: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
 class RowConstraint:
     """One sequence's constraint: an optional grammar and an optional reasoning budget.
 
     The budget counts tokens inside the opening `<think>` block; once spent, `</think>` is the only token allowed
     (as soon as the grammar allows it). Where the grammar forces text (a call's `functions.NAME:IDX` once NAME is
     told apart, a JSON key), the mask allows only the first token of llguidance's canonical tokenization of it, so
-    forced stretches are single tokens that a decode call takes without sampling (see `forced`). `steady` says
-    whether the last token left the mask unchanged: while it does, several tokens can be sampled under one mask and
-    checked afterwards; while it does not, a row whose sampling makes draws exact (k2jax.sampling.drafts_exact)
-    samples its first token under the mask and drafts the rest from every token (see accept and decode_plan).
+    forced stretches are single tokens that a decode call takes without sampling. `steady` says whether the last
+    token left the mask unchanged: while it does, several tokens can be sampled under one mask and checked
+    afterwards; while it does not, a row whose sampling makes draws exact (k2jax.sampling.drafts_exact) drafts past
+    the states a decode call's automaton holds (see plan, accept and decode_plan).
     """
 
     def __init__(self, vocab: Vocabulary, grammar: str | None = None, reasoning_budget: int | None = None):
@@ -231,7 +269,7 @@ class RowConstraint:
         self.reasoning_tokens = 0
         self.steady = False
         self._mask: tuple[np.ndarray, int | None] | None = None
-        self._ahead: tuple[tuple[int, ...], tuple[np.ndarray, int | None]] | None = None  # forced()'s run, mask after
+        self._after_think: dict[int, tuple[list[int], tuple[np.ndarray, int | None]]] = {}  # _look_ahead's
 
     def mask(self) -> np.ndarray:
         """The tokens allowed next, [words] int32."""
@@ -240,43 +278,106 @@ class RowConstraint:
     def forced(self, limit: int) -> tuple[list[int], np.ndarray]:
         """The next tokens (at most `limit`) that the mask allows alone, one after another, and the mask after them;
         the constraint itself does not move."""
-        saved = (self.phase, self.reasoning_tokens, self._mask)
+        tokens, after = self._look((), limit)
+        return tokens, after[0]
+
+    def plan(self, steps: int, exact: bool) -> list[PlanState]:
+        """The row's automaton for a decode call of `steps` steps (the constraint itself does not move). State 0 takes
+        the tokens the grammar forces, then samples under the mask after them, which holds unless it changes token by
+        token and the row's draws are `exact`. Then, breadth first up to STATES states, a mask that allows at most
+        EDGES tokens leads by each to a state of its own (a tool's name, a JSON key), and a wider one at the root by
+        each chat marker it allows (`</think>`, a tool-calls section): a row that takes one samples next under the
+        grammar's own mask, where a drafting row would draw from every token and a held one under a stale mask. Past
+        them an exact row drafts, another holds."""
+        chain, after = self._look((), steps)
+        changing = bool(chain) or not self.steady
+        states = [PlanState(tuple(chain), tuple(chain), after, (True, [], []), not (changing and exact))]
+        root, queue = after[0], deque([0])
+        while queue and len(states) < STATES:
+            state = states[queue.popleft()]
+            if len(state.path) + 1 >= steps:
+                continue
+            for token in self._choices(state.after[0], state is states[0])[:STATES - len(states)]:
+                path = state.path + (token,)
+                chain, after = self._look_ahead(path, steps - len(path))
+                if (lists := mask_delta(after[0], root)) is None:
+                    continue
+                state.edges[token] = len(states)
+                queue.append(len(states))
+                states.append(PlanState(path + tuple(chain), tuple(chain), after, lists, not exact))
+        return states
+
+    def accept(self, tokens: Sequence[int], exact: bool = False, drafted: bool = False, forced: int = 0,
+               states: Sequence[PlanState] | None = None) -> int:
+        """Advance over a decode call's draws as the device made them under the automaton `states` (plan; without,
+        the one state whose chain is the first `forced` tokens, held unless `drafted`); returns how many were taken.
+        Chain tokens, and draws at a state reached by chains and edges, were made under the grammar's own mask and
+        stand. After a draw that is no edge the row's later draws were made under that state's mask (held) or from
+        every token; the run ends before the first that does not stand where it falls: one the grammar does not allow
+        there, or, unless the row's sampling makes draws `exact` (see k2jax.sampling.drafts_exact), one made after
+        the mask changed. An exact draw that the mask where it falls allows stands when that mask allows no token the
+        draw's did not: it is the draw under that mask. What follows a void draw is void too: it was drawn after it."""
+        if states is None:
+            chain = tuple(int(t) for t in tokens[:forced])
+            states = [PlanState(chain, chain, None, (True, [], []), not drafted)]
+        state, at, on, used, free = states[0], 0, True, None, False
+        for i, token in enumerate(int(t) for t in tokens):
+            if on and at < len(state.chain):
+                self._consume(token)
+                at += 1
+            elif on:
+                used = self.mask()
+                if not allows(used, token):  # only a device that broke its automaton samples this
+                    self.steady = False
+                    return i
+                self._consume(token)
+                if token in state.edges:
+                    state, at = states[state.edges[token]], 0
+                else:
+                    on, free = False, not state.hold
+            elif self._stands(token, used, exact, free):
+                self._consume(token)
+            else:
+                self.steady = False
+                return i
+            if on and at == len(state.chain) and state.after is not None:
+                self._mask = state.after  # the plan's mask here
+        self.steady = used is not None and np.array_equal(self.mask(), used)
+        return len(tokens)
+
+    def _choices(self, mask: np.ndarray, root: bool) -> list[int]:
+        """The tokens by which a plan's state leads to others: all it allows if at most EDGES (but stop tokens), else,
+        at the root, the chat markers it allows."""
+        few = allowed_tokens(mask, EDGES)
+        tokens = (self.vocab.markers if root else []) if few is None else few
+        return [t for t in tokens if allows(mask, t) and t not in self.vocab.stop_ids]
+
+    def _look_ahead(self, path: tuple[int, ...], limit: int) -> tuple[list[int], tuple[np.ndarray, int | None]]:
+        """_look, but what follows `</think>` from inside the reasoning block is looked at once per row and limit: it
+        does not depend on the reasoning before it, and the answer's first mask walks the whole vocabulary (about 3 ms
+        at K2's 163,840 tokens, where a mask in running text takes microseconds)."""
+        if path != (self.vocab.think_end,) or self.phase != "reasoning":
+            return self._look(path, limit)
+        if limit not in self._after_think:
+            self._after_think[limit] = self._look(path, limit)
+        return self._after_think[limit]
+
+    def _look(self, path: Sequence[int], limit: int) -> tuple[list[int], tuple[np.ndarray, int | None]]:
+        """The tokens the grammar forces after `path` (at most `limit`) and its state after them (mask, and its one
+        token if just one); the constraint itself does not move. It looks on a copy of the matcher: llguidance
+        1.9's rollback after a mask leaves a stale mask for a different path taken after it."""
+        saved = (self.matcher, self.phase, self.reasoning_tokens, self._mask)
+        if self.matcher is not None:
+            self.matcher = self.matcher.deep_copy()
+        for token in path:
+            self._consume(token)
         tokens: list[int] = []
         while len(tokens) < limit and (token := self._state()[1]) is not None:
             self._consume(token)
             tokens.append(token)
         after = self._state()
-        if tokens:
-            if self.matcher is not None:
-                self.matcher.rollback(len(tokens))
-            self.phase, self.reasoning_tokens, self._mask = saved
-            self._ahead = (tuple(tokens), after)
-        return tokens, after[0]
-
-    def accept(self, tokens: Sequence[int], exact: bool = False, drafted: bool = False, forced: int = 0) -> int:
-        """Advance over a run of draws: the first `forced` ones taken as `forced` gave them, the next made under the
-        mask after those, the later ones under it too or, `drafted`, from every token; returns how many were taken.
-        The run ends before the first later draw that does not stand where it falls: one the grammar does not allow
-        there, or, unless the row's sampling makes draws `exact` (see k2jax.sampling.drafts_exact), one made after
-        the mask changed. An exact draw that the mask where it falls allows stands when that mask allows no token the
-        draw's did not: it is the draw under that mask. What follows a void draw is void too: it was drawn after it."""
-        forced = min(forced, len(tokens))
-        for token in tokens[:forced]:
-            self._consume(int(token))
-        if forced and self._ahead is not None and self._ahead[0] == tuple(int(t) for t in tokens[:forced]):
-            self._mask = self._ahead[1]  # the look-ahead's mask after these tokens
-        self._ahead = None
-        if forced == len(tokens):
-            self.steady = False
-            return forced
-        used = self.mask()
-        for i, token in enumerate(tokens[forced:]):
-            if i and not self._stands(int(token), used, exact, drafted):
-                self.steady = False
-                return forced + i
-            self._consume(int(token))
-        self.steady = np.array_equal(self.mask(), used)
-        return len(tokens)
+        self.matcher, self.phase, self.reasoning_tokens, self._mask = saved
+        return tokens, after
 
     def _stands(self, token: int, used: np.ndarray, exact: bool, drafted: bool) -> bool:
         """Whether a later draw of a run (see accept) stands where the grammar is now."""
@@ -330,15 +431,15 @@ class RowConstraint:
 
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
-    """A decode call's masks over its rows (None without constraints; all tokens for unconstrained rows), its step
-    count, which constrained rows' sampling makes drafts exact (k2jax.sampling.drafts_exact), and how many tokens
-    each constrained row takes forced."""
+    """A decode call's token automata over its rows (None without constraints; rows without one allow every token),
+    its step count, which constrained rows' sampling makes drafts exact (k2jax.sampling.drafts_exact), and each
+    constrained row's plan (RowConstraint.plan)."""
 
     masks: StepMasks | None
     n_steps: int
     constraints: Mapping[int, RowConstraint]
     exact: frozenset[int]
-    n_forced: Mapping[int, int]
+    automata: Mapping[int, list[PlanState]]
 
     def take(self, row: int, tokens: Sequence[int]) -> int:
         """How many of a row's sampled tokens stand (all of an unconstrained row's), its constraint advanced over
@@ -346,35 +447,42 @@ class DecodePlan:
         constraint = self.constraints.get(row)
         if constraint is None:
             return len(tokens)
-        return constraint.accept(tokens, row in self.exact, bool(self.masks.drafts[row]), self.n_forced[row])
+        return constraint.accept(tokens, row in self.exact, states=self.automata[row])
+
+
+def write_automaton(masks: StepMasks, row: int, states: Sequence[PlanState]) -> None:
+    """Write a row's plan into a call's StepMasks."""
+    masks.words[row] = states[0].after[0]
+    for s, state in enumerate(states):
+        masks.chain[row, s, :len(state.chain)] = state.chain
+        masks.base[row, s], add, drop = state.lists
+        masks.add[row, s, :len(add)], masks.drop[row, s, :len(drop)] = add, drop
+        masks.edges[row, s, :len(state.edges)] = list(state.edges)
+        masks.to[row, s, :len(state.edges)] = list(state.edges.values())
+        masks.hold[row, s] = state.hold
 
 
 def decode_plan(rows: Mapping[int, tuple[RowConstraint, SamplingParams]], n_rows: int, decode_steps: int,
                 decoding: int | None = None) -> DecodePlan:
     """The plan of a decode call over n_rows rows, `decoding` of them sampling (default: the constrained ones, given
-    with their sampling). A row first takes the tokens its grammar forces; then, if its mask changes from token to
-    token (or it took forced ones), it drafts its later steps when its sampling makes drafts exact; when it does not,
-    its later draws are refused (see RowConstraint.accept). The count is decode_steps, unless every row that decodes
-    is one that cannot draft: then the longest of their forced runs and one more, so no row's steps are cut short for
-    another's."""
+    with their sampling): each constrained row's automaton (RowConstraint.plan). A row whose mask changes from token
+    to token (or that takes forced tokens) drafts past its automaton's states when its sampling makes drafts exact;
+    when it does not, its draws there are refused (see RowConstraint.accept). The count is decode_steps, unless every
+    row that decodes is one that cannot draft: then the longest of their forced runs and one more, so no row's steps
+    are cut short for another's."""
     constraints = {row: c for row, (c, _) in rows.items()}
     exact = frozenset(row for row, (_, params) in rows.items() if drafts_exact(params))
     if not rows:
         return DecodePlan(None, decode_steps, constraints, exact, {})
-    first = next(iter(constraints.values())).vocab
-    masks = StepMasks(np.tile(first.all_allowed(), (n_rows, 1)), np.zeros(n_rows, bool),
-                      np.full((n_rows, decode_steps), -1, np.int32))
-    held, n_forced = [], {}
+    masks = StepMasks.unconstrained(n_rows, next(iter(constraints.values())).vocab.words, decode_steps)
+    held, automata = [], {}
     for row, constraint in constraints.items():
-        forced, masks.words[row] = constraint.forced(decode_steps)
-        masks.forced[row, :len(forced)] = forced
-        n_forced[row] = len(forced)
-        changing = bool(forced) or not constraint.steady
-        masks.drafts[row] = changing and row in exact
-        if changing and row not in exact:
-            held.append(len(forced) + 1)
+        automata[row] = states = constraint.plan(decode_steps, row in exact)
+        write_automaton(masks, row, states)
+        if row not in exact and (states[0].chain or not constraint.steady):
+            held.append(len(states[0].chain) + 1)
     alone = bool(held) and len(held) == (len(rows) if decoding is None else decoding)
-    return DecodePlan(masks, min(decode_steps, max(held)) if alone else decode_steps, constraints, exact, n_forced)
+    return DecodePlan(masks, min(decode_steps, max(held)) if alone else decode_steps, constraints, exact, automata)
 
 
 def row_constraints(tokenizer: Tokenizer, vocab_size: int, rules: str | None, budget: int | None,

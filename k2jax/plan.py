@@ -40,7 +40,7 @@ from k2jax.engine import DECODE_STEPS, FULL_CHUNKS, PREFILL_CHUNK, DecodeRows, P
 from k2jax.gpu_targets import (GPUS, PLUGIN_DIR, gpu_devices, parse_gpu_topology, plugin_env, plugin_installed,
                                plugin_loadable)
 from k2jax.loading import abstract_model
-from k2jax.sampling import ROW_DTYPES, mask_words
+from k2jax.sampling import ROW_DTYPES, StepMasks, mask_words
 from pallas_kernels import dispatch
 from sharding.mesh import mesh_from_devices
 from sharding.rules import named_sharding, shard_bytes
@@ -185,8 +185,8 @@ def abstract_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chun
 
     decode = DecodeRows(sds((rows,), jnp.int32), sds((rows,), jnp.int32), sds((rows,), jnp.bool_), cache.table_BM,
                         {name: sds((rows,), dtype) for name, dtype in ROW_DTYPES.items()},
-                        sds((rows, mask_words(cfg.vocab_size)), jnp.int32), sds((rows,), jnp.bool_),
-                        sds((rows, 1 if chunk else DECODE_STEPS), jnp.int32))
+                        jax.tree.map(lambda a: sds(a.shape, a.dtype), StepMasks.unconstrained(
+                            rows, mask_words(cfg.vocab_size), 1 if chunk else DECODE_STEPS)))
     prefill = None if not chunk else PrefillChunk(sds((chunks, chunk), jnp.int32), sds((chunks,), jnp.int32),
                                                   sds((chunks,), jnp.int32), sds((chunks, width), jnp.int32))
     return cache.pool, decode, prefill

@@ -140,20 +140,63 @@ def _draw(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array) 
     return jax.vmap(jax.random.categorical)(keys, filter_logits(logits_BV, params)).astype(jnp.int32)
 
 
+STATES = 8  # states of a decode call's token automaton per row (StepMasks)
+EDGES = 16  # tokens a state lists: its edges, and the tokens it adds to or drops from its row's mask
+
+
 class StepMasks(NamedTuple):
-    """A decode call's constraints per row: forced [rows, steps] int32, the tokens its first steps take without
-    sampling (the ones its grammar allows alone; -1 after them); words [rows, mask_words] int32, packed, the tokens
-    allowed at the first step after those and, unless the row drafts, at every later one; drafts [rows] bool: the
-    row's later steps draw from every token, drafts that the host keeps only where the row's grammar allows them
-    (k2jax.grammar.RowConstraint.accept)."""
+    """A decode call's token automaton per row, which k2jax.grammar builds from the row's constraint and the device
+    follows as it samples (k2jax.engine.DecodeRows): STATES states, state 0 where the row starts.
+
+    State s first takes the tokens chain[r, s] lists (forced, without sampling; -1 after them), then samples among
+    the tokens it allows: the row's packed words [rows, W] if base[r, s] (else none), plus the tokens add[r, s] lists,
+    minus those drop[r, s] lists ([rows, STATES, EDGES] token lists, -1 padding). A sampled token that edges[r, s]
+    lists moves the row to state to[r, s, e]; any other keeps the state's mask for the later steps (hold[r, s]) or
+    lets them draw from every token, drafts that the host keeps only where the row's grammar allows them
+    (k2jax.grammar.RowConstraint.accept). Once off the edges a row follows none again: its masks are stale."""
 
     words: np.ndarray
-    drafts: np.ndarray
-    forced: np.ndarray
+    base: np.ndarray
+    add: np.ndarray
+    drop: np.ndarray
+    chain: np.ndarray
+    edges: np.ndarray
+    to: np.ndarray
+    hold: np.ndarray
+
+    @staticmethod
+    def unconstrained(rows: int, words: int, steps: int) -> StepMasks:
+        """`rows` rows that allow every token at every step (one state that holds, no chain, no edges)."""
+        lists = np.full((rows, STATES, EDGES), -1, np.int32)
+        return StepMasks(np.full((rows, words), -1, np.int32), np.ones((rows, STATES), bool), lists, lists.copy(),
+                         np.full((rows, STATES, steps), -1, np.int32), lists.copy(), np.zeros_like(lists),
+                         np.ones((rows, STATES), bool))
 
     def rows(self, index: Any) -> StepMasks:
         """The masks of the rows `index` selects."""
-        return StepMasks(self.words[index], self.drafts[index], self.forced[index])
+        return StepMasks(*(field[index] for field in self))
+
+    def packed(self, steps: int) -> np.ndarray:
+        """One int32 array [rows, packed_width(W, steps)] of every field, chains cut or padded to `steps` steps (what
+        a multi-host step shares)."""
+        chain = np.full(self.chain.shape[:2] + (steps,), -1, np.int32)
+        chain[:, :, :min(steps, self.chain.shape[2])] = self.chain[:, :, :steps]
+        fields = (*self[:4], chain, *self[5:])
+        return np.concatenate([f.reshape(len(self.words), -1).astype(np.int32) for f in fields], axis=1)
+
+    @staticmethod
+    def packed_width(words: int, steps: int) -> int:
+        """Columns of `packed` for masks of `words` words and chains of `steps` steps."""
+        return words + STATES * (2 + 4 * EDGES + steps)
+
+    @staticmethod
+    def unpacked(packed: np.ndarray, words: int, steps: int) -> StepMasks:
+        """`packed`'s array back as StepMasks."""
+        widths = (words, STATES, STATES * EDGES, STATES * EDGES, STATES * steps, STATES * EDGES, STATES * EDGES,
+                  STATES)
+        parts = np.split(packed, np.cumsum(widths)[:-1], axis=1)
+        lists = (part.reshape(len(packed), STATES, -1) for part in parts[2:7])
+        return StepMasks(parts[0], parts[1].astype(bool), *lists, parts[7].astype(bool))
 
 
 def drafts_exact(params: SamplingParams) -> bool:

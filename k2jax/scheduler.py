@@ -10,14 +10,14 @@ decodes, so a running stream gets a token in every step, also while a long promp
 token is not prefilled: the request's first decode row feeds it (in the step whose chunk ends its prefill) and
 samples its first token on device. Steps with a chunk sample one
 token per row; decode-only steps sample decode_steps tokens per row, scanned on device. A request with a constraint
-(k2jax.grammar: tool calls, JSON, a reasoning budget) first takes the tokens its grammar forces (a call's header, a
-JSON key), then samples under its row's mask; while that mask changes token by token its later steps draft from every
-token (for top-k, top-p and min-p, which drafts would skew, it keeps only the first token after the forced ones, and
-the step stops there only when no other row decodes); its
-run of tokens is checked against the constraint and cut at the first draw that does not stand (the slot's cache is
-rewound to match). Rows without a constraint sample exactly as they would
-alone. Requests see tokens through their `emit` callback, called on the scheduler thread; stop
-strings and text are the caller's business (see k2jax.responses).
+(k2jax.grammar: tool calls, JSON, a reasoning budget) samples along its row's token automaton for the step
+(grammar.RowConstraint.plan): the tokens its grammar forces (a call's header, a JSON key), then the grammar's own mask
+at each state it reaches (a tool's name, `</think>`); past those, while its mask changes token by token, its later
+steps draft from every token (for top-k, top-p and min-p, which drafts would skew, they keep the last mask, and the
+step stops after the first sampled token only when no other row decodes); its run of tokens is checked against
+the constraint and cut at the first draw that does not stand (the slot's cache is rewound to match). Rows without a
+constraint sample exactly as they would alone. Requests see tokens through their `emit` callback, called on the
+scheduler thread; stop strings and text are the caller's business (see k2jax.responses).
 
 Prefix cache: every full page a request prefills or ends with stays cached (k2jax.prefix_cache); when a request
 starts prefilling, the longest cached page-aligned prefix of its prompt is mapped into its slot and only the rest
@@ -53,7 +53,7 @@ import numpy as np
 from k2jax import engine, grammar
 from k2jax.cache import PoolFull
 from k2jax.grammar import RowConstraint
-from k2jax.sampling import Logprobs, SamplingParams, StepMasks, host_row, token_logprobs
+from k2jax.sampling import STATES, Logprobs, SamplingParams, StepMasks, host_row, token_logprobs
 from k2jax.slots import Slots
 from sharding.mesh import broadcast_from_process0
 
@@ -724,20 +724,6 @@ class StepLink:
         return received
 
 
-def pack_masks(masks: StepMasks, n_steps: int) -> np.ndarray:
-    """A step's masks as one int32 array to share: the packed words, the forced tokens of its n_steps steps, then
-    each row's draft flag as a last column."""
-    forced = np.full((len(masks.words), n_steps), -1, np.int32)
-    forced[:, :min(n_steps, masks.forced.shape[1])] = masks.forced[:, :n_steps]
-    return np.concatenate([masks.words, forced, masks.drafts[:, None]], axis=1).astype(np.int32)
-
-
-def unpack_masks(shared: np.ndarray, n_steps: int) -> StepMasks:
-    """pack_masks' array (of a step of n_steps steps) back as StepMasks."""
-    words = shared.shape[1] - n_steps - 1
-    return StepMasks(shared[:, :words], shared[:, -1].astype(bool), shared[:, words:-1])
-
-
 def unpack_step(payload: np.ndarray, n_slots: int, n_steps: int, n_chunks: int, masks: StepMasks | None = None
                 ) -> tuple[np.ndarray, list[SamplingParams | None], int, StepMasks | None, list[engine.Chunk]]:
     """A STEP message's payload (as LinkedSlots.step sends it, its masks shared after it) as Slots.step's
@@ -771,13 +757,13 @@ class LinkedSlots(Slots):
                    np.array([(c.row, c.start, len(c.tokens)) for c in chunks], np.int32).reshape(-1),
                    *(np.asarray(c.tokens, np.int32) for c in chunks)]
         if masks is not None and (masks.words.shape != (self.n_slots, self.mask_words)
-                                  or masks.drafts.shape != (self.n_slots,)):
-            raise ValueError(f"token masks must be [{self.n_slots}, {self.mask_words}] with [{self.n_slots}] draft "
-                             f"flags, got {masks.words.shape} and {masks.drafts.shape}")
+                                  or masks.hold.shape != (self.n_slots, STATES)):
+            raise ValueError(f"token masks must be [{self.n_slots}, {self.mask_words}] words with automata of "
+                             f"[{self.n_slots}, {STATES}] states, got {masks.words.shape} and {masks.hold.shape}")
         with self.link.deadline():
             self.link.send(STEP, (n_steps, len(chunks), masks is not None), np.concatenate(payload))
             if masks is not None:
-                self.link.share(pack_masks(masks, n_steps))
+                self.link.share(masks.packed(n_steps))
             return super().step(tokens, params, n_steps, masks, chunks)
 
     def rewind(self, slot: int, length: int) -> None:
@@ -812,7 +798,8 @@ def follow(model: engine.Engine, n_slots: int, max_context: int | None, link: St
                 return
             try:
                 if op == STEP:
-                    masks = (unpack_masks(link.share(np.zeros((n_slots, slots.mask_words + a + 1), np.int32)), a)
+                    width = StepMasks.packed_width(slots.mask_words, a)
+                    masks = (StepMasks.unpacked(link.share(np.zeros((n_slots, width), np.int32)), slots.mask_words, a)
                              if message[3] else None)
                     slots.step(*unpack_step(payload, n_slots, a, b, masks))
                 elif op == RELEASE:

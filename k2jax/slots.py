@@ -115,7 +115,7 @@ class Slots:
         chunks): [slots, n] tokens and their Logprobs (junk for inactive slots).
 
         Only active slots are in the step's decode rows; they write nothing else and other slots keep their cache.
-        masks (rows: slots) hold for all n steps but a drafting row's later ones.
+        masks (rows: slots) are each row's token automaton for the n steps (k2jax.sampling.StepMasks).
         """
         active = [s for s, p in enumerate(params) if p is not None]
         lengths = self.lengths.copy()

@@ -6,6 +6,7 @@ import gc
 import json
 import re
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,9 @@ from flax import nnx
 
 import k2jax
 from k2jax import chat, engine
-from k2jax.sampling import SamplingParams
+from k2jax.grammar import RowConstraint, allowed_tokens, tool_calls_grammar, vocabulary, write_automaton
+from k2jax.sampling import SamplingParams, StepMasks
+from k2jax.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +49,12 @@ def test_decode_rate_starts_once_every_row_holds_its_first_token(model, rng, mon
         sampled.append(len(rows))  # rows sampling one token each: every step with a chunk
         return run(self, pages, pool, rows, *args, **kw)
 
+    prompts = prompts_of(rng, (200, 3, 11, 6))
+    while min(len(ids) for ids in model.generate(prompts, max_new_tokens=2).ids) < 2:  # an early EOS: 5 tokens below
+        prompts = prompts_of(rng, (200, 3, 11, 6))  # would not all be there by the last first token
     monkeypatch.setattr(engine.Engine, "run", ticking)
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-    stats = model.generate(prompts_of(rng, (200, 3, 11, 6)), max_new_tokens=17).stats
+    stats = model.generate(prompts, max_new_tokens=17).stats
     assert stats["time_to_first_token_s"] == 1 and stats["prefill_s"] == 2 and sampled[:2] == [1, 4]
     decode_calls = stats["total_s"] - stats["prefill_s"]
     assert decode_calls >= 2 and stats["decode_tokens_per_s"] == (stats["generated_tokens"] - 5) / decode_calls
@@ -263,3 +269,59 @@ def test_constrained_runs_equal_token_by_token_masking(bundled, monkeypatch):
     runs = bundled.generate([tool_prompt(bundled, [MULTIPLY])], **kw)
     monkeypatch.setattr(engine, "DECODE_STEPS", 1)
     assert runs.ids == bundled.generate([tool_prompt(bundled, [MULTIPLY])], **kw).ids
+
+
+MULTIPLY = {"type": "function", "function": {"name": "multiply", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+MEASURE = {"type": "function", "function": {"name": "measure", "parameters": {
+    "type": "object", "properties": {"unit": {"type": "string", "enum": ["m", "cm", "inch"]}, "x": {"type": "number"}},
+    "additionalProperties": False}}}
+THINK = f"{chat.THINK_BEGIN}I will call a tool{chat.THINK_END}"
+
+
+@pytest.mark.parametrize("text", [
+    f"{chat.THINK_BEGIN}I will call",  # </think> leads to the answer's mask
+    f"{THINK}Sure.",  # a section opener leads to the header and the tools' names
+    f"{THINK}{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions",  # a tool's name, then its keys
+    f"{THINK}{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions.measure:0{chat.ARGUMENT_BEGIN}" + "{",  # keys, enums
+])
+def test_a_decode_row_walks_its_automaton_under_the_grammars_own_masks(rng, text):
+    """engine.DecodeRows over a constrained row's plan (k2jax.grammar.RowConstraint.plan) beside a free row, taking
+    random tokens its masks allow (the first edge it meets, then mostly edges): while the row follows chains and edges, its forced token is the one
+    the grammar allows alone and its mask is the grammar's own mask there; once off them, it holds the last state's
+    mask or allows every token, as that state says; the free row allows every token throughout."""
+    tok = Tokenizer.from_dir(Path(k2jax.__file__).parent / "bundled")
+    vocab = vocabulary(tok, tok.vocab_size)
+    row, truth = (RowConstraint(vocab, tool_calls_grammar([MULTIPLY, MEASURE])) for _ in range(2))
+    for token in tok.encode(text):
+        row.accept([token])
+        truth.accept([token])
+    exact = bool(rng.random() < 0.5)
+    states = row.plan(engine.DECODE_STEPS, exact)
+    masks = StepMasks.unconstrained(2, vocab.words, engine.DECODE_STEPS)
+    write_automaton(masks, 1, states)
+    zeros = np.zeros(2, np.int32)
+    rows = engine.DecodeRows(zeros, zeros, np.ones(2, bool), np.zeros((2, 1), np.int32), {}, masks)
+    words, walk, on, followed, held = rows.state_words(), engine.Walk.start(2), True, 0, None
+    for _ in range(engine.DECODE_STEPS):
+        mask, forced = (np.asarray(x) for x in rows.step_mask(walk, words))
+        assert (mask[0] == -1).all() and forced[0] == -1
+        if on:
+            alone = truth.forced(1)[0]
+            assert forced[1] == (alone[0] if alone else -1)
+            assert forced[1] >= 0 or np.array_equal(mask[1], truth.mask())
+            state = int(walk.state_D[1])
+        else:
+            assert np.array_equal(mask[1], held) if states[state].hold else (mask[1] == -1).all()
+        edges = [t for t in masks.edges[1, max(int(walk.state_D[1]), 0)] if t >= 0 and on]
+        allowed = allowed_tokens(mask[1], vocab.size)
+        take_edge = edges and (not followed or rng.random() < 0.8)  # the first edge always, then mostly
+        token = int(forced[1] if forced[1] >= 0 else rng.choice(edges if take_edge else allowed))
+        if on and forced[1] < 0 and token not in edges:
+            held = mask[1]
+        walk = rows.advance(walk, jnp.array([0, token], jnp.int32), forced)
+        followed += on and token in edges
+        on = bool(walk.on_D[1])
+        assert int(walk.state_D[0]) == 0  # the free row keeps its one state
+        truth.accept([token])
+    assert followed or not any(state.edges for state in states)

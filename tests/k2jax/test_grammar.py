@@ -326,8 +326,9 @@ def test_rows_take_forced_tokens_then_draft_while_their_mask_changes(vocab, tok)
     greedy, filtered = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=5)
     plan = decode_plan({0: (steady, filtered), 2: (changing, greedy)}, 4, 8)
     head = tok.encode(f"{chat.CALL_BEGIN}functions")  # then the model picks the tool
-    assert plan.n_steps == 8 and plan.masks.drafts.tolist() == [False, False, True, False]
-    assert plan.masks.forced[2].tolist() == head + [-1] * (8 - len(head)) and (plan.masks.forced[[0, 1, 3]] == -1).all()
+    assert plan.n_steps == 8 and (~plan.masks.hold[:, 0]).tolist() == [False, False, True, False]
+    chains = plan.masks.chain[:, 0]
+    assert chains[2].tolist() == head + [-1] * (8 - len(head)) and (chains[[0, 1, 3]] == -1).all()
     assert np.array_equal(changing.mask(), before)
     after = constraint_after(vocab, tok, rules, f"{THINK}{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions")
     assert np.array_equal(plan.masks.words[2], after.mask()) and (plan.masks.words[[1, 3]] == -1).all()
@@ -338,12 +339,52 @@ def test_rows_take_forced_tokens_then_draft_while_their_mask_changes(vocab, tok)
     assert plan.take(1, wrong) == len(wrong)
     held = constraint_after(vocab, tok, rules, f"{THINK}{chat.SECTION_BEGIN}")
     plan = decode_plan({2: (held, filtered)}, 4, 8)  # decoding alone: the call stops where its draws would
-    assert plan.n_steps == len(head) + 1 and not plan.masks.drafts.any()
+    assert plan.n_steps == len(head) + 1 and plan.masks.hold[:, 0].all()
     for beside in (decode_plan({0: (steady, greedy), 2: (held, filtered)}, 4, 8),
                    decode_plan({2: (held, filtered)}, 4, 8, decoding=3)):
-        assert beside.n_steps == 8 and not beside.masks.drafts.any()  # other rows are not held back
-    assert beside.take(2, wrong) == len(head) + 1  # the draw after the mask changed is refused
+        assert beside.n_steps == 8 and beside.masks.hold[:, 0].all()  # other rows are not held back
+    states = beside.automata[2]
+    state = states[0]  # follow its automaton's chains and edges along the run
+    while len(state.path) < len(wrong) and wrong[len(state.path)] in state.edges:
+        state = states[state.edges[wrong[len(state.path)]]]
+    assert list(state.path) == wrong[:len(state.path)] and len(head) + 1 < len(state.path) < stands
+    # drawn under the grammar's own masks, and one more draw there; the next, under a mask since changed, is refused
+    assert beside.take(2, wrong) == len(state.path) + 1
     assert decode_plan({}, 4, 8).masks is None and decode_plan({}, 4, 8).n_steps == 8
+
+
+MEASURE = {"type": "function", "function": {"name": "measure", "parameters": {
+    "type": "object", "properties": {"unit": {"type": "string", "enum": ["m", "cm", "inch"]}, "x": {"type": "number"}},
+    "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("text", [
+    f"{chat.THINK_BEGIN}I will",  # </think>
+    f"{THINK}Sure.",  # a section opener, then the tools' names
+    f"{THINK}{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions",  # the tools' names, then their first keys
+    f"{THINK}{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions.measure:0{chat.ARGUMENT_BEGIN}" + "{",  # keys
+])
+def test_a_plans_states_hold_what_the_grammar_finds_after_their_paths(vocab, tok, text):
+    """RowConstraint.plan: each state's chain is what the grammar forces after the edge that leads to it, and its mask
+    the one a constraint that took the state's path finds (sibling states, looked at one after another, do not see
+    each other's: llguidance's rollback after a mask leaves a stale one for the next path); edges are tokens the
+    mask allows; the constraint itself does not move."""
+    rules = tool_calls_grammar(TOOLS + [MEASURE])
+    row = constraint_after(vocab, tok, rules, text)
+    before = row.mask().copy()
+    states = row.plan(8, exact=True)
+    assert len(states) >= 2 and np.array_equal(row.mask(), before)
+    for state in states:
+        walked = constraint_after(vocab, tok, rules, text)
+        head = state.path[:len(state.path) - len(state.chain)]
+        for token in head:
+            walked.accept([token])
+        assert walked.forced(len(state.chain))[0] == list(state.chain)
+        for token in state.chain:
+            walked.accept([token])
+        assert np.array_equal(walked.mask(), state.after[0])
+        assert all(allows(state.after[0], t) for t in state.edges)
+        assert all(states[to].path[:len(state.path) + 1] == state.path + (t,) for t, to in state.edges.items())
 
 
 @pytest.mark.parametrize("text", [

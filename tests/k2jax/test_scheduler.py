@@ -17,7 +17,7 @@ from k2jax.grammar import RowConstraint, json_grammar, vocabulary
 from k2jax.sampling import SamplingParams, StepMasks, drafts_exact
 from k2jax import engine
 from k2jax.scheduler import (HEADER, STEP, LinkedSlots, Output, QueueFull, Request, Scheduler, StepLink, pack_params,
-                           unpack_masks, unpack_params, unpack_step)
+                           unpack_params, unpack_step)
 
 EOS = 255
 TIMEOUT_S = 120.0
@@ -251,11 +251,13 @@ def test_packed_chunks_and_masks_survive_the_step_message(model, rng, lengths):
     assert engine.chunk_shape([len(c.tokens) for c in chunks], 128)[0] > 1
     idle = [None] * 4
     slots.step(np.zeros(4, np.int32), idle, 1, chunks=chunks)
-    words = rng.integers(-2**31, 2**31, (4, slots.mask_words), dtype=np.int64).astype(np.int32)
-    words[:, 0] = -1  # each row may sample some token
-    forced = np.full((4, 8), -1, np.int32)
-    forced[0, :2], forced[3, 0] = rng.integers(0, 250, 2), rng.integers(0, 250)
-    masks = StepMasks(words, rng.random(4) < 0.5, forced)
+    masks = StepMasks.unconstrained(4, slots.mask_words, 8)
+    masks.words[:] = rng.integers(-2**31, 2**31, masks.words.shape, dtype=np.int64).astype(np.int32)
+    masks.words[:, 0] = -1  # each row may sample some token
+    for lists in (masks.add, masks.drop, masks.edges, masks.to):
+        lists[:, :2, :3] = rng.integers(0, 250, (4, 2, 3))
+    masks.chain[0, 0, :2], masks.chain[3, :2, 0] = rng.integers(0, 250, 2), rng.integers(0, 250, 2)
+    masks.base[:], masks.hold[:] = rng.random(masks.base.shape) < 0.5, rng.random(masks.hold.shape) < 0.5
     params = [SamplingParams(seed=1), None, SamplingParams(temperature=1.0, seed=2), SamplingParams(seed=3)]
     tokens = np.array([5, 0, 7, 9], np.int32)
     slots.step(tokens, params, 2, masks)
@@ -264,10 +266,10 @@ def test_packed_chunks_and_masks_survive_the_step_message(model, rng, lengths):
     got = unpack_step(first[HEADER:], 4, *first[1:3].tolist())
     assert [(c.row, list(c.tokens), c.start) for c in got[4]] == [(c.row, c.tokens, c.start) for c in chunks]
     assert got[1] == idle and got[2] == 1 and got[3] is None and not first[3]
-    got = unpack_step(second[HEADER:], 4, *second[1:3].tolist(), unpack_masks(shared, 2) if second[3] else None)
+    replayed = StepMasks.unpacked(shared, slots.mask_words, 2) if second[3] else None
+    got = unpack_step(second[HEADER:], 4, *second[1:3].tolist(), replayed)
     assert np.array_equal(got[0], tokens) and got[1] == params and got[2] == 2 and got[4] == []
-    assert np.array_equal(got[3].words, masks.words) and np.array_equal(got[3].drafts, masks.drafts)
-    assert np.array_equal(got[3].forced, forced[:, :2])
+    assert all(np.array_equal(a, b) for a, b in zip(got[3], masks._replace(chain=masks.chain[:, :, :2])))
 
 
 def run_all(sched: Scheduler, jobs: list[tuple[list[int], int]], **kw) -> list[Request]:
@@ -421,9 +423,9 @@ class RunLog(RowConstraint):
         super().__init__(*args, **kw)
         self.runs: list[tuple[bool, int, int, int]] = []
 
-    def accept(self, tokens, exact=False, drafted=False, forced=0):
-        taken = super().accept(tokens, exact, drafted, forced)
-        self.runs.append((drafted, len(tokens), taken, forced))
+    def accept(self, tokens, exact=False, drafted=False, forced=0, states=None):
+        taken = super().accept(tokens, exact, drafted, forced, states)
+        self.runs.append((not states[0].hold, len(tokens), taken, len(states[0].chain)))
         return taken
 
 
