@@ -178,9 +178,11 @@ class DecodeRows:
     sampling: dict[str, jax.Array]
     masks: StepMasks
 
-    def state_words(self) -> jax.Array:
-        """Every state's allowed tokens, packed [D, S, W] int32: its row's words if based on them, plus the tokens it
-        adds (whose bits are not set there), minus those it drops (whose bits are). Built once per call."""
+    def states(self) -> jax.Array:
+        """Every state of every row's automaton as one int32 row [D, S, W + N + 2E + 1], so that a step reads its
+        rows' states in one gather (`current`): the packed tokens it allows (its row's words if based on them, plus
+        the tokens it adds, whose bits are not set there, minus those it drops, whose bits are), its chain, its
+        edges, their targets, and whether it holds. Built once per call."""
         m, (D, W) = self.masks, self.masks.words.shape
         S = m.base.shape[1]
         row_words_D1W = jax.lax.bitcast_convert_type(m.words, jnp.uint32)[:, None]
@@ -190,26 +192,32 @@ class DecodeRows:
         words_DSW = words_DSW.at[d_DSE, s_DSE, col_DSE].add(bit_DSE, mode="drop")
         col_DSE, bit_DSE = _bits(m.drop, W)
         words_DSW = words_DSW.at[d_DSE, s_DSE, col_DSE].add(jnp.uint32(0) - bit_DSE, mode="drop")
-        return jax.lax.bitcast_convert_type(words_DSW, jnp.int32)
+        return jnp.concatenate([jax.lax.bitcast_convert_type(words_DSW, jnp.int32), m.chain, m.edges, m.to,
+                                m.hold[:, :, None].astype(jnp.int32)], axis=2)
 
-    def step_mask(self, walk: Walk, words_DSW: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The next step's masks [D, W] (packed, from state_words; all bits set off the automaton) and forced tokens
-        [D] (-1: sample): each row's state's next chain token, else the tokens its state allows."""
-        d_D, s_D, N = jnp.arange(walk.state_D.shape[0]), jnp.maximum(walk.state_D, 0), self.masks.chain.shape[2]
-        chain_D = self.masks.chain[d_D, s_D, jnp.minimum(walk.at_D, N - 1)]
+    def current(self, walk: Walk, states_DSK: jax.Array) -> jax.Array:
+        """Each row's state now [D, K] (of `states`; state 0 for a row off the automaton, which nothing reads)."""
+        return states_DSK[jnp.arange(states_DSK.shape[0]), jnp.maximum(walk.state_D, 0)]
+
+    def step_mask(self, walk: Walk, state_DK: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The next step's masks [D, W] (packed; all bits set off the automaton) and forced tokens [D] (-1: sample):
+        each row's state's next chain token, else the tokens its state allows."""
+        W, N = self.masks.words.shape[1], self.masks.chain.shape[2]
+        chain_D = jnp.sum(jnp.where(jnp.arange(N) == walk.at_D[:, None], state_DK[:, W:W + N], 0), axis=1)
         forced_D = jnp.where(walk.on_D & (walk.at_D < N), chain_D, -1)
-        return jnp.where((walk.state_D >= 0)[:, None], words_DSW[d_D, s_D], -1), forced_D
+        return jnp.where((walk.state_D >= 0)[:, None], state_DK[:, :W], -1), forced_D
 
-    def advance(self, walk: Walk, tok_D: jax.Array, forced_D: jax.Array) -> Walk:
+    def advance(self, walk: Walk, state_DK: jax.Array, tok_D: jax.Array, forced_D: jax.Array) -> Walk:
         """The Walk after each row took tok_D (forced_D: from its chain): a sampled token that its state lists as an
         edge moves it there; any other keeps the state (if it holds) or takes the row off the automaton."""
-        m, d_D, s_D = self.masks, jnp.arange(walk.state_D.shape[0]), jnp.maximum(walk.state_D, 0)
+        W, N, E = self.masks.words.shape[1], self.masks.chain.shape[2], self.masks.edges.shape[2]
+        edges_DE, to_DE, hold_D = (state_DK[:, W + N:W + N + E], state_DK[:, W + N + E:W + N + 2 * E],
+                                   state_DK[:, -1] != 0)
         chained_D = forced_D >= 0
-        edges_DE = m.edges[d_D, s_D]
         hit_DE = (edges_DE == tok_D[:, None]) & (edges_DE >= 0) & walk.on_D[:, None]
         found_D = hit_DE.any(axis=1)
-        target_D = jnp.sum(jnp.where(hit_DE, m.to[d_D, s_D], 0), axis=1)
-        kept_D = jnp.where(m.hold[d_D, s_D], walk.state_D, -1)
+        target_D = jnp.sum(jnp.where(hit_DE, to_DE, 0), axis=1)
+        kept_D = jnp.where(hold_D, walk.state_D, -1)
         state_D = jnp.where(chained_D, walk.state_D, jnp.where(found_D, target_D, kept_D))
         at_D = jnp.where(chained_D, walk.at_D + 1, jnp.where(found_D, 0, walk.at_D))
         return Walk(state_D, at_D, walk.on_D & (chained_D | found_D))
@@ -244,7 +252,7 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
     """
     model = nnx.merge(graphdef, state)
 
-    words_DSW = rows.state_words()
+    states_DSK = rows.states()
 
     def one(tok_D: jax.Array, pos_D: jax.Array, pool: dict[str, jax.Array], chunk: PrefillChunk | None,
             walk: Walk):
@@ -257,11 +265,12 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
         tokens, positions, caches = zip(*segments)
         xs_BTM, pool = hidden(model, tokens, positions, caches, cfg, dtype)
         logits_DV = lm_head(model, xs_BTM[-1][:, 0])
-        mask_DW, forced_D = rows.step_mask(walk, words_DSW)
+        state_DK = rows.current(walk, states_DSK)
+        mask_DW, forced_D = rows.step_mask(walk, state_DK)
         nxt_D, logp_D = jax.lax.cond(jnp.all(mask_DW == -1),
                                      lambda: sample(logits_DV, rows.sampling, pos_D + 1, None, forced_D),
                                      lambda: sample(logits_DV, rows.sampling, pos_D + 1, mask_DW, forced_D))
-        return nxt_D, logp_D, pool, rows.advance(walk, nxt_D, forced_D)
+        return nxt_D, logp_D, pool, rows.advance(walk, state_DK, nxt_D, forced_D)
 
     D = rows.tok_D.shape[0]
     if chunk is not None:

@@ -302,9 +302,10 @@ def test_a_decode_row_walks_its_automaton_under_the_grammars_own_masks(rng, text
     write_automaton(masks, 1, states)
     zeros = np.zeros(2, np.int32)
     rows = engine.DecodeRows(zeros, zeros, np.ones(2, bool), np.zeros((2, 1), np.int32), {}, masks)
-    words, walk, on, followed, held = rows.state_words(), engine.Walk.start(2), True, 0, None
+    table, walk, on, followed, held = rows.states(), engine.Walk.start(2), True, 0, None
     for _ in range(engine.DECODE_STEPS):
-        mask, forced = (np.asarray(x) for x in rows.step_mask(walk, words))
+        state_DK = rows.current(walk, table)
+        mask, forced = (np.asarray(x) for x in rows.step_mask(walk, state_DK))
         assert (mask[0] == -1).all() and forced[0] == -1
         if on:
             alone = truth.forced(1)[0]
@@ -319,7 +320,7 @@ def test_a_decode_row_walks_its_automaton_under_the_grammars_own_masks(rng, text
         token = int(forced[1] if forced[1] >= 0 else rng.choice(edges if take_edge else allowed))
         if on and forced[1] < 0 and token not in edges:
             held = mask[1]
-        walk = rows.advance(walk, jnp.array([0, token], jnp.int32), forced)
+        walk = rows.advance(walk, state_DK, jnp.array([0, token], jnp.int32), forced)
         followed += on and token in edges
         on = bool(walk.on_D[1])
         assert int(walk.state_D[0]) == 0  # the free row keeps its one state
