@@ -11,8 +11,8 @@ request never declared.
 
 --parts timing (or scores,timing) gives decode tokens/s with enforcement on and off at batch 1 and 8 (the scheduler
 alone, compiles excluded), on held-out tools and on the demo tools the model calls right, and the host time of the
-mask machinery per step at K2's vocabulary (163,840 ids: cl100k's ranks plus generated merges and Kimi's 256 reserved
-tokens). It needs a quiet machine.
+mask machinery per decode call and per token at K2's vocabulary (163,840 ids: cl100k's ranks plus generated merges
+and Kimi's 256 reserved tokens). It needs a quiet machine.
 
     python benchmarks/tool_calls.py [--requests 240] [--seed 0] [--parts scores,timing] [--model DIR]
 """

@@ -141,7 +141,7 @@ def _attention(cfg: ModelConfig, stack: str, layers: tuple[int, ...]) -> list[So
         Source((stack, "attn_norm"), pre + "input_layernorm.weight", layers),
         Source((stack, "mlp_norm"), pre + "post_attention_layernorm.weight", layers),
         Source((stack, "attn", "kv_a"), att + "kv_a_proj_with_mqa.weight", layers, transpose=True,
-               pad_cols=cfg.cache_lanes - cfg.kv_lora_rank - cfg.qk_rope_head_dim),
+               pad_cols=cfg.cache_pad),
         Source((stack, "attn", "kv_a_norm"), att + "kv_a_layernorm.weight", layers),
         Source((stack, "attn", "w_uk"), att + "kv_b_proj.weight", layers, head_rows=(Dkv, 0, Dkv - Dv)),
         Source((stack, "attn", "w_uv"), att + "kv_b_proj.weight", layers, transpose=True,

@@ -15,7 +15,6 @@ class ModelConfig(Protocol):
     num_attention_heads: int
     q_lora_rank: int | None
     kv_lora_rank: int
-    qk_rope_head_dim: int
     qk_nope_head_dim: int
     v_head_dim: int
     n_routed_experts: int
@@ -27,6 +26,6 @@ class ModelConfig(Protocol):
     def qk_head_dim(self) -> int: ...
 
     @property
-    def cache_lanes(self) -> int: ...
+    def cache_pad(self) -> int: ...
 
     def to_hf_dict(self) -> dict[str, Any]: ...

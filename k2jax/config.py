@@ -83,6 +83,11 @@ class K2Config:
         return -(-(self.kv_lora_rank + self.qk_rope_head_dim) // 128) * 128
 
     @property
+    def cache_pad(self) -> int:
+        """The zero lanes after c_kv | k_pe in a cached token, and in kv_a's columns, which are laid out the same."""
+        return self.cache_lanes - self.kv_lora_rank - self.qk_rope_head_dim
+
+    @property
     def softmax_scale(self) -> float:
         """(qk_nope + qk_rope)^-0.5, times the YaRN mscale(mscale_all_dim)^2 correction."""
         scale = self.qk_head_dim**-0.5

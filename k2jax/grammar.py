@@ -467,9 +467,9 @@ def decode_plan(rows: Mapping[int, tuple[RowConstraint, SamplingParams]], n_rows
     """The plan of a decode call over n_rows rows, `decoding` of them sampling (default: the constrained ones, given
     with their sampling): each constrained row's automaton (RowConstraint.plan). A row whose mask changes from token
     to token (or that takes forced tokens) drafts past its automaton's states when its sampling makes drafts exact;
-    when it does not, its draws there are refused (see RowConstraint.accept). The count is decode_steps, unless every
-    row that decodes is one that cannot draft: then the longest of their forced runs and one more, so no row's steps
-    are cut short for another's."""
+    when it does not, it holds the last mask there, and its draws stand only while the mask stays the same (see
+    RowConstraint.accept). The count is decode_steps, unless every row that decodes is one that cannot draft: then
+    the longest of their forced runs and one more, so no row's steps are cut short for another's."""
     constraints = {row: c for row, (c, _) in rows.items()}
     exact = frozenset(row for row, (_, params) in rows.items() if drafts_exact(params))
     if not rows:

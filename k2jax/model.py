@@ -53,7 +53,7 @@ class MLA(nnx.Module):
     """Multi-head latent attention weights; heads are an explicit axis so they can be sharded."""
 
     def __init__(self, cfg: K2Config, rngs: nnx.Rngs, dtype: Any, stack: int | None = None):
-        M, H, R, P = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        M, H, R = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
         if cfg.q_lora_rank is not None:
             Q = cfg.q_lora_rank
             self.q_a = _param(rngs, (M, Q), ("embed", "q_lora"), dtype, stack)
@@ -64,7 +64,7 @@ class MLA(nnx.Module):
         # kv_a's outputs are a cached token's lanes (c_kv | k_pe), zero columns padding them to the cache's 128-lane
         # multiple: with 576 columns libtpu lays the stack out hidden-axis-minor, and the layer loop copied it whole.
         self.kv_a = _param(rngs, (M, cfg.cache_lanes), ("embed", "kv_lora"), dtype, stack,
-                           zero_cols=cfg.cache_lanes - R - P)
+                           zero_cols=cfg.cache_pad)
         self.kv_a_norm = _param(rngs, (R,), ("kv_lora",), dtype, stack, fill=1.0)
         # kv_b_proj split into the two per-head matrices of the absorbed path, each [in, out] per head.
         self.w_uk = _param(rngs, (H, cfg.qk_nope_head_dim, R), ("heads", "head_dim", "kv_lora"), dtype, stack)

@@ -19,7 +19,7 @@ def random_state(cfg: K2Config, seed: int = 0, dtype: np.dtype = jnp.bfloat16) -
     for key, var in flat:
         value = _random(rng, str(key[-1]), var.get_value().shape, var.get_value().dtype)
         if key[-1] == "kv_a":  # its columns past c_kv | k_pe pad it to the cache's lanes
-            value[..., cfg.kv_lora_rank + cfg.qk_rope_head_dim:] = 0
+            value[..., value.shape[-1] - cfg.cache_pad:] = 0
         var.set_value(value)
     return nnx.from_flat_state(flat)
 
