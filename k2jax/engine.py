@@ -178,12 +178,13 @@ class DecodeRows:
     sampling: dict[str, jax.Array]
     masks: StepMasks
 
-    def states(self) -> jax.Array:
-        """Every state of every row's automaton as one int32 row [D, S, W + N + 2E + 1], so that a step reads its
-        rows' states in one gather (`current`): the packed tokens it allows (its row's words if based on them, plus
-        the tokens it adds, whose bits are not set there, minus those it drops, whose bits are), its chain, its
-        edges, their targets, and whether it holds. Built once per call."""
-        m, (D, W) = self.masks, self.masks.words.shape
+    def states(self, S: int | None = None) -> jax.Array:
+        """The first S (default: all) states of every row's automaton as one int32 row [D, S, W + N + 2E + 1], so
+        that a step reads its rows' states in one gather (`current`): the packed tokens it allows (its row's words if
+        based on them, plus the tokens it adds, whose bits are not set there, minus those it drops, whose bits are),
+        its chain, its edges, their targets, and whether it holds. Built once per call."""
+        D, W = self.masks.words.shape
+        m = self.masks._replace(**{f: getattr(self.masks, f)[:, :S] for f in StepMasks._fields if f != "words"})
         S = m.base.shape[1]
         row_words_D1W = jax.lax.bitcast_convert_type(m.words, jnp.uint32)[:, None]
         words_DSW = jnp.where(m.base[:, :, None], row_words_D1W, jnp.uint32(0))
@@ -252,7 +253,7 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
     """
     model = nnx.merge(graphdef, state)
 
-    states_DSK = rows.states()
+    states_DSK = rows.states(1 if chunk is not None else None)  # a step with chunks samples at state 0 only
 
     def one(tok_D: jax.Array, pos_D: jax.Array, pool: dict[str, jax.Array], chunk: PrefillChunk | None,
             walk: Walk):
