@@ -108,11 +108,8 @@ def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens:
         row_params[i] = p
     automaton = StepMasks.unconstrained(D, words, steps)
     if masks is not None:
-        for name, field in zip(StepMasks._fields, automaton):
-            if name != "chain":
-                field[idx] = getattr(masks, name)
-        n = min(steps, masks.chain.shape[2])
-        automaton.chain[idx, :, :n] = masks.chain[:, :, :n]
+        for field, given in zip(automaton, masks.with_steps(steps)):
+            field[idx] = given
     return DecodeRows(tok, pos, live, table[table_rows, :width], host_params(row_params), automaton)
 
 
