@@ -269,7 +269,7 @@ class RowConstraint:
         self.reasoning_tokens = 0
         self.steady = False
         self._mask: tuple[np.ndarray, int | None] | None = None
-        self._after_think: dict[int, tuple[list[int], tuple[np.ndarray, int | None]]] = {}  # _look_ahead's
+        self._below: dict[tuple[int, int, bool], tuple[np.ndarray, list[PlanState]]] = {}  # plan's, by marker
 
     def mask(self) -> np.ndarray:
         """The tokens allowed next, [words] int32."""
@@ -288,24 +288,58 @@ class RowConstraint:
         EDGES tokens leads by each to a state of its own (a tool's name, a JSON key), and a wider one at the root by
         each chat marker it allows (`</think>`, a tool-calls section): a row that takes one samples next under the
         grammar's own mask, where a drafting row would draw from every token and a held one under a stale mask. Past
-        them an exact row drafts, another holds."""
+        them an exact row drafts, another holds.
+
+        The states past a chat marker drawn in running text (no forced tokens, a wide mask) are planned once per
+        row: a turn's grammar (tool_calls_grammar, json_grammar) reaches the marker there only at the end of a
+        reasoning or content terminal, so what follows it does not depend on the text before it. Looking past
+        `</think>` walks the whole vocabulary for the answer's first mask (about 3 ms at K2's 163,840 tokens, where a
+        mask in running text takes microseconds), and past the tool-calls section's opener every declared tool's
+        name."""
         chain, after = self._look((), steps)
         changing = bool(chain) or not self.steady
         states = [PlanState(tuple(chain), tuple(chain), after, (True, [], []), not (changing and exact))]
-        root, queue = after[0], deque([0])
+        root, key = after[0], self._marker_key(chain, after[0], steps, exact)
+        if key is not None and (below := self._below_marker(key, root)) is not None:
+            states[0].edges[key[0]] = 1
+            return [*states, *below]
+        queue = deque([0])
         while queue and len(states) < STATES:
             state = states[queue.popleft()]
             if len(state.path) + 1 >= steps:
                 continue
             for token in self._choices(state.after[0], state is states[0])[:STATES - len(states)]:
                 path = state.path + (token,)
-                chain, after = self._look_ahead(path, steps - len(path))
+                chain, after = self._look(path, steps - len(path))
                 if (lists := mask_delta(after[0], root)) is None:
                     continue
                 state.edges[token] = len(states)
                 queue.append(len(states))
                 states.append(PlanState(path + tuple(chain), tuple(chain), after, lists, not exact))
+        if key is not None and states[0].edges == {key[0]: 1}:
+            self._below[key] = root, states[1:]
         return states
+
+    def _marker_key(self, chain: Sequence[int], root: np.ndarray, steps: int, exact: bool
+                    ) -> tuple[int, int, bool] | None:
+        """(marker, steps, exact) when a plan's root is running text whose one edge is a chat marker, else None."""
+        if chain or allowed_tokens(root, EDGES) is not None:
+            return None
+        markers = self._choices(root, True)
+        return (markers[0], steps, exact) if len(markers) == 1 else None
+
+    def _below_marker(self, key: tuple[int, int, bool], root: np.ndarray) -> list[PlanState] | None:
+        """The states planned before past this marker, written beside `root` (None if not planned or if one of their
+        masks does not fit beside it)."""
+        if key not in self._below:
+            return None
+        planned_root, below = self._below[key]
+        if np.array_equal(planned_root, root):
+            return below
+        lists = [mask_delta(state.after[0], root) for state in below]
+        if any(written is None for written in lists):
+            return None
+        return [dataclasses.replace(state, lists=written) for state, written in zip(below, lists)]
 
     def accept(self, tokens: Sequence[int], exact: bool = False, drafted: bool = False, forced: int = 0,
                states: Sequence[PlanState] | None = None) -> int:
@@ -351,16 +385,6 @@ class RowConstraint:
         few = allowed_tokens(mask, EDGES)
         tokens = (self.vocab.markers if root else []) if few is None else few
         return [t for t in tokens if allows(mask, t) and t not in self.vocab.stop_ids]
-
-    def _look_ahead(self, path: tuple[int, ...], limit: int) -> tuple[list[int], tuple[np.ndarray, int | None]]:
-        """_look, but what follows `</think>` from inside the reasoning block is looked at once per row and limit: it
-        does not depend on the reasoning before it, and the answer's first mask walks the whole vocabulary (about 3 ms
-        at K2's 163,840 tokens, where a mask in running text takes microseconds)."""
-        if path != (self.vocab.think_end,) or self.phase != "reasoning":
-            return self._look(path, limit)
-        if limit not in self._after_think:
-            self._after_think[limit] = self._look(path, limit)
-        return self._after_think[limit]
 
     def _look(self, path: Sequence[int], limit: int) -> tuple[list[int], tuple[np.ndarray, int | None]]:
         """The tokens the grammar forces after `path` (at most `limit`) and its state after them (mask, and its one

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 import k2jax
 from k2jax import chat
-from k2jax.grammar import (MAX_CALLS, REASONING_EFFORT, GrammarError, RowConstraint, allows, decode_plan,
-                           json_grammar, reasoning_budget, tool_calls_grammar, vocabulary)
-from k2jax.sampling import SamplingParams
+from k2jax.grammar import (MAX_CALLS, REASONING_EFFORT, GrammarError, RowConstraint, allowed_tokens, allows,
+                           decode_plan, json_grammar, reasoning_budget, tool_calls_grammar, vocabulary)
+from k2jax.sampling import EDGES, SamplingParams
 from k2jax.tokenizer import Tokenizer
 
 BUNDLED = Path(k2jax.__file__).parent / "bundled"
@@ -385,6 +385,40 @@ def test_a_plans_states_hold_what_the_grammar_finds_after_their_paths(vocab, tok
         assert np.array_equal(walked.mask(), state.after[0])
         assert all(allows(state.after[0], t) for t in state.edges)
         assert all(states[to].path[:len(state.path) + 1] == state.path + (t,) for t, to in state.edges.items())
+
+
+def assert_same_plan(got: list, want: list) -> None:
+    """Two automata (RowConstraint.plan) are the same: paths, chains, masks, how they are written, holds, edges."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a.path, a.chain, a.lists, a.hold, a.edges) == (b.path, b.chain, b.lists, b.hold, b.edges)
+        assert np.array_equal(a.after[0], b.after[0]) and a.after[1] == b.after[1]
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_what_follows_a_marker_in_running_text_is_planned_once_per_row(vocab, tok, exact):
+    """RowConstraint.plan along a turn, one row planning at every token: its automata equal those of rows that took
+    the same tokens and never planned, while in running text it looks only at its own next mask (the states past
+    `</think>` and past the section's opener are the ones it planned before)."""
+    rules = tool_calls_grammar(TOOLS + [MEASURE])
+    text = (f"{chat.THINK_BEGIN}I will call it (not a </think tag).{chat.THINK_END}Sure, I can measure that."
+            + section(call("measure", 0, '{"unit": "cm", "x": 2}')))
+    row, tokens, looks, markers = RowConstraint(vocab, rules), tok.encode(text), [], 0
+    look = row._look
+    row._look = lambda path, limit: looks.append(path) or look(path, limit)
+    for i, token in enumerate(tokens):
+        looks.clear()
+        states = row.plan(8, exact)
+        fresh = RowConstraint(vocab, rules)
+        for taken in tokens[:i]:
+            fresh.accept([taken])
+        assert_same_plan(states, fresh.plan(8, exact))
+        running = allowed_tokens(states[0].after[0], EDGES) is None and not states[0].chain and states[0].edges
+        if running and i > 0 and tokens[i - 1] != tok.token_id(chat.THINK_BEGIN):
+            assert looks == [()], tok.decode(tokens[:i])
+            markers += 1
+        row.accept([token])
+    assert markers > 10
 
 
 @pytest.mark.parametrize("text", [
