@@ -39,6 +39,9 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 # where a wide mask's grammar turns: a decode call's automaton follows these (RowConstraint.plan)
 MARKERS = (chat.THINK_END, chat.SECTION_BEGIN, chat.CALL_BEGIN, chat.ARGUMENT_BEGIN, chat.CALL_END, chat.SECTION_END)
+# a grammar's state as masks see it: the tokens allowed next, and the tokens it forces from there (empty unless the
+# mask allows one token, their first)
+Next = tuple[np.ndarray, tuple[int, ...]]
 
 
 class GrammarError(ValueError):
@@ -236,13 +239,13 @@ def mask_delta(mask: np.ndarray, root: np.ndarray) -> tuple[bool, list[int], lis
 @dataclasses.dataclass
 class PlanState:
     """A state of a row's automaton for one decode call (k2jax.sampling.StepMasks, built by RowConstraint.plan): the
-    tokens from the call's start to where it samples (its chain last), its chain, the grammar's state there (mask,
-    and its one token if just one), how StepMasks writes that mask (mask_delta), whether the mask holds after a draw
+    tokens from the call's start to where it samples (its chain last), its chain, the grammar's state there (Next),
+    how StepMasks writes that mask (mask_delta), whether the mask holds after a draw
     that is no edge, and its edges (token -> state)."""
 
     path: tuple[int, ...]
     chain: tuple[int, ...]
-    after: tuple[np.ndarray, int | None] | None
+    after: Next | None
     lists: tuple[bool, list[int], list[int]]
     hold: bool
     edges: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -268,7 +271,7 @@ class RowConstraint:
         self.phase = "start"  # -> "reasoning" (after <think>) -> "answer"
         self.reasoning_tokens = 0
         self.steady = False
-        self._mask: tuple[np.ndarray, int | None] | None = None
+        self._mask: Next | None = None
         self._below: dict[tuple[int, int, bool], tuple[np.ndarray, list[PlanState]]] = {}  # plan's, by marker
 
     def mask(self) -> np.ndarray:
@@ -386,9 +389,9 @@ class RowConstraint:
         tokens = (self.vocab.markers if root else []) if few is None else few
         return [t for t in tokens if allows(mask, t) and t not in self.vocab.stop_ids]
 
-    def _look(self, path: Sequence[int], limit: int) -> tuple[list[int], tuple[np.ndarray, int | None]]:
-        """The tokens the grammar forces after `path` (at most `limit`) and its state after them (mask, and its one
-        token if just one); the constraint itself does not move. It looks on a copy of the matcher: llguidance
+    def _look(self, path: Sequence[int], limit: int) -> tuple[list[int], Next]:
+        """The tokens the grammar forces after `path` (at most `limit`) and its state after them (Next); the
+        constraint itself does not move. It looks on a copy of the matcher: llguidance
         1.9's rollback after a mask leaves a stale mask for a different path taken after it."""
         saved = (self.matcher, self.phase, self.reasoning_tokens, self._mask)
         if self.matcher is not None:
@@ -396,9 +399,10 @@ class RowConstraint:
         for token in path:
             self._consume(token)
         tokens: list[int] = []
-        while len(tokens) < limit and (token := self._state()[1]) is not None:
-            self._consume(token)
-            tokens.append(token)
+        while len(tokens) < limit and (run := self._state()[1]):
+            for token in run[:limit - len(tokens)]:
+                self._consume(token)
+                tokens.append(token)
         after = self._state()
         self.matcher, self.phase, self.reasoning_tokens, self._mask = saved
         return tokens, after
@@ -423,16 +427,17 @@ class RowConstraint:
                 self.reasoning_tokens += 1
         self._mask = None
 
-    def _state(self) -> tuple[np.ndarray, int | None]:
-        """The mask, and the one token it allows if just one."""
+    def _state(self) -> Next:
+        """The mask, and the tokens the grammar forces from here (Next)."""
         if self._mask is None:
             self._mask = self._compute()
         return self._mask
 
-    def _compute(self) -> tuple[np.ndarray, int | None]:
-        """The grammar's mask (the canonical first token of text it forces; stop tokens only once it failed or
-        finished), narrowed by a spent budget; and its one token if it allows just one."""
-        vocab, single = self.vocab, None
+    def _compute(self) -> Next:
+        """The grammar's mask (the first token of llguidance's canonical tokenization of text it forces; stop tokens
+        only once it failed or finished), narrowed by a spent budget; and the forced tokens (taken one by one, the
+        tokenization goes on as it began: llguidance holds back a last token that text after it could merge)."""
+        vocab, run = self.vocab, ()
         if self.matcher is None:
             words = vocab.all_allowed()
             if self.phase != "start":  # no second think block, nor a stray </think> in the answer
@@ -440,8 +445,8 @@ class RowConstraint:
         elif self.matcher.is_error():
             words = vocab.only(vocab.stop_ids)
         elif forced := self.matcher.compute_ff_tokens():
-            single = int(forced[0])
-            words = vocab.only([single])
+            run = tuple(int(t) for t in forced)
+            words = vocab.only(run[:1])
         else:
             words = np.empty(vocab.words, np.int32)
             self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
@@ -449,8 +454,8 @@ class RowConstraint:
                 words = vocab.only(vocab.stop_ids)
         spent = self.budget is not None and self.phase == "reasoning" and self.reasoning_tokens >= self.budget
         if spent and allows(words, vocab.think_end):
-            single, words = vocab.think_end, vocab.only([vocab.think_end])
-        return words, single
+            run, words = (vocab.think_end,), vocab.only([vocab.think_end])
+        return words, run
 
 
 @dataclasses.dataclass(frozen=True)

@@ -417,8 +417,8 @@ class Scheduler:
                 else:  # it failed alone
                     planned.remove((chunk, request))
         constrained = {s: (r.constraint, r.params) for s, r in decoding.items() if r.constraint is not None}
-        plan = grammar.decode_plan(constrained, self.slots.n_slots, self.decode_steps, len(decoding))
-        n_steps = 1 if planned else plan.n_steps
+        plan = grammar.decode_plan(constrained, self.slots.n_slots, 1 if planned else self.decode_steps, len(decoding))
+        n_steps = plan.n_steps
         wants = {s: int(self.slots.lengths[s]) + n_steps for s in decoding}
         for chunk, _ in planned:
             wants[chunk.row] = chunk.start + len(chunk.tokens) + (n_steps if chunk.row in decoding else 0)

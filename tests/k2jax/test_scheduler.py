@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import k2jax
-from k2jax.grammar import RowConstraint, json_grammar, vocabulary
+from k2jax.grammar import RowConstraint, json_grammar, tool_calls_grammar, vocabulary
 from k2jax.sampling import SamplingParams, StepMasks, drafts_exact
 from k2jax import engine
 from k2jax.scheduler import (HEADER, STEP, LinkedSlots, Output, QueueFull, Request, Scheduler, StepLink, pack_params,
@@ -427,6 +427,35 @@ class RunLog(RowConstraint):
         taken = super().accept(tokens, exact, drafted, forced, states)
         self.runs.append((not states[0].hold, len(tokens), taken, len(states[0].chain)))
         return taken
+
+
+def test_rows_beside_a_prompt_chunk_are_planned_for_its_one_step():
+    """A step that writes a prompt chunk samples one token per decode row, so its rows' automata hold no edges (the
+    host plans no state past the first draw), while the calls around it do: a row in reasoning leads by `</think>`."""
+    model = k2jax.load()  # the bundled model: it has a tokenizer
+    tok = model.tokenizer
+    sched = Scheduler(model, n_slots=2, max_context=512, warmup=False)
+    calls, step = [], sched.slots.step  # (whether it writes a chunk, whether its automata have edges)
+
+    def logging_step(tokens, params, n_steps, masks, chunks):
+        if masks is not None:
+            calls.append((bool(chunks), bool((masks.to > 0).any())))
+        return step(tokens, params, n_steps, masks, chunks)
+
+    sched.slots.step = logging_step
+    chat_prompt = lambda text: tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True)
+    late, late_sink = request(chat_prompt("Name three rivers of Europe, please."), 4)
+    sched.on_step = lambda seconds, rows: sched.submit(late) if sched.steps == 3 else None
+    tools = [{"type": "function", "function": {"name": "multiply", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+    constraint = RowConstraint(vocabulary(tok, model.config.vocab_size), tool_calls_grammar(tools))
+    first, sink = request(chat_prompt("What is 37 times 41?"), 48, stop_ids=frozenset(tok.stop_ids),
+                          constraint=constraint)
+    sched.start()
+    sched.submit(first)
+    sink.wait(), late_sink.wait()
+    sched.close()
+    assert (True, False) in calls and (False, True) in calls and (True, True) not in calls
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.0, 0.9), (0.0, 0.9)])
