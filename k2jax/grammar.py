@@ -302,7 +302,8 @@ class RowConstraint:
         chain, after = self._look((), steps)
         changing = bool(chain) or not self.steady
         states = [PlanState(tuple(chain), tuple(chain), after, (True, [], []), not (changing and exact))]
-        root, key = after[0], self._marker_key(chain, after[0], steps, exact)
+        root, root_few = after[0], allowed_tokens(after[0], EDGES)
+        key = self._marker_key(chain, root, root_few, steps, exact)
         if key is not None and (below := self._below_marker(key, root)) is not None:
             states[0].edges[key[0]] = 1
             return [*states, *below]
@@ -311,7 +312,8 @@ class RowConstraint:
             state = states[queue.popleft()]
             if len(state.path) + 1 >= steps:
                 continue
-            for token in self._choices(state.after[0], state is states[0])[:STATES - len(states)]:
+            few = root_few if state is states[0] else None if state.lists[0] else state.lists[1]
+            for token in self._choices(state.after[0], few, state is states[0])[:STATES - len(states)]:
                 path = state.path + (token,)
                 chain, after = self._look(path, steps - len(path))
                 if (lists := mask_delta(after[0], root)) is None:
@@ -323,12 +325,13 @@ class RowConstraint:
             self._below[key] = root, states[1:]
         return states
 
-    def _marker_key(self, chain: Sequence[int], root: np.ndarray, steps: int, exact: bool
+    def _marker_key(self, chain: Sequence[int], root: np.ndarray, few: list[int] | None, steps: int, exact: bool
                     ) -> tuple[int, int, bool] | None:
-        """(marker, steps, exact) when a plan's root is running text whose one edge is a chat marker, else None."""
-        if chain or allowed_tokens(root, EDGES) is not None:
+        """(marker, steps, exact) when a plan's root is running text (no chain; `few`, its allowed tokens if at most
+        EDGES, is None) whose one edge is a chat marker, else None."""
+        if chain or few is not None:
             return None
-        markers = self._choices(root, True)
+        markers = self._choices(root, None, True)
         return (markers[0], steps, exact) if len(markers) == 1 else None
 
     def _below_marker(self, key: tuple[int, int, bool], root: np.ndarray) -> list[PlanState] | None:
@@ -382,10 +385,9 @@ class RowConstraint:
         self.steady = used is not None and np.array_equal(self.mask(), used)
         return len(tokens)
 
-    def _choices(self, mask: np.ndarray, root: bool) -> list[int]:
-        """The tokens by which a plan's state leads to others: all it allows if at most EDGES (but stop tokens), else,
-        at the root, the chat markers it allows."""
-        few = allowed_tokens(mask, EDGES)
+    def _choices(self, mask: np.ndarray, few: list[int] | None, root: bool) -> list[int]:
+        """The tokens by which a plan's state leads to others: all it allows if at most EDGES (`few`, from
+        allowed_tokens; but stop tokens), else, at the root, the chat markers it allows."""
         tokens = (self.vocab.markers if root else []) if few is None else few
         return [t for t in tokens if allows(mask, t) and t not in self.vocab.stop_ids]
 
