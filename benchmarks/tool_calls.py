@@ -10,7 +10,9 @@ arguments (single-call tasks), finish_reason `tool_calls` exactly when a call is
 request never declared.
 
 --parts timing (or scores,timing) gives decode tokens/s with enforcement on and off at batch 1 and 8 (the scheduler
-alone, compiles excluded), on held-out tools and on the demo tools the model calls right, and the host time of the
+alone, compiles excluded), on held-out tools and on the demo tools the model calls right, with the scheduler's host
+time on grammar masks per engine step (Scheduler.grammar_seconds: steadier than the tokens/s ratio on a noisy box);
+and the host time of the
 mask machinery per decode call and per token at K2's vocabulary (163,840 ids: cl100k's ranks plus generated merges
 and Kimi's 256 reserved tokens). It needs a quiet machine.
 
@@ -262,11 +264,12 @@ def constraint_for(model: k2jax.Model, req: dict) -> RowConstraint:
 
 
 def decode_rate(model: k2jax.Model, scheduler: Scheduler, requests: list[dict], enforce: bool
-                ) -> tuple[float, int, int]:
+                ) -> tuple[float, int, int, float]:
     """Decode tokens per second of these requests run together (each in its own slot, every prompt prefilled before
     the first decode call): batch size / the mean time per output token after each row's first (a decode call costs
     the same however many rows are still running, so rows that finish early do not flatter either mode); the
-    decoded tokens; and the engine steps taken (the machine-independent part of the cost)."""
+    decoded tokens; the engine steps taken (the machine-independent part of the cost); and the scheduler's host
+    seconds on grammar masks (Scheduler.grammar_seconds)."""
     tok = model.tokenizer
     done, lock = threading.Event(), threading.Lock()
     firsts: dict[int, float] = {}
@@ -293,13 +296,14 @@ def decode_rate(model: k2jax.Model, scheduler: Scheduler, requests: list[dict], 
                                          tokenize=True)
         jobs.append(Request(prompt, MAX_TOKENS, emit_for(i), SamplingParams(), frozenset(tok.stop_ids),
                             constraint=constraint_for(model, req) if enforce else None))
-    steps = scheduler.steps
+    steps, grammar_s = scheduler.steps, scheduler.grammar_seconds
     for job in jobs:
         scheduler.submit(job)
     assert done.wait(600), "timing requests did not finish"
     tokens = sum(counts) - len(requests)
     seconds = sum(lasts[i] - firsts[i] for i in range(len(requests)))
-    return len(requests) * tokens / max(seconds, 1e-9), tokens, scheduler.steps - steps
+    return (len(requests) * tokens / max(seconds, 1e-9), tokens, scheduler.steps - steps,
+            scheduler.grammar_seconds - grammar_s)
 
 
 def k2_sized_tokenizer(seed: int = 0) -> Tokenizer:
@@ -369,25 +373,26 @@ def timing(model: k2jax.Model, requests: list[dict], groups: int = 5) -> None:
     loads = {"held-out": [r for r in requests if r["expected"] and r["choice"] == "auto"],
              "demo": demo_requests(8 * (groups + 1))}
     print("\n| tools | batch | decode tokens off / on | engine steps off / on | decode tokens/s off | on | "
-          "on / off (median of groups) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "on / off (median of groups) | grammar host ms per step, on |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for batch in (1, 8):
         scheduler = Scheduler(model, n_slots=batch, max_context=2048, prefill_chunk=8192, prefix_cache=False).start()
         for name, load in loads.items():
             for enforce in (False, True):
                 decode_rate(model, scheduler, load[:batch], enforce)  # compiles
             rates: dict[bool, list[float]] = {False: [], True: []}
-            tokens, steps = {False: 0, True: 0}, {False: 0, True: 0}
+            tokens, steps, host = {False: 0, True: 0}, {False: 0, True: 0}, 0.0
             for g in range(1, groups + 1):
                 for enforce in (False, True):
-                    rate, n, k = decode_rate(model, scheduler, load[g * batch:(g + 1) * batch], enforce)
+                    rate, n, k, grammar_s = decode_rate(model, scheduler, load[g * batch:(g + 1) * batch], enforce)
                     rates[enforce].append(rate)
                     tokens[enforce] += n
                     steps[enforce] += k
+                    host += grammar_s
             ratio = statistics.median(on / off for on, off in zip(rates[True], rates[False]))
             print(f"| {name} | {batch} | {tokens[False]} / {tokens[True]} | {steps[False]} / {steps[True]} | "
                   f"{statistics.median(rates[False]):.1f} | "
-                  f"{statistics.median(rates[True]):.1f} | {ratio:.3f} |")
+                  f"{statistics.median(rates[True]):.1f} | {ratio:.3f} | {1e3 * host / steps[True]:.2f} |")
         scheduler.close()
     m = mask_timing(requests)
     print(f"\nMask machinery at {K2_VOCAB:,} ids ({m['tokens']} tokens of 24 tool-call turns, in {m['calls']} decode "

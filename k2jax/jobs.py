@@ -28,7 +28,7 @@ RATE_WINDOW_S = 10.0
 
 class Metrics:
     """Prometheus metrics of one server: queue depth, running requests, tokens, tokens/s, time to first token,
-    KV pages, prefix-cache hits, preemptions, step times and decode rows per step."""
+    KV pages, prefix-cache hits, preemptions, grammar host time, step times and decode rows per step."""
 
     def __init__(self, scheduler: Scheduler):
         self.registry = CollectorRegistry()
@@ -51,6 +51,8 @@ class Metrics:
                                             lambda: scheduler.reused_tokens / max(scheduler.looked_up_tokens, 1)),
             "k2jax_preemptions": ("Requests preempted because the KV pool was full (total)",
                                   lambda: scheduler.preemptions),
+            "k2jax_grammar_seconds": ("Host seconds spent planning constrained rows' token automata and checking "
+                                      "their draws (total)", lambda: scheduler.grammar_seconds),
         }
         for name, (doc, value) in gauges.items():
             Gauge(name, doc, registry=self.registry).set_function(value)

@@ -180,6 +180,7 @@ class Scheduler:
         self.reused_tokens = 0
         self.looked_up_tokens = 0
         self.preemptions = 0
+        self.grammar_seconds = 0.0  # host time planning constrained rows' automata and checking their draws
         self.on_step: Callable[[float, int], None] | None = None
         self._admissions = 0
         self._active: dict[int, Request] = {}
@@ -417,7 +418,9 @@ class Scheduler:
                 else:  # it failed alone
                     planned.remove((chunk, request))
         constrained = {s: (r.constraint, r.params) for s, r in decoding.items() if r.constraint is not None}
+        started = time.perf_counter()
         plan = grammar.decode_plan(constrained, self.slots.n_slots, 1 if planned else self.decode_steps, len(decoding))
+        grammar_s = time.perf_counter() - started
         n_steps = plan.n_steps
         wants = {s: int(self.slots.lengths[s]) + n_steps for s in decoding}
         for chunk, _ in planned:
@@ -445,11 +448,15 @@ class Scheduler:
         for chunk, request in planned:
             request.prefilled += len(chunk.tokens)
         for slot, r in decoding.items():
+            started = time.perf_counter()
             taken = plan.take(slot, tokens[slot].tolist())
+            grammar_s += time.perf_counter() - started
             if taken < n_steps:
                 self.slots.rewind(slot, int(self.slots.lengths[slot]) - (n_steps - taken))
             row = Logprobs(*(x[slot, :taken] for x in logprobs))
             self._accept(r, tokens[slot, :taken].tolist(), *token_logprobs(row, r.params.top_logprobs))
+        if constrained:
+            self.grammar_seconds += grammar_s
         return len(decoding)
 
     def _next_chunks(self) -> list[tuple[engine.Chunk, Request]]:

@@ -456,6 +456,7 @@ def test_rows_beside_a_prompt_chunk_are_planned_for_its_one_step():
     sink.wait(), late_sink.wait()
     sched.close()
     assert (True, False) in calls and (False, True) in calls and (True, True) not in calls
+    assert sched.grammar_seconds > 0
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.0, 0.9), (0.0, 0.9)])

@@ -208,6 +208,7 @@ def test_a_mixed_load_compiles_nothing_and_shows_in_metrics(server, client):
     assert metrics["k2jax_kv_pages_used"] == metrics["k2jax_kv_pages_cached"] == metrics["k2jax_kv_pages_evictable"]
     assert metrics["k2jax_prefix_cache_lookup_tokens"] >= metrics["k2jax_prefix_cache_hit_tokens"] > 0
     assert 0 < metrics["k2jax_prefix_cache_hit_rate"] <= 1 and metrics["k2jax_preemptions"] == 0
+    assert metrics["k2jax_grammar_seconds"] == 0  # no request was constrained
     assert metrics["k2jax_step_seconds_count"] >= 12 and metrics["k2jax_step_decode_rows_sum"] > 0
 
 
