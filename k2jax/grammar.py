@@ -240,8 +240,8 @@ def mask_delta(mask: np.ndarray, root: np.ndarray) -> tuple[bool, list[int], lis
 class PlanState:
     """A state of a row's automaton for one decode call (k2jax.sampling.StepMasks, built by RowConstraint.plan): the
     tokens from the call's start to where it samples (its chain last), its chain, the grammar's state there (Next),
-    how StepMasks writes that mask (mask_delta), whether the mask holds after a draw
-    that is no edge, and its edges (token -> state)."""
+    how StepMasks writes that mask (mask_delta), whether the mask holds after a draw that is no edge, and its edges
+    (token -> state)."""
 
     path: tuple[int, ...]
     chain: tuple[int, ...]
@@ -393,8 +393,8 @@ class RowConstraint:
 
     def _look(self, path: Sequence[int], limit: int) -> tuple[list[int], Next]:
         """The tokens the grammar forces after `path` (at most `limit`) and its state after them (Next); the
-        constraint itself does not move. It looks on a copy of the matcher: llguidance
-        1.9's rollback after a mask leaves a stale mask for a different path taken after it."""
+        constraint itself does not move. It looks on a copy of the matcher: llguidance 1.9's rollback after a mask
+        leaves a stale mask for a different path taken after it."""
         saved = (self.matcher, self.phase, self.reasoning_tokens, self._mask)
         if self.matcher is not None:
             self.matcher = self.matcher.deep_copy()
@@ -437,8 +437,9 @@ class RowConstraint:
 
     def _compute(self) -> Next:
         """The grammar's mask (the first token of llguidance's canonical tokenization of text it forces; stop tokens
-        only once it failed or finished), narrowed by a spent budget; and the forced tokens (taken one by one, the
-        tokenization goes on as it began: llguidance holds back a last token that text after it could merge)."""
+        only once it failed or finished), narrowed by a spent budget; and the tokens it forces, as llguidance
+        tokenizes the forced text. Taken at once they lead where taking the first and asking again would: llguidance
+        holds back a last token that the text after it could merge with."""
         vocab, run = self.vocab, ()
         if self.matcher is None:
             words = vocab.all_allowed()
