@@ -12,9 +12,8 @@ request never declared.
 --parts timing (or scores,timing) gives decode tokens/s with enforcement on and off at batch 1 and 8 (the scheduler
 alone, compiles excluded), on held-out tools and on the demo tools the model calls right, with the scheduler's host
 time on grammar masks per engine step (Scheduler.grammar_seconds: steadier than the tokens/s ratio on a noisy box);
-and the host time of the
-mask machinery per decode call and per token at K2's vocabulary (163,840 ids: cl100k's ranks plus generated merges
-and Kimi's 256 reserved tokens). It needs a quiet machine.
+and the host time of the mask machinery per decode call and per token at K2's vocabulary (163,840 ids: cl100k's ranks
+plus generated merges and Kimi's 256 reserved tokens). It needs a quiet machine.
 
     python benchmarks/tool_calls.py [--requests 240] [--seed 0] [--parts scores,timing] [--model DIR]
 """
