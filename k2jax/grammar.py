@@ -387,8 +387,10 @@ class RowConstraint:
 
     def _choices(self, mask: np.ndarray, few: list[int] | None, root: bool) -> list[int]:
         """The tokens by which a plan's state leads to others: all it allows if at most EDGES (`few`, from
-        allowed_tokens; but stop tokens), else, at the root, the chat markers it allows."""
-        tokens = (self.vocab.markers if root else []) if few is None else few
+        allowed_tokens; but stop tokens), else, at the root, the chat markers it allows; without a grammar only
+        `</think>`, the one marker that changes such a row's mask."""
+        markers = self.vocab.markers if self.matcher is not None else (self.vocab.think_end,)
+        tokens = (markers if root else []) if few is None else few
         return [t for t in tokens if allows(mask, t) and t not in self.vocab.stop_ids]
 
     def _look(self, path: Sequence[int], limit: int) -> tuple[list[int], Next]:

@@ -215,6 +215,7 @@ def booking_values():
 @given(booking_values(), st.booleans())
 def test_arguments_are_allowed_exactly_when_jsonschema_validates_them(vocab, tok, arguments, compact):
     text = json.dumps(arguments, separators=(",", ":") if compact else None, ensure_ascii=False)
+    text = text.replace("\x7f", "\\u007f")  # llguidance's JSON strings take DEL escaped, as control characters
     expected = jsonschema.Draft202012Validator(BOOK["function"]["parameters"]).is_valid(arguments)
     assert allowed(vocab, tok, tool_calls_grammar([BOOK]), section(call("book_room", 0, text))) == expected
 
@@ -399,22 +400,24 @@ MEASURED = section(call("measure", 0, '{"unit": "cm", "x": 2}'))
 
 
 @pytest.mark.parametrize("choice, answer", [("auto", "Sure, I can measure that." + MEASURED), ("required", MEASURED),
-                                            ("none", "Sure, I can measure that."), ("json", '{"unit": "cm", "x": 2}')])
+                                            ("none", "Sure, I can measure that."), ("json", '{"unit": "cm", "x": 2}'),
+                                            ("budget", "Sure, I can measure that." + MEASURED)])
 @pytest.mark.parametrize("exact", [True, False])
 def test_what_follows_a_marker_in_running_text_is_planned_once_per_row(vocab, tok, choice, answer, exact):
     """RowConstraint.plan along a turn, one row planning at every token: its automata equal those of rows that took
     the same tokens and never planned, while in running text it looks only at its own next mask (the states past
     `</think>` and past the section's opener are the ones it planned before)."""
-    rules = (json_grammar(MEASURE["function"]["parameters"]) if choice == "json"
+    rules = (json_grammar(MEASURE["function"]["parameters"]) if choice == "json" else None if choice == "budget"
              else tool_calls_grammar(TOOLS + [MEASURE], choice))
+    budget = 100 if choice == "budget" else None  # a reasoning budget alone: no grammar
     text = f"{chat.THINK_BEGIN}I will call it (not a </think tag).{chat.THINK_END}{answer}"
-    row, tokens, looks, markers = RowConstraint(vocab, rules), tok.encode(text), [], 0
+    row, tokens, looks, markers = RowConstraint(vocab, rules, budget), tok.encode(text), [], 0
     look = row._look
     row._look = lambda path, limit: looks.append(path) or look(path, limit)
     for i, token in enumerate(tokens):
         looks.clear()
         states = row.plan(8, exact)
-        fresh = RowConstraint(vocab, rules)
+        fresh = RowConstraint(vocab, rules, budget)
         for taken in tokens[:i]:
             fresh.accept([taken])
         assert_same_plan(states, fresh.plan(8, exact))
