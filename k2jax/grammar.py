@@ -295,7 +295,8 @@ class RowConstraint:
 
         The states past a chat marker drawn in running text (no forced tokens, a wide mask) are planned once per
         row: a turn's grammar (tool_calls_grammar, json_grammar) reaches the marker there only at the end of a
-        reasoning or content terminal, so what follows it does not depend on the text before it. Looking past
+        reasoning or content terminal, and a row without one only changes phase there, so what follows it does not
+        depend on the text before it. Looking past
         `</think>` walks the whole vocabulary for the answer's first mask (about 3 ms at K2's 163,840 tokens, where a
         mask in running text takes microseconds), and past the tool-calls section's opener every declared tool's
         name."""
@@ -303,7 +304,8 @@ class RowConstraint:
         changing = bool(chain) or not self.steady
         states = [PlanState(tuple(chain), tuple(chain), after, (True, [], []), not (changing and exact))]
         root, root_few = after[0], allowed_tokens(after[0], EDGES)
-        key = self._marker_key(chain, root, root_few, steps, exact)
+        root_choices = self._choices(root, root_few, True)
+        key = self._marker_key(chain, root_few, root_choices, steps, exact)
         if key is not None and (below := self._below_marker(key, root)) is not None:
             states[0].edges[key[0]] = 1
             return [*states, *below]
@@ -312,8 +314,9 @@ class RowConstraint:
             state = states[queue.popleft()]
             if len(state.path) + 1 >= steps:
                 continue
-            few = root_few if state is states[0] else None if state.lists[0] else state.lists[1]
-            for token in self._choices(state.after[0], few, state is states[0])[:STATES - len(states)]:
+            choices = root_choices if state is states[0] else self._choices(
+                state.after[0], None if state.lists[0] else state.lists[1], False)
+            for token in choices[:STATES - len(states)]:
                 path = state.path + (token,)
                 chain, after = self._look(path, steps - len(path))
                 if (lists := mask_delta(after[0], root)) is None:
@@ -325,14 +328,14 @@ class RowConstraint:
             self._below[key] = root, states[1:]
         return states
 
-    def _marker_key(self, chain: Sequence[int], root: np.ndarray, few: list[int] | None, steps: int, exact: bool
+    @staticmethod
+    def _marker_key(chain: Sequence[int], few: list[int] | None, choices: list[int], steps: int, exact: bool
                     ) -> tuple[int, int, bool] | None:
         """(marker, steps, exact) when a plan's root is running text (no chain; `few`, its allowed tokens if at most
-        EDGES, is None) whose one edge is a chat marker, else None."""
-        if chain or few is not None:
+        EDGES, is None) whose one choice (_choices) is a chat marker, else None."""
+        if chain or few is not None or len(choices) != 1:
             return None
-        markers = self._choices(root, None, True)
-        return (markers[0], steps, exact) if len(markers) == 1 else None
+        return choices[0], steps, exact
 
     def _below_marker(self, key: tuple[int, int, bool], root: np.ndarray) -> list[PlanState] | None:
         """The states planned before past this marker, written beside `root` (None if not planned or if one of their
