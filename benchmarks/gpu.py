@@ -22,8 +22,9 @@ import functools
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if "--dry-run" in sys.argv:
@@ -78,6 +79,7 @@ class Row:
     bytes_read: float
     err: float | None = None
     xla_seconds: float | None = None
+    temp_bytes: int | None = None  # the compiled kernel program's temporaries: no copy of the weights fits in them
 
 
 def rel_err(out, ref) -> float:
@@ -92,6 +94,15 @@ def routed_sizes(rng: np.random.Generator, tokens: int, experts: int, top_k: int
     return np.bincount(picks.ravel(), minlength=experts).astype(np.int32)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def random_bytes(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Random uint8 of `shape` (last axis a multiple of 4) drawn as 32-bit words and bitcast: jax draws uint8 bits
+    through one 32-bit word each, a temporary 4x the array (21 GiB for one K2 layer's gate+up on the H200)."""
+    *lead, n = shape
+    words = jax.random.bits(key, (*lead, n // 4), jnp.uint32)
+    return jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(shape)
+
+
 def grouped_reference(x_MK, packed_EHN, scale_EGN, group_sizes_E) -> jax.Array:
     """fp32 reference that dequantizes only the experts that got rows (the all-expert one needs ~45 GB at K2 size)."""
     with jax.default_matmul_precision("highest"):
@@ -104,7 +115,7 @@ def grouped_case(rng, sh: Shapes, tokens: int, k: int, n: int, interpret: bool) 
     """The INT4 grouped matmul (Triton) on one routed batch: error, time, bytes, XLA path's time."""
     sizes = routed_sizes(rng, tokens, sh.experts, sh.top_k)
     x = jnp.asarray(rng.standard_normal((int(sizes.sum()), k)), jnp.bfloat16)
-    packed = jax.random.bits(jax.random.key(int(rng.integers(2**31))), (sh.experts, k // 2, n), jnp.uint8)
+    packed = random_bytes(jax.random.key(int(rng.integers(2**31))), (sh.experts, k // 2, n))
     scale = jnp.asarray(rng.uniform(0.005, 0.05, (sh.experts, k // 32, n)), jnp.bfloat16)
     gs = jnp.asarray(sizes)
     kernel = jax.jit(functools.partial(I.grouped_int4_matmul_triton, interpret=interpret))
@@ -112,9 +123,10 @@ def grouped_case(rng, sh: Shapes, tokens: int, k: int, n: int, interpret: bool) 
     ref = grouped_reference(x, packed, scale, gs)
     active = int(np.sum(sizes > 0))
     nbytes = active * (k // 2 + 2 * k // int4_layout.GROUP) * n + x.nbytes + x.shape[0] * n * 2
+    temp = kernel.lower(x, packed, scale, gs).compile().memory_analysis().temp_size_in_bytes
     return Row("int4 grouped matmul", f"{tokens} tok, {active}/{sh.experts} experts, {k}x{n}",
                timed(kernel, x, packed, scale, gs, iters=sh.iters), nbytes, rel_err(kernel(x, packed, scale, gs), ref),
-               timed(xla, x, packed, scale, gs, iters=sh.iters))
+               timed(xla, x, packed, scale, gs, iters=sh.iters), temp)
 
 
 def attention_case(rng, b: int, h: int, s: int, iters: int, interpret: bool) -> Row:
@@ -135,7 +147,7 @@ def random_state(abstract: Any, seed: int) -> Any:
     def make(path, leaf, key):
         name = jax.tree_util.keystr(path)
         if leaf.dtype == jnp.uint8:
-            return jax.random.bits(key, leaf.shape, jnp.uint8)
+            return random_bytes(key, leaf.shape)
         if "norm" in name:
             return jnp.ones(leaf.shape, leaf.dtype)
         if "bias" in name:
@@ -181,7 +193,8 @@ def decode_step_seconds(cfg: k2jax.K2Config, batches: tuple[int, ...], context: 
         for row in range(batch):
             pages.reserve(row, context)
         cache = model.cache_view(pages, pool, range(batch), [context] * batch)
-        tok = jnp.ones((batch, 1), jnp.int32)
+        # distinct tokens, so rows route to different experts as a real batch does
+        tok = jax.random.randint(jax.random.key(batch), (batch, 1), 0, cfg.vocab_size, jnp.int32)
         pos = jnp.full((batch, 1), context - 1, jnp.int32)
         times = []
         for _ in range(iters + 1):
@@ -195,9 +208,18 @@ def decode_step_seconds(cfg: k2jax.K2Config, batches: tuple[int, ...], context: 
 
 
 def decode_rows(cfg: k2jax.K2Config, sh: Shapes, layers: int) -> list[Row]:
-    """Per MoE layer decode time at each batch: difference of a 1-MoE-layer and an L-MoE-layer slice."""
+    """Per MoE layer decode time at each batch: difference of a 1-MoE-layer and an L-MoE-layer slice.
+
+    Also prints each slice's step and the whole model's step on one GPU that could hold it: the 1-MoE-layer step
+    plus the per-layer time for each further MoE layer of `cfg`."""
     one, many = (decode_step_seconds(dataclasses.replace(cfg, num_hidden_layers=cfg.first_k_dense_replace + n),
                                      sh.decode_batches, sh.decode_context, sh.iters) for n in (1, layers))
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    for b, t_one, t_many in zip(sh.decode_batches, one, many):
+        per_layer = (t_many - t_one) / (layers - 1)
+        print(f"decode step, batch {b}: 1 MoE layer {t_one * 1e3:.2f} ms, {layers} MoE layers {t_many * 1e3:.2f} ms; "
+              f"all {moe_layers} MoE layers on one GPU: {(t_one + (moe_layers - 1) * per_layer) * 1e3:.1f} ms",
+              flush=True)
     return [Row("decode step, per MoE layer", f"batch {b}, {layers} MoE layers, ctx {sh.decode_context}",
                 (t_many - t_one) / (layers - 1), layer_bytes(cfg, b, sh.decode_context))
             for b, t_one, t_many in zip(sh.decode_batches, one, many)]
@@ -205,22 +227,41 @@ def decode_rows(cfg: k2jax.K2Config, sh: Shapes, layers: int) -> list[Row]:
 
 def table(rows: list[Row]) -> str:
     """Markdown table of the rows, with each time against the HBM floor and the XLA path."""
-    lines = ["| case | shape | rel err | time us | floor us | % of 4.8 TB/s | XLA path us | speed-up vs XLA |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| case | shape | rel err | time us | floor us | % of 4.8 TB/s | XLA path us | speed-up vs XLA | "
+             "kernel temp MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         floor = r.bytes_read / HBM_BYTES_PER_S
         err = f"{r.err:.1e}" if r.err is not None else ""
         xla = f"{r.xla_seconds * 1e6:.1f} | {r.xla_seconds / r.seconds:.2f}x" if r.xla_seconds else " | "
+        temp = f"{r.temp_bytes / 1e6:.2f}" if r.temp_bytes is not None else ""
         lines.append(f"| {r.case} | {r.shape} | {err} | {r.seconds * 1e6:.1f} | {floor * 1e6:.1f} | "
-                     f"{100 * floor / r.seconds:.0f}% | {xla} |")
+                     f"{100 * floor / r.seconds:.0f}% | {xla} | {temp} |")
     return "\n".join(lines)
 
 
+def run_case(rows: list[Row], failures: list[str], label: str, make: Callable[[], list[Row]]) -> None:
+    """Add make()'s rows and print them; on an exception print it and go on, so one broken case costs a
+    time-limited GPU lease no other row."""
+    try:
+        new = make()
+    except Exception as e:  # noqa: BLE001 - reported and counted as a failure below
+        traceback.print_exc()
+        stats = jax.devices()[0].memory_stats() or {}
+        print(f"{label} failed; device bytes in use {stats.get('bytes_in_use', 0) / 2**30:.1f} GiB, peak "
+              f"{stats.get('peak_bytes_in_use', 0) / 2**30:.1f} GiB", flush=True)
+        failures.append(f"{label}: {type(e).__name__}: {e}")
+        return
+    rows.extend(new)
+    print("\n".join(table(new).splitlines()[2:]), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run every case; exit 1 when a kernel's error exceeds TOLERANCE."""
+    """Run every case; exit 1 when one raised or a kernel's error exceeds TOLERANCE."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Pallas interpreter")
     parser.add_argument("--max-layers", type=int, default=12, help="MoE layers in the decode slice at most")
+    parser.add_argument("--parts", default="int4,mla,decode",
+                        help="comma-separated parts to run: int4 (grouped matmul), mla (attention), decode (step)")
     args = parser.parse_args(argv)
     sh, interpret = (DRY, True) if args.dry_run else (GPU, False)
     device = jax.devices()[0]
@@ -228,25 +269,29 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and jax.default_backend() != "gpu":
         raise SystemExit("no GPU: run with --dry-run on CPU")
     rng = np.random.default_rng(0)
-    rows = []
-    for tokens in sh.tokens:
+    parts = set(args.parts.split(","))
+    rows: list[Row] = []
+    failures: list[str] = []
+    for tokens in sh.tokens if "int4" in parts else ():
         for k, n in ((sh.hidden, 2 * sh.expert_f), (sh.expert_f, sh.hidden)):
-            rows.append(grouped_case(rng, sh, tokens, k, n, interpret))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
-    for b, h, s in sh.mla:
-        rows.append(attention_case(rng, b, h, s, sh.iters, interpret))
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
+            run_case(rows, failures, f"int4 grouped matmul {tokens} tok {k}x{n}",
+                     lambda: [grouped_case(rng, sh, tokens, k, n, interpret)])
+    for b, h, s in sh.mla if "mla" in parts else ():
+        run_case(rows, failures, f"mla decode attention B={b} H={h} S={s}",
+                 lambda: [attention_case(rng, b, h, s, sh.iters, interpret)])
     full = k2jax.preset("kimi-k2-thinking")
     cfg = full if not args.dry_run else dataclasses.replace(
         k2jax.preset("tiny"), hidden_size=sh.hidden, moe_intermediate_size=sh.expert_f, quant=full.quant)
     free = device.memory_stats()["bytes_limit"] * 0.75 if not args.dry_run else 1e8
     layers = fitting_moe_layers(cfg, free, args.max_layers if not args.dry_run else 2)
-    rows += decode_rows(cfg, sh, layers)
+    if "decode" in parts:
+        run_case(rows, failures, f"decode step, {layers} MoE layers", lambda: decode_rows(cfg, sh, layers))
     print(table(rows))
-    bad = [r for r in rows if r.err is not None and not r.err <= TOLERANCE]
-    for r in bad:
-        print(f"FAIL: {r.case} {r.shape}: rel err {r.err:.2e} > {TOLERANCE}")
-    return 1 if bad else 0
+    failures += [f"{r.case} {r.shape}: rel err {r.err:.2e} > {TOLERANCE}"
+                 for r in rows if r.err is not None and not r.err <= TOLERANCE]
+    for failure in failures:
+        print(f"FAIL: {failure}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

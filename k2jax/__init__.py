@@ -2,16 +2,19 @@
 
 import os as _os
 
-from jax._src.hardware_utils import num_available_tpu_chips_and_device_id as _tpu_chips
-
 
 def _describe_no_tpu_host() -> None:
     """On a host without TPU chips, tell libtpu it is one host, so loading it prints no start-up errors.
 
     libtpu is loaded when JAX probes its backends or builds an AOT topology; with no TPU it cannot find its
-    host bounds and worker names and prints six lines of errors. Set variables are left as they are.
+    host bounds and worker names and prints six lines of errors. Set variables are left as they are. The chip
+    count comes from a private jax helper: a jax without it only gets those lines back.
     """
-    if _tpu_chips()[0] == 0:
+    try:
+        from jax._src.hardware_utils import num_available_tpu_chips_and_device_id as tpu_chips
+    except ImportError:
+        return
+    if tpu_chips()[0] == 0:
         _os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
         _os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 

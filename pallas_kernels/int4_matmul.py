@@ -20,7 +20,9 @@ previous block indices, so the pipeline issues no DMA for them. Decode therefore
 experts' weights, once per row tile.
 The Triton kernel walks a schedule of (expert, row tile) visits over the unpadded rows (an expert straddling two
 tiles is visited twice, with masked stores): one program per (visit, column tile); programs past the last
-visit exit at once, and each program walks K one 32-row scale group at a time with masked row loads.
+visit exit at once, and each program walks K one 32-row scale group at a time with masked row loads. It reads
+weights and scales as pairs of columns (uint16 / uint32 views, see as_pairs), which keeps every element offset
+of a one-layer operand under 2^31, as Pallas' 32-bit Triton indexing needs.
 """
 
 import functools
@@ -314,13 +316,23 @@ def _triton_blocks(m: int) -> tuple[int, int]:
     return (16, 64) if m <= 16 else (64, 128)
 
 
+def _interleave(a_RC: jax.Array, b_RC: jax.Array) -> jax.Array:
+    """[R, C] and [R, C] -> [R, 2C] with a in the even columns and b in the odd (Triton's join, then a reshape)."""
+    r, c = a_RC.shape
+    return jnp.concatenate([a_RC[:, :, None], b_RC[:, :, None]], axis=2).reshape(r, 2 * c)
+
+
 def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref, layer_ref,
-                       x_ref, packed_ref, scale_ref, out_ref, *, bm: int, bn: int, planar: int):
-    """One (visit, column tile) program: loop over planar blocks and their scale groups, masked store."""
+                       x_ref, pairs_ref, scale_pairs_ref, out_ref, *, bm: int, bn: int, planar: int):
+    """One (visit, column tile) program: loop over planar blocks and their scale groups, masked store.
+
+    Weights and scales arrive as pairs of columns (as_pairs): byte / bf16 p of pair c is column 2c + p. The program
+    keeps one accumulator per p and interleaves the two once, before its store."""
     v, n_i = pl.program_id(0), pl.program_id(1)
     k, n = x_ref.shape[1], out_ref.shape[1]
     group = int4_layout.GROUP
     rows = min(group, planar // 2)  # packed rows per load: one scale group per nibble half
+    bc = bn // 2  # column pairs per program
 
     @pl.when(v < num_visits_ref[0])
     def _visit():
@@ -328,28 +340,50 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
         row_M = row0 + jnp.arange(bm)
         mine_M = (row_M >= starts_ref[expert]) & (row_M < ends_ref[expert])
         col_ok_N = n_i * bn + jnp.arange(bn) < n
-        cols = pl.ds(n_i * bn, bn)
+        pair_ok_C = n_i * bc + jnp.arange(bc) < n // 2
+        pairs = pl.ds(n_i * bc, bc)
 
-        def group_dot(k0, byte_GN, shift):
+        def group_dots(k0, pair_GC, shift, acc_PMC):
+            """acc + x's group at k0 times the nibbles at `shift` of each byte of the pairs, per byte."""
             x_MG = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, rows)], mask=mine_M[:, None], other=0)
-            s_1N = plgpu.load(scale_ref.at[layer, expert, pl.ds(k0 // group, 1), cols], mask=col_ok_N[None, :],
-                              other=0)
-            u_GN = jax.lax.bitcast_convert_type(((byte_GN >> shift) & 0xF) | BF16_128, jnp.bfloat16)  # 128 + u
+            s_1C = plgpu.load(scale_pairs_ref.at[layer, expert, pl.ds(k0 // group, 1), pairs],
+                              mask=pair_ok_C[None, :], other=0)
             dt = x_MG.dtype  # bf16 on a GPU: packed HADD2 / HMUL2; the subtraction is exact, the scale rounds once
-            w_GN = (u_GN.astype(dt) - OFFSET) * s_1N.astype(dt)
-            return jnp.dot(x_MG, w_GN, preferred_element_type=jnp.float32)
+            out = []
+            for p, acc_MC in enumerate(acc_PMC):
+                nibble_GC = (pair_GC >> (8 * p + shift)) & 0xF
+                u_GC = jax.lax.bitcast_convert_type(nibble_GC | BF16_128, jnp.bfloat16)  # 128 + u
+                s_1C_p = jax.lax.bitcast_convert_type((s_1C >> (16 * p)).astype(jnp.uint16), jnp.bfloat16)
+                w_GC = (u_GC.astype(dt) - OFFSET) * s_1C_p.astype(dt)
+                out.append(acc_MC + jnp.dot(x_MG, w_GC, preferred_element_type=jnp.float32))
+            return tuple(out)
 
-        def planar_block(j, acc_MN):
+        def planar_block(j, acc_PMC):
             for g in range(planar // 2 // rows):
-                byte_GN = plgpu.load(packed_ref.at[layer, expert, pl.ds(j * planar // 2 + g * rows, rows), cols],
-                                     mask=col_ok_N[None, :], other=0).astype(jnp.uint16)
-                acc_MN += group_dot(j * planar + g * rows, byte_GN, 0)
-                acc_MN += group_dot(j * planar + planar // 2 + g * rows, byte_GN, 4)
-            return acc_MN
+                pair_GC = plgpu.load(
+                    pairs_ref.at[layer, expert, pl.ds(j * planar // 2 + g * rows, rows), pairs],
+                    mask=pair_ok_C[None, :], other=0)
+                acc_PMC = group_dots(j * planar + g * rows, pair_GC, 0, acc_PMC)
+                acc_PMC = group_dots(j * planar + planar // 2 + g * rows, pair_GC, 4, acc_PMC)
+            return acc_PMC
 
-        acc_MN = jax.lax.fori_loop(0, k // planar, planar_block, jnp.zeros((bm, bn), jnp.float32))
-        plgpu.store(out_ref.at[pl.ds(row0, bm), cols], acc_MN.astype(out_ref.dtype),
+        zeros = tuple(jnp.zeros((bm, bc), jnp.float32) for _ in range(2))
+        acc_PMC = jax.lax.fori_loop(0, k // planar, planar_block, zeros)
+        plgpu.store(out_ref.at[pl.ds(row0, bm), pl.ds(n_i * bn, bn)], _interleave(*acc_PMC).astype(out_ref.dtype),
                     mask=mine_M[:, None] & col_ok_N[None, :])
+
+
+def as_pairs(a: jax.Array, dtype) -> jax.Array:
+    """[..., N] -> [..., N/2] of `dtype` (twice a's width): the same bytes, a bitcast, no copy. Element p of pair c
+    is column 2c + p.
+
+    The Triton kernel reads its weights this way because Pallas' Triton lowering indexes an array of at most 2^32
+    bytes with 32-bit signed offsets: past 2^31 one-byte elements (one layer's K2 down projection on one GPU is
+    2.8 GB) they wrap and the kernel reads other bytes. In 2-byte pairs no offset passes 2^31."""
+    *lead, n = a.shape
+    if n % 2:
+        raise ValueError(f"INT4 weights for the GPU kernel need an even N (here {n})")
+    return jax.lax.bitcast_convert_type(a.reshape(*lead, n // 2, 2), dtype)
 
 
 @functools.partial(jax.jit, static_argnames="interpret")
@@ -367,7 +401,7 @@ def grouped_int4_matmul_triton(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, la
         grid=(schedule[2].shape[0], pl.cdiv(n, bn)),
         compiler_params=plgpu.CompilerParams(num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES),
         interpret=interpret,
-    )(*schedule, x_MK, packed_LEHN, scale_LEGN)
+    )(*schedule, x_MK, as_pairs(packed_LEHN, jnp.uint16), as_pairs(scale_LEGN, jnp.uint32))
     return _zero_rows_past_sum(out_MN, group_sizes_E)
 
 
