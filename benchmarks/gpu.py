@@ -1,4 +1,4 @@
-"""One H200 run: kernel numerics, INT4 grouped matmul and MLA decode timings, and a K2 slice's decode step.
+"""One H200 run: kernel numerics, INT4 grouped matmul and MLA decode timings, a K2 slice's decode step, generate.
 
 Prints one markdown table. Each kernel row has its error against the pure-jnp reference, its median time, the
 bytes it must read and their time at the HBM floor (4.8 TB/s), and the plain XLA path's time on the same inputs.
@@ -6,9 +6,13 @@ The decode rows run k2jax's own decode step on Kimi K2 Thinking at true width wi
 MoE layers as fit in the GPU's memory, and report the time per MoE layer: (step with L layers - step with 1
 layer) / (L - 1), against the bytes one layer must read (weights of the experts the batch routes to, expected
 under uniform routing, plus attention, shared expert, router and the layer's cache) at the floor.
-Needs no install beyond jax with its CUDA plugin (the project's pins do not matter: it imports this checkout).
+The generate rows run the bundled model through Model.generate (the scheduler, the engine step and its masked
+sampler, a grammar-enforced tool call) with the backend's kernels and with plain XLA: logits error and seconds
+per step of each. A case that raises is printed and counted, and the run goes on to the next.
+Needs no install beyond jax with its CUDA plugin and llguidance (the project's pins do not matter: it imports this
+checkout).
 
-    python benchmarks/gpu.py               # on the GPU, under 8 minutes
+    python benchmarks/gpu.py               # on the GPU, ~4 minutes (--parts picks some of it)
     python benchmarks/gpu.py --dry-run     # CPU, tiny shapes, Pallas interpreter: checks the script itself
 
 The attention rows go through attention_case(): the ragged paged MLA kernel over each row's pages.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import sys
 import time
@@ -63,11 +68,13 @@ class Shapes:
     decode_batches: tuple[int, ...]
     decode_context: int
     iters: int
+    generate_batches: tuple[int, ...]
+    generate_tokens: int
 
 
 GPU = Shapes(7168, 2048, 384, 8, (1, 8, 64), ((1, 64, 32768), (1, 64, 262144), (8, 64, 32768), (64, 64, 8192)),
-             (1, 8, 64), 4096, 20)
-DRY = Shapes(128, 32, 8, 2, (2,), ((1, 2, 64),), (2,), 32, 1)
+             (1, 8, 64), 4096, 20, (1, 8), 64)
+DRY = Shapes(128, 32, 8, 2, (2,), ((1, 2, 64),), (2,), 32, 1, (1,), 4)
 
 
 @dataclasses.dataclass
@@ -225,6 +232,52 @@ def decode_rows(cfg: k2jax.K2Config, sh: Shapes, layers: int) -> list[Row]:
             for b, t_one, t_many in zip(sh.decode_batches, one, many)]
 
 
+MULTIPLY = {"type": "function", "function": {"name": "multiply", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"],
+    "additionalProperties": False}}}
+
+
+def generate_pass(mode: str, batches: tuple[int, ...], new_tokens: int) -> tuple[np.ndarray, list[float], float]:
+    """The bundled model under one kernel mode: last-position logits of a prompt, seconds per decode step of
+    Model.generate at each batch (its second call: the first compiles), and the model's bytes. Raises when the
+    enforced tool call of a chat turn is not `multiply` with two integers."""
+    os.environ[dispatch.ENV_VAR] = mode
+    jax.clear_caches()
+    model = k2jax.load()
+    prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 * 7?"}], tools=[MULTIPLY])
+    calls = model.generate([prompt], tools=[MULTIPLY], tool_choice="required", max_reasoning_tokens=16).tool_calls[0]
+    args = json.loads(calls[0]["function"]["arguments"]) if calls else {}
+    if not calls or calls[0]["function"]["name"] != "multiply" or not all(type(args.get(k)) is int for k in "ab"):
+        raise AssertionError(f"{mode}: enforced tool call came back as {calls}")
+    logits = np.asarray(model.logits([model.tokenizer.encode(prompt)])[0, -1], np.float32)
+    seconds = []
+    for batch in batches:
+        for _ in range(2):
+            start = time.perf_counter()
+            model.generate(["def fibonacci(n):"] * batch, max_new_tokens=new_tokens)
+            elapsed = time.perf_counter() - start
+        seconds.append(elapsed / new_tokens)
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(model.state))
+    return logits, seconds, nbytes
+
+
+def generate_rows(kernel_mode: str, batches: tuple[int, ...], new_tokens: int) -> list[Row]:
+    """k2jax's main job on this backend: the bundled model through Model.generate (scheduler, engine step, masked
+    sampler) with the backend's kernels against the same with plain XLA: logits error, seconds per step at each
+    batch (floor: the model's bytes once per step)."""
+    before = os.environ.get(dispatch.ENV_VAR)
+    try:
+        (logits, seconds, nbytes), (xla_logits, xla_seconds, _) = (
+            generate_pass(mode, batches, new_tokens) for mode in (kernel_mode, "xla"))
+    finally:
+        os.environ.pop(dispatch.ENV_VAR, None)
+        if before is not None:
+            os.environ[dispatch.ENV_VAR] = before
+    err = rel_err(logits, xla_logits)
+    return [Row("generate, bundled model", f"batch {b}, {new_tokens} tokens, per step", t, nbytes, err, t_xla)
+            for b, t, t_xla in zip(batches, seconds, xla_seconds)]
+
+
 def table(rows: list[Row]) -> str:
     """Markdown table of the rows, with each time against the HBM floor and the XLA path."""
     lines = ["| case | shape | rel err | time us | floor us | % of 4.8 TB/s | XLA path us | speed-up vs XLA | "
@@ -260,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Pallas interpreter")
     parser.add_argument("--max-layers", type=int, default=12, help="MoE layers in the decode slice at most")
-    parser.add_argument("--parts", default="int4,mla,decode",
-                        help="comma-separated parts to run: int4 (grouped matmul), mla (attention), decode (step)")
+    parser.add_argument("--parts", default="int4,mla,decode,generate",
+                        help="comma-separated parts to run: int4 (grouped matmul), mla (attention), decode (K2 "
+                        "step), generate (the bundled model's Model.generate, kernels against XLA)")
     args = parser.parse_args(argv)
     sh, interpret = (DRY, True) if args.dry_run else (GPU, False)
     device = jax.devices()[0]
@@ -286,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     layers = fitting_moe_layers(cfg, free, args.max_layers if not args.dry_run else 2)
     if "decode" in parts:
         run_case(rows, failures, f"decode step, {layers} MoE layers", lambda: decode_rows(cfg, sh, layers))
+    if "generate" in parts:
+        mode = "interpret-triton" if args.dry_run else dispatch.kernel_mode()
+        run_case(rows, failures, "generate, bundled model",
+                 lambda: generate_rows(mode, sh.generate_batches, sh.generate_tokens))
     print(table(rows))
     failures += [f"{r.case} {r.shape}: rel err {r.err:.2e} > {TOLERANCE}"
                  for r in rows if r.err is not None and not r.err <= TOLERANCE]
