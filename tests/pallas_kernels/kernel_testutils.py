@@ -1,6 +1,8 @@
 """Random inputs shared by the kernel tests (uniform INT4 bytes, positive scales, normal activations, paged MLA
-pools and queries) and the attention outputs' comparison."""
+pools and queries), the attention outputs' comparison, and the Triton operands' offset check."""
 
+import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -69,3 +71,23 @@ def assert_attention_close(got, ref, *, o_atol: float, lse_atol: float) -> None:
     seen = np.isfinite(lse_ref)
     np.testing.assert_allclose(lse[seen], lse_ref[seen], atol=lse_atol, rtol=0)
     assert not o_ref[~seen].any() and not o[~seen].any()
+
+
+def _pallas_operands(jaxpr) -> list:
+    """Avals of every operand of every pallas_call in a jaxpr, nested calls included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found += [v.aval for v in eqn.invars]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _pallas_operands(sub)
+    return found
+
+
+def wrapping_triton_operands(fn, *args) -> tuple[list, list]:
+    """(all pallas_call operands of fn traced on abstract args, those whose element offsets wrap).
+
+    Pallas' Triton lowering indexes an operand of at most 2^32 bytes with signed 32-bit element offsets (64-bit
+    only above), so one of fewer bytes but 2^31 elements or more (a one-byte array of 2-4 GB) reads other memory."""
+    operands = _pallas_operands(jax.make_jaxpr(fn)(*args).jaxpr)
+    return operands, [a for a in operands if a.size >= 2**31 and a.size * a.dtype.itemsize <= 2**32]

@@ -3,10 +3,11 @@ and the reference against a dense numpy softmax attention."""
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_testutils import absorbed_queries, assert_attention_close, paged_pool_and_tables
+from kernel_testutils import absorbed_queries, assert_attention_close, paged_pool_and_tables, wrapping_triton_operands
 
 from pallas_kernels import ragged_mla as K
 
@@ -123,3 +124,16 @@ def test_bad_shapes_are_named():
         K.ragged_mla_reference(q, kv, ok[0], jnp.zeros(3, jnp.int32), *ok[2:], sm_scale=0.1, rank=64)
     with pytest.raises(ValueError, match="rank must be a power of two"):
         K.ragged_mla_triton(q, kv, *ok, sm_scale=0.1, rank=48, interpret=True)
+
+
+@pytest.mark.parametrize("pages", [1_200, 2_600, 40_000])
+def test_triton_operands_are_indexed_within_32_bit_offsets(pages):
+    """K2's pool (61 layers of 64-token pages, 640 lanes, bf16) below, inside and above the 2^31-2^32 byte range
+    that Pallas' 32-bit Triton indexing cannot reach for one-byte elements: no operand's offsets wrap."""
+    q = jax.ShapeDtypeStruct((64, 1, 64, 640), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((61, pages, 64, 640), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((64,), jnp.int32)
+    args = (q, kv, jax.ShapeDtypeStruct((64, 512), jnp.int32), rows, rows, jax.ShapeDtypeStruct((), jnp.int32))
+    fn = functools.partial(K.ragged_mla_triton, page_first=0, sm_scale=0.1, rank=512)
+    operands, wrapping = wrapping_triton_operands(fn, *args)
+    assert any(a.shape == kv.shape for a in operands) and not wrapping
