@@ -21,8 +21,8 @@ experts' weights, once per row tile.
 The Triton kernel walks a schedule of (expert, row tile) visits over the unpadded rows (an expert straddling two
 tiles is visited twice, with masked stores): one program per (visit, column tile); programs past the last
 visit exit at once, and each program walks K one 32-row scale group at a time with masked row loads. It reads
-weights and scales as pairs of columns (uint16 / uint32 views, see as_pairs), which keeps every element offset
-of a one-layer operand under 2^31, as Pallas' 32-bit Triton indexing needs.
+weights as pairs of byte columns (a uint16 view, see byte_pairs), which keeps every element offset of a
+one-layer operand under 2^31, as Pallas' 32-bit Triton indexing needs.
 """
 
 import functools
@@ -323,11 +323,11 @@ def _interleave(a_RC: jax.Array, b_RC: jax.Array) -> jax.Array:
 
 
 def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref, layer_ref,
-                       x_ref, pairs_ref, scale_pairs_ref, out_ref, *, bm: int, bn: int, planar: int):
+                       x_ref, pairs_ref, scale_ref, out_ref, *, bm: int, bn: int, planar: int):
     """One (visit, column tile) program: loop over planar blocks and their scale groups, masked store.
 
-    Weights and scales arrive as pairs of columns (as_pairs): byte / bf16 p of pair c is column 2c + p. The program
-    keeps one accumulator per p and interleaves the two once, before its store."""
+    Weights arrive as pairs of byte columns (byte_pairs): byte p of pair c is column 2c + p. The program splits
+    each scale row the same way, keeps one accumulator per p, and interleaves the two once, before its store."""
     v, n_i = pl.program_id(0), pl.program_id(1)
     k, n = x_ref.shape[1], out_ref.shape[1]
     group = int4_layout.GROUP
@@ -346,15 +346,15 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
         def group_dots(k0, pair_GC, shift, acc_PMC):
             """acc + x's group at k0 times the nibbles at `shift` of each byte of the pairs, per byte."""
             x_MG = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, rows)], mask=mine_M[:, None], other=0)
-            s_1C = plgpu.load(scale_pairs_ref.at[layer, expert, pl.ds(k0 // group, 1), pairs],
-                              mask=pair_ok_C[None, :], other=0)
+            s_1N = plgpu.load(scale_ref.at[layer, expert, pl.ds(k0 // group, 1), pl.ds(n_i * bn, bn)],
+                              mask=col_ok_N[None, :], other=0)
+            s_P1C = jax.lax.unstack(s_1N.reshape(1, bc, 2), axis=2)  # column 2c + p -> s_P1C[p][0, c]
             dt = x_MG.dtype  # bf16 on a GPU: packed HADD2 / HMUL2; the subtraction is exact, the scale rounds once
             out = []
             for p, acc_MC in enumerate(acc_PMC):
                 nibble_GC = (pair_GC >> (8 * p + shift)) & 0xF
                 u_GC = jax.lax.bitcast_convert_type(nibble_GC | BF16_128, jnp.bfloat16)  # 128 + u
-                s_1C_p = jax.lax.bitcast_convert_type((s_1C >> (16 * p)).astype(jnp.uint16), jnp.bfloat16)
-                w_GC = (u_GC.astype(dt) - OFFSET) * s_1C_p.astype(dt)
+                w_GC = (u_GC.astype(dt) - OFFSET) * s_P1C[p].astype(dt)
                 out.append(acc_MC + jnp.dot(x_MG, w_GC, preferred_element_type=jnp.float32))
             return tuple(out)
 
@@ -373,17 +373,16 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
                     mask=mine_M[:, None] & col_ok_N[None, :])
 
 
-def as_pairs(a: jax.Array, dtype) -> jax.Array:
-    """[..., N] -> [..., N/2] of `dtype` (twice a's width): the same bytes, a bitcast, no copy. Element p of pair c
-    is column 2c + p.
+def byte_pairs(packed: jax.Array) -> jax.Array:
+    """uint8 [..., N] -> uint16 [..., N/2], the same bytes (a bitcast: no copy); byte p of pair c is column 2c + p.
 
-    The Triton kernel reads its weights this way because Pallas' Triton lowering indexes an array of at most 2^32
-    bytes with 32-bit signed offsets: past 2^31 one-byte elements (one layer's K2 down projection on one GPU is
-    2.8 GB) they wrap and the kernel reads other bytes. In 2-byte pairs no offset passes 2^31."""
-    *lead, n = a.shape
+    The Triton kernel reads its weights this way because Pallas' Triton lowering indexes an operand of at most
+    2^32 bytes with signed 32-bit element offsets: past 2^31 one-byte elements (one layer's K2 down projection on
+    one GPU is 2.8 GB) they wrap and the kernel reads other bytes. In pairs no offset passes 2^31."""
+    *lead, n = packed.shape
     if n % 2:
         raise ValueError(f"INT4 weights for the GPU kernel need an even N (here {n})")
-    return jax.lax.bitcast_convert_type(a.reshape(*lead, n // 2, 2), dtype)
+    return jax.lax.bitcast_convert_type(packed.reshape(*lead, n // 2, 2), jnp.uint16)
 
 
 @functools.partial(jax.jit, static_argnames="interpret")
@@ -401,7 +400,7 @@ def grouped_int4_matmul_triton(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, la
         grid=(schedule[2].shape[0], pl.cdiv(n, bn)),
         compiler_params=plgpu.CompilerParams(num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES),
         interpret=interpret,
-    )(*schedule, x_MK, as_pairs(packed_LEHN, jnp.uint16), as_pairs(scale_LEGN, jnp.uint32))
+    )(*schedule, x_MK, byte_pairs(packed_LEHN), scale_LEGN)
     return _zero_rows_past_sum(out_MN, group_sizes_E)
 
 

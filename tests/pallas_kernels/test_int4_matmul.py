@@ -135,16 +135,17 @@ def test_kernel_inside_outer_jit_with_traced_group_sizes(rng):
 
 
 @pytest.mark.parametrize("kernel", GROUPED)
-def test_layer_of_a_stack_matches_that_layer(rng, kernel):
-    """Stacked [L, E, ...] weights with a traced layer index give the same rows as that layer's slice."""
+@pytest.mark.parametrize("scale_dtype", [jnp.bfloat16, jnp.float32])
+def test_layer_of_a_stack_matches_that_layer(rng, kernel, scale_dtype):
+    """Stacked [L, E, ...] weights with a traced layer index give the same rows as that layer's slice; scales in
+    the model's dtype (float32 on CPU) as well as bf16."""
     packed, scale = random_int4(rng, 3 * 4, 256, 128)
-    packed_LEHN, scale_LEGN = packed.reshape(3, 4, 128, 128), scale.reshape(3, 4, 8, 128)
+    packed_LEHN, scale_LEGN = packed.reshape(3, 4, 128, 128), scale.reshape(3, 4, 8, 128).astype(scale_dtype)
     x = random_normal(rng, (6, 256))
     sizes = jnp.asarray([1, 0, 3, 2], jnp.int32)
     run = jax.jit(lambda layer: GROUPED[kernel](x, packed_LEHN, scale_LEGN, sizes, layer=layer, interpret=True))
     expect = I.grouped_int4_matmul_reference(x, packed_LEHN[2], scale_LEGN[2], sizes)
     assert max_rel_err(run(jnp.int32(2)), expect) < TOL[jnp.float32]
-
 
 
 @pytest.mark.parametrize("layers,tokens,k,n", [(1, 1, 2048, 7168), (1, 64, 7168, 4096), (4, 8, 2048, 7168)])
