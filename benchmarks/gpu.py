@@ -70,11 +70,12 @@ class Shapes:
     iters: int
     generate_batches: tuple[int, ...]
     generate_tokens: int
+    splits: tuple[int, ...]  # split_k values of the INT4 kernel to time
 
 
 GPU = Shapes(7168, 2048, 384, 8, (1, 8, 64), ((1, 64, 32768), (1, 64, 262144), (8, 64, 32768), (64, 64, 8192)),
-             (1, 8, 64), 4096, 20, (1, 8), 64)
-DRY = Shapes(128, 32, 8, 2, (2,), ((1, 2, 64),), (2,), 32, 1, (1,), 4)
+             (1, 8, 64), 4096, 20, (1, 8), 64, (1, 2, 4, 8))
+DRY = Shapes(128, 32, 8, 2, (2,), ((1, 2, 64),), (2,), 32, 1, (1,), 4, (1, 2))
 
 
 @dataclasses.dataclass
@@ -118,22 +119,26 @@ def grouped_reference(x_MK, packed_EHN, scale_EGN, group_sizes_E) -> jax.Array:
             lambda g: int4_layout.dequantize(packed_EHN[g], scale_EGN[g], jnp.float32), group_sizes_E)
 
 
-def grouped_case(rng, sh: Shapes, tokens: int, k: int, n: int, interpret: bool) -> Row:
-    """The INT4 grouped matmul (Triton) on one routed batch: error, time, bytes, XLA path's time."""
+def grouped_case(rng, sh: Shapes, tokens: int, k: int, n: int, interpret: bool) -> list[Row]:
+    """The INT4 grouped matmul (Triton) on one routed batch, at each of sh.splits (programs sharing K): error,
+    time, bytes, temporaries; the XLA path's time on the same inputs."""
     sizes = routed_sizes(rng, tokens, sh.experts, sh.top_k)
     x = jnp.asarray(rng.standard_normal((int(sizes.sum()), k)), jnp.bfloat16)
     packed = random_bytes(jax.random.key(int(rng.integers(2**31))), (sh.experts, k // 2, n))
     scale = jnp.asarray(rng.uniform(0.005, 0.05, (sh.experts, k // 32, n)), jnp.bfloat16)
     gs = jnp.asarray(sizes)
-    kernel = jax.jit(functools.partial(I.grouped_int4_matmul_triton, interpret=interpret))
-    xla = jax.jit(dispatch.grouped_int4_matmul_xla)
+    xla_seconds = timed(jax.jit(dispatch.grouped_int4_matmul_xla), x, packed, scale, gs, iters=sh.iters)
     ref = grouped_reference(x, packed, scale, gs)
     active = int(np.sum(sizes > 0))
     nbytes = active * (k // 2 + 2 * k // int4_layout.GROUP) * n + x.nbytes + x.shape[0] * n * 2
-    temp = kernel.lower(x, packed, scale, gs).compile().memory_analysis().temp_size_in_bytes
-    return Row("int4 grouped matmul", f"{tokens} tok, {active}/{sh.experts} experts, {k}x{n}",
-               timed(kernel, x, packed, scale, gs, iters=sh.iters), nbytes, rel_err(kernel(x, packed, scale, gs), ref),
-               timed(xla, x, packed, scale, gs, iters=sh.iters), temp)
+    rows = []
+    for split in sh.splits:
+        kernel = jax.jit(functools.partial(I.grouped_int4_matmul_triton, interpret=interpret, split_k=split))
+        temp = kernel.lower(x, packed, scale, gs).compile().memory_analysis().temp_size_in_bytes
+        rows.append(Row("int4 grouped matmul", f"{tokens} tok, {active}/{sh.experts} experts, {k}x{n}, split {split}",
+                        timed(kernel, x, packed, scale, gs, iters=sh.iters), nbytes,
+                        rel_err(kernel(x, packed, scale, gs), ref), xla_seconds, temp))
+    return rows
 
 
 def attention_case(rng, b: int, h: int, s: int, iters: int, interpret: bool) -> Row:
@@ -329,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     for tokens in sh.tokens if "int4" in parts else ():
         for k, n in ((sh.hidden, 2 * sh.expert_f), (sh.expert_f, sh.hidden)):
             run_case(rows, failures, f"int4 grouped matmul {tokens} tok {k}x{n}",
-                     lambda: [grouped_case(rng, sh, tokens, k, n, interpret)])
+                     lambda: grouped_case(rng, sh, tokens, k, n, interpret))
     for b, h, s in sh.mla if "mla" in parts else ():
         run_case(rows, failures, f"mla decode attention B={b} H={h} S={s}",
                  lambda: [attention_case(rng, b, h, s, sh.iters, interpret)])

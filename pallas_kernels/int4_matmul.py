@@ -323,13 +323,15 @@ def _interleave(a_RC: jax.Array, b_RC: jax.Array) -> jax.Array:
 
 
 def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_ref, layer_ref,
-                       x_ref, pairs_ref, scale_ref, out_ref, *, bm: int, bn: int, planar: int):
-    """One (visit, column tile) program: loop over planar blocks and their scale groups, masked store.
+                       x_ref, pairs_ref, scale_ref, out_ref, *, bm: int, bn: int, planar: int,
+                       blocks_per_split: int):
+    """One (visit, column tile, K split) program: loop over its planar blocks and their scale groups, masked store
+    of its float32 partial sums.
 
     Weights arrive as pairs of byte columns (byte_pairs): byte p of pair c is column 2c + p. The program splits
     each scale row the same way, keeps one accumulator per p, and interleaves the two once, before its store."""
-    v, n_i = pl.program_id(0), pl.program_id(1)
-    k, n = x_ref.shape[1], out_ref.shape[1]
+    v, n_i, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    k, n = x_ref.shape[1], out_ref.shape[2]
     group = int4_layout.GROUP
     rows = min(group, planar // 2)  # packed rows per load: one scale group per nibble half
     bc = bn // 2  # column pairs per program
@@ -368,8 +370,9 @@ def _gmm_triton_kernel(starts_ref, ends_ref, expert_ref, tile_ref, num_visits_re
             return acc_PMC
 
         zeros = tuple(jnp.zeros((bm, bc), jnp.float32) for _ in range(2))
-        acc_PMC = jax.lax.fori_loop(0, k // planar, planar_block, zeros)
-        plgpu.store(out_ref.at[pl.ds(row0, bm), pl.ds(n_i * bn, bn)], _interleave(*acc_PMC).astype(out_ref.dtype),
+        first = split * blocks_per_split
+        acc_PMC = jax.lax.fori_loop(first, jnp.minimum(first + blocks_per_split, k // planar), planar_block, zeros)
+        plgpu.store(out_ref.at[split, pl.ds(row0, bm), pl.ds(n_i * bn, bn)], _interleave(*acc_PMC),
                     mask=mine_M[:, None] & col_ok_N[None, :])
 
 
@@ -385,23 +388,28 @@ def byte_pairs(packed: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(packed.reshape(*lead, n // 2, 2), jnp.uint16)
 
 
-@functools.partial(jax.jit, static_argnames="interpret")
+@functools.partial(jax.jit, static_argnames=("interpret", "split_k"))
 def grouped_int4_matmul_triton(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None,
-                               interpret: bool = False) -> jax.Array:
-    """GPU (Triton) form of grouped_int4_matmul: same arguments, same result."""
+                               interpret: bool = False, split_k: int = 1) -> jax.Array:
+    """GPU (Triton) form of grouped_int4_matmul: same arguments, same result. `split_k` programs share each
+    (visit, column tile)'s K, each summing a contiguous run of planar blocks; their float32 partials are added
+    after (more programs in flight when few experts are active)."""
     m, k = x_MK.shape
     n = packed_EHN.shape[-1]
     bm, bn = _triton_blocks(m)
+    planar = int4_layout.planar_block(k)
+    blocks_per_split = pl.cdiv(k // planar, split_k)
+    splits = pl.cdiv(k // planar, blocks_per_split)
     packed_LEHN, scale_LEGN, layer_1 = _with_layer_axis(packed_EHN, scale_EGN, layer)
     schedule = (*_visit_schedule(group_sizes_E, m, bm), layer_1)
-    out_MN = pl.pallas_call(
-        functools.partial(_gmm_triton_kernel, bm=bm, bn=bn, planar=int4_layout.planar_block(k)),
-        out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
-        grid=(schedule[2].shape[0], pl.cdiv(n, bn)),
+    out_SMN = pl.pallas_call(
+        functools.partial(_gmm_triton_kernel, bm=bm, bn=bn, planar=planar, blocks_per_split=blocks_per_split),
+        out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+        grid=(schedule[2].shape[0], pl.cdiv(n, bn), splits),
         compiler_params=plgpu.CompilerParams(num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES),
         interpret=interpret,
     )(*schedule, x_MK, byte_pairs(packed_LEHN), scale_LEGN)
-    return _zero_rows_past_sum(out_MN, group_sizes_E)
+    return _zero_rows_past_sum(jnp.sum(out_SMN, axis=0).astype(x_MK.dtype), group_sizes_E)
 
 
 def int4_matmul_triton(x_MK, packed_HN, scale_GN, *, interpret: bool = False) -> jax.Array:

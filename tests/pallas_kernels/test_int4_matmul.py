@@ -162,3 +162,15 @@ def test_triton_operands_are_indexed_within_32_bit_offsets(layers, tokens, k, n)
         lambda x, p, s, gs, layer: I.grouped_int4_matmul_triton(x, p, s, gs, layer=layer), *args)
     assert any(a.size >= 2**30 for a in operands)  # the weights are among them
     assert not wrapping
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 8])
+def test_triton_split_k_matches_reference(rng, split_k):
+    """K shared by several programs (4 planar blocks in 2, 2 and 4 runs; the last run shorter when uneven): the summed
+    float32 partials equal the reference, rows past the sum stay 0."""
+    packed, scale = random_int4(rng, 4, 1024, 256)
+    x = random_normal(rng, (11, 1024))
+    sizes = jnp.asarray([3, 0, 5, 1], jnp.int32)
+    out = I.grouped_int4_matmul_triton(x, packed, scale, sizes, interpret=True, split_k=split_k)
+    assert max_rel_err(out, I.grouped_int4_matmul_reference(x, packed, scale, sizes)) < INT4_F32_TOL["other"]
+    assert np.all(np.asarray(out)[9:] == 0)
