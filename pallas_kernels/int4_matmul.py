@@ -19,8 +19,9 @@ read twice for a tile boundary. It walks only the visited tiles, and steps past 
 previous block indices, so the pipeline issues no DMA for them. Decode therefore reads exactly the active
 experts' weights, once per row tile.
 The Triton kernel walks a schedule of (expert, row tile) visits over the unpadded rows (an expert straddling two
-tiles is visited twice, with masked stores): one program per (visit, column tile); programs past the last
-visit exit at once, and each program walks K one 32-row scale group at a time with masked row loads. It reads
+tiles is visited twice, with masked stores): one program per (visit, column tile, K split); programs past the
+last visit exit at once, and each program walks its share of K one 32-row scale group at a time with masked row
+loads, storing float32 partials that are summed after. It reads
 weights as pairs of byte columns (a uint16 view, see byte_pairs), which keeps every element offset of a
 one-layer operand under 2^31, as Pallas' 32-bit Triton indexing needs.
 """
