@@ -12,7 +12,7 @@ per step of each. A case that raises is printed and counted, and the run goes on
 Needs no install beyond jax with its CUDA plugin and llguidance (the project's pins do not matter: it imports this
 checkout).
 
-    python benchmarks/gpu.py               # on the GPU, ~4 minutes (--parts picks some of it)
+    python benchmarks/gpu.py               # on the GPU, about 6 minutes (--parts picks some of it)
     python benchmarks/gpu.py --dry-run     # CPU, tiny shapes, Pallas interpreter: checks the script itself
 
 The attention rows go through attention_case(): the ragged paged MLA kernel over each row's pages.
