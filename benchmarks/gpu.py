@@ -72,11 +72,12 @@ class Shapes:
     generate_batches: tuple[int, ...]
     generate_tokens: int
     splits: tuple[int, ...]  # split_k values of the INT4 kernel to time
+    mla_splits: tuple[int, ...]  # multiples of the MLA kernel's default page splits to time
 
 
 GPU = Shapes(7168, 2048, 384, 8, (1, 8, 64), ((1, 64, 32768), (1, 64, 262144), (8, 64, 32768), (64, 64, 8192)),
-             (1, 8, 64), 4096, 20, (1, 8), 64, (1, 2, 4, 8))
-DRY = Shapes(128, 32, 8, 2, (2,), ((1, 2, 64),), (2,), 32, 1, (1,), 4, (1, 2))
+             (1, 8, 64), 4096, 20, (1, 8), 64, (1, 2, 4, 8), (1, 2, 4))
+DRY = Shapes(128, 32, 8, 2, (2,), ((1, 2, 64),), (2,), 32, 1, (1,), 4, (1, 2), (1, 2))
 
 
 @dataclasses.dataclass
@@ -155,15 +156,23 @@ def grouped_case(rng, sh: Shapes, tokens: int, k: int, n: int, interpret: bool) 
     return rows
 
 
-def attention_case(rng, b: int, h: int, s: int, iters: int, interpret: bool) -> Row:
-    """The ragged paged MLA kernel (Triton), one new token per row over s keys in shuffled pages: error, time,
-    bytes, and the XLA path's time on the same pages."""
+def attention_case(rng, b: int, h: int, s: int, sh: Shapes, interpret: bool) -> list[Row]:
+    """The ragged paged MLA kernel (Triton), one new token per row over s keys in shuffled pages, at its default
+    page splits and at each multiple of them in sh.mla_splits: error, time, bytes; the XLA path's time on the same
+    pages."""
     args = ragged_decode_args(rng, b, h, s, min(R.GPU_PAGE_SIZE, s))
-    kernel = jax.jit(functools.partial(R.ragged_mla_triton, sm_scale=SM_SCALE, rank=RANK, interpret=interpret))
     xla = jax.jit(functools.partial(R.ragged_mla_reference, sm_scale=SM_SCALE, rank=RANK))
-    return Row("mla decode attention", f"B={b} H={h} S={s}", device_seconds(kernel, *args, iters=iters),
-               ragged_decode_bytes(b, h, s), rel_err(kernel(*args)[0], xla(*args)[0]),
-               device_seconds(xla, *args, iters=iters))
+    xla_seconds, ref = device_seconds(xla, *args, iters=sh.iters), xla(*args)[0]
+    width = args[2].shape[1]
+    rows = []
+    for mult in sh.mla_splits:
+        splits = R.triton_splits(b, 1, h, width, R.triton_splits(b, 1, h, width) * mult)
+        kernel = jax.jit(functools.partial(R.ragged_mla_triton, sm_scale=SM_SCALE, rank=RANK, interpret=interpret,
+                                           num_splits=splits))
+        rows.append(Row("mla decode attention", f"B={b} H={h} S={s}, {splits} splits",
+                        device_seconds(kernel, *args, iters=sh.iters), ragged_decode_bytes(b, h, s),
+                        rel_err(kernel(*args)[0], ref), xla_seconds))
+    return rows
 
 
 def random_state(abstract: Any, seed: int) -> Any:
@@ -352,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                      lambda: grouped_case(rng, sh, tokens, k, n, interpret))
     for b, h, s in sh.mla if "mla" in parts else ():
         run_case(rows, failures, f"mla decode attention B={b} H={h} S={s}",
-                 lambda: [attention_case(rng, b, h, s, sh.iters, interpret)])
+                 lambda: attention_case(rng, b, h, s, sh, interpret))
     full = k2jax.preset("kimi-k2-thinking")
     cfg = full if not args.dry_run else dataclasses.replace(
         k2jax.preset("tiny"), hidden_size=sh.hidden, moe_intermediate_size=sh.expert_f, quant=full.quant)

@@ -260,6 +260,12 @@ def _triton_plan(t: int) -> tuple[int, int]:
     return (16, 4) if t == 1 else (32, 8)
 
 
+def triton_splits(b: int, t: int, h: int, width: int, num_splits: int | None = None) -> int:
+    """Page splits of the Triton kernel for b rows of t queries over h heads and `width` table columns: num_splits,
+    by default as many as give TRITON_MIN_PROGRAMS programs; never more than the table has columns."""
+    return min(num_splits or pl.cdiv(TRITON_MIN_PROGRAMS, b * pl.cdiv(t * h, _triton_plan(t)[0])), width)
+
+
 def _pe_width(c: int, rank: int) -> int:
     """Lanes of the Triton kernel's second block, [C - width, C): the power of two that covers [rank, C)."""
     return 1 << max(c - rank - 1, 0).bit_length()
@@ -325,7 +331,7 @@ def ragged_mla_triton(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, pag
                          "[rank, C) as blocks: rank must be a power of two, and so large a block must fit in C")
     block_rows, warps = _triton_plan(t)
     row_blocks = pl.cdiv(t * h, block_rows)
-    splits = min(num_splits or pl.cdiv(TRITON_MIN_PROGRAMS, b * row_blocks), width)
+    splits = triton_splits(b, t, h, width, num_splits)
     kv_len, q_start, layer_1, first_1 = _scalars(kv_len_B, q_start_B, layer, page_first)
     o_BsXR, lse_BsX = pl.pallas_call(
         functools.partial(_ragged_triton_kernel, sm_scale=sm_scale, heads=h, rank=rank, stride=page_stride,
