@@ -134,14 +134,22 @@ def hlo_copies(hlo: str, shape: Sequence[int], dtype: str) -> int:
 
 
 def weight_params(hlo: str) -> set[str]:
-    """HLO names of the entry parameters that hold model weights (their metadata names the model state)."""
-    return set(re.findall(r"(%[\w.-]+) = [^\n]*? parameter\(\d+\)[^\n]*op_name=\"state\[", hlo))
+    """HLO names of the entry parameters that hold model weights (their metadata names the model state), and of the
+    bitcasts of them (a kernel may read a weight through a view, e.g. the Triton INT4 kernel's byte pairs)."""
+    names = set(re.findall(r"(%[\w.-]+) = [^\n]*? parameter\(\d+\)[^\n]*op_name=\"state\[", hlo))
+    views = re.findall(r"(%[\w.-]+) = [^\n]*? bitcast(?:-convert)?\((%[\w.-]+)\)", hlo)
+    while True:
+        more = {view for view, src in views if src in names} - names
+        if not more:
+            return names
+        names |= more
 
 
 def hlo_moves(hlo: str, min_bytes: int) -> list[tuple[str, str, tuple[int, ...], int]]:
     """Instructions that copy, slice, gather or exchange a result of min_bytes or more: (op, first operand, result
     dims, bytes)."""
-    itemsize = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+    itemsize = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1,
+                "f64": 8, "s64": 8}
     pattern = re.compile(r"= \(?(\w+)\[([\d,]*)\][^ ]* ([\w-]+)\((%[\w.-]+)?")
     moves = []
     for line in hlo.splitlines():

@@ -109,3 +109,19 @@ def test_a_weight_stack_copied_whole_is_told_apart_from_cache_moves():
                                        ("copy", "%param.3", (60, 512, 256, 640), 60 * 512 * 256 * 640 * 2),
                                        ("gather", "%param_0.4357", (14720, 7168), 14720 * 7168 * 2)]
     assert classify_moves(hlo, 640, 512 * 256 * 640 * 2) == (1, 60 * 7168 * 576 * 2)
+
+
+def test_a_weight_copied_through_a_view_counts_as_copied():
+    """The Triton INT4 kernel reads the packed experts as uint16 byte pairs (a bitcast of the parameter): a copy of
+    that view is a copy of the weights."""
+    from k2jax.plan import classify_moves, weight_params
+
+    hlo = "\n".join([
+        "  %p.7 = u8[60,48,1024,7168]{3,2,1,0} parameter(7), "
+        "metadata={op_name=\"state[\\'moe_layers\\'][\\'mlp\\'][\\'down\\'][\\'packed\\'].value\"}",
+        "  %bitcast.1 = u8[60,48,1024,3584,2]{4,3,2,1,0} bitcast(%p.7)",
+        "  %bitcast-convert.2 = u16[60,48,1024,3584]{3,2,1,0} bitcast-convert(%bitcast.1)",
+        "  %copy.3 = u16[60,48,1024,3584]{2,3,1,0} copy(%bitcast-convert.2)",
+    ])
+    assert weight_params(hlo) == {"%p.7", "%bitcast.1", "%bitcast-convert.2"}
+    assert classify_moves(hlo, 640, 1 << 40) == (0, 60 * 48 * 1024 * 7168)
