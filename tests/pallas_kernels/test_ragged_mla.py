@@ -126,7 +126,7 @@ def test_bad_shapes_are_named():
         K.ragged_mla_triton(q, kv, *ok, sm_scale=0.1, rank=48, interpret=True)
 
 
-@pytest.mark.parametrize("pages", [1_200, 2_600, 40_000])
+@pytest.mark.parametrize("pages", [400, 800, 40_000])  # 2.0, 4.0 and 200 GB
 def test_triton_operands_are_indexed_within_32_bit_offsets(pages):
     """K2's pool (61 layers of 64-token pages, 640 lanes, bf16) below, inside and above the 2^31-2^32 byte range
     that Pallas' 32-bit Triton indexing cannot reach for one-byte elements: no operand's offsets wrap."""
