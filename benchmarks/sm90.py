@@ -86,12 +86,12 @@ class Kernel:
     loop_bytes: int = 0  # weight bytes one program reads per trip of its main loop (0: not a weight-streaming kernel)
 
 
-def int4_loop_bytes(m: int, k: int) -> int:
+def int4_loop_bytes(m: int, k: int, e: int = 1) -> int:
     """Packed weight bytes per main-loop trip of one INT4 Triton program: a planar block of K by its column tile."""
     from pallas_kernels.int4_layout import planar_block
     from pallas_kernels.int4_matmul import _triton_blocks
 
-    return planar_block(k) // 2 * _triton_blocks(m)[1]
+    return planar_block(k) // 2 * _triton_blocks(m, e)[1]
 
 
 # Every Triton kernel at the K2 shapes that pick its distinct block configurations. One line per compile.
@@ -99,11 +99,12 @@ RAGGED = "pallas_kernels.ragged_mla:ragged_mla_triton"
 RAGGED_STATIC = {"sm_scale": SM_SCALE, "rank": KV_LORA}
 KERNELS = [
     Kernel("int4 grouped gate+up, 1 token", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
-           grouped_args(1, EXPERTS, HIDDEN, 2 * EXPERT_F), loop_bytes=int4_loop_bytes(TOP_K, HIDDEN)),
+           grouped_args(1, EXPERTS, HIDDEN, 2 * EXPERT_F), loop_bytes=int4_loop_bytes(TOP_K, HIDDEN, EXPERTS)),
     Kernel("int4 grouped gate+up, 64 tokens", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
-           grouped_args(64, EXPERTS, HIDDEN, 2 * EXPERT_F), loop_bytes=int4_loop_bytes(64 * TOP_K, HIDDEN)),
-    Kernel("int4 grouped down, 256 tokens", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
-           grouped_args(256, EXPERTS, EXPERT_F, HIDDEN), loop_bytes=int4_loop_bytes(256 * TOP_K, EXPERT_F)),
+           grouped_args(64, EXPERTS, HIDDEN, 2 * EXPERT_F), loop_bytes=int4_loop_bytes(64 * TOP_K, HIDDEN, EXPERTS)),
+    Kernel("int4 grouped down, 1024 tokens", "pallas_kernels.int4_matmul:grouped_int4_matmul_triton",
+           grouped_args(1024, EXPERTS, EXPERT_F, HIDDEN),
+           loop_bytes=int4_loop_bytes(1024 * TOP_K, EXPERT_F, EXPERTS)),
     Kernel("int4 dense, M=1", "pallas_kernels.int4_matmul:int4_matmul_triton", dense_args(1, HIDDEN, EXPERT_F),
            loop_bytes=int4_loop_bytes(1, HIDDEN)),
     Kernel("int4 dense, M=256", "pallas_kernels.int4_matmul:int4_matmul_triton", dense_args(256, HIDDEN, EXPERT_F),

@@ -56,12 +56,14 @@ def test_grouped_matches_reference(rng, k, n, sizes, extra, dtype, kernel):
 @pytest.mark.parametrize("sizes,extra", [([20, 0, 7, 13, 0, 1], 3), ([16, 16, 0, 16], 0), ([0, 37, 0], 11),
                                          ([70, 0, 30, 45], 9)])
 def test_grouped_many_tiles(rng, small_tiles, sizes, extra, kernel):
-    """Experts straddling row tiles, partial last row tile, several K and N tiles (Triton: 64-row tiles)."""
+    """Experts straddling row tiles, partial last row tile, several K and N tiles (Triton: 16-row tiles, and
+    64-row tiles for the last case, whose experts average more than 16 rows)."""
     k, n = 1024, 384
     packed, scale = random_int4(rng, len(sizes), k, n)
     x = random_normal(rng, (sum(sizes) + extra, k))
     gs = jnp.asarray(sizes, jnp.int32)
     assert I._tiles(x.shape[0], k, n) == (16, 512, 128)
+    assert I._triton_blocks(x.shape[0], len(sizes))[0] == (64 if sum(sizes) > 16 * len(sizes) else 16)
     out = GROUPED[kernel](x, packed, scale, gs, interpret=True)
     assert max_rel_err(out, I.grouped_int4_matmul_reference(x, packed, scale, gs)) < TOL[jnp.float32]
     assert np.all(np.asarray(out)[sum(sizes):] == 0)
