@@ -9,7 +9,7 @@ are ShapeDtypeStructs placed by sharding.rules, so the compiled decode step (and
 program a real pod would run. Prints per-device bytes for weights, the pool and compiler temporaries against
 the chip's HBM, the KV tokens that fit in the pages left free, the bandwidth floor of a decode step, and
 whether a step moves cache bytes (a copy, slice or gather of one layer's pages or more), the expert stack, or any
-weight stack whole.
+weight stack whole, and how many bytes of its own weights each layer copies out of the stacks before reading them.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class Compiled:
     attention_kernels: int = 0
     error: str = ""
     weights_copied: int = 0  # bytes of whole weight parameters copied (a relayout of a stack the step reads)
+    layer_copies: int = 0  # bytes of one layer's weights a layer copies out of the stacks (per layer, not per step)
 
     @property
     def total(self) -> int:
@@ -170,6 +171,32 @@ def classify_moves(hlo: str, lanes: int, cache_bytes: int) -> tuple[int, int]:
     return cache, sum(size for op, src, _, size in moves if op.startswith("copy") and src in weights)
 
 
+def layer_stacks(state: Any) -> set[tuple[str, int]]:
+    """(HLO dtype, elements) of one layer's per-device slice of each weight stack of 64 KiB or more."""
+    names = {"bfloat16": "bf16", "float32": "f32", "uint8": "u8", "int8": "s8", "float16": "f16"}
+    stacks = set()
+    for path, leaf in jax.tree.flatten_with_path(state)[0]:
+        if "layers" in jax.tree_util.keystr(path) and leaf.dtype.name in names:
+            per_layer = math.prod(leaf.sharding.shard_shape(leaf.shape)[1:])
+            if per_layer * leaf.dtype.itemsize >= 1 << 16:
+                stacks.add((names[leaf.dtype.name], per_layer))
+    return stacks
+
+
+def layer_copies(hlo: str, stacks: set[tuple[str, int]]) -> int:
+    """Bytes of the fusions in compiled HLO that slice one layer's weights out of a stack into a buffer of their own
+    (XLA:GPU does this for a dot whose weight is `stack[layer]`; XLA:TPU reads the slice in place): results the size
+    of one layer of a stack (`layer_stacks`), made by a dynamic slice."""
+    itemsize = {"bf16": 2, "f32": 4, "u8": 1, "s8": 1, "f16": 2}
+    pattern = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* fusion\([^\n]*op_name=\"[^\"]*/dynamic_slice\"")
+    total = 0
+    for m in pattern.finditer(hlo):
+        elements = math.prod(int(d) for d in m[2].split(",") if d)
+        if (m[1], elements) in stacks:
+            total += elements * itemsize[m[1]]
+    return total
+
+
 def kernel_calls(hlo: str, name: str) -> int:
     """Custom calls of the Pallas kernel `name` in compiled HLO (named after it on TPU, in its metadata on GPU)."""
     return sum(1 for line in hlo.splitlines() if " custom-call(" in line and name in line)
@@ -227,7 +254,7 @@ def compile_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chunk
     return Compiled(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                     mem.temp_size_in_bytes, seconds, cache_moves,
                     hlo_copies(hlo, packed.sharding.shard_shape(packed.shape), "u8"), kernel_calls(hlo, "ragged_mla"),
-                    weights_copied=relaid)
+                    weights_copied=relaid, layer_copies=layer_copies(hlo, layer_stacks(state)))
 
 
 def expected_active(n_tokens: int, top_k: int, n_experts: int) -> float:
@@ -362,7 +389,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of plans, one row each."""
     head = ("| topology | mesh | batch x context | HBM GB | weights GB (experts) | pool GB | decode temp GB | "
             "decode total GB | fits | KV tokens that fit | max batch @context | max context @batch | floor ms/step | "
-            "attention kernel | cache moved | expert stack copied | weights copied GB | decode compile s | "
+            "attention kernel | cache moved | expert stack copied | weights copied GB | a layer's weights copied per layer GB | "
+            "decode compile s | "
             f"prefill chunk temp GB (compile s) | {FULL_CHUNKS} chunks | same as one at context {SHORT_CONTEXT} |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -376,7 +404,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"{_gb(r['weights'])} ({_gb(r['experts'])}) | {_gb(r['cache'])} | {_gb(d.temp)} | {dec} | "
             f"{'yes' if r['fits'] else 'no'} | {r['kv_tokens']:,} | {r['max_batch']} | {r['max_context']} | "
             f"{r['floor_ms']:.2f} | {_yes(kernel)} | {_yes(moved)} | {_yes(d.expert_copies)} | "
-            f"{_gb(max(c.weights_copied for c in compiled)) if compiled else '-'} | {d.compile_s:.1f} | "
+            f"{_gb(max(c.weights_copied for c in compiled)) if compiled else '-'} | "
+            f"{_gb(max(c.layer_copies for c in compiled)) if compiled else '-'} | {d.compile_s:.1f} | "
             f"{_temp(p)} | {_temp(pp)} | {_temp(ps)} |")
     return "\n".join(lines)
 

@@ -125,3 +125,28 @@ def test_a_weight_copied_through_a_view_counts_as_copied():
     ])
     assert weight_params(hlo) == {"%p.7", "%bitcast.1", "%bitcast-convert.2"}
     assert classify_moves(hlo, 640, 1 << 40) == (0, 60 * 48 * 1024 * 7168)
+
+
+def test_a_layer_sliced_out_of_its_stack_counts_as_copied():
+    """XLA:GPU copies `stack[layer]` into a buffer of its own before a dot reads it (line from the deviceless H200
+    decode step of K2, q_a): that fusion counts, at one layer's size; the dot, and a slice of another size, do not."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from k2jax.plan import layer_copies, layer_stacks
+
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("tensor",))
+    q_a = jax.ShapeDtypeStruct((60, 7168, 1536), jax.numpy.bfloat16, sharding=NamedSharding(mesh, P()))
+    norm = jax.ShapeDtypeStruct((60, 1536), jax.numpy.bfloat16, sharding=NamedSharding(mesh, P()))
+    stacks = layer_stacks({"moe_layers": {"attn": {"q_a": q_a, "q_a_norm": norm}}})
+    assert stacks == {("bf16", 7168 * 1536)}
+    slice_op = 'metadata={op_name="jit(run_step)/while/body/while/body/closed_call/dynamic_slice"}'
+    hlo = "\n".join([
+        "  %loop_dynamic_slice_fusion.6 = bf16[1,7168,1536]{2,1,0} fusion(%get-tuple-element.676.0, "
+        f"%get-tuple-element.677.0), kind=kLoop, calls=%fused_dynamic_slice.6, {slice_op}",
+        "  ROOT %dynamic_slice.80.1 = bf16[1,7168,1536]{2,1,0} dynamic-slice(%param_0.600, %s.1, %c.7, %c.7), "
+        f"dynamic_slice_sizes={{1,7168,1536}}, {slice_op}",
+        "  %gemm_fusion_dot.57 = bf16[7168,1536]{1,0} fusion(%bitcast.383.0, %bitcast.382.0), kind=kCustom, "
+        'metadata={op_name="jit(run_step)/while/body/while/body/closed_call/dot_general"}',
+        f"  %loop_dynamic_slice_fusion.7 = bf16[1,1536]{{1,0}} fusion(%g.1, %g.2), kind=kLoop, {slice_op}",
+    ])
+    assert layer_copies(hlo, stacks) == 7168 * 1536 * 2
