@@ -13,7 +13,8 @@ seconds per token of each. A case that raises is printed and counted, and the ru
 Needs no install beyond jax with its CUDA plugin and llguidance (the project's pins do not matter: it imports this
 checkout).
 
-    python benchmarks/gpu.py               # on the GPU, about 6 minutes (--parts picks some of it)
+    python benchmarks/gpu.py               # on the GPU, about 8 minutes (--parts picks some of it)
+    python benchmarks/gpu.py --parts sweep # the INT4 kernel's decode tilings, about 3 minutes
     python benchmarks/gpu.py --dry-run     # CPU, tiny shapes, Pallas interpreter: checks the script itself
 
 The attention rows go through attention_case(): the ragged paged MLA kernel over each row's pages.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import sys
@@ -42,6 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import k2jax  # noqa: E402
+from k2jax import plan  # noqa: E402
 from k2jax.engine import step  # noqa: E402
 from k2jax.llm import Model  # noqa: E402
 from k2jax.loading import abstract_model  # noqa: E402
@@ -73,11 +76,21 @@ class Shapes:
     generate_tokens: int
     splits: tuple[int, ...]  # split_k values of the INT4 kernel to time
     mla_splits: tuple[int, ...]  # multiples of the MLA kernel's default page splits to time
+    sweep_tokens: tuple[int, ...]  # tokens of the INT4 tiling sweep
+    tilings: tuple[I.TritonTiling, ...]  # INT4 kernel tilings the sweep times
+
+
+def tilings(block_ms: tuple[int, ...], block_ns: tuple[int, ...], warps: tuple[int, ...],
+            stages: tuple[int, ...]) -> tuple[I.TritonTiling, ...]:
+    """Every combination of the given block rows, block columns, warps and stages."""
+    return tuple(I.TritonTiling(*t) for t in itertools.product(block_ms, block_ns, warps, stages))
 
 
 GPU = Shapes(7168, 2048, 384, 8, (1, 8, 64), ((1, 64, 32768), (1, 64, 262144), (8, 64, 32768), (64, 64, 8192)),
-             (1, 8, 64), 4096, 20, (1, 8), 64, (1, 2, 4, 8), (1, 2, 4))
-DRY = Shapes(128, 32, 8, 2, (2,), ((1, 2, 64),), (2,), 32, 1, (1,), 4, (1, 2), (1, 2))
+             (1, 8, 64), 4096, 20, (1, 8), 64, (1, 2), (1, 2, 4), (1, 64),
+             tilings((16,), (32, 64, 128), (2, 4), (2, 3, 4)))
+DRY = Shapes(128, 32, 8, 2, (2,), ((1, 2, 64),), (2,), 32, 1, (1,), 4, (1, 2), (1, 2), (2,),
+             tilings((16,), (32, 64), (4,), (3,)))
 
 
 @dataclasses.dataclass
@@ -134,23 +147,26 @@ def grouped_reference(x_MK, packed_EHN, scale_EGN, group_sizes_E) -> jax.Array:
             lambda g: int4_layout.dequantize(packed_EHN[g], scale_EGN[g], jnp.float32), group_sizes_E)
 
 
-def grouped_case(rng, sh: Shapes, tokens: int, k: int, n: int, interpret: bool) -> list[Row]:
-    """The INT4 grouped matmul (Triton) on one routed batch, at each of sh.splits (programs sharing K): error,
-    time, bytes, temporaries; the XLA path's time on the same inputs."""
+def grouped_case(rng, sh: Shapes, tokens: int, k: int, n: int, interpret: bool, case: str,
+                 variants: dict[str, dict[str, Any]], xla: bool) -> list[Row]:
+    """The INT4 grouped matmul (Triton) on one routed batch, once per variant (label: keyword arguments of the
+    kernel, e.g. split_k or tiling): error, time, bytes, temporaries; with `xla`, the XLA path's time on the same
+    inputs."""
     sizes = routed_sizes(rng, tokens, sh.experts, sh.top_k)
     x = jnp.asarray(rng.standard_normal((int(sizes.sum()), k)), jnp.bfloat16)
     packed = random_bytes(jax.random.key(int(rng.integers(2**31))), (sh.experts, k // 2, n))
     scale = jnp.asarray(rng.uniform(0.005, 0.05, (sh.experts, k // 32, n)), jnp.bfloat16)
     gs = jnp.asarray(sizes)
-    xla_seconds = device_seconds(dispatch.grouped_int4_matmul_xla, x, packed, scale, gs, iters=sh.iters)
+    xla_seconds = device_seconds(dispatch.grouped_int4_matmul_xla, x, packed, scale, gs, iters=sh.iters) if xla \
+        else None
     ref = grouped_reference(x, packed, scale, gs)
     active = int(np.sum(sizes > 0))
     nbytes = active * (k // 2 + 2 * k // int4_layout.GROUP) * n + x.nbytes + x.shape[0] * n * 2
     rows = []
-    for split in sh.splits:
-        kernel = jax.jit(functools.partial(I.grouped_int4_matmul_triton, interpret=interpret, split_k=split))
+    for label, kwargs in variants.items():
+        kernel = jax.jit(functools.partial(I.grouped_int4_matmul_triton, interpret=interpret, **kwargs))
         temp = kernel.lower(x, packed, scale, gs).compile().memory_analysis().temp_size_in_bytes
-        rows.append(Row("int4 grouped matmul", f"{tokens} tok, {active}/{sh.experts} experts, {k}x{n}, split {split}",
+        rows.append(Row(case, f"{tokens} tok, {active}/{sh.experts} experts, {k}x{n}, {label}",
                         device_seconds(kernel, x, packed, scale, gs, iters=sh.iters), nbytes,
                         rel_err(kernel(x, packed, scale, gs), ref), xla_seconds, temp))
     return rows
@@ -232,6 +248,11 @@ def decode_step_seconds(cfg: k2jax.K2Config, batches: tuple[int, ...], context: 
         # distinct tokens, so rows route to different experts as a real batch does
         tok = jax.random.randint(jax.random.key(batch), (batch, 1), 0, cfg.vocab_size, jnp.int32)
         pos = jnp.full((batch, 1), context - 1, jnp.int32)
+        if batch == batches[0]:
+            hlo = step.lower(graphdef, state, tok, pos, cache, cfg, dtype).compile().as_text()
+            print(f"decode step, batch {batch}, {cfg.num_hidden_layers} layers: each layer copies "
+                  f"{plan.layer_copies(hlo, plan.layer_stacks(state)) / 1e6:.1f} MB of its weights out of the "
+                  "stacks (compiled on this device)", flush=True)
         times = []
         for _ in range(iters + 1):
             start = time.perf_counter()
@@ -344,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-layers", type=int, default=12, help="MoE layers in the decode slice at most")
     parser.add_argument("--parts", default="int4,mla,decode,generate",
                         help="comma-separated parts to run: int4 (grouped matmul), mla (attention), decode (K2 "
-                        "step), generate (the bundled model's Model.generate, kernels against XLA)")
+                        "step), generate (the bundled model's Model.generate, kernels against XLA), sweep (the INT4 "
+                        "kernel's tilings at decode: block columns, warps, stages; not run by default)")
     args = parser.parse_args(argv)
     sh, interpret = (DRY, True) if args.dry_run else (GPU, False)
     device = jax.devices()[0]
@@ -355,10 +377,16 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.parts.split(","))
     rows: list[Row] = []
     failures: list[str] = []
+    splits = {f"split {s}": {"split_k": s} for s in sh.splits}
     for tokens in sh.tokens if "int4" in parts else ():
         for k, n in ((sh.hidden, 2 * sh.expert_f), (sh.expert_f, sh.hidden)):
             run_case(rows, failures, f"int4 grouped matmul {tokens} tok {k}x{n}",
-                     lambda: grouped_case(rng, sh, tokens, k, n, interpret))
+                     lambda: grouped_case(rng, sh, tokens, k, n, interpret, "int4 grouped matmul", splits, True))
+    sweep = {f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}": {"tiling": t} for t in sh.tilings}
+    for tokens in sh.sweep_tokens if "sweep" in parts else ():
+        for k, n in ((sh.hidden, 2 * sh.expert_f), (sh.expert_f, sh.hidden)):
+            run_case(rows, failures, f"int4 tiling sweep {tokens} tok {k}x{n}",
+                     lambda: grouped_case(rng, sh, tokens, k, n, interpret, "int4 tiling sweep", sweep, False))
     for b, h, s in sh.mla if "mla" in parts else ():
         run_case(rows, failures, f"mla decode attention B={b} H={h} S={s}",
                  lambda: attention_case(rng, b, h, s, sh, interpret))

@@ -89,9 +89,9 @@ class Kernel:
 def int4_loop_bytes(m: int, k: int, e: int = 1) -> int:
     """Packed weight bytes per main-loop trip of one INT4 Triton program: a planar block of K by its column tile."""
     from pallas_kernels.int4_layout import planar_block
-    from pallas_kernels.int4_matmul import _triton_blocks
+    from pallas_kernels.int4_matmul import triton_tiling
 
-    return planar_block(k) // 2 * _triton_blocks(m, e)[1]
+    return planar_block(k) // 2 * triton_tiling(m, e).block_n
 
 
 # Every Triton kernel at the K2 shapes that pick its distinct block configurations. One line per compile.

@@ -28,6 +28,7 @@ one-layer operand under 2^31, as Pallas' 32-bit Triton indexing needs.
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +44,8 @@ TK_MAX = 4096
 BLOCK_BYTES = 4 * 1024 * 1024
 VMEM_LIMIT_BYTES = 48 * 1024 * 1024
 LANES = 128
-TRITON_NUM_WARPS = 4
 BF16_128 = 0x4300  # bf16 bits of 128.0: OR-ing a nibble u (0..15) into its mantissa gives exactly 128 + u
 OFFSET = 128 - int4_layout.QMIN  # (128 + u) - OFFSET = u + QMIN, the weight's integer, exact in bf16
-TRITON_NUM_STAGES = 3
 
 
 def _divisor_tile(dim: int, unit: int, cap: int) -> int:
@@ -312,14 +311,23 @@ def int4_matmul(x_MK, packed_HN, scale_GN, *, interpret: bool = False) -> jax.Ar
     return _grouped_call(x_MK, *_with_layer_axis(packed_HN[None], scale_GN[None], None), sizes_E, interpret)
 
 
-TRITON_DECODE_ROWS = 16  # rows of the decode tile, 16 x 64
+class TritonTiling(NamedTuple):
+    """Rows and columns per Triton program, and its warps and software-pipeline stages."""
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
 
 
-def _triton_blocks(m: int, e: int = 1) -> tuple[int, int]:
-    """(rows, columns) per Triton program for m rows over e experts: the 16 x 64 decode tile while experts average
-    at most 16 rows (more programs fill the SMs; on an H200 it ran at 15-20% of the HBM floor where 64 x 128 tiles
-    of mostly empty rows ran at 8%), else 64 x 128, which dequantizes each weight block once per 64 rows."""
-    return (TRITON_DECODE_ROWS, 64) if m <= TRITON_DECODE_ROWS * e else (64, 128)
+TRITON_DECODE = TritonTiling(16, 64)
+TRITON_PREFILL = TritonTiling(64, 128)
+
+
+def triton_tiling(m: int, e: int = 1) -> TritonTiling:
+    """The default tiling for m rows over e experts: the 16 x 64 decode tile while experts average at most 16 rows
+    (more programs fill the SMs; on an H200 it ran at 15-20% of the HBM floor where 64 x 128 tiles of mostly empty
+    rows ran at 8%), else 64 x 128, which dequantizes each weight block once per 64 rows."""
+    return TRITON_DECODE if m <= TRITON_DECODE.block_m * e else TRITON_PREFILL
 
 
 def _interleave(a_RC: jax.Array, b_RC: jax.Array) -> jax.Array:
@@ -394,15 +402,19 @@ def byte_pairs(packed: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(packed.reshape(*lead, n // 2, 2), jnp.uint16)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "split_k"))
+@functools.partial(jax.jit, static_argnames=("interpret", "split_k", "tiling"))
 def grouped_int4_matmul_triton(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, layer=None,
-                               interpret: bool = False, split_k: int = 1) -> jax.Array:
+                               interpret: bool = False, split_k: int = 1,
+                               tiling: TritonTiling | None = None) -> jax.Array:
     """GPU (Triton) form of grouped_int4_matmul: same arguments, same result. `split_k` programs share each
     (visit, column tile)'s K, each summing a contiguous run of planar blocks; their float32 partials are added
-    after (more programs in flight when few experts are active)."""
+    after (more programs in flight when few experts are active). `tiling` overrides triton_tiling's choice."""
     m, k = x_MK.shape
     n = packed_EHN.shape[-1]
-    bm, bn = _triton_blocks(m, group_sizes_E.shape[0])
+    tiling = tiling or triton_tiling(m, group_sizes_E.shape[0])
+    bm, bn = tiling.block_m, tiling.block_n
+    if bn % 2 or bm < 16:
+        raise ValueError(f"Triton INT4 tiling {tiling}: block_n must be even and block_m at least 16 (a dot's rows)")
     planar = int4_layout.planar_block(k)
     blocks_per_split = pl.cdiv(k // planar, split_k)
     splits = pl.cdiv(k // planar, blocks_per_split)
@@ -412,7 +424,7 @@ def grouped_int4_matmul_triton(x_MK, packed_EHN, scale_EGN, group_sizes_E, *, la
         functools.partial(_gmm_triton_kernel, bm=bm, bn=bn, planar=planar, blocks_per_split=blocks_per_split),
         out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
         grid=(schedule[2].shape[0], pl.cdiv(n, bn), splits),
-        compiler_params=plgpu.CompilerParams(num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES),
+        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
     )(*schedule, x_MK, byte_pairs(packed_LEHN), scale_LEGN)
     return _zero_rows_past_sum(jnp.sum(out_SMN, axis=0).astype(x_MK.dtype), group_sizes_E)

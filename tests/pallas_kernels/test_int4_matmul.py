@@ -63,7 +63,7 @@ def test_grouped_many_tiles(rng, small_tiles, sizes, extra, kernel):
     x = random_normal(rng, (sum(sizes) + extra, k))
     gs = jnp.asarray(sizes, jnp.int32)
     assert I._tiles(x.shape[0], k, n) == (16, 512, 128)
-    assert I._triton_blocks(x.shape[0], len(sizes))[0] == (64 if sum(sizes) > 16 * len(sizes) else 16)
+    assert I.triton_tiling(x.shape[0], len(sizes)).block_m == (64 if sum(sizes) > 16 * len(sizes) else 16)
     out = GROUPED[kernel](x, packed, scale, gs, interpret=True)
     assert max_rel_err(out, I.grouped_int4_matmul_reference(x, packed, scale, gs)) < TOL[jnp.float32]
     assert np.all(np.asarray(out)[sum(sizes):] == 0)
@@ -176,3 +176,21 @@ def test_triton_split_k_matches_reference(rng, split_k):
     out = I.grouped_int4_matmul_triton(x, packed, scale, sizes, interpret=True, split_k=split_k)
     assert max_rel_err(out, I.grouped_int4_matmul_reference(x, packed, scale, sizes)) < INT4_F32_TOL["other"]
     assert np.all(np.asarray(out)[9:] == 0)
+
+
+@pytest.mark.parametrize("tiling", [I.TritonTiling(32, 128, 2, 2), I.TritonTiling(16, 32, 8, 4)])
+def test_triton_tiling_override_matches_reference(rng, tiling):
+    """A tiling other than the default (as the GPU benchmark's sweep passes): same result, rows past the sum 0."""
+    packed, scale = random_int4(rng, 4, 512, 192)
+    x = random_normal(rng, (40, 512))
+    sizes = jnp.asarray([20, 0, 13, 5], jnp.int32)
+    out = I.grouped_int4_matmul_triton(x, packed, scale, sizes, interpret=True, tiling=tiling)
+    assert max_rel_err(out, I.grouped_int4_matmul_reference(x, packed, scale, sizes)) < INT4_F32_TOL["other"]
+    assert np.all(np.asarray(out)[38:] == 0)
+
+
+def test_triton_tiling_that_cannot_run_is_refused(rng):
+    packed, scale = random_int4(rng, 1, 256, 128)
+    with pytest.raises(ValueError, match="block_m at least 16"):
+        I.grouped_int4_matmul_triton(random_normal(rng, (4, 256)), packed, scale, jnp.asarray([4], jnp.int32),
+                                     interpret=True, tiling=I.TritonTiling(8, 64))
