@@ -166,25 +166,16 @@ def test_triton_operands_are_indexed_within_32_bit_offsets(layers, tokens, k, n)
     assert not wrapping
 
 
-@pytest.mark.parametrize("split_k", [2, 3, 8])
-def test_triton_split_k_matches_reference(rng, split_k):
-    """K shared by several programs (4 planar blocks in 2, 2 and 4 runs; the last run shorter when uneven): the summed
-    float32 partials equal the reference, rows past the sum stay 0."""
+@pytest.mark.parametrize("options", [{"split_k": 2}, {"split_k": 3}, {"split_k": 8},
+                                     {"tiling": I.TritonTiling(32, 128, 2, 2)}, {"tiling": I.TritonTiling(16, 32, 8, 4)}])
+def test_triton_options_match_reference(rng, options):
+    """K shared by several programs (4 planar blocks in 2, 2 and 4 runs; the last run shorter when uneven), or a
+    tiling other than the default (as the GPU benchmark's sweep passes): the result equals the reference, rows past
+    the sum stay 0."""
     packed, scale = random_int4(rng, 4, 1024, 256)
-    x = random_normal(rng, (11, 1024))
-    sizes = jnp.asarray([3, 0, 5, 1], jnp.int32)
-    out = I.grouped_int4_matmul_triton(x, packed, scale, sizes, interpret=True, split_k=split_k)
-    assert max_rel_err(out, I.grouped_int4_matmul_reference(x, packed, scale, sizes)) < INT4_F32_TOL["other"]
-    assert np.all(np.asarray(out)[9:] == 0)
-
-
-@pytest.mark.parametrize("tiling", [I.TritonTiling(32, 128, 2, 2), I.TritonTiling(16, 32, 8, 4)])
-def test_triton_tiling_override_matches_reference(rng, tiling):
-    """A tiling other than the default (as the GPU benchmark's sweep passes): same result, rows past the sum 0."""
-    packed, scale = random_int4(rng, 4, 512, 192)
-    x = random_normal(rng, (40, 512))
+    x = random_normal(rng, (40, 1024))
     sizes = jnp.asarray([20, 0, 13, 5], jnp.int32)
-    out = I.grouped_int4_matmul_triton(x, packed, scale, sizes, interpret=True, tiling=tiling)
+    out = I.grouped_int4_matmul_triton(x, packed, scale, sizes, interpret=True, **options)
     assert max_rel_err(out, I.grouped_int4_matmul_reference(x, packed, scale, sizes)) < INT4_F32_TOL["other"]
     assert np.all(np.asarray(out)[38:] == 0)
 
