@@ -123,6 +123,10 @@ def abstract_state(cfg: K2Config, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, jax.tree.map(place, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
+HLO_ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1,
+                "f64": 8, "s64": 8}
+
+
 def per_device_bytes(tree: Any) -> int:
     """Bytes one device holds of a pytree of placed ShapeDtypeStructs."""
     return sum(shard_bytes(x.shape, x.dtype.itemsize, x.sharding) for x in jax.tree.leaves(tree))
@@ -149,15 +153,13 @@ def weight_params(hlo: str) -> set[str]:
 def hlo_moves(hlo: str, min_bytes: int) -> list[tuple[str, str, tuple[int, ...], int]]:
     """Instructions that copy, slice, gather or exchange a result of min_bytes or more: (op, first operand, result
     dims, bytes)."""
-    itemsize = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1,
-                "f64": 8, "s64": 8}
     pattern = re.compile(r"= \(?(\w+)\[([\d,]*)\][^ ]* ([\w-]+)\((%[\w.-]+)?")
     moves = []
     for line in hlo.splitlines():
         m = pattern.search(line)
-        if m and m[3] in MOVES and m[1] in itemsize:
+        if m and m[3] in MOVES and m[1] in HLO_ITEMSIZE:
             dims = tuple(int(d) for d in m[2].split(",") if d)
-            size = math.prod(dims) * itemsize[m[1]]
+            size = math.prod(dims) * HLO_ITEMSIZE[m[1]]
             if size >= min_bytes:
                 moves.append((m[3], m[4] or "", dims, size))
     return moves
@@ -173,7 +175,7 @@ def classify_moves(hlo: str, lanes: int, cache_bytes: int) -> tuple[int, int]:
 
 def layer_stacks(state: Any) -> set[tuple[str, int]]:
     """(HLO dtype, elements) of one layer's per-device slice of each weight stack of 64 KiB or more."""
-    names = {"bfloat16": "bf16", "float32": "f32", "uint8": "u8", "int8": "s8", "float16": "f16"}
+    names = {"bfloat16": "bf16", "float16": "f16", "float32": "f32", "uint8": "u8", "int8": "s8"}
     stacks = set()
     for path, leaf in jax.tree.flatten_with_path(state)[0]:
         if "layers" in jax.tree_util.keystr(path) and leaf.dtype.name in names:
@@ -187,13 +189,12 @@ def layer_copies(hlo: str, stacks: set[tuple[str, int]]) -> int:
     """Bytes of the fusions in compiled HLO that slice one layer's weights out of a stack into a buffer of their own
     (XLA:GPU does this for a dot whose weight is `stack[layer]`; XLA:TPU reads the slice in place): results the size
     of one layer of a stack (`layer_stacks`), made by a dynamic slice."""
-    itemsize = {"bf16": 2, "f32": 4, "u8": 1, "s8": 1, "f16": 2}
     pattern = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* fusion\([^\n]*op_name=\"[^\"]*/dynamic_slice\"")
     total = 0
     for m in pattern.finditer(hlo):
         elements = math.prod(int(d) for d in m[2].split(",") if d)
         if (m[1], elements) in stacks:
-            total += elements * itemsize[m[1]]
+            total += elements * HLO_ITEMSIZE[m[1]]
     return total
 
 
@@ -389,8 +390,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of plans, one row each."""
     head = ("| topology | mesh | batch x context | HBM GB | weights GB (experts) | pool GB | decode temp GB | "
             "decode total GB | fits | KV tokens that fit | max batch @context | max context @batch | floor ms/step | "
-            "attention kernel | cache moved | expert stack copied | weights copied GB | a layer's weights copied per layer GB | "
-            "decode compile s | "
+            "attention kernel | cache moved | expert stack copied | weights copied GB | "
+            "a layer's weights copied per layer GB | decode compile s | "
             f"prefill chunk temp GB (compile s) | {FULL_CHUNKS} chunks | same as one at context {SHORT_CONTEXT} |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
