@@ -1,9 +1,11 @@
-"""One H200 run: kernel numerics, INT4 grouped matmul and MLA decode timings, a K2 slice's decode step, generate.
+"""One H200 run: kernel numerics, INT4 grouped, dense layer and MLA decode timings, a K2 slice's decode step, generate.
 
 Prints one markdown table. Each kernel row has its error against the pure-jnp reference, its median time (ten
 calls chained in one program, so Python's dispatch is not in it), the bytes it must read and their time at the HBM
 floor (4.8 TB/s), and the plain XLA path's time on the same inputs, taken the same way.
-The decode rows run k2jax's own decode step on Kimi K2 Thinking at true width with random INT4 experts, as many
+The dense rows time the Triton layer matmul (pallas_kernels.layer_matmul: x @ w[layer] read in place; the model
+does not use it yet) against the model's XLA path on the same stack, whose temporaries show whether XLA copies
+w[layer] first. The decode rows run k2jax's own decode step on Kimi K2 Thinking at true width with random INT4 experts, as many
 MoE layers as fit in the GPU's memory, and report the time per MoE layer: (step with L layers - step with 1
 layer) / (L - 1), against the bytes one layer must read (weights of the experts the batch routes to, expected
 under uniform routing, plus attention, shared expert, router and the layer's cache) at the floor.
@@ -13,7 +15,7 @@ seconds per token of each. A case that raises is printed and counted, and the ru
 Needs no install beyond jax with its CUDA plugin and llguidance (the project's pins do not matter: it imports this
 checkout).
 
-    python benchmarks/gpu.py               # on the GPU, about 8 minutes (--parts picks some of it)
+    python benchmarks/gpu.py               # on the GPU, about 9 minutes (--parts picks some of it)
     python benchmarks/gpu.py --parts sweep # the INT4 kernel's decode tilings, about 3 minutes
     python benchmarks/gpu.py --dry-run     # CPU, tiny shapes, Pallas interpreter: checks the script itself
 
@@ -50,6 +52,7 @@ from k2jax.llm import Model  # noqa: E402
 from k2jax.loading import abstract_model  # noqa: E402
 from pallas_kernels import dispatch, int4_layout  # noqa: E402
 from pallas_kernels import int4_matmul as I  # noqa: E402
+from pallas_kernels import layer_matmul as D  # noqa: E402
 from pallas_kernels import ragged_mla as R  # noqa: E402
 from benchmarks.common import RANK, ragged_decode_args, ragged_decode_bytes, timed  # noqa: E402
 
@@ -78,6 +81,8 @@ class Shapes:
     mla_splits: tuple[int, ...]  # multiples of the MLA kernel's default page splits to time
     sweep_tokens: tuple[int, ...]  # tokens of the INT4 tiling sweep
     tilings: tuple[I.TritonTiling, ...]  # INT4 kernel tilings the sweep times
+    dense: tuple[tuple[str, int, int], ...]  # (name, K, N) of dense weights the layer-matmul rows time
+    dense_rows: tuple[int, ...]  # rows of those products
 
 
 def tilings(block_ms: tuple[int, ...], block_ns: tuple[int, ...], warps: tuple[int, ...],
@@ -88,9 +93,12 @@ def tilings(block_ms: tuple[int, ...], block_ns: tuple[int, ...], warps: tuple[i
 
 GPU = Shapes(7168, 2048, 384, 8, (1, 8, 64), ((1, 64, 32768), (1, 64, 262144), (8, 64, 32768), (64, 64, 8192)),
              (1, 8, 64), 4096, 20, (1, 8), 64, (1, 2), (1, 2, 4), (1, 64),
-             tilings((16,), (32, 64, 128), (2, 4), (2, 3, 4)))
+             tilings((16,), (32, 64, 128), (2, 4), (2, 3, 4)),
+             (("q_a", 7168, 1536), ("q_b", 1536, 12288), ("o_proj", 8192, 7168), ("shared down", 2048, 7168)),
+             (1, 8, 64))
 DRY = Shapes(128, 32, 8, 2, (2,), ((1, 2, 64),), (2,), 32, 1, (1,), 4, (1, 2), (1, 2), (2,),
-             tilings((16,), (32, 64), (4,), (3,)))
+             tilings((16,), (32, 64), (4,), (3,)), (("q_a", 128, 32),), (2,))
+DENSE_LAYERS = 4  # layers in the stack the dense rows index
 
 
 @dataclasses.dataclass
@@ -188,6 +196,25 @@ def attention_case(rng, b: int, h: int, s: int, sh: Shapes, interpret: bool) -> 
         rows.append(Row("mla decode attention", f"B={b} H={h} S={s}, {splits} splits",
                         device_seconds(kernel, *args, iters=sh.iters), ragged_decode_bytes(b, h, s),
                         rel_err(kernel(*args)[0], ref), xla_seconds))
+    return rows
+
+
+def dense_case(rng, sh: Shapes, name: str, k: int, n: int, interpret: bool) -> list[Row]:
+    """x @ w[layer] on a stack of bf16 weights, at each of sh.dense_rows: the Triton layer matmul (reads the layer
+    in place) against the model's XLA path (dispatch.matmul, which XLA:GPU compiles to a copy of w[layer] and a
+    GEMM on it): error, time, bytes, the kernel's temporaries, and the XLA program's (the copy shows there)."""
+    w = (0.02 * jax.random.normal(jax.random.key(int(rng.integers(2**31))), (DENSE_LAYERS, k, n))).astype(jnp.bfloat16)
+    layer = jnp.int32(DENSE_LAYERS - 1)
+    kernel = jax.jit(functools.partial(D.layer_matmul_triton, interpret=interpret))
+    xla = jax.jit(lambda x, w, layer: dispatch.matmul(x, w, layer=layer, out_dtype=jnp.float32))
+    rows = []
+    for m in sh.dense_rows:
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        temps = [f.lower(x, w, layer).compile().memory_analysis().temp_size_in_bytes for f in (kernel, xla)]
+        rows.append(Row("dense layer matmul", f"{m} rows, {name} {k}x{n}, XLA temp {temps[1] / 1e6:.1f} MB",
+                        device_seconds(kernel, x, w, layer, iters=sh.iters), k * n * 2 + x.nbytes + m * n * 4,
+                        rel_err(kernel(x, w, layer), D.layer_matmul_reference(x, w, layer)),
+                        device_seconds(xla, x, w, layer, iters=sh.iters), temps[0]))
     return rows
 
 
@@ -363,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Pallas interpreter")
     parser.add_argument("--max-layers", type=int, default=12, help="MoE layers in the decode slice at most")
-    parser.add_argument("--parts", default="int4,mla,decode,generate",
-                        help="comma-separated parts to run: int4 (grouped matmul), mla (attention), decode (K2 "
+    parser.add_argument("--parts", default="int4,dense,mla,decode,generate",
+                        help="comma-separated parts to run: int4 (grouped matmul), dense (the layer matmul against "
+                        "XLA's copy and GEMM), mla (attention), decode (K2 "
                         "step), generate (the bundled model's Model.generate, kernels against XLA), sweep (the INT4 "
                         "kernel's tilings at decode: block columns, warps, stages; not run by default)")
     args = parser.parse_args(argv)
@@ -387,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, n in ((sh.hidden, 2 * sh.expert_f), (sh.expert_f, sh.hidden)):
             run_case(rows, failures, f"int4 tiling sweep {tokens} tok {k}x{n}",
                      lambda: grouped_case(rng, sh, tokens, k, n, interpret, "int4 tiling sweep", sweep, False))
+    for name, k, n in sh.dense if "dense" in parts else ():
+        run_case(rows, failures, f"dense layer matmul {name}", lambda: dense_case(rng, sh, name, k, n, interpret))
     for b, h, s in sh.mla if "mla" in parts else ():
         run_case(rows, failures, f"mla decode attention B={b} H={h} S={s}",
                  lambda: attention_case(rng, b, h, s, sh, interpret))

@@ -68,6 +68,11 @@ def dense_args(m: int, k: int, n: int) -> list[Arg]:
     return [((m, k), BF16), ((k // 2, n), U8), ((k // 32, n), BF16)]
 
 
+def layer_args(m: int, k: int, n: int, layers: int = 60) -> list[Arg]:
+    """Rows, a stack of dense bf16 weights [L, K, N], the layer."""
+    return [((m, k), BF16), ((layers, k, n), BF16), ((), I32)]
+
+
 def ragged_args(b: int, t: int, h: int, context: int) -> list[Arg]:
     """Absorbed queries [B, T, H, 640], a pool of 64-token pages holding every row's context, page tables,
     lengths, query starts, the layer and the position shard."""
@@ -94,7 +99,15 @@ def int4_loop_bytes(m: int, k: int, e: int = 1) -> int:
     return planar_block(k) // 2 * triton_tiling(m, e).block_n
 
 
+def layer_loop_bytes(m: int) -> int:
+    """bf16 weight bytes per main-loop trip of one dense layer-matmul program: a K block by its column tile."""
+    from pallas_kernels.layer_matmul import BLOCK_K, _blocks
+
+    return BLOCK_K * _blocks(m)[1] * 2
+
+
 # Every Triton kernel at the K2 shapes that pick its distinct block configurations. One line per compile.
+LAYER = "pallas_kernels.layer_matmul:layer_matmul_triton"
 RAGGED = "pallas_kernels.ragged_mla:ragged_mla_triton"
 RAGGED_STATIC = {"sm_scale": SM_SCALE, "rank": KV_LORA}
 KERNELS = [
@@ -109,6 +122,8 @@ KERNELS = [
            loop_bytes=int4_loop_bytes(1, HIDDEN)),
     Kernel("int4 dense, M=256", "pallas_kernels.int4_matmul:int4_matmul_triton", dense_args(256, HIDDEN, EXPERT_F),
            loop_bytes=int4_loop_bytes(256, HIDDEN)),
+    Kernel("dense layer matmul, M=1 (q_a)", LAYER, layer_args(1, HIDDEN, 1536), loop_bytes=layer_loop_bytes(1)),
+    Kernel("dense layer matmul, M=64 (o_proj)", LAYER, layer_args(64, 8192, HIDDEN), loop_bytes=layer_loop_bytes(64)),
     Kernel("ragged mla decode B=1 H=64 S=256k", RAGGED, ragged_args(1, 1, 64, 262144), RAGGED_STATIC),
     Kernel("ragged mla decode B=64 H=8 S=8k", RAGGED, ragged_args(64, 1, 8, 8192), RAGGED_STATIC),
     Kernel("ragged mla prefill T=512 H=64 S=8k", RAGGED, ragged_args(1, 512, 64, 8192), RAGGED_STATIC),
