@@ -5,9 +5,9 @@ calls chained in one program, so Python's dispatch is not in it), the bytes it m
 floor (4.8 TB/s), and the plain XLA path's time on the same inputs, taken the same way.
 The dense rows time the Triton layer matmul (pallas_kernels.layer_matmul: x @ w[layer] read in place; the model
 does not use it yet) against the model's XLA path on the same stack, whose temporaries show whether XLA copies
-w[layer] first. The decode rows run k2jax's own decode step on Kimi K2 Thinking at true width with random INT4 experts, as many
-MoE layers as fit in the GPU's memory, and report the time per MoE layer: (step with L layers - step with 1
-layer) / (L - 1), against the bytes one layer must read (weights of the experts the batch routes to, expected
+w[layer] first. The decode rows run k2jax's own decode step on Kimi K2 Thinking at true width with random INT4
+experts, as many MoE layers as fit in the GPU's memory, and report the time per MoE layer: (step with L layers -
+step with 1 layer) / (L - 1), against the bytes one layer must read (weights of the experts the batch routes to, expected
 under uniform routing, plus attention, shared expert, router and the layer's cache) at the floor.
 The generate rows run the bundled model through Model.generate (the scheduler, the engine step and its masked
 sampler, a grammar-enforced tool call) with the backend's kernels and with plain XLA: logits error and wall
@@ -280,15 +280,15 @@ def decode_step_seconds(cfg: k2jax.K2Config, batches: tuple[int, ...], context: 
         # distinct tokens, so rows route to different experts as a real batch does
         tok = jax.random.randint(jax.random.key(batch), (batch, 1), 0, cfg.vocab_size, jnp.int32)
         pos = jnp.full((batch, 1), context - 1, jnp.int32)
+        compiled = step.lower(graphdef, state, tok, pos, cache, cfg, dtype).compile()  # timed below: one compile
         if batch == batches[0]:
-            hlo = step.lower(graphdef, state, tok, pos, cache, cfg, dtype).compile().as_text()
             print(f"decode step, batch {batch}, {cfg.num_hidden_layers} layers: each layer copies "
-                  f"{plan.layer_copies(hlo, plan.layer_stacks(state)) / 1e6:.1f} MB of its weights out of the "
-                  "stacks (compiled on this device)", flush=True)
+                  f"{plan.layer_copies(compiled.as_text(), plan.layer_stacks(state)) / 1e6:.1f} MB of its weights "
+                  "out of the stacks (compiled on this device)", flush=True)
         times = []
         for _ in range(iters + 1):
             start = time.perf_counter()
-            logits, cache = step(graphdef, state, tok, pos, cache, cfg, dtype)
+            logits, cache = compiled(state, tok, pos, cache)
             jax.block_until_ready(logits)
             times.append(time.perf_counter() - start)
         medians.append(float(np.median(times[1:])))

@@ -167,7 +167,8 @@ def test_triton_operands_are_indexed_within_32_bit_offsets(layers, tokens, k, n)
 
 
 @pytest.mark.parametrize("options", [{"split_k": 2}, {"split_k": 3}, {"split_k": 8},
-                                     {"tiling": I.TritonTiling(32, 128, 2, 2)}, {"tiling": I.TritonTiling(16, 32, 8, 4)}])
+                                     {"tiling": I.TritonTiling(32, 128, 2, 2)},
+                                     {"tiling": I.TritonTiling(16, 32, 8, 4)}])
 def test_triton_options_match_reference(rng, options):
     """K shared by several programs (4 planar blocks in 2, 2 and 4 runs; the last run shorter when uneven), or a
     tiling other than the default (as the GPU benchmark's sweep passes): the result equals the reference, rows past
