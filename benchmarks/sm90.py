@@ -224,8 +224,8 @@ def find_ptxas() -> str:
     return found
 
 
-def compile_kernel(kernel: Kernel, sharding, dump: Path) -> None:
-    """AOT-compile one entry for the abstract H200, dumping XLA's artefacts into `dump`."""
+def compile_kernel(kernel: Kernel, sharding, dump: Path) -> int:
+    """AOT-compile one entry for the abstract H200, dumping XLA's artefacts into `dump`; the program's temp bytes."""
     import importlib
 
     import jax
@@ -234,7 +234,8 @@ def compile_kernel(kernel: Kernel, sharding, dump: Path) -> None:
     module, name = kernel.fn.split(":")
     fn = getattr(importlib.import_module(module), name)
     args = [jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding) for shape, dtype in kernel.args]
-    jax.jit(lambda *a: fn(*a, **kernel.static)).lower(*args).compile({"xla_dump_to": str(dump)})
+    compiled = jax.jit(lambda *a: fn(*a, **kernel.static)).lower(*args).compile({"xla_dump_to": str(dump)})
+    return compiled.memory_analysis().temp_size_in_bytes
 
 
 def report_rows(kernels: list[Kernel]) -> list[dict[str, Any]]:
@@ -247,7 +248,7 @@ def report_rows(kernels: list[Kernel]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         for i, kernel in enumerate(kernels):
             dump = Path(tmp) / str(i)
-            compile_kernel(kernel, sharding, dump)
+            temp = compile_kernel(kernel, sharding, dump)
             launches = triton_launches(dump)
             if not launches:
                 raise RuntimeError(f"{kernel.label}: the compiled program has no Triton kernel")
@@ -256,7 +257,8 @@ def report_rows(kernels: list[Kernel]) -> list[dict[str, Any]]:
                 info = ptxas_info(kernel_ptx(dump, launch["kernel"]), ptxas, cubin)
                 smem = launch["dynamic_smem"] + info["static_smem"]
                 loop = loop_instructions(sass_of(cubin))
-                rows.append({"label": kernel.label, **launch, **info, "smem": smem, "loop_instructions": loop,
+                rows.append({"label": kernel.label, **launch, **info, "smem": smem, "temp": temp,
+                             "loop_instructions": loop,
                              **issue_fields(loop, launch["threads"], kernel.loop_bytes),
                              **occupancy(info["registers"], launch["threads"], smem)})
     return rows

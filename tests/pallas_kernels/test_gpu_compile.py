@@ -9,6 +9,7 @@ fails here. Outside CI (CI=true) a machine without the plugin or ptxas skips tho
 
 import functools
 import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
@@ -115,6 +116,18 @@ def test_no_spills_and_shared_memory_within_sm90(sm90_rows):
            or r["smem"] > sm90.SM90_SMEM_PER_BLOCK or r["registers"] > sm90.SM90_REGS_PER_THREAD
            or r["blocks_per_sm"] < 1]
     assert not bad, "\n" + sm90.table(bad)
+
+
+def test_weight_kernels_hold_no_copy_of_a_layers_weights(sm90_rows):
+    """The programs of the weight-streaming kernels (INT4 experts, dense layer matmul) read their weights in place:
+    their temporaries (float32 partial sums) stay under one layer's weights, which a copy of them would fill."""
+    kernels = {k.label: k for k in sm90.KERNELS if k.loop_bytes}
+    for row in (r for r in sm90_rows if r["label"] in kernels):
+        shape, dtype = kernels[row["label"]].args[1]
+        weight_bytes = math.prod(shape) * jnp.dtype(dtype).itemsize
+        one_layer = weight_bytes // shape[0] if kernels[row["label"]].fn == sm90.LAYER else weight_bytes
+        assert row["temp"] < one_layer, (row["label"], row["temp"], one_layer)
+    assert len({r["label"] for r in sm90_rows} & set(kernels)) == len(kernels)
 
 
 def test_ptxas_report_is_read(tmp_path):
