@@ -6,8 +6,9 @@ unit conversion), and ask single-turn or multi-turn questions with tool_choice a
 about one in six needs no tool at all (echo requests). Each runs through the in-process server and the official
 `openai` client at temperature 0, with enforcement on (the default) and off (Service(enforce_tools=False)), and is
 scored for: calls that parse, calls that validate against the declared schema (jsonschema), right tool name, exact
-arguments (single-call tasks), finish_reason `tool_calls` exactly when a call is returned, and calls to tools the
-request never declared.
+arguments (every task wants one call; also per single-turn and multi-turn task), finish_reason `tool_calls` exactly
+when a call is returned, and calls to tools the request never declared. One diagnostic more: how often the reasoning
+before a call names the right tool (where a model that reads the tool list copies its name).
 
 --parts timing (or scores,timing) gives decode tokens/s with enforcement on and off at batch 1 and 8 (the scheduler
 alone, compiles excluded), on held-out tools and on the demo tools the model calls right, with the scheduler's host
@@ -171,7 +172,8 @@ def score(requests: list[dict], responses: list[Any]) -> dict[str, Any]:
     """The verifier's counts over all requests."""
     s = {"requests": len(requests), "calls": 0, "parsed": 0, "valid": 0, "undeclared": 0, "finish_ok": 0,
          "malformed_sections": 0, "cut_sections": 0, "ids_ok": 0, "tool_tasks": 0, "right_name": 0, "exact": 0, "no_tool_tasks": 0,
-         "no_tool_called": 0, "errors": 0}
+         "no_tool_called": 0, "errors": 0, "reasoning_names": 0,
+         **{f"{kind}_{what}": 0 for kind in ("single", "multi") for what in ("tasks", "exact")}}
     for req, resp in zip(requests, responses):
         if isinstance(resp, Exception):
             s["errors"] += 1
@@ -200,12 +202,16 @@ def score(requests: list[dict], responses: list[Any]) -> dict[str, Any]:
             s["no_tool_called"] += bool(calls)
             continue
         s["tool_tasks"] += 1
+        s[f"{req['kind']}_tasks"] += 1
+        s["reasoning_names"] += expected["name"] in (getattr(choice.message, "reasoning_content", None) or "")
         if calls and calls[0].function.name == expected["name"]:
             s["right_name"] += 1
             try:
-                s["exact"] += len(calls) == 1 and json.loads(calls[0].function.arguments) == expected["arguments"]
+                exact = len(calls) == 1 and json.loads(calls[0].function.arguments) == expected["arguments"]
             except ValueError:
-                pass
+                exact = False
+            s["exact"] += exact
+            s[f"{req['kind']}_exact"] += exact
     return s
 
 
@@ -246,6 +252,9 @@ def print_scores(scores: dict[str, dict]) -> None:
             ("sections cut by max_tokens", lambda s: str(s["cut_sections"])),
             ("tool tasks: right tool", lambda s: pct(s["right_name"], s["tool_tasks"])),
             ("tool tasks: exact arguments", lambda s: pct(s["exact"], s["tool_tasks"])),
+            ("single-turn tool tasks: exact arguments", lambda s: pct(s["single_exact"], s["single_tasks"])),
+            ("multi-turn tool tasks: exact arguments", lambda s: pct(s["multi_exact"], s["multi_tasks"])),
+            ("tool tasks whose reasoning names the right tool", lambda s: pct(s["reasoning_names"], s["tool_tasks"])),
             ("no-tool tasks that called a tool", lambda s: f"{s['no_tool_called']} of {s['no_tool_tasks']}")]
     print("| metric | " + " | ".join(scores) + " |")
     print("|---|" + "---:|" * len(scores))
