@@ -93,7 +93,7 @@ def capital_tool(rng: random.Random) -> tuple[dict, Any]:
     """A random capital-lookup tool and a task maker for it."""
     name, param = rng.choice(CAPITAL_TOOLS), rng.choice(CAPITAL_PARAMS)
     tool = {"type": "function", "function": {
-        "name": name, "description": "Look up the capital city of a country.",
+        "name": name, "description": "Give the capital city of the named country.",
         "parameters": {"type": "object", "properties": {param: {"type": "string"}}, "required": [param],
                        "additionalProperties": False}}}
 
@@ -110,7 +110,7 @@ def convert_tool(rng: random.Random) -> tuple[dict, Any]:
     name, (value, src, dst) = rng.choice(CONVERT_TOOLS), rng.choice(CONVERT_PARAMS)
     units = sorted({u for pair in UNITS for u in pair})
     tool = {"type": "function", "function": {
-        "name": name, "description": "Convert a value between units.",
+        "name": name, "description": "Convert an amount from one unit to another.",
         "parameters": {"type": "object", "required": [value, src, dst], "additionalProperties": False,
                        "properties": {value: {"type": "number"}, src: {"type": "string", "enum": units},
                                       dst: {"type": "string", "enum": units}}}}}

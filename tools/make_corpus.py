@@ -181,25 +181,29 @@ def echo_drill(rng: random.Random) -> str:
 # ---------------------------------------------------------------- tools drawn at random per conversation
 #
 # Names, parameter names, types, counts and descriptions are drawn per conversation, and the right tool sits at a
-# random place among 1-3 declared ones, so the model must read the declaration. No tool or parameter name here is one
-# of benchmarks/tool_calls.py's held-out ones (tests/tools/test_make_corpus.py checks).
+# random place among 1-3 declared ones, so the model must read the declaration. No tool name, parameter name or
+# description here is one of benchmarks/tool_calls.py's held-out ones (tests/tools/test_make_corpus.py checks).
 
 ARITHMETIC_NAMES = {"*": ["mult_ints", "multiplication", "do_mult", "int_mult", "mult_pair", "scale_int"],
                     "+": ["accumulate", "int_total", "total_pair", "combine_ints", "increase_by", "grand_total"],
                     "-": ["deduct", "int_diff", "diff_pair", "reduce_by", "decrease", "subtraction"]}
 ARITHMETIC_DESCRIPTIONS = ["Gives {p} {op} {q}.", "{P} {word} {q}, for integers.", "Integer arithmetic: {p} {op} {q}.",
-                           "Computes {p} {word} {q} exactly.", "Returns the integer {p} {op} {q}."]
+                           "Computes {p} {word} {q} exactly.", "Returns the integer {p} {op} {q}.",
+                           "Calculates {p} {op} {q}.", "Yields {p} {word} {q}.",
+                           "Works out {p} {word} {q} for two whole numbers.", "The integer {p} {word} {q}."]
 OPERAND_PAIRS = [("p", "q"), ("u", "v"), ("i", "j"), ("lhs", "rhs"), ("num1", "num2"), ("alpha", "beta"),
                  ("val1", "val2"), ("term1", "term2"), ("c", "d"), ("s", "t"), ("k", "w")]
 CAPITAL_NAMES = ["capital_lookup", "which_capital", "capital_for", "national_capital", "main_city", "capital_search"]
 CAPITAL_PARAMS = ["state", "land", "territory", "region", "c", "homeland", "realm"]
-CAPITAL_DESCRIPTIONS = ["Return the capital of a country.", "Capital city lookup by country name.",
-                        "Find which city is the capital of the given country.", "Gives a country's capital city."]
+CAPITAL_VERBS = ["Return", "Find", "Give", "Get", "Fetch", "Report", "Tell", "Name", "Show", "Retrieve"]
+CAPITAL_OBJECTS = ["the capital of a country", "a country's capital city", "the capital city of the given country",
+                   "which city is a nation's capital", "the seat of a country's government", "a nation's capital"]
 CONVERT_NAMES = ["conversion", "transform_quantity", "recalc_units", "express_in", "switch_units", "rescale"]
 CONVERT_PARAMS = [("number", "unit_in", "unit_out"), ("size", "origin", "goal"), ("how_much", "old", "new"),
                   ("magnitude", "from_u", "to_u"), ("val", "in_unit", "out_unit"), ("figure", "have", "want")]
-CONVERT_DESCRIPTIONS = ["Convert a value between units.", "Re-express a measurement in another unit.",
-                        "Unit conversion of a number.", "Changes a quantity from one unit into another."]
+CONVERT_VERBS = ["Re-express", "Change", "Turn", "Translate", "Express", "Rewrite", "Restate", "Map"]
+CONVERT_OBJECTS = ["a value between units", "a measurement in another unit", "a quantity from one unit into another",
+                   "an amount between measurement units", "a number given in one unit into another unit"]
 
 VERBS = ["book", "send", "schedule", "track", "order", "rate", "search", "reserve", "create", "cancel", "check",
          "list", "update", "plan", "archive", "share", "print", "renew", "report", "rename"]
@@ -277,7 +281,8 @@ def arithmetic_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
 def capital_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
     """A random capital-lookup tool under a new name and parameter."""
     name, (param,) = tool_name(rng, CAPITAL_NAMES), param_names(rng, [(p,) for p in CAPITAL_PARAMS])
-    tool = function_tool(rng, name, rng.choice(CAPITAL_DESCRIPTIONS), {param: {"type": "string"}})
+    description = f"{rng.choice(CAPITAL_VERBS)} {rng.choice(CAPITAL_OBJECTS)}."
+    tool = function_tool(rng, name, description, {param: {"type": "string"}})
 
     def task(rng: random.Random) -> ToolTask:
         country = rng.choice(sorted(CAPITALS))
@@ -292,7 +297,8 @@ def convert_tool(rng: random.Random) -> tuple[dict[str, Any], TaskMaker]:
     name, (value, src, dst) = tool_name(rng, CONVERT_NAMES), param_names(rng, CONVERT_PARAMS)
     units = sorted({u for pair in CONVERSIONS for u in pair})
     unit = {"type": "string", "enum": units} if rng.random() < 0.5 else {"type": "string"}
-    tool = function_tool(rng, name, rng.choice(CONVERT_DESCRIPTIONS), {value: {"type": "number"}, src: unit, dst: unit})
+    description = f"{rng.choice(CONVERT_VERBS)} {rng.choice(CONVERT_OBJECTS)}."
+    tool = function_tool(rng, name, description, {value: {"type": "number"}, src: unit, dst: unit})
 
     def task(rng: random.Random) -> ToolTask:
         base = conversion_task(rng)
@@ -315,8 +321,9 @@ def opaque_name(rng: random.Random) -> str:
 
 
 def tool_name(rng: random.Random, pool: list[str]) -> str:
-    """Half the time a made-up name (opaque_name), else one from the family's pool of telling names."""
-    return opaque_name(rng) if rng.random() < 0.5 else rng.choice(pool)
+    """Mostly a made-up name (opaque_name), else one from the family's pool of telling names: a name is copied from
+    the tool list, not recalled."""
+    return opaque_name(rng) if rng.random() < 0.7 else rng.choice(pool)
 
 
 def param_names(rng: random.Random, pool: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -400,8 +407,9 @@ def solved_turns(task: ToolTask, index: int, reasoning: str) -> list[dict[str, A
 
 
 def plan_for(task: ToolTask) -> str:
-    """The reasoning before a call: which declared tool answers the question."""
-    return f"The {task.name} tool does this: {task.tool['function']['description']} I will call {task.name}."
+    """The reasoning before a call: the description of the declared tool that answers the question, then its name.
+    Description first, as the tool list renders them (keys sorted): a name then follows the text it follows there."""
+    return f"The tool for this: {task.tool['function']['description']} Its name is {task.name}. I will call {task.name}."
 
 
 def random_tool_chat(rng: random.Random) -> str:

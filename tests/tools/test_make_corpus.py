@@ -1,6 +1,6 @@
 """The offline corpus: echo drills repeat the user's text verbatim in the K2 chat format and stay in training; tool
 chats with tools drawn at random call a declared tool with arguments copied from the question, valid against its
-schema, and share no tool or parameter name with the held-out tool-call benchmark."""
+schema, and share no tool name, parameter name or description with the held-out tool-call benchmark."""
 
 from __future__ import annotations
 
@@ -102,11 +102,14 @@ def test_random_tools_share_no_name_with_the_benchmarks_heldout_tools() -> None:
     rng = random.Random(random.randrange(2**32))
     names: set[str] = set()
     params: set[str] = set()
+    descriptions = {t["function"]["description"] for t in make_corpus.TOOLS}  # the demo tools'
     for _ in range(2000):
         for tool in make_corpus.random_toolset(rng)[0]:
             names.add(tool["function"]["name"])
             params |= set(tool["function"]["parameters"]["properties"])
-    assert len(names) > 200 and len(params) > 50
+            descriptions.add(tool["function"]["description"])
+    assert len(names) > 200 and len(params) > 50 and len(descriptions) > 50
     assert not names & bench_names and not params & bench_params
     bench_tools = [t for req in bench.make_requests(60, random.randrange(2**32)) for t in req["body"]["tools"]]
     assert not {t["function"]["name"] for t in bench_tools} & names
+    assert not {t["function"]["description"] for t in bench_tools} & descriptions
