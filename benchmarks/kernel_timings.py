@@ -6,7 +6,7 @@ INT4) the speed-up over a bf16 ragged_dot of the same experts. Prints a markdown
 With no accelerator it says so and times only the XLA paths at reduced shapes (the kernels' interpreter is
 a correctness tool, not a timing one).
 
-    python benchmarks/kernels.py [--iters 20]
+    python benchmarks/kernel_timings.py [--iters 20]
 """
 
 from __future__ import annotations
