@@ -407,9 +407,12 @@ def solved_turns(task: ToolTask, index: int, reasoning: str) -> list[dict[str, A
 
 
 def plan_for(task: ToolTask) -> str:
-    """The reasoning before a call: the description of the declared tool that answers the question, then its name.
-    Description first, as the tool list renders them (keys sorted): a name then follows the text it follows there."""
-    return f"The tool for this: {task.tool['function']['description']} Its name is {task.name}. I will call {task.name}."
+    """The reasoning before a call: the declared tool's description and name, quoted as the tool list renders them
+    (keys sorted: `"description": ..., "name": ...`), then its name once more. Quoted so, the name follows the same
+    tokens in the reasoning as in the list, where the model can copy it from."""
+    function = task.tool["function"]
+    quoted = f'"description": {chat.tojson(function["description"])}, "name": {chat.tojson(task.name)}'
+    return f"The tool for this: {quoted}. I will call {task.name}."
 
 
 def random_tool_chat(rng: random.Random) -> str:

@@ -47,8 +47,8 @@ Round 6 (made-up parameter names too; 39 min), then 150 steps on a code-heavier 
 An extension of 250 steps at 1e-3 with twice the tool chats was tried first and dropped: it lost 6 points of exact
 tool arguments and no code.
 
-Round 7, the shipped model (make_corpus as it is now: the reasoning names a tool's description before its name, 70%
-of tool names made up, descriptions composed from parts; 35 min, then 150 steps on code, 4 min):
+Round 7 (the reasoning names a tool's description before its name, 70% of tool names made up, descriptions composed
+from parts; 35 min, then 150 steps on code, 4 min):
 
     python -m tools.train_bundled --init k2jax/bundled --work build/bundled/v7 --stage train \
         --tool-chats 20000 --echoes 4000 --code-chars 3000000 --seq-len 512 --batch 6 --aligned 0.5 \
@@ -60,6 +60,20 @@ of tool names made up, descriptions composed from parts; 35 min, then 150 steps 
 
 A round 8 from it whose reasoning gave the description alone (the name left to the call's header) was dropped: 67.8%
 exact arguments and 1 of 38 no-tool requests calling a tool (benchmarks/RESULTS.md, "Tool calls").
+
+Round 9 (make_corpus as it is now: the reasoning quotes the tool's description and name as the tool list renders
+them), round 7's commands from round 7's model with --work build/bundled/v9 (33 min + 4 min), was not shipped on its
+own. The shipped model is round 10, from round 9's, every batch row starting at a document's start (`--aligned 1.0`:
+a window that starts inside a tool chat may cut off its tool list and earlier turns, and there the model can only
+guess names; 25 min, then 150 steps on code, 4 min):
+
+    python -m tools.train_bundled --init build/bundled/v9/model --work build/bundled/v10 --stage train \
+        --tool-chats 20000 --echoes 4000 --code-chars 3000000 --seq-len 512 --batch 6 --aligned 1.0 \
+        --trunk-steps 1000 --branch-steps 40 --peak-lr 1e-3 --save-every 100
+    python -m tools.train_bundled --work build/bundled/v10 --stage extend --extend-steps 150 --tool-chats 4000 \
+        --echoes 1000 --code-chars 6000000 --seq-len 512 --batch 6 --aligned 1.0 --trunk-steps 1000 \
+        --branch-steps 40 --peak-lr 3e-4
+    python -m tools.train_bundled --work build/bundled/v10 --stage export --extend-steps 150 --seq-len 384
 """
 
 from __future__ import annotations

@@ -113,3 +113,23 @@ def test_random_tools_share_no_name_with_the_benchmarks_heldout_tools() -> None:
     bench_tools = [t for req in bench.make_requests(60, random.randrange(2**32)) for t in req["body"]["tools"]]
     assert not {t["function"]["name"] for t in bench_tools} & names
     assert not {t["function"]["description"] for t in bench_tools} & descriptions
+
+
+def test_reasoning_quotes_the_called_tool_as_the_tool_list_renders_it() -> None:
+    """The reasoning before a call quotes its tool's description and name exactly as they appear in the tool list,
+    so the name follows the same text in both (the model can copy it); no other declared tool's entry matches."""
+    rng = random.Random(random.randrange(2**32))
+    checked = 0
+    for _ in range(200):
+        doc = make_corpus.random_tool_chat(rng)
+        declared = doc.split("tool_declare<|im_middle|>")[1].split(chat.IM_END)[0]
+        for turn in doc.split("<|im_assistant|>assistant<|im_middle|>")[1:]:
+            parsed = chat.parse_output(turn.split(chat.IM_END)[0])
+            if not parsed.reasoning_content:  # an earlier turn's call: the template drops its reasoning
+                continue
+            for call in parsed.tool_calls:
+                quoted = parsed.reasoning_content.removeprefix("The tool for this: ").rsplit(". I will call ", 1)[0]
+                name = call["function"]["name"]
+                assert quoted.endswith(f'"name": "{name}"') and declared.count(quoted) == 1, (quoted, declared)
+                checked += 1
+    assert checked > 100
