@@ -63,9 +63,10 @@ exact arguments and 1 of 38 no-tool requests calling a tool (benchmarks/RESULTS.
 
 Round 9 (make_corpus as it is now: the reasoning quotes the tool's description and name as the tool list renders
 them), round 7's commands from round 7's model with --work build/bundled/v9 and, on the export, --out
-build/bundled/v9/model (33 min + 4 min), was not shipped on its own. The shipped model is round 10, from round 9's, every batch row starting at a document's start (`--aligned 1.0`:
-a window that starts inside a tool chat may cut off its tool list and earlier turns, and there the model can only
-guess names; 25 min, then 150 steps on code, 4 min):
+build/bundled/v9/model (33 min + 4 min), was not shipped on its own. The shipped model is round 10, from round 9's,
+every batch row starting at a document's start (`--aligned 1.0`: a window that starts inside a tool chat may cut
+off its tool list and earlier turns, and there the model can only guess names; 25 min, then 150 steps on code,
+4 min):
 
     python -m tools.train_bundled --init build/bundled/v9/model --work build/bundled/v10 --stage train \
         --tool-chats 20000 --echoes 4000 --code-chars 3000000 --seq-len 512 --batch 6 --aligned 1.0 \
