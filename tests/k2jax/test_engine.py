@@ -148,6 +148,22 @@ def test_limits_are_clear_errors(model):
         model.generate([[1, 2]], temperature=-0.5)
 
 
+def test_host_inputs_travel_in_one_buffer_and_come_back_unchanged(rng):
+    """pack_host / unpack_host: every dtype a step sends (int32, uint32, float32, bool, a 0-d step count) and a
+    missing prefill chunk come back bit for bit inside a jitted program."""
+    tree = ({"a": rng.integers(-2**31, 2**31 - 1, (3, 5)).astype(np.int32),
+             "b": rng.integers(0, 2**32 - 1, 7, dtype=np.uint64).astype(np.uint32),
+             "c": rng.standard_normal((2, 3)).astype(np.float32), "d": rng.random(9) < 0.5,
+             "e": rng.integers(0, 9, (4, 6)).astype(np.int32)[:, ::2]}, None, np.int32(rng.integers(1, 9)))
+    buf, layout = engine.pack_host(tree)
+    assert buf.dtype == np.uint8 and buf.nbytes == sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree))
+    back = jax.jit(engine.unpack_host, static_argnums=1)(buf, layout)
+    assert back[1] is None
+    for want, got in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
+        assert got.shape == np.shape(want) and got.dtype == np.asarray(want).dtype
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_a_step_with_a_chunk_and_decode_rows_updates_the_pool_in_place(model):
     """Both segments' latents are written before either reads the pool. With a read between the two writes, XLA
     copied the whole pool twice per layer (136 MB of temporaries per step for 64 slots of the bundled model)."""
@@ -158,9 +174,10 @@ def test_a_step_with_a_chunk_and_decode_rows_updates_the_pool_in_place(model):
     rows = engine.decode_rows(pages.table, np.arange(2), [0, 1], [5, 6], [299, 699], [SamplingParams()] * 2,
                               None, 2, width, 0, -(-model.config.vocab_size // 32), 1)
     chunk = engine.prefill_chunks(pages.table, [engine.Chunk(2, list(range(3, 67)), 0)], 1, 64, width)
-    with model.on_mesh():
-        compiled = engine.run_step.lower(model.graphdef, model.state, pool, rows, chunk, np.int32(1), model.config,
-                                         model.dtype, pages.layout, 1).compile()
+    host_N, host_layout = engine.pack_host((rows, chunk, np.int32(1)))
+    with model.on_mesh():  # the program Engine.run calls
+        compiled = engine.packed_step.lower(model._program, model._leaves, pool, host_N, host_layout, pages.layout,
+                                            1).compile()
     mem = compiled.memory_analysis()
     stack_bytes = [x.size * x.dtype.itemsize for x in jax.tree.leaves(pool)]  # one per layer stack
     assert mem.alias_size_in_bytes >= sum(stack_bytes), "the pool is not donated into the output"

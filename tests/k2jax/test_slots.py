@@ -145,13 +145,13 @@ def test_rows_that_are_not_running_are_not_in_the_step(model, rng, monkeypatch):
     for s in (2, 5):
         prefill(slots, s, rng.integers(3, 250, 6).tolist())
     shapes = []
-    run = engine.run_step
+    pack = engine.pack_host
 
-    def spy(graphdef, state, pool, rows, chunk, *args):
-        shapes.append(rows.tok_D.shape)
-        return run(graphdef, state, pool, rows, chunk, *args)
+    def spy(tree):
+        shapes.append(tree[0].tok_D.shape)
+        return pack(tree)
 
-    monkeypatch.setattr(engine, "run_step", spy)
+    monkeypatch.setattr(engine, "pack_host", spy)
     slots.decode(np.full(8, 7), [SamplingParams() if s in (2, 5) else None for s in range(8)], 4)
     assert shapes == [(2,)]
     assert engine.row_buckets(8) == (1, 2, 4, 8) and engine.row_bucket(3, 8) == 4
