@@ -318,7 +318,8 @@ class HostLayout:
 
 def pack_host(tree: Any) -> tuple[np.ndarray, HostLayout]:
     """A tree of host arrays as one uint8 buffer and its layout: a jitted call transfers each numpy argument on its
-    own, and a decode step has some twenty (a step's dispatch 1.08 -> 0.62 ms on the 2-core box, with the Program)."""
+    own, and a decode step has some twenty (with the Program, a call returns in 0.74 ms instead of 1.11 on the 2-core
+    box)."""
     leaves, treedef = jax.tree.flatten(tree)
     parts, where, offset = [], [], 0
     for leaf in leaves:
