@@ -309,37 +309,53 @@ class Program:
 
 @dataclasses.dataclass(frozen=True)
 class HostLayout:
-    """Where each host input of a step lies in the one byte buffer it travels in (pack_host): the inputs' tree
-    structure, and each leaf's shape, dtype and byte offset."""
+    """Where each host input of a step lies in the one int32 buffer it travels in (pack_host): the inputs' tree
+    structure, each leaf's shape, dtype and offset, and the buffer's length (all in 4-byte words)."""
 
     treedef: Any
     leaves: tuple[tuple[tuple[int, ...], str, int], ...]
+    words: int
+
+
+def host_layout(tree: Any) -> HostLayout:
+    """The layout pack_host gives a tree of arrays (numpy, or ShapeDtypeStructs to compile ahead)."""
+    return _layout(*jax.tree.flatten(tree))
+
+
+def _layout(leaves: Sequence[Any], treedef: Any) -> HostLayout:
+    """Leaves end to end in tree order, one word per element; ValueError for a dtype that is not 4 bytes or bool."""
+    where, offset = [], 0
+    for leaf in leaves:
+        if leaf.dtype.itemsize != 4 and leaf.dtype != np.bool_:
+            raise ValueError(f"a step's host inputs are 4-byte or bool arrays, not {leaf.dtype} {tuple(leaf.shape)}")
+        where.append((tuple(leaf.shape), leaf.dtype.str, offset))
+        offset += leaf.size
+    return HostLayout(treedef, tuple(where), offset)
 
 
 def pack_host(tree: Any) -> tuple[np.ndarray, HostLayout]:
-    """A tree of host arrays as one uint8 buffer and its layout: a jitted call transfers each numpy argument on its
-    own, and a decode step has some twenty (with the Program, a call returns in 0.74 ms instead of 1.11 on the 2-core
-    box)."""
+    """A tree of host arrays (4-byte dtypes or bool) as one int32 buffer and its layout: a jitted call transfers
+    each numpy argument on its own, and a decode step has some twenty (with the Program, a call returns in 0.74 ms
+    instead of 1.11 on the 2-core box). Words, not bytes, so that unpacking is a slice and a same-width bitcast:
+    byte-wise, each leaf's shifts and ors were fusions of their own, 10% more compile time per step program."""
     leaves, treedef = jax.tree.flatten(tree)
-    parts, where, offset = [], [], 0
-    for leaf in leaves:
-        leaf = np.asarray(leaf, order="C")
-        parts.append(leaf.reshape(-1).view(np.uint8))
-        where.append((leaf.shape, leaf.dtype.str, offset))
-        offset += leaf.nbytes
-    return np.concatenate(parts), HostLayout(treedef, tuple(where))
+    leaves = [np.asarray(leaf) for leaf in leaves]
+    layout = _layout(leaves, treedef)
+    return np.concatenate([leaf.astype(np.int32) if leaf.dtype == np.bool_ else leaf.view(np.int32)
+                           for leaf in leaves], axis=None), layout
 
 
 def unpack_host(buf_N: jax.Array, layout: HostLayout) -> Any:
-    """pack_host's tree back from its buffer, inside a jitted program."""
+    """pack_host's tree back from its buffer, inside a jitted program. On a mesh each leaf stays whole on every
+    device, as the buffer is: left free, the partitioner split the buffer as a later use splits a leaf and exchanged
+    halos to slice it (a third more compiled program on an 8-device CPU mesh, 10% more compile time)."""
+    on_mesh = not jax.sharding.get_abstract_mesh().empty
     leaves = []
     for shape, dtype_str, offset in layout.leaves:
         dtype = np.dtype(dtype_str)
-        part = buf_N[offset:offset + math.prod(shape) * dtype.itemsize]
-        if dtype == np.bool_:
-            leaves.append((part != 0).reshape(shape))
-        else:
-            leaves.append(jax.lax.bitcast_convert_type(part.reshape(-1, dtype.itemsize), dtype).reshape(shape))
+        part = buf_N[offset:offset + math.prod(shape)].reshape(shape)
+        leaf = part != 0 if dtype == np.bool_ else jax.lax.bitcast_convert_type(part, dtype)
+        leaves.append(jax.lax.with_sharding_constraint(leaf, jax.sharding.PartitionSpec()) if on_mesh else leaf)
     return jax.tree.unflatten(layout.treedef, leaves)
 
 
@@ -349,7 +365,7 @@ def packed_step(program: Program, leaves: list[jax.Array], pool: dict[str, jax.A
                 host_layout: HostLayout, layout: PoolLayout, max_steps: int
                 ) -> tuple[jax.Array, Logprobs, dict[str, jax.Array]]:
     """run_step as Engine.run calls it: the state as its leaves, the host inputs (decode rows, prefill chunk, step
-    count) as one byte buffer (pack_host)."""
+    count) as one int32 buffer (pack_host)."""
     rows, chunk, n_steps = unpack_host(host_N, host_layout)
     state = jax.tree.unflatten(program.treedef, leaves)
     return run_step(program.graphdef, state, pool, rows, chunk, n_steps, program.cfg, program.dtype, layout, max_steps)

@@ -36,7 +36,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from k2jax.cache import PoolLayout, abstract_cache, default_page_size, make_layout
 from k2jax.cliargs import Parser, float_in, int_in, mesh_spec
 from k2jax.config import K2Config, preset
-from k2jax.engine import DECODE_STEPS, FULL_CHUNKS, PREFILL_CHUNK, DecodeRows, PrefillChunk, run_step
+from k2jax.engine import (DECODE_STEPS, FULL_CHUNKS, PREFILL_CHUNK, DecodeRows, PrefillChunk, Program, host_layout,
+                          packed_step)
 from k2jax.gpu_targets import (GPUS, PLUGIN_DIR, gpu_devices, parse_gpu_topology, plugin_env, plugin_installed,
                                plugin_loadable)
 from k2jax.loading import abstract_model
@@ -139,9 +140,10 @@ def hlo_copies(hlo: str, shape: Sequence[int], dtype: str) -> int:
 
 
 def weight_params(hlo: str) -> set[str]:
-    """HLO names of the entry parameters that hold model weights (their metadata names the model state), and of the
-    bitcasts of them (a kernel may read a weight through a view, e.g. the Triton INT4 kernel's byte pairs)."""
-    names = set(re.findall(r"(%[\w.-]+) = [^\n]*? parameter\(\d+\)[^\n]*op_name=\"state\[", hlo))
+    """HLO names of the entry parameters that hold model weights (their metadata names the state's leaves, as
+    packed_step takes them), and of the bitcasts of them (a kernel may read a weight through a view, e.g. the Triton
+    INT4 kernel's byte pairs)."""
+    names = set(re.findall(r"(%[\w.-]+) = [^\n]*? parameter\(\d+\)[^\n]*op_name=\"leaves\[", hlo))
     views = re.findall(r"(%[\w.-]+) = [^\n]*? bitcast(?:-convert)?\((%[\w.-]+)\)", hlo)
     while True:
         more = {view for view, src in views if src in names} - names
@@ -211,14 +213,10 @@ def short_error(message: str) -> str:
 
 def abstract_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chunk: int, width: int, chunks: int = 1
                   ) -> tuple[dict[str, jax.ShapeDtypeStruct], DecodeRows, PrefillChunk | None]:
-    """ShapeDtypeStructs of an engine step's pool, `rows` decode rows and `chunks` prefill chunks of `chunk` tokens
-    (0: none) with `width`-page tables; the step's host inputs come over replicated."""
+    """ShapeDtypeStructs of an engine step's pool (placed), `rows` decode rows and `chunks` prefill chunks of `chunk`
+    tokens (0: none) with `width`-page tables (shapes only: they travel in one replicated int32 buffer)."""
     cache = abstract_cache(cfg, layout, rows, width, jnp.bfloat16, mesh)
-    replicated = NamedSharding(mesh, P())
-
-    def sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
-
+    sds = jax.ShapeDtypeStruct
     decode = DecodeRows(sds((rows,), jnp.int32), sds((rows,), jnp.int32), sds((rows,), jnp.bool_), cache.table_BM,
                         {name: sds((rows,), dtype) for name, dtype in ROW_DTYPES.items()},
                         jax.tree.map(lambda a: sds(a.shape, a.dtype), StepMasks.unconstrained(
@@ -241,12 +239,15 @@ def compile_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chunk
     # routed rows [tokens x top-k, hidden] of a long step are as large, and move by design).
     activations = (rows + chunks * chunk) * cfg.num_attention_heads * cfg.cache_lanes * 4
     packed = state["moe_layers"]["mlp"]["gate"]["packed"].get_value()
-    n_steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+    # The program Engine.run calls: the state as its leaves, the host inputs as one replicated int32 buffer.
+    program = Program(graphdef, jax.tree.structure(state), cfg, jnp.bfloat16)
+    host = host_layout((decode, prefill, jax.ShapeDtypeStruct((), jnp.int32)))
+    host_N = jax.ShapeDtypeStruct((host.words,), jnp.int32, sharding=NamedSharding(mesh, P()))
     start = time.perf_counter()
     try:
         with jax.set_mesh(mesh), persistent_cache_off():
-            compiled = run_step.lower(graphdef, state, pool_in, decode, prefill, n_steps, cfg, jnp.bfloat16, layout,
-                                      1 if chunk else DECODE_STEPS).compile()
+            compiled = packed_step.lower(program, jax.tree.leaves(state), pool_in, host_N, host, layout,
+                                         1 if chunk else DECODE_STEPS).compile()
     except Exception as e:  # noqa: BLE001 - a compiler refusal (e.g. out of HBM) is a result to report
         return Compiled(0, 0, 0, 0, time.perf_counter() - start, 0, 0, error=short_error(str(e)))
     seconds = time.perf_counter() - start

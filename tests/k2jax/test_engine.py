@@ -150,18 +150,23 @@ def test_limits_are_clear_errors(model):
 
 def test_host_inputs_travel_in_one_buffer_and_come_back_unchanged(rng):
     """pack_host / unpack_host: every dtype a step sends (int32, uint32, float32, bool, a 0-d step count) and a
-    missing prefill chunk come back bit for bit inside a jitted program."""
+    missing prefill chunk come back bit for bit inside a jitted program; the layout k2jax-plan compiles ahead from
+    the inputs' shapes alone is the one they travel in; a dtype the int32 words cannot carry is refused by name."""
     tree = ({"a": rng.integers(-2**31, 2**31 - 1, (3, 5)).astype(np.int32),
              "b": rng.integers(0, 2**32 - 1, 7, dtype=np.uint64).astype(np.uint32),
              "c": rng.standard_normal((2, 3)).astype(np.float32), "d": rng.random(9) < 0.5,
              "e": rng.integers(0, 9, (4, 6)).astype(np.int32)[:, ::2]}, None, np.int32(rng.integers(1, 9)))
     buf, layout = engine.pack_host(tree)
-    assert buf.dtype == np.uint8 and buf.nbytes == sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree))
+    assert buf.dtype == np.int32 and buf.size == layout.words == sum(np.size(x) for x in jax.tree.leaves(tree))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
+    assert engine.host_layout(abstract) == layout
     back = jax.jit(engine.unpack_host, static_argnums=1)(buf, layout)
     assert back[1] is None
     for want, got in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
         assert got.shape == np.shape(want) and got.dtype == np.asarray(want).dtype
         np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(ValueError, match="float16 \\(3,\\)"):  # the buffer holds 4-byte words
+        engine.pack_host({"a": np.zeros(3, np.float16)})
 
 
 def test_a_step_with_a_chunk_and_decode_rows_updates_the_pool_in_place(model):
@@ -206,8 +211,9 @@ def test_a_step_never_widens_a_whole_weight_stack_or_the_embedding(kernels, monk
     chunk = engine.prefill_chunks(pages.table, [engine.Chunk(1, list(range(3, 67)), 0)], 1, 64, width)
     for step_chunk, steps in ((None, 8), (chunk, 1)):
         with model.on_mesh():
-            text = engine.run_step.lower(model.graphdef, model.state, pool, rows, step_chunk, np.int32(steps),
-                                         model.config, model.dtype, pages.layout, steps).compile().as_text()
+            host_N, host_layout = engine.pack_host((rows, step_chunk, np.int32(steps)))
+            text = engine.packed_step.lower(model._program, model._leaves, pool, host_N, host_layout, pages.layout,
+                                            steps).compile().as_text()
         widened = {f"f32[{','.join(map(str, x.shape))}]" for x in whole} & materialized_f32_shapes(text)
         assert not widened, (steps, widened)
 

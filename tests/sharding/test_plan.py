@@ -53,7 +53,7 @@ def test_plan_cli_is_quiet_and_keeps_tpu_programs_out_of_the_compilation_cache(u
     proc = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0 and "| v5e:2x2: 4 x TPU v5 lite | expert=4 | 8 x 256 |" in proc.stdout, proc.stderr[-4000:]
     assert proc.stderr == ""  # neither libtpu's start-up errors nor cache warnings
-    assert not [p.name for p in cache.glob("jit_step*")]
+    assert not [p.name for p in cache.glob("jit_packed_step*")]  # the program compile_step lowers
 
 
 def test_candidate_meshes_put_experts_first_and_the_rest_on_tensor_or_data():
@@ -89,17 +89,18 @@ def test_readme_plan_table_is_what_its_command_prints():
 
 def test_a_weight_stack_copied_whole_is_told_apart_from_cache_moves():
     """Compiled-HLO lines as libtpu prints them: a copy of a weight parameter (the relayout it made of K2's
-    replicated kv_a stack when its 576 lanes were not padded) names its parameter, whose metadata names the state;
+    replicated kv_a stack when its 576 lanes were not padded) names its parameter, whose metadata names one of the
+    state's leaves (packed_step's `leaves`);
     a copy of the pool has its lanes; the MoE's routed rows [tokens x top-k, hidden] are neither."""
     from k2jax.plan import classify_moves, hlo_moves, weight_params
 
     hlo = "\n".join([
         "  %param.115 = bf16[60,7168,576]{1,2,0:T(8,128)(2,1)} parameter(16), sharding={replicated}, "
-        "metadata={op_name=\"state[\\'moe_layers\\'][\\'attn\\'][\\'kv_a\\'].value\"}",
+        "metadata={op_name=\"leaves[16]\"}",
         "  %param.3 = bf16[60,512,256,640]{3,2,1,0:T(8,128)(2,1)} parameter(3), "
         "metadata={op_name=\"pool_in[\\'moe\\']\"}",
         "  %copy.327 = bf16[60,7168,576]{2,1,0:T(8,128)(2,1)} copy(%param.115), "
-        "metadata={op_name=\"jit(run_step)/while\"}",
+        "metadata={op_name=\"jit(packed_step)/jit(run_step)/while\"}",
         "  %copy.9 = bf16[60,512,256,640]{3,2,1,0:T(8,128)(2,1)} copy(%param.3)",
         "  %fusion.2 = f32[8,640]{1,0:T(8,128)} fusion(%param.3), kind=kLoop",
         "  %gather.301 = bf16[14720,7168]{1,0:T(8,128)(2,1)} gather(%param_0.4357, %transpose.594), offset_dims={1}",
@@ -118,7 +119,7 @@ def test_a_weight_copied_through_a_view_counts_as_copied():
 
     hlo = "\n".join([
         "  %p.7 = u8[60,48,1024,7168]{3,2,1,0} parameter(7), "
-        "metadata={op_name=\"state[\\'moe_layers\\'][\\'mlp\\'][\\'down\\'][\\'packed\\'].value\"}",
+        "metadata={op_name=\"leaves[7]\"}",
         "  %bitcast.1 = u8[60,48,1024,3584,2]{4,3,2,1,0} bitcast(%p.7)",
         "  %bitcast-convert.2 = u16[60,48,1024,3584]{3,2,1,0} bitcast-convert(%bitcast.1)",
         "  %copy.3 = u16[60,48,1024,3584]{2,3,1,0} copy(%bitcast-convert.2)",
@@ -139,14 +140,14 @@ def test_a_layer_sliced_out_of_its_stack_counts_as_copied():
     norm = jax.ShapeDtypeStruct((60, 1536), jax.numpy.bfloat16, sharding=NamedSharding(mesh, P()))
     stacks = layer_stacks({"moe_layers": {"attn": {"q_a": q_a, "q_a_norm": norm}}})
     assert stacks == {("bf16", 7168 * 1536)}
-    slice_op = 'metadata={op_name="jit(run_step)/while/body/while/body/closed_call/dynamic_slice"}'
+    slice_op = 'metadata={op_name="jit(packed_step)/jit(run_step)/while/body/while/body/closed_call/dynamic_slice"}'
     hlo = "\n".join([
         "  %loop_dynamic_slice_fusion.6 = bf16[1,7168,1536]{2,1,0} fusion(%get-tuple-element.676.0, "
         f"%get-tuple-element.677.0), kind=kLoop, calls=%fused_dynamic_slice.6, {slice_op}",
         "  ROOT %dynamic_slice.80.1 = bf16[1,7168,1536]{2,1,0} dynamic-slice(%param_0.600, %s.1, %c.7, %c.7), "
         f"dynamic_slice_sizes={{1,7168,1536}}, {slice_op}",
         "  %gemm_fusion_dot.57 = bf16[7168,1536]{1,0} fusion(%bitcast.383.0, %bitcast.382.0), kind=kCustom, "
-        'metadata={op_name="jit(run_step)/while/body/while/body/closed_call/dot_general"}',
+        'metadata={op_name="jit(packed_step)/jit(run_step)/while/body/while/body/closed_call/dot_general"}',
         f"  %loop_dynamic_slice_fusion.7 = bf16[1,1536]{{1,0}} fusion(%g.1, %g.2), kind=kLoop, {slice_op}",
     ])
     assert layer_copies(hlo, stacks) == 7168 * 1536 * 2
