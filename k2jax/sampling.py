@@ -182,29 +182,6 @@ class StepMasks(NamedTuple):
         chain[:, :, :min(steps, self.chain.shape[2])] = self.chain[:, :, :steps]
         return self._replace(chain=chain)
 
-    def packed(self, steps: int) -> np.ndarray:
-        """One int32 array [rows, packed_width(W, steps)] of every field, chains cut or padded to `steps` steps (what
-        a multi-host step shares)."""
-        fields = self.with_steps(steps)
-        return np.concatenate([f.reshape(len(self.words), -1).astype(np.int32) for f in fields], axis=1)
-
-    @staticmethod
-    def _widths(words: int, steps: int) -> list[int]:
-        """Columns of each field in `packed`."""
-        return [field[0].size for field in StepMasks.unconstrained(1, words, steps)]
-
-    @staticmethod
-    def packed_width(words: int, steps: int) -> int:
-        """Columns of `packed` for masks of `words` words and chains of `steps` steps."""
-        return sum(StepMasks._widths(words, steps))
-
-    @staticmethod
-    def unpacked(packed: np.ndarray, words: int, steps: int) -> StepMasks:
-        """`packed`'s array back as StepMasks."""
-        parts = np.split(packed, np.cumsum(StepMasks._widths(words, steps))[:-1], axis=1)
-        lists = (part.reshape(len(packed), STATES, -1) for part in parts[2:7])
-        return StepMasks(parts[0], parts[1].astype(bool), *lists, parts[7].astype(bool))
-
 
 def drafts_exact(params: SamplingParams) -> bool:
     """Whether a draw from every token that an allowed set holds is the draw under that set with the same key, so a

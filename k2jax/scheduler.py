@@ -770,7 +770,7 @@ class LinkedSlots(Slots):
         with self.link.deadline():
             self.link.send(STEP, (n_steps, len(chunks), masks is not None), np.concatenate(payload))
             if masks is not None:
-                self.link.share(masks.packed(n_steps))
+                self.link.share(engine.pack_host(masks.with_steps(n_steps))[0])
             return super().step(tokens, params, n_steps, masks, chunks)
 
     def rewind(self, slot: int, length: int) -> None:
@@ -805,9 +805,10 @@ def follow(model: engine.Engine, n_slots: int, max_context: int | None, link: St
                 return
             try:
                 if op == STEP:
-                    width = StepMasks.packed_width(slots.mask_words, a)
-                    masks = (StepMasks.unpacked(link.share(np.zeros((n_slots, width), np.int32)), slots.mask_words, a)
-                             if message[3] else None)
+                    masks = None
+                    if message[3]:  # the masks follow as pack_host's words
+                        layout = engine.host_layout(StepMasks.unconstrained(n_slots, slots.mask_words, a))
+                        masks = engine.unpack_host(link.share(np.zeros(layout.words, np.int32)), layout)
                     slots.step(*unpack_step(payload, n_slots, a, b, masks))
                 elif op == RELEASE:
                     slots.release(a)

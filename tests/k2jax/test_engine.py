@@ -150,8 +150,9 @@ def test_limits_are_clear_errors(model):
 
 def test_host_inputs_travel_in_one_buffer_and_come_back_unchanged(rng):
     """pack_host / unpack_host: every dtype a step sends (int32, uint32, float32, bool, a 0-d step count) and a
-    missing prefill chunk come back bit for bit inside a jitted program; the layout k2jax-plan compiles ahead from
-    the inputs' shapes alone is the one they travel in; a dtype the int32 words cannot carry is refused by name."""
+    missing prefill chunk come back bit for bit, inside a jitted program and on the host; the layout k2jax-plan
+    compiles ahead from the inputs' shapes alone is the one they travel in; a dtype the int32 words cannot carry is
+    refused by name."""
     tree = ({"a": rng.integers(-2**31, 2**31 - 1, (3, 5)).astype(np.int32),
              "b": rng.integers(0, 2**32 - 1, 7, dtype=np.uint64).astype(np.uint32),
              "c": rng.standard_normal((2, 3)).astype(np.float32), "d": rng.random(9) < 0.5,
@@ -160,11 +161,12 @@ def test_host_inputs_travel_in_one_buffer_and_come_back_unchanged(rng):
     assert buf.dtype == np.int32 and buf.size == layout.words == sum(np.size(x) for x in jax.tree.leaves(tree))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
     assert engine.host_layout(abstract) == layout
-    back = jax.jit(engine.unpack_host, static_argnums=1)(buf, layout)
-    assert back[1] is None
-    for want, got in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
-        assert got.shape == np.shape(want) and got.dtype == np.asarray(want).dtype
-        np.testing.assert_array_equal(np.asarray(got), want)
+    for back in (jax.jit(engine.unpack_host, static_argnums=1)(buf, layout), engine.unpack_host(buf, layout)):
+        assert back[1] is None
+        for want, got in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
+            assert got.shape == np.shape(want) and got.dtype == np.asarray(want).dtype
+            np.testing.assert_array_equal(np.asarray(got), want)
+    assert isinstance(back[0]["c"], np.ndarray)  # from a numpy buffer (the multi-host link's), numpy arrays
     with pytest.raises(ValueError, match="float16 \\(3,\\)"):  # the buffer holds 4-byte words
         engine.pack_host({"a": np.zeros(3, np.float16)})
 

@@ -266,7 +266,8 @@ def test_packed_chunks_and_masks_survive_the_step_message(model, rng, lengths):
     got = unpack_step(first[HEADER:], 4, *first[1:3].tolist())
     assert [(c.row, list(c.tokens), c.start) for c in got[4]] == [(c.row, c.tokens, c.start) for c in chunks]
     assert got[1] == idle and got[2] == 1 and got[3] is None and not first[3]
-    replayed = StepMasks.unpacked(shared, slots.mask_words, 2) if second[3] else None
+    replayed = (engine.unpack_host(shared, engine.host_layout(StepMasks.unconstrained(4, slots.mask_words, 2)))
+                if second[3] else None)
     got = unpack_step(second[HEADER:], 4, *second[1:3].tolist(), replayed)
     assert np.array_equal(got[0], tokens) and got[1] == params and got[2] == 2 and got[4] == []
     assert all(np.array_equal(a, b) for a, b in zip(got[3], masks._replace(chain=masks.chain[:, :, :2])))
