@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
 PLUGIN_DIR = Path(os.environ.get("K2JAX_CUDA_PLUGIN_DIR", Path(sys.prefix) / "cuda13-plugin"))
 PLUGIN_PACKAGES = ("jax-cuda13-plugin", "jax-cuda13-pjrt")
 # nvdisasm (SASS listings of the compiled kernels) in a folder of its own: an `nvidia` package beside the plugin
@@ -100,9 +101,12 @@ def plugin_env(root: Path | None = None) -> dict[str, str]:
     """Environment of a GPU-compiling child process: the plugin folder (and `root`) first on PYTHONPATH."""
     path = [str(PLUGIN_DIR), *([str(root)] if root else [])]
     path += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    # A GPU program compiles as it would for the GPU: an inherited backend optimization level (the test suite lowers
+    # it for its CPU programs) would change the PTX and SASS that k2jax-plan and benchmarks/sm90.py read.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(OPT_LEVEL_FLAG)]
     # XLA's GPU scheduler logs an "error" whenever a program's arguments pass 80% of the device's memory, as a
     # plan's pool sized to fill HBM does; compile failures still raise with their message.
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "JAX_PLATFORMS": "cpu",
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags),
             "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 

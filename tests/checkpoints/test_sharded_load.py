@@ -36,7 +36,7 @@ def run_worker(*args: str) -> dict:
     # glibc mmaps every buffer over 1 MiB, so freed memory leaves the RSS: the peak then counts live bytes,
     # not heap fragmentation.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}"}
     proc = subprocess.run([sys.executable, str(WORKER), *args], env=env, capture_output=True, text=True, check=False,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

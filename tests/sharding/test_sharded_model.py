@@ -16,9 +16,10 @@ REPO = WORKER.parents[2]
 TIMEOUT_S = 900  # generous: the 8-device workers compile many programs, slowly on a loaded 2-core machine
 
 
-def _env(**extra: str) -> dict[str, str]:
-    """CPU-only environment for a worker, with the repository importable."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **extra}
+def _env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """CPU-only environment for a worker, with the repository importable (and `devices` CPU devices)."""
+    flags = os.environ.get("XLA_FLAGS", "") + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "XLA_FLAGS": flags, **extra}
 
 
 def _result(stdout: str) -> dict:
@@ -50,8 +51,7 @@ def test_mesh_matches_single_device():
     experts, runs only where XLA does not partition the trace, so one device and a mesh would take different
     paths. On each, also one step of packed prompt chunks of every slot, not in slot order."""
     proc = subprocess.run([sys.executable, str(WORKER), "meshes", *MESHES], capture_output=True, text=True,
-                          timeout=TIMEOUT_S, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                                                      K2JAX_KERNELS="xla"))
+                          timeout=TIMEOUT_S, env=_env(8, K2JAX_KERNELS="xla"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = _result(proc.stdout)
     for spec, (experts, split, few_rows_split) in MESHES.items():
@@ -74,7 +74,7 @@ def test_kernels_on_meshes_match_one_device():
     one block of rows, or merges partial sums over one axis group."""
     specs = ["data=2,expert=2,tensor=2"]
     proc = subprocess.run([sys.executable, str(WORKER), "kernels", *specs], capture_output=True, text=True,
-                          timeout=TIMEOUT_S, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                          timeout=TIMEOUT_S, env=_env(8))
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = _result(proc.stdout)
     assert len(results) == len(specs) * 2 * 2
