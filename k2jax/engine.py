@@ -247,8 +247,7 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
     Both segments write their latents before either attends, so a decode row may feed the last prompt token of a
     chunk that ends in this step (its first token is sampled here); the dense and MoE layers run over both
     segments' tokens at once.
-    Each row samples as its token automaton says (DecodeRows.step_mask, advance); the unmasked sampler runs when
-    every row allows every token.
+    Each row samples as its token automaton says (DecodeRows.step_mask, advance).
     """
     model = nnx.merge(graphdef, state)
 
@@ -267,9 +266,7 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
         logits_DV = lm_head(model, xs_BTM[-1][:, 0])
         state_DK = rows.current(walk, states_DSK)
         mask_DW, forced_D = rows.step_mask(walk, state_DK)
-        nxt_D, logp_D = jax.lax.cond(jnp.all(mask_DW == -1),
-                                     lambda: sample(logits_DV, rows.sampling, pos_D + 1, None, forced_D),
-                                     lambda: sample(logits_DV, rows.sampling, pos_D + 1, mask_DW, forced_D))
+        nxt_D, logp_D = sample(logits_DV, rows.sampling, pos_D + 1, mask_DW, forced_D)
         return nxt_D, logp_D, pool, rows.advance(walk, state_DK, nxt_D, forced_D)
 
     D = rows.tok_D.shape[0]

@@ -8,6 +8,7 @@ row to its allowed tokens before any of that, so every sampling setting only eve
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -216,15 +217,20 @@ def _no_top(logp_BV: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.zeros((B, TOP_LOGPROBS), jnp.int32), jnp.zeros((B, TOP_LOGPROBS), jnp.float32)
 
 
+def _masked(mask_BW: jax.Array, logits_BV: jax.Array) -> jax.Array:
+    """The logits with the tokens mask_BW does not allow at -inf."""
+    return jnp.where(unpack_mask(mask_BW, logits_BV.shape[-1]), logits_BV, -jnp.inf)
+
+
 def sample(logits_BV: jax.Array, params: dict[str, jax.Array], pos_B: jax.Array,
            mask_BW: jax.Array | None = None, forced_B: jax.Array | None = None) -> tuple[jax.Array, Logprobs]:
     """Next token per row (forced_B[b] where that is >= 0, else among the tokens mask_BW allows, if given) and its
     Logprobs, from the same logits; all-greedy batches skip the sampler, batches where no row asks for top tokens skip
-    the top-k."""
+    the top-k, batches whose masks allow every token skip unpacking them."""
     logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     top_ids_BK, top_BK = jax.lax.cond(jnp.any(params["top_logprobs"] > 0), _top, _no_top, logp_BV)
     if mask_BW is not None:
-        logits_BV = jnp.where(unpack_mask(mask_BW, logits_BV.shape[-1]), logits_BV, -jnp.inf)
+        logits_BV = jax.lax.cond(jnp.all(mask_BW == -1), lambda x: x, functools.partial(_masked, mask_BW), logits_BV)
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     hot_B = params["temperature"] > 0
     drawn_B = jax.lax.cond(jnp.any(hot_B), _draw, lambda *_: greedy_B, logits_BV, params, pos_B)
