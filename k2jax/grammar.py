@@ -399,7 +399,10 @@ class RowConstraint:
     def _look(self, path: Sequence[int], limit: int) -> tuple[list[int], Next]:
         """The tokens the grammar forces after `path` (at most `limit`) and its state after them (Next); the
         constraint itself does not move. It looks on a copy of the matcher: llguidance 1.9's rollback after a mask
-        leaves a stale mask for a different path taken after it."""
+        leaves a stale mask for a different path taken after it. With nothing to take, no copy: the matcher itself
+        answers, from the lexer states it has cached (a copy computes a wide mask afresh, ~3 ms at K2's vocabulary)."""
+        if not path and not self._state()[1]:
+            return [], self._state()
         saved = (self.matcher, self.phase, self.reasoning_tokens, self._mask)
         if self.matcher is not None:
             self.matcher = self.matcher.deep_copy()
