@@ -98,7 +98,7 @@ def test_a_weight_stack_copied_whole_is_told_apart_from_cache_moves():
         "  %param.115 = bf16[60,7168,576]{1,2,0:T(8,128)(2,1)} parameter(16), sharding={replicated}, "
         "metadata={op_name=\"leaves[16]\"}",
         "  %param.3 = bf16[60,512,256,640]{3,2,1,0:T(8,128)(2,1)} parameter(3), "
-        "metadata={op_name=\"pool_in[\\'moe\\']\"}",
+        "metadata={op_name=\"pool[\\'moe\\']\"}",
         "  %copy.327 = bf16[60,7168,576]{2,1,0:T(8,128)(2,1)} copy(%param.115), "
         "metadata={op_name=\"jit(packed_step)/jit(run_step)/while\"}",
         "  %copy.9 = bf16[60,512,256,640]{3,2,1,0:T(8,128)(2,1)} copy(%param.3)",
