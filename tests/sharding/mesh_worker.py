@@ -77,6 +77,24 @@ def packed_rows(model: Model, ids: np.ndarray) -> tuple[list[int], list[float]]:
     return toks[:, 0].tolist(), logps.chosen[:, 0].tolist()
 
 
+def collective_permutes(model: Model) -> dict[str, int]:
+    """collective-permutes in the compiled decode step of BATCH rows, as Engine.run calls it (packed_step, its host
+    inputs in one buffer) and as run_step takes them: unpacking the buffer on a mesh must add none (engine.unpack_host
+    keeps each leaf whole; left free, the partitioner split the buffer and exchanged halos to slice it)."""
+    pages, pool = model.paged(BATCH, 64)
+    width = engine.table_width(pages.layout, pages.table.shape[1], PROMPT + 1)
+    rows = engine.decode_rows(pages.table, np.arange(BATCH), list(range(BATCH)), [5] * BATCH, [PROMPT] * BATCH,
+                              [SamplingParams()] * BATCH, None, BATCH, width, 0, -(-CFG.vocab_size // 32), NEW)
+    host, host_layout = engine.pack_host((rows, None, np.int32(NEW)))
+    with model.on_mesh():
+        programs = {
+            "packed_step": engine.packed_step.lower(model._program, model._leaves, pool, host, host_layout,
+                                                    pages.layout, NEW),
+            "run_step": engine.run_step.lower(model.graphdef, model.state, pool, rows, None, np.int32(NEW), CFG,
+                                              model.dtype, pages.layout, NEW)}
+        return {name: low.compile().as_text().count("collective-permute(") for name, low in programs.items()}
+
+
 def meshes(specs: list[str]) -> dict:
     """Logits, greedy tokens and per-device bytes on each mesh, against the single-device model."""
     graphdef, state = tiny_model()
@@ -105,6 +123,7 @@ def meshes(specs: list[str]) -> dict:
             "few_rows_split": [few_layout.row_axes, few_layout.seq_axes],
             "expert_fraction": local / total,
             "cache_fraction": device0_bytes(pool) / sum(c.nbytes for c in pool.values()),
+            "collective_permutes": collective_permutes(model),
         }
     return out
 

@@ -49,7 +49,8 @@ def test_mesh_matches_single_device():
     """Three meshes of 8 CPU devices in one subprocess (one compile of the reference; one test, so that xdist's
     workers never run it twice), all on the XLA path: the native CPU kernel, which rounds x to int8 for INT4
     experts, runs only where XLA does not partition the trace, so one device and a mesh would take different
-    paths. On each, also one step of packed prompt chunks of every slot, not in slot order."""
+    paths. On each, also one step of packed prompt chunks of every slot, not in slot order, and the decode step
+    compiled as Engine.run calls it and as run_step, counting collective-permutes."""
     proc = subprocess.run([sys.executable, str(WORKER), "meshes", *MESHES], capture_output=True, text=True,
                           timeout=TIMEOUT_S, env=_env(8, K2JAX_KERNELS="xla"))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -63,6 +64,8 @@ def test_mesh_matches_single_device():
         assert r["expert_fraction"] == pytest.approx(experts), (spec, r)
         assert r["cache_fraction"] == pytest.approx(1 / 8), (spec, r)  # every device holds its own pages
         assert r["split"] == split and r["few_rows_split"] == few_rows_split, (spec, r)
+        permutes = r["collective_permutes"]  # the step's host buffer is unpacked without halo exchanges
+        assert permutes["packed_step"] == permutes["run_step"], (spec, permutes)
     assert any(results[spec]["packed_split"] for spec in MESHES), "no mesh splits the packed step's slots"
 
 
