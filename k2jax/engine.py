@@ -345,7 +345,7 @@ def pack_host(tree: Any) -> tuple[np.ndarray, HostLayout]:
 def unpack_host(buf_N: np.ndarray | jax.Array, layout: HostLayout) -> Any:
     """pack_host's tree back from its buffer: numpy arrays from a numpy buffer (what the multi-host link shares), or
     inside a jitted program. There, on a mesh, each leaf stays whole on every device, as the buffer is: left free,
-    the partitioner split the buffer as a later use splits a leaf and exchanged halos to slice it (116
+    the partitioner split the buffer as a later use splits a leaf and exchanged halos to slice it (116-117
     collective-permutes and a third more compiled program on an 8-device CPU mesh, 10% more compile time; the mesh
     test counts them)."""
     host = isinstance(buf_N, np.ndarray)
