@@ -518,6 +518,14 @@ class Engine:
                                        max_steps)
         return pool, host_value(toks)[idx, :n_steps], Logprobs(*(host_value(x)[idx, :n_steps] for x in logps))
 
+    def lower(self, pool: dict[str, jax.Array], rows: DecodeRows, chunk: PrefillChunk | None, n_steps: int,
+              layout: PoolLayout, max_steps: int) -> jax.stages.Lowered:
+        """The step program run() calls for these host inputs (decode_rows, prefill_chunks), lowered on the model's
+        mesh: to read what the compiler makes of it."""
+        host_N, host_layout = pack_host((rows, chunk, np.int32(n_steps)))
+        with self.on_mesh():
+            return packed_step.lower(self._program, self._leaves, pool, host_N, host_layout, layout, max_steps)
+
     def _call(self, fn: Callable, *args: Any) -> Any:
         """Call a jitted entry point; the first call of each shape is timed (blocking) as compile time."""
         key = (fn, *(getattr(x, "shape", x) for x in jax.tree.leaves(args[2:])))

@@ -181,10 +181,7 @@ def test_a_step_with_a_chunk_and_decode_rows_updates_the_pool_in_place(model):
     rows = engine.decode_rows(pages.table, np.arange(2), [0, 1], [5, 6], [299, 699], [SamplingParams()] * 2,
                               None, 2, width, 0, -(-model.config.vocab_size // 32), 1)
     chunk = engine.prefill_chunks(pages.table, [engine.Chunk(2, list(range(3, 67)), 0)], 1, 64, width)
-    host_N, host_layout = engine.pack_host((rows, chunk, np.int32(1)))
-    with model.on_mesh():  # the program Engine.run calls
-        compiled = engine.packed_step.lower(model._program, model._leaves, pool, host_N, host_layout, pages.layout,
-                                            1).compile()
+    compiled = model.lower(pool, rows, chunk, 1, pages.layout, 1).compile()  # the program Engine.run calls
     mem = compiled.memory_analysis()
     stack_bytes = [x.size * x.dtype.itemsize for x in jax.tree.leaves(pool)]  # one per layer stack
     assert mem.alias_size_in_bytes >= sum(stack_bytes), "the pool is not donated into the output"
@@ -212,10 +209,7 @@ def test_a_step_never_widens_a_whole_weight_stack_or_the_embedding(kernels, monk
                               -(-model.config.vocab_size // 32), 8)
     chunk = engine.prefill_chunks(pages.table, [engine.Chunk(1, list(range(3, 67)), 0)], 1, 64, width)
     for step_chunk, steps in ((None, 8), (chunk, 1)):
-        with model.on_mesh():
-            host_N, host_layout = engine.pack_host((rows, step_chunk, np.int32(steps)))
-            text = engine.packed_step.lower(model._program, model._leaves, pool, host_N, host_layout, pages.layout,
-                                            steps).compile().as_text()
+        text = model.lower(pool, rows, step_chunk, steps, pages.layout, steps).compile().as_text()
         widened = {f"f32[{','.join(map(str, x.shape))}]" for x in whole} & materialized_f32_shapes(text)
         assert not widened, (steps, widened)
 

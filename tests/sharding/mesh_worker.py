@@ -85,11 +85,9 @@ def collective_permutes(model: Model) -> dict[str, int]:
     width = engine.table_width(pages.layout, pages.table.shape[1], PROMPT + 1)
     rows = engine.decode_rows(pages.table, np.arange(BATCH), list(range(BATCH)), [5] * BATCH, [PROMPT] * BATCH,
                               [SamplingParams()] * BATCH, None, BATCH, width, 0, -(-CFG.vocab_size // 32), NEW)
-    host, host_layout = engine.pack_host((rows, None, np.int32(NEW)))
     with model.on_mesh():
         programs = {
-            "packed_step": engine.packed_step.lower(model._program, model._leaves, pool, host, host_layout,
-                                                    pages.layout, NEW),
+            "packed_step": model.lower(pool, rows, None, NEW, pages.layout, NEW),
             "run_step": engine.run_step.lower(model.graphdef, model.state, pool, rows, None, np.int32(NEW), CFG,
                                               model.dtype, pages.layout, NEW)}
         return {name: low.compile().as_text().count("collective-permute(") for name, low in programs.items()}
