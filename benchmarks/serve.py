@@ -79,14 +79,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_client(client, requests: list[list[int]], max_tokens: int, seed: int) -> list[tuple[float, float, int]]:
-    """Send the requests one after another, streaming: (TTFT s, TPOT s, output tokens) per request."""
+    """Send the requests one after another, streaming: (TTFT s, TPOT s, output tokens) per request. The prompt ids
+    ride in extra_body: passed as `prompt`, the client type-checks every id in Python (~22 ms of the client's CPU for
+    1,100 ids, against ~1 ms for the whole request), time the 2 cores' servers would lose to the client."""
     out = []
     for r, prompt in enumerate(requests):
         start = time.perf_counter()
-        stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens,
+        stream = await client.completions.create(model="bench", prompt=[], max_tokens=max_tokens,
                                                  temperature=1.0, seed=seed + r, stream=True,
                                                  stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True})
+                                                 extra_body={"prompt": prompt, "ignore_eos": True})
         first = last = None
         chunks, usage = 0, None
         async for chunk in stream:

@@ -364,13 +364,13 @@ def check_json_tree(data: Any) -> None:
             continue
         if depth > MAX_JSON_DEPTH:
             raise APIError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels (at {path})")
+        if isinstance(value, dict):
+            for key in value:
+                check_unicode(key, f"{path}.{key}" if path else key)
         items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            where = f"{path}.{key}" if path else str(key)
-            if isinstance(key, str):
-                check_unicode(key, where)
-            if isinstance(item, (str, dict, list)):
-                stack.append((item, depth + 1, where))
+        # places are named only for what is kept: a prompt's thousands of token ids are skipped over
+        stack.extend((item, depth + 1, f"{path}.{key}" if path else str(key)) for key, item in items
+                     if isinstance(item, (str, dict, list)))
 
 
 def check_unicode(text: str, where: str) -> None:
