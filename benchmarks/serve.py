@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import sys
 import tempfile
@@ -103,19 +104,39 @@ async def one_client(client, requests: list[list[int]], max_tokens: int, seed: i
     return out
 
 
+class Retries(logging.Handler):
+    """Counts the openai client's retries (it logs each one)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += record.getMessage().startswith("Retrying request")
+
+
 async def run_level(url: str, requests: list[list[list[int]]], max_tokens: int, seed: int) -> dict[str, float]:
-    """One load level (a client per entry of `requests`): tokens/s, TTFT and TPOT p50/p99."""
+    """One load level (a client per entry of `requests`): tokens/s, TTFT and TPOT p50/p99, and how many requests
+    the client retried (its default of 2 retries: llama-server drops some of 32 connections opened at once, before
+    answering; a retry's wait counts in its TTFT)."""
     import openai
 
-    async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=1800) as client:
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one_client(client, reqs, max_tokens, seed + 1000 * c)
-                                         for c, reqs in enumerate(requests)))
-        wall = time.perf_counter() - start
+    retries, logger = Retries(), logging.getLogger("openai._base_client")
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(retries)
+    try:
+        async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=2, timeout=1800) as client:
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one_client(client, reqs, max_tokens, seed + 1000 * c)
+                                             for c, reqs in enumerate(requests)))
+            wall = time.perf_counter() - start
+    finally:
+        logger.removeHandler(retries)
+        logger.setLevel(level)
     done = [r for rs in results for r in rs]
     ttft, tpot = [r[0] for r in done], [r[1] for r in done]
     return {"tok_s": sum(r[2] for r in done) / wall, "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
-            "tpot_p50": percentile(tpot, 50), "tpot_p99": percentile(tpot, 99)}
+            "tpot_p50": percentile(tpot, 50), "tpot_p99": percentile(tpot, 99), "retries": retries.count}
 
 
 @contextlib.contextmanager
@@ -152,7 +173,8 @@ def row(r: dict) -> str:
     """One server's cells: tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms, or its error across them."""
     if "error" in r:
         return f"failed: {r['error'][:300]} | | "
-    return (f"{r['tok_s']:.0f} | {1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | "
+    retried = f" ({r['retries']} retried)" if r.get("retries") else ""
+    return (f"{r['tok_s']:.0f}{retried} | {1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | "
             f"{1e3 * r['tpot_p50']:.1f} / {1e3 * r['tpot_p99']:.1f}")
 
 
