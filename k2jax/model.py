@@ -467,15 +467,26 @@ def _check_column_split(cfg: K2Config, ways: int) -> None:
                          f"{int4_layout.planar_block(F)} rows; use a smaller 'tensor' axis")
 
 
-def moe(p: MoE, x_BTM: Array, layer: Array, cfg: K2Config) -> Array:
-    """Routed experts (rows sorted by expert, grouped matmuls) weighted and summed, plus the shared expert."""
+def moe(p: MoE, x_BTM: Array, layer: Array, cfg: K2Config, real_N: Array | None = None) -> Array:
+    """Routed experts (rows sorted by expert, grouped matmuls) weighted and summed, plus the shared expert. Tokens
+    that real_N marks False (padding) go to no expert: the grouped matmuls skip their rows (their output is junk)."""
     B, T, M = x_BTM.shape
     x_NM = x_BTM.reshape(B * T, M)
     w_NK, idx_NK = route(p, x_NM, layer, cfg)
+    if real_N is not None:
+        idx_NK = jnp.where(real_N[:, None], idx_NK, cfg.n_routed_experts)  # an id past every device's experts
     y_NM = routed_experts(p, x_NM, w_NK, idx_NK, layer, cfg).astype(x_BTM.dtype)
     if p.shared is not None:
         y_NM = y_NM + mlp(p.shared, x_NM, layer)
     return y_NM.reshape(B, T, M)
+
+
+def real_tokens(pos_BT: Array, cache: PagedCache | None) -> Array:
+    """Which tokens of a segment are real: with a cache those below their row's kv_len (the rest pads a chunk or a
+    row that takes no part, and nothing reads them), all without one."""
+    if cache is None:
+        return jnp.ones(pos_BT.shape, bool)
+    return pos_BT < cache.kv_len_B[:, None]
 
 
 def block(p: Block, xs_BTM: tuple[Array, ...], pos_BT: tuple[Array, ...], pool_LPNC: Array | None,
@@ -488,7 +499,11 @@ def block(p: Block, xs_BTM: tuple[Array, ...], pos_BT: tuple[Array, ...], pool_L
     hs_BTM = [x_BTM + h_BTM for x_BTM, h_BTM in zip(xs_BTM, attn_BTM)]
     x_NM = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in hs_BTM])
     h_NM = rms_norm(x_NM, p.mlp_norm[...][layer], cfg.rms_norm_eps)
-    h_NM = moe(p.mlp, h_NM[None], layer, cfg)[0] if isinstance(p.mlp, MoE) else mlp(p.mlp, h_NM, layer)
+    if isinstance(p.mlp, MoE):
+        real_N = jnp.concatenate([real_tokens(pos, cache).reshape(-1) for pos, cache in zip(pos_BT, caches)])
+        h_NM = moe(p.mlp, h_NM[None], layer, cfg, real_N)[0]
+    else:
+        h_NM = mlp(p.mlp, h_NM, layer)
     ends = list(itertools.accumulate(math.prod(x.shape[:2]) for x in hs_BTM))
     return tuple(y.reshape(x.shape) for x, y in zip(hs_BTM, jnp.split(x_NM + h_NM, ends[:-1]))), pool_LPNC
 

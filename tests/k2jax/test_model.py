@@ -11,6 +11,7 @@ from flax import nnx
 
 import k2jax
 from k2jax.engine import step
+from k2jax.model import mlp, moe
 from k2jax.loading import abstract_model
 from k2jax.cache import abstract_cache, make_layout
 
@@ -105,6 +106,23 @@ def test_bf16_checkpoint_stays_bf16_and_matches_transformers(hf_checkpoint, rng,
     if len(got) < len(want):  # k2jax ends the sequence before EOS; HF keeps it
         assert want[len(got)] == model.config.eos_token_id
     assert got == want[:len(got)]
+
+
+def test_padding_tokens_reach_no_expert(hf_checkpoint, rng):
+    """model.moe with real_N: the real tokens' outputs are the unmasked MoE's, and a padding token's is the shared
+    expert's alone, so no routed expert ran for it (its rows were not in the grouped matmuls)."""
+    _, path = hf_checkpoint()
+    model = k2jax.load(path)
+    stack = nnx.merge(model.graphdef, model.state).moe_layers.mlp
+    x_NM = jnp.asarray(rng.standard_normal((12, model.config.hidden_size)), jnp.float32)
+    real_N = jnp.asarray(rng.random(12) < 0.5).at[0].set(True).at[1].set(False)
+    layer = jnp.int32(rng.integers(stack.router_bias.shape[0]))
+    full = np.asarray(moe(stack, x_NM[None], layer, model.config)[0])
+    masked = np.asarray(moe(stack, x_NM[None], layer, model.config, real_N)[0])
+    shared = np.asarray(mlp(stack.shared, x_NM, layer))
+    real = np.asarray(real_N)
+    assert rel_err(masked[real], full[real]) <= RTOL
+    assert rel_err(masked[~real], shared[~real]) <= RTOL and rel_err(full[~real], shared[~real]) > 1e-2
 
 
 def test_decode_step_updates_pool_in_place():
