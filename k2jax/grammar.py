@@ -218,13 +218,21 @@ def allows(mask: np.ndarray, token: int) -> bool:
 
 
 def allowed_tokens(mask: np.ndarray, at_most: int) -> list[int] | None:
-    """The tokens a mask allows, in order, or None if more than `at_most`."""
+    """The tokens a mask allows, in order, or None if more than `at_most` (bits popped in Python: the words holding
+    any are at most `at_most`, and numpy's per-call cost exceeds theirs)."""
     bits = mask.view(np.uint32)
-    if int(np.bitwise_count(bits).sum()) > at_most:
+    if np.count_nonzero(bits) > at_most:
         return None
-    words = np.flatnonzero(bits)
-    word, bit = np.nonzero((bits[words, None] >> np.arange(32, dtype=np.uint32)) & 1)
-    return (32 * words[word] + bit).tolist()
+    tokens: list[int] = []
+    for word in np.flatnonzero(bits).tolist():
+        value = int(bits[word])
+        while value:
+            low = value & -value
+            tokens.append(32 * word + low.bit_length() - 1)
+            value ^= low
+        if len(tokens) > at_most:
+            return None
+    return tokens
 
 
 def mask_delta(mask: np.ndarray, root: np.ndarray) -> tuple[bool, list[int], list[int]] | None:
@@ -257,10 +265,11 @@ class RowConstraint:
     The budget counts tokens inside the opening `<think>` block; once spent, `</think>` is the only token allowed
     (as soon as the grammar allows it). Where the grammar forces text (a call's `functions.NAME:IDX` once NAME is
     told apart, a JSON key), the mask allows only the first token of llguidance's canonical tokenization of it, so
-    forced stretches are single tokens that a decode call takes without sampling. `steady` says whether the last
-    token left the mask unchanged: while it does, several tokens can be sampled under one mask and checked
-    afterwards; while it does not, a row whose sampling makes draws exact (k2jax.sampling.drafts_exact) drafts past
-    the states a decode call's automaton holds (see plan, accept and decode_plan).
+    forced stretches are single tokens that a decode call takes without sampling. A row whose sampling makes draws
+    exact (k2jax.sampling.drafts_exact) drafts past the states a decode call's automaton holds, each draft checked
+    where it falls (the grammar walks the token's bytes; no mask is computed). Another row samples under one mask
+    past them; `steady` says whether the last token left the mask unchanged, and while it does, those draws stand
+    while the mask stays the same (see plan, accept and decode_plan).
     """
 
     def __init__(self, vocab: Vocabulary, grammar: str | None = None, reasoning_budget: int | None = None):
@@ -286,8 +295,8 @@ class RowConstraint:
 
     def plan(self, steps: int, exact: bool) -> list[PlanState]:
         """The row's automaton for a decode call of `steps` steps (the constraint itself does not move). State 0 takes
-        the tokens the grammar forces, then samples under the mask after them, which holds unless it changes token by
-        token and the row's draws are `exact`. Then, breadth first up to STATES states, a mask that allows at most
+        the tokens the grammar forces, then samples under the mask after them, which holds for the later steps unless
+        the row's draws are `exact` (those draft). Then, breadth first up to STATES states, a mask that allows at most
         EDGES tokens leads by each to a state of its own (a tool's name, a JSON key), and a wider one at the root by
         each chat marker it allows (`</think>`, a tool-calls section): a row that takes one samples next under the
         grammar's own mask, where a drafting row would draw from every token and a held one under a stale mask. Past
@@ -301,8 +310,7 @@ class RowConstraint:
         mask in running text takes microseconds), and past the tool-calls section's opener every declared tool's
         name."""
         chain, after = self._look((), steps)
-        changing = bool(chain) or not self.steady
-        states = [PlanState(tuple(chain), tuple(chain), after, (True, [], []), not (changing and exact))]
+        states = [PlanState(tuple(chain), tuple(chain), after, (True, [], []), not exact)]
         root, root_few = after[0], allowed_tokens(after[0], EDGES)
         root_choices = self._choices(root, root_few, True)
         key = self._marker_key(chain, root_few, root_choices, steps, exact)
@@ -418,11 +426,24 @@ class RowConstraint:
         return tokens, after
 
     def _stands(self, token: int, used: np.ndarray, exact: bool, drafted: bool) -> bool:
-        """Whether a later draw of a run (see accept) stands where the grammar is now."""
+        """Whether a later draw of a run (see accept) stands where the grammar is now: a draft where the grammar allows
+        it, a draw under a held mask where the mask is the same (or, for an exact draw, allows no token it did not)."""
+        if exact and drafted:
+            return self._allows(token)
         mask = self.mask()
         if not exact:
             return np.array_equal(mask, used)
-        return allows(mask, token) and (drafted or not (mask & ~used).any())
+        return allows(mask, token) and not (mask & ~used).any()
+
+    def _allows(self, token: int) -> bool:
+        """Whether the mask allows `token`, as allows(self.mask(), token) says, without computing the mask where the
+        grammar alone decides: the token must be the first forced one if the grammar forces text, else one the
+        grammar can take (llguidance's validate_tokens walks the token's bytes, not the vocabulary)."""
+        if self._mask is not None or self.matcher is None or self.matcher.is_error() or self.budget is not None:
+            return allows(self.mask(), token)
+        if forced := self.matcher.compute_ff_tokens():
+            return token == forced[0]
+        return self.matcher.validate_tokens([token]) == 1 or allows(self.mask(), token)
 
     def _consume(self, token: int) -> None:
         """Take one token: the matcher's state and the reasoning phase advance."""

@@ -343,7 +343,8 @@ def test_rows_take_forced_tokens_then_draft_while_their_mask_changes(vocab, tok)
     assert plan.n_steps == len(head) + 1 and plan.masks.hold[:, 0].all()
     for beside in (decode_plan({0: (steady, greedy), 2: (held, filtered)}, 4, 8),
                    decode_plan({2: (held, filtered)}, 4, 8, decoding=3)):
-        assert beside.n_steps == 8 and beside.masks.hold[:, 0].all()  # other rows are not held back
+        assert beside.n_steps == 8 and beside.masks.hold[1:, 0].all()  # other rows are not held back
+    assert not decode_plan({0: (steady, greedy)}, 4, 8).masks.hold[0, 0]  # an exact row drafts even when steady
     states = beside.automata[2]
     state = states[0]  # follow its automaton's chains and edges along the run
     while len(state.path) < len(wrong) and wrong[len(state.path)] in state.edges:
@@ -461,6 +462,38 @@ def test_a_forced_run_is_taken_whole_and_then_checked(vocab, tok):
     assert row.accept(forced[:1], exact=True, drafted=True, forced=1) == 1 and not row.steady
     assert row.accept(forced[1:] + rest, exact=True, drafted=True, forced=len(forced) - 1) == len(forced) - 1 + len(rest)
     assert row.forced(8)[0] == [tok.token_id(chat.ARGUMENT_BEGIN), *tok.encode('{"a":')]
+
+
+@pytest.mark.parametrize("rules, text", [
+    (tool_calls_grammar(TOOLS + [MEASURE]), THINK + "Sure." + MEASURED),
+    (tool_calls_grammar(TOOLS, "required"), THINK + section(call("book_room", 0, GOOD_BOOKING))),
+    (json_grammar(MEASURE["function"]["parameters"]), '{"unit": "inch", "x": -2.5e3}'),
+])
+def test_a_draft_is_checked_as_the_mask_would(vocab, tok, rules, text):
+    """RowConstraint._allows (how a draft is checked, without computing a mask) says what the mask says for every
+    token of the vocabulary, at every point of a turn: in running text, where text is forced (only its canonical
+    first token) and at the turn's end."""
+    row, tokens = RowConstraint(vocab, rules), [*tok.encode(text), tok.im_end_id]
+    for i, token in enumerate(tokens):
+        mask = row.mask()
+        drafts = []
+        for candidate in range(tok.vocab_size):
+            row._mask = None
+            drafts.append(row._allows(candidate))
+        assert drafts == [allows(mask, t) for t in range(tok.vocab_size)], tok.decode(tokens[:i])
+        assert allows(mask, token)
+        row.accept([token])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 4351), max_size=24), st.integers(0, 20))
+def test_allowed_tokens_lists_the_set_bits(tokens, at_most):
+    """allowed_tokens gives a mask's tokens in order, or None past at_most, as numpy's bit unpacking does."""
+    words = np.zeros(136, np.uint32)
+    for token in tokens:
+        words[token // 32] |= np.uint32(1 << (token % 32))
+    expected = np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")).tolist()
+    assert allowed_tokens(words.view(np.int32), at_most) == (expected if len(expected) <= at_most else None)
 
 
 def test_masks_have_the_vocabulary_layout(vocab, tok):
