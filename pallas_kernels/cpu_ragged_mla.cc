@@ -1,8 +1,9 @@
 // Ragged paged absorbed MLA attention for the CPU backend, an XLA FFI custom call with the contract of
 // ragged_mla_reference (pallas_kernels/ragged_mla.py): row b's local page m holds positions
 // (page_first + m * page_stride) * N + [0, N); query t of row b at position q_start[b] + t sees keys at positions
-// <= its own and < kv_len[b]. Lanes from `width` on (the pool's zero padding to 128-lane rows) are never read:
-// scores sum the first `width` lanes only. Each work unit (a row, a block of its queries, a block of heads) walks
+// <= its own and < kv_len[b]; a query at or past kv_len[b] (a chunk's padding) sees none and is skipped. Lanes
+// from `width` on (the pool's zero padding to 128-lane rows) are never read: scores sum the first `width` lanes
+// only. Each work unit (a row, a block of its queries, a block of heads) walks
 // only the pages its queries can see, reading them in place from the pool [L, P, N, C] (f32, or bf16 widened one
 // key block at a time), with an online softmax in float32. Keys of a block have consecutive positions, so a query's
 // mask is a prefix of the block. Scores are dot products for units of up to 4 query rows (decode; summed across
@@ -266,10 +267,12 @@ void prefetch_page(const Problem& pr, int64_t page, int64_t keys) {
   }
 }
 
-// One unit: tokens [t0, t1) x heads [h0, h1) of row b over the pages they can see. Returns false (writing
-// nothing) when a page id it would read is outside the pool.
+// One unit: tokens [t0, t1) x heads [h0, h1) of row b over the pages they can see (its padding tokens, at or past
+// kv_len, see none). Returns false (writing nothing) when a page id it would read is outside the pool.
 bool attend_unit(const Problem& pr, int64_t b, int64_t t0, int64_t t1, int64_t h0, int64_t h1) {
-  int64_t nh = h1 - h0, rows = (t1 - t0) * nh;
+  int64_t kv_len = pr.kv_len[b], q_start = pr.q_start[b];
+  int64_t real_t1 = std::clamp(kv_len - q_start, t0, t1);  // tokens from real_t1 on are padding
+  int64_t nh = h1 - h0, rows = (real_t1 - t0) * nh, all_rows = (t1 - t0) * nh;
   thread_local Scratch w;
   w.acc.assign(rows * pr.r, 0.f);
   w.m.assign(rows, -kInf);
@@ -287,8 +290,7 @@ bool attend_unit(const Problem& pr, int64_t b, int64_t t0, int64_t t1, int64_t h
     w.acc_rows[x] = w.acc.data() + x * pr.r;
     w.s_rows[x] = w.s.data() + x * kKeys;
   }
-  int64_t kv_len = pr.kv_len[b], q_start = pr.q_start[b];
-  int64_t hi = std::min(kv_len, q_start + t1);  // no query of the unit sees a position >= hi
+  int64_t hi = rows > 0 ? std::min(kv_len, q_start + real_t1) : 0;  // no query of the unit sees a position >= hi
   for (int64_t page_m = 0; page_m < pr.m; ++page_m) {
     int64_t page_pos = (pr.first + page_m * pr.stride) * pr.n;
     if (page_pos >= hi) break;
@@ -309,10 +311,10 @@ bool attend_unit(const Problem& pr, int64_t b, int64_t t0, int64_t t1, int64_t h
       if (x0 < rows) update_rows(pr, w, x0, rows, key_rows(pr, page, j0, keys, w.buf.data()), keys);
     }
   }
-  for (int64_t x = 0; x < rows; ++x) {
+  for (int64_t x = 0; x < all_rows; ++x) {
     int64_t out = (b * pr.t + t0 + x / nh) * pr.h + h0 + x % nh;
     float* o = pr.o + out * pr.r;
-    if (w.l[x] > 0) {
+    if (x < rows && w.l[x] > 0) {
       float inv = 1.f / w.l[x];
       for (int64_t i = 0; i < pr.r; ++i) o[i] = w.acc[x * pr.r + i] * inv;
       pr.lse[out] = w.m[x] + std::log(w.l[x]);

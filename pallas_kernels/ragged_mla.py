@@ -5,7 +5,8 @@ The KV cache is a page pool per layer stack, kv [L, P, N, C]: c_kv in lanes [0, 
 zeros up to C. Queries come absorbed (q_lat = q_nope @ W_UK) and laid out like the cache lanes, so one
 [rows, C] x [C, keys] matmul gives q_lat.c_kv + q_pe.k_pe and p @ kv[:, :R] gives the latent output.
 Row b's local page m (table[b, m]) holds the keys at positions (page_first + m * page_stride) * N + [0, N).
-Query t of row b sits at position q_start[b] + t and sees keys at positions <= its own and < kv_len[b].
+Query t of row b sits at position q_start[b] + t and sees keys at positions <= its own and < kv_len[b]; a query at
+or past kv_len[b] is padding (a prompt chunk's tail) and sees none, so it costs nothing.
 Every loop stops at the last page a (row, query block) can see, min(kv_len, q_start + last query + 1), so a
 table sized for 256k tokens costs nothing past what the row holds, and temporaries depend only on the
 chunk and the block sizes. Outputs are float32 o [B, T, H, R] and lse [B, T, H] (-inf and o = 0 where a
@@ -96,6 +97,12 @@ def _combine(o_BsXR, lse_BsX) -> tuple[jax.Array, jax.Array]:
     return o_BXR, jnp.where(total_BX > 0, shift_B1X[:, 0] + jnp.log(safe_BX), -jnp.inf)
 
 
+def visible_limit(q_pos, kv_len):
+    """The position below which a query at q_pos sees keys: its own + 1, at most kv_len; 0 for padding (q_pos >=
+    kv_len)."""
+    return jnp.where(q_pos < kv_len, jnp.minimum(kv_len, q_pos + 1), 0)
+
+
 def _attend(q_ref, kv_KC, m_ref, l_ref, acc_ref, pos_of, hi, limit_X1, *, sm_scale: float, mask: bool):
     """Online-softmax update with one kv block; with mask, keys at pos >= hi are zeroed and a query row sees
     only keys at pos < its limit."""
@@ -125,7 +132,7 @@ def _ragged_kernel(kv_len_ref, q_start_ref, layer_ref, first_ref, table_ref, q_r
     n = kv_hbm.shape[2]
     kv_len, q_start, first, layer = kv_len_ref[b], q_start_ref[b], first_ref[0], layer_ref[0]
     t0 = qb * block_t
-    hi = jnp.minimum(kv_len, q_start + jnp.minimum(t0 + block_t, tokens))
+    hi = jnp.where(q_start + t0 < kv_len, jnp.minimum(kv_len, q_start + jnp.minimum(t0 + block_t, tokens)), 0)
     needed = _needed_pages(hi, first, n, stride, width)
     blocks = pl.cdiv(needed, pages_per_block)
     per_split = pl.cdiv(blocks, pl.num_programs(2))
@@ -151,7 +158,7 @@ def _ragged_kernel(kv_len_ref, q_start_ref, layer_ref, first_ref, table_ref, q_r
         page_copies(0, 0, "start")
 
     t_X1 = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (q_ref.shape[0], 1), 0), heads)
-    limit_X1 = jnp.minimum(kv_len, q_start + t0 + t_X1 + 1)
+    limit_X1 = visible_limit(q_start + t0 + t_X1, kv_len)
 
     def block(i, carry):
         slot = jax.lax.rem(i, 2)
@@ -172,8 +179,8 @@ def _ragged_kernel(kv_len_ref, q_start_ref, layer_ref, first_ref, table_ref, q_r
         last = (first + (page0 + pages_per_block - 1) * stride) * n + n - 1
         attend = functools.partial(_attend, q_ref, kv_buf[slot], m_ref, l_ref, acc_ref, pos_of, hi, limit_X1,
                                    sm_scale=sm_scale)
-        jax.lax.cond(last < jnp.minimum(kv_len, q_start + t0 + 1), functools.partial(attend, mask=False),
-                     functools.partial(attend, mask=True))
+        whole = (last < jnp.minimum(kv_len, q_start + t0 + 1)) & (q_start + jnp.minimum(t0 + block_t, tokens) <= kv_len)
+        jax.lax.cond(whole, functools.partial(attend, mask=False), functools.partial(attend, mask=True))
         return carry
 
     jax.lax.fori_loop(0, count, block, 0)
@@ -282,8 +289,9 @@ def _ragged_triton_kernel(table_ref, kv_len_ref, q_start_ref, layer_ref, first_r
     row0 = rb * block_rows
     rows = pl.ds(row0, block_rows)
     row_ok_X = row0 + jnp.arange(block_rows) < x
-    limit_X = jnp.minimum(kv_len, q_start + (row0 + jnp.arange(block_rows)) // heads + 1)
-    hi = jnp.minimum(kv_len, q_start + (jnp.minimum(row0 + block_rows, x) - 1) // heads + 1)
+    limit_X = visible_limit(q_start + (row0 + jnp.arange(block_rows)) // heads, kv_len)
+    hi = jnp.where(q_start + row0 // heads < kv_len,
+                   jnp.minimum(kv_len, q_start + (jnp.minimum(row0 + block_rows, x) - 1) // heads + 1), 0)
     needed = _needed_pages(hi, first, n, stride, width)
     per_split = pl.cdiv(needed, pl.num_programs(1))
     page0 = split * per_split
@@ -357,7 +365,8 @@ def ragged_mla_reference(q_BTHC, kv_LPNC, table_BM, kv_len_B, q_start_B, layer, 
     pos_S = ((page_first + jnp.arange(width) * page_stride)[:, None] * n + jnp.arange(n)).reshape(-1)
     live_BS = pos_S[None, :] < kv_len_B[:, None]
     kv_BSC = jnp.where(live_BS[..., None], kv_LPNC[layer, table_BM].reshape(b, width * n, c).astype(jnp.float32), 0)
-    visible_BTS = live_BS[:, None, :] & (pos_S[None, None, :] <= (q_start_B[:, None] + jnp.arange(t))[..., None])
+    limit_BT = visible_limit(q_start_B[:, None] + jnp.arange(t), kv_len_B[:, None])
+    visible_BTS = pos_S[None, None, :] < limit_BT[..., None]
     s_BTHS = jnp.einsum("bthc,bsc->bths", q_BTHC.astype(jnp.float32), kv_BSC, precision=hi) * sm_scale
     s_BTHS = jnp.where(visible_BTS[:, :, None, :], s_BTHS, -jnp.inf)
     m_BTH = jnp.max(s_BTHS, axis=-1)

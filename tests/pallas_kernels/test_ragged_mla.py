@@ -82,11 +82,12 @@ def test_position_shards_combine_to_the_whole(rng, kernel):
 
 def test_reference_against_dense_numpy(rng):
     """The reference against float64 numpy softmax over a dense cache built by placing the pages at their
-    positions (shard 1 of 2: pages at positions 4..7, 12..15, ...), with a query that sees none of them."""
+    positions (shard 1 of 2: pages at positions 4..7, 12..15, ...), with a query that sees none of them and one
+    past its row's kv_len (padding, which sees nothing)."""
     n, r, p, c, first, stride, t = 4, 8, 4, 16, 1, 2, 3
     kv, table, kv_len = paged_pool_and_tables(rng, kv_len=[18, 6], n=n, width=5, layers=2, layer=1,
                                               dims=(r, p, c), dtype=jnp.float32, page_first=first, stride=stride)
-    q_start = jnp.asarray([15, 2], jnp.int32)
+    q_start = jnp.asarray([16, 2], jnp.int32)
     q = absorbed_queries(rng, 2, t, 2, (r, p, c), jnp.float32)
     o, lse = K.ragged_mla_reference(q, kv, table, kv_len, q_start, jnp.int32(1), jnp.int32(first), sm_scale=0.3,
                                     rank=r, page_stride=stride)
@@ -97,7 +98,8 @@ def test_reference_against_dense_numpy(rng):
             for k in range(n):
                 dense[(first + m * stride) * n + k] = pool[table[b, m], k]
         for ti in range(t):
-            keys = [pos for pos in sorted(dense) if pos < kv_len[b] and pos <= q_start[b] + ti]
+            real = q_start[b] + ti < kv_len[b]
+            keys = [pos for pos in sorted(dense) if real and pos < kv_len[b] and pos <= q_start[b] + ti]
             if not keys:
                 assert np.isneginf(np.asarray(lse)[b, ti]).all() and not np.asarray(o)[b, ti].any()
                 continue
@@ -107,7 +109,7 @@ def test_reference_against_dense_numpy(rng):
             np.testing.assert_allclose(np.asarray(o)[b, ti], e_HS @ kv_SC[:, :r] / e_HS.sum(-1, keepdims=True),
                                        atol=1e-5)
             np.testing.assert_allclose(np.asarray(lse)[b, ti], s_HS.max(-1) + np.log(e_HS.sum(-1)), atol=1e-5)
-    assert np.isneginf(np.asarray(lse)[1, 0]).all()
+    assert np.isneginf(np.asarray(lse)[1, 0]).all() and np.isneginf(np.asarray(lse)[0, 2]).all()
 
 
 def test_bad_shapes_are_named():
