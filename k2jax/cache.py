@@ -124,17 +124,36 @@ def init_pool(cfg: K2Config, layout: PoolLayout, dtype: Any = jnp.bfloat16, mesh
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class Packing:
+    """Where the tokens of a packed segment (prompt chunks of several rows one after another, [1, N], so the dense
+    layers see no padding between them) sit in the attention kernels' [B, T] layout of its rows: place_N (b * T + t;
+    B * T for the padding after the last chunk), token_BT (the token at each place; any past a row's chunk) and the
+    places' positions pos_BT."""
+
+    place_N: Array
+    token_BT: Array
+    pos_BT: Array
+
+    def real_N(self) -> Array:
+        """Which of the segment's tokens are a chunk's (the rest pads the segment to its bucket)."""
+        return self.place_N < self.token_BT.size
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class PagedCache:
     """What a step reads and writes: the pool, each row's page table [B, M] (M a multiple of seq_shards), and
     the tokens each row holds once the step's new tokens are written (kv_len 0: the row takes no part).
     all_rows: its B rows are the layout's rows in order when B is their count (then split as their pages are);
-    False for rows of any slots (prefill chunks), which every device attends over the pages it holds."""
+    False for rows of any slots (prefill chunks), which every device attends over the pages it holds.
+    packing: for a packed segment (its tokens [1, N] of these B rows), where they sit in the rows' [B, T] layout."""
 
     pool: dict[str, Array]
     table_BM: Array
     kv_len_B: Array
     layout: PoolLayout = dataclasses.field(metadata={"static": True})
     all_rows: bool = dataclasses.field(default=True, metadata={"static": True})
+    packing: Packing | None = None
 
 
 def abstract_cache(cfg: K2Config, layout: PoolLayout, rows: int, width: int, dtype: Any = jnp.bfloat16,

@@ -3,8 +3,9 @@ Engine: a loaded model's parameters and jitted entry points.
 
 The step (run_step) runs a ragged batch over the donated page pool: prompt chunks (one row's tokens padded to a
 chunk_sizes length, at most PREFILL_CHUNK for generate, or up to PACKED_CHUNKS short ones or FULL_CHUNKS long ones
-of several rows padded together) and the decode rows of the running sequences only (padded to a row bucket), their
-tokens through the dense and MoE layers together, attention per segment.
+of several rows packed one after another, padded only at the end) and the decode rows of the running sequences only
+(padded to a row bucket), their tokens through the dense and MoE layers together, attention per segment (the
+chunks' in their rows' [chunks, length] layout).
 Decode rows sample on device; a prompt's last token is fed as a decode row (in the step whose chunk ends the
 prompt, or later), so no logits go to the host. Decode-only steps loop up to DECODE_STEPS sampled steps on device
 per host round trip. Page tables are cut to a power-of-two bucket of positions that covers the longest row (at
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from k2jax.cache import PageAllocator, PagedCache, PoolLayout, default_page_size, init_pool, make_layout
+from k2jax.cache import Packing, PageAllocator, PagedCache, PoolLayout, default_page_size, init_pool, make_layout
 from k2jax.config import K2Config
 from k2jax.model import forward, hidden, lm_head
 from k2jax.sampling import (TOP_LOGPROBS, Logprobs, SamplingParams, StepMasks, host_params, mask_words,
@@ -38,8 +39,9 @@ from sharding.mesh import mesh_of
 
 PREFILL_CHUNK = 512
 DECODE_STEPS = 8
-PACKED_CHUNKS = 4  # prompt chunks of several rows one step carries when each is short (PACKED_LENGTHS)
-PACKED_LENGTHS = (32, 128)
+PACKED_CHUNKS = 8  # prompt chunks of several rows one step carries when each is short (at most PACKED_LENGTH)
+PACKED_LENGTH = 128
+PACKED_TOKENS = (128, 256, 512)  # the token counts such steps are compiled for
 FULL_CHUNKS = 2  # chunks of the longest length one step carries, each over half of it (alone it pads to it too)
 MAX_TABLE_WIDTHS = 6
 
@@ -115,15 +117,19 @@ def decode_rows(table: np.ndarray, idx: np.ndarray, rows: Sequence[int], tokens:
     return DecodeRows(tok, pos, live, table[table_rows, :width], host_params(row_params), automaton)
 
 
-def prefill_chunks(table: np.ndarray, chunks: Sequence[Chunk], P: int, T: int, width: int) -> PrefillChunk:
-    """The prefill segment, on the host: P rows of T tokens, chunk i's tokens in row i and `width` columns of its
-    row's page table; rows past the chunks write and see nothing."""
-    tok_PT, start_P, kv_len_P = np.zeros((P, T), np.int32), np.zeros(P, np.int32), np.zeros(P, np.int32)
-    table_rows = np.full(P, chunks[0].row)
+def prefill_chunks(table: np.ndarray, chunks: Sequence[Chunk], P: int, T: int, N: int, width: int) -> PrefillChunk:
+    """The prefill segment, on the host: the chunks' N tokens one after another (padded at the end), chunk i at row i
+    of the kernels' [P, T] layout with `width` columns of its row's page table; rows past the chunks write and see
+    nothing."""
+    tok_N, place_N, token_PT = np.zeros(N, np.int32), np.full(N, P * T, np.int32), np.zeros((P, T), np.int32)
+    start_P, kv_len_P = np.zeros(P, np.int32), np.zeros(P, np.int32)
+    table_rows, n = np.full(P, chunks[0].row), 0
     for i, chunk in enumerate(chunks):
-        tok_PT[i, : len(chunk.tokens)] = chunk.tokens
+        t = np.arange(len(chunk.tokens), dtype=np.int32)
+        tok_N[n + t], place_N[n + t], token_PT[i, t] = chunk.tokens, i * T + t, n + t
         start_P[i], kv_len_P[i], table_rows[i] = chunk.start, chunk.start + len(chunk.tokens), chunk.row
-    return PrefillChunk(tok_PT, start_P, kv_len_P, table[table_rows, :width])
+        n += len(chunk.tokens)
+    return PrefillChunk(tok_N, place_N, token_PT, start_P, kv_len_P, table[table_rows, :width])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "dtype"))
@@ -226,10 +232,13 @@ class DecodeRows:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PrefillChunk:
-    """The prefill segment of a step: prompt tokens tok_PT of rows table_PM at positions start_P.., of which those
-    below kv_len_P are written (the rest is padding); nothing is sampled from them."""
+    """The prefill segment of a step: prompt tokens tok_N, chunk after chunk, each at place_N of the kernels' [P, T]
+    layout (token_PT: the token at each place), of rows table_PM at positions start_P.., of which those below kv_len_P
+    are written (the rest is padding); nothing is sampled from them."""
 
-    tok_PT: jax.Array
+    tok_N: jax.Array
+    place_N: jax.Array
+    token_PT: jax.Array
     start_P: jax.Array
     kv_len_P: jax.Array
     table_PM: jax.Array
@@ -258,9 +267,12 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
         segments = [(tok_D[:, None], pos_D[:, None],
                      PagedCache(pool, rows.table_DM, jnp.where(rows.live_D, pos_D + 1, 0), layout))]
         if chunk is not None:
-            pos_PT = chunk.start_P[:, None] + jnp.arange(chunk.tok_PT.shape[1], dtype=jnp.int32)
-            chunk_cache = PagedCache(pool, chunk.table_PM, chunk.kv_len_P, layout, all_rows=False)
-            segments.insert(0, (chunk.tok_PT, pos_PT, chunk_cache))
+            P, T = chunk.token_PT.shape
+            pos_PT = chunk.start_P[:, None] + jnp.arange(T, dtype=jnp.int32)
+            pos_N = pos_PT.reshape(-1)[jnp.minimum(chunk.place_N, P * T - 1)]
+            chunk_cache = PagedCache(pool, chunk.table_PM, chunk.kv_len_P, layout, all_rows=False,
+                                     packing=Packing(chunk.place_N, chunk.token_PT, pos_PT))
+            segments.insert(0, (chunk.tok_N[None], pos_N[None], chunk_cache))
         tokens, positions, caches = zip(*segments)
         xs_BTM, pool = hidden(model, tokens, positions, caches, cfg, dtype)
         logits_DV = lm_head(model, xs_BTM[-1][:, 0])
@@ -395,29 +407,30 @@ def chunk_sizes(limit: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def chunk_shapes(limit: int) -> tuple[tuple[int, int], ...]:
-    """The (chunks, length) shapes of prefill segments steps are compiled for: one chunk of each chunk_sizes(limit)
-    length, PACKED_CHUNKS chunks of each PACKED_LENGTHS length whose tokens fit the largest, and FULL_CHUNKS of the
-    largest (so a burst of long prompts prefills in fewer steps, each step's decode rows and weight reads shared)."""
+def chunk_shapes(limit: int) -> tuple[tuple[int, int, int], ...]:
+    """The (chunks, length, tokens) shapes of prefill segments steps are compiled for: one chunk of each
+    chunk_sizes(limit) length; up to PACKED_CHUNKS chunks of at most PACKED_LENGTH tokens, each PACKED_TOKENS count
+    that fits the largest length in all; and FULL_CHUNKS of the largest (so a burst of long prompts prefills in fewer
+    steps, each step's decode rows and weight reads shared)."""
     top = chunk_sizes(limit)[-1]
-    return tuple((1, t) for t in chunk_sizes(limit)) + tuple(
-        (PACKED_CHUNKS, t) for t in PACKED_LENGTHS if PACKED_CHUNKS * t <= top) + ((FULL_CHUNKS, top),)
+    return tuple((1, t, t) for t in chunk_sizes(limit)) + tuple(
+        (PACKED_CHUNKS, PACKED_LENGTH, n) for n in PACKED_TOKENS if n <= top) + ((FULL_CHUNKS, top, FULL_CHUNKS * top),)
 
 
-def chunk_shape(lengths: Sequence[int], limit: int) -> tuple[int, int] | None:
-    """The shape prompt chunks of these lengths (each <= limit) pad to together: the fewest padded tokens; None
-    when no compiled shape holds them. Several chunks pack as short ones (at most limit tokens together) or as
-    FULL_CHUNKS long ones (each over half the largest length, so none pads more than it would alone)."""
+def chunk_shape(lengths: Sequence[int], limit: int) -> tuple[int, int, int] | None:
+    """The shape prompt chunks of these lengths (each <= limit) go in together: the fewest tokens; None when no
+    compiled shape holds them. Several chunks pack as short ones (at most limit tokens together) or as FULL_CHUNKS
+    long ones (each over half the largest length, so none pads more than it would alone)."""
     top = chunk_sizes(limit)[-1]
 
-    def holds(p: int, t: int) -> bool:
-        if p < len(lengths) or t < max(lengths):
+    def holds(p: int, t: int, n: int) -> bool:
+        if p < len(lengths) or t < max(lengths) or n < sum(lengths):
             return False
         if len(lengths) == 1:
             return True
         return min(lengths) > top // 2 if (p, t) == (FULL_CHUNKS, top) else sum(lengths) <= limit
 
-    return min([s for s in chunk_shapes(limit) if holds(*s)], key=lambda shape: shape[0] * shape[1], default=None)
+    return min([s for s in chunk_shapes(limit) if holds(*s)], key=lambda shape: shape[2], default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,7 +494,8 @@ class Engine:
     def run(self, pages: PageAllocator, pool: dict[str, jax.Array], rows: Sequence[int], tokens: Sequence[int],
             positions: Sequence[int], params: Sequence[SamplingParams], n_steps: int, masks: StepMasks | None = None,
             chunks: Sequence[Chunk] = (), chunk_limit: int | None = None, max_steps: int | None = None,
-            shape: tuple[int, int, int, int] | None = None) -> tuple[dict[str, jax.Array], np.ndarray, Logprobs]:
+            shape: tuple[int, int, int, int, int] | None = None
+            ) -> tuple[dict[str, jax.Array], np.ndarray, Logprobs]:
         """One engine step: `chunks` (prompt tokens of distinct rows) are written, and in the same pass row rows[i]
         feeds tokens[i] at positions[i] and samples n_steps tokens (with chunks: one) under masks row i (packed
         allowed tokens, maybe drafting), each row's pages covering what it writes. Returns the pool, [len(rows), n]
@@ -489,30 +503,31 @@ class Engine:
 
         Decode rows pad to a row bucket (only running rows are in the step; all the layout's rows in their own order
         when the bucket is all of them, so the pages' row split holds), the chunks to a chunk_shape(chunk_limit),
-        the step count to max_steps (default max(n_steps, DECODE_STEPS)); shape (rows, chunks, chunk length, table
-        width) forces the buckets (to compile ahead: warmup).
+        the step count to max_steps (default max(n_steps, DECODE_STEPS)); shape (rows, chunks, chunk length, chunk
+        tokens, table width) forces the buckets (to compile ahead: warmup).
         """
         layout, columns = pages.layout, pages.table.shape[1]
         n_rows, n_real = layout.n_rows, len(rows)
         max_steps = 1 if chunks else max_steps or max(n_steps, DECODE_STEPS)
         if not 0 < n_steps <= max_steps:
             raise ValueError(f"a step samples 1 to {max_steps} tokens per row (1 with a prefill chunk), not {n_steps}")
-        P, T = (0, 0)
+        P, T, N = (0, 0, 0)
         if chunks:
             limit = chunk_limit or PREFILL_CHUNK
-            P, T = chunk_shape([len(c.tokens) for c in chunks], limit) or (0, 0)
+            P, T, N = chunk_shape([len(c.tokens) for c in chunks], limit) or (0, 0, 0)
             if not P:
                 raise ValueError(f"no compiled step holds prompt chunks of {[len(c.tokens) for c in chunks]} tokens "
-                                 f"(one of at most {limit}, up to {PACKED_CHUNKS} of at most {PACKED_LENGTHS[-1]}, or "
-                                 f"{FULL_CHUNKS} of over half of {chunk_sizes(limit)[-1]})")
-        D, P, T, width = shape or (row_bucket(max(n_real, 1), n_rows, bool(chunks)), P, T, 0)
+                                 f"(one of at most {limit}, up to {PACKED_CHUNKS} of at most {PACKED_LENGTH} and "
+                                 f"{min(limit, PACKED_TOKENS[-1])} together, or {FULL_CHUNKS} of over half of "
+                                 f"{chunk_sizes(limit)[-1]})")
+        D, P, T, N, width = shape or (row_bucket(max(n_real, 1), n_rows, bool(chunks)), P, T, N, 0)
         need = max([int(p) + n_steps for p in positions] + [c.start + T for c in chunks] + [1])
         width = width or table_width(layout, columns, need)
         idx = np.asarray(rows, np.int64) if D == n_rows else np.arange(n_real)
         pad_row = rows[0] if rows else chunks[0].row if chunks else 0
         decode = decode_rows(pages.table, idx, rows, tokens, positions, params, masks, D, width, pad_row,
                              mask_words(self.config.vocab_size), max_steps)
-        prefill = prefill_chunks(pages.table, chunks, P, T, width) if P else None
+        prefill = prefill_chunks(pages.table, chunks, P, T, N, width) if P else None
         host_N, host_layout = pack_host((decode, prefill, np.int32(n_steps)))
         toks, logps, pool = self._call(packed_step, self._program, self._leaves, pool, host_N, host_layout, layout,
                                        max_steps)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from k2jax.cache import PagedCache, PoolLayout, pool_sharding
+from k2jax.cache import Packing, PagedCache, PoolLayout, pool_sharding
 from k2jax.config import K2Config, yarn_mscale
 from pallas_kernels import dispatch, int4_layout
 from sharding.rules import partition_spec, spec_axes
@@ -240,14 +240,14 @@ def mla(p: MLA, xs_BTM: tuple[Array, ...], pos_BT: tuple[Array, ...], pool_LPNC:
     row_axes = [layout.row_axes if c.all_rows and pos.shape[0] == layout.n_rows else ()
                 for pos, c in zip(pos_BT, caches)]
     combine_axes = tuple(tuple(a for a in layout.pool_axes if a not in rows) for rows in row_axes)
-    segments = tuple((*q, pos, c.table_BM, c.kv_len_B) for q, pos, c in zip(qkv, pos_BT, caches))
+    segments = tuple((*q, pos, c.table_BM, c.kv_len_B, c.packing) for q, pos, c in zip(qkv, pos_BT, caches))
     attend = functools.partial(paged_attention, cfg=cfg, layout=layout, head_axes=head_axes,
                                combine_axes=combine_axes)
     if mesh is None:
         return attend(segments, pool_LPNC, layer, *weights)
     b = [rows if len(rows) > 1 else (rows[0] if rows else None) for rows in row_axes]
     pool_spec = pool_sharding(layout, mesh).spec
-    seg_specs = tuple((P(bi, None, h), P(bi, None, h), P(bi), P(bi), P(bi), P(bi)) for bi in b)
+    seg_specs = tuple((P(bi, None, h), P(bi, None, h), P(bi), P(bi), P(bi), P(bi), P()) for bi in b)
     return jax.shard_map(attend, mesh=mesh, check_vma=False,
                          in_specs=(seg_specs, pool_spec, P(), P(None, h), P(None, h), P(None, h)),
                          out_specs=(tuple(P(bi) for bi in b), pool_spec))(segments, pool_LPNC, layer, *weights)
@@ -301,8 +301,8 @@ def paged_attention(segments: tuple[tuple[Array, ...], ...], pool_LPNC: Array, l
                     head_axes: tuple[str, ...], combine_axes: tuple[tuple[str, ...], ...]
                     ) -> tuple[tuple[Array, ...], Array]:
     """Write every segment's new latents into this device's pages, then attend each segment (q_nope_BTHD,
-    q_pe_BTHP, new_BTC, pos_BT, table_BM, kv_len_B) over them with the ragged kernel, combining shards over its
-    `combine_axes`.
+    q_pe_BTHP, new_BTC, pos_BT, table_BM, kv_len_B, packing) over them with the ragged kernel, combining shards over
+    its `combine_axes`. A packed segment's tokens go to its rows' [B, T] layout for the write and the kernel only.
 
     This device holds pages [first, first + pages_per_group) of the pool: its own rows' pages of its position
     shard (every `seq_shards`-th page of a row, from the shard index on). Rows whose pages live elsewhere see
@@ -311,11 +311,15 @@ def paged_attention(segments: tuple[tuple[Array, ...], ...], pool_LPNC: Array, l
     reduce-scattered back to this shard's heads.
     """
     first = (jax.lax.axis_index(layout.pool_axes) if layout.pool_axes else 0) * layout.pages_per_group
-    for _, _, new_BTC, pos_BT, table_BM, kv_len_B in segments:
+    for _, _, new_BTC, pos_BT, table_BM, kv_len_B, packing in segments:
+        if packing is not None:
+            new_BTC, pos_BT = new_BTC[0][packing.token_BT], packing.pos_BT
         pool_LPNC = write_latents(pool_LPNC, new_BTC, pos_BT, table_BM - first, kv_len_B, layer, layout)
     outs = tuple(attend_pages(q_nope_BTHD, q_pe_BTHP, pos_BT, table_BM - first, kv_len_B, pool_LPNC, layer, w_uk_LHDR,
-                              w_uv_LHRD, o_proj_LHDM, cfg=cfg, layout=layout, head_axes=head_axes, combine_axes=combine)
-                 for (q_nope_BTHD, q_pe_BTHP, _, pos_BT, table_BM, kv_len_B), combine in zip(segments, combine_axes))
+                              w_uv_LHRD, o_proj_LHDM, packing, cfg=cfg, layout=layout, head_axes=head_axes,
+                              combine_axes=combine)
+                 for (q_nope_BTHD, q_pe_BTHP, _, pos_BT, table_BM, kv_len_B, packing), combine
+                 in zip(segments, combine_axes))
     return outs, pool_LPNC
 
 
@@ -332,12 +336,15 @@ def write_latents(pool_LPNC: Array, new_BTC: Array, pos_BT: Array, local_BM: Arr
 
 
 def attend_pages(q_nope_BTHD: Array, q_pe_BTHP: Array, pos_BT: Array, local_BM: Array, kv_len_B: Array,
-                 pool_LPNC: Array, layer: Array, w_uk_LHDR: Array, w_uv_LHRD: Array, o_proj_LHDM: Array, *,
-                 cfg: K2Config, layout: PoolLayout, head_axes: tuple[str, ...], combine_axes: tuple[str, ...]
-                 ) -> Array:
+                 pool_LPNC: Array, layer: Array, w_uk_LHDR: Array, w_uv_LHRD: Array, o_proj_LHDM: Array,
+                 packing: Packing | None = None, *, cfg: K2Config, layout: PoolLayout, head_axes: tuple[str, ...],
+                 combine_axes: tuple[str, ...]) -> Array:
     """One segment's absorbed attention over the pages this device holds of its rows (the ragged kernel), partial
-    softmaxes combined over `combine_axes`, then W_UV and o_proj."""
+    softmaxes combined over `combine_axes`, then W_UV and o_proj. A packed segment's queries go to its rows' layout
+    for the kernel alone: the projections before and after it run over its tokens, no padding between them."""
     R, ppg, dtype = cfg.kv_lora_rank, layout.pages_per_group, q_nope_BTHD.dtype
+    if packing is not None:
+        pos_BT = packing.pos_BT
     shard = jax.lax.axis_index(layout.seq_axes) if layout.seq_axes else 0
     B, M = local_BM.shape
     stripe_BM = jax.lax.dynamic_index_in_dim(local_BM.reshape(B, M // layout.seq_shards, layout.seq_shards), shard,
@@ -349,12 +356,17 @@ def attend_pages(q_nope_BTHD: Array, q_pe_BTHP: Array, pos_BT: Array, local_BM: 
         q_lat_BTHR, q_pe_BTHP = (jax.lax.all_gather(q, gathered, axis=2, tiled=True) for q in (q_lat_BTHR, q_pe_BTHP))
     pad = pool_LPNC.shape[-1] - R - q_pe_BTHP.shape[-1]
     q_BTHC = jnp.concatenate([q_lat_BTHR, q_pe_BTHP, jnp.zeros((*q_pe_BTHP.shape[:3], pad), dtype)], axis=-1)
+    if packing is not None:
+        q_BTHC = q_BTHC[0][packing.token_BT]
     o_BTHR, lse_BTH = dispatch.ragged_mla(
         q_BTHC.astype(pool_LPNC.dtype), pool_LPNC, jnp.clip(stripe_BM, 0, ppg - 1), jnp.where(holds_B, kv_len_B, 0),
         pos_BT[:, 0], layer, jnp.asarray(shard, jnp.int32), sm_scale=cfg.softmax_scale, rank=R,
         page_stride=layout.seq_shards, width=R + q_pe_BTHP.shape[-1])
     if combine_axes:
         o_BTHR = combine_shards(o_BTHR, lse_BTH, combine_axes, gathered)
+    if packing is not None:
+        places = math.prod(o_BTHR.shape[:2])
+        o_BTHR = o_BTHR.reshape(places, *o_BTHR.shape[2:])[jnp.minimum(packing.place_N, places - 1)][None]
     o_BTHD = _per_head(o_BTHR.astype(dtype), w_uv_LHRD, layer)
     return project_out(o_BTHD, o_proj_LHDM, layer, head_axes)
 
@@ -483,9 +495,11 @@ def moe(p: MoE, x_BTM: Array, layer: Array, cfg: K2Config, real_N: Array | None 
 
 def real_tokens(pos_BT: Array, cache: PagedCache | None) -> Array:
     """Which tokens of a segment are real: with a cache those below their row's kv_len (the rest pads a chunk or a
-    row that takes no part, and nothing reads them), all without one."""
+    row that takes no part, and nothing reads them) or a packed segment's chunks' tokens, all without one."""
     if cache is None:
         return jnp.ones(pos_BT.shape, bool)
+    if cache.packing is not None:
+        return cache.packing.real_N().reshape(pos_BT.shape)
     return pos_BT < cache.kv_len_B[:, None]
 
 

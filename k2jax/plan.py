@@ -221,7 +221,9 @@ def abstract_step(cfg: K2Config, mesh: Mesh, layout: PoolLayout, rows: int, chun
                         {name: sds((rows,), dtype) for name, dtype in ROW_DTYPES.items()},
                         jax.tree.map(lambda a: sds(a.shape, a.dtype), StepMasks.unconstrained(
                             rows, mask_words(cfg.vocab_size), 1 if chunk else DECODE_STEPS)))
-    prefill = None if not chunk else PrefillChunk(sds((chunks, chunk), jnp.int32), sds((chunks,), jnp.int32),
+    tokens = (chunks * chunk,)
+    prefill = None if not chunk else PrefillChunk(sds(tokens, jnp.int32), sds(tokens, jnp.int32),
+                                                  sds((chunks, chunk), jnp.int32), sds((chunks,), jnp.int32),
                                                   sds((chunks,), jnp.int32), sds((chunks, width), jnp.int32))
     return cache.pool, decode, prefill
 

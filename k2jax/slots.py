@@ -179,9 +179,9 @@ class Slots:
         many."""
         layout, columns = self.pages.layout, self.pages.table.shape[1]
         top = engine.chunk_shape([min(prefill_tokens, self.max_chunk)], self.max_chunk)[1]
-        shapes = [(p, t) for p, t in engine.chunk_shapes(self.max_chunk) if t <= top]
+        shapes = [(p, t, n) for p, t, n in engine.chunk_shapes(self.max_chunk) if t <= top]
         widths = engine.table_widths(layout, columns)
-        programs = [(d, p, t, w) for p, t in [(0, 0), *shapes] for d in engine.row_buckets(self.n_slots, p > 0)
+        programs = [(d, p, t, n, w) for p, t, n in [(0, 0, 0), *shapes] for d in engine.row_buckets(self.n_slots, p > 0)
                     for w in widths if w >= engine.table_width(layout, columns, max(t, 1))]
         programs.append(None)  # the page copy
         if progress:

@@ -180,7 +180,7 @@ def test_a_step_with_a_chunk_and_decode_rows_updates_the_pool_in_place(model):
     width = engine.table_width(pages.layout, pages.table.shape[1], 1024)
     rows = engine.decode_rows(pages.table, np.arange(2), [0, 1], [5, 6], [299, 699], [SamplingParams()] * 2,
                               None, 2, width, 0, -(-model.config.vocab_size // 32), 1)
-    chunk = engine.prefill_chunks(pages.table, [engine.Chunk(2, list(range(3, 67)), 0)], 1, 64, width)
+    chunk = engine.prefill_chunks(pages.table, [engine.Chunk(2, list(range(3, 67)), 0)], 1, 64, 64, width)
     compiled = model.lower(pool, rows, chunk, 1, pages.layout, 1).compile()  # the program Engine.run calls
     mem = compiled.memory_analysis()
     stack_bytes = [x.size * x.dtype.itemsize for x in jax.tree.leaves(pool)]  # one per layer stack
@@ -207,7 +207,7 @@ def test_a_step_never_widens_a_whole_weight_stack_or_the_embedding(kernels, monk
     width = engine.table_width(pages.layout, pages.table.shape[1], 64)
     rows = engine.decode_rows(pages.table, np.arange(1), [0], [5], [20], [SamplingParams()], None, 1, width, 0,
                               -(-model.config.vocab_size // 32), 8)
-    chunk = engine.prefill_chunks(pages.table, [engine.Chunk(1, list(range(3, 67)), 0)], 1, 64, width)
+    chunk = engine.prefill_chunks(pages.table, [engine.Chunk(1, list(range(3, 67)), 0)], 1, 64, 64, width)
     for step_chunk, steps in ((None, 8), (chunk, 1)):
         text = model.lower(pool, rows, step_chunk, steps, pages.layout, steps).compile().as_text()
         widened = {f"f32[{','.join(map(str, x.shape))}]" for x in whole} & materialized_f32_shapes(text)
@@ -229,13 +229,32 @@ def materialized_f32_shapes(hlo: str) -> set[str]:
 
 
 def test_chunks_pack_when_short_or_two_long_ones_pad_no_more_than_alone():
-    """A step carries one chunk, up to PACKED_CHUNKS short ones (limit tokens together), or FULL_CHUNKS that each
-    pad to the largest length alone too; other mixes are not packed (the scheduler sends the rest next step)."""
-    assert engine.chunk_shape([512], 512) == (1, 512) and engine.chunk_shape([200], 512) == (1, 256)
-    assert engine.chunk_shape([100, 120, 30], 512) == (engine.PACKED_CHUNKS, 128)
-    assert engine.chunk_shape([512, 257], 512) == engine.chunk_shape([300, 400], 512) == (engine.FULL_CHUNKS, 512)
-    for lengths in ([512, 256], [512, 300, 400], [100, 120, 300]):
+    """A step carries one chunk, up to PACKED_CHUNKS short ones (limit tokens together, padded to the next
+    PACKED_TOKENS count), or FULL_CHUNKS that each pad to the largest length alone too; other mixes are not packed
+    (the scheduler sends the rest next step)."""
+    assert engine.chunk_shape([512], 512) == (1, 512, 512) and engine.chunk_shape([200], 512) == (1, 256, 256)
+    assert engine.chunk_shape([100, 120, 30], 512) == (engine.PACKED_CHUNKS, 128, 256)
+    assert engine.chunk_shape([20, 30, 9, 32, 1], 512) == (engine.PACKED_CHUNKS, 128, 128)
+    assert engine.chunk_shape([90] * 5, 512) == (engine.PACKED_CHUNKS, 128, 512)
+    assert engine.chunk_shape([90] * 5, 256) is None
+    assert engine.chunk_shape([512, 257], 512) == engine.chunk_shape([300, 400], 512) == (engine.FULL_CHUNKS, 512,
+                                                                                          1024)
+    for lengths in ([512, 256], [512, 300, 400], [100, 120, 300], [128] * 5, [1] * (engine.PACKED_CHUNKS + 1)):
         assert engine.chunk_shape(lengths, 512) is None, lengths
+
+
+def test_packed_chunks_sit_one_after_another():
+    """The prefill segment holds the chunks' tokens back to back (padding only at its end), each at its row's place
+    in the kernels' [P, T] layout, and each place names its token."""
+    table = np.arange(40, dtype=np.int32).reshape(4, 10)
+    chunks = [engine.Chunk(2, [7, 8, 9], 5), engine.Chunk(0, [4], 0), engine.Chunk(3, [1, 2], 30)]
+    seg = engine.prefill_chunks(table, chunks, 4, 4, 8, 3)
+    assert seg.tok_N.tolist() == [7, 8, 9, 4, 1, 2, 0, 0]
+    assert seg.place_N.tolist() == [0, 1, 2, 4, 8, 9, 16, 16]
+    assert seg.token_PT[0, :3].tolist() == [0, 1, 2] and seg.token_PT[1, 0] == 3
+    assert seg.token_PT[2, :2].tolist() == [4, 5]
+    assert seg.start_P.tolist() == [5, 0, 30, 0] and seg.kv_len_P.tolist() == [8, 1, 32, 0]
+    assert (seg.table_PM[:3] == table[[2, 0, 3], :3]).all()
 
 
 def test_native_cpu_attention_compiles_one_table_width(model, monkeypatch):

@@ -106,8 +106,8 @@ def test_a_mixed_step_equals_unmixed_steps(model, rng):
     check_continues(model, mixed, 2, prompts[2], int(toks[2, 0]))
 
 
-@pytest.mark.parametrize("lengths, shape", [((9, 30, 17), (engine.PACKED_CHUNKS, 32)),
-                                            ((90, 120), (engine.FULL_CHUNKS, 128))])
+@pytest.mark.parametrize("lengths, shape", [((9, 30, 17), (engine.PACKED_CHUNKS, 128, 128)),
+                                            ((90, 120), (engine.FULL_CHUNKS, 128, 256))])
 def test_packed_chunks_equal_one_chunk_per_step(model, rng, lengths, shape):
     """Prompt chunks of several slots in one step, three short ones or two long ones (one continuing a held prefix,
     one ending its prompt and decoding in the same step), leave every slot as chunks written one per step do."""
