@@ -257,6 +257,25 @@ def test_packed_chunks_sit_one_after_another():
     assert (seg.table_PM[:3] == table[[2, 0, 3], :3]).all()
 
 
+def test_packed_chunks_reach_the_dense_layers_without_padding(model):
+    """A packed step's program holds its hidden states as N + D rows (the segment's tokens and the decode rows): no
+    array of the hidden width has a row per place of the kernels' [P, T] layout, as padding each chunk would make."""
+    pages, pool = model.paged(4, 512)
+    for row in range(4):
+        pages.reserve(row, 300)
+    width = engine.table_width(pages.layout, pages.table.shape[1], 300)
+    rows = engine.decode_rows(pages.table, np.arange(1), [0], [5], [20], [SamplingParams()], None, 4, width, 0,
+                              -(-model.config.vocab_size // 32), 1)
+    chunks = [engine.Chunk(row, list(range(3, 3 + n)), 0) for row, n in ((1, 40), (2, 90), (3, 20))]
+    P, T, N = engine.chunk_shape([len(c.tokens) for c in chunks], 512)
+    assert P * T > N
+    text = model.lower(pool, rows, engine.prefill_chunks(pages.table, chunks, P, T, N, width), 1, pages.layout,
+                       1).compile().as_text()
+    shapes, M = set(re.findall(r"f32\[([\d,]+)\]", text)), model.config.hidden_size
+    assert f"{N + 4},{M}" in shapes
+    assert not {f"{P * T + 4},{M}", f"{P * T},{M}", f"{P},{T},{M}"} & shapes
+
+
 def test_native_cpu_attention_compiles_one_table_width(model, monkeypatch):
     """The native CPU kernel stops at each row's length, so its steps read the whole table (one program per bucket,
     not six: each CPU program holds a few hundred of the process's memory maps); the XLA path, which gathers the
