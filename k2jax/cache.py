@@ -138,6 +138,15 @@ class Packing:
         """Which of the segment's tokens are a chunk's (the rest pads the segment to its bucket)."""
         return self.place_N < self.token_BT.size
 
+    def to_places(self, x_1N: Array) -> Array:
+        """Per-token values [1, N, ...] at the layout's places [B, T, ...]."""
+        return x_1N[0][self.token_BT]
+
+    def to_tokens(self, x_BT: Array) -> Array:
+        """Per-place values [B, T, ...] at the segment's tokens [1, N, ...] (padding tokens: the last place's)."""
+        places = self.token_BT.size
+        return x_BT.reshape(places, *x_BT.shape[2:])[jnp.minimum(self.place_N, places - 1)][None]
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass

@@ -267,12 +267,10 @@ def run_step(graphdef: nnx.GraphDef, state: nnx.State, pool: dict[str, jax.Array
         segments = [(tok_D[:, None], pos_D[:, None],
                      PagedCache(pool, rows.table_DM, jnp.where(rows.live_D, pos_D + 1, 0), layout))]
         if chunk is not None:
-            P, T = chunk.token_PT.shape
-            pos_PT = chunk.start_P[:, None] + jnp.arange(T, dtype=jnp.int32)
-            pos_N = pos_PT.reshape(-1)[jnp.minimum(chunk.place_N, P * T - 1)]
-            chunk_cache = PagedCache(pool, chunk.table_PM, chunk.kv_len_P, layout, all_rows=False,
-                                     packing=Packing(chunk.place_N, chunk.token_PT, pos_PT))
-            segments.insert(0, (chunk.tok_N[None], pos_N[None], chunk_cache))
+            pos_PT = chunk.start_P[:, None] + jnp.arange(chunk.token_PT.shape[1], dtype=jnp.int32)
+            packing = Packing(chunk.place_N, chunk.token_PT, pos_PT)
+            chunk_cache = PagedCache(pool, chunk.table_PM, chunk.kv_len_P, layout, all_rows=False, packing=packing)
+            segments.insert(0, (chunk.tok_N[None], packing.to_tokens(pos_PT), chunk_cache))
         tokens, positions, caches = zip(*segments)
         xs_BTM, pool = hidden(model, tokens, positions, caches, cfg, dtype)
         logits_DV = lm_head(model, xs_BTM[-1][:, 0])

@@ -311,15 +311,15 @@ def paged_attention(segments: tuple[tuple[Array, ...], ...], pool_LPNC: Array, l
     reduce-scattered back to this shard's heads.
     """
     first = (jax.lax.axis_index(layout.pool_axes) if layout.pool_axes else 0) * layout.pages_per_group
-    for _, _, new_BTC, pos_BT, table_BM, kv_len_B, packing in segments:
-        if packing is not None:
-            new_BTC, pos_BT = new_BTC[0][packing.token_BT], packing.pos_BT
+    places_BT = [pos_BT if packing is None else packing.pos_BT for *_, pos_BT, _, _, packing in segments]
+    for (_, _, new_BTC, _, table_BM, kv_len_B, packing), pos_BT in zip(segments, places_BT):
+        new_BTC = new_BTC if packing is None else packing.to_places(new_BTC)
         pool_LPNC = write_latents(pool_LPNC, new_BTC, pos_BT, table_BM - first, kv_len_B, layer, layout)
     outs = tuple(attend_pages(q_nope_BTHD, q_pe_BTHP, pos_BT, table_BM - first, kv_len_B, pool_LPNC, layer, w_uk_LHDR,
                               w_uv_LHRD, o_proj_LHDM, packing, cfg=cfg, layout=layout, head_axes=head_axes,
                               combine_axes=combine)
-                 for (q_nope_BTHD, q_pe_BTHP, _, pos_BT, table_BM, kv_len_B, packing), combine
-                 in zip(segments, combine_axes))
+                 for (q_nope_BTHD, q_pe_BTHP, _, _, table_BM, kv_len_B, packing), pos_BT, combine
+                 in zip(segments, places_BT, combine_axes))
     return outs, pool_LPNC
 
 
@@ -341,10 +341,9 @@ def attend_pages(q_nope_BTHD: Array, q_pe_BTHP: Array, pos_BT: Array, local_BM: 
                  combine_axes: tuple[str, ...]) -> Array:
     """One segment's absorbed attention over the pages this device holds of its rows (the ragged kernel), partial
     softmaxes combined over `combine_axes`, then W_UV and o_proj. A packed segment's queries go to its rows' layout
-    for the kernel alone: the projections before and after it run over its tokens, no padding between them."""
+    (whose positions pos_BT are) for the kernel alone: the projections before and after it run over its tokens, no
+    padding between them."""
     R, ppg, dtype = cfg.kv_lora_rank, layout.pages_per_group, q_nope_BTHD.dtype
-    if packing is not None:
-        pos_BT = packing.pos_BT
     shard = jax.lax.axis_index(layout.seq_axes) if layout.seq_axes else 0
     B, M = local_BM.shape
     stripe_BM = jax.lax.dynamic_index_in_dim(local_BM.reshape(B, M // layout.seq_shards, layout.seq_shards), shard,
@@ -357,7 +356,7 @@ def attend_pages(q_nope_BTHD: Array, q_pe_BTHP: Array, pos_BT: Array, local_BM: 
     pad = pool_LPNC.shape[-1] - R - q_pe_BTHP.shape[-1]
     q_BTHC = jnp.concatenate([q_lat_BTHR, q_pe_BTHP, jnp.zeros((*q_pe_BTHP.shape[:3], pad), dtype)], axis=-1)
     if packing is not None:
-        q_BTHC = q_BTHC[0][packing.token_BT]
+        q_BTHC = packing.to_places(q_BTHC)
     o_BTHR, lse_BTH = dispatch.ragged_mla(
         q_BTHC.astype(pool_LPNC.dtype), pool_LPNC, jnp.clip(stripe_BM, 0, ppg - 1), jnp.where(holds_B, kv_len_B, 0),
         pos_BT[:, 0], layer, jnp.asarray(shard, jnp.int32), sm_scale=cfg.softmax_scale, rank=R,
@@ -365,8 +364,7 @@ def attend_pages(q_nope_BTHD: Array, q_pe_BTHP: Array, pos_BT: Array, local_BM: 
     if combine_axes:
         o_BTHR = combine_shards(o_BTHR, lse_BTH, combine_axes, gathered)
     if packing is not None:
-        places = math.prod(o_BTHR.shape[:2])
-        o_BTHR = o_BTHR.reshape(places, *o_BTHR.shape[2:])[jnp.minimum(packing.place_N, places - 1)][None]
+        o_BTHR = packing.to_tokens(o_BTHR)
     o_BTHD = _per_head(o_BTHR.astype(dtype), w_uv_LHRD, layer)
     return project_out(o_BTHD, o_proj_LHDM, layer, head_axes)
 
