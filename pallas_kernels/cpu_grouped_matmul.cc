@@ -6,7 +6,8 @@
 // Experts (or, when there are few, their columns; for one row of a narrow matrix, its K rows, the partial sums
 // added) are split among XLA's intra-op threads (a decode-sized call under 256 KiB of weights runs on the calling
 // thread: waking another costs more). With AVX2 + FMA and no AVX-512 (AMD Zen 2-3, most laptops), up to 8 rows
-// stream the weights once, 4 blocks of K read side by side, sums in L1; more rows widen each 128-row tile to f32
+// stream the weights once (one row, or whole rows of a matrix up to 512 columns: 4 blocks of K read side by side,
+// sums in L1; else 8 K rows at a time, sums in registers); more rows widen each 128-row tile to f32
 // once, in 8-column panels, and sum 6 rows x 16 columns in registers from it. INT4 rounds x to int8
 // per 32 values of K (llama.cpp's Q8_0) and sums nibble x int8 products in integers, one float multiply-add per
 // group: with AVX-512 VNNI by vpdpbusd, with AVX2 by vpmaddubsw into 16-bit lanes (up to 4 rows stream the
@@ -447,9 +448,12 @@ void dense_tiled(const Dense<T>& w, const float* x, int64_t rows, float* y, int6
 #endif
 
 #ifdef K2JAX_AVX2
-// AVX2 + FMA (no AVX-512), dense: 8 columns per vector. Up to kStreamRows rows stream the weights once, 4 blocks
-// of K side by side; more rows widen each tile of the weights to f32 once, panel by panel, and sum 6 rows at a
-// time from it.
+// AVX2 + FMA (no AVX-512), dense: 8 columns per vector. Up to kStreamRows rows stream the weights once: one row,
+// and rows of a matrix read whole (at most kChunk columns), 4 blocks of K side by side; others a span of K rows at a
+// time. More
+// rows widen each tile of the weights to f32 once, panel by panel, and sum 6 rows at a time from it.
+constexpr int64_t kSpan2 = 8;         // dense K rows per register pass of span_rows (more, or software prefetch,
+                                      // read slower on Zen 3)
 constexpr int kStreamRows = 8;        // dense: from more rows, the tiled path
 constexpr int64_t kPanelTileK = 128;  // K rows of a widened tile: kPanelTileK x kChunk floats (256 KiB) in L2
 
@@ -475,15 +479,68 @@ inline void gather_x(const float* x, int64_t k, int64_t k0, int64_t len, float* 
   }
 }
 
+// xb[(j * R + r) * 8 + 0..7] = x[r, k0 + j] for j < len: every x value a span multiplies, as a vector that the
+// multiply-adds read from L1 (8 rows: 1.2x the rate of broadcasting each from xt as it is needed).
+template <int R>
+inline void broadcast_x(const float* x, int64_t k, int64_t k0, int64_t len, float* xb) {
+  for (int64_t j = 0; j < len; ++j) {
+    for (int r = 0; r < R; ++r) _mm256_store_ps(xb + (j * R + r) * 8, _mm256_set1_ps(x[r * k + k0 + j]));
+  }
+}
+
+// acc[0:R, 0:8V] (row stride kStride) += x[0:R, k0:k0+len] @ W[k0:k0+len, c:c+8V], x broadcast in xb.
+template <int R, int V, typename T>
+inline void dense_panel(const Dense<T>& w, const float* xb, int64_t k0, int64_t len, int64_t c, float* acc) {
+  __m256 a[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) a[r][v] = _mm256_load_ps(acc + r * kStride + 8 * v);
+  }
+  const T* src = w.w + k0 * w.n + c;
+  for (int64_t i = 0; i < len; ++i, src += w.n) {
+    for (int v = 0; v < V; ++v) {
+      __m256 wv = load8(src + 8 * v);
+      for (int r = 0; r < R; ++r) a[r][v] = _mm256_fmadd_ps(_mm256_load_ps(xb + (i * R + r) * 8), wv, a[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) _mm256_store_ps(acc + r * kStride + 8 * v, a[r][v]);
+  }
+}
+
+// Vectors per panel for R streamed rows: R x V sums, R broadcasts and the weights in 16 registers.
+template <int R>
+constexpr int stream_vectors() { return R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1; }
+
+// y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width a multiple of 8, at most stream_chunk(R)): each span of
+// kSpan2 adjacent K rows is read across the chunk before the next. For 2-8 rows of a matrix wider than one chunk,
+// or of a share of its columns, this reads faster than stream_rows' blocks on Zen 2 (bf16 1024 x 1024, 2 rows: 18
+// against 13 GB/s; the small config's native batch-8 step), whole rows of narrower ones slower (bf16 1024 x 512: 11-14
+// against 23-26 GB/s; f32: 21 against 34).
+template <int R, typename T>
+void span_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t width) {
+  constexpr int V = stream_vectors<R>();
+  alignas(32) float acc[R][stream_chunk(R) + 24];
+  for (int r = 0; r < R; ++r) std::memset(acc[r], 0, sizeof(float) * width);
+  alignas(32) float xb[kSpan2 * R * 8];
+  for (int64_t s0 = 0; s0 < w.k; s0 += kSpan2) {
+    int64_t len = std::min(kSpan2, w.k - s0), c = 0;
+    broadcast_x<R>(x, w.k, s0, len, xb);
+    for (; c + 8 * V <= width; c += 8 * V) dense_panel<R, V>(w, xb, s0, len, c0 + c, &acc[0][c]);
+    for (; c < width; c += 8) dense_panel<R, 1>(w, xb, s0, len, c0 + c, &acc[0][c]);
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * w.n + c0, acc[r], sizeof(float) * width);
+}
+
 // K blocks that rows of x read side by side: each a long run of memory, kBlocks2 multiply-adds per row per sum
 // loaded and stored. Blocks whose rows lie a multiple of 4 KiB apart share L1 sets: 8 read slower than 4 on Zen 2.
 constexpr int kBlocks2 = 4;
 
 // y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width a multiple of 8, at most stream_chunk(R)): K is cut into
 // kBlocks2 blocks whose rows are read side by side, so that each block is one sequential run of memory; the R x
-// width sums stay in L1. Spans of 8 adjacent K rows, each read across the chunk (the layout before), start a short
-// run per row and span. Two Zen 2 cores, each streaming whole 1024 x 512 matrices (an expert's gate) in a scratch
-// harness: 1 row 24-27 -> 28-32 GB/s, 2 rows 21 -> 34, 8 rows 15.5 -> 20-23; 4 KiB rows and wider within noise.
+// width sums stay in L1, 16 columns per pass with the blocks' weights in registers. span_rows' spans of adjacent K
+// rows start a short run per row and span instead. Two Zen 2 cores, each streaming whole 1024 x 512 matrices (an
+// expert's gate) in a scratch harness, spans -> blocks: f32 1 row 24-27 -> 33-40 GB/s, 2 rows 21 -> 34; bf16 1 row
+// 19 -> 31-34 (1024 x 1536: 30 -> 36).
 template <int R, typename T>
 void stream_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t width) {
   alignas(32) float acc[R][stream_chunk(R) + 24];
@@ -497,14 +554,25 @@ void stream_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_
       for (int r = 0; r < R; ++r) xb[b][r] = _mm256_set1_ps(x[r * w.k + b * per + j]);
       src[b] = w.w + (b * per + j) * w.n + c0;
     }
-    for (int64_t c = 0; c < width; c += 8) {
-      __m256 a[R];
-      for (int r = 0; r < R; ++r) a[r] = _mm256_load_ps(acc[r] + c);
-      for (int b = 0; b < kBlocks2; ++b) {
-        __m256 wv = load8(src[b] + c);
-        for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(xb[b][r], wv, a[r]);
+    int64_t c = 0;
+    for (; c + 16 <= width; c += 16) {  // 16 columns: the blocks' 8 weight vectors in registers for every row
+      __m256 wv[kBlocks2][2];
+      for (int b = 0; b < kBlocks2; ++b) wv[b][0] = load8(src[b] + c), wv[b][1] = load8(src[b] + c + 8);
+      for (int r = 0; r < R; ++r) {
+        __m256 a0 = _mm256_load_ps(acc[r] + c), a1 = _mm256_load_ps(acc[r] + c + 8);
+        for (int b = 0; b < kBlocks2; ++b) {
+          a0 = _mm256_fmadd_ps(xb[b][r], wv[b][0], a0);
+          a1 = _mm256_fmadd_ps(xb[b][r], wv[b][1], a1);
+        }
+        _mm256_store_ps(acc[r] + c, a0), _mm256_store_ps(acc[r] + c + 8, a1);
       }
-      for (int r = 0; r < R; ++r) _mm256_store_ps(acc[r] + c, a[r]);
+    }
+    if (c < width) {
+      for (int r = 0; r < R; ++r) {
+        __m256 a = _mm256_load_ps(acc[r] + c);
+        for (int b = 0; b < kBlocks2; ++b) a = _mm256_fmadd_ps(xb[b][r], load8(src[b] + c), a);
+        _mm256_store_ps(acc[r] + c, a);
+      }
     }
   }
   for (int64_t k = kBlocks2 * per; k < w.k; ++k) {  // K rows past the blocks
@@ -608,7 +676,10 @@ void group_columns_avx2(const Dense<T>& w, const float* x, int64_t rows, float* 
   if (rows > kStreamRows) return tiled_rows(w, x, rows, y, c0, c1);
   for (int64_t c = c0, chunk = stream_chunk(rows); c < c1; c += chunk) {
     int64_t width = std::min(chunk, c1 - c);
-    with_rows<kStreamRows>(rows, [&](auto R) { stream_rows<decltype(R)::value>(w, x, y, c, width); });
+    with_rows<kStreamRows>(rows, [&](auto R) {
+      if (R == 1 || width == w.n) stream_rows<decltype(R)::value>(w, x, y, c, width);
+      else span_rows<decltype(R)::value>(w, x, y, c, width);
+    });
   }
 }
 #endif

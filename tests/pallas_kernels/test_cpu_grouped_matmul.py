@@ -46,9 +46,10 @@ def test_dense_layer_of_stack_equals_ragged_dot(m, e, k, n, dtype):
 
 
 # K = 75: the last span of K rows short (8-row spans up to 4 rows, 16 from 5; 128-row tiles from 12); with AVX2, K rows
-# past the 4 blocks (75: 4 x 17 + 7, 6: 4 x 1 + 2, 3: no block).
+# past the 4 blocks (75: 4 x 17 + 7, 6: 4 x 1 + 2, 3: no block), and 2-8 rows of a matrix over 512 columns in spans.
 @pytest.mark.parametrize("m,k,n", [(1, 384, 1000), (4, 96, 40), (70, 64, 520), (3, 32, 5), (10, 208, 600), (6, 64, 130),
-                                   (2, 75, 70), (7, 75, 70), (13, 75, 70), (1, 6, 24), (5, 6, 24), (1, 3, 16), (8, 3, 16)])
+                                   (2, 75, 70), (7, 75, 70), (13, 75, 70), (1, 6, 24), (5, 6, 24), (1, 3, 16), (8, 3, 16),
+                                   (3, 75, 520), (8, 75, 1030)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("stacked", [True, False])
 def test_matmul_reads_layer_of_stack_in_its_dtype(m, k, n, dtype, stacked):
