@@ -507,9 +507,9 @@ inline void dense_panel(const Dense<T>& w, const float* xb, int64_t k0, int64_t 
   }
 }
 
-// Vectors per panel for R streamed rows: R x V sums, R broadcasts and the weights in 16 registers.
+// Vectors per panel for R (2-8) rows in span_rows: R x V sums, R broadcasts and the weights in 16 registers.
 template <int R>
-constexpr int stream_vectors() { return R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1; }
+constexpr int stream_vectors() { return R == 2 ? 4 : R <= 4 ? 2 : 1; }
 
 // y[0:R, c0:c0+width] = x[0:R] @ W[:, c0:c0+width] (width a multiple of 8, at most stream_chunk(R)): each span of
 // kSpan2 adjacent K rows is read across the chunk before the next. For 2-8 rows of a matrix wider than one chunk,
@@ -677,8 +677,10 @@ void group_columns_avx2(const Dense<T>& w, const float* x, int64_t rows, float* 
   for (int64_t c = c0, chunk = stream_chunk(rows); c < c1; c += chunk) {
     int64_t width = std::min(chunk, c1 - c);
     with_rows<kStreamRows>(rows, [&](auto R) {
-      if (R == 1 || width == w.n) stream_rows<decltype(R)::value>(w, x, y, c, width);
-      else span_rows<decltype(R)::value>(w, x, y, c, width);
+      constexpr int kRows = decltype(R)::value;
+      if constexpr (kRows == 1) stream_rows<1>(w, x, y, c, width);
+      else if (width == w.n) stream_rows<kRows>(w, x, y, c, width);
+      else span_rows<kRows>(w, x, y, c, width);
     });
   }
 }
