@@ -3,20 +3,19 @@
 // before a dot, which costs more than the dot at decode sizes). Dense f32/bf16 weights [L, E, K, N] (also
 // [L, K, N] and [K, N]: one expert; bf16 is widened in registers), or INT4 in the planar layout of
 // pallas_kernels/int4_layout.py (packed u8 [L, E, K/2, N], bf16 scales [L, E, K/32, N]).
-// Experts (or, when there are few, their columns; for one row of a narrow matrix, its K rows, the partial sums
-// added) are split among XLA's intra-op threads (a decode-sized call under 256 KiB of weights runs on the calling
-// thread: waking another costs more). With AVX2 + FMA and no AVX-512 (AMD Zen 2-3, most laptops), up to 8 rows
-// stream the weights once (one row, or whole rows of a matrix up to 512 columns: 4 blocks of K read side by side,
-// sums in L1; else 8 K rows at a time, sums in registers); more rows widen each 128-row tile to f32
-// once, in 8-column panels, and sum 6 rows x 16 columns in registers from it. INT4 rounds x to int8
-// per 32 values of K (llama.cpp's Q8_0) and sums nibble x int8 products in integers, one float multiply-add per
-// group: with AVX-512 VNNI by vpdpbusd, with AVX2 by vpmaddubsw into 16-bit lanes (up to 4 rows stream the
-// weights, 4 packed rows at a time transposed in registers; more rows transpose each tile once and sum 6 rows x
-// 16 columns from L1). Without AVX2 (and AVX-512 dense) each streams its
-// matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1 (with AVX-512: once per 8 rows in
-// registers for bf16 and for 1 or 5+ rows of f32). From 12 rows, each 128 x 512 tile of the matrix is read once for all
-// rows (with AVX-512, bf16, and f32 from 32 rows: a 32-column panel at a time copied to L1, 8 rows x 32 columns
-// of f32 sums in registers, bf16 widened there); INT4 nibbles are widened to float there.
+// Experts (or, when there are few, their columns; for one row of a narrow matrix, its K rows, the partial sums added)
+// are split among XLA's intra-op threads (a decode-sized call under 256 KiB of weights runs on the calling thread:
+// waking another costs more). With AVX2 + FMA and no AVX-512 (AMD Zen 2-3, most laptops), up to 8 rows stream the
+// weights once (one row, or whole rows of a matrix up to 512 columns: 4 blocks of K read side by side, sums in L1; else
+// 8 K rows at a time, sums in registers); more rows widen each 128-row tile to f32 once, in 8-column panels, and sum 6
+// rows x 16 columns in registers from it. INT4 rounds x to int8 per 32 values of K (llama.cpp's Q8_0) and sums nibble x
+// int8 products in integers, one float multiply-add per group: with AVX-512 VNNI by vpdpbusd, with AVX2 by vpmaddubsw
+// into 16-bit lanes (up to 4 rows stream the weights, 4 packed rows at a time transposed in registers; more rows
+// transpose each tile once and sum 6 rows x 16 columns from L1). Without AVX2 (and AVX-512 dense) each streams its
+// matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1 (with AVX-512: once per 8 rows in registers
+// for bf16 and for 1 or 5+ rows of f32). From 12 rows, each 128 x 512 tile of the matrix is read once for all rows
+// (with AVX-512, bf16, and f32 from 32 rows: a 32-column panel at a time copied to L1, 8 rows x 32 columns of f32 sums
+// in registers, bf16 widened there); INT4 nibbles are widened to float there.
 
 #include <algorithm>
 #include <cstdint>
@@ -450,8 +449,7 @@ void dense_tiled(const Dense<T>& w, const float* x, int64_t rows, float* y, int6
 #ifdef K2JAX_AVX2
 // AVX2 + FMA (no AVX-512), dense: 8 columns per vector. Up to kStreamRows rows stream the weights once: one row,
 // and rows of a matrix read whole (at most kChunk columns), 4 blocks of K side by side; others a span of K rows at a
-// time. More
-// rows widen each tile of the weights to f32 once, panel by panel, and sum 6 rows at a time from it.
+// time. More rows widen each tile of the weights to f32 once, panel by panel, and sum 6 rows at a time from it.
 constexpr int64_t kSpan2 = 8;         // dense K rows per register pass of span_rows (more, or software prefetch,
                                       // read slower on Zen 3)
 constexpr int kStreamRows = 8;        // dense: from more rows, the tiled path
@@ -539,8 +537,8 @@ constexpr int kBlocks2 = 4;
 // kBlocks2 blocks whose rows are read side by side, so that each block is one sequential run of memory; the R x
 // width sums stay in L1, 16 columns per pass with the blocks' weights in registers. span_rows' spans of adjacent K
 // rows start a short run per row and span instead. Two Zen 2 cores, each streaming whole 1024 x 512 matrices (an
-// expert's gate) in a scratch harness, spans -> blocks: f32 1 row 24-27 -> 33-40 GB/s, 2 rows 21 -> 34; bf16 1 row
-// 19 -> 31-34 (1024 x 1536: 30 -> 36).
+// expert's gate) in a scratch harness, spans -> blocks: f32 1 row 24 -> 29-31 GB/s, 2 rows 19-21 -> 34-40; bf16 1
+// row 10-15 -> 26-30 (benchmarks/RESULTS.md).
 template <int R, typename T>
 void stream_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t width) {
   alignas(32) float acc[R][stream_chunk(R) + 24];
