@@ -10,8 +10,8 @@
 // 8 K rows at a time, sums in registers); more rows widen each 128-row tile to f32 once, in 8-column panels, and sum 6
 // rows x 16 columns in registers from it. INT4 rounds x to int8 per 32 values of K (llama.cpp's Q8_0) and sums nibble x
 // int8 products in integers, one float multiply-add per group: with AVX-512 VNNI by vpdpbusd, with AVX2 by vpmaddubsw
-// into 16-bit lanes (up to 4 rows stream the weights, 4 packed rows at a time transposed in registers; more rows
-// transpose each tile once and sum 6 rows x 16 columns from L1). Without AVX2 (and AVX-512 dense) each streams its
+// into 16-bit lanes (up to 4 rows stream the weights in order, 4 packed rows side by side, bytes of adjacent rows
+// interleaved, sums in L1; more rows transpose each tile once and sum 6 rows x 16 columns from L1). Without AVX2 (and AVX-512 dense) each streams its
 // matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1 (with AVX-512: once per 8 rows in registers
 // for bf16 and for 1 or 5+ rows of f32). From 12 rows, each 128 x 512 tile of the matrix is read once for all rows
 // (with AVX-512, bf16, and f32 from 32 rows: a 32-column panel at a time copied to L1, 8 rows x 32 columns of f32 sums
@@ -943,6 +943,21 @@ struct QuantX {
     }
     return _mm256_set1_epi32(a);
   }
+  // The starting 16-bit sum for K values [k0, k0 + len) of row r (len 16 or 32, k0 a multiple of 16): -8 times
+  // the sum of their q, at most 8 * 127 * 32 in magnitude.
+  __m256i start16(int64_t r, int64_t k0, int64_t len) const {
+    int32_t sum = 0;
+    for (int64_t b = 0; b < len / 16; ++b) {
+      int32_t a = lanes[(r * k + k0) / 16 + b];
+      sum += static_cast<int16_t>(a) + (a >> 16);
+    }
+    return _mm256_set1_epi16(static_cast<int16_t>(sum));
+  }
+  __m256i pair(int64_t r, int64_t k0) const {  // q[r, k0:k0+2] in every 16-bit lane
+    int16_t v;
+    std::memcpy(&v, q.data() + r * k + k0, 2);
+    return _mm256_set1_epi16(v);
+  }
   __m256i quad(int64_t r, int64_t k0) const {  // q[r, k0:k0+4] in every 32-bit lane
     int32_t v;
     std::memcpy(&v, q.data() + r * k + k0, 4);
@@ -971,51 +986,80 @@ inline void add_scaled(__m256i sums, __m256 scale, float d, float* y) {
   _mm256_storeu_ps(y, _mm256_fmadd_ps(v, scale, _mm256_loadu_ps(y)));
 }
 
-// y[0:R, c:c+32] += x[0:R] @ W over packed rows [h0, h0 + span) (low nibbles K rows k_lo.., high nibbles k_hi..,
-// one scale group each): 4 packed rows at a time transposed in registers, sums per nibble half in 16-bit lanes.
-template <int R>
-inline void int4_quad_span(const Int4& w, const QuantX& xq, int64_t h0, int64_t span, int64_t c, float* y) {
-  const __m256i mask = _mm256_set1_epi8(15);
-  const int64_t k_lo = w.k_of(h0, 0), k_hi = w.k_of(h0, 1);
-  __m256i lo[R][4], hi[R][4];
-  for (int r = 0; r < R; ++r) {
-    __m256i a = xq.start(r, k_lo, span), b = xq.start(r, k_hi, span);
-    for (int i = 0; i < 4; ++i) lo[r][i] = a, hi[r][i] = b;
-  }
-  const uint8_t* src = w.packed + h0 * w.n + c;
-  for (int64_t h = 0; h < span; h += 4, src += 4 * w.n) {
-    for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(src + (span + j) * w.n), _MM_HINT_T0);
-    __m256i t[4];
-    transpose_quad(src, w.n, t);
-    for (int r = 0; r < R; ++r) {  // the masks of t are the same for every row: the compiler computes them once
-      __m256i xl = xq.quad(r, k_lo + h), xh = xq.quad(r, k_hi + h);
-      for (int i = 0; i < 4; ++i) {
-        __m256i l = _mm256_and_si256(t[i], mask), u = _mm256_and_si256(_mm256_srli_epi16(t[i], 4), mask);
-        lo[r][i] = _mm256_add_epi16(lo[r][i], _mm256_maddubs_epi16(l, xl));
-        hi[r][i] = _mm256_add_epi16(hi[r][i], _mm256_maddubs_epi16(u, xh));
-      }
-    }
-  }
-  const uint16_t* s_lo = w.scale + (k_lo / kGroup) * w.n + c;
-  const uint16_t* s_hi = w.scale + (k_hi / kGroup) * w.n + c;
-  for (int i = 0; i < 4; ++i) {
-    __m256 sl = load8(s_lo + 8 * i), sh = load8(s_hi + 8 * i);
-    for (int r = 0; r < R; ++r) {
-      add_scaled(lo[r][i], sl, xq.scale(r, k_lo), y + r * w.n + c + 8 * i);
-      add_scaled(hi[r][i], sh, xq.scale(r, k_hi), y + r * w.n + c + 8 * i);
-    }
-  }
+// y[0:8] and y[16:24] += 16 columns' 16-bit sums (columns 0-7 and 16-23 of 32, as vpunpck*bw orders them) times d
+// times their scales.
+inline void add_scaled16(__m256i sums, const uint16_t* scale, float d, float* y) {
+  const __m256 dv = _mm256_set1_ps(d);
+  __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sums)));
+  __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sums, 1)));
+  _mm256_storeu_ps(y, _mm256_fmadd_ps(_mm256_mul_ps(a, dv), load8(scale), _mm256_loadu_ps(y)));
+  _mm256_storeu_ps(y + 16, _mm256_fmadd_ps(_mm256_mul_ps(b, dv), load8(scale + 16), _mm256_loadu_ps(y + 16)));
 }
 
-// Few rows: y[0:R, c0:c1] = x[0:R] @ W[:, c0:c1] (c1 - c0 a multiple of 32), the weights streamed once per
-// column chunk, span by span.
+// Few rows: y[0:R, c0:c1] = x[0:R] @ W[:, c0:c1] (c1 - c0 a multiple of 32), the packed rows read in order, 4 side by
+// side across a chunk of columns (each a sequential run). Bytes of 2 adjacent rows are interleaved, so every 16-bit
+// lane holds 2 K values of one column for vpmaddubsw; one 16-bit sum per column and scale group stays in L1 (at most
+// 32 * 8 * 127 in magnitude). A byte interleave is a third of the shuffles of a 4-row transpose, and long runs of
+// memory are what the hardware prefetcher follows.
+constexpr int64_t kInt4StreamCols = 2048;  // columns per chunk: R x 2 x 4 KiB of sums
 template <int R>
 void int4_stream(const Int4& w, const QuantX& xq, float* y, int64_t c0, int64_t c1) {
+  alignas(32) int16_t sums[R][2][kInt4StreamCols];  // per row of x: the low and high nibbles' scale groups
+  const __m256i mask = _mm256_set1_epi8(15);
   const int64_t span = w.group_span();
-  for (int64_t c = c0; c < c1; c += stream_chunk(R)) {
-    int64_t end = std::min(c + stream_chunk(R), c1);
+  for (int64_t c = c0; c < c1; c += kInt4StreamCols) {
+    const int64_t width = std::min(kInt4StreamCols, c1 - c);
     for (int64_t h0 = 0; h0 < w.k / 2; h0 += span) {
-      for (int64_t cc = c; cc < end; cc += kQuadCols) int4_quad_span<R>(w, xq, h0, span, cc, y);
+      const int64_t k[2] = {w.k_of(h0, 0), w.k_of(h0, 1)};
+      for (int r = 0; r < R; ++r) {
+        for (int s = 0; s < 2; ++s) {
+          const __m256i start = xq.start16(r, k[s], span);
+          for (int64_t v = 0; v < width; v += 16) _mm256_store_si256(reinterpret_cast<__m256i*>(sums[r][s] + v), start);
+        }
+      }
+      for (int64_t h = 0; h < span; h += 4) {
+        const uint8_t* src = w.packed + (h0 + h) * w.n + c;
+        __m256i xp[R][2][2];  // x's pairs of K values for packed rows h, h + 1 and h + 2, h + 3, per nibble half
+        for (int r = 0; r < R; ++r) {
+          for (int s = 0; s < 2; ++s) xp[r][s][0] = xq.pair(r, k[s] + h), xp[r][s][1] = xq.pair(r, k[s] + h + 2);
+        }
+        for (int64_t v = 0; v < width; v += 32) {
+          if ((v & 63) == 0) {  // 8 packed rows ahead, once per cache line
+            for (int j = 8; j < 12; ++j) _mm_prefetch(reinterpret_cast<const char*>(src + j * w.n + v), _MM_HINT_T0);
+          }
+          auto row = [&](int j) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j * w.n + v)); };
+          const __m256i b0 = row(0), b1 = row(1), b2 = row(2), b3 = row(3);
+          // pairs[i]: columns 0-7 and 16-23 (i even) or 8-15 and 24-31 (i odd) of rows h, h + 1 (i < 2) or h + 2, h + 3
+          const __m256i pairs[4] = {_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1),
+                                    _mm256_unpacklo_epi8(b2, b3), _mm256_unpackhi_epi8(b2, b3)};
+          __m256i nib[2][4];
+          for (int i = 0; i < 4; ++i) {
+            nib[0][i] = _mm256_and_si256(pairs[i], mask);
+            nib[1][i] = _mm256_and_si256(_mm256_srli_epi16(pairs[i], 4), mask);
+          }
+          for (int r = 0; r < R; ++r) {
+            for (int s = 0; s < 2; ++s) {
+              for (int i = 0; i < 2; ++i) {
+                __m256i* acc = reinterpret_cast<__m256i*>(sums[r][s] + v + 16 * i);
+                __m256i add = _mm256_add_epi16(_mm256_maddubs_epi16(nib[s][i], xp[r][s][0]),
+                                               _mm256_maddubs_epi16(nib[s][i + 2], xp[r][s][1]));
+                _mm256_store_si256(acc, _mm256_add_epi16(_mm256_load_si256(acc), add));
+              }
+            }
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        for (int s = 0; s < 2; ++s) {
+          const uint16_t* scale = w.scale + (k[s] / kGroup) * w.n + c;
+          const float d = xq.scale(r, k[s]);
+          for (int64_t v = 0; v < width; v += 16) {
+            const int64_t col = v / 32 * 32 + (v / 16 % 2) * 8;  // where this vector's first column lies
+            add_scaled16(_mm256_load_si256(reinterpret_cast<const __m256i*>(sums[r][s] + v)), scale + col, d,
+                       y + r * w.n + c + col);
+          }
+        }
+      }
     }
   }
 }
