@@ -59,6 +59,10 @@ constexpr int64_t stream_chunk(int64_t rows) { return rows == 1 ? 4096 : kChunk;
 constexpr int kPass = 8;         // K rows of the weights per accumulation pass
 constexpr int kMaxRows = 4;      // rows of x per pass over the weights
 constexpr int kGroup = 32;       // INT4 scale group along K
+// A stacked INT4 projection over this many bytes is fetched past the caches (prefetchnta): it cannot stay in a
+// last-level cache between steps (16-32 MiB per core complex on current x86 parts), and streaming it through them
+// evicts what can. Below it (the bundled model's 0.9 MB), fetching into them keeps it there: nta read 1.3x slower.
+constexpr int64_t kCachedStackBytes = 32 << 20;
 constexpr int64_t kTileK = 128;  // K rows of a widened weight tile: 128 x 512 floats (256 KiB) stay in L2
 constexpr int64_t kTiledRows = 3 * kMaxRows;  // from this many rows, weight tiles are widened once for all rows
 
@@ -91,6 +95,7 @@ struct Int4 {
   const uint8_t* packed;
   const uint16_t* scale;
   int64_t k, n, p;
+  bool past_caches;  // prefetch past the caches: the stack cannot stay in them between steps
   static constexpr int kRowsPerStep = 2;
   int64_t steps() const { return k / 2; }
   int64_t bytes() const { return k * n / 2 + (k / kGroup) * n * 2; }
@@ -99,7 +104,7 @@ struct Int4 {
   // Packed rows whose nibbles each lie in one scale group (per half).
   int64_t group_span() const { return std::min<int64_t>(kGroup, p / 2); }
   Int4 rows_of_k(int64_t k0, int64_t k1) const {
-    return {packed + k0 / 2 * n, scale + k0 / kGroup * n, k1 - k0, n, p};
+    return {packed + k0 / 2 * n, scale + k0 / kGroup * n, k1 - k0, n, p, past_caches};
   }
   const float* row(int64_t h, int s, int64_t c0, int64_t width, float* buf) const {
     const uint8_t* src = packed + h * n + c0;
@@ -996,16 +1001,53 @@ inline void add_scaled16(__m256i sums, const uint16_t* scale, float d, float* y)
   _mm256_storeu_ps(y + 16, _mm256_fmadd_ps(_mm256_mul_ps(b, dv), load8(scale + 16), _mm256_loadu_ps(y + 16)));
 }
 
+constexpr int64_t kInt4StreamCols = 2048;  // columns per chunk of int4_stream: R x 2 x 4 KiB of sums
+
+// sums[r][s][0:width] += packed rows [0, 4) at src, their low (s = 0) and high (s = 1) nibbles times x's pairs of K
+// values xp[r][s] (for rows 0-1 and 2-3). Bytes of 2 adjacent rows are interleaved, so every 16-bit lane holds 2 K
+// values of one column for vpmaddubsw: a third of the shuffles of a 4-row transpose. Each step fetches 2 cache lines
+// of rows [8, 12) ahead with kHint, in address order when the chunk holds whole rows (the 4 rows are one run of
+// memory: 1.2-1.3x the rate of fetching row by row from DRAM), else rows 8-9 and 10-11 of 64 columns on alternate
+// steps. Unconditional: GCC 12 drops prefetches under a branch in a loop it if-converts.
+template <int R, _mm_hint kHint>
+inline void int4_quad_rows(const Int4& w, const uint8_t* src, int64_t width, const __m256i (&xp)[R][2][2],
+                           int16_t (&sums)[R][2][kInt4StreamCols]) {
+  const __m256i mask = _mm256_set1_epi8(15);
+  const bool whole = width == w.n;
+  const int64_t next = whole ? 64 : w.n;
+  for (int64_t v = 0; v < width; v += 32) {
+    const char* ahead = reinterpret_cast<const char*>(whole ? src + 8 * w.n + 4 * v
+                                                            : src + (8 + (v & 32) / 16) * w.n + (v & ~63));
+    _mm_prefetch(ahead, kHint), _mm_prefetch(ahead + next, kHint);
+    auto row = [&](int j) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j * w.n + v)); };
+    const __m256i b0 = row(0), b1 = row(1), b2 = row(2), b3 = row(3);
+    // pairs[i]: columns 0-7 and 16-23 (i even) or 8-15 and 24-31 (i odd) of rows 0, 1 (i < 2) or 2, 3
+    const __m256i pairs[4] = {_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1),
+                              _mm256_unpacklo_epi8(b2, b3), _mm256_unpackhi_epi8(b2, b3)};
+    __m256i nib[2][4];
+    for (int i = 0; i < 4; ++i) {
+      nib[0][i] = _mm256_and_si256(pairs[i], mask);
+      nib[1][i] = _mm256_and_si256(_mm256_srli_epi16(pairs[i], 4), mask);
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int s = 0; s < 2; ++s) {
+        for (int i = 0; i < 2; ++i) {
+          __m256i* acc = reinterpret_cast<__m256i*>(sums[r][s] + v + 16 * i);
+          __m256i add = _mm256_add_epi16(_mm256_maddubs_epi16(nib[s][i], xp[r][s][0]),
+                                         _mm256_maddubs_epi16(nib[s][i + 2], xp[r][s][1]));
+          _mm256_store_si256(acc, _mm256_add_epi16(_mm256_load_si256(acc), add));
+        }
+      }
+    }
+  }
+}
+
 // Few rows: y[0:R, c0:c1] = x[0:R] @ W[:, c0:c1] (c1 - c0 a multiple of 32), the packed rows read in order, 4 side by
-// side across a chunk of columns (each a sequential run). Bytes of 2 adjacent rows are interleaved, so every 16-bit
-// lane holds 2 K values of one column for vpmaddubsw; one 16-bit sum per column and scale group stays in L1 (at most
-// 32 * 8 * 127 in magnitude). A byte interleave is a third of the shuffles of a 4-row transpose, and long runs of
-// memory are what the hardware prefetcher follows.
-constexpr int64_t kInt4StreamCols = 2048;  // columns per chunk: R x 2 x 4 KiB of sums
+// side across a chunk of columns (each a sequential run, which the hardware prefetcher follows); one 16-bit sum per
+// column and scale group stays in L1 (at most 32 * 8 * 127 in magnitude).
 template <int R>
 void int4_stream(const Int4& w, const QuantX& xq, float* y, int64_t c0, int64_t c1) {
   alignas(32) int16_t sums[R][2][kInt4StreamCols];  // per row of x: the low and high nibbles' scale groups
-  const __m256i mask = _mm256_set1_epi8(15);
   const int64_t span = w.group_span();
   for (int64_t c = c0; c < c1; c += kInt4StreamCols) {
     const int64_t width = std::min(kInt4StreamCols, c1 - c);
@@ -1018,35 +1060,15 @@ void int4_stream(const Int4& w, const QuantX& xq, float* y, int64_t c0, int64_t 
         }
       }
       for (int64_t h = 0; h < span; h += 4) {
-        const uint8_t* src = w.packed + (h0 + h) * w.n + c;
-        __m256i xp[R][2][2];  // x's pairs of K values for packed rows h, h + 1 and h + 2, h + 3, per nibble half
+        __m256i xp[R][2][2];
         for (int r = 0; r < R; ++r) {
           for (int s = 0; s < 2; ++s) xp[r][s][0] = xq.pair(r, k[s] + h), xp[r][s][1] = xq.pair(r, k[s] + h + 2);
         }
-        for (int64_t v = 0; v < width; v += 32) {
-          if ((v & 63) == 0) {  // 8 packed rows ahead, once per cache line
-            for (int j = 8; j < 12; ++j) _mm_prefetch(reinterpret_cast<const char*>(src + j * w.n + v), _MM_HINT_T0);
-          }
-          auto row = [&](int j) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j * w.n + v)); };
-          const __m256i b0 = row(0), b1 = row(1), b2 = row(2), b3 = row(3);
-          // pairs[i]: columns 0-7 and 16-23 (i even) or 8-15 and 24-31 (i odd) of rows h, h + 1 (i < 2) or h + 2, h + 3
-          const __m256i pairs[4] = {_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1),
-                                    _mm256_unpacklo_epi8(b2, b3), _mm256_unpackhi_epi8(b2, b3)};
-          __m256i nib[2][4];
-          for (int i = 0; i < 4; ++i) {
-            nib[0][i] = _mm256_and_si256(pairs[i], mask);
-            nib[1][i] = _mm256_and_si256(_mm256_srli_epi16(pairs[i], 4), mask);
-          }
-          for (int r = 0; r < R; ++r) {
-            for (int s = 0; s < 2; ++s) {
-              for (int i = 0; i < 2; ++i) {
-                __m256i* acc = reinterpret_cast<__m256i*>(sums[r][s] + v + 16 * i);
-                __m256i add = _mm256_add_epi16(_mm256_maddubs_epi16(nib[s][i], xp[r][s][0]),
-                                               _mm256_maddubs_epi16(nib[s][i + 2], xp[r][s][1]));
-                _mm256_store_si256(acc, _mm256_add_epi16(_mm256_load_si256(acc), add));
-              }
-            }
-          }
+        const uint8_t* src = w.packed + (h0 + h) * w.n + c;
+        if (w.past_caches) {
+          int4_quad_rows<R, _MM_HINT_NTA>(w, src, width, xp, sums);
+        } else {
+          int4_quad_rows<R, _MM_HINT_T0>(w, src, width, xp, sums);
         }
       }
       for (int r = 0; r < R; ++r) {
@@ -1056,7 +1078,7 @@ void int4_stream(const Int4& w, const QuantX& xq, float* y, int64_t c0, int64_t 
           for (int64_t v = 0; v < width; v += 16) {
             const int64_t col = v / 32 * 32 + (v / 16 % 2) * 8;  // where this vector's first column lies
             add_scaled16(_mm256_load_si256(reinterpret_cast<const __m256i*>(sums[r][s] + v)), scale + col, d,
-                       y + r * w.n + c + col);
+                         y + r * w.n + c + col);
           }
         }
       }
@@ -1275,8 +1297,9 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   int64_t n = dims[3];
   const uint8_t* pbase = packed.typed_data();
   const uint16_t* sbase = reinterpret_cast<const uint16_t*>(scale.untyped_data());
+  const bool past_caches = static_cast<int64_t>(packed.size_bytes()) > kCachedStackBytes;
   return grouped(pool, x, layer, sizes, dims[0], n, [&](int64_t i) {
-    return Int4{pbase + i * (k / 2) * n, sbase + i * (k / kGroup) * n, k, n, planar};
+    return Int4{pbase + i * (k / 2) * n, sbase + i * (k / kGroup) * n, k, n, planar, past_caches};
   }, y);
 }
 
