@@ -40,12 +40,12 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("K2JAX_CPU_KERNEL_CACHE", Path.home() / ".cache" / "k2jax" / "cpu_kernels"))
 
 
-def _build_key(compiler: str) -> str:
+def _build_key(compiler_path: str) -> str:
     """Hash of what the library depends on: sources, headers, jaxlib, compiler, flags and this machine's CPU."""
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     flags_line = next((line for line in cpu.splitlines() if line.startswith(("flags", "Features"))), "")
     parts = (*(f.name.encode() + b"\0" + f.read_bytes() for f in (*SOURCES, *HEADERS)), jax.__version__.encode(),
-             compiler.encode(), " ".join(FLAGS).encode(), flags_line.encode())
+             compiler_path.encode(), " ".join(FLAGS).encode(), flags_line.encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -54,12 +54,18 @@ def _units() -> list[tuple[Path, tuple[str, ...]]]:
     return [(source, defines) for source in SOURCES for defines in PARTS.get(source.name, ((),))]
 
 
+def compiler() -> str:
+    """The C++ compiler: CXX, else the first of c++, g++, clang++ on PATH (RuntimeError when there is none)."""
+    found = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if found is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    return found
+
+
 def build() -> Path:
     """Compile the library once per build key (atomically, so parallel processes may race) and return its path."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    out = _cache_dir() / f"k2jax_cpu_{_build_key(compiler)}.so"
+    compiler_path = compiler()
+    out = _cache_dir() / f"k2jax_cpu_{_build_key(compiler_path)}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -67,11 +73,11 @@ def build() -> Path:
         lib = Path(tmp) / out.name
         units = _units()
         objects = [Path(tmp) / f"{source.stem}_{i}.o" for i, (source, _) in enumerate(units)]
-        print(f"k2jax: building the native CPU kernels ({', '.join(s.name for s in SOURCES)}) with {compiler} "
+        print(f"k2jax: building the native CPU kernels ({', '.join(s.name for s in SOURCES)}) with {compiler_path} "
               "(once per machine and version, 5-15 s)", file=sys.stderr, flush=True)
-        _run_all([[compiler, *FLAGS, *defines, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o", str(obj)]
+        _run_all([[compiler_path, *FLAGS, *defines, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o", str(obj)]
                   for (source, defines), obj in zip(units, objects)])  # in parallel
-        _run_all([[compiler, "-shared", *map(str, objects), "-o", str(lib)]])
+        _run_all([[compiler_path, "-shared", *map(str, objects), "-o", str(lib)]])
         os.replace(lib, out)
     return out
 

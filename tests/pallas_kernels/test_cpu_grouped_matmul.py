@@ -1,5 +1,7 @@
 """The native CPU grouped matmul against lax.ragged_dot and the INT4 reference, and its errors."""
 
+import re
+import subprocess
 import threading
 
 import jax
@@ -234,3 +236,19 @@ def test_concurrent_calls_do_not_wait_on_each_other():
     assert not any(t.is_alive() for t in threads), "kernel calls deadlocked"
     for out in results.values():
         assert all(max_rel_err(o, e) < 1e-5 for o, e in zip(out, expect))
+
+
+def test_avx2_int4_stream_compiles_with_its_prefetches(tmp_path):
+    """The AVX2 INT4 stream (built for an AVX2 + FMA CPU without AVX-512, whatever this machine is) fetches ahead
+    with both hints in every row count: a compiler can drop prefetches (GCC 12.2 emitted none while they sat under a
+    branch in the loop), which no numeric test would notice."""
+    compiler = cpu_build.compiler()
+    source = cpu_build.HERE / "cpu_grouped_matmul.cc"
+    flags = [f for f in cpu_build.FLAGS if not f.startswith("-march")]
+    asm = tmp_path / "int4.s"
+    subprocess.run([compiler, *flags, "-march=haswell", "-DK2JAX_MATMUL_PART=2", f"-I{jax.ffi.include_dir()}", "-S",
+                    str(source), "-o", str(asm)], check=True)
+    bodies = re.findall(r"^(\S*int4_stream\S*):\n(.*?)\.cfi_endproc", asm.read_text(), re.S | re.M)
+    assert len(bodies) == 4, [name for name, _ in bodies]  # rows of x 1-4
+    for name, body in bodies:
+        assert "prefetchnta" in body and "prefetcht0" in body, name
