@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -24,7 +25,7 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_grouped_matmul.cc", HERE / "cpu_ragged_mla.cc")
 HEADERS = (HERE / "cpu_common.h",)
 # Sources compiled once per part (defines per object), in parallel: the grouped matmul's dense and INT4 handlers,
-# so that the longest unit (~7 s) is not the whole file's 9-15 s.
+# so that the longest unit (~7 s) is not the whole file's 9-15 s. Units start in this order, longest first.
 PARTS = {"cpu_grouped_matmul.cc": (("-DK2JAX_MATMUL_PART=1",), ("-DK2JAX_MATMUL_PART=2",))}
 TARGETS = {"dense": "K2jaxGroupedMatmulDense", "int4": "K2jaxGroupedMatmulInt4", "ragged_mla": "K2jaxRaggedMla"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-fno-math-errno")  # per source; then linked -shared
@@ -76,19 +77,25 @@ def build() -> Path:
         print(f"k2jax: building the native CPU kernels ({', '.join(s.name for s in SOURCES)}) with {compiler_path} "
               "(once per machine and version, 5-15 s)", file=sys.stderr, flush=True)
         _run_all([[compiler_path, *FLAGS, *defines, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o", str(obj)]
-                  for (source, defines), obj in zip(units, objects)])  # in parallel
+                  for (source, defines), obj in zip(units, objects)])
         _run_all([[compiler_path, "-shared", *map(str, objects), "-o", str(lib)]])
         os.replace(lib, out)
     return out
 
 
 def _run_all(cmds: list[list[str]]) -> None:
-    """Run the commands in parallel; RuntimeError with the command and its compiler output if any fails."""
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for cmd in cmds]
-    errors = [proc.communicate()[1] for proc in procs]  # all finish before any failure is raised
-    for cmd, proc, err in zip(cmds, procs, errors):
+    """Run the commands, as many at once as there are cores, in the order given (the longest first: with more
+    compiles than cores at once, the longest shares a core and ends later); RuntimeError with the command and its
+    compiler output if any fails, once all have finished."""
+    def run(cmd: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        done = list(pool.map(run, cmds))
+    for cmd, proc in zip(cmds, done):
         if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
 
 
 @functools.cache
