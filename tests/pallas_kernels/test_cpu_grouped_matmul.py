@@ -1,5 +1,6 @@
 """The native CPU grouped matmul against lax.ragged_dot and the INT4 reference, and its errors."""
 
+import platform
 import re
 import subprocess
 import threading
@@ -238,6 +239,7 @@ def test_concurrent_calls_do_not_wait_on_each_other():
         assert all(max_rel_err(o, e) < 1e-5 for o, e in zip(out, expect))
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 kernel path")
 def test_avx2_int4_stream_compiles_with_its_prefetches(tmp_path):
     """The AVX2 INT4 stream (built for an AVX2 + FMA CPU without AVX-512, whatever this machine is) fetches ahead
     with both hints in every row count: a compiler can drop prefetches (GCC 12.2 emitted none while they sat under a
