@@ -11,11 +11,11 @@
 // rows x 16 columns in registers from it. INT4 rounds x to int8 per 32 values of K (llama.cpp's Q8_0) and sums nibble x
 // int8 products in integers, one float multiply-add per group: with AVX-512 VNNI by vpdpbusd, with AVX2 by vpmaddubsw
 // into 16-bit lanes (up to 4 rows stream the weights in order, 4 packed rows side by side, bytes of adjacent rows
-// interleaved, sums in L1; more rows transpose each tile once and sum 6 rows x 16 columns from L1). Without AVX2 (and AVX-512 dense) each streams its
-// matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1 (with AVX-512: once per 8 rows in registers
-// for bf16 and for 1 or 5+ rows of f32). From 12 rows, each 128 x 512 tile of the matrix is read once for all rows
-// (with AVX-512, bf16, and f32 from 32 rows: a 32-column panel at a time copied to L1, 8 rows x 32 columns of f32 sums
-// in registers, bf16 widened there); INT4 nibbles are widened to float there.
+// interleaved, sums in L1; more rows transpose each tile once and sum 6 rows x 16 columns from L1). Without AVX2 (and
+// AVX-512 dense) each streams its matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1 (with
+// AVX-512: once per 8 rows in registers for bf16 and for 1 or 5+ rows of f32). From 12 rows, each 128 x 512 tile of
+// the matrix is read once for all rows (with AVX-512, bf16, and f32 from 32 rows: a 32-column panel at a time copied
+// to L1, 8 rows x 32 columns of f32 sums in registers, bf16 widened there); INT4 nibbles are widened to float there.
 
 #include <algorithm>
 #include <cstdint>
@@ -1044,7 +1044,8 @@ inline void int4_quad_rows(const Int4& w, const uint8_t* src, int64_t width, con
 
 // Few rows: y[0:R, c0:c1] = x[0:R] @ W[:, c0:c1] (c1 - c0 a multiple of 32), the packed rows read in order, 4 side by
 // side across a chunk of columns (each a sequential run, which the hardware prefetcher follows); one 16-bit sum per
-// column and scale group stays in L1 (at most 32 * 8 * 127 in magnitude).
+// column and scale group stays in L1 (at most 32 * 8 * 127 in magnitude, as is every partial sum: it starts at -8
+// times the group's sum of q, and each product adds nibble x q).
 template <int R>
 void int4_stream(const Int4& w, const QuantX& xq, float* y, int64_t c0, int64_t c1) {
   alignas(32) int16_t sums[R][2][kInt4StreamCols];  // per row of x: the low and high nibbles' scale groups
