@@ -10,12 +10,13 @@
 // 8 K rows at a time, sums in registers); more rows widen each 128-row tile to f32 once, in 8-column panels, and sum 6
 // rows x 16 columns in registers from it. INT4 rounds x to int8 per 32 values of K (llama.cpp's Q8_0) and sums nibble x
 // int8 products in integers, one float multiply-add per group: with AVX-512 VNNI by vpdpbusd, with AVX2 by vpmaddubsw
-// into 16-bit lanes (up to 4 rows stream the weights in order, 4 packed rows side by side, bytes of adjacent rows
-// interleaved, sums in L1; more rows transpose each tile once and sum 6 rows x 16 columns from L1). Without AVX2 (and
-// AVX-512 dense) each streams its matrix rows once per 4 rows of x, accumulating 4 rows x 512 columns in L1 (with
-// AVX-512: once per 8 rows in registers for bf16 and for 1 or 5+ rows of f32). From 12 rows, each 128 x 512 tile of
-// the matrix is read once for all rows (with AVX-512, bf16, and f32 from 32 rows: a 32-column panel at a time copied
-// to L1, 8 rows x 32 columns of f32 sums in registers, bf16 widened there); INT4 nibbles are widened to float there.
+// into 16-bit lanes (up to 12 rows stream the weights in order, in passes of up to 4 rows, 4 packed rows side by side,
+// bytes of adjacent rows interleaved, sums in L1; more rows transpose each tile once and sum 6 rows x 16 columns from
+// L1). Without AVX2 (and AVX-512 dense) each streams its matrix rows once per 4 rows of x, accumulating 4 rows x 512
+// columns in L1 (with AVX-512: once per 8 rows in registers for bf16 and for 1 or 5+ rows of f32). From 12 rows, each
+// 128 x 512 tile of the matrix is read once for all rows (with AVX-512, bf16, and f32 from 32 rows: a 32-column panel
+// at a time copied to L1, 8 rows x 32 columns of f32 sums in registers, bf16 widened there); INT4 nibbles are widened
+// to float there.
 
 #include <algorithm>
 #include <cstdint>
@@ -892,7 +893,9 @@ void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_
 // INT4 without VNNI: x rounded to int8 per 32 values of K as on the VNNI path, nibble x int8 products summed in
 // 16-bit lanes by vpmaddubsw (two products per lane), which AVX2 runs at several times the rate of float FMAs.
 constexpr int64_t kQuadCols = 32;     // columns per packed byte vector
-constexpr int kInt4StreamRows = 4;    // rows that stream the weights; more take the tiled path (faster from 5)
+constexpr int kInt4StreamRows = 4;    // rows of x per pass of int4_stream over the weights (more spill registers)
+constexpr int kInt4StreamPasses = 3;  // passes up to which rows stream (1.1-1.5x the tiled path's rate at 5-12
+                                      // rows); more rows take the tiled path (as fast at 16, faster from 24)
 constexpr int kInt4TileRows = 6;      // rows per tile micro-kernel: 6 x 2 vectors of sums in registers
 constexpr int64_t kInt4TileSteps = 128;  // packed rows per tile: 2 x 64 KiB of nibbles at 512 columns, in L2
 
@@ -1042,12 +1045,12 @@ inline void int4_quad_rows(const Int4& w, const uint8_t* src, int64_t width, con
   }
 }
 
-// Few rows: y[0:R, c0:c1] = x[0:R] @ W[:, c0:c1] (c1 - c0 a multiple of 32), the packed rows read in order, 4 side by
-// side across a chunk of columns (each a sequential run, which the hardware prefetcher follows); one 16-bit sum per
-// column and scale group stays in L1 (at most 32 * 8 * 127 in magnitude, as is every partial sum: it starts at -8
-// times the group's sum of q, and each product adds nibble x q).
+// Few rows: y[r0:r0+R, c0:c1] = x[r0:r0+R] @ W[:, c0:c1] (c1 - c0 a multiple of 32), the packed rows read in
+// order, 4 side by side across a chunk of columns (each a sequential run, which the hardware prefetcher follows);
+// one 16-bit sum per column and scale group stays in L1 (at most 32 * 8 * 127 in magnitude, as is every partial sum:
+// it starts at -8 times the group's sum of q, and each product adds nibble x q).
 template <int R>
-void int4_stream(const Int4& w, const QuantX& xq, float* y, int64_t c0, int64_t c1) {
+void int4_stream(const Int4& w, const QuantX& xq, int64_t r0, float* y, int64_t c0, int64_t c1) {
   alignas(32) int16_t sums[R][2][kInt4StreamCols];  // per row of x: the low and high nibbles' scale groups
   const int64_t span = w.group_span();
   for (int64_t c = c0; c < c1; c += kInt4StreamCols) {
@@ -1056,14 +1059,16 @@ void int4_stream(const Int4& w, const QuantX& xq, float* y, int64_t c0, int64_t 
       const int64_t k[2] = {w.k_of(h0, 0), w.k_of(h0, 1)};
       for (int r = 0; r < R; ++r) {
         for (int s = 0; s < 2; ++s) {
-          const __m256i start = xq.start16(r, k[s], span);
+          const __m256i start = xq.start16(r0 + r, k[s], span);
           for (int64_t v = 0; v < width; v += 16) _mm256_store_si256(reinterpret_cast<__m256i*>(sums[r][s] + v), start);
         }
       }
       for (int64_t h = 0; h < span; h += 4) {
         __m256i xp[R][2][2];
         for (int r = 0; r < R; ++r) {
-          for (int s = 0; s < 2; ++s) xp[r][s][0] = xq.pair(r, k[s] + h), xp[r][s][1] = xq.pair(r, k[s] + h + 2);
+          for (int s = 0; s < 2; ++s) {
+            xp[r][s][0] = xq.pair(r0 + r, k[s] + h), xp[r][s][1] = xq.pair(r0 + r, k[s] + h + 2);
+          }
         }
         const uint8_t* src = w.packed + (h0 + h) * w.n + c;
         if (w.past_caches) {
@@ -1075,11 +1080,11 @@ void int4_stream(const Int4& w, const QuantX& xq, float* y, int64_t c0, int64_t 
       for (int r = 0; r < R; ++r) {
         for (int s = 0; s < 2; ++s) {
           const uint16_t* scale = w.scale + (k[s] / kGroup) * w.n + c;
-          const float d = xq.scale(r, k[s]);
+          const float d = xq.scale(r0 + r, k[s]);
           for (int64_t v = 0; v < width; v += 16) {
             const int64_t col = v / 32 * 32 + (v / 16 % 2) * 8;  // where this vector's first column lies
             add_scaled16(_mm256_load_si256(reinterpret_cast<const __m256i*>(sums[r][s] + v)), scale + col, d,
-                         y + r * w.n + c + col);
+                         y + (r0 + r) * w.n + c + col);
           }
         }
       }
@@ -1168,16 +1173,19 @@ void int4_tiled(const Int4& w, const QuantX& xq, int64_t rows, float* y, int64_t
   }
 }
 
-// INT4 groups: x rounded once; up to kInt4StreamRows rows stream the weights, more take the tiled path; the last
+// INT4 groups: x rounded once; up to 12 rows stream the weights, 4 rows per pass, more take the tiled path; the last
 // columns short of a vector run the portable loop on x as rounded.
 void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
   QuantX xq(x, rows, w.k);
   int64_t c32 = c0 + (c1 - c0) / kQuadCols * kQuadCols;
   for (int64_t r = 0; r < rows; ++r) std::memset(y + r * w.n + c0, 0, sizeof(float) * (c32 - c0));
-  if (rows > kInt4StreamRows) {
+  if (rows > kInt4StreamPasses * kInt4StreamRows) {
     int4_tiled(w, xq, rows, y, c0, c32);
   } else {
-    with_rows<kInt4StreamRows>(rows, [&](auto R) { int4_stream<decltype(R)::value>(w, xq, y, c0, c32); });
+    for (int64_t r = 0; r < rows; r += kInt4StreamRows) {
+      with_rows<kInt4StreamRows>(std::min<int64_t>(kInt4StreamRows, rows - r),
+                                 [&](auto R) { int4_stream<decltype(R)::value>(w, xq, r, y, c0, c32); });
+    }
   }
   if (c32 < c1) {
     std::vector<float> rounded(rows * w.k);
