@@ -940,26 +940,23 @@ struct QuantX {
       lanes[2 * g] = _mm256_extract_epi32(pairs, 0), lanes[2 * g + 1] = _mm256_extract_epi32(pairs, 4);
     }
   }
-  // The starting lanes for K values [k0, k0 + len) of row r (len 16 or 32, k0 a multiple of 16): at most
-  // 8 * 128 * 16 in each half, as is every partial sum after (|nibble - 8| <= 8), within int16.
-  __m256i start(int64_t r, int64_t k0, int64_t len) const {
+  // The starting lanes for K values [k0, k0 + len) of row r (len 16 or 32, k0 a multiple of 16), as the two 16-bit
+  // halves of one 32-bit lane: at most 8 * 128 * 16 in each half, as is every partial sum after (|nibble - 8| <= 8),
+  // within int16.
+  int32_t start_halves(int64_t r, int64_t k0, int64_t len) const {
     int32_t a = lanes[(r * k + k0) / 16];
     if (len > 16) {
       int32_t b = lanes[(r * k + k0) / 16 + 1];
       a = static_cast<int32_t>((static_cast<uint32_t>((a >> 16) + (b >> 16)) << 16) |
                                ((static_cast<int16_t>(a) + static_cast<int16_t>(b)) & 0xFFFF));
     }
-    return _mm256_set1_epi32(a);
+    return a;
   }
-  // The starting 16-bit sum for K values [k0, k0 + len) of row r (len 16 or 32, k0 a multiple of 16): -8 times
-  // the sum of their q, at most 8 * 127 * 32 in magnitude.
+  __m256i start(int64_t r, int64_t k0, int64_t len) const { return _mm256_set1_epi32(start_halves(r, k0, len)); }
+  // One 16-bit sum per column (int4_stream): the two halves added, -8 times the sum of the q, at most 8 * 127 * 32.
   __m256i start16(int64_t r, int64_t k0, int64_t len) const {
-    int32_t sum = 0;
-    for (int64_t b = 0; b < len / 16; ++b) {
-      int32_t a = lanes[(r * k + k0) / 16 + b];
-      sum += static_cast<int16_t>(a) + (a >> 16);
-    }
-    return _mm256_set1_epi16(static_cast<int16_t>(sum));
+    int32_t a = start_halves(r, k0, len);
+    return _mm256_set1_epi16(static_cast<int16_t>(static_cast<int16_t>(a) + (a >> 16)));
   }
   __m256i pair(int64_t r, int64_t k0) const {  // q[r, k0:k0+2] in every 16-bit lane
     int16_t v;
