@@ -303,7 +303,7 @@ def decode_rate(model: k2jax.Model, scheduler: Scheduler, requests: list[dict], 
         prompt = tok.apply_chat_template(chat.normalize_call_ids(req["body"]["messages"]), tools=req["body"]["tools"],
                                          tokenize=True)
         jobs.append(Request(prompt, MAX_TOKENS, emit_for(i), SamplingParams(), frozenset(tok.stop_ids),
-                            constraint=constraint_for(model, req) if enforce else None))
+                            constraint=constraint_for(model, req) if enforce else None, logprobs=False))
     steps, grammar_s = scheduler.steps, scheduler.grammar_seconds
     for job in jobs:
         scheduler.submit(job)

@@ -306,7 +306,7 @@ class Agent:
             self._emit_deltas(step, parser.feed(reply_text.add(out)))
 
         request = Request(prompt, self.max_new_tokens, take, self.sampling, self.model._stop_ids(),
-                          constraint=self._constraint())
+                          constraint=self._constraint(), logprobs=False)
         self.scheduler.run([request])
         if reply_text.finish == "error":
             raise RuntimeError(f"generation failed: {reply_text.error}")

@@ -287,6 +287,12 @@ class RowConstraint:
         """The tokens allowed next, [words] int32."""
         return self._state()[0]
 
+    def sole(self) -> int | None:
+        """The one token the mask allows, which every masked draw takes whatever its sampling; None if it allows
+        more."""
+        one = allowed_tokens(self.mask(), 1)
+        return one[0] if one else None
+
     def forced(self, limit: int) -> tuple[list[int], np.ndarray]:
         """The next tokens (at most `limit`) that the mask allows alone, one after another, and the mask after them;
         the constraint itself does not move."""
@@ -509,6 +515,17 @@ class DecodePlan:
         if constraint is None:
             return len(tokens)
         return constraint.accept(tokens, row in self.exact, states=self.automata[row])
+
+    def fill(self, row: int) -> int | None:
+        """After take() kept fewer than all of a constrained row's draws: the token the draw where they stopped
+        standing takes under the grammar's mask when the mask allows that one only (a forced JSON key or tool name
+        the model drafted otherwise), taken; else None. The draw under the mask is that token whatever the row's
+        sampling, so the row keeps it instead of drawing it again next call."""
+        constraint = self.constraints.get(row)
+        token = None if constraint is None else constraint.sole()
+        if token is not None:
+            constraint.accept([token])
+        return token
 
 
 def write_automaton(masks: StepMasks, row: int, states: Sequence[PlanState]) -> None:

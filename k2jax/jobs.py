@@ -120,14 +120,16 @@ class Job:
         self._cancel_requests = weakref.finalize(self, cancel_all, scheduler, self.requests)
 
     def add(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop_ids: frozenset[int],
-            force_before_stop: tuple[int, ...] = (), sample: int = 0, constraint: RowConstraint | None = None) -> None:
-        """Add one sequence (sample j of its prompt draws with seed + j); its outputs arrive tagged with its index."""
+            force_before_stop: tuple[int, ...] = (), sample: int = 0, constraint: RowConstraint | None = None,
+            logprobs: bool = True) -> None:
+        """Add one sequence (sample j of its prompt draws with seed + j; logprobs: whether its log-probs are read);
+        its outputs arrive tagged with its index."""
         index = len(self.requests)
         params = dataclasses.replace(params, seed=(params.seed + sample) & 0xFFFFFFFF)
         emit = functools.partial(self.loop.call_soon_threadsafe, self.queue.put_nowait)
         self.pending.add(index)
         self.requests.append(Request(prompt, max_tokens, lambda out: emit((index, out)), params, stop_ids,
-                                     force_before_stop, constraint))
+                                     force_before_stop, constraint, logprobs))
 
     def submit(self) -> None:
         """Queue every request; a full queue (429) or a rejected request (400) cancels those already queued."""

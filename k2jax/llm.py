@@ -106,7 +106,7 @@ class Model(Engine):
 
         stop_ids = self._stop_ids()
         requests += [Request(ids[r // n], max_new_tokens, lambda out, r=r: emit(r, out), params[r], stop_ids,
-                             constraint=constraints[r]) for r in range(len(rows))]
+                             constraint=constraints[r], logprobs=logprobs) for r in range(len(rows))]
         try:
             scheduler.run(requests)
         finally:

@@ -42,6 +42,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import sys
 import threading
@@ -74,7 +75,8 @@ class QueueFull(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Output:
-    """New tokens of a request with their log-probs; the last Output carries the finish reason.
+    """New tokens of a request with their log-probs (NaN for a token the grammar forced in place of a refused draw,
+    when the request reads none: Request.logprobs); the last Output carries the finish reason.
 
     finish is "stop" (a stop token, not included), "length" (max_tokens reached) or "error" (then `error` says why).
     top_logprobs: per token, its request's params.top_logprobs most likely (id, log-prob) pairs (empty when it asks
@@ -92,6 +94,9 @@ class Output:
 class Request:
     """One sequence to continue: prompt ids, token budget, sampling, stop ids, and where its outputs go.
 
+    logprobs: whether the consumer reads its tokens' log-probs. When not, a constrained row whose draws stop standing
+    where its grammar allows one token only takes that token at once (DecodePlan.fill), with a NaN log-prob: the step
+    computed none for it.
     force_before_stop: tokens generated in place of the first stop token when force_before_stop[0] has not been
     generated yet (how tool_choice "required" makes the model open a tool call instead of ending its turn, when tool
     calls are not enforced). constraint: what the request may generate (k2jax.grammar); None allows anything.
@@ -107,6 +112,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     force_before_stop: tuple[int, ...] = ()
     constraint: RowConstraint | None = None
+    logprobs: bool = True
     slot: int | None = None
     prefilled: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
@@ -450,11 +456,16 @@ class Scheduler:
         for slot, r in decoding.items():
             started = time.perf_counter()
             taken = plan.take(slot, tokens[slot].tolist())
+            fill = plan.fill(slot) if taken < n_steps and not r.logprobs else None
             grammar_s += time.perf_counter() - started
-            if taken < n_steps:
-                self.slots.rewind(slot, int(self.slots.lengths[slot]) - (n_steps - taken))
-            row = Logprobs(*(x[slot, :taken] for x in logprobs))
-            self._accept(r, tokens[slot, :taken].tolist(), *token_logprobs(row, r.params.top_logprobs))
+            kept = taken + (fill is not None)
+            if kept < n_steps:
+                self.slots.rewind(slot, int(self.slots.lengths[slot]) - (n_steps - kept))
+            chosen, tops = token_logprobs(Logprobs(*(x[slot, :taken] for x in logprobs)), r.params.top_logprobs)
+            row_tokens = tokens[slot, :taken].tolist()
+            if fill is not None:
+                row_tokens, chosen, tops = row_tokens + [fill], chosen + [math.nan], tops + [()]
+            self._accept(r, row_tokens, chosen, tops)
         if constrained:
             self.grammar_seconds += grammar_s
         return len(decoding)

@@ -226,7 +226,7 @@ class Service:
         for ids, budget in zip(prepared.prompts, prepared.budgets):
             for j in range(prepared.n):
                 job.add(ids, budget, prepared.params, prepared.stop_ids, prepared.forced, sample=j,
-                        constraint=next(constraints, None))
+                        constraint=next(constraints, None), logprobs=prepared.logprobs is not None)
         job.submit()
         choices = [Choice(TextStream(self.tokenizer, prepared.stops), chat.StreamParser() if prepared.is_chat else None,
                           logprobs=None if prepared.logprobs is None else [])

@@ -355,6 +355,27 @@ def test_rows_take_forced_tokens_then_draft_while_their_mask_changes(vocab, tok)
     assert decode_plan({}, 4, 8).masks is None and decode_plan({}, 4, 8).n_steps == 8
 
 
+@pytest.mark.parametrize("arguments, filled", [('{"a": 37, "c": 41}', True), ('{"a": "37", "b": 41}', False)])
+def test_a_cut_row_is_filled_only_where_its_grammar_allows_one_token(vocab, tok, arguments, filled):
+    """DecodePlan.fill after take() cut a drafted run: where the schema forces the next key (`b`), that key's first
+    token, the constraint advanced over it as taking it would; where the mask allows more (an integer's digits),
+    nothing, and the constraint stays where the cut left it."""
+    rules = tool_calls_grammar(TOOLS)
+    prefix, wrong = tok.encode(f"{THINK}{chat.SECTION_BEGIN}"), tok.encode(call("multiply", 0, arguments))
+    plan = decode_plan({0: (constraint_after(vocab, tok, rules, f"{THINK}{chat.SECTION_BEGIN}"),
+                            SamplingParams(temperature=0.0))}, 1, 8)
+    taken = plan.take(0, wrong)
+    reference = RowConstraint(vocab, rules)
+    for token in prefix + wrong[:taken]:
+        reference.accept([token])
+    one = allowed_tokens(reference.mask(), 1)
+    token = plan.fill(0)
+    assert taken < len(wrong) and bool(one) == filled and token == (one[0] if one else None)
+    if one:
+        reference.accept(one)
+    assert np.array_equal(plan.constraints[0].mask(), reference.mask())
+
+
 MEASURE = {"type": "function", "function": {"name": "measure", "parameters": {
     "type": "object", "properties": {"unit": {"type": "string", "enum": ["m", "cm", "inch"]}, "x": {"type": "number"}},
     "additionalProperties": False}}}

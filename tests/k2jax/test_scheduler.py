@@ -460,6 +460,51 @@ def test_rows_beside_a_prompt_chunk_are_planned_for_its_one_step():
     assert sched.grammar_seconds > 0
 
 
+class LogprobCollector(Collector):
+    """A Collector that also keeps each token's log-prob."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logprobs: list[float] = []
+
+    def __call__(self, out: Output) -> None:
+        self.logprobs.extend(out.logprobs)
+        super().__call__(out)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.0, 0.9)])
+def test_a_refused_draw_where_the_grammar_allows_one_token_is_filled_with_it(temperature, top_p):
+    """A tool the bundled model never saw: some of its draws where the grammar allows one token only (the tool's name,
+    a JSON key) are refused. A request that reads no log-probs keeps that token in place of the refused draw (every
+    masked draw there takes it), one that reads them draws it again next call. Same tokens either way, in no more
+    engine steps without log-probs; NaN log-probs at the filled tokens, the same ones elsewhere."""
+    model = k2jax.load()  # the bundled model: it has a tokenizer
+    tok = model.tokenizer
+    tools = [{"type": "function", "function": {"name": "unit_convert", "parameters": {
+        "type": "object", "properties": {"quantity": {"type": "number"}, "src": {"type": "string"},
+                                         "dst": {"type": "string"}},
+        "required": ["quantity", "src", "dst"], "additionalProperties": False}}}]
+    vocab = vocabulary(tok, model.config.vocab_size)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "How many km is 79 miles?"}], tools=tools,
+                                     tokenize=True)
+    sched = Scheduler(model, n_slots=1, max_context=512, warmup=False).start()
+    runs = []
+    try:
+        for logprobs in (True, False):
+            sink, steps = LogprobCollector(), sched.steps
+            sched.submit(Request(prompt, 64, sink, SamplingParams(temperature=temperature, top_p=top_p, seed=4),
+                                 frozenset(tok.stop_ids), constraint=RowConstraint(vocab, tool_calls_grammar(tools)),
+                                 logprobs=logprobs))
+            runs.append((sink.wait(), sched.steps - steps))
+    finally:
+        sched.close()
+    (read, read_steps), (filled, filled_steps) = runs
+    assert filled.tokens == read.tokens and "functions.unit_convert:0" in tok.decode(read.tokens)
+    nan = np.isnan(filled.logprobs)
+    assert nan.any() and not np.isnan(read.logprobs).any() and filled_steps <= read_steps
+    np.testing.assert_allclose(np.asarray(filled.logprobs)[~nan], np.asarray(read.logprobs)[~nan], atol=1e-5)
+
+
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.0, 0.9), (0.0, 0.9)])
 def test_constrained_rows_sample_exactly_and_leave_other_rows_alone(temperature, top_p):
     """A row under a JSON grammar (its mask changing token by token) beside plain rows: the plain rows give
