@@ -16,7 +16,7 @@ time on grammar masks per engine step (Scheduler.grammar_seconds: steadier than 
 and the host time of the mask machinery per decode call and per token at K2's vocabulary (163,840 ids: cl100k's ranks
 plus generated merges and Kimi's 256 reserved tokens). It needs a quiet machine.
 
-    python benchmarks/tool_calls.py [--requests 240] [--seed 0] [--parts scores,timing] [--model DIR]
+    python benchmarks/tool_calls.py [--requests 240] [--seed 0] [--parts scores,timing] [--groups 12] [--model DIR]
 """
 
 from __future__ import annotations
@@ -374,12 +374,16 @@ def demo_requests(n: int) -> list[dict]:
              "first_index": 0} for i in range(n)]
 
 
-def timing(model: k2jax.Model, requests: list[dict], groups: int = 5) -> None:
+def timing(model: k2jax.Model, requests: list[dict], groups: int = 12) -> None:
     """Decode tokens/s with enforcement off and on at batch 1 and 8, on held-out tools and on the demo tools: each
     group of prompts runs off, then on (no prefix cache, so neither run finds the other's pages); medians over
     `groups` groups. Then the mask machinery at K2's vocabulary."""
     loads = {"held-out": [r for r in requests if r["expected"] and r["choice"] == "auto"],
              "demo": demo_requests(8 * (groups + 1))}
+    if len(loads["held-out"]) < 8 * (groups + 1):
+        raise SystemExit(f"--groups {groups} wants {8 * (groups + 1)} held-out tool requests with tool_choice auto at "
+                         f"batch 8; --requests {len(requests)} makes {len(loads['held-out'])}: give fewer groups or "
+                         "more requests")
     print("\n| tools | batch | decode tokens off / on | engine steps off / on | decode tokens/s off | on | "
           "on / off (median of groups) | grammar host ms per step, on |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -418,6 +422,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="K2 checkpoint dir (default: the bundled model)")
     ap.add_argument("--parts", default="scores", help="comma-separated: scores (the verifier), timing (decode "
                     "tokens/s and the mask machinery; needs a quiet machine)")
+    ap.add_argument("--groups", type=int, default=12, help="timing: groups of requests per load and batch, each run "
+                    "off then on (the ratio is their median)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if not parts <= {"scores", "timing"}:
@@ -437,7 +443,7 @@ def main() -> None:
         print()
         print_scores(scores)
     if "timing" in parts:
-        timing(model, requests)
+        timing(model, requests, args.groups)
 
 
 if __name__ == "__main__":
