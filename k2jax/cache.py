@@ -112,14 +112,19 @@ def pool_shapes(cfg: K2Config, layout: PoolLayout) -> dict[str, tuple[int, ...]]
 def init_pool(cfg: K2Config, layout: PoolLayout, dtype: Any = jnp.bfloat16, mesh: Mesh | None = None
               ) -> dict[str, Array]:
     """A zeroed page pool, created in place on the mesh (each device allocates only its own pages)."""
-    shapes = pool_shapes(cfg, layout)
-
-    def zeros() -> dict[str, Array]:
-        return {name: jnp.zeros(shape, dtype) for name, shape in shapes.items()}
-
+    shapes = tuple(pool_shapes(cfg, layout).items())
     if mesh is None:
-        return zeros()
-    return jax.jit(zeros, out_shardings={name: pool_sharding(layout, mesh) for name in shapes})()
+        return {name: jnp.zeros(shape, dtype) for name, shape in shapes}
+    return zeros_program(shapes, dtype, pool_sharding(layout, mesh))()
+
+
+@functools.lru_cache(maxsize=16)
+def zeros_program(shapes: tuple[tuple[str, tuple[int, ...]], ...], dtype: Any, sharding: NamedSharding
+                  ) -> Callable[[], dict[str, Array]]:
+    """The jitted zeroed pool of these shapes on `sharding`, kept per pool shape: a new pool of a known shape (each
+    Model.generate call makes one) is neither traced nor compiled again."""
+    return jax.jit(lambda: {name: jnp.zeros(shape, dtype) for name, shape in shapes},
+                   out_shardings={name: sharding for name, _ in shapes})
 
 
 @jax.tree_util.register_dataclass
