@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ if TEST_CACHE_PREFIX not in os.environ.get("K2JAX_COMPILATION_CACHE", ""):
 # (k2jax.gpu_targets.plugin_env), so the PTX and SASS the GPU tests read are the real ones.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
+import jax  # noqa: E402 - after the variables above
 import k2jax  # noqa: E402,F401 - after the variables above; quiets libtpu on a host without TPU
 
 TINY_HF = dict(
@@ -109,3 +111,26 @@ def user_env() -> dict[str, str]:
     """A user's shell environment for a CLI run: without what this session sets for JAX, libtpu and the cache."""
     session = ("JAX_PLATFORMS", "TPU_HOST_BOUNDS", "TPU_WORKER_HOSTNAMES", "K2JAX_COMPILATION_CACHE")
     return {k: v for k, v in os.environ.items() if k not in session}
+
+
+@contextlib.contextmanager
+def recorded_compiles() -> Iterator[list[str]]:
+    """The jax compile events (event and function name) of the code inside: empty when it traced, lowered and
+    compiled nothing."""
+    events: list[str] = []
+
+    def on_event(event: str, _seconds: float, **kw) -> None:
+        if event.startswith("/jax/core/compile/"):
+            events.append(f"{event} {kw.get('fun_name')}")
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+
+
+@pytest.fixture
+def compiles() -> Callable[[], contextlib.AbstractContextManager[list[str]]]:
+    """recorded_compiles, for a test to wrap what must compile nothing."""
+    return recorded_compiles

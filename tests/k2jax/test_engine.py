@@ -136,21 +136,12 @@ def test_calls_of_one_size_bucket_share_their_page_pool(model, rng, monkeypatch)
     assert pools[0] == pools[1] != pools[2]
 
 
-def test_a_repeated_call_traces_nothing(model, rng):
+def test_a_repeated_call_traces_nothing(model, rng, compiles):
     """A second generate() of the same batch and size bucket traces and compiles no program, its new page pool's
     included: every jit it calls is one it has seen."""
     model.generate(prompts_of(rng, (5, 7)), max_new_tokens=12)  # compiles
-    events: list[str] = []
-
-    def on_event(event: str, _seconds: float, **kw) -> None:
-        if event.startswith("/jax/core/compile/"):
-            events.append(f"{event} {kw.get('fun_name')}")
-
-    jax.monitoring.register_event_duration_secs_listener(on_event)
-    try:
+    with compiles() as events:
         model.generate(prompts_of(rng, (6, 4)), max_new_tokens=12)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_event)
     assert events == []
 
 

@@ -7,7 +7,6 @@ import json
 import threading
 import time
 
-import jax
 import jsonschema
 import numpy as np
 import pytest
@@ -378,22 +377,13 @@ def test_a_request_the_pool_can_never_hold_is_refused_naming_both(model):
     assert Scheduler(model, n_slots=2, num_pages=4, warmup=False).max_context == 4 * 32 - sched.decode_steps
 
 
-def test_serving_a_mixed_load_compiles_nothing(model, scheduler, rng):
+def test_serving_a_mixed_load_compiles_nothing(model, scheduler, rng, compiles):
     assert scheduler.ready.wait(WARMUP_S) and scheduler.programs > 0
-    events: list[str] = []
-
-    def on_event(event: str, _seconds: float, **kw) -> None:
-        if event.startswith("/jax/core/compile/"):
-            events.append(f"{event} {kw.get('fun_name')}")
-
-    jax.monitoring.register_event_duration_secs_listener(on_event)
-    try:
+    with compiles() as events:
         lengths = [1, 2, 15, 16, 17, 33, 64, 100, 119]
         jobs = [(rng.integers(3, 250, n).tolist(), int(rng.integers(1, 121 - n))) for n in lengths]
         run_all(scheduler, jobs, params=SamplingParams(temperature=0.9, top_k=5, seed=1))
         run_all(scheduler, jobs[:3], force_before_stop=(7, 8), stop_ids=frozenset(range(3, 250)))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_event)
     assert events == []
 
 

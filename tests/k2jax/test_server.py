@@ -21,7 +21,6 @@ from pathlib import Path
 
 import httpx
 import jsonschema
-import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -174,14 +173,9 @@ def test_a_repeated_prefix_is_cached_and_changes_no_output(model, server, client
         assert out.choices[0].message == uncached.choices[0].message
 
 
-def test_a_mixed_load_compiles_nothing_and_shows_in_metrics(server, client):
+def test_a_mixed_load_compiles_nothing_and_shows_in_metrics(server, client, compiles):
     http, service = server
     assert service.scheduler.ready.wait(WARMUP_S) and service.scheduler.programs > 0
-    events: list[str] = []
-
-    def on_event(event: str, _seconds: float, **kw) -> None:
-        if event.startswith("/jax/core/compile/"):
-            events.append(f"{event} {kw.get('fun_name')}")
 
     def one(i: int) -> None:
         words = " ".join(["add"] * (1 + 37 * i % 70))
@@ -192,12 +186,8 @@ def test_a_mixed_load_compiles_nothing_and_shows_in_metrics(server, client):
             client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": words}], max_tokens=5,
                                            temperature=0, top_p=0.9)
 
-    jax.monitoring.register_event_duration_secs_listener(on_event)
-    try:
-        with ThreadPoolExecutor(6) as pool:
-            list(pool.map(one, range(12)))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_event)
+    with compiles() as events, ThreadPoolExecutor(6) as pool:
+        list(pool.map(one, range(12)))
     assert events == []
     no_leaks(service)
     metrics = {s.name: s.value for family in text_string_to_metric_families(
