@@ -58,13 +58,23 @@ def binary(name: str) -> Path:
     build = CACHE / "build"
     if not all((build / "bin" / t).exists() for t in TARGETS):
         src = source()
+        log = CACHE / "build.log"
         print(f"building llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON}) into {build}: one time, about 5 minutes "
-              "on 2 cores", file=sys.stderr, flush=True)
-        subprocess.run(["cmake", "-S", src, "-B", build, "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release"],
-                       check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", build, "--target", *TARGETS, f"-j{os.cpu_count() or 2}"],
-                       check=True, stdout=subprocess.DEVNULL)
+              f"on 2 cores; compiler output in {log}", file=sys.stderr, flush=True)
+        log.write_text("")
+        logged(["cmake", "-S", str(src), "-B", str(build), "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release"], log)
+        logged(["cmake", "--build", str(build), "--target", *TARGETS, f"-j{os.cpu_count() or 2}"], log)
     return build / "bin" / name
+
+
+def logged(cmd: list[str], log: Path) -> None:
+    """Run a build command with its output appended to `log` (GCC's warnings on llama.cpp run to thousands of
+    lines); RuntimeError naming the command and the log's last lines if it fails."""
+    with log.open("a") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {code}); the end of {log}:\n{tail}")
 
 
 def byte_tokenizer():

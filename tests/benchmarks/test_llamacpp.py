@@ -54,3 +54,16 @@ def test_f32_dir_serves_with_the_same_tokenizer(bundled_and_f32):
     assert reloaded.tokenizer is not None
     assert reloaded.tokenizer.tokens == model.tokenizer.tokens
     assert reloaded.tokenizer.bos_id == model.tokenizer.bos_id and reloaded.tokenizer.eos_id == model.tokenizer.eos_id
+
+
+def test_a_build_step_writes_its_output_to_the_log_and_fails_naming_it(tmp_path, capfd):
+    """GCC's thousands of warning lines go to the build log, not the terminal; a failing step raises with its
+    command and the log's last lines."""
+    log = tmp_path / "build.log"
+    llamacpp.logged([sys.executable, "-c", "import sys; print('compiled'); print('warning: x', file=sys.stderr)"],
+                    log)
+    assert capfd.readouterr() == ("", "")
+    assert sorted(log.read_text().splitlines()) == ["compiled", "warning: x"]
+    with pytest.raises(RuntimeError, match=r"(?s)exit 3.*build\.log.*error: no such file"):
+        llamacpp.logged([sys.executable, "-c", "import sys; print('error: no such file'); sys.exit(3)"], log)
+    assert "compiled" in log.read_text()  # appended, not overwritten
