@@ -30,7 +30,7 @@ PARTS = {"cpu_grouped_matmul.cc": (("-DK2JAX_MATMUL_PART=1",), ("-DK2JAX_MATMUL_
 TARGETS = {"dense": "K2jaxGroupedMatmulDense", "int4": "K2jaxGroupedMatmulInt4", "ragged_mla": "K2jaxRaggedMla"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-fno-math-errno")  # per source; then linked -shared
 # What the XLA paths cost (benchmarks/decode.py, "small" config, batch 1 / 8 / 32; see benchmarks/RESULTS.md).
-XLA_PATH_COST = ("decode runs about 1.2-2.3x slower with float32 weights and 5-14x slower with a bf16 + INT4 "
+XLA_PATH_COST = ("decode runs about 1.2-3.4x slower with float32 weights and 5-17x slower with a bf16 + INT4 "
                  "checkpoint, because XLA:CPU copies every layer's and expert's weights out of their stacks, and "
                  "widens bf16 and INT4 weights to float32 whole, before each matmul; and attention gathers every "
                  "row's pages over the whole page-table width, not just the positions the row holds")
