@@ -249,7 +249,8 @@ class PlanState:
     """A state of a row's automaton for one decode call (k2jax.sampling.StepMasks, built by RowConstraint.plan): the
     tokens from the call's start to where it samples (its chain last), its chain, the grammar's state there (Next),
     how StepMasks writes that mask (mask_delta), whether the mask holds after a draw that is no edge, and its edges
-    (token -> state)."""
+    (token -> state); `drafts` when its mask allows every token and its first draw is a draft too (accept checks it
+    where it falls)."""
 
     path: tuple[int, ...]
     chain: tuple[int, ...]
@@ -257,6 +258,7 @@ class PlanState:
     lists: tuple[bool, list[int], list[int]]
     hold: bool
     edges: dict[int, int] = dataclasses.field(default_factory=dict)
+    drafts: bool = False
 
 
 class RowConstraint:
@@ -280,6 +282,7 @@ class RowConstraint:
         self.phase = "start"  # -> "reasoning" (after <think>) -> "answer"
         self.reasoning_tokens = 0
         self.steady = False
+        self.refused = False  # whether the last run accepted was cut at a draw the grammar refused
         self._mask: Next | None = None
         self._below: dict[tuple[int, int, bool], tuple[np.ndarray, list[PlanState]]] = {}  # plan's, by marker
 
@@ -314,7 +317,17 @@ class RowConstraint:
         depend on the text before it. Looking past
         `</think>` walks the whole vocabulary for the answer's first mask (about 3 ms at K2's 163,840 tokens, where a
         mask in running text takes microseconds), and past the tool-calls section's opener every declared tool's
-        name."""
+        name.
+
+        An exact row inside its reasoning block (under a grammar, with no budget to enforce) drafts from its first
+        step instead, with no mask computed: there the grammar allows any text that does not spell `</think>` and
+        forces none, so a mask would cost more than the rare draft the grammar refuses. Every draft is checked where
+        it falls (accept), so the tokens are those of masked sampling; after a run cut at a refused draw the next
+        call samples under the mask again, or the row would draw the same refused token (its key is the position's)
+        for ever."""
+        if exact and self.matcher is not None and self.budget is None and self.phase == "reasoning" and (
+                not self.refused):
+            return [PlanState((), (), (self.vocab.all_allowed(), ()), (True, [], []), False, drafts=True)]
         chain, after = self._look((), steps)
         states = [PlanState(tuple(chain), tuple(chain), after, (True, [], []), not exact)]
         root, root_few = after[0], allowed_tokens(after[0], EDGES)
@@ -369,23 +382,26 @@ class RowConstraint:
         """Advance over a decode call's draws as the device made them under the automaton `states` (plan; without,
         the one state whose chain is the first `forced` tokens, held unless `drafted`); returns how many were taken.
         Chain tokens, and draws at a state reached by chains and edges, were made under the grammar's own mask and
-        stand. After a draw that is no edge the row's later draws were made under that state's mask (held) or from
-        every token; the run ends before the first that does not stand where it falls: one the grammar does not allow
-        there, or, unless the row's sampling makes draws `exact` (see k2jax.sampling.drafts_exact), one made after
-        the mask changed. An exact draw that the mask where it falls allows stands when that mask allows no token the
-        draw's did not: it is the draw under that mask. What follows a void draw is void too: it was drawn after it."""
+        stand (but at a state that `drafts`, whose first draw is a draft as the later ones are). After a draw that is
+        no edge the row's later draws were made under that state's mask (held) or from every token; the run ends
+        before the first that does not stand where it falls: one the grammar does not allow there, or, unless the
+        row's sampling makes draws `exact` (see k2jax.sampling.drafts_exact), one made after the mask changed. An
+        exact draw that the mask where it falls allows stands when that mask allows no token the draw's did not: it
+        is the draw under that mask. What follows a void draw is void too: it was drawn after it."""
         if states is None:
             chain = tuple(int(t) for t in tokens[:forced])
             states = [PlanState(chain, chain, None, (True, [], []), not drafted)]
         state, at, on, used, free = states[0], 0, True, None, False
         for i, token in enumerate(int(t) for t in tokens):
+            if on and state.drafts:  # drawn from every token: a draft from the first
+                on, free = False, True
             if on and at < len(state.chain):
                 self._consume(token)
                 at += 1
             elif on:
                 used = self.mask()
                 if not allows(used, token):  # only a device that broke its automaton samples this
-                    self.steady = False
+                    self.steady, self.refused = False, True
                     return i
                 self._consume(token)
                 if token in state.edges:
@@ -395,11 +411,12 @@ class RowConstraint:
             elif self._stands(token, used, exact, free):
                 self._consume(token)
             else:
-                self.steady = False
+                self.steady, self.refused = False, True
                 return i
             if on and at == len(state.chain) and state.after is not None:
                 self._mask = state.after  # the plan's mask here
         self.steady = used is not None and np.array_equal(self.mask(), used)
+        self.refused = False
         return len(tokens)
 
     def _choices(self, mask: np.ndarray, few: list[int] | None, root: bool) -> list[int]:

@@ -354,8 +354,9 @@ THINK = f"{chat.THINK_BEGIN}I will call a tool{chat.THINK_END}"
 def test_a_decode_row_walks_its_automaton_under_the_grammars_own_masks(rng, text):
     """engine.DecodeRows over a constrained row's plan (k2jax.grammar.RowConstraint.plan) beside a free row, taking
     random tokens its masks allow (the first edge it meets, then mostly edges): while the row follows chains and edges, its forced token is the one
-    the grammar allows alone and its mask is the grammar's own mask there; once off them, it holds the last state's
-    mask or allows every token, as that state says; the free row allows every token throughout."""
+    the grammar allows alone and its mask is the grammar's own mask there (every token at a state that drafts); once
+    off them, it holds the last state's mask or allows every token, as that state says; the free row allows every
+    token throughout."""
     tok = Tokenizer.from_dir(Path(k2jax.__file__).parent / "bundled")
     vocab = vocabulary(tok, tok.vocab_size)
     row, truth = (RowConstraint(vocab, tool_calls_grammar([MULTIPLY, MEASURE])) for _ in range(2))
@@ -376,8 +377,11 @@ def test_a_decode_row_walks_its_automaton_under_the_grammars_own_masks(rng, text
         if on:
             alone = truth.forced(1)[0]
             assert forced[1] == (alone[0] if alone else -1)
-            assert forced[1] >= 0 or np.array_equal(mask[1], truth.mask())
             state = int(walk.state_D[1])
+            if states[state].drafts:  # an exact row inside its reasoning: every token, each draw checked on the host
+                assert (mask[1] == -1).all() and forced[1] == -1
+            else:
+                assert forced[1] >= 0 or np.array_equal(mask[1], truth.mask())
         else:
             assert np.array_equal(mask[1], held) if states[state].hold else (mask[1] == -1).all()
         edges = [t for t in masks.edges[1, max(int(walk.state_D[1]), 0)] if t >= 0 and on]

@@ -381,13 +381,13 @@ MEASURE = {"type": "function", "function": {"name": "measure", "parameters": {
     "additionalProperties": False}}}
 
 
-@pytest.mark.parametrize("text", [
-    f"{chat.THINK_BEGIN}I will",  # </think>
-    f"{THINK}Sure.",  # a section opener, then the tools' names
-    f"{THINK}{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions",  # the tools' names, then their first keys
-    f"{THINK}{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions.measure:0{chat.ARGUMENT_BEGIN}" + "{",  # keys
+@pytest.mark.parametrize("text, exact", [
+    (f"{chat.THINK_BEGIN}I will", False),  # </think> (an exact row drafts there: the test below)
+    (f"{THINK}Sure.", True),  # a section opener, then the tools' names
+    (f"{THINK}{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions", True),  # the tools' names, then their first keys
+    (f"{THINK}{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions.measure:0{chat.ARGUMENT_BEGIN}" + "{", True),  # keys
 ])
-def test_a_plans_states_hold_what_the_grammar_finds_after_their_paths(vocab, tok, text):
+def test_a_plans_states_hold_what_the_grammar_finds_after_their_paths(vocab, tok, text, exact):
     """RowConstraint.plan: each state's chain is what the grammar forces after the edge that leads to it, and its mask
     the one a constraint that took the state's path finds (sibling states, looked at one after another, do not see
     each other's: llguidance's rollback after a mask leaves a stale one for the next path); edges are tokens the
@@ -395,7 +395,7 @@ def test_a_plans_states_hold_what_the_grammar_finds_after_their_paths(vocab, tok
     rules = tool_calls_grammar(TOOLS + [MEASURE])
     row = constraint_after(vocab, tok, rules, text)
     before = row.mask().copy()
-    states = row.plan(8, exact=True)
+    states = row.plan(8, exact=exact)
     assert len(states) >= 2 and np.array_equal(row.mask(), before)
     for state in states:
         walked = constraint_after(vocab, tok, rules, text)
@@ -410,11 +410,62 @@ def test_a_plans_states_hold_what_the_grammar_finds_after_their_paths(vocab, tok
         assert all(states[to].path[:len(state.path) + 1] == state.path + (t,) for t, to in state.edges.items())
 
 
+class CountingMatcher:
+    """An LLMatcher that counts the masks computed through it."""
+
+    def __init__(self, matcher):
+        self.matcher, self.masks = matcher, 0
+
+    def __getattr__(self, name):
+        return getattr(self.matcher, name)
+
+    def unsafe_compute_mask_ptr(self, *args):
+        self.masks += 1
+        return self.matcher.unsafe_compute_mask_ptr(*args)
+
+
+def test_an_exact_row_drafts_inside_its_reasoning_with_no_mask_and_every_draft_checked(vocab, tok):
+    """Inside `<think>` an exact row's plan is one state that allows every token (no mask computed for it), and
+    accept checks each draw where it falls: text and `</think>` and what follows stand where the grammar takes them,
+    and the run is cut at a section opener inside the reasoning, which the grammar refuses; the next call then
+    samples under the mask. A row whose sampling is not exact, or whose reasoning has a budget, keeps the masked
+    plan."""
+    rules = tool_calls_grammar(TOOLS)
+    row = constraint_after(vocab, tok, rules, f"{chat.THINK_BEGIN}I will")
+    row.matcher = counting = CountingMatcher(row.matcher)
+    states = row.plan(8, exact=True)
+    assert len(states) == 1 and states[0].drafts and not states[0].chain and not states[0].edges
+    assert (states[0].after[0] == -1).all() and counting.masks == 0
+    text = tok.encode(f" call it.{chat.THINK_END}{chat.SECTION_BEGIN}")
+    assert row.accept(text, exact=True, states=states) == len(text)
+    assert counting.masks == 0  # checked by the grammar's walk of each token, not by masks
+    walked = constraint_after(vocab, tok, rules, f"{chat.THINK_BEGIN}I will call it.{chat.THINK_END}"
+                                                 f"{chat.SECTION_BEGIN}")
+    assert np.array_equal(row.mask(), walked.mask()) and row.phase == "answer"
+
+    row = constraint_after(vocab, tok, rules, f"{chat.THINK_BEGIN}I will")
+    draws = tok.encode(f" go{chat.SECTION_BEGIN} on")
+    opener = draws.index(tok.token_id(chat.SECTION_BEGIN))
+    assert row.accept(draws, exact=True, states=row.plan(8, exact=True)) == opener
+    assert row.phase == "reasoning" and not allows(row.mask(), tok.token_id(chat.SECTION_BEGIN))
+    # the draw at the refused position is made under the mask next call (a draft would be the same refused token)
+    masked = row.plan(8, exact=True)
+    assert not masked[0].drafts and np.array_equal(masked[0].after[0], row.mask())
+    assert row.accept(tok.encode(" on"), exact=True, states=masked) == 1 and row.plan(8, exact=True)[0].drafts
+
+    assert not constraint_after(vocab, tok, rules, f"{chat.THINK_BEGIN}I will").plan(8, exact=False)[0].drafts
+    budgeted = RowConstraint(vocab, rules, reasoning_budget=64)
+    for token in tok.encode(f"{chat.THINK_BEGIN}I will"):
+        budgeted.accept([token])
+    assert not budgeted.plan(8, exact=True)[0].drafts
+
+
 def assert_same_plan(got: list, want: list) -> None:
     """Two automata (RowConstraint.plan) are the same: paths, chains, masks, how they are written, holds, edges."""
     assert len(got) == len(want)
     for a, b in zip(got, want):
-        assert (a.path, a.chain, a.lists, a.hold, a.edges) == (b.path, b.chain, b.lists, b.hold, b.edges)
+        assert (a.path, a.chain, a.lists, a.hold, a.edges, a.drafts) == (b.path, b.chain, b.lists, b.hold, b.edges,
+                                                                          b.drafts)
         assert np.array_equal(a.after[0], b.after[0]) and a.after[1] == b.after[1]
 
 
@@ -428,12 +479,13 @@ MEASURED = section(call("measure", 0, '{"unit": "cm", "x": 2}'))
 def test_what_follows_a_marker_in_running_text_is_planned_once_per_row(vocab, tok, choice, answer, exact):
     """RowConstraint.plan along a turn, one row planning at every token: its automata equal those of rows that took
     the same tokens and never planned, while in running text it looks only at its own next mask (the states past
-    `</think>` and past the section's opener are the ones it planned before)."""
+    `</think>` and past the section's opener are the ones it planned before); an exact row under a grammar drafts
+    inside its reasoning, looking at nothing."""
     rules = (json_grammar(MEASURE["function"]["parameters"]) if choice == "json" else None if choice == "budget"
              else tool_calls_grammar(TOOLS + [MEASURE], choice))
     budget = 100 if choice == "budget" else None  # a reasoning budget alone: no grammar
     text = f"{chat.THINK_BEGIN}I will call it (not a </think tag).{chat.THINK_END}{answer}"
-    row, tokens, looks, markers = RowConstraint(vocab, rules, budget), tok.encode(text), [], 0
+    row, tokens, looks, markers, drafts = RowConstraint(vocab, rules, budget), tok.encode(text), [], 0, 0
     look = row._look
     row._look = lambda path, limit: looks.append(path) or look(path, limit)
     for i, token in enumerate(tokens):
@@ -443,12 +495,15 @@ def test_what_follows_a_marker_in_running_text_is_planned_once_per_row(vocab, to
         for taken in tokens[:i]:
             fresh.accept([taken])
         assert_same_plan(states, fresh.plan(8, exact))
+        if states[0].drafts:
+            assert exact and rules is not None and row.phase == "reasoning" and looks == []
+            drafts += 1
         running = allowed_tokens(states[0].after[0], EDGES) is None and not states[0].chain and states[0].edges
         if running and i > 0 and tokens[i - 1] != tok.token_id(chat.THINK_BEGIN):
             assert looks == [()], tok.decode(tokens[:i])
             markers += 1
         row.accept([token])
-    assert markers > 5
+    assert markers > 5 or drafts > 5
 
 
 @pytest.mark.parametrize("text", [
