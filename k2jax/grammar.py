@@ -281,10 +281,16 @@ class RowConstraint:
         self.matcher = vocab.matcher(grammar) if grammar is not None else None
         self.phase = "start"  # -> "reasoning" (after <think>) -> "answer"
         self.reasoning_tokens = 0
-        self.steady = False
+        self._used: np.ndarray | None = None  # the mask the last accepted run was sampled under (steady)
         self.refused = False  # whether the last run accepted was cut at a draw the grammar refused
         self._mask: Next | None = None
         self._below: dict[tuple[int, int, bool], tuple[np.ndarray, list[PlanState]]] = {}  # plan's, by marker
+
+    @property
+    def steady(self) -> bool:
+        """Whether the last token left the mask unchanged (the last run ended where its draws' mask still holds);
+        computed when asked, as only a held row's plan asks: an exact row would pay a mask it never uses."""
+        return self._used is not None and np.array_equal(self.mask(), self._used)
 
     def mask(self) -> np.ndarray:
         """The tokens allowed next, [words] int32."""
@@ -319,13 +325,14 @@ class RowConstraint:
         mask in running text takes microseconds), and past the tool-calls section's opener every declared tool's
         name.
 
-        An exact row inside its reasoning block (under a grammar, with no budget to enforce) drafts from its first
-        step instead, with no mask computed: there the grammar allows any text that does not spell `</think>` and
-        forces none, so a mask would cost more than the rare draft the grammar refuses. Every draft is checked where
+        An exact row at its turn's start or inside its reasoning block (under a grammar, with no budget to enforce)
+        drafts from its first step instead, with no mask computed: there the grammar allows `<think>` among other
+        openings, then any text that does not spell `</think>`, and forces none, so a mask would cost more than the
+        rare draft the grammar refuses. Every draft is checked where
         it falls (accept), so the tokens are those of masked sampling; after a run cut at a refused draw the next
         call samples under the mask again, or the row would draw the same refused token (its key is the position's)
         for ever."""
-        if exact and self.matcher is not None and self.budget is None and self.phase == "reasoning" and (
+        if exact and self.matcher is not None and self.budget is None and self.phase != "answer" and (
                 not self.refused):
             return [PlanState((), (), (self.vocab.all_allowed(), ()), (True, [], []), False, drafts=True)]
         chain, after = self._look((), steps)
@@ -391,17 +398,18 @@ class RowConstraint:
         if states is None:
             chain = tuple(int(t) for t in tokens[:forced])
             states = [PlanState(chain, chain, None, (True, [], []), not drafted)]
-        state, at, on, used, free = states[0], 0, True, None, False
-        for i, token in enumerate(int(t) for t in tokens):
-            if on and state.drafts:  # drawn from every token: a draft from the first
-                on, free = False, True
+        tokens = [int(t) for t in tokens]
+        state, at, used = states[0], 0, None
+        on, free = not state.drafts, state.drafts  # a drafting state's draws are drafts from the first
+        start = self._take_reasoning(tokens) if state.drafts and exact else 0
+        for i, token in enumerate(tokens[start:], start):
             if on and at < len(state.chain):
                 self._consume(token)
                 at += 1
             elif on:
                 used = self.mask()
                 if not allows(used, token):  # only a device that broke its automaton samples this
-                    self.steady, self.refused = False, True
+                    self._used, self.refused = None, True
                     return i
                 self._consume(token)
                 if token in state.edges:
@@ -411,13 +419,25 @@ class RowConstraint:
             elif self._stands(token, used, exact, free):
                 self._consume(token)
             else:
-                self.steady, self.refused = False, True
+                self._used, self.refused = None, True
                 return i
             if on and at == len(state.chain) and state.after is not None:
                 self._mask = state.after  # the plan's mask here
-        self.steady = used is not None and np.array_equal(self.mask(), used)
-        self.refused = False
+        self._used, self.refused = used, False
         return len(tokens)
+
+    def _take_reasoning(self, tokens: list[int]) -> int:
+        """Take a drafting row's leading drafts that stand inside its reasoning, up to `</think>`, in one walk of the
+        grammar; returns how many. There the grammar forces no text, so a draft stands where the walk takes it (as
+        _allows says); the first it refuses is left to accept's own check."""
+        if self.phase != "reasoning" or self.matcher is None or self.budget is not None:
+            return 0
+        end = tokens.index(self.vocab.think_end) if self.vocab.think_end in tokens else len(tokens)
+        taken = self.matcher.try_consume_tokens(tokens[:end]) if end else 0
+        if taken:
+            self.reasoning_tokens += taken
+            self._mask = None
+        return taken
 
     def _choices(self, mask: np.ndarray, few: list[int] | None, root: bool) -> list[int]:
         """The tokens by which a plan's state leads to others: all it allows if at most EDGES (`few`, from

@@ -7,6 +7,7 @@ state before it and the stop token is allowed at the end.
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -278,6 +279,17 @@ def test_a_run_is_cut_where_the_mask_changed(vocab, tok):
     assert 1 <= taken < len(rest) and not row.steady
 
 
+def test_an_exact_run_computes_no_mask_to_say_whether_it_is_steady(vocab, tok):
+    """Only a held row's plan reads `steady`: accepting an exact row's run in running text computes no mask for it,
+    and asking computes the one mask that tells."""
+    row = constraint_after(vocab, tok, tool_calls_grammar(TOOLS), f"{chat.THINK_BEGIN}I will{chat.THINK_END}Sure")
+    states = row.plan(8, exact=True)
+    row.matcher = counting = CountingMatcher(row.matcher)
+    run = tok.encode(", I can do that")
+    assert row.accept(run, exact=True, states=states) == len(run) and counting.masks == 0
+    assert row.steady and counting.masks == 1
+
+
 def longest_allowed(vocab, rules: str, tokens: list[int]) -> int:
     """How many of `tokens` the grammar allows in a row, checked one token at a time."""
     row = RowConstraint(vocab, rules)
@@ -411,34 +423,43 @@ def test_a_plans_states_hold_what_the_grammar_finds_after_their_paths(vocab, tok
 
 
 class CountingMatcher:
-    """An LLMatcher that counts the masks computed through it."""
+    """An LLMatcher that counts the calls made through it, by method (`masks`: the masks computed)."""
 
     def __init__(self, matcher):
-        self.matcher, self.masks = matcher, 0
+        self.matcher, self.calls = matcher, collections.Counter()
 
     def __getattr__(self, name):
-        return getattr(self.matcher, name)
+        method = getattr(self.matcher, name)
 
-    def unsafe_compute_mask_ptr(self, *args):
-        self.masks += 1
-        return self.matcher.unsafe_compute_mask_ptr(*args)
+        def counted(*args):
+            self.calls[name] += 1
+            return method(*args)
+        return counted
+
+    @property
+    def masks(self) -> int:
+        return self.calls["unsafe_compute_mask_ptr"]
 
 
-def test_an_exact_row_drafts_inside_its_reasoning_with_no_mask_and_every_draft_checked(vocab, tok):
-    """Inside `<think>` an exact row's plan is one state that allows every token (no mask computed for it), and
-    accept checks each draw where it falls: text and `</think>` and what follows stand where the grammar takes them,
-    and the run is cut at a section opener inside the reasoning, which the grammar refuses; the next call then
-    samples under the mask. A row whose sampling is not exact, or whose reasoning has a budget, keeps the masked
-    plan."""
+def test_an_exact_row_drafts_at_its_start_and_inside_its_reasoning_with_no_mask_and_every_draft_checked(vocab, tok):
+    """At the turn's start and inside `<think>` an exact row's plan is one state that allows every token (no mask
+    computed for it), and accept checks each draw where it falls: the reasoning's text in one walk of the grammar,
+    then `</think>` and what follows where the grammar takes them; the run is cut at a section opener inside the
+    reasoning, or at an opening the tool choice refuses, which the grammar refuses; the next call then samples under
+    the mask. A row whose sampling is not exact, or whose reasoning has a budget, keeps the masked plan."""
     rules = tool_calls_grammar(TOOLS)
-    row = constraint_after(vocab, tok, rules, f"{chat.THINK_BEGIN}I will")
+    row = RowConstraint(vocab, rules)
     row.matcher = counting = CountingMatcher(row.matcher)
+    opening = tok.encode(f"{chat.THINK_BEGIN}I will")
+    assert row.accept(opening, exact=True, states=row.plan(8, exact=True)) == len(opening) and counting.masks == 0
     states = row.plan(8, exact=True)
     assert len(states) == 1 and states[0].drafts and not states[0].chain and not states[0].edges
     assert (states[0].after[0] == -1).all() and counting.masks == 0
     text = tok.encode(f" call it.{chat.THINK_END}{chat.SECTION_BEGIN}")
+    counting.calls.clear()
     assert row.accept(text, exact=True, states=states) == len(text)
     assert counting.masks == 0  # checked by the grammar's walk of each token, not by masks
+    assert counting.calls["try_consume_tokens"] == 1 and counting.calls["consume_token"] == 2  # </think>, opener
     walked = constraint_after(vocab, tok, rules, f"{chat.THINK_BEGIN}I will call it.{chat.THINK_END}"
                                                  f"{chat.SECTION_BEGIN}")
     assert np.array_equal(row.mask(), walked.mask()) and row.phase == "answer"
@@ -452,6 +473,11 @@ def test_an_exact_row_drafts_inside_its_reasoning_with_no_mask_and_every_draft_c
     masked = row.plan(8, exact=True)
     assert not masked[0].drafts and np.array_equal(masked[0].after[0], row.mask())
     assert row.accept(tok.encode(" on"), exact=True, states=masked) == 1 and row.plan(8, exact=True)[0].drafts
+
+    required = RowConstraint(vocab, tool_calls_grammar(TOOLS, "required"))
+    assert required.accept(tok.encode("Sure"), exact=True, states=required.plan(8, exact=True)) == 0
+    masked = required.plan(8, exact=True)
+    assert not masked[0].drafts and not allows(masked[0].after[0], tok.encode("Sure")[0])
 
     assert not constraint_after(vocab, tok, rules, f"{chat.THINK_BEGIN}I will").plan(8, exact=False)[0].drafts
     budgeted = RowConstraint(vocab, rules, reasoning_budget=64)
@@ -480,12 +506,13 @@ def test_what_follows_a_marker_in_running_text_is_planned_once_per_row(vocab, to
     """RowConstraint.plan along a turn, one row planning at every token: its automata equal those of rows that took
     the same tokens and never planned, while in running text it looks only at its own next mask (the states past
     `</think>` and past the section's opener are the ones it planned before); an exact row under a grammar drafts
-    inside its reasoning, looking at nothing."""
+    at its start and inside its reasoning, looking at nothing."""
     rules = (json_grammar(MEASURE["function"]["parameters"]) if choice == "json" else None if choice == "budget"
              else tool_calls_grammar(TOOLS + [MEASURE], choice))
     budget = 100 if choice == "budget" else None  # a reasoning budget alone: no grammar
     text = f"{chat.THINK_BEGIN}I will call it (not a </think tag).{chat.THINK_END}{answer}"
     row, tokens, looks, markers, drafts = RowConstraint(vocab, rules, budget), tok.encode(text), [], 0, 0
+    planned = set()  # the markers whose states the row planned
     look = row._look
     row._look = lambda path, limit: looks.append(path) or look(path, limit)
     for i, token in enumerate(tokens):
@@ -496,12 +523,13 @@ def test_what_follows_a_marker_in_running_text_is_planned_once_per_row(vocab, to
             fresh.accept([taken])
         assert_same_plan(states, fresh.plan(8, exact))
         if states[0].drafts:
-            assert exact and rules is not None and row.phase == "reasoning" and looks == []
+            assert exact and rules is not None and row.phase != "answer" and looks == []
             drafts += 1
         running = allowed_tokens(states[0].after[0], EDGES) is None and not states[0].chain and states[0].edges
-        if running and i > 0 and tokens[i - 1] != tok.token_id(chat.THINK_BEGIN):
+        if running and set(states[0].edges) <= planned:
             assert looks == [()], tok.decode(tokens[:i])
             markers += 1
+        planned |= set(states[0].edges) if running else set()
         row.accept([token])
     assert markers > 5 or drafts > 5
 
