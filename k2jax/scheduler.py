@@ -456,11 +456,13 @@ class Scheduler:
             request.prefilled += len(chunk.tokens)
         for slot, r in decoding.items():
             started = time.perf_counter()
-            taken = plan.take(slot, tokens[slot].tolist())
-            fill = plan.fill(slot) if taken < n_steps and not r.logprobs else None
+            draws = tokens[slot].tolist()
+            keepable = self._keepable(r, draws)
+            taken = plan.take(slot, draws[:keepable])
+            fill = plan.fill(slot) if taken < keepable and not r.logprobs else None
             grammar_s += time.perf_counter() - started
             kept = taken + (fill is not None)
-            if kept < n_steps:
+            if kept < keepable:  # cut where the request goes on (a row that ends keeps its slot as it is)
                 self.slots.rewind(slot, int(self.slots.lengths[slot]) - (n_steps - kept))
             chosen, tops = token_logprobs(Logprobs(*(x[slot, :taken] for x in logprobs)), r.params.top_logprobs)
             row_tokens = tokens[slot, :taken].tolist()
@@ -517,6 +519,14 @@ class Scheduler:
     def _completes(request: Request, chunk: engine.Chunk) -> bool:
         """Whether `chunk` writes the last of what `request` must prefill (it then decodes in the same step)."""
         return request.prefilled + len(chunk.tokens) == len(request.context) - 1
+
+    @staticmethod
+    def _keepable(request: Request, draws: list[int]) -> int:
+        """How many of a row's draws its request could keep: through its first stop token and within its token
+        budget (_accept drops the rest), so its grammar never walks what the device drew after them."""
+        room = request.max_tokens - len(request.generated)
+        stop = next((i + 1 for i, token in enumerate(draws[:room]) if token in request.stop_ids), room)
+        return min(stop, len(draws))
 
     @staticmethod
     def _last(request: Request) -> int:

@@ -413,11 +413,42 @@ class RunLog(RowConstraint):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.runs: list[tuple[bool, int, int, int]] = []
+        self.offered: list[list[int]] = []  # the tokens of each run
 
     def accept(self, tokens, exact=False, drafted=False, forced=0, states=None):
         taken = super().accept(tokens, exact, drafted, forced, states)
         self.runs.append((not states[0].hold, len(tokens), taken, len(states[0].chain)))
+        self.offered.append(list(tokens))
         return taken
+
+
+def test_a_rows_grammar_walks_no_draw_past_its_stop_token_or_its_budget():
+    """The device draws every step of a call for every row; a constrained row's grammar is offered only the draws its
+    request can keep: through its first stop token, and within its token budget."""
+    model = k2jax.load()  # the bundled model: it has a tokenizer
+    tok = model.tokenizer
+    tools = [{"type": "function", "function": {"name": "calculate", "parameters": {
+        "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}]
+    vocab, stops = vocabulary(tok, model.config.vocab_size), frozenset(tok.stop_ids)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 37 times 41?"}], tools=tools, tokenize=True)
+    logs = [RunLog(vocab, tool_calls_grammar(tools)) for _ in range(2)]
+    (ends, ends_sink), (cut, cut_sink) = (request(prompt, budget, stop_ids=stops, constraint=log)
+                                          for budget, log in zip((96, 13), logs))
+    sched = Scheduler(model, n_slots=2, max_context=512, warmup=False).start()
+    try:
+        for job in (ends, cut):
+            sched.submit(job)
+        ends_sink.wait(), cut_sink.wait()
+    finally:
+        sched.close()
+    assert ends_sink.finish == "stop" and cut_sink.finish == "length" and len(cut_sink.tokens) == 13
+    offered = [token for run in logs[0].offered for token in run]
+    assert offered[-1] in stops and not stops & set(offered[:-1])
+    assert max(len(run) for run in logs[0].offered) > 1  # runs of several draws, the last one cut at the stop
+    taken = 0
+    for run, (*_, took, _) in zip(logs[1].offered, logs[1].runs):
+        assert taken + len(run) <= 13
+        taken += took
 
 
 def test_rows_beside_a_prompt_chunk_are_planned_for_its_one_step():
