@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from llguidance import LLMatcher
 
 import k2jax
 from k2jax import chat
 from k2jax.grammar import (MAX_CALLS, REASONING_EFFORT, GrammarError, RowConstraint, allowed_tokens, allows,
-                           decode_plan, json_grammar, reasoning_budget, tool_calls_grammar, vocabulary)
+                           decode_plan, json_grammar, reasoning_budget, row_constraints, tool_calls_grammar,
+                           vocabulary)
 from k2jax.sampling import EDGES, SamplingParams
 from k2jax.tokenizer import Tokenizer
 
@@ -266,6 +268,32 @@ def test_reasoning_effort_budgets():
 
 
 # ---------------------------------------------------------------- runs sampled under one mask
+
+
+def test_rows_of_one_grammar_share_its_compile_and_advance_alone(vocab, tok, monkeypatch):
+    """A grammar is compiled once for every row that uses it (n samples; requests declaring the same tools): each row
+    gets its own copy, which advances alone."""
+
+    class Compiles:  # counts the matchers compiled through k2jax.grammar
+        count = 0
+        grammar_from_lark = staticmethod(LLMatcher.grammar_from_lark)
+
+        def __new__(cls, *args, **kw):
+            cls.count += 1
+            return LLMatcher(*args, **kw)
+
+    rules = tool_calls_grammar([{"type": "function", "function": {"name": f"tool_{np.random.randint(1 << 30)}"}}])
+    monkeypatch.setattr(k2jax.grammar, "LLMatcher", Compiles)
+    first, second, third = row_constraints(tok, tok.vocab_size, rules, None, 3)
+    again = row_constraints(tok, tok.vocab_size, rules, None, 1)[0]
+    assert Compiles.count == 1
+    text = f"{chat.THINK_BEGIN}I will call it.{chat.THINK_END}"
+    for token in tok.encode(text):
+        first.accept([token])
+    fresh = RowConstraint(vocab, rules)
+    assert all(np.array_equal(row.mask(), fresh.mask()) for row in (second, third, again))
+    assert np.array_equal(first.mask(), constraint_after(vocab, tok, rules, text).mask())
+    assert not np.array_equal(first.mask(), second.mask())
 
 
 def test_a_run_is_cut_where_the_mask_changed(vocab, tok):
