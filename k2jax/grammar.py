@@ -336,10 +336,9 @@ class RowConstraint:
         An exact row at its turn's start or inside its reasoning block (under a grammar, with no budget to enforce)
         drafts from its first step instead, with no mask computed: there the grammar allows `<think>` among other
         openings, then any text that does not spell `</think>`, and forces none, so a mask would cost more than the
-        rare draft the grammar refuses. Every draft is checked where
-        it falls (accept), so the tokens are those of masked sampling; after a run cut at a refused draw the next
-        call samples under the mask again, or the row would draw the same refused token (its key is the position's)
-        for ever."""
+        rare draft the grammar refuses. Every draft is checked where it falls (accept), so the tokens are those of
+        masked sampling; after a run cut at a refused draw the next call samples under the mask again, or the row
+        would draw the same refused token (its key is the position's) for ever."""
         if exact and self.matcher is not None and self.budget is None and self.phase != "answer" and (
                 not self.refused):
             return [PlanState((), (), (self.vocab.all_allowed(), ()), (True, [], []), False, drafts=True)]
