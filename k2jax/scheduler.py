@@ -13,10 +13,10 @@ token per row; decode-only steps sample decode_steps tokens per row, scanned on 
 (k2jax.grammar: tool calls, JSON, a reasoning budget) samples along its row's token automaton for the step
 (grammar.RowConstraint.plan): the tokens its grammar forces (a call's header, a JSON key), then the grammar's own mask
 at each state it reaches (a tool's name, `</think>`); past those, while its mask changes token by token, its later
-steps draft from every token (inside its reasoning block, from the first step; for top-k, top-p and min-p, which
-drafts would skew, they keep the last mask, and the step stops after the first sampled token only when no other row
-decodes); its run of tokens is checked against the constraint and cut at the first draw that does not stand (the
-slot's cache is rewound to match). Rows without a constraint sample exactly as they would alone. Requests see
+steps draft from every token (at the turn's start and inside its reasoning block, from the first step; for top-k,
+top-p and min-p, which drafts would skew, they keep the last mask, and the step stops after the first sampled token
+only when no other row decodes); its run of tokens, up to its stop token, is checked against the constraint and cut
+at the first draw that does not stand (the slot's cache is rewound to match). Rows without a constraint sample exactly as they would alone. Requests see
 tokens through their `emit` callback, called on the scheduler thread; stop strings and text are the caller's business
 (see k2jax.responses).
 
