@@ -132,6 +132,7 @@ class TrainSettings:
     extend_steps: int = 0
     seed: int = 0
     aligned: float = 0.0
+    windows: int = 0  # which draw of training windows: a later round on the same corpus draws others
 
     @property
     def total_steps(self) -> int:
@@ -175,9 +176,10 @@ def document_starts(stream: np.ndarray, eos_id: int, seq_len: int) -> np.ndarray
 
 
 def batch_at(stream: np.ndarray, step: int, settings: TrainSettings, doc_starts: np.ndarray) -> np.ndarray:
-    """Training windows [B, T+1] for `step`, drawn from (seed, step) so every branch sees the same: the first
-    `aligned` share of rows start at a document's start (whole tool chats), the others at random offsets."""
-    rng = np.random.default_rng((settings.seed, step))
+    """Training windows [B, T+1] for `step`, drawn from (seed, step), or (seed, windows, step) for a later draw, so
+    every branch sees the same: the first `aligned` share of rows start at a document's start (whole tool chats),
+    the others at random offsets."""
+    rng = np.random.default_rng((settings.seed, *([settings.windows] if settings.windows else []), step))
     starts = rng.integers(0, len(stream) - settings.seq_len - 1, settings.batch)
     n_aligned = round(settings.aligned * settings.batch)
     if n_aligned:
@@ -329,7 +331,7 @@ def settings_from(args: argparse.Namespace) -> TrainSettings:
     """TrainSettings from the command line."""
     return TrainSettings(seq_len=args.seq_len, batch=args.batch, peak_lr=args.peak_lr, trunk_steps=args.trunk_steps,
                          branch_steps=args.branch_steps, extend_steps=args.extend_steps, seed=args.seed,
-                         aligned=args.aligned)
+                         aligned=args.aligned, windows=args.windows)
 
 
 def streams(corpus: make_corpus.Corpus, tokenizer: Tokenizer, settings: TrainSettings,
@@ -502,6 +504,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=TrainSettings.batch)
     parser.add_argument("--aligned", type=float, default=TrainSettings.aligned,
                         help="share of each batch's windows that start at a document's start")
+    parser.add_argument("--windows", type=int, default=TrainSettings.windows,
+                        help="which draw of training windows (0: the first; a later round on the same corpus and "
+                             "held-out split draws others)")
     parser.add_argument("--trunk-steps", type=int, default=TrainSettings.trunk_steps)
     parser.add_argument("--branch-steps", type=int, default=TrainSettings.branch_steps)
     parser.add_argument("--extend-steps", type=int, default=TrainSettings.extend_steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -55,3 +56,6 @@ def test_aligned_rows_start_at_documents_and_the_rest_anywhere() -> None:
         firsts |= {tuple(row) for row in windows[4:]}
     starts = {tuple(stream[s:s + 17]) for s in doc_starts}
     assert len(firsts - starts) > 150  # the other rows start anywhere
+    later = dataclasses.replace(settings, windows=1)  # another draw over the same stream
+    assert not np.array_equal(train_bundled.batch_at(stream, 0, later, doc_starts),
+                              train_bundled.batch_at(stream, 0, settings, doc_starts))
