@@ -75,6 +75,10 @@ off its tool list and earlier turns, and there the model can only guess names; 2
         --echoes 1000 --code-chars 6000000 --seq-len 512 --batch 6 --aligned 1.0 --trunk-steps 1000 \
         --branch-steps 40 --peak-lr 3e-4
     python -m tools.train_bundled --work build/bundled/v10 --stage export --extend-steps 150 --seq-len 384
+
+Two later rounds from the shipped model were not shipped (benchmarks/RESULTS.md, "Tool calls"): round 11, 1,200 steps
+at 7e-4 over the same windows again, and round 12, round 10's three commands from `--init k2jax/bundled` with
+`--windows 1` (new windows over the same corpus and held-out split) and `--out build/bundled/v11/model` on the export.
 """
 
 from __future__ import annotations
