@@ -272,7 +272,7 @@ def test_reasoning_effort_budgets():
 
 def test_rows_of_one_grammar_share_its_compile_and_advance_alone(vocab, tok, monkeypatch):
     """A grammar is compiled once for every row that uses it (n samples; requests declaring the same tools): each row
-    gets its own copy, which advances alone."""
+    gets its own copy, which advances alone, and one that fails fails alone."""
 
     class Compiles:  # counts the matchers compiled through k2jax.grammar
         count = 0
@@ -290,8 +290,10 @@ def test_rows_of_one_grammar_share_its_compile_and_advance_alone(vocab, tok, mon
     text = f"{chat.THINK_BEGIN}I will call it.{chat.THINK_END}"
     for token in tok.encode(text):
         first.accept([token])
+    third.matcher.consume_token(tok.token_id(chat.SECTION_END))  # refused at the start: its matcher fails
+    assert third.matcher.is_error()
     fresh = RowConstraint(vocab, rules)
-    assert all(np.array_equal(row.mask(), fresh.mask()) for row in (second, third, again))
+    assert all(np.array_equal(row.mask(), fresh.mask()) for row in (second, again))
     assert np.array_equal(first.mask(), constraint_after(vocab, tok, rules, text).mask())
     assert not np.array_equal(first.mask(), second.mask())
 
