@@ -137,12 +137,16 @@ def test_calls_of_one_size_bucket_share_their_page_pool(model, rng, monkeypatch)
 
 
 def test_a_repeated_call_traces_nothing(model, rng, compiles):
-    """A second generate() of the same batch and size bucket traces and compiles no program, its new page pool's
-    included: every jit it calls is one it has seen."""
+    """A second generate() of the same batch and size bucket, whose rows run to max_new_tokens as the first's, traces
+    and compiles no program, its new page pool's included: every jit it calls is one it has seen. (A row of random
+    weights that draws EOS early leaves steps with fewer rows, a shape of their own: such a call is drawn again.)"""
     model.generate(prompts_of(rng, (5, 7)), max_new_tokens=12)  # compiles
-    with compiles() as events:
-        model.generate(prompts_of(rng, (6, 4)), max_new_tokens=12)
-    assert events == []
+    for _ in range(8):
+        with compiles() as events:
+            out = model.generate(prompts_of(rng, (6, 4)), max_new_tokens=12)
+        if all(len(ids) == 12 for ids in out.ids):
+            break
+    assert all(len(ids) == 12 for ids in out.ids) and events == []
 
 
 def test_limits_are_clear_errors(model):
