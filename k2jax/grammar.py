@@ -436,8 +436,9 @@ class RowConstraint:
     def _take_reasoning(self, tokens: list[int]) -> int:
         """Take a drafting row's leading drafts that stand inside its reasoning, up to `</think>`, in one walk of the
         grammar; returns how many. There the grammar forces no text, so a draft stands where the walk takes it (as
-        _allows says); the first it refuses is left to accept's own check."""
-        if self.phase != "reasoning" or self.matcher is None or self.budget is not None:
+        _allows says); the first it refuses is left to accept's own check. (A drafting state has a grammar and no
+        budget: plan.)"""
+        if self.phase != "reasoning":
             return 0
         end = tokens.index(self.vocab.think_end) if self.vocab.think_end in tokens else len(tokens)
         taken = self.matcher.try_consume_tokens(tokens[:end]) if end else 0

@@ -16,9 +16,9 @@ at each state it reaches (a tool's name, `</think>`); past those, while its mask
 steps draft from every token (at the turn's start and inside its reasoning block, from the first step; for top-k,
 top-p and min-p, which drafts would skew, they keep the last mask, and the step stops after the first sampled token
 only when no other row decodes); its run of tokens, up to its stop token, is checked against the constraint and cut
-at the first draw that does not stand (the slot's cache is rewound to match). Rows without a constraint sample exactly as they would alone. Requests see
-tokens through their `emit` callback, called on the scheduler thread; stop strings and text are the caller's business
-(see k2jax.responses).
+at the first draw that does not stand (the slot's cache is rewound to match). Rows without a constraint sample
+exactly as they would alone. Requests see tokens through their `emit` callback, called on the scheduler thread; stop
+strings and text are the caller's business (see k2jax.responses).
 
 Prefix cache: every full page a request prefills or ends with stays cached (k2jax.prefix_cache); when a request
 starts prefilling, the longest cached page-aligned prefix of its prompt is mapped into its slot and only the rest
