@@ -1,12 +1,14 @@
 """Tool-call verifier, in the manner of Moonshot's K2 vendor verifier: held-out requests with tools the model never saw.
 
-Requests (seeded, `--requests`, default 240) declare 1-3 tools whose names, descriptions, parameter names and counts
+Requests (seeded, `--requests`, default 1000) declare 1-3 tools whose names, descriptions, parameter names and counts
 are drawn at random per request from families the bundled model knows only under other names (arithmetic, capitals,
 unit conversion), and ask single-turn or multi-turn questions with tool_choice auto / required / a named function;
 about one in six needs no tool at all (echo requests). Each runs through the in-process server and the official
-`openai` client at temperature 0, with enforcement on (the default) and off (Service(enforce_tools=False)), and is
-scored for: calls that parse, calls that validate against the declared schema (jsonschema), right tool name, exact
-arguments (every task wants one call; also per single-turn and multi-turn task), finish_reason `tool_calls` exactly
+`openai` client at temperature 0 and max_tokens 96, with enforcement on (the default), off
+(Service(enforce_tools=False)), and on with a thinking budget of half of max_tokens (`max_reasoning_tokens` 48: the
+rest is room for the call), and is scored for: calls that parse, calls that validate against the declared schema
+(jsonschema), right tool name, exact arguments (every task wants one call; also per single-turn and multi-turn task,
+and a 95% interval: at 240 requests it spans about +-5.7 points, at 1000 +-2.7), finish_reason `tool_calls` exactly
 when a call is returned, and calls to tools the request never declared. One diagnostic more: how often the reasoning
 before a call names the right tool (where a model that reads the tool list copies its name).
 
@@ -16,7 +18,7 @@ time on grammar masks per engine step (Scheduler.grammar_seconds: steadier than 
 and the host time of the mask machinery per decode call and per token at K2's vocabulary (163,840 ids: cl100k's ranks
 plus generated merges and Kimi's 256 reserved tokens). It needs a quiet machine.
 
-    python benchmarks/tool_calls.py [--requests 240] [--seed 0] [--parts scores,timing] [--groups 12] [--model DIR]
+    python benchmarks/tool_calls.py [--requests 1000] [--seed 0] [--parts scores,timing] [--groups 12] [--model DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import random
 import statistics
@@ -52,6 +55,8 @@ from k2jax.tokenizer import Tokenizer, kimi_specials
 NAME = "bundled"
 SLOTS = 8
 MAX_TOKENS = 96
+MODES = [("enforcement on", True, None), ("enforcement off", False, None),  # (column, enforce, max_reasoning_tokens)
+         (f"on, max_reasoning_tokens {MAX_TOKENS // 2}", True, MAX_TOKENS // 2)]
 K2_VOCAB = 163_840
 K2_BASE = K2_VOCAB - 256
 
@@ -215,8 +220,11 @@ def score(requests: list[dict], responses: list[Any]) -> dict[str, Any]:
     return s
 
 
-def run_requests(model: k2jax.Model, requests: list[dict], enforce: bool) -> list[Any]:
-    """Every request through a fresh in-process server (SLOTS concurrent clients); responses or exceptions."""
+def run_requests(model: k2jax.Model, requests: list[dict], enforce: bool,
+                 max_reasoning_tokens: int | None = None) -> list[Any]:
+    """Every request through a fresh in-process server (SLOTS concurrent clients), each with this reasoning budget
+    if one is given; responses or exceptions."""
+    extra = {} if max_reasoning_tokens is None else {"extra_body": {"max_reasoning_tokens": max_reasoning_tokens}}
     scheduler = Scheduler(model, n_slots=SLOTS, max_context=2048).start()
     try:
         with BackgroundServer(create_app(Service(model, scheduler, NAME, enforce_tools=enforce))) as http:
@@ -225,7 +233,7 @@ def run_requests(model: k2jax.Model, requests: list[dict], enforce: bool) -> lis
             def ask(req: dict) -> Any:
                 try:
                     return client.chat.completions.create(model=NAME, temperature=0, max_tokens=MAX_TOKENS,
-                                                          **req["body"])
+                                                          **req["body"], **extra)
                 except openai.APIError as err:
                     return err
 
@@ -237,6 +245,16 @@ def run_requests(model: k2jax.Model, requests: list[dict], enforce: bool) -> lis
 
 def pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def interval(part: int, whole: int, z: float = 1.96) -> str:
+    """The Wilson score interval (95%) of part / whole: how far the benchmark's sample leaves a rate uncertain."""
+    if not whole:
+        return "-"
+    p, spread = part / whole, z * z / whole
+    centre = (p + spread / 2) / (1 + spread)
+    half = z * math.sqrt(p * (1 - p) / whole + spread / (4 * whole)) / (1 + spread)
+    return f"{100 * (centre - half):.1f}-{100 * (centre + half):.1f}%"
 
 
 def print_scores(scores: dict[str, dict]) -> None:
@@ -252,6 +270,7 @@ def print_scores(scores: dict[str, dict]) -> None:
             ("sections cut by max_tokens", lambda s: str(s["cut_sections"])),
             ("tool tasks: right tool", lambda s: pct(s["right_name"], s["tool_tasks"])),
             ("tool tasks: exact arguments", lambda s: pct(s["exact"], s["tool_tasks"])),
+            ("tool tasks: exact arguments, 95% interval", lambda s: interval(s["exact"], s["tool_tasks"])),
             ("single-turn tool tasks: exact arguments", lambda s: pct(s["single_exact"], s["single_tasks"])),
             ("multi-turn tool tasks: exact arguments", lambda s: pct(s["multi_exact"], s["multi_tasks"])),
             ("tool tasks whose reasoning names the right tool", lambda s: pct(s["reasoning_names"], s["tool_tasks"])),
@@ -417,7 +436,7 @@ def timing(model: k2jax.Model, requests: list[dict], groups: int = 12) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=240)
+    ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", type=Path, default=None, help="K2 checkpoint dir (default: the bundled model)")
     ap.add_argument("--parts", default="scores", help="comma-separated: scores (the verifier), timing (decode "
@@ -435,11 +454,10 @@ def main() -> None:
     print(f"{len(requests)} requests: {kinds}; tool_choice {choices}; seed {args.seed}; max_tokens {MAX_TOKENS}\n")
     if "scores" in parts:
         scores = {}
-        for enforce in (True, False):
+        for label, enforce, budget in MODES:
             start = time.perf_counter()
-            responses = run_requests(model, requests, enforce)
-            scores[f"enforcement {'on' if enforce else 'off'}"] = score(requests, responses)
-            print(f"enforcement {'on' if enforce else 'off'}: {time.perf_counter() - start:.0f} s")
+            scores[label] = score(requests, run_requests(model, requests, enforce, budget))
+            print(f"{label}: {time.perf_counter() - start:.0f} s")
         print()
         print_scores(scores)
     if "timing" in parts:
