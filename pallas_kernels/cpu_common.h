@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +22,18 @@ inline float bf16_to_f32(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
+}
+
+// How long the caller spins for its helpers' last chunks before it sleeps: on a VM, waking a sleeping thread costs a
+// futex call and an interrupt to its idle virtual CPU, tens of microseconds, more than such a chunk takes.
+constexpr std::chrono::microseconds kSpinWait{50};
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
 }
 
 // Runs fn(u0, u1) over [0, units) in chunks claimed by this thread and helpers on XLA's intra-op pool.
@@ -55,6 +68,11 @@ void parallel_units(xla::ffi::ThreadPool& pool, int64_t units, F fn) {
   shared->fn = &fn;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
   shared->work();
+  for (auto until = std::chrono::steady_clock::now() + kSpinWait;;) {  // a helper's last chunk is short
+    for (int i = 0; i < 64; ++i, cpu_relax())
+      if (shared->finished.load(std::memory_order_acquire) == shared->chunks) return;
+    if (std::chrono::steady_clock::now() > until) break;
+  }
   std::unique_lock<std::mutex> lock(shared->mu);
   shared->done.wait(lock, [&] { return shared->finished.load() == shared->chunks; });
 }
