@@ -229,14 +229,20 @@ constexpr int64_t dense_span_rows(int rows) { return rows <= 4 ? 8 : 16; }
 constexpr int kDenseMaxRows = 8;    // rows per pass over the weights
 
 // 32 columns of a weight row as two f32 vectors (columns outside `width` read as 0): f32 in order; bf16 widened
-// in registers as its even columns, then its odd ones (unpermuted by store_row).
+// in registers as its even columns, then its odd ones (unpermuted by store_row). kFull (width >= 32) loads without
+// a mask: on Zen 5 masked loads, every lane on, left the stream prefetcher idle (a scratch loop over one f32 row
+// read 43 GB/s on two cores masked, 65 unmasked, both without software prefetch).
+template <bool kFull>
 inline void load32(const float* p, int64_t width, __m512* out) {
   for (int v = 0; v < 2; ++v) {
-    out[v] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << std::clamp<int64_t>(width - 16 * v, 0, 16)) - 1), p + 16 * v);
+    out[v] = kFull ? _mm512_loadu_ps(p + 16 * v)
+                   : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << std::clamp<int64_t>(width - 16 * v, 0, 16)) - 1), p + 16 * v);
   }
 }
+template <bool kFull>
 inline void load32(const uint16_t* p, int64_t width, __m512* out) {
-  __m512i h = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << std::clamp<int64_t>(width, 0, 32)) - 1), p);
+  __m512i h = kFull ? _mm512_loadu_si512(p)
+                    : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << std::clamp<int64_t>(width, 0, 32)) - 1), p);
   out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
   out[1] = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
 }
@@ -260,24 +266,27 @@ inline void store_row(const float* acc, int64_t width, float* y) {
   }
 }
 
-// acc[0:R, c0:c0+16V] (row stride `stride`) += x[0:R, k0:k0+len] @ W[k0:k0+len, c0:c0+16V], in registers.
-template <int R, int V, typename T>
+// acc[0:R, c0:c0+16V] (row stride `stride`) += x[0:R, k0:k0+len] @ W[k0:k0+len, c0:c0+16V], in registers
+// (kFull: width is 16V).
+template <int R, int V, bool kFull, typename T>
 inline void dense_span(const Dense<T>& w, const float* x, int64_t k0, int64_t len, int64_t c0, int64_t width,
                        float* acc, int64_t stride) {
   __m512 a[R][V];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < V; ++v) a[r][v] = _mm512_load_ps(acc + r * stride + 16 * v);
   }
-  // One row prefetches into L2 (its 4,096-column chunk, on one Zen 4 core: 14-16 -> 17-21 GB/s), more into L1
-  // (into L2 they read 10-40% slower).
+  // The next span is prefetched: into L1 for more rows (into L2 they read 10-40% slower), into L2 for one bf16 row
+  // (one Zen 4 core: 14-16 -> 17-21 GB/s), not at all for one f32 row, which the hardware streams faster alone
+  // (two Zen 5 cores, one f32 row of 1024 x 4096 stacks: 56 -> 65 GB/s, 37 -> 50 in a slow hour).
+  constexpr bool kPrefetch = R > 1 || !std::is_same_v<T, float>;
   constexpr auto kHint = R == 1 ? _MM_HINT_T1 : _MM_HINT_T0;
   const T* src = w.w + k0 * w.n + c0;
   for (int64_t kk = 0; kk < len; ++kk, src += w.n) {
-    for (size_t b = 0; b < 16 * V * sizeof(T); b += 64) {
+    for (size_t b = 0; kPrefetch && b < 16 * V * sizeof(T); b += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(src + dense_span_rows(R) * w.n) + b, kHint);
     }
     __m512 wv[V];
-    for (int v = 0; v < V; v += 2) load32(src + 16 * v, width - 16 * v, wv + v);
+    for (int v = 0; v < V; v += 2) load32<kFull>(src + 16 * v, width - 16 * v, wv + v);
     for (int r = 0; r < R; ++r) {
       __m512 xb = _mm512_set1_ps(x[r * w.k + k0 + kk]);
       for (int v = 0; v < V; ++v) a[r][v] = _mm512_fmadd_ps(wv[v], xb, a[r][v]);
@@ -290,9 +299,11 @@ inline void dense_span(const Dense<T>& w, const float* x, int64_t k0, int64_t le
 
 // y[0:R, c0:c1] = x[0:R] @ W[:, c0:c1] in one pass over the weights: per chunk of columns, each span of K rows
 // is read across the chunk before the next (contiguous runs of memory), the chunk's R x stream_chunk(R) sums in L1.
+// A block reads 512 bytes of each weight row for one or two rows of x, for one bf16 row too (two Zen 5 cores read
+// 256 bytes ~10% slower); more rows take fewer columns: at most 16 accumulators.
 template <int R, typename T>
 void dense_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t c1) {
-  constexpr int V = R <= 2 ? 8 : R <= 4 ? 4 : 2;  // vectors per row of a block: at most 16 accumulators
+  constexpr int V = R == 1 && sizeof(T) == 2 ? 16 : R <= 2 ? 8 : R <= 4 ? 4 : 2;  // vectors per row of a block
   constexpr int64_t kCols = 16 * V;
   constexpr int64_t kWidth = stream_chunk(R), kSpan = dense_span_rows(R);
   alignas(64) float acc[R][kWidth];
@@ -300,9 +311,13 @@ void dense_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t
     int64_t width = std::min(kWidth, c1 - c);
     std::memset(acc, 0, sizeof(acc));
     for (int64_t k0 = 0; k0 < w.k; k0 += kSpan) {
+      int64_t len = std::min(kSpan, w.k - k0);
       for (int64_t b = 0; b < width; b += kCols) {
-        dense_span<R, V>(w, x, k0, std::min(kSpan, w.k - k0), c + b, std::min(kCols, width - b), &acc[0][b],
-                         kWidth);
+        if (width - b >= kCols) {
+          dense_span<R, V, true>(w, x, k0, len, c + b, kCols, &acc[0][b], kWidth);
+        } else {
+          dense_span<R, V, false>(w, x, k0, len, c + b, width - b, &acc[0][b], kWidth);
+        }
       }
     }
     for (int r = 0; r < R; ++r) store_row<T>(acc[r], width, y + r * w.n + c);
