@@ -9,7 +9,9 @@ its faster mode and says which. Also k2jax on its plain XLA path
 bundled model, first run on a new machine (kernel build, empty caches) and with warm caches. Prints markdown tables.
 
 Beside them, llama.cpp (`llama-bench -t <cores>`, built on first use, see benchmarks/llamacpp.py) on GGUF conversions of
-the same weights: f32 beside the float32 checkpoint, Q4_0 (`llama-quantize`) beside the native one.
+the same weights: f32 beside the float32 checkpoint, Q4_0 (`llama-quantize`) beside the native one. Their batch-1
+decode rates are taken in turn with k2jax's, TURNS times each, and compared as medians: a VM's memory bandwidth can
+move by 1.4-1.8x within a minute, so rates taken minutes apart say little about which side reads faster.
 
     python benchmarks/decode.py [--preset small] [--new-tokens 64] [--batches 1,8,32] [--formats float32,int4]
 """
@@ -42,6 +44,7 @@ from k2jax.config import Int4Quant, K2Config
 
 
 Q4_0_BYTES = 18 / 32  # llama.cpp's Q4_0: blocks of 32 weights in 16 bytes of nibbles and one f16 scale
+TURNS = 3  # batch-1 decode runs of k2jax and of llama.cpp, taken in turn
 
 
 def random_checkpoint(cfg: K2Config, path: str):
@@ -141,15 +144,17 @@ def step_bytes(cfg: K2Config, context: int, itemsize: float = 4, expert_itemsize
     return int(params * itemsize + routed * expert_itemsize + cache * cache_itemsize)
 
 
-def k2jax_decode(model, prompts: list[list[int]], new_tokens: int, kernels: str = "") -> tuple[float, float]:
-    """(decode tokens/s, seconds per step) after a warm-up run of the same shapes, with K2JAX_KERNELS=kernels."""
+def k2jax_decode(model, prompts: list[list[int]], new_tokens: int, kernels: str = "", runs: int = 1
+                 ) -> tuple[float, float]:
+    """(decode tokens/s, seconds per step), the median of `runs` timed runs after a warm-up run of the same shapes,
+    with K2JAX_KERNELS=kernels."""
     before = os.environ.get("K2JAX_KERNELS", "")
     os.environ["K2JAX_KERNELS"] = kernels
     jax.clear_caches()  # the kernel choice is made at trace time
     model.generate(prompts, max_new_tokens=new_tokens)
-    out = model.generate(prompts, max_new_tokens=new_tokens)
+    rate = float(np.median([model.generate(prompts, max_new_tokens=new_tokens).stats["decode_tokens_per_s"]
+                            for _ in range(runs)]))
     os.environ["K2JAX_KERNELS"] = before
-    rate = out.stats["decode_tokens_per_s"]
     return rate, len(prompts) / rate
 
 
@@ -194,26 +199,30 @@ def cold_start(caches: str) -> tuple[str, str]:
     return runs[0], runs[1]
 
 
-def llamacpp_rates(model, kind: str, args: argparse.Namespace) -> tuple[float, float]:
-    """llama-bench (batch-1 decode tok/s, prefill tok/s) on `model`'s weights converted to GGUF `kind` (f32, Q4_0)."""
+def llamacpp_rates(model, kind: str, args: argparse.Namespace, rng: np.random.Generator) -> tuple[float, float, float]:
+    """(llama.cpp's batch-1 decode tok/s, its prefill tok/s, k2jax's batch-1 decode tok/s): llama-bench on `model`'s
+    weights converted to GGUF `kind` (f32, Q4_0); the two decode rates are medians of TURNS runs each, taken in turn."""
+    prompts = rng.integers(2, model.config.vocab_size, (1, args.prompt_len)).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         gguf = llamacpp.to_gguf(llamacpp.write_f32_hf(model, Path(tmp) / "hf"), Path(tmp) / "f32.gguf")
         if kind != "f32":
             gguf = llamacpp.quantize(gguf, Path(tmp) / f"{kind}.gguf", kind)
         threads = os.cpu_count() or 1
-        return (llamacpp.bench(gguf, gen=args.new_tokens, threads=threads),
-                llamacpp.bench(gguf, prompt=args.prefill, threads=threads))
+        k2, llama = [], []
+        for _ in range(TURNS):
+            k2.append(k2jax_decode(model, prompts, args.new_tokens)[0])
+            llama.append(llamacpp.bench(gguf, gen=args.new_tokens, threads=threads))
+        return float(np.median(llama)), llamacpp.bench(gguf, prompt=args.prefill, threads=threads), float(np.median(k2))
 
 
-def llamacpp_lines(kind: str, rates: tuple[float, float], floor_s: float, step_s: float | None, prefill: float,
+def llamacpp_lines(kind: str, rates: tuple[float, float, float], floor_s: float, prefill: float,
                    args: argparse.Namespace) -> None:
     """Measure-table lines: llama.cpp's rates, its bytes floor, and k2jax's batch-1 decode and prefill over them."""
-    decode, pre = rates
+    decode, pre, k2 = rates
     print(f"| llama.cpp {kind} GGUF, batch-1 decode: its bytes floor / measured | {floor_s * 1e3:.2f} ms / "
           f"{1e3 / decode:.2f} ms ({1 / decode / floor_s:.2f}x the floor) |")
-    if step_s is not None:
-        print(f"| batch-1 decode: k2jax / llama.cpp {kind} | {1 / step_s:.1f} / {decode:.1f} tok/s = "
-              f"{1 / step_s / decode:.2f}x |")
+    print(f"| batch-1 decode, {TURNS} runs each taken in turn (medians): k2jax / llama.cpp {kind} | {k2:.1f} / "
+          f"{decode:.1f} tok/s = {k2 / decode:.2f}x |")
     print(f"| prefill 1 x {args.prefill}: k2jax / llama.cpp {kind} | {prefill:.0f} / {pre:.0f} tok/s = "
           f"{prefill / pre:.2f}x |")
 
@@ -230,7 +239,7 @@ def float32_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gene
     step_s = None
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = rng.integers(2, cfg.vocab_size, (batch, args.prompt_len)).tolist()
-        rate, seconds = k2jax_decode(model, prompts, args.new_tokens)
+        rate, seconds = k2jax_decode(model, prompts, args.new_tokens, runs=3)
         xla, _ = k2jax_decode(model, prompts, args.new_tokens, kernels="xla")
         ref = hf_decode(hf, prompts, args.new_tokens)
         step_s = seconds if batch == 1 else step_s
@@ -238,7 +247,7 @@ def float32_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gene
     floor = step_bytes(cfg, args.prompt_len + args.new_tokens // 2) / bw
     ids = rng.integers(2, cfg.vocab_size, (1, args.prefill)).tolist()
     k2_pre, hf_pre = k2jax_prefill(model, ids), hf_prefill(hf, ids)
-    llama = llamacpp_rates(model, "f32", args)
+    llama = llamacpp_rates(model, "f32", args, rng)
     print()
     print("| measure | value |")
     print("|---|---|")
@@ -247,7 +256,7 @@ def float32_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gene
               f"= {floor / step_s:.0%} of floor speed ({step_s / floor:.1f}x the floor) |")
     print(f"| prefill 1 x {args.prefill}: k2jax / transformers | {k2_pre:.0f} / {hf_pre:.0f} tok/s "
           f"= {k2_pre / hf_pre:.1f}x |")
-    llamacpp_lines("f32", llama, step_bytes(cfg, args.new_tokens // 2, cache_itemsize=2) / bw, step_s, k2_pre, args)
+    llamacpp_lines("f32", llama, step_bytes(cfg, args.new_tokens // 2, cache_itemsize=2) / bw, k2_pre, args)
     print(flush=True)
 
 
@@ -268,7 +277,7 @@ def native_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gener
     hf_mode = "float32"
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = rng.integers(2, cfg.vocab_size, (batch, args.prompt_len)).tolist()
-        rate, seconds = k2jax_decode(model, prompts, args.new_tokens)
+        rate, seconds = k2jax_decode(model, prompts, args.new_tokens, runs=3)
         xla, _ = k2jax_decode(model, prompts, args.new_tokens, kernels="xla")
         mode, ref = max(((m, hf_decode(hf, prompts, args.new_tokens)) for m, hf in hf_modes.items()),
                         key=lambda mode_rate: mode_rate[1])
@@ -282,7 +291,7 @@ def native_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gener
     ids = rng.integers(2, cfg.vocab_size, (1, args.prefill)).tolist()
     k2_pre = k2jax_prefill(model, ids)
     pre_mode, hf_pre = max(((m, hf_prefill(hf, ids)) for m, hf in hf_modes.items()), key=lambda mode_rate: mode_rate[1])
-    llama = llamacpp_rates(model, "Q4_0", args)
+    llama = llamacpp_rates(model, "Q4_0", args, rng)
     print()
     print("| measure | value |")
     print("|---|---|")
@@ -294,7 +303,7 @@ def native_section(cfg: K2Config, args: argparse.Namespace, rng: np.random.Gener
     print(f"| prefill 1 x {args.prefill}: k2jax / transformers ({pre_mode}) | {k2_pre:.0f} / {hf_pre:.0f} tok/s "
           f"= {k2_pre / hf_pre:.1f}x |")
     q4_floor = step_bytes(cfg, args.new_tokens // 2, itemsize=Q4_0_BYTES, cache_itemsize=2) / bw
-    llamacpp_lines("Q4_0", llama, q4_floor, step_s, k2_pre, args)
+    llamacpp_lines("Q4_0", llama, q4_floor, k2_pre, args)
     print(flush=True)
 
 
