@@ -300,7 +300,8 @@ inline void dense_span(const Dense<T>& w, const float* x, int64_t k0, int64_t le
 // y[0:R, c0:c1] = x[0:R] @ W[:, c0:c1] in one pass over the weights: per chunk of columns, each span of K rows
 // is read across the chunk before the next (contiguous runs of memory), the chunk's R x stream_chunk(R) sums in L1.
 // A block reads 512 bytes of each weight row for one or two rows of x, for one bf16 row too (two Zen 5 cores read
-// 256 bytes ~10% slower); more rows take fewer columns: at most 16 accumulators.
+// 256 bytes ~10% slower); more rows take fewer columns: at most 16 accumulators. Columns short of a block go 32 at a
+// time, so a narrow matrix multiplies no zeros.
 template <int R, typename T>
 void dense_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t c1) {
   constexpr int V = R == 1 && sizeof(T) == 2 ? 16 : R <= 2 ? 8 : R <= 4 ? 4 : 2;  // vectors per row of a block
@@ -311,14 +312,10 @@ void dense_rows(const Dense<T>& w, const float* x, float* y, int64_t c0, int64_t
     int64_t width = std::min(kWidth, c1 - c);
     std::memset(acc, 0, sizeof(acc));
     for (int64_t k0 = 0; k0 < w.k; k0 += kSpan) {
-      int64_t len = std::min(kSpan, w.k - k0);
-      for (int64_t b = 0; b < width; b += kCols) {
-        if (width - b >= kCols) {
-          dense_span<R, V, true>(w, x, k0, len, c + b, kCols, &acc[0][b], kWidth);
-        } else {
-          dense_span<R, V, false>(w, x, k0, len, c + b, width - b, &acc[0][b], kWidth);
-        }
-      }
+      int64_t len = std::min(kSpan, w.k - k0), b = 0;
+      for (; b + kCols <= width; b += kCols) dense_span<R, V, true>(w, x, k0, len, c + b, kCols, &acc[0][b], kWidth);
+      for (; b + 32 <= width; b += 32) dense_span<R, 2, true>(w, x, k0, len, c + b, 32, &acc[0][b], kWidth);
+      if (b < width) dense_span<R, 2, false>(w, x, k0, len, c + b, width - b, &acc[0][b], kWidth);
     }
     for (int r = 0; r < R; ++r) store_row<T>(acc[r], width, y + r * w.n + c);
   }
