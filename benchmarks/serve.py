@@ -4,7 +4,8 @@ Each server runs as its own process on 127.0.0.1 with `--slots` sequences decode
 (the official openai client, asyncio) drives both with the same requests. Loads:
 - random: prompts of 128-1024 random tokens, each request its own (no prefix to reuse);
 - shared: every prompt is one fixed 1,024-token prefix plus 32-128 random tokens (an agent's system prompt and
-  tools), so a prefix cache can skip most prefill.
+  tools), so a prefix cache can skip most prefill. Before it is measured, each server gets one request that carries
+  the prefix, as an agent's server has from the agent's first request on.
 At each number of clients, every client sends `--requests` streaming completions of exactly `--max-tokens` tokens
 one after another. Reported per server: output tokens/s over the level's wall time, time to first token (TTFT)
 and time per output token after the first (TPOT), p50 and p99; then k2jax / llama-server.
@@ -151,10 +152,14 @@ def k2jax_server(model_dir: Path, slots: int, context: int, timeout_s: float = 9
 
 def measure(url: str, loads: list[str], levels: list[int], n_requests: int, max_tokens: int,
             server: str) -> dict[tuple, dict]:
-    """Warm a server at every level once, then measure every (load, clients), printing each row as it comes; a
-    level that fails is recorded (and printed) with its error, and the server's remaining levels are skipped."""
+    """Warm a server at every level once (and, for the shared load, with one request carrying its prefix, which an
+    agent's server holds from its first request on), then measure every (load, clients), printing each row as it
+    comes; a level that fails is recorded (and printed) with its error, and the server's remaining levels are
+    skipped."""
     for clients in levels:
         asyncio.run(run_level(url, prompts("random", clients, 1, 99), max_tokens, 99))
+    if "shared" in loads:
+        asyncio.run(run_level(url, prompts("shared", 1, 1, 98), max_tokens, 98))
     results: dict[tuple, dict] = {}
     for load in loads:
         for clients in levels:
