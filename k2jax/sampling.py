@@ -81,8 +81,10 @@ def is_real(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+@functools.lru_cache(maxsize=4096)
 def host_row(params: SamplingParams) -> tuple[np.generic, ...]:
-    """One request's sampling settings cast to the step's dtypes (ROW_DTYPES order); ValueError if one does not fit."""
+    """One request's sampling settings cast to the step's dtypes (ROW_DTYPES order); ValueError if one does not fit.
+    Kept for the last 4,096 settings: every step casts each running row's (~9 us a row, uncached)."""
     row = []
     for name, dtype in ROW_DTYPES.items():
         value = getattr(params, name)
