@@ -37,6 +37,8 @@ CASES = {
     "long-chunks": (300, 4, 32, 24, [700, 290], [400, 0], (64, 32, 128)),
     # lane counts off the 8-lane vectors: C = 44 and R = 28 take the scalar tails.
     "odd-lanes": (2, 3, 8, 5, [20, 9, 33], [18, 7, 31], (28, 8, 44)),
+    # R = 48 over 30 query rows: p @ kv takes one pair of 16-lane vectors, then a scalar tail (with AVX-512).
+    "wide-tail": (5, 6, 8, 6, [45, 30], [40, 26], (48, 16, 80)),
 }
 
 
