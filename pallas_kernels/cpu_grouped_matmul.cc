@@ -9,7 +9,9 @@
 // weights once (one row, or whole rows of a matrix up to 512 columns: 4 blocks of K read side by side, sums in L1; else
 // 8 K rows at a time, sums in registers); more rows widen each 128-row tile to f32 once, in 8-column panels, and sum 6
 // rows x 16 columns in registers from it. INT4 rounds x to int8 per 32 values of K (llama.cpp's Q8_0) and sums nibble x
-// int8 products in integers, one float multiply-add per group: with AVX-512 VNNI by vpdpbusd, with AVX2 by vpmaddubsw
+// int8 products in integers, one float multiply-add per group: with AVX-512 VNNI by vpdpbusd (1-2 rows stream the
+// weights, 4 packed rows transposed in registers; from 3 rows each span's transposed nibbles are kept in L1 for all
+// rows), with AVX2 by vpmaddubsw
 // into 16-bit lanes (up to 12 rows stream the weights in order, in passes of up to 4 rows, 4 packed rows side by side,
 // bytes of adjacent rows interleaved, sums in L1; more rows transpose each tile once and sum 6 rows x 16 columns from
 // L1). Without AVX2 (and AVX-512 dense) each streams its matrix rows once per 4 rows of x, accumulating 4 rows x 512
@@ -736,7 +738,9 @@ void group_columns(const W& w, const float* x, int64_t rows, float* y, int64_t c
 
 #ifdef K2JAX_INT4_DOT
 constexpr int64_t kDotCols = 64;       // columns per INT4 dot block: one 64-byte load per packed row
-constexpr int64_t kDotTileBytes = 256 << 10;  // packed bytes of a chunk that more than 2 rows re-read from L2
+constexpr int64_t kDotTiledRows = 3;   // from this many rows, nibbles are split once for all rows (dot_tiled)
+constexpr int64_t kDotTiledCols = 256;  // columns per split span: 16 KiB of nibbles in L1
+constexpr int64_t kDotRowBlock = 128;   // rows whose sums (128 KiB) stay in L2 over all spans
 constexpr int64_t kCorrK = 16;         // K values per offset correction (the smallest planar half-block)
 
 // Rows of x quantized to int8 per 32-wide K group, as llama.cpp's Q8_0: q = round(x / d), d = max|x| / 127
@@ -791,14 +795,30 @@ inline void permuted_scales(const uint16_t* s, __mmask64 cols, __m512 (&out)[4])
   }
 }
 
-// Block [c0, c0 + 64) of acc[0:R] += the int8 x rows r0.. times packed rows [h0, h0 + span): each 4 packed
-// rows are transposed in registers so that every 32-bit lane holds 4 K values of one column; low nibbles (as
-// is) and high nibbles (masked in place, so 16 times too large) multiply x's int8 with VNNI, and the integer
-// sums become float once, times scale * d. Lane L of acc block i holds columns 16 L + 4 i + (0..3).
-template <int R>
-inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0, int64_t span, int64_t c0,
-                     __mmask64 cols, float* acc, int64_t acc_stride) {
+// The first `left` of a block's 64 columns (all from 64 on).
+inline __mmask64 first_cols(int64_t left) { return left >= kDotCols ? ~__mmask64{0} : (__mmask64{1} << left) - 1; }
+
+// Low nibbles (as is) and high nibbles (masked in place, so 16 times too large) of 4 packed rows at src (row
+// stride n) x 64 columns, transposed in registers so that every 32-bit lane holds 4 K values of one column: lane L
+// of vector i holds columns 16 L + 4 i + (0..3).
+inline void split_nibbles(const uint8_t* src, int64_t n, __mmask64 cols, __m512i (&lo)[4], __m512i (&hi)[4]) {
   const __m512i lo_mask = _mm512_set1_epi8(0x0F), hi_mask = _mm512_set1_epi8(static_cast<char>(0xF0));
+  __m512i b0 = _mm512_maskz_loadu_epi8(cols, src), b1 = _mm512_maskz_loadu_epi8(cols, src + n);
+  __m512i b2 = _mm512_maskz_loadu_epi8(cols, src + 2 * n), b3 = _mm512_maskz_loadu_epi8(cols, src + 3 * n);
+  __m512i p01 = _mm512_unpacklo_epi8(b0, b1), q01 = _mm512_unpackhi_epi8(b0, b1);
+  __m512i p23 = _mm512_unpacklo_epi8(b2, b3), q23 = _mm512_unpackhi_epi8(b2, b3);
+  __m512i t[4] = {_mm512_unpacklo_epi16(p01, p23), _mm512_unpackhi_epi16(p01, p23),
+                  _mm512_unpacklo_epi16(q01, q23), _mm512_unpackhi_epi16(q01, q23)};
+  for (int i = 0; i < 4; ++i) lo[i] = _mm512_and_si512(t[i], lo_mask), hi[i] = _mm512_and_si512(t[i], hi_mask);
+}
+
+// Block [c0, c0 + 64) of acc[0:R] += the int8 x rows r0.. times packed rows [h0, h0 + span), whose nibbles
+// nibbles(h, lo, hi) gives 4 packed rows at a time as split_nibbles splits them: low and high nibbles multiply x's
+// int8 with VNNI, and the integer sums become float once, times scale * d. Lane L of acc block i holds columns
+// 16 L + 4 i + (0..3).
+template <int R, typename Nibbles>
+inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0, int64_t span, int64_t c0,
+                     __mmask64 cols, float* acc, int64_t acc_stride, Nibbles nibbles) {
   const int64_t k_lo = w.k_of(h0, 0), k_hi = w.k_of(h0, 1);
   __m512i lo[R][4], hi[R][4];
   const int8_t* q_lo[R];
@@ -810,16 +830,8 @@ inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0,
     q_lo[r] = xq.q.data() + (r0 + r) * w.k + k_lo;
     q_hi[r] = xq.q.data() + (r0 + r) * w.k + k_hi;
   }
-  const uint8_t* src = w.packed + h0 * w.n + c0;
-  for (int64_t h = 0; h < span; h += 4, src += 4 * w.n) {
-    // The next span into L2: on one Zen 4 core 1.2-1.6x the rate of prefetching into L1 for 1-8 rows.
-    for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(src + (span + j) * w.n), _MM_HINT_T1);
-    __m512i b0 = _mm512_maskz_loadu_epi8(cols, src), b1 = _mm512_maskz_loadu_epi8(cols, src + w.n);
-    __m512i b2 = _mm512_maskz_loadu_epi8(cols, src + 2 * w.n), b3 = _mm512_maskz_loadu_epi8(cols, src + 3 * w.n);
-    __m512i p01 = _mm512_unpacklo_epi8(b0, b1), q01 = _mm512_unpackhi_epi8(b0, b1);
-    __m512i p23 = _mm512_unpacklo_epi8(b2, b3), q23 = _mm512_unpackhi_epi8(b2, b3);
-    __m512i t[4] = {_mm512_unpacklo_epi16(p01, p23), _mm512_unpackhi_epi16(p01, p23),
-                    _mm512_unpacklo_epi16(q01, q23), _mm512_unpackhi_epi16(q01, q23)};
+#pragma GCC unroll 8
+  for (int64_t h = 0; h < span; h += 4) {
     __m512i x_lo[R], x_hi[R];
     for (int r = 0; r < R; ++r) {
       int32_t a, b;
@@ -827,13 +839,7 @@ inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0,
       std::memcpy(&b, q_hi[r] + h, 4);
       x_lo[r] = _mm512_set1_epi32(a), x_hi[r] = _mm512_set1_epi32(b);
     }
-    for (int i = 0; i < 4; ++i) {
-      __m512i l = _mm512_and_si512(t[i], lo_mask), u = _mm512_and_si512(t[i], hi_mask);
-      for (int r = 0; r < R; ++r) {
-        lo[r][i] = _mm512_dpbusd_epi32(lo[r][i], l, x_lo[r]);
-        hi[r][i] = _mm512_dpbusd_epi32(hi[r][i], u, x_hi[r]);
-      }
-    }
+    nibbles.template multiply<R>(h, x_lo, x_hi, lo, hi);
   }
   for (int64_t k : {k_lo, k_hi}) {
     for (int j = 0; j < 2; ++j) {
@@ -853,6 +859,58 @@ inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0,
     }
   }
 }
+
+// Nibbles for dot_span straight from the packed rows at src (row stride n), the next span prefetched into L2 as
+// they go (on one Zen 4 core 1.2-1.6x the rate of prefetching into L1 for 1-8 rows).
+struct StreamedNibbles {
+  const uint8_t* src;
+  int64_t n, span;
+  __mmask64 cols;
+  void split(int64_t h, __m512i (&lo)[4], __m512i (&hi)[4]) const {
+    const uint8_t* p = src + h * n;
+    for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(p + (span + j) * n), _MM_HINT_T1);
+    split_nibbles(p, n, cols, lo, hi);
+  }
+  // sums_lo[r][i] += packed rows [h, h + 4)'s low nibbles (vector i) times x_lo[r]; the high ones likewise.
+  template <int R>
+  void multiply(int64_t h, const __m512i (&x_lo)[R], const __m512i (&x_hi)[R], __m512i (&sums_lo)[R][4],
+                __m512i (&sums_hi)[R][4]) const {
+    __m512i lo[4], hi[4];
+    split(h, lo, hi);
+    for (int i = 0; i < 4; ++i) {
+      for (int r = 0; r < R; ++r) {
+        sums_lo[r][i] = _mm512_dpbusd_epi32(sums_lo[r][i], lo[i], x_lo[r]);
+        sums_hi[r][i] = _mm512_dpbusd_epi32(sums_hi[r][i], hi[i], x_hi[r]);
+      }
+    }
+  }
+  // Every 4 packed rows' nibbles in buf: 8 vectors each, the low nibbles' first (BufferedNibbles reads them).
+  void store(__m512i* buf) const {
+    for (int64_t h = 0; h < span; h += 4) {
+      __m512i lo[4], hi[4];
+      split(h, lo, hi);
+      for (int i = 0; i < 4; ++i) _mm512_store_si512(buf + 2 * h + i, lo[i]);
+      for (int i = 0; i < 4; ++i) _mm512_store_si512(buf + 2 * h + 4 + i, hi[i]);
+    }
+  }
+};
+
+// Nibbles for dot_span that StreamedNibbles::store kept in buf.
+struct BufferedNibbles {
+  const __m512i* buf;
+  // As StreamedNibbles::multiply, each nibble vector loaded where it is used (few registers live).
+  template <int R>
+  void multiply(int64_t h, const __m512i (&x_lo)[R], const __m512i (&x_hi)[R], __m512i (&sums_lo)[R][4],
+                __m512i (&sums_hi)[R][4]) const {
+    const __m512i* v = buf + h * 2;
+    for (int i = 0; i < 4; ++i) {
+      __m512i lo = _mm512_load_si512(v + i);
+      for (int r = 0; r < R; ++r) sums_lo[r][i] = _mm512_dpbusd_epi32(sums_lo[r][i], lo, x_lo[r]);
+      __m512i hi = _mm512_load_si512(v + 4 + i);
+      for (int r = 0; r < R; ++r) sums_hi[r][i] = _mm512_dpbusd_epi32(sums_hi[r][i], hi, x_hi[r]);
+    }
+  }
+};
 
 // Columns [c0, c0 + width) of block at 64 columns, lanes in dot_span's order, stored in column order.
 inline void store_permuted(const float* acc, float* y, int64_t width) {
@@ -880,25 +938,69 @@ void dot_chunk(const Int4& w, const QuantRows& xq, int64_t r0, int64_t c0, int64
   const int64_t span = w.group_span();
   for (int64_t h0 = 0; h0 < w.k / 2; h0 += span) {
     for (int64_t c = 0; c < width; c += kDotCols) {
-      int64_t left = std::min(kDotCols, width - c);
-      __mmask64 cols = left == kDotCols ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
-      dot_span<R>(w, xq, r0, h0, span, c0 + c, cols, &acc[0][c], kWidth);
+      __mmask64 cols = first_cols(width - c);
+      StreamedNibbles nibbles{w.packed + h0 * w.n + c0 + c, w.n, span, cols};
+      dot_span<R>(w, xq, r0, h0, span, c0 + c, cols, &acc[0][c], kWidth, nibbles);
     }
   }
   for (int r = 0; r < R; ++r) store_permuted(acc[r], y + (r0 + r) * w.n + c0, width);
 }
 
-// INT4 groups: x quantized once, then each chunk of columns times 2 rows at a time. One pass (up to 2 rows)
-// reads stream_chunk(rows) columns; more rows take narrower chunks, whose packed bytes stay in L2 for the next pair.
+// Scratch of dot_tiled (a function, not inlined: one thread-local lookup per call): each span's split nibbles
+// for kDotTiledCols columns, and a block of rows' sums in dot_span's lane order.
+struct DotTiles {
+  alignas(64) __m512i nibbles[kDotTiledCols / kDotCols * kGroup / 4 * 8];
+  alignas(64) float acc[kDotRowBlock][kDotTiledCols];
+};
+__attribute__((noinline)) DotTiles& dot_tiles() {
+  static thread_local DotTiles tiles;
+  return tiles;
+}
+
+// Many rows: each span of packed rows is split (split_nibbles) once per kDotTiledCols columns into an L1 buffer
+// that every pair of a block of kDotRowBlock rows multiplies; the block's sums stay in L2 until the last span.
+void dot_tiled(const Int4& w, const QuantRows& xq, int64_t rows, int64_t c0, int64_t c1, float* y) {
+  DotTiles& tiles = dot_tiles();
+  const int64_t span = w.group_span();
+  for (int64_t c = c0; c < c1; c += kDotTiledCols) {
+    const int64_t width = std::min(kDotTiledCols, c1 - c), blocks = (width + kDotCols - 1) / kDotCols;
+    const int64_t block_vectors = span / 4 * 8;
+    for (int64_t r0 = 0; r0 < rows; r0 += kDotRowBlock) {
+      const int64_t block_rows = std::min(kDotRowBlock, rows - r0);
+      for (int64_t r = 0; r < block_rows; ++r) std::memset(tiles.acc[r], 0, sizeof(float) * blocks * kDotCols);
+      for (int64_t h0 = 0; h0 < w.k / 2; h0 += span) {
+        for (int64_t b = 0; b < blocks; ++b) {
+          StreamedNibbles from{w.packed + h0 * w.n + c + b * kDotCols, w.n, span, first_cols(width - b * kDotCols)};
+          from.store(tiles.nibbles + b * block_vectors);
+        }
+        for (int64_t b = 0; b < blocks; ++b) {
+          __mmask64 cols = first_cols(width - b * kDotCols);
+          BufferedNibbles nibbles{tiles.nibbles + b * block_vectors};
+          int64_t r = 0;
+          for (; r + 2 <= block_rows; r += 2) {
+            dot_span<2>(w, xq, r0 + r, h0, span, c + b * kDotCols, cols, &tiles.acc[r][b * kDotCols], kDotTiledCols,
+                        nibbles);
+          }
+          if (r < block_rows) {
+            dot_span<1>(w, xq, r0 + r, h0, span, c + b * kDotCols, cols, &tiles.acc[r][b * kDotCols], kDotTiledCols,
+                        nibbles);
+          }
+        }
+      }
+      for (int64_t r = 0; r < block_rows; ++r) store_permuted(tiles.acc[r], y + (r0 + r) * w.n + c, width);
+    }
+  }
+}
+
+// INT4 groups: x quantized once; up to 2 rows stream the weights a chunk of stream_chunk(rows) columns at a time,
+// more take dot_tiled.
 void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
   QuantRows xq(x, rows, w.k);
-  int64_t chunk = rows <= 2 ? stream_chunk(rows)
-                            : std::clamp(kDotTileBytes / (w.k / 2) / kDotCols * kDotCols, kDotCols, kChunk);
-  for (int64_t c = c0; c < c1; c += chunk) {
+  if (rows >= kDotTiledRows) return dot_tiled(w, xq, rows, c0, c1, y);
+  for (int64_t c = c0, chunk = stream_chunk(rows); c < c1; c += chunk) {
     int64_t width = std::min(chunk, c1 - c);
-    int64_t r = 0;
-    for (; r + 2 <= rows; r += 2) dot_chunk<2>(w, xq, r, c, width, y);
-    if (r < rows) dot_chunk<1>(w, xq, r, c, width, y);
+    if (rows == 2) dot_chunk<2>(w, xq, 0, c, width, y);
+    else dot_chunk<1>(w, xq, 0, c, width, y);
   }
 }
 #elif defined(K2JAX_AVX2)

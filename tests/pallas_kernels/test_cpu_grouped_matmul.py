@@ -120,12 +120,12 @@ def test_int4_equals_reference(m, e, k, n):
 
 
 # Group sizes (decode's single rows, odd counts, empty groups, trailing rows in no group) with K over each planar
-# block (96: 32, 320: 64, 512: 256) and N under, across and over 64-column blocks and 512-column chunks; K = 2304
-# makes groups of 3+ rows take 192-column chunks; N = 2100 gives the AVX2 streamed path (up to 12 rows, 4 per pass) a
-# 2048-column chunk and a short one.
+# block (96: 32, 320: 64, 512: 256) and N under, across and over 64-column blocks and 512-column chunks; 131 rows
+# span two blocks of rows of the VNNI tiled path (128 + 3) with N over its 256-column tiles and a short last block;
+# N = 2100 gives the AVX2 streamed path (up to 12 rows, 4 per pass) a 2048-column chunk and a short one.
 GROUPS = [([1, 0, 1, 1, 0, 0, 1, 1], 1, 512, 77), ([3, 0, 11, 2, 0, 7], 0, 320, 600),
           ([12, 1, 0, 5], 2, 96, 130), ([2, 9, 0, 4, 1], 1, 256, 1000), ([0, 6], 0, 32, 5), ([5, 0, 2], 0, 2304, 600),
-          ([1, 0, 3, 4, 2], 0, 64, 2100)]
+          ([1, 0, 3, 4, 2], 0, 64, 2100), ([131, 2, 0, 1], 1, 256, 300)]
 
 
 @pytest.mark.parametrize("sizes,extra,k,n", GROUPS)
