@@ -815,12 +815,12 @@ inline void split_nibbles(const uint8_t* src, int64_t n, __mmask64 cols, __m512i
 }
 
 // Block [c0, c0 + 64) of acc[0:R] += the int8 x rows r0.. times packed rows [h0, h0 + span), whose nibbles
-// nibbles(h, lo, hi) gives 4 packed rows at a time as split_nibbles splits them: low and high nibbles multiply x's
-// int8 with VNNI, and the integer sums become float once, times scale * d. Lane L of acc block i holds columns
-// 16 L + 4 i + (0..3).
-template <int R, typename Nibbles>
-inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0, int64_t span, int64_t c0,
-                     __mmask64 cols, float* acc, int64_t acc_stride, Nibbles nibbles) {
+// nibbles.multiply takes 4 packed rows at a time (split as split_nibbles splits them): low and high nibbles multiply
+// x's int8 with VNNI, and the integer sums become float once, times scale * d. Lane L of acc block i holds columns
+// 16 L + 4 i + (0..3). The span is a template argument so that the loop unrolls whole and the sums stay in registers.
+template <int R, int64_t span, typename Nibbles>
+inline void dot_span_of(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0, int64_t c0, __mmask64 cols,
+                        float* acc, int64_t acc_stride, Nibbles nibbles) {
   const int64_t k_lo = w.k_of(h0, 0), k_hi = w.k_of(h0, 1);
   __m512i lo[R][4], hi[R][4];
   const int8_t* q_lo[R];
@@ -832,7 +832,6 @@ inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0,
     q_lo[r] = xq.q.data() + (r0 + r) * w.k + k_lo;
     q_hi[r] = xq.q.data() + (r0 + r) * w.k + k_hi;
   }
-#pragma GCC unroll 8
   for (int64_t h = 0; h < span; h += 4) {
     __m512i x_lo[R], x_hi[R];
     for (int r = 0; r < R; ++r) {
@@ -860,6 +859,15 @@ inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0,
       _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[r][i]), _mm512_mul_ps(s_hi[i], d_hi), sum));
     }
   }
+}
+
+// dot_span_of for a span of 32 or 16 packed rows (Int4::group_span: half of a planar block of 32+ rows, at most
+// one scale group).
+template <int R, typename Nibbles>
+inline void dot_span(const Int4& w, const QuantRows& xq, int64_t r0, int64_t h0, int64_t span, int64_t c0,
+                     __mmask64 cols, float* acc, int64_t acc_stride, Nibbles nibbles) {
+  if (span == kGroup) return dot_span_of<R, kGroup>(w, xq, r0, h0, c0, cols, acc, acc_stride, nibbles);
+  dot_span_of<R, kGroup / 2>(w, xq, r0, h0, c0, cols, acc, acc_stride, nibbles);
 }
 
 // Nibbles for dot_span straight from the packed rows at src (row stride n), the next span prefetched into L2 as
