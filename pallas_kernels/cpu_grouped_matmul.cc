@@ -16,9 +16,9 @@
 // bytes of adjacent rows interleaved, sums in L1; more rows transpose each tile once and sum 6 rows x 16 columns from
 // L1). Without AVX2 (and AVX-512 dense) each streams its matrix rows once per 4 rows of x, accumulating 4 rows x 512
 // columns in L1 (with AVX-512: once per 8 rows in registers for bf16 and for 1 or 5+ rows of f32). From 12 rows, each
-// 128 x 512 tile of the matrix is read once for all rows (with AVX-512, bf16, and f32 from 32 rows: a 32-column panel
-// at a time copied to L1, 8 rows x 32 columns of f32 sums in registers, bf16 widened there); INT4 nibbles are widened
-// to float there.
+// 128 x 512 tile of the matrix is read once for all rows (with AVX-512, bf16, and f32 from 32 rows: the tile copied
+// into 32-column panels a weight row at a time, 8 rows x 32 columns of f32 sums in registers per panel, bf16 widened
+// there); INT4 nibbles are widened to float there.
 
 #include <algorithm>
 #include <cstdint>
@@ -377,13 +377,6 @@ inline void panel_row(const uint16_t* p, __m512 (&w)[2]) {
   w[1] = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
 }
 
-// panel[0:depth, 0:32] = W[k0:k0+depth, c0:c0+32] in pack32's order, zero from column `width` on.
-template <typename T>
-void pack_panel(const Dense<T>& w, int64_t k0, int64_t depth, int64_t c0, int64_t width, T* panel) {
-  const T* src = w.w + k0 * w.n + c0;
-  for (int64_t kk = 0; kk < depth; ++kk) pack32(src + kk * w.n, width, panel + kk * kPanelCols);
-}
-
 // y[0:R, 0:width] (row stride n; += when add) = x[0:R, 0:depth] (row stride k) @ one panel [depth, 32], the R x 32
 // sums in registers over the whole depth (the classic GEMM micro-kernel: broadcast x[r, kk], FMA the panel row).
 template <int R, typename T>
@@ -443,12 +436,21 @@ void prefetch_tile(const Dense<T>& w, int64_t k0, int64_t depth, int64_t c0, int
 template <typename T>
 constexpr int64_t kPanelMinRows = std::is_same_v<T, float> ? 32 : kTiledRows;
 
-// Many rows, dense: each 32-column panel of a kTileK x kChunk tile of the weights is copied (bf16 stays bf16) into
-// an L1 buffer that every row multiplies, sums in registers; y holds the sums between tiles along K.
-// The next tile is prefetched into L2 a slice per panel (rows of kChunk columns: long runs of memory).
+// This thread's packed tile: kChunk / kPanelCols panels of kTileK rows x kPanelCols columns (a function, not
+// inlined: one thread-local lookup per call).
+template <typename T>
+__attribute__((noinline)) T* panel_tile() {
+  alignas(64) static thread_local T tile[kChunk / kPanelCols * kTileK * kPanelCols];
+  return tile;
+}
+
+// Many rows, dense: each kTileK x kChunk tile of the weights is copied (bf16 stays bf16) into 32-column panels, a
+// weight row at a time (one run of memory, which the stream prefetcher follows; a panel at a time read 128 rows of
+// one line each), and every row multiplies each panel from there, sums in registers; y holds the sums between tiles
+// along K. The next tile is prefetched into L2 a slice per panel.
 template <typename T>
 void dense_tiled(const Dense<T>& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
-  alignas(64) T panel[kTileK * kPanelCols];
+  T* tile = panel_tile<T>();
   for (int64_t c = c0; c < c1; c += kChunk) {
     int64_t width = std::min(kChunk, c1 - c);
     for (int64_t k0 = 0; k0 < w.k; k0 += kTileK) {
@@ -457,11 +459,16 @@ void dense_tiled(const Dense<T>& w, const float* x, int64_t rows, float* y, int6
       int64_t next_c = last_k ? c + kChunk : c, next_k0 = last_k ? 0 : k0 + kTileK;
       int64_t next_depth = next_c < c1 ? std::min(kTileK, w.k - next_k0) : 0;
       int64_t next_width = std::min(kChunk, c1 - next_c), n_panels = (width + kPanelCols - 1) / kPanelCols;
+      for (int64_t kk = 0; kk < depth; ++kk) {
+        const T* src = w.w + (k0 + kk) * w.n + c;
+        for (int64_t b = 0; b < width; b += kPanelCols) {
+          pack32(src + b, std::min(kPanelCols, width - b), tile + b * kTileK + kk * kPanelCols);
+        }
+      }
       for (int64_t b = 0; b < width; b += kPanelCols) {
         prefetch_tile(w, next_k0, next_depth, next_c, next_width, b / kPanelCols, n_panels);
-        int64_t left = std::min(kPanelCols, width - b);
-        pack_panel(w, k0, depth, c + b, left, panel);
-        panel_all_rows(panel, depth, x + k0, w.k, rows, left, k0 > 0, y + c + b, w.n);
+        panel_all_rows(tile + b * kTileK, depth, x + k0, w.k, rows, std::min(kPanelCols, width - b), k0 > 0, y + c + b,
+                       w.n);
       }
     }
   }
