@@ -1009,15 +1009,16 @@ void dot_tiled(const Int4& w, const QuantRows& xq, int64_t rows, int64_t c0, int
   }
 }
 
-// INT4 groups: x quantized once; up to 2 rows stream the weights a chunk of stream_chunk(rows) columns at a time,
-// more take dot_tiled.
+// INT4 groups: x quantized once; fewer than kDotTiledRows rows stream the weights 2 rows at a time, a chunk of
+// stream_chunk(rows) columns at a time; more take dot_tiled.
 void group_columns(const Int4& w, const float* x, int64_t rows, float* y, int64_t c0, int64_t c1) {
   QuantRows xq(x, rows, w.k);
   if (rows >= kDotTiledRows) return dot_tiled(w, xq, rows, c0, c1, y);
   for (int64_t c = c0, chunk = stream_chunk(rows); c < c1; c += chunk) {
     int64_t width = std::min(chunk, c1 - c);
-    if (rows == 2) dot_chunk<2>(w, xq, 0, c, width, y);
-    else dot_chunk<1>(w, xq, 0, c, width, y);
+    int64_t r = 0;
+    for (; r + 2 <= rows; r += 2) dot_chunk<2>(w, xq, r, c, width, y);
+    if (r < rows) dot_chunk<1>(w, xq, r, c, width, y);
   }
 }
 #elif defined(K2JAX_AVX2)
